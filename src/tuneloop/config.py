@@ -74,7 +74,7 @@ class DataArguments:
         default=None, metadata={"help": "Second text column for sentence-pair tasks (e.g. MRPC)."}
     )
     label_column: str = field(default="label", metadata={"help": "Label column: class ids or class names."})
-    max_length: int = field(default=256, metadata={"help": "Truncate inputs to this many tokens."})
+    max_length: int = field(default=128, metadata={"help": "Truncate inputs to this many tokens."})
     padding: Literal["longest", "max_length"] = field(
         default="longest",
         metadata={"help": "'longest': pad each batch to its longest input (fast). 'max_length': pad everything to "

@@ -183,18 +183,16 @@ def _label_names(reference: Dataset, evaluation: Dataset | None, column: str, nu
 def _encode_labels(split: Dataset, column: str, names: list[str], split_name: str) -> Dataset:
     """Labels as ids in [0, len(names)), typed ClassLabel so splits can be stratified and names travel with them."""
     feature = split.features[column]
+    typed = split.features.copy()
+    typed[column] = ClassLabel(names=names)
     if getattr(feature, "dtype", None) in ("string", "large_string"):
         ids = {name: i for i, name in enumerate(names)}
-        split = split.map(lambda batch: {column: [ids[v] for v in batch[column]]}, batched=True,
-                          features=split.features.copy() | {column: Value("int64")})
-    else:
-        bad = [v for v in split.unique(column) if v is None or not 0 <= v < len(names)]
-        if bad:
-            raise UserError(
-                f"labels {sorted(bad, key=str)[:5]} in the {split_name} split are outside 0..{len(names) - 1}: "
-                f"fix the data or pass --num_labels N with N > {max((b for b in bad if b is not None), default=0)}"
-            )
-    return split.cast_column(column, ClassLabel(names=names))
+        return split.map(lambda batch: {column: [ids[v] for v in batch[column]]}, batched=True, features=typed)
+    bad = sorted({v for v in split.unique(column) if v is None or not 0 <= v < len(names)}, key=str)
+    if bad:
+        fix = "; or pass --num_labels above the largest label" if any(v is not None and v > 0 for v in bad) else ""
+        raise UserError(f"labels {bad[:5]} in the {split_name} split are outside 0..{len(names) - 1}: fix the data{fix}")
+    return split if feature == typed[column] else split.cast(typed)
 
 
 def _hold_out(train: Dataset, column: str, percentage: int, seed: int) -> tuple[Dataset, Dataset]:

@@ -1,0 +1,136 @@
+import datasets
+import pytest
+
+from tuneloop.config import DataArguments
+from tuneloop.data import load_bbc_news, load_splits, make_dataloaders, tokenize
+from tuneloop.errors import UserError
+
+from conftest import make_rows, write_rows
+
+
+def splits_of(**options):
+    return load_splits(DataArguments(**options), seed=0, num_labels=options.pop("num_labels", None), need_train=True)
+
+
+def test_bbc_news_is_deduplicated_and_stratified():
+    bbc = load_bbc_news()
+    assert len(bbc) == 2225 - 98  # 98 articles are exact duplicates of others
+    assert len(set(bbc["text"])) == len(bbc)
+    assert bbc.features["label"].names == ["business", "entertainment", "politics", "sports", "tech"]
+    splits = splits_of()  # the default: built-in BBC, 20% held out
+    assert len(splits.train) + len(splits.eval) == len(bbc)
+    assert not set(splits.train["text"]) & set(splits.eval["text"])
+    for label in range(5):  # every class keeps its share in the held-out split (stratified)
+        share_eval = list(splits.eval["label"]).count(label) / len(splits.eval)
+        share_all = list(bbc["label"]).count(label) / len(bbc)
+        assert abs(share_eval - share_all) < 0.01
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".json", ".jsonl", ".parquet"])
+def test_local_files_with_string_labels(tmp_path, suffix):
+    train = write_rows(tmp_path / f"train{suffix}", make_rows(30, seed=0))
+    valid = write_rows(tmp_path / f"valid{suffix}", make_rows(12, seed=1))
+    splits = splits_of(train_file=train, validation_file=valid)
+    assert splits.label_names == ["music", "sports", "tech"]  # names sorted, ids in that order
+    assert (len(splits.train), len(splits.eval)) == (30, 12)
+    rows = make_rows(30, seed=0)
+    assert [splits.label_names[i] for i in splits.train["label"]] == [r["label"] for r in rows]
+
+
+def test_integer_labels_and_hold_out_split(tmp_path):
+    train = write_rows(tmp_path / "train.csv", make_rows(50, seed=0, label_as="id"))
+    splits = splits_of(train_file=train, validation_split_percentage=20)
+    assert splits.label_names == ["0", "1", "2"]
+    assert (len(splits.train), len(splits.eval)) == (40, 10)
+
+
+def test_dataset_folder_goes_through_load_dataset(tmp_path):
+    """A folder of data files is loaded by datasets.load_dataset: the same code path as a Hub dataset id."""
+    folder = tmp_path / "my_dataset"
+    write_rows(folder / "train.parquet", make_rows(20, seed=0))
+    write_rows(folder / "test.parquet", make_rows(8, seed=1))
+    splits = splits_of(dataset_name=str(folder))
+    assert (len(splits.train), len(splits.eval)) == (20, 8)  # "test" is taken as the eval split
+
+
+def test_saved_to_disk_dataset_with_sentence_pairs(tmp_path):
+    pairs = datasets.Dataset.from_dict({
+        "sentence1": ["a b", "c d", "e f", "g h"] * 3,
+        "sentence2": ["b a", "x y", "f e", "z w"] * 3,
+        "label": datasets.ClassLabel(names=["not_equivalent", "equivalent"]).str2int(["equivalent", "not_equivalent"] * 6),
+    }).cast_column("label", datasets.ClassLabel(names=["not_equivalent", "equivalent"]))
+    datasets.DatasetDict(train=pairs, validation=pairs.select(range(4))).save_to_disk(str(tmp_path / "mrpc"))
+    splits = splits_of(dataset_name=str(tmp_path / "mrpc"))
+    assert (splits.text_column, splits.text_pair_column) == ("sentence1", "sentence2")
+    assert splits.label_names == ["not_equivalent", "equivalent"]
+
+    from transformers import BertTokenizer
+
+    tokenizer = BertTokenizer(vocab={w: i for i, w in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", *"abcdefghxyzw"])})
+    encoded = tokenize(splits.train, splits, tokenizer, DataArguments(max_length=16))
+    assert encoded[0]["input_ids"] == tokenizer("a b", "b a")["input_ids"]  # both texts, one sequence
+    assert tokenizer.unk_token_id not in encoded[0]["input_ids"]
+    assert encoded[0]["token_type_ids"].count(1) == 3  # "b a [SEP]" is segment 1
+    assert set(encoded.column_names) == {"input_ids", "token_type_ids", "attention_mask", "labels"}
+
+
+def test_subsets_are_seeded_shuffles(tmp_path):
+    train = write_rows(tmp_path / "train.csv", make_rows(60, seed=0))
+    a = load_splits(DataArguments(train_file=train, max_train_samples=10, max_eval_samples=5), 42, None, True)
+    b = load_splits(DataArguments(train_file=train, max_train_samples=10, max_eval_samples=5), 42, None, True)
+    c = load_splits(DataArguments(train_file=train, max_train_samples=10, max_eval_samples=5), 43, None, True)
+    assert a.train["text"][:] == b.train["text"][:] != c.train["text"][:]
+    assert (len(a.train), len(a.eval)) == (10, 5)
+
+
+def test_dynamic_padding_pads_to_the_longest_in_batch(tmp_path, tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    from tuneloop.config import TrainArguments
+
+    train = write_rows(tmp_path / "train.csv", make_rows(40, seed=0))
+    d = DataArguments(train_file=train, max_length=64)
+    splits = load_splits(d, 0, None, True)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    encoded = tokenize(splits.train, splits, tokenizer, d)
+    _, eval_dl = make_dataloaders(None, encoded, tokenizer, TrainArguments(per_device_eval_batch_size=8), 8, False)
+    for batch in eval_dl:
+        longest = int(batch["attention_mask"].sum(dim=1).max())
+        assert batch["input_ids"].shape[1] == -(-longest // 8) * 8  # longest in the batch, rounded up to 8
+    padded = tokenize(splits.train, splits, tokenizer, DataArguments(train_file=train, max_length=64, padding="max_length"))
+    assert {len(ids) for ids in padded["input_ids"]} == {64}
+
+
+def test_unknown_text_column(tmp_path):
+    train = write_rows(tmp_path / "train.csv", make_rows(10, seed=0))
+    with pytest.raises(UserError, match=r"column 'body' not in the train split .*fix --text_column"):
+        splits_of(train_file=train, text_column="body")
+
+
+def test_missing_label_column(tmp_path):
+    train = write_rows(tmp_path / "train.csv", [{"text": "a b"}, {"text": "c d"}])
+    with pytest.raises(UserError, match=r"column 'label' not in the train split .*fix --label_column"):
+        splits_of(train_file=train)
+
+
+def test_labels_out_of_range(tmp_path):
+    train = write_rows(tmp_path / "train.csv", [{"text": "a", "label": i} for i in (0, 1, 2, 5)])
+    with pytest.raises(UserError, match=r"labels \[5\] in the train split are outside 0..2"):
+        load_splits(DataArguments(train_file=train), 0, num_labels=3, need_train=True)
+    negative = write_rows(tmp_path / "neg.csv", [{"text": "a", "label": i} for i in (0, 1, -1)])
+    with pytest.raises(UserError, match=r"labels \[-1\]"):
+        load_splits(DataArguments(train_file=negative), 0, None, True)
+
+
+def test_empty_split(tmp_path):
+    train = write_rows(tmp_path / "train.csv", make_rows(10, seed=0))
+    empty = tmp_path / "empty.csv"
+    empty.write_text("text,label\n")
+    with pytest.raises(UserError, match="empty"):
+        splits_of(train_file=train, validation_file=str(empty))
+
+
+def test_missing_dataset_is_one_line():
+    with pytest.raises(UserError, match=r"could not load dataset 'no-such-org/no-such-dataset'") as info:
+        splits_of(dataset_name="no-such-org/no-such-dataset")
+    assert "\n" not in str(info.value)
