@@ -76,7 +76,7 @@ def train(config: Config) -> dict:
     if not accelerator.is_local_main_process:
         hf_logging.set_verbosity_error()
     if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
-        accelerator.print("warning: fp16 on CPU runs in fp32 (no fast fp16 kernels); use --mixed_precision bf16")
+        say(accelerator, "warning: fp16 on CPU runs in fp32 (no fast fp16 kernels); use --mixed_precision bf16")
     set_seed(t.seed)
 
     # Cheap checks first: output folder, tracker, model config, data columns and labels; weights load last.
@@ -100,7 +100,7 @@ def train(config: Config) -> dict:
     if not t.do_train:
         model, eval_dl = accelerator.prepare(model, eval_dl)
         results = evaluate(model, eval_dl, accelerator, metric_modules, t.metric_average)
-        accelerator.print(format_metrics("eval", results))
+        say(accelerator, format_metrics("eval", results))
         checkpoint.save_results(accelerator, config, results | describe(accelerator))
         accelerator.end_training()
         return results
@@ -119,7 +119,8 @@ def train(config: Config) -> dict:
     model, optimizer, train_dl, eval_dl, scheduler = accelerator.prepare(model, optimizer, train_dl, eval_dl, scheduler)
     if math.ceil(len(train_dl) / t.gradient_accumulation_steps) != plan.steps_per_epoch:
         raise RuntimeError(f"prepared dataloader has {len(train_dl)} batches, planned for {plan.steps_per_epoch} steps")
-    accelerator.print(
+    say(
+        accelerator,
         f"tuneloop: {accelerator.distributed_type.value} x{accelerator.num_processes} on {accelerator.device}, "
         f"mixed_precision={accelerator.mixed_precision}, {len(splits.train)} train / {len(splits.eval)} eval examples, "
         f"{len(splits.label_names)} classes, global batch "
@@ -190,7 +191,7 @@ def train(config: Config) -> dict:
         "final_learning_rate": scheduler.get_last_lr()[0],
         **describe(accelerator),
     }
-    accelerator.print(format_metrics("final", final))
+    say(accelerator, format_metrics("final", final))
     checkpoint.save_final_model(accelerator, model, tokenizer, t.output_dir)
     checkpoint.save_results(accelerator, config, final, history)
     accelerator.end_training()
@@ -239,8 +240,14 @@ def evaluate_and_log(model, eval_dl, accelerator, metric_modules, t: TrainArgume
     results = evaluate(model, eval_dl, accelerator, metric_modules, t.metric_average)
     accelerator.log({k.replace("eval_", "eval/", 1): v for k, v in results.items()}, step=step)
     history.append({"step": step, **({"epoch": epoch} if epoch else {}), **results})
-    accelerator.print(format_metrics(f"epoch {epoch}" if epoch else f"step {step}", results))
+    say(accelerator, format_metrics(f"epoch {epoch}" if epoch else f"step {step}", results))
     return {**results, "step": step}
+
+
+def say(accelerator: Accelerator, message: str) -> None:
+    """Print once (main process), above the progress bar rather than through it."""
+    if accelerator.is_main_process:
+        tqdm.write(message)
 
 
 def format_metrics(prefix: str, values: dict) -> str:
