@@ -134,3 +134,9 @@ def test_bad_input_from_the_command_line_has_no_traceback(tmp_path):
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert "train_file" in result.stderr and "must end in one of .csv" in result.stderr
+
+
+def test_bf16_mixed_precision_runs_and_pads_to_multiples_of_8(tiny_model_dir, toy_files, tmp_path):
+    results = run_in_process(tiny_args(tiny_model_dir, toy_files, tmp_path, mixed_precision="bf16"))
+    assert results["mixed_precision"] == "bf16"
+    assert math.isfinite(results["train_loss"]) and results["eval_accuracy"] >= 0.9
