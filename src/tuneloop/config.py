@@ -235,6 +235,11 @@ def validate(config: Config) -> None:
             continue
         need(path.endswith(DATA_FILE_EXTENSIONS), f"{name} {path!r} must end in one of {', '.join(DATA_FILE_EXTENSIONS)}")
         need(os.path.isfile(path), f"{name} {path!r} does not exist: check the path")
+    if d.train_file and d.validation_file:
+        kinds = {os.path.splitext(p)[1].replace(".jsonl", ".json") for p in (d.train_file, d.validation_file)}
+        need(len(kinds) == 1, "train_file and validation_file must have the same format (csv, json/jsonl or parquet)")
+    need(t.lr_scheduler_type not in ("reduce_lr_on_plateau", "greedy"),
+         f"lr_scheduler_type {t.lr_scheduler_type!r} needs a metric each step and is not supported: use linear or cosine")
     need(d.validation_file is None or d.train_file is not None or not t.do_train,
          "validation_file needs train_file too (or --do_train false)")
     if problems:

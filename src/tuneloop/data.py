@@ -67,7 +67,8 @@ def load_bbc_news() -> Dataset:
 def _load_source(d: DataArguments) -> DatasetDict:
     if d.train_file or d.validation_file:
         data_files = {name: path for name, path in (("train", d.train_file), ("validation", d.validation_file)) if path}
-        builder = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}[Path(next(iter(data_files.values()))).suffix]
+        suffix = Path(next(iter(data_files.values()))).suffix
+        builder = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}[suffix]
         return _user_facing(lambda: datasets.load_dataset(builder, data_files=data_files), f"data files {data_files}")
     if d.dataset_name == BUILTIN_DATASET:
         return DatasetDict(train=load_bbc_news())
@@ -107,6 +108,9 @@ def load_splits(d: DataArguments, seed: int, num_labels: int | None, need_train:
 
     train = raw[train_name] if train_name else None
     evaluation = raw[eval_name] if eval_name else None
+    for name, split in (("train", train), ("eval", evaluation)):
+        if split is not None and len(split) == 0:
+            raise UserError(f"the {name} split is empty: check the data source")
     reference = train if train is not None else evaluation
     text_column, text_pair_column = _text_columns(d, reference.column_names)
     for name, split in (("train", train), ("eval", evaluation)):
@@ -124,9 +128,6 @@ def load_splits(d: DataArguments, seed: int, num_labels: int | None, need_train:
         train = train.shuffle(seed=seed).select(range(min(d.max_train_samples, len(train))))
     if d.max_eval_samples is not None:
         evaluation = evaluation.shuffle(seed=seed).select(range(min(d.max_eval_samples, len(evaluation))))
-    for name, split in (("train", train), ("eval", evaluation)):
-        if split is not None and len(split) == 0:
-            raise UserError(f"the {name} split is empty: check the data source and the --max_*_samples options")
     return Splits(train, evaluation, text_column, text_pair_column, d.label_column, label_names)
 
 
