@@ -126,7 +126,7 @@ def test_empty_split(tmp_path):
     train = write_rows(tmp_path / "train.csv", make_rows(10, seed=0))
     empty = tmp_path / "empty.csv"
     empty.write_text("text,label\n")
-    with pytest.raises(UserError, match="the eval split is empty"):
+    with pytest.raises(UserError, match="the validation split is empty: .*empty.csv. has no rows"):
         splits_of(train_file=train, validation_file=str(empty))
     with pytest.raises(UserError, match="the train split is empty"):
         splits_of(train_file=str(empty))

@@ -69,6 +69,9 @@ def _load_source(d: DataArguments) -> DatasetDict:
         data_files = {name: path for name, path in (("train", d.train_file), ("validation", d.validation_file)) if path}
         suffix = Path(next(iter(data_files.values()))).suffix
         builder = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}[suffix]
+        for name, path in data_files.items():  # datasets' own message for this is "Instruction ... corresponds to no data"
+            if _has_no_rows(path):
+                raise UserError(f"the {name} split is empty: {path!r} has no rows")
         return _user_facing(lambda: datasets.load_dataset(builder, data_files=data_files), f"data files {data_files}")
     if d.dataset_name == BUILTIN_DATASET:
         return DatasetDict(train=load_bbc_news())
@@ -81,6 +84,16 @@ def _load_source(d: DataArguments) -> DatasetDict:
         lambda: datasets.load_dataset(d.dataset_name, d.dataset_config_name),
         f"dataset {d.dataset_name!r}" + (f" (config {d.dataset_config_name!r})" if d.dataset_config_name else ""),
     )
+
+
+def _has_no_rows(path: str) -> bool:
+    if path.endswith(".parquet"):
+        import pyarrow.parquet
+
+        return pyarrow.parquet.ParquetFile(path).metadata.num_rows == 0
+    with open(path, "rb") as f:
+        lines = [line for line in f.read(1 << 16).splitlines() if line.strip()][:2]
+    return len(lines) <= (1 if path.endswith(".csv") else 0) or lines[0].strip() == b"[]"
 
 
 def _user_facing(load, what: str):
