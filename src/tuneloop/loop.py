@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass
 
@@ -186,7 +187,9 @@ def fit(run: Run) -> tuple[dict, list[dict]]:
     # Losses are summed on the device and read only at logging steps: no host sync in the hot loop.
     window_loss, total_loss = torch.zeros((), device=accelerator.device), torch.zeros((), device=accelerator.device)
     window_count, total_count, grad_norm = 0, 0, None
-    progress = tqdm(total=plan.total_steps, desc="training", disable=not accelerator.is_local_main_process)
+    # In a log file (CI, SLURM) a bar redrawn every second is noise: redraw every 30 s there.
+    progress = tqdm(total=plan.total_steps, desc="training", disable=not accelerator.is_local_main_process,
+                    mininterval=1.0 if sys.stderr.isatty() else 30.0)
     for epoch in range(plan.num_epochs):
         model.train()
         run.train_dl.set_epoch(epoch)
