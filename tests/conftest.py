@@ -98,15 +98,19 @@ def tiny_args(model_dir: str, files: dict[str, str], output_dir, **overrides) ->
     return args
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
+def reset_accelerate_state() -> None:
     """Accelerate keeps process-wide singletons; each in-process run must start from a clean slate."""
     from accelerate.state import AcceleratorState, GradientState, PartialState
 
-    yield
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
     PartialState._reset_state()
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    yield
+    reset_accelerate_state()
 
 
 def run_in_process(args: list[str]) -> dict:

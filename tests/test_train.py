@@ -1,7 +1,6 @@
 import math
 import subprocess
 import sys
-from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -13,7 +12,7 @@ from tuneloop.cli import main
 from tuneloop.config import TrainArguments
 from tuneloop.loop import make_plan
 
-from conftest import ROOT, read_json, run_in_process, tiny_args
+from conftest import ROOT, read_json, reset_accelerate_state, run_in_process, tiny_args
 
 
 @pytest.fixture(scope="module")
@@ -62,10 +61,7 @@ def test_saved_model_loads_in_a_pipeline_with_label_names(trained):
 def test_gradient_accumulation_equals_the_larger_batch(tiny_model_dir, toy_files, tmp_path):
     common = dict(max_train_steps=3, num_train_epochs=1, eval_strategy="no", do_eval="false", max_grad_norm=0)
     run_in_process(tiny_args(tiny_model_dir, toy_files, tmp_path / "big", per_device_train_batch_size=16, **common))
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate_state()
     run_in_process(tiny_args(tiny_model_dir, toy_files, tmp_path / "acc", per_device_train_batch_size=8,
                              gradient_accumulation_steps=2, **common))
     big, acc = load_file(tmp_path / "big" / "model.safetensors"), load_file(tmp_path / "acc" / "model.safetensors")
