@@ -91,7 +91,8 @@ def test_trackers_write_real_files(tiny_model_dir, toy_files, tmp_path, monkeypa
     assert len(runs) == 1 and list(runs[0].glob("run-*.wandb")), "no offline wandb run"
     # wandb's run file is protobuf records; the logged keys appear in it verbatim (0.31 ships no reader for it).
     run_file = next(runs[0].glob("run-*.wandb")).read_bytes()
-    for key in (b"train/loss", b"train/learning_rate", b"eval/accuracy", b"learning_rate"):
+    # ... and so does the run config given to init_trackers.
+    for key in (b"train/loss", b"train/learning_rate", b"eval/accuracy", b"per_device_train_batch_size"):
         assert key in run_file, key
 
 

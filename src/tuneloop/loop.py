@@ -57,7 +57,7 @@ def use_all_cpu_cores(accelerator: Accelerator) -> None:
     """Undo `accelerate launch`'s default of one thread per process on CPU.
 
     Without a CPU accelerate config (`--num_cpu_threads_per_process` unset, OMP_NUM_THREADS not exported), the launcher
-    hands its workers OMP_NUM_THREADS=1: the offline default then ran 1.4 s/step instead of 0.9 on 2 cores. Any other
+    hands its workers OMP_NUM_THREADS=1: the offline default then ran 1.4 s/step instead of 0.77 on 2 cores. Any other
     thread count, set by the user or the launcher, is left alone.
     """
     launched = "ACCELERATE_DYNAMO_BACKEND" in os.environ  # set by `accelerate launch` for every worker
@@ -99,7 +99,6 @@ class Run:
     train_dl: object
     eval_dl: object
     metric_modules: dict
-    label_names: list[str]
     optimizer: torch.optim.Optimizer | None = None
     scheduler: object = None
     plan: Plan | None = None
@@ -150,7 +149,7 @@ def setup(config: Config) -> Run:
     )
     if not t.do_train:
         model, eval_dl = accelerator.prepare(model, eval_dl)
-        return Run(config, accelerator, model, tokenizer, None, eval_dl, metric_modules, splits.label_names)
+        return Run(config, accelerator, model, tokenizer, None, eval_dl, metric_modules)
 
     # Accelerate shards batches across processes (even_batches: every rank gets ceil(n / world) of them). The schedule
     # is sized in this rank's optimizer steps; the prepared scheduler steps once per process per optimizer step, hence
@@ -174,8 +173,7 @@ def setup(config: Config) -> Run:
         f"{t.per_device_train_batch_size * t.gradient_accumulation_steps * accelerator.num_processes}, "
         f"{plan.total_steps} steps ({plan.steps_per_epoch}/epoch, {plan.warmup_steps} warmup)",
     )
-    return Run(config, accelerator, model, tokenizer, train_dl, eval_dl, metric_modules, splits.label_names,
-               optimizer, scheduler, plan)
+    return Run(config, accelerator, model, tokenizer, train_dl, eval_dl, metric_modules, optimizer, scheduler, plan)
 
 
 def fit(run: Run) -> tuple[dict, list[dict]]:
