@@ -279,3 +279,22 @@ def test_ctrl_c_once_requests_a_checkpoint_twice_quits_now(presses):
         assert "saving a checkpoint after this step" in done.stderr
     else:
         assert done.returncode == 130 and "still running" not in done.stdout and "exiting now" in done.stderr, done
+
+
+@pytest.mark.parametrize(
+    "options, step, new_best, epoch_end, due",
+    [
+        ({"checkpointing_steps": "10"}, 20, False, False, True),
+        ({"checkpointing_steps": "10"}, 25, False, False, False),
+        ({"checkpointing_steps": "10"}, 30, False, True, False),  # already saved at the step itself
+        ({"checkpointing_steps": "epoch"}, 30, False, True, True),
+        ({"checkpointing_steps": "epoch"}, 30, False, False, False),
+        ({}, 30, True, True, False),  # a new best needs no checkpoint unless the best model is kept for the end
+        ({"load_best_model_at_end": True}, 31, True, False, True),
+    ],
+)
+def test_when_checkpoints_are_due(options, step, new_best, epoch_end, due):
+    from tuneloop.config import TrainArguments
+    from tuneloop.loop import checkpoint_due
+
+    assert checkpoint_due(TrainArguments(**options), step, new_best, epoch_end) is due

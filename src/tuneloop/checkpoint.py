@@ -1,8 +1,9 @@
 """What a run leaves on disk: checkpoints of the full training state, the fine-tuned model and tokenizer, metrics,
 the resolved config.
 
-Every write happens on the main process only; every process takes part in gathering the state dict, which is what
-makes the save work when the model is sharded (DeepSpeed ZeRO-3, FSDP).
+Model, metric and marker files are written by the main process; for a checkpoint every process writes its own part
+(Accelerate's RNG and optimizer shards, its loss sums). Every process takes part in gathering the state dict, which
+is what makes the save work when the model is sharded (DeepSpeed ZeRO-3, FSDP).
 """
 
 from __future__ import annotations

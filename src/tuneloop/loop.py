@@ -282,6 +282,12 @@ def fit(run: Run) -> dict:
     model, optimizer, scheduler = run.model, run.optimizer, run.scheduler
     meter = LossMeter(accelerator.device, run.rank_state)
     samples, start, grad_norm, early_stopped = 0, time.perf_counter(), None, False
+    earlier_sessions = state.train_runtime
+
+    def save() -> None:
+        state.train_runtime = earlier_sessions + time.perf_counter() - start
+        save_checkpoint(run, meter)
+
     # In a log file (CI, SLURM) a bar redrawn every second is noise: redraw every 30 s there.
     progress = tqdm(total=plan.total_steps, initial=state.step, desc="training", disable=not accelerator.is_local_main_process,
                     mininterval=1.0 if sys.stderr.isatty() else 30.0)
@@ -317,7 +323,7 @@ def fit(run: Run) -> dict:
                 signal_name = stop.agreed()  # collective: every rank gets the same answer
                 early_stopped = early_stop(run)
                 if state.step < plan.total_steps and (signal_name or checkpoint_due(t, state.step, new_best)):
-                    save_checkpoint(run, meter)
+                    save()
                 if signal_name and state.step < plan.total_steps:
                     saved = checkpoint.complete_checkpoints(t.output_dir)
                     raise Preempted(signal_name, saved[-1] if saved else None, state.step)
@@ -326,11 +332,10 @@ def fit(run: Run) -> dict:
             if early_stopped:
                 break
             state.epoch, state.batches_in_epoch = epoch + 1, 0
-            if t.do_eval and t.eval_strategy == "epoch":
-                new_best = evaluate_and_log(run, epoch=epoch + 1)
-                early_stopped = early_stop(run)
-                if state.step < plan.total_steps and checkpoint_due(t, state.step, new_best, epoch_end=True):
-                    save_checkpoint(run, meter)
+            new_best = t.do_eval and t.eval_strategy == "epoch" and evaluate_and_log(run, epoch=epoch + 1)
+            early_stopped = early_stop(run)
+            if state.step < plan.total_steps and checkpoint_due(t, state.step, new_best, epoch_end=True):
+                save()
             if early_stopped or state.step >= plan.total_steps:
                 break
     runtime = time.perf_counter() - start
@@ -348,7 +353,7 @@ def fit(run: Run) -> dict:
     final = {
         **{k: v for k, v in state.last_eval.items() if k != "step"},
         "train_loss": accelerator.reduce(meter.total / meter.total_count, "mean").item(),  # mean over the whole run
-        "train_runtime": round(state.train_runtime + runtime, 2),  # all sessions of this run
+        "train_runtime": round(earlier_sessions + runtime, 2),  # all sessions of this run
         "train_samples_per_second": round(samples / runtime, 3),  # this session's own throughput
         "global_step": state.step,
         "epochs": plan.num_epochs,
