@@ -89,6 +89,14 @@ class DataArguments:
     max_eval_samples: Optional[int] = field(
         default=None, metadata={"help": "Evaluate on a seeded random subset of this many examples."}
     )
+    group_by_length: bool = field(
+        default=False,
+        metadata={"help": "Batch training examples of similar length (seeded, every example once per epoch): less "
+                          "padding, faster on varied lengths."},
+    )
+    length_grouping_window: int = field(
+        default=50, metadata={"help": "With --group_by_length: batches per sorting window (larger pads less, mixes less)."}
+    )
     preprocessing_num_workers: Optional[int] = field(default=None, metadata={"help": "Processes for tokenization."})
     overwrite_cache: bool = field(default=False, metadata={"help": "Re-tokenize even if a cached result exists."})
 
@@ -140,6 +148,11 @@ class TrainArguments:
     project_name: str = field(default="tuneloop", metadata={"help": "Tracker project name."})
     run_name: Optional[str] = field(default=None, metadata={"help": "Tracker run name. Default: the output_dir's name."})
     dataloader_num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes."})
+    peak_tflops: Optional[float] = field(
+        default=None,
+        metadata={"help": "Peak TFLOP/s of one device for MFU. Default: a datasheet table for common GPUs, a cached "
+                          "one-second matmul probe on CPU."},
+    )
 
     # Checkpoints, resume and preemption (see checkpoint.py and preemption.py).
     checkpointing_steps: Optional[str] = field(
@@ -258,6 +271,7 @@ def validate(config: Config) -> None:
     need(t.do_train or t.do_eval, "nothing to do: both do_train and do_eval are false")
     need(bool(t.metrics), "metrics is empty: name at least one, e.g. --metrics accuracy")
     need(m.num_labels is None or m.num_labels >= 2, f"num_labels must be >= 2 (got {m.num_labels})")
+    need(d.length_grouping_window >= 1, f"length_grouping_window must be >= 1 (got {d.length_grouping_window})")
     need(d.max_length >= 8, f"max_length must be >= 8 tokens (got {d.max_length})")
     need(d.pad_to_multiple_of is None or d.pad_to_multiple_of >= 1, f"pad_to_multiple_of must be >= 1 (got {d.pad_to_multiple_of})")
     need(0 < d.validation_split_percentage < 100,

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 from transformers.utils import logging as hf_logging
 
-from tuneloop import checkpoint, data, metrics, model as models, tracking
+from tuneloop import checkpoint, data, metrics, model as models, throughput, tracking
 from tuneloop.config import Config, TrainArguments
 from tuneloop.errors import UserError
 from tuneloop.preemption import StopRequest
@@ -117,6 +117,8 @@ class Run:
     plan: Plan | None = None
     state: checkpoint.TrainerState | None = None
     rank_state: dict | None = None  # this process's running sums, when resuming
+    started_at: float = 0.0  # perf_counter() when set-up began
+    peak_tflops: float | None = None  # the device's peak for the precision in use, for MFU
 
 
 def train(config: Config) -> dict:
@@ -144,6 +146,7 @@ def train(config: Config) -> dict:
 
 
 def setup(config: Config) -> Run:
+    started_at = time.perf_counter()
     m, d, t = config.model, config.data, config.train
     accelerator = make_accelerator(t)
     use_all_cpu_cores(accelerator)
@@ -179,7 +182,8 @@ def setup(config: Config) -> Run:
 
     pad_to_multiple_of = d.pad_to_multiple_of or (8 if accelerator.mixed_precision in ("fp16", "bf16") else None)
     train_dl, eval_dl = data.make_dataloaders(
-        train_set, eval_set, tokenizer, t, pad_to_multiple_of, pin_memory=accelerator.device.type == "cuda"
+        train_set, eval_set, tokenizer, t, pad_to_multiple_of, pin_memory=accelerator.device.type == "cuda",
+        length_window=d.length_grouping_window if d.group_by_length else None,
     )
     if not t.do_train:
         model, eval_dl = accelerator.prepare(model, eval_dl)
@@ -209,8 +213,10 @@ def setup(config: Config) -> Run:
         f"{plan.total_steps} steps ({plan.steps_per_epoch}/epoch, {plan.warmup_steps} warmup)"
         + (f", resuming at step {state.step} from {resume_from}" if resume_from else ""),
     )
+    # Measured before training (a one-second matmul probe on CPU, cached), so it never eats into the timed loop.
+    peak = throughput.peak_tflops(accelerator.device, accelerator.mixed_precision, t.peak_tflops)
     return Run(config, accelerator, model, tokenizer, train_dl, eval_dl, metric_modules, optimizer, scheduler, plan,
-               state, rank_state)
+               state, rank_state, started_at, peak)
 
 
 def find_resume_checkpoint(accelerator: Accelerator, t: TrainArguments) -> str | None:
@@ -281,7 +287,8 @@ def fit(run: Run) -> dict:
     t, plan, accelerator, state = run.config.train, run.plan, run.accelerator, run.state
     model, optimizer, scheduler = run.model, run.optimizer, run.scheduler
     meter = LossMeter(accelerator.device, run.rank_state)
-    samples, start, grad_norm, early_stopped = 0, time.perf_counter(), None, False
+    speed = throughput.SpeedMeter(accelerator.unwrap_model(model), accelerator.device, run.started_at)
+    start, grad_norm, early_stopped = time.perf_counter(), None, False
     earlier_sessions = state.train_runtime
 
     def save() -> None:
@@ -310,12 +317,13 @@ def fit(run: Run) -> dict:
                     scheduler.step()
                     optimizer.zero_grad()
                 meter.add(loss)
-                samples += batch["labels"].shape[0]
+                speed.add_batch(batch)
                 state.batches_in_epoch += 1
                 if not accelerator.sync_gradients:
                     continue
                 state.step += 1
                 meter.end_step(skipped=accelerator.optimizer_step_was_skipped)
+                speed.end_step()
                 progress.update(1)
                 if state.step % t.logging_steps == 0 or state.step == plan.total_steps:
                     log_step(run, meter, grad_norm, progress)
@@ -349,12 +357,13 @@ def fit(run: Run) -> dict:
     elif t.do_eval and state.last_eval.get("step") != state.step:  # no evaluation yet of the final weights
         evaluate_and_log(run)
 
-    samples = accelerator.reduce(torch.tensor(samples, device=accelerator.device), "sum").item()
+    speed_figures = speed.summary(accelerator, run.peak_tflops)
+    accelerator.log({f"speed/{k}": v for k, v in speed_figures.items() if v is not None}, step=state.step)
     final = {
         **{k: v for k, v in state.last_eval.items() if k != "step"},
         "train_loss": accelerator.reduce(meter.total / meter.total_count, "mean").item(),  # mean over the whole run
         "train_runtime": round(earlier_sessions + runtime, 2),  # all sessions of this run
-        "train_samples_per_second": round(samples / runtime, 3),  # this session's own throughput
+        **speed_figures,  # this session's own throughput
         "global_step": state.step,
         "epochs": plan.num_epochs,
         "final_learning_rate": scheduler.get_last_lr()[0],
