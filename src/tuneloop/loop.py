@@ -13,14 +13,13 @@ import time
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator, DataLoaderConfiguration, InitProcessGroupKwargs
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 from transformers.utils import logging as hf_logging
 
-from tuneloop import checkpoint, data, metrics, model as models, tracking
+from tuneloop import checkpoint, data, metrics, model as models, predict, report, tracking
 from tuneloop.config import Config, TrainArguments
 from tuneloop.errors import UserError
 
@@ -115,8 +114,19 @@ def train(config: Config) -> dict:
         results, history = fit(run)
         checkpoint.save_final_model(run.accelerator, run.model, run.tokenizer, config.train.output_dir)
         checkpoint.save_results(run.accelerator, config, results, history)
+    finish(run, results, history if config.train.do_train else None)
     run.accelerator.end_training()
     return results
+
+
+def finish(run: Run, results: dict, history: list[dict] | None) -> None:
+    """After training: predictions on the test split, the report (the final model's confusion matrix and per-class
+    table come from one more pass over the eval set), the summary table."""
+    t = run.config.train
+    test_results = predict.predict_test_split(run, describe(run.accelerator)) if t.do_predict else None
+    eval_outputs = predict.gather(run.accelerator, run.model, run.eval_dl) if t.do_eval else None
+    report.write_report(run, results, history, eval_outputs, test_results)
+    say(run.accelerator, report.summary_table({**results, **(test_results or {})}, t.output_dir))
 
 
 def setup(config: Config) -> Run:
@@ -261,31 +271,14 @@ def describe(accelerator: Accelerator) -> dict:
     }
 
 
-@torch.no_grad()
 def evaluate(run: Run) -> dict:
-    """Gather predictions, labels and per-example losses from every process; score them once.
+    """Gather the logits and labels of the eval set from every process; score them once.
 
     `gather_for_metrics` drops the samples that even batching repeated at the end of the eval set, so the result
-    is the same for any process count.
+    is the same for any process count (predict.gather; `tuneloop evaluate` scores saved models with the same two calls).
     """
-    run.model.eval()
-    predictions, references, losses = [], [], []
-    for batch in run.eval_dl:
-        logits = run.model(**batch).logits
-        per_example_loss = F.cross_entropy(logits.float(), batch["labels"], reduction="none")
-        preds, labels, per_example_loss = run.accelerator.gather_for_metrics(
-            (logits.argmax(dim=-1), batch["labels"], per_example_loss)
-        )
-        predictions.append(preds.cpu())
-        references.append(labels.cpu())
-        losses.append(per_example_loss.cpu())
-    predictions, references = torch.cat(predictions).numpy(), torch.cat(references).numpy()
-    scores = metrics.compute_metrics(run.metric_modules, predictions, references, run.config.train.metric_average)
-    return {
-        **{f"eval_{k}": v for k, v in scores.items()},
-        "eval_loss": torch.cat(losses).mean().item(),
-        "eval_samples": len(predictions),
-    }
+    outputs = predict.gather(run.accelerator, run.model, run.eval_dl)
+    return predict.score(outputs, run.metric_modules, run.config.train.metric_average, prefix="eval")
 
 
 def evaluate_and_log(run: Run, step: int, history: list, epoch: int | None = None) -> dict:
