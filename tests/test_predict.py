@@ -184,3 +184,21 @@ def test_gather_refuses_duplicated_or_missing_examples():
     assert outputs.predictions.tolist() == [0, 1, 2] and outputs.labels is None
     with pytest.raises(RuntimeError, match="not one each"):
         gather(OneProcess(), Model(), batches([0, 1], [1, 2]))
+
+
+def test_evaluate_rescores_the_examples_training_held_out(tiny_model_dir, tmp_path):
+    """A dataset with only a train split: evaluate --data takes the seed and hold-out share of the saved run, so it
+    scores the same held-out examples (this is what `--data builtin:bbc_news` relies on)."""
+    import datasets
+
+    folder = str(tmp_path / "dataset")
+    datasets.DatasetDict(train=datasets.Dataset.from_list(make_rows(200, seed=4))).save_to_disk(folder)
+    files = {"dataset_name": folder}
+    run_in_process(tiny_args(tiny_model_dir, files, tmp_path / "run", num_train_epochs=4, seed=7,
+                             validation_split_percentage=30))
+    at_training = read_json(tmp_path / "run" / "all_results.json")
+    assert console(["evaluate", "--model", str(tmp_path / "run"), "--data", folder]) == 0
+    again = read_json(tmp_path / "run" / "evaluate" / "all_results.json")
+    assert again["eval_samples"] == at_training["eval_samples"] == 60
+    assert again["eval_loss"] == pytest.approx(at_training["eval_loss"], rel=1e-5)
+    assert again["eval_accuracy"] == at_training["eval_accuracy"]
