@@ -202,3 +202,21 @@ def test_evaluate_rescores_the_examples_training_held_out(tiny_model_dir, tmp_pa
     assert again["eval_samples"] == at_training["eval_samples"] == 60
     assert again["eval_loss"] == pytest.approx(at_training["eval_loss"], rel=1e-5)
     assert again["eval_accuracy"] == at_training["eval_accuracy"]
+
+
+def test_predict_on_a_named_split_of_a_dataset(trained, tmp_path, capsys):
+    """--data a dataset (here a save_to_disk folder, as a Hub id would be): --test_split picks the split."""
+    import datasets
+
+    model_dir, _ = trained
+    folder = str(tmp_path / "dataset")
+    rows = [{"text": r["text"], "label": -1} for r in make_rows(20, seed=6)]  # GLUE's way of hiding test labels
+    datasets.DatasetDict(train=datasets.Dataset.from_list(make_rows(10, seed=5)),
+                         heldout=datasets.Dataset.from_list(rows)).save_to_disk(folder)
+    common = ["predict", "--model", str(model_dir), "--data", folder, "--output_dir", str(tmp_path / "out")]
+    assert console([*common, "--test_split", "heldout"]) == 0
+    predictions = read_jsonl(tmp_path / "out" / "predictions.jsonl")
+    assert [p["text"] for p in predictions] == [r["text"] for r in rows]
+    assert all("label" not in p for p in predictions)  # -1 everywhere: no labels, no metrics
+    assert console(common) == 2  # the default, "test", is not there
+    assert "split 'test' not found (available: train, heldout)" in capsys.readouterr().err
