@@ -1,7 +1,8 @@
 """Command line: the `tuneloop` command (`tuneloop train|evaluate|predict ...`); train.py is `tuneloop train`.
 
 Each command is a function `f(argv) -> exit status`, named in COMMANDS and imported only when it runs. A `UserError`
-from any of them becomes one line on stderr and exit status 2. `evaluate` and `predict` load a saved model and run on
+from any of them becomes one line on stderr and exit status 2; a stop signal, once its checkpoint is saved, exits with
+REQUEUE_EXIT_CODE (75) so a job script can requeue the run. `evaluate` and `predict` load a saved model and run on
 any process count: `accelerate launch -m tuneloop evaluate --model DIR --data SOURCE`.
 """
 
@@ -13,6 +14,7 @@ import os
 import sys
 
 from tuneloop.errors import UserError
+from tuneloop.preemption import REQUEUE_EXIT_CODE
 
 COMMANDS = {
     # name: ("module:function", one line of help)
@@ -56,12 +58,20 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_command(command, argv: list[str] | None) -> int:
+    from tuneloop.loop import Preempted
+
+    main_rank = os.environ.get("RANK", "0") == "0"  # every rank reaches the same end; one message is enough
     try:
         return command(argv) or 0
     except UserError as e:
-        if os.environ.get("RANK", "0") == "0":  # every rank hits the same error; one copy is enough
+        if main_rank:
             print(f"tuneloop: error: {e}", file=sys.stderr)
         return 2
+    except Preempted as stop:
+        if main_rank:
+            print(f"tuneloop: {stop}; resume with --resume_from_checkpoint latest (exit {REQUEUE_EXIT_CODE}: requeue)",
+                  file=sys.stderr)
+        return REQUEUE_EXIT_CODE
 
 
 def train_command(argv: list[str] | None) -> int:
