@@ -13,14 +13,13 @@ import time
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator, DataLoaderConfiguration, InitProcessGroupKwargs
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 from transformers.utils import logging as hf_logging
 
-from tuneloop import checkpoint, data, metrics, model as models, throughput, tracking
+from tuneloop import checkpoint, data, metrics, model as models, predict, report, throughput, tracking
 from tuneloop.config import Config, TrainArguments
 from tuneloop.errors import UserError
 from tuneloop.preemption import StopRequest
@@ -119,6 +118,7 @@ class Run:
     rank_state: dict | None = None  # this process's running sums, when resuming
     started_at: float = 0.0  # perf_counter() when set-up began
     peak_tflops: float | None = None  # the device's peak for the precision in use, for MFU
+    eval_outputs: object = None  # the latest evaluation's gathered logits and labels (predict.Outputs)
 
 
 def train(config: Config) -> dict:
@@ -141,8 +141,18 @@ def train(config: Config) -> dict:
             raise
         checkpoint.save_final_model(run.accelerator, run.model, run.tokenizer, config.train.output_dir)
         checkpoint.save_results(run.accelerator, config, results, run.state.history)
+    finish(run, results, run.state.history if config.train.do_train else None)
     run.accelerator.end_training()
     return results
+
+
+def finish(run: Run, results: dict, history: list[dict] | None) -> None:
+    """After training: predictions on the test split, the report (the confusion matrix and per-class table are the
+    final model's, from its evaluation), the summary table."""
+    t = run.config.train
+    test_results = predict.predict_test_split(run, describe(run.accelerator)) if t.do_predict else None
+    report.write_report(run, results, history, run.eval_outputs if t.do_eval else None, test_results)
+    say(run.accelerator, report.summary_table({**results, **(test_results or {})}, t.output_dir))
 
 
 def setup(config: Config) -> Run:
@@ -451,31 +461,15 @@ def describe(accelerator: Accelerator) -> dict:
     }
 
 
-@torch.no_grad()
 def evaluate(run: Run) -> dict:
-    """Gather predictions, labels and per-example losses from every process; score them once.
+    """Gather the logits and labels of the eval set from every process; score them once.
 
     `gather_for_metrics` drops the samples that even batching repeated at the end of the eval set, so the result
-    is the same for any process count.
+    is the same for any process count (predict.gather; `tuneloop evaluate` scores saved models with the same two calls).
     """
-    run.model.eval()
-    predictions, references, losses = [], [], []
-    for batch in run.eval_dl:
-        logits = run.model(**batch).logits
-        per_example_loss = F.cross_entropy(logits.float(), batch["labels"], reduction="none")
-        preds, labels, per_example_loss = run.accelerator.gather_for_metrics(
-            (logits.argmax(dim=-1), batch["labels"], per_example_loss)
-        )
-        predictions.append(preds.cpu())
-        references.append(labels.cpu())
-        losses.append(per_example_loss.cpu())
-    predictions, references = torch.cat(predictions).numpy(), torch.cat(references).numpy()
-    scores = metrics.compute_metrics(run.metric_modules, predictions, references, run.config.train.metric_average)
-    return {
-        **{f"eval_{k}": v for k, v in scores.items()},
-        "eval_loss": torch.cat(losses).mean().item(),
-        "eval_samples": len(predictions),
-    }
+    outputs = predict.gather(run.accelerator, run.model, run.eval_dl)
+    run.eval_outputs = outputs  # the final evaluation's are the report's confusion matrix: no extra pass
+    return predict.score(outputs, run.metric_modules, run.config.train.metric_average, prefix="eval")
 
 
 def evaluate_and_log(run: Run, epoch: int | None = None) -> bool:
