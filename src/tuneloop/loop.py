@@ -177,8 +177,9 @@ def setup(config: Config) -> Run:
         checkpoint.check_resumable(saved, state, resume_from)
         state = saved
     tracking.start(accelerator, config, state.tracker_run_id)
-    models.load_config(m)
-    splits = data.load_splits(d, t.seed, m.num_labels, need_train=t.do_train)
+    model_config = models.load_config(m)
+    classes = None if t.do_train else models.trained_label_names(model_config)  # evaluating a fine-tuned model
+    splits = data.load_splits(d, t.seed, m.num_labels, need_train=t.do_train, model_classes=classes)
     if t.metric_average == "binary" and len(splits.label_names) != 2:
         raise UserError(f"metric_average=binary needs 2 classes, the data has {len(splits.label_names)}: use macro")
     tokenizer = models.load_tokenizer(m, d.max_length)

@@ -42,6 +42,12 @@ def load_config(m: ModelArguments) -> PretrainedConfig:
     return config
 
 
+def trained_label_names(config: PretrainedConfig) -> list[str] | None:
+    """Class names of an already fine-tuned model; None for a base model (transformers' default LABEL_i names)."""
+    names = [config.id2label[i] for i in sorted(config.id2label)]
+    return None if names == [f"LABEL_{i}" for i in range(len(names))] else names
+
+
 def load_tokenizer(m: ModelArguments, max_length: int):
     path = resolve_model_path(m.model_name_or_path)
     try:
