@@ -62,12 +62,25 @@ def load_tokenizer(m: ModelArguments, max_length: int):
     return tokenizer
 
 
+# What the attention-probability dropout is called in BERT/RoBERTa/DeBERTa/ELECTRA, and in DistilBERT and others.
+ATTENTION_DROPOUT_NAMES = ("attention_probs_dropout_prob", "attention_dropout")
+
+
 def load_model(m: ModelArguments, label_names: list[str], pad_token_id: int | None):
     path = resolve_model_path(m.model_name_or_path)
     id2label = dict(enumerate(label_names))
+    overrides = {}
+    if m.attention_dropout is not None:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=m.trust_remote_code)
+        names = [n for n in ATTENTION_DROPOUT_NAMES if hasattr(config, n)]
+        if not names:
+            raise UserError(f"{m.model_name_or_path!r} has no attention dropout setting "
+                            f"({', '.join(ATTENTION_DROPOUT_NAMES)}): drop --attention_dropout")
+        overrides = {name: m.attention_dropout for name in names}
     try:
         model = AutoModelForSequenceClassification.from_pretrained(
             path,
+            **overrides,
             num_labels=len(label_names),
             id2label=id2label,
             label2id={name: i for i, name in id2label.items()},
