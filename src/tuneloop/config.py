@@ -23,6 +23,7 @@ from tuneloop.errors import UserError
 
 BUILTIN_MODEL = "builtin:all-MiniLM-L6-v2"
 BUILTIN_DATASET = "builtin:bbc_news"
+BUILTIN_HEADLINES = "builtin:bbc_news_headlines"
 DATA_FILE_EXTENSIONS = (".csv", ".json", ".jsonl", ".parquet")
 
 
@@ -58,7 +59,8 @@ class DataArguments:
     dataset_name: Optional[str] = field(
         default=BUILTIN_DATASET,
         metadata={"help": "Hub dataset id (e.g. yelp_review_full), a local dataset folder (data files or "
-                          f"save_to_disk output), or '{BUILTIN_DATASET}' (2,225 articles, 5 topics, offline). "
+                          f"save_to_disk output), or '{BUILTIN_DATASET}' (2,225 articles, 5 topics, offline), or "
+                          f"'{BUILTIN_HEADLINES}' (the same, first line only: short texts). "
                           "Ignored when --train_file is given."},
     )
     dataset_config_name: Optional[str] = field(default=None, metadata={"help": "Dataset configuration name."})

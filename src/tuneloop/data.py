@@ -18,7 +18,7 @@ from datasets import ClassLabel, Dataset, DatasetDict, Value
 from torch.utils.data import DataLoader, Sampler
 from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
 
-from tuneloop.config import BUILTIN_DATASET, DataArguments, TrainArguments
+from tuneloop.config import BUILTIN_DATASET, BUILTIN_HEADLINES, DataArguments, TrainArguments
 from tuneloop.errors import UserError
 
 EVAL_SPLIT_NAMES = ("validation", "test")
@@ -72,6 +72,8 @@ def _load_source(d: DataArguments) -> DatasetDict:
         return _load_files({name: path for name, path in (("train", d.train_file), ("validation", d.validation_file)) if path})
     if d.dataset_name == BUILTIN_DATASET:
         return DatasetDict(train=load_bbc_news())
+    if d.dataset_name == BUILTIN_HEADLINES:  # short texts (median 9 tokens): the regime of tweets and reviews
+        return DatasetDict(train=load_bbc_news().map(lambda row: {"text": row["text"].split("\n", 1)[0]}))
     if os.path.isdir(d.dataset_name) and any(
         os.path.exists(os.path.join(d.dataset_name, marker)) for marker in ("dataset_dict.json", "state.json")
     ):
