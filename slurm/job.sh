@@ -12,8 +12,9 @@
 #    own setting; it overwrites TORCHELASTIC_SIGNALS_TO_HANDLE from it), then gives them
 #    TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds before SIGKILL.
 # 3. tuneloop finishes the optimizer step, saves a checkpoint on all ranks, writes output_dir/preempted.json and
-#    exits with 75 (EX_TEMPFAIL). The launcher turns that into 1 when it ran several processes, so the marker file
-#    is what counts; it is removed before every launch, so a stale one can never requeue a job.
+#    exits with 75 (EX_TEMPFAIL). `accelerate launch` reports any failing worker as 1 (one process or several:
+#    accelerate 1.15 raises CalledProcessError or torchrun's ChildFailedError), so the marker file is what counts;
+#    it is removed before every launch, so a stale one can never requeue a job.
 # 4. This shell then runs `scontrol requeue $SLURM_JOB_ID`; SLURM restarts the same job id with
 #    SLURM_RESTART_COUNT=1, 2, ..., and the rerun passes `--resume_from_checkpoint latest`. Logs go on in the same
 #    %x-%j.out (--open-mode=append).
@@ -28,6 +29,11 @@ export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-240}
 export PET_SIGNALS_TO_HANDLE=${PET_SIGNALS_TO_HANDLE:-SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1}
 
 log() { echo "[$(date +%T) job $SLURM_JOB_ID run $((${SLURM_RESTART_COUNT:-0} + 1))] $*"; }
+
+# Until training starts there is nothing to checkpoint, and bash would die of an untrapped USR1. SLURM sends it at
+# once when --time is not longer than the --signal lead time (300 s): run on and let the time limit end the job, as
+# requeueing a job that cannot get past its first steps would loop.
+trap 'log "SIGUSR1 before training started (is --time longer than the --signal lead time?): ignored"' USR1
 
 # The output_dir train.py will use, resolved from the same arguments the same way (recipe, then flags); a bad
 # option fails here, in one line, before any node starts.
