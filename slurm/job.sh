@@ -73,8 +73,9 @@ run_step() {
   rm -f "$output_dir/$PREEMPTED_FILE"
   # `trap "" USR1` before exec: the launcher inherits SIGUSR1 as ignored (see 2. above). $SLURM_NODEID is expanded
   # by each task (0 on the first node), so every node gets its own machine rank. srun is given --cpus-per-task
-  # explicitly: Slurm 22.05's srun no longer takes it from the job.
-  srun --kill-on-bad-exit=1 ${SLURM_CPUS_PER_TASK:+--cpus-per-task=$SLURM_CPUS_PER_TASK} "${srun_args[@]}" \
+  # explicitly: Slurm 22.05's srun no longer takes it from the job. --unbuffered: the progress bar redraws its line
+  # without a newline, and line-buffered output would show it in the log only at the end.
+  srun --unbuffered --kill-on-bad-exit=1 ${SLURM_CPUS_PER_TASK:+--cpus-per-task=$SLURM_CPUS_PER_TASK} "${srun_args[@]}" \
     bash -c 'trap "" USR1; exec accelerate launch --machine_rank "$SLURM_NODEID" "$@"' accelerate-launch "$@" &
   step=$!
   warned=0 cancelled=0 interrupted=0
