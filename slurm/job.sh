@@ -21,7 +21,7 @@
 # A job that succeeds, fails for a real error, or is cancelled (SIGTERM from scancel; a SLURM that preempts with
 # PreemptMode=REQUEUE requeues the job itself) is never requeued by this script.
 
-REQUEUE_EXIT_CODE=75 # tuneloop.checkpoint.REQUEUE_EXIT_CODE
+REQUEUE_EXIT_CODE=75 # tuneloop.preemption.REQUEUE_EXIT_CODE
 PREEMPTED_FILE=preempted.json
 
 # How long torchrun waits for workers to save and exit after passing on the signal: keep it under --signal's lead.
@@ -63,8 +63,8 @@ train_args() {
   if [ "${SLURM_RESTART_COUNT:-0}" -gt 0 ]; then train_args+=(--resume_from_checkpoint latest); fi
 }
 
-# run_step OUTPUT_DIR SRUN_ARGS... -- LAUNCH_ARGS...: run `accelerate launch LAUNCH_ARGS` on each node of one srun step, pass a
-# USR1 warning on, then end the job with the trainer's status or requeue it. Does not return.
+# run_step OUTPUT_DIR SRUN_ARGS... -- LAUNCH_ARGS...: run `accelerate launch LAUNCH_ARGS` on each node of one srun
+# step, pass a USR1 warning on, then end the job with the trainer's status or requeue it. Does not return.
 run_step() {
   local output_dir=$1 srun_args=() status
   shift
@@ -88,7 +88,8 @@ run_step() {
     status=$?
     [ "$interrupted" = 1 ] || break
   done
-  trap - USR1 TERM
+  trap 'log "SIGUSR1 after training ended: ignored"' USR1
+  trap - TERM
 
   if [ "$status" = 0 ]; then
     log "training finished"

@@ -27,7 +27,7 @@ install_if_missing() {
   [ "$(id -u)" = 0 ] || die "slurm-wlm and munge are not installed and installing them needs root: apt-get install slurm-wlm munge"
   say "installing slurm-wlm and munge with apt-get"
   export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq >&2 && apt-get install -y -qq slurm-wlm munge >&2 || die "apt-get install slurm-wlm munge failed"
+  { apt-get update -qq && apt-get install -y -qq slurm-wlm munge; } >&2 || die "apt-get install slurm-wlm munge failed"
 }
 
 # A port nobody listens on: SLURM's defaults (6817/6818) may be taken by another cluster on the same machine.
@@ -143,10 +143,10 @@ stop() {
   # Jobs first: a stopped slurmd leaves its job steps running. Cancel them and give them KillWait to end.
   if [ -f "$dir/run/slurmctld.pid" ] && kill -0 "$(cat "$dir/run/slurmctld.pid")" 2>/dev/null; then
     local jobs
-    jobs=$(squeue -h -o %i 2>/dev/null || true)
-    if [ -n "$jobs" ]; then
-      say "cancelling jobs: $(echo $jobs)"
-      scancel $jobs 2>/dev/null || true
+    mapfile -t jobs < <(squeue -h -o %i 2>/dev/null || true)
+    if [ "${#jobs[@]}" -gt 0 ]; then
+      say "cancelling jobs: ${jobs[*]}"
+      scancel "${jobs[@]}" 2>/dev/null || true
       for _ in $(seq 40); do [ -z "$(squeue -h -o %i 2>/dev/null)" ] && break; sleep 0.5; done
     fi
   fi
