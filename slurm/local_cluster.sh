@@ -102,6 +102,7 @@ start() {
   for i in $(seq "$nodes"); do mkdir -p "$dir/spool/n$i"; done
   export SLURM_CONF=$dir/slurm.conf
   write_conf "$dir"
+  trap 'stop "$dir"' EXIT # a daemon that fails to start stops the ones started before it
 
   mungekey -c -k "$dir/munge/munge.key" -b 1024 && chmod 600 "$dir/munge/munge.key"
   /usr/sbin/munged --socket="$dir/munge/munge.socket.2" --key-file="$dir/munge/munge.key" \
@@ -118,13 +119,13 @@ start() {
     states=$(sinfo -h -N -o '%N %T' 2>/dev/null | sort -u | tr '\n' ' ' || true)
     if [ "$(sinfo -h -N -t idle -o '%N' 2>/dev/null | sort -u | wc -l)" = "$nodes" ]; then
       say "$nodes node(s) idle: $states(all files in $dir)"
+      trap - EXIT
       echo "export SLURM_CONF=$SLURM_CONF"
       return
     fi
     sleep 0.5
   done
   say "nodes not idle after 30 s: ${states:-no answer from slurmctld}; logs in $dir/log"
-  stop "$dir"
   exit 1
 }
 
