@@ -117,7 +117,7 @@ start() {
   local states=""
   for _ in $(seq 60); do
     states=$(sinfo -h -N -o '%N %T' 2>/dev/null | sort -u | tr '\n' ' ' || true)
-    if [ "$(sinfo -h -N -t idle -o '%N' 2>/dev/null | sort -u | wc -l)" = "$nodes" ]; then
+    if [ "$(grep -o ' idle ' <<<" $states" | wc -l)" = "$nodes" ]; then
       say "$nodes node(s) idle: $states(all files in $dir)"
       trap - EXIT
       echo "export SLURM_CONF=$SLURM_CONF"
