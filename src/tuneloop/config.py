@@ -189,6 +189,11 @@ class TrainArguments:
     project_name: str = field(default="tuneloop", metadata={"help": "Tracker project name."})
     run_name: Optional[str] = field(default=None, metadata={"help": "Tracker run name. Default: the output_dir's name."})
     dataloader_num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes."})
+    ddp_timeout: int = field(
+        default=1800,
+        metadata={"help": "Seconds a process waits for the others (process-group timeout): covers rank 0 tokenizing "
+                          "while the others wait, and slow nodes."},
+    )
     peak_tflops: Optional[float] = field(
         default=None,
         metadata={"help": "Peak TFLOP/s of one device for MFU. Default: a datasheet table for common GPUs, a cached "
@@ -341,6 +346,7 @@ def validate(config: Config) -> None:
     best = (t.metric_for_best_model or "").removeprefix("eval_")
     need(not best or best == "loss" or best in t.metrics,
          f"metric_for_best_model {t.metric_for_best_model!r} is not computed: use loss or one of --metrics {t.metrics}")
+    need(t.ddp_timeout >= 1, f"ddp_timeout must be >= 1 second (got {t.ddp_timeout})")
     need(t.max_nonfinite_steps >= 1, f"max_nonfinite_steps must be >= 1 (got {t.max_nonfinite_steps})")
     need(t.do_eval and t.eval_strategy != "no" or not (t.load_best_model_at_end or t.early_stopping_patience),
          "load_best_model_at_end and early_stopping_patience need evaluations: set --eval_strategy epoch or steps")

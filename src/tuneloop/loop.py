@@ -7,6 +7,7 @@ optimizer, schedule), the loop, evaluation, the final save. A "step" always mean
 from __future__ import annotations
 
 import ctypes
+import datetime
 import math
 import os
 import sys
@@ -73,7 +74,10 @@ def make_accelerator(t: TrainArguments) -> Accelerator:
         project_dir=t.output_dir,
         # A seeded sampler makes the data order a function of (seed, epoch) alone: reproducible and resumable.
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
-        kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")] if no_gpu and deepspeed else [],
+        # The timeout covers the longest wait of one rank for another: rank 0 tokenizing a large dataset while the
+        # others wait in main_process_first, or a slow node joining (torch's NCCL default is 10 minutes).
+        kwargs_handlers=[InitProcessGroupKwargs(backend="gloo" if no_gpu and deepspeed else None,
+                                                timeout=datetime.timedelta(seconds=t.ddp_timeout))],
     )
 
 
@@ -163,6 +167,8 @@ def train(config: Config) -> dict:
         except Preempted as stop:
             if run.accelerator.is_main_process:
                 checkpoint.write_preempted(config.train.output_dir, stop.checkpoint_dir, stop.step, stop.signal_name)
+            # No rank exits before the marker exists: a job script that sees one rank gone must find it.
+            run.accelerator.wait_for_everyone()
             run.accelerator.end_training()
             raise
         checkpoint.save_final_model(run.accelerator, run.model, run.tokenizer, config.train.output_dir)
