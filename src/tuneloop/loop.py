@@ -401,7 +401,7 @@ def fit(run: Run) -> dict:
     elif t.do_eval and state.last_eval.get("step") != state.step:  # no evaluation yet of the final weights
         evaluate_and_log(run)
 
-    speed_figures = speed.summary(accelerator, run.peak_tflops)
+    speed_figures = speed.summary(accelerator, run.peak_tflops, runtime)
     accelerator.log({f"speed/{k}": v for k, v in speed_figures.items() if v is not None}, step=state.step)
     final = {
         **{k: v for k, v in state.last_eval.items() if k != "step"},
