@@ -33,7 +33,9 @@ def test_gpu_peak_lookup(name, precision, tf32, expected):
 
 def test_cpu_peak_is_probed_once_and_cached(tmp_path, monkeypatch):
     monkeypatch.setattr(throughput, "PROBE_CACHE", tmp_path / "peak.json")
+    rng = torch.get_rng_state()
     first = throughput.cpu_peak_tflops(torch.float32, seconds=0.2)
+    assert torch.equal(torch.get_rng_state(), rng), "the probe must not move the global RNG (a first run would differ)"
     assert 0.001 < first < 100 and (tmp_path / "peak.json").is_file()
     assert throughput.cpu_peak_tflops(torch.float32, seconds=0.2) == first  # read back, not measured again
     assert throughput.peak_tflops(torch.device("cpu"), "no", override=3.5) == 3.5

@@ -60,7 +60,10 @@ def cpu_peak_tflops(dtype: torch.dtype, seconds: float = 1.0) -> float:
     key = f"{cpu_name()}|{torch.get_num_threads()}|{dtype}|{torch.__version__}"
     cache = json.loads(PROBE_CACHE.read_text()) if PROBE_CACHE.is_file() else {}
     if key not in cache:
-        a, b = torch.randn(2048, 2048, dtype=dtype), torch.randn(2048, 2048, dtype=dtype)
+        # Its own generator: the probe runs on the first run only, and must not shift that run's random numbers.
+        generator = torch.Generator().manual_seed(0)
+        a = torch.randn(2048, 2048, generator=generator).to(dtype)
+        b = torch.randn(2048, 2048, generator=generator).to(dtype)
         a @ b  # warm-up: thread pool and kernel selection
         runs, start = 0, time.perf_counter()
         while time.perf_counter() - start < seconds:
