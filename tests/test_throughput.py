@@ -71,7 +71,8 @@ def test_speed_switches_keep_the_loss_curve(tiny_model_dir, toy_files, tmp_path)
     from tuneloop.loop import fast_bf16_available
 
     def curve(name, **options):
-        results = run_in_process(tiny_args(tiny_model_dir, toy_files, tmp_path / name, logging_steps=1, seed=1, **options))
+        results = run_in_process(tiny_args(tiny_model_dir, toy_files, tmp_path / name, logging_steps=1, seed=1,
+                                           num_train_epochs=2, **options))
         reset_accelerate_state()
         losses = [e["train/loss"] for e in read_json(tmp_path / name / "log_history.json") if "train/loss" in e]
         return results, torch.tensor(losses)
