@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 from transformers.utils import logging as hf_logging
 
-from tuneloop import checkpoint, data, metrics, model as models, tracking
+from tuneloop import checkpoint, data, engines, metrics, model as models, tracking
 from tuneloop.config import Config, TrainArguments
 from tuneloop.errors import UserError
 
@@ -41,7 +41,7 @@ def make_accelerator(t: TrainArguments) -> Accelerator:
     # up its own process group, which on CPU must be told to use gloo.
     no_gpu = not torch.accelerator.is_available()
     deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
-    return Accelerator(
+    accelerator = Accelerator(
         cpu=no_gpu and not deepspeed,
         mixed_precision=t.mixed_precision,
         gradient_accumulation_steps=t.gradient_accumulation_steps,
@@ -51,6 +51,8 @@ def make_accelerator(t: TrainArguments) -> Accelerator:
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
         kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")] if no_gpu and deepspeed else [],
     )
+    engines.reconcile(accelerator, t)  # the engine asked for is the one running, and agrees with the trainer's flags
+    return accelerator
 
 
 def use_all_cpu_cores(accelerator: Accelerator) -> None:
@@ -79,10 +81,13 @@ def make_plan(num_batches: int, t: TrainArguments) -> Plan:
 
 def make_optimizer(model: torch.nn.Module, t: TrainArguments, device: torch.device) -> torch.optim.AdamW:
     # Biases and LayerNorm weights (the 1-D tensors) get no weight decay, as in BERT and transformers' Trainer.
+    # Under DeepSpeed ZeRO-3 the model is created already partitioned: each local tensor is a flat 1-D shard and the
+    # true shape is in `ds_shape`, so tensors are classified by that shape (else every weight loses its decay).
     params = [p for p in model.parameters() if p.requires_grad]
+    matrix = [len(getattr(p, "ds_shape", p.shape)) >= 2 for p in params]
     groups = [
-        {"params": [p for p in params if p.ndim >= 2], "weight_decay": t.weight_decay},
-        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+        {"params": [p for p, m in zip(params, matrix) if m], "weight_decay": t.weight_decay},
+        {"params": [p for p, m in zip(params, matrix) if not m], "weight_decay": 0.0},
     ]
     fused = device.type in ("cuda", "cpu", "xpu", "mps")  # the single-kernel AdamW; torch has it on these devices
     return torch.optim.AdamW(groups, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon, fused=fused)
@@ -148,7 +153,7 @@ def setup(config: Config) -> Run:
         train_set, eval_set, tokenizer, t, pad_to_multiple_of, pin_memory=accelerator.device.type == "cuda"
     )
     if not t.do_train:
-        model, eval_dl = accelerator.prepare(model, eval_dl)
+        model, eval_dl = engines.prepare_for_evaluation(accelerator, model, eval_dl)
         return Run(config, accelerator, model, tokenizer, None, eval_dl, metric_modules)
 
     # Accelerate shards batches across processes (even_batches: every rank gets ceil(n / world) of them). The schedule
