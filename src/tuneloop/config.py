@@ -141,6 +141,42 @@ class TrainArguments:
     run_name: Optional[str] = field(default=None, metadata={"help": "Tracker run name. Default: the output_dir's name."})
     dataloader_num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes."})
 
+    # Checkpoints, resume and preemption (see checkpoint.py and preemption.py).
+    checkpointing_steps: Optional[str] = field(
+        default=None,
+        metadata={"help": "Save the full training state (model, optimizer, scheduler, RNG, data position) every N "
+                          "optimizer steps, or 'epoch'. Default: only when preempted or for --load_best_model_at_end."},
+    )
+    save_total_limit: Optional[int] = field(
+        default=None, metadata={"help": "Keep only the K newest checkpoints (the best one is never deleted)."}
+    )
+    resume_from_checkpoint: Optional[str] = field(
+        default=None,
+        metadata={"help": "'latest' (the newest complete checkpoint in output_dir/checkpoints; a fresh start if there "
+                          "is none) or a checkpoint folder. The resumed run continues the same run exactly."},
+    )
+    metric_for_best_model: Optional[str] = field(
+        default=None, metadata={"help": "Eval metric that picks the best checkpoint, e.g. f1 or loss. Default: the first of --metrics."}
+    )
+    greater_is_better: Optional[bool] = field(
+        default=None, metadata={"help": "Whether a larger metric_for_best_model is better. Default: false for *loss, else true."}
+    )
+    load_best_model_at_end: bool = field(
+        default=False,
+        metadata={"help": "Save the best evaluated model as the final model (each new best is checkpointed when found)."},
+    )
+    early_stopping_patience: Optional[int] = field(
+        default=None, metadata={"help": "Stop after this many evaluations in a row without improvement of the best metric."}
+    )
+    early_stopping_threshold: float = field(
+        default=0.0, metadata={"help": "An improvement must exceed this to reset early stopping's patience."}
+    )
+    max_nonfinite_steps: int = field(
+        default=10,
+        metadata={"help": "Stop when the training loss has been NaN/inf for this many optimizer steps in a row "
+                          "(checked at logging and checkpoint steps); the last good checkpoint is kept."},
+    )
+
 
 @dataclass
 class Config:
@@ -240,6 +276,17 @@ def validate(config: Config) -> None:
         need(len(kinds) == 1, "train_file and validation_file must have the same format (csv, json/jsonl or parquet)")
     need(t.lr_scheduler_type not in ("reduce_lr_on_plateau", "greedy"),
          f"lr_scheduler_type {t.lr_scheduler_type!r} needs a metric each step and is not supported: use linear or cosine")
+    need(t.checkpointing_steps in (None, "epoch") or str(t.checkpointing_steps).isdigit() and int(t.checkpointing_steps) >= 1,
+         f"checkpointing_steps must be a number of steps >= 1 or 'epoch' (got {t.checkpointing_steps!r})")
+    need(t.save_total_limit is None or t.save_total_limit >= 1, f"save_total_limit must be >= 1 (got {t.save_total_limit})")
+    need(t.early_stopping_patience is None or t.early_stopping_patience >= 1,
+         f"early_stopping_patience must be >= 1 (got {t.early_stopping_patience})")
+    best = (t.metric_for_best_model or "").removeprefix("eval_")
+    need(not best or best == "loss" or best in t.metrics,
+         f"metric_for_best_model {t.metric_for_best_model!r} is not computed: use loss or one of --metrics {t.metrics}")
+    need(t.max_nonfinite_steps >= 1, f"max_nonfinite_steps must be >= 1 (got {t.max_nonfinite_steps})")
+    need(t.do_eval and t.eval_strategy != "no" or not (t.load_best_model_at_end or t.early_stopping_patience),
+         "load_best_model_at_end and early_stopping_patience need evaluations: set --eval_strategy epoch or steps")
     need(d.validation_file is None or d.train_file is not None or not t.do_train,
          "validation_file needs train_file too (or --do_train false)")
     if problems:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
+import torch
 from datasets import ClassLabel, Dataset, DatasetDict, Value
 from torch.utils.data import DataLoader
 from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
@@ -248,6 +249,13 @@ def make_dataloaders(train: Dataset | None, evaluation: Dataset, tokenizer, t: T
                      pin_memory: bool) -> tuple[DataLoader | None, DataLoader]:
     collate = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=pad_to_multiple_of)
     common = dict(collate_fn=collate, num_workers=t.dataloader_num_workers, pin_memory=pin_memory)
-    train_dl = DataLoader(train, batch_size=t.per_device_train_batch_size, shuffle=True, **common) if train is not None else None
-    eval_dl = DataLoader(evaluation, batch_size=t.per_device_eval_batch_size, shuffle=False, **common)
+    # Each loader draws its per-epoch worker seed from its own generator: with none, every `iter()` takes a number
+    # from the global RNG, so where an epoch starts (or an evaluation runs) would shift dropout, and a resumed run
+    # would not replay the uninterrupted one.
+    train_dl = None
+    if train is not None:
+        train_dl = DataLoader(train, batch_size=t.per_device_train_batch_size, shuffle=True,
+                              generator=torch.Generator().manual_seed(t.seed), **common)
+    eval_dl = DataLoader(evaluation, batch_size=t.per_device_eval_batch_size, shuffle=False,
+                         generator=torch.Generator().manual_seed(t.seed), **common)
     return train_dl, eval_dl

@@ -23,6 +23,19 @@ from transformers.utils import logging as hf_logging
 from tuneloop import checkpoint, data, engines, metrics, model as models, tracking
 from tuneloop.config import Config, TrainArguments
 from tuneloop.errors import UserError
+from tuneloop.preemption import StopRequest
+
+
+class Preempted(Exception):
+    """A stop signal arrived at optimizer step `step`; `checkpoint_dir` is the newest complete checkpoint."""
+
+    def __init__(self, signal_name: str, checkpoint_dir: str | None, step: int):
+        super().__init__(f"stopped by {signal_name} at step {step}; checkpoint {checkpoint_dir}")
+        self.signal_name, self.checkpoint_dir, self.step = signal_name, checkpoint_dir, step
+
+
+class TrainingDiverged(UserError):
+    """The loss stayed NaN/inf: stopping keeps the last good checkpoint instead of saving a broken model."""
 
 
 @dataclass
@@ -107,19 +120,30 @@ class Run:
     optimizer: torch.optim.Optimizer | None = None
     scheduler: object = None
     plan: Plan | None = None
+    state: checkpoint.TrainerState | None = None
+    rank_state: dict | None = None  # this process's running sums, when resuming
 
 
 def train(config: Config) -> dict:
-    """The whole job: set up, train (or only evaluate), save. Returns the final metrics."""
+    """The whole job: set up, train (or only evaluate), save. Returns the final metrics.
+
+    Raises `Preempted` after saving a checkpoint when a stop signal arrived; the caller exits with REQUEUE_EXIT_CODE.
+    """
     run = setup(config)
     if not config.train.do_train:
         results = evaluate(run) | describe(run.accelerator)
         say(run.accelerator, format_metrics("eval", results))
         checkpoint.save_results(run.accelerator, config, results)
     else:
-        results, history = fit(run)
+        try:
+            results = fit(run)
+        except Preempted as stop:
+            if run.accelerator.is_main_process:
+                checkpoint.write_preempted(config.train.output_dir, stop.checkpoint_dir, stop.step, stop.signal_name)
+            run.accelerator.end_training()
+            raise
         checkpoint.save_final_model(run.accelerator, run.model, run.tokenizer, config.train.output_dir)
-        checkpoint.save_results(run.accelerator, config, results, history)
+        checkpoint.save_results(run.accelerator, config, results, run.state.history)
     run.accelerator.end_training()
     return results
 
@@ -134,9 +158,17 @@ def setup(config: Config) -> Run:
         say(accelerator, "warning: fp16 on CPU runs in fp32 (no fast fp16 kernels); use --mixed_precision bf16")
     set_seed(t.seed)
 
-    # Cheap checks first: output folder, tracker, model config, data columns and labels; weights load last.
+    # Cheap checks first: output folder, checkpoint to resume, tracker, model config, data; weights load last.
     checkpoint.check_writable(t.output_dir)
-    tracking.start(accelerator, config)
+    state = checkpoint.TrainerState(num_processes=accelerator.num_processes, seed=t.seed,
+                                    per_device_train_batch_size=t.per_device_train_batch_size,
+                                    gradient_accumulation_steps=t.gradient_accumulation_steps)
+    resume_from = find_resume_checkpoint(accelerator, t)
+    if resume_from:
+        saved = checkpoint.read_state(resume_from)
+        checkpoint.check_resumable(saved, state, resume_from)
+        state = saved
+    tracking.start(accelerator, config, state.tracker_run_id)
     models.load_config(m)
     splits = data.load_splits(d, t.seed, m.num_labels, need_train=t.do_train)
     if t.metric_average == "binary" and len(splits.label_names) != 2:
@@ -147,6 +179,8 @@ def setup(config: Config) -> Run:
         eval_set = data.tokenize(splits.eval, splits, tokenizer, d)
         metric_modules = metrics.load_metrics(t.metrics)
     model = models.load_model(m, splits.label_names, tokenizer.pad_token_id)
+    if accelerator.is_main_process:
+        checkpoint.check_free_space(t.output_dir, model, checkpointing=t.do_train)
 
     pad_to_multiple_of = d.pad_to_multiple_of or (8 if accelerator.mixed_precision in ("fp16", "bf16") else None)
     train_dl, eval_dl = data.make_dataloaders(
@@ -170,90 +204,237 @@ def setup(config: Config) -> Run:
     model, optimizer, train_dl, eval_dl, scheduler = accelerator.prepare(model, optimizer, train_dl, eval_dl, scheduler)
     if math.ceil(len(train_dl) / t.gradient_accumulation_steps) != plan.steps_per_epoch:
         raise RuntimeError(f"prepared dataloader has {len(train_dl)} batches, planned for {plan.steps_per_epoch} steps")
+    rank_state = checkpoint.load_checkpoint(accelerator, resume_from) if resume_from else None
     say(
         accelerator,
         f"tuneloop: {accelerator.distributed_type.value} x{accelerator.num_processes} on {accelerator.device}, "
         f"mixed_precision={accelerator.mixed_precision}, {len(splits.train)} train / {len(splits.eval)} eval examples, "
         f"{len(splits.label_names)} classes, global batch "
         f"{t.per_device_train_batch_size * t.gradient_accumulation_steps * accelerator.num_processes}, "
-        f"{plan.total_steps} steps ({plan.steps_per_epoch}/epoch, {plan.warmup_steps} warmup)",
+        f"{plan.total_steps} steps ({plan.steps_per_epoch}/epoch, {plan.warmup_steps} warmup)"
+        + (f", resuming at step {state.step} from {resume_from}" if resume_from else ""),
     )
-    return Run(config, accelerator, model, tokenizer, train_dl, eval_dl, metric_modules, optimizer, scheduler, plan)
+    return Run(config, accelerator, model, tokenizer, train_dl, eval_dl, metric_modules, optimizer, scheduler, plan,
+               state, rank_state)
 
 
-def fit(run: Run) -> tuple[dict, list[dict]]:
-    """The training loop. Returns the final metrics and the history of every log and evaluation."""
-    t, plan, accelerator = run.config.train, run.plan, run.accelerator
+def find_resume_checkpoint(accelerator: Accelerator, t: TrainArguments) -> str | None:
+    """The checkpoint to resume, if any; also clears what an earlier, interrupted session left behind."""
+    if accelerator.is_main_process and t.do_train:
+        checkpoint.clean_partial_checkpoints(t.output_dir)
+        checkpoint.clear_preempted(t.output_dir)
+    accelerator.wait_for_everyone()
+    if not (t.resume_from_checkpoint and t.do_train):
+        return None
+    path = checkpoint.find_checkpoint(t.output_dir, t.resume_from_checkpoint)
+    if path is None:
+        say(accelerator, f"tuneloop: no checkpoint in {os.path.join(t.output_dir, checkpoint.CHECKPOINTS_DIR)}: "
+                         "starting from scratch")
+    return path
+
+
+class LossMeter:
+    """Training-loss sums kept on the device (read only at logging steps: no host sync in the hot loop), and the
+    count of consecutive optimizer steps whose loss was not finite."""
+
+    def __init__(self, device: torch.device, saved: dict | None = None):
+        saved = saved or {}
+        self.window = torch.tensor(saved.get("window_loss", 0.0), device=device)  # since the last log
+        self.window_count = saved.get("window_count", 0)
+        self.total = torch.tensor(saved.get("total_loss", 0.0), device=device)  # the whole run
+        self.total_count = saved.get("total_count", 0)
+        self.step_loss = torch.zeros((), device=device)
+        self.nonfinite_streak = torch.tensor(saved.get("nonfinite_streak", 0), device=device)
+        self.skipped_steps = saved.get("skipped_steps", 0)  # optimizer steps the fp16 grad scaler skipped
+
+    def add(self, loss: torch.Tensor) -> None:
+        self.window += loss.detach()
+        self.window_count += 1
+        self.step_loss += loss.detach()
+
+    def end_step(self, skipped: bool) -> None:
+        finite = torch.isfinite(self.step_loss)
+        self.nonfinite_streak = torch.where(finite, torch.zeros_like(self.nonfinite_streak), self.nonfinite_streak + 1)
+        self.step_loss.zero_()
+        self.skipped_steps += int(skipped)
+
+    def take_window(self, accelerator: Accelerator) -> float:
+        """Mean loss since the last log, averaged over processes (a collective)."""
+        value = accelerator.reduce(self.window / self.window_count, "mean").item()
+        self.total += self.window
+        self.total_count += self.window_count
+        self.window.zero_()
+        self.window_count = 0
+        return value
+
+    def worst_streak(self, accelerator: Accelerator) -> int:
+        return int(accelerator.gather(self.nonfinite_streak.reshape(1)).max())
+
+    def state_dict(self) -> dict:
+        return {"window_loss": self.window.item(), "window_count": self.window_count, "total_loss": self.total.item(),
+                "total_count": self.total_count, "nonfinite_streak": int(self.nonfinite_streak),
+                "skipped_steps": self.skipped_steps}
+
+
+def fit(run: Run) -> dict:
+    """The training loop. Returns the final metrics; the history of every log and evaluation is in `run.state`.
+
+    Everything needed to continue is in `run.state` (global) and the loss meter (per process), so a checkpoint taken
+    at any optimizer step resumes into exactly the same run. Raises `Preempted` once the checkpoint of a stop signal
+    is written.
+    """
+    t, plan, accelerator, state = run.config.train, run.plan, run.accelerator, run.state
     model, optimizer, scheduler = run.model, run.optimizer, run.scheduler
-    history, results = [], {}
-    step, samples, start = 0, 0, time.perf_counter()
-    # Losses are summed on the device and read only at logging steps: no host sync in the hot loop.
-    window_loss, total_loss = torch.zeros((), device=accelerator.device), torch.zeros((), device=accelerator.device)
-    window_count, total_count, grad_norm = 0, 0, None
+    meter = LossMeter(accelerator.device, run.rank_state)
+    samples, start, grad_norm, early_stopped = 0, time.perf_counter(), None, False
+    earlier_sessions = state.train_runtime
+
+    def save() -> None:
+        state.train_runtime = earlier_sessions + time.perf_counter() - start
+        save_checkpoint(run, meter)
+
     # In a log file (CI, SLURM) a bar redrawn every second is noise: redraw every 30 s there.
-    progress = tqdm(total=plan.total_steps, desc="training", disable=not accelerator.is_local_main_process,
+    progress = tqdm(total=plan.total_steps, initial=state.step, desc="training", disable=not accelerator.is_local_main_process,
                     mininterval=1.0 if sys.stderr.isatty() else 30.0)
-    for epoch in range(plan.num_epochs):
-        model.train()
-        run.train_dl.set_epoch(epoch)
-        for batch in run.train_dl:
-            with accelerator.accumulate(model):
-                loss = model(**batch).loss
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    # clip_grad_norm_ returns the pre-clip norm; with clipping off, an infinite bound only measures it.
-                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm or math.inf)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad()
-            window_loss += loss.detach()
-            window_count += 1
-            samples += batch["labels"].shape[0]
-            if not accelerator.sync_gradients:
-                continue
-            step += 1
-            progress.update(1)
-            if step % t.logging_steps == 0 or step == plan.total_steps:
-                logs = {
-                    "train/loss": accelerator.reduce(window_loss / window_count, "mean").item(),
-                    "train/learning_rate": scheduler.get_last_lr()[0],
-                    "train/epoch": epoch + (step - epoch * plan.steps_per_epoch) / plan.steps_per_epoch,
-                }
-                if grad_norm is not None:
-                    logs["train/grad_norm"] = float(grad_norm)
-                accelerator.log(logs, step=step)
-                progress.set_postfix(loss=f"{logs['train/loss']:.4f}", lr=f"{logs['train/learning_rate']:.2e}")
-                history.append({"step": step, **logs})
-                total_loss += window_loss
-                total_count += window_count
-                window_loss.zero_()
-                window_count = 0
-            if t.do_eval and t.eval_strategy == "steps" and step % t.eval_steps == 0:
-                results = evaluate_and_log(run, step, history)
-            if step >= plan.total_steps:
+    with StopRequest(accelerator.num_processes, accelerator.device) as stop, progress:
+        for epoch in range(state.epoch, plan.num_epochs):
+            model.train()
+            run.train_dl.set_epoch(epoch)
+            batches = run.train_dl
+            if state.batches_in_epoch:  # resuming mid-epoch: the same order, minus what was already trained on
+                batches = accelerator.skip_first_batches(run.train_dl, state.batches_in_epoch)
+                batches.set_epoch(epoch)  # a new loader would otherwise replay epoch 0's order
+            for batch in batches:
+                with accelerator.accumulate(model):
+                    loss = model(**batch).loss
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients:
+                        # clip_grad_norm_ returns the pre-clip norm; with clipping off, an infinite bound only measures it.
+                        grad_norm = accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm or math.inf)
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad()
+                meter.add(loss)
+                samples += batch["labels"].shape[0]
+                state.batches_in_epoch += 1
+                if not accelerator.sync_gradients:
+                    continue
+                state.step += 1
+                meter.end_step(skipped=accelerator.optimizer_step_was_skipped)
+                progress.update(1)
+                if state.step % t.logging_steps == 0 or state.step == plan.total_steps:
+                    log_step(run, meter, grad_norm, progress)
+                new_best = t.do_eval and t.eval_strategy == "steps" and state.step % t.eval_steps == 0 and evaluate_and_log(run)
+                signal_name = stop.agreed()  # collective: every rank gets the same answer
+                early_stopped = early_stop(run)
+                if state.step < plan.total_steps and (signal_name or checkpoint_due(t, state.step, new_best)):
+                    save()
+                if signal_name and state.step < plan.total_steps:
+                    saved = checkpoint.complete_checkpoints(t.output_dir)
+                    raise Preempted(signal_name, saved[-1] if saved else None, state.step)
+                if early_stopped or state.step >= plan.total_steps:
+                    break
+            if early_stopped:
                 break
-        if t.do_eval and t.eval_strategy == "epoch":
-            results = evaluate_and_log(run, step, history, epoch=epoch + 1)
-        if step >= plan.total_steps:
-            break
-    progress.close()
+            state.epoch, state.batches_in_epoch = epoch + 1, 0
+            new_best = t.do_eval and t.eval_strategy == "epoch" and evaluate_and_log(run, epoch=epoch + 1)
+            early_stopped = early_stop(run)
+            if state.step < plan.total_steps and checkpoint_due(t, state.step, new_best, epoch_end=True):
+                save()
+            if early_stopped or state.step >= plan.total_steps:
+                break
     runtime = time.perf_counter() - start
-    if t.do_eval and results.get("step") != step:  # no evaluation yet of the final weights
-        results = evaluate_and_log(run, step, history)
+    if meter.window_count:  # early stopping between logging steps
+        log_step(run, meter, grad_norm, progress)
+    if t.load_best_model_at_end and state.best_checkpoint and state.best_step != state.step:
+        say(accelerator, f"tuneloop: loading the best model (step {state.best_step}, "
+                         f"{best_metric_key(t)}={state.best_metric:.4f}) from {state.best_checkpoint}")
+        accelerator.load_state(state.best_checkpoint)
+        evaluate_and_log(run)
+    elif t.do_eval and state.last_eval.get("step") != state.step:  # no evaluation yet of the final weights
+        evaluate_and_log(run)
 
     samples = accelerator.reduce(torch.tensor(samples, device=accelerator.device), "sum").item()
     final = {
-        **{k: v for k, v in results.items() if k != "step"},
-        "train_loss": accelerator.reduce(total_loss / total_count, "mean").item(),  # mean over the whole run
-        "train_runtime": round(runtime, 2),
-        "train_samples_per_second": round(samples / runtime, 3),
-        "global_step": step,
+        **{k: v for k, v in state.last_eval.items() if k != "step"},
+        "train_loss": accelerator.reduce(meter.total / meter.total_count, "mean").item(),  # mean over the whole run
+        "train_runtime": round(earlier_sessions + runtime, 2),  # all sessions of this run
+        "train_samples_per_second": round(samples / runtime, 3),  # this session's own throughput
+        "global_step": state.step,
         "epochs": plan.num_epochs,
         "final_learning_rate": scheduler.get_last_lr()[0],
+        **({"best_step": state.best_step, f"best_{best_metric_key(t)}": state.best_metric} if state.best_step else {}),
+        **({"stopped_early": True} if early_stopped else {}),
+        **({"skipped_steps": meter.skipped_steps} if accelerator.mixed_precision == "fp16" else {}),
         **describe(accelerator),
     }
     say(accelerator, format_metrics("final", final))
-    return final, history
+    return final
+
+
+def checkpoint_due(t: TrainArguments, step: int, new_best: bool, epoch_end: bool = False) -> bool:
+    if new_best and t.load_best_model_at_end:
+        return True  # the best weights must survive until the end
+    if t.checkpointing_steps == "epoch":
+        return epoch_end
+    return t.checkpointing_steps is not None and not epoch_end and step % int(t.checkpointing_steps) == 0
+
+
+def log_step(run: Run, meter: LossMeter, grad_norm, progress) -> None:
+    """Log the loss window; also where a diverged run is caught (a sync point anyway)."""
+    accelerator, plan, state = run.accelerator, run.plan, run.state
+    logs = {
+        "train/loss": meter.take_window(accelerator),
+        "train/learning_rate": run.scheduler.get_last_lr()[0],
+        "train/epoch": state.step / plan.steps_per_epoch,
+    }
+    if grad_norm is not None:
+        logs["train/grad_norm"] = float(grad_norm)
+    if accelerator.mixed_precision == "fp16":
+        logs["train/skipped_steps"] = meter.skipped_steps
+    accelerator.log(logs, step=state.step)
+    progress.set_postfix(loss=f"{logs['train/loss']:.4f}", lr=f"{logs['train/learning_rate']:.2e}")
+    state.history.append({"step": state.step, **logs})
+    check_health(run, meter)
+
+
+def check_health(run: Run, meter: LossMeter) -> None:
+    t = run.config.train
+    streak = meter.worst_streak(run.accelerator)
+    if streak >= t.max_nonfinite_steps:
+        found = checkpoint.complete_checkpoints(t.output_dir)
+        raise TrainingDiverged(
+            f"the training loss was NaN/inf for {streak} optimizer steps in a row (step {run.state.step}): lower "
+            "--learning_rate, keep --max_grad_norm on, prefer bf16 to fp16, or check the data; last good checkpoint: "
+            + (found[-1] if found else "none (set --checkpointing_steps to keep one)")
+        )
+
+
+def save_checkpoint(run: Run, meter: LossMeter) -> None:
+    t, state, accelerator = run.config.train, run.state, run.accelerator
+    check_health(run, meter)
+    if meter.worst_streak(accelerator):  # never put a state whose loss is NaN/inf next to the good ones
+        say(accelerator, f"tuneloop: not saving step {state.step}: its training loss is not finite")
+        return
+    if state.best_step == state.step:
+        state.best_checkpoint = checkpoint.checkpoint_path(t.output_dir, state.step)
+    path = checkpoint.save_checkpoint(accelerator, t.output_dir, state, meter.state_dict())
+    if accelerator.is_main_process:
+        checkpoint.rotate_checkpoints(t.output_dir, t.save_total_limit, state.best_checkpoint)
+    say(accelerator, f"tuneloop: checkpoint {path}")
+
+
+def best_metric_key(t: TrainArguments) -> str:
+    return "eval_" + (t.metric_for_best_model or t.metrics[0]).removeprefix("eval_")
+
+
+def early_stop(run: Run) -> bool:
+    patience = run.config.train.early_stopping_patience
+    if not run.state.patience_exhausted(patience):
+        return False
+    say(run.accelerator, f"tuneloop: early stopping: no improvement of {best_metric_key(run.config.train)} "
+                         f"in {patience} evaluations (best {run.state.best_metric:.4f} at step {run.state.best_step})")
+    return True
 
 
 def describe(accelerator: Accelerator) -> dict:
@@ -293,13 +474,17 @@ def evaluate(run: Run) -> dict:
     }
 
 
-def evaluate_and_log(run: Run, step: int, history: list, epoch: int | None = None) -> dict:
+def evaluate_and_log(run: Run, epoch: int | None = None) -> bool:
+    """Evaluate, log, record in the history and the best-model tracker; True when this is the new best."""
+    t, state = run.config.train, run.state
     results = evaluate(run)
     run.model.train()
-    run.accelerator.log({k.replace("eval_", "eval/", 1): v for k, v in results.items()}, step=step)
-    history.append({"step": step, **({"epoch": epoch} if epoch else {}), **results})
-    say(run.accelerator, format_metrics(f"epoch {epoch}" if epoch else f"step {step}", results))
-    return {**results, "step": step}
+    run.accelerator.log({k.replace("eval_", "eval/", 1): v for k, v in results.items()}, step=state.step)
+    state.history.append({"step": state.step, **({"epoch": epoch} if epoch else {}), **results})
+    state.last_eval = {**results, "step": state.step}
+    say(run.accelerator, format_metrics(f"epoch {epoch}" if epoch else f"step {state.step}", results))
+    greater = t.greater_is_better if t.greater_is_better is not None else not best_metric_key(t).endswith("loss")
+    return state.record_eval(results[best_metric_key(t)], greater, t.early_stopping_threshold)
 
 
 def say(accelerator: Accelerator, message: str) -> None:

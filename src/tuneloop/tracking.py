@@ -20,7 +20,9 @@ def log_with(t: TrainArguments) -> list[str] | None:
     return TRACKERS[t.report_to] or None
 
 
-def start(accelerator: Accelerator, config: Config) -> None:
+def start(accelerator: Accelerator, config: Config, run_id: str) -> None:
+    """Open the trackers. `run_id` is kept in every checkpoint, so a resumed run continues the same wandb run;
+    TensorBoard continues by writing to the same directory."""
     t = config.train
     if not TRACKERS[t.report_to]:
         return
@@ -29,7 +31,7 @@ def start(accelerator: Accelerator, config: Config) -> None:
         accelerator.init_trackers(
             t.project_name,
             config=flat_hparams(config),
-            init_kwargs={"wandb": {"name": run_name, "dir": t.output_dir}},
+            init_kwargs={"wandb": {"name": run_name, "dir": t.output_dir, "id": run_id, "resume": "allow"}},
         )
     except Exception as e:
         if "wandb" in type(e).__module__ or "api_key" in str(e).lower():

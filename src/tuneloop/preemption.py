@@ -1,0 +1,64 @@
+"""Stop cleanly when asked: finish the optimizer step, save one checkpoint on every process together, exit 75.
+
+SLURM sends SIGUSR1 (`--signal=USR1@secs`) before a time limit and SIGTERM on preemption; a user presses Ctrl-C. A
+signal may reach only some processes (one node, or the launcher forwarding it late), so the handler only records it
+and the ranks agree at the end of every optimizer step, all together, whether any of them got one: a rank that
+stopped alone would leave the others blocked in their next all-reduce.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import torch
+import torch.distributed as dist
+
+# EX_TEMPFAIL from sysexits.h: "temporary failure, try again later". The SLURM scripts requeue on it.
+REQUEUE_EXIT_CODE = 75
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+
+
+class StopRequest:
+    """Records the first stop signal; `agreed()` is the collective check the loop calls once per optimizer step."""
+
+    def __init__(self, num_processes: int, device: torch.device):
+        self.signum = 0
+        self._received_at = 0.0
+        self._previous = {}
+        self._world = num_processes
+        # The agreement is a CPU all-reduce over gloo, so on GPUs it does not wait for queued kernels: only the
+        # ranks themselves are synchronised, and they already meet in every gradient all-reduce.
+        self._group = None
+        if num_processes > 1 and device.type != "cpu":
+            self._group = dist.new_group(backend="gloo")  # collective: every rank creates it in the same order
+
+    def __enter__(self) -> "StopRequest":
+        for sig in STOP_SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum: int, frame) -> None:
+        now = time.monotonic()
+        if not self.signum:
+            self.signum, self._received_at = signum, now
+            if signum == signal.SIGINT:
+                os.write(2, b"\ntuneloop: Ctrl-C: saving a checkpoint after this step (Ctrl-C again to quit now)\n")
+        # The launcher forwards the terminal's Ctrl-C to workers that already got it: only a later one counts.
+        elif signum == signal.SIGINT and now - self._received_at > 1.0:
+            os.write(2, b"\ntuneloop: second Ctrl-C: exiting now without saving\n")
+            os._exit(130)
+
+    def agreed(self) -> str | None:
+        """Name of the signal any process received, the same answer on every process; None when none did."""
+        signum = self.signum
+        if self._world > 1:
+            flag = torch.tensor([signum], dtype=torch.int32)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group)
+            signum = int(flag.item())
+        return signal.Signals(signum).name if signum else None

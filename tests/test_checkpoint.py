@@ -1,0 +1,300 @@
+"""Checkpoints, exact resume, preemption, best model, early stopping, health: with real processes and real signals."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import ROOT, read_json, run_in_process, tiny_args
+from tuneloop import checkpoint
+from tuneloop.errors import UserError
+from tuneloop.preemption import REQUEUE_EXIT_CODE
+
+
+@pytest.fixture(scope="module")
+def dropout_model_dir(tiny_model_dir, tmp_path_factory) -> str:
+    """The tiny BERT with dropout on: an exact resume must also restore the RNG that draws the dropout masks."""
+    out = tmp_path_factory.mktemp("tiny-bert-dropout")
+    shutil.copytree(tiny_model_dir, out, dirs_exist_ok=True)
+    config = json.loads((out / "config.json").read_text())
+    config.update(hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
+    (out / "config.json").write_text(json.dumps(config))
+    return str(out)
+
+
+def weights(output_dir) -> dict[str, torch.Tensor]:
+    return load_file(str(Path(output_dir) / "model.safetensors"))
+
+
+def train_command(args: list[str], num_processes: int) -> list[str]:
+    if num_processes == 1:
+        return [sys.executable, str(ROOT / "train.py"), *args]
+    config = ROOT / "accelerate_configs" / "cpu_2proc.yaml"
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), str(ROOT / "train.py"), *args]
+
+
+def run_to_end(args: list[str], num_processes: int) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(train_command(args, num_processes), capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def interrupt(args: list[str], output_dir: Path, sig: signal.Signals, num_processes: int) -> tuple[int, str]:
+    """Start a real run, wait until its first periodic checkpoint exists (training is under way), then signal it.
+
+    One process: the signal goes to the trainer itself. Two: to rank 1 only, so rank 0 must learn of it through
+    the ranks' agreement; a rank that stopped alone would leave the other blocked (the timeout would catch it).
+    """
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(train_command(args, num_processes), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env, cwd=ROOT, start_new_session=True)
+    deadline = time.monotonic() + 240
+    while not checkpoint.complete_checkpoints(str(output_dir)):
+        assert proc.poll() is None, f"the run ended before its first checkpoint: {proc.communicate()[1][-3000:]}"
+        assert time.monotonic() < deadline, "no checkpoint after 240 s"
+        time.sleep(0.05)
+    if num_processes == 1:
+        proc.send_signal(sig)
+    else:
+        children = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+        ranks = {_rank_of(pid): int(pid) for pid in children}
+        ranks.pop(None, None)  # anything that is not a worker
+        assert sorted(ranks) == ["0", "1"], f"expected ranks 0 and 1 under the launcher, found {ranks}"
+        os.kill(ranks["1"], sig)
+    try:
+        _, stderr = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise AssertionError("the interrupted run hung instead of saving and exiting")
+    return proc.returncode, stderr
+
+
+def _rank_of(pid: str) -> str | None:
+    environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return next((v.split(b"=", 1)[1].decode() for v in environ if v.startswith(b"RANK=")), None)
+
+
+def per_step_losses(output_dir) -> dict[int, float]:
+    return {e["step"]: e["train/loss"] for e in read_json(Path(output_dir) / "log_history.json") if "train/loss" in e}
+
+
+def test_sigterm_then_resume_replays_the_uninterrupted_run_bitwise(dropout_model_dir, toy_files, tmp_path):
+    common = dict(logging_steps=1, checkpointing_steps=10, num_train_epochs=12, eval_strategy="epoch")
+    reference = tmp_path / "reference"
+    run_to_end(tiny_args(dropout_model_dir, toy_files, reference, **common), 1)
+
+    interrupted = tmp_path / "interrupted"
+    args = tiny_args(dropout_model_dir, toy_files, interrupted, **common)
+    code, stderr = interrupt(args, interrupted, signal.SIGTERM, 1)
+    assert code == REQUEUE_EXIT_CODE, stderr[-3000:]
+    marker = read_json(interrupted / "preempted.json")
+    assert marker["signal"] == "SIGTERM" and os.path.isdir(marker["checkpoint"])
+    total = read_json(reference / "all_results.json")["global_step"]
+    assert 10 <= marker["step"] < total, "the stop must land mid-run"
+
+    run_to_end([*args, "--resume_from_checkpoint", "latest"], 1)
+    assert not (interrupted / "preempted.json").exists(), "a resumed run clears the requeue marker"
+    assert per_step_losses(interrupted) == per_step_losses(reference)  # every step's loss, bit for bit
+    assert len(per_step_losses(reference)) == total
+    expected, got = weights(reference), weights(interrupted)
+    assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
+    ref_results, results = read_json(reference / "all_results.json"), read_json(interrupted / "all_results.json")
+    assert results["eval_accuracy"] == ref_results["eval_accuracy"] and results["train_loss"] == ref_results["train_loss"]
+
+
+@pytest.mark.multiprocess
+def test_sigusr1_on_one_rank_stops_both_together_and_resumes(dropout_model_dir, toy_files, tmp_path):
+    common = dict(logging_steps=1, checkpointing_steps=8, num_train_epochs=10, per_device_train_batch_size=4)
+    reference = tmp_path / "reference"
+    run_to_end(tiny_args(dropout_model_dir, toy_files, reference, **common), 2)
+
+    interrupted = tmp_path / "interrupted"
+    args = tiny_args(dropout_model_dir, toy_files, interrupted, **common)
+    code, stderr = interrupt(args, interrupted, signal.SIGUSR1, 2)
+    # Both workers exit 75; `accelerate launch` turns a failed worker into its own exit 1 (torchrun's summary shows it).
+    assert code != 0 and f"exitcode  : {REQUEUE_EXIT_CODE}" in stderr, stderr[-3000:]
+    marker = read_json(interrupted / "preempted.json")
+    saved = Path(marker["checkpoint"])
+    assert marker["signal"] == "SIGUSR1" and saved.name == f"step_{marker['step']:07d}"
+    for rank in (0, 1):  # one checkpoint, with both processes' parts
+        assert (saved / f"random_states_{rank}.pkl").is_file() and (saved / f"loop_state_{rank}.json").is_file()
+    assert not list((interrupted / "checkpoints").glob(".tmp-*"))
+
+    run_to_end([*args, "--resume_from_checkpoint", "latest"], 2)
+    expected, got = per_step_losses(reference), per_step_losses(interrupted)
+    assert expected.keys() == got.keys()
+    assert all(abs(expected[s] - got[s]) <= 1e-6 * max(1.0, abs(expected[s])) for s in expected)
+    ref_w, w = weights(reference), weights(interrupted)
+    assert all(torch.allclose(ref_w[k], w[k], rtol=1e-5, atol=1e-6) for k in ref_w)
+    results = read_json(interrupted / "all_results.json")
+    assert results["num_processes"] == 2 and results["distributed_type"] != "NO"
+
+
+@pytest.fixture(scope="module")
+def checkpointed_run(tiny_model_dir, toy_files, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("checkpointed")
+    run_in_process(tiny_args(tiny_model_dir, toy_files, out, checkpointing_steps=20, num_train_epochs=2))
+    return out
+
+
+def test_latest_ignores_a_checkpoint_cut_off_mid_write(checkpointed_run, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(checkpointed_run, out)
+    complete = checkpoint.complete_checkpoints(str(out))
+    assert [Path(p).name for p in complete] == ["step_0000020", "step_0000040"]
+    # A kill during the write leaves a temporary folder, or (a copy by hand) a folder without its state file.
+    shutil.copytree(complete[-1], out / "checkpoints" / ".tmp-step_0000060")
+    shutil.copytree(complete[-1], out / "checkpoints" / "step_0000099")
+    (out / "checkpoints" / "step_0000099" / checkpoint.STATE_FILE).unlink()
+    assert checkpoint.find_checkpoint(str(out), "latest") == complete[-1]
+    with pytest.raises(UserError, match="not a complete checkpoint"):
+        checkpoint.find_checkpoint(str(out), str(out / "checkpoints" / "step_0000099"))
+
+
+def test_resume_refuses_a_changed_batch_layout(checkpointed_run, tiny_model_dir, toy_files, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(checkpointed_run, out)
+    args = tiny_args(tiny_model_dir, toy_files, out, gradient_accumulation_steps=2, resume_from_checkpoint="latest")
+    with pytest.raises(UserError, match=r"gradient_accumulation_steps 1 -> 2.*same process count"):
+        run_in_process(args)
+
+
+def test_latest_without_checkpoints_starts_fresh(tiny_model_dir, toy_files, tmp_path, capsys):
+    results = run_in_process(tiny_args(tiny_model_dir, toy_files, tmp_path, num_train_epochs=1,
+                                       resume_from_checkpoint="latest"))
+    assert results["global_step"] == 30 and "starting from scratch" in capsys.readouterr().out
+
+
+def test_rotation_keeps_the_newest_and_the_best(tmp_path):
+    for step in (10, 20, 30, 40):
+        path = Path(checkpoint.checkpoint_path(str(tmp_path), step))
+        path.mkdir(parents=True)
+        (path / checkpoint.STATE_FILE).write_text("{}")
+    best = checkpoint.checkpoint_path(str(tmp_path), 10)
+    deleted = checkpoint.rotate_checkpoints(str(tmp_path), 2, best)
+    assert [Path(p).name for p in deleted] == ["step_0000020"]
+    assert [Path(p).name for p in checkpoint.complete_checkpoints(str(tmp_path))] == ["step_0000010", "step_0000030", "step_0000040"]
+
+
+@pytest.mark.parametrize(
+    "sequence, greater, patience, stops_after",
+    [
+        ([0.50, 0.60, 0.60, 0.55, 0.70], True, 2, 4),  # 0.60 again is no improvement
+        ([0.50, 0.60, 0.61, 0.62, 0.63], True, 1, None),
+        ([0.9, 0.8, 0.85, 0.7, 0.75, 0.76], False, 2, 6),  # a loss: smaller is better
+    ],
+)
+def test_early_stopping_on_a_scripted_metric_sequence(sequence, greater, patience, stops_after):
+    state = checkpoint.TrainerState()
+    for evaluation, value in enumerate(sequence, start=1):
+        state.step = evaluation
+        state.record_eval(value, greater)
+        if state.patience_exhausted(patience):
+            break
+    else:
+        evaluation = None
+    assert evaluation == stops_after
+    assert state.best_metric == (max if greater else min)(sequence[: stops_after or len(sequence)])
+
+
+def test_load_best_model_at_end_with_rotation_and_early_stopping(tiny_model_dir, toy_files, tmp_path):
+    # eval_loss keeps falling on this task for a while, then rises as the model over-fits at a high learning rate:
+    # "best" is a middle epoch, early stopping ends the run after it, and the final model must be that epoch's.
+    args = tiny_args(tiny_model_dir, toy_files, tmp_path, num_train_epochs=12, learning_rate=1e-2,
+                     metric_for_best_model="loss", load_best_model_at_end="true", early_stopping_patience=2,
+                     checkpointing_steps=7, save_total_limit=1)
+    results = run_in_process(args)
+    history = read_json(tmp_path / "log_history.json")
+    evals = [e for e in history if "epoch" in e and "eval_loss" in e]
+    best = min(evals, key=lambda e: e["eval_loss"])
+    assert results["best_step"] == best["step"] and results["best_eval_loss"] == best["eval_loss"]
+    assert results["eval_loss"] == pytest.approx(best["eval_loss"], abs=1e-6), "the final model is not the best one"
+    left = [Path(p).name for p in checkpoint.complete_checkpoints(str(tmp_path))]
+    assert f"step_{best['step']:07d}" in left and len(left) <= 2  # the newest one, and the best one
+    assert results["stopped_early"] and evals[-1]["epoch"] == best["epoch"] + 2
+
+
+def test_a_diverging_run_stops_and_keeps_the_last_good_checkpoint(tiny_model_dir, toy_files, tmp_path):
+    args = tiny_args(tiny_model_dir, toy_files, tmp_path, learning_rate=1e9, max_grad_norm=0, logging_steps=1,
+                     checkpointing_steps=1, max_nonfinite_steps=2, adam_epsilon=1e-30)
+    with pytest.raises(UserError, match=r"NaN/inf for 2 optimizer steps in a row .* last good checkpoint: .*step_"):
+        run_in_process(args)
+    assert not (tmp_path / "model.safetensors").exists()
+    last = checkpoint.complete_checkpoints(str(tmp_path))[-1]
+    assert all(torch.isfinite(t).all() for t in load_file(os.path.join(last, "model.safetensors")).values())
+
+
+def test_wandb_resume_continues_the_same_run(tiny_model_dir, toy_files, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    args = tiny_args(tiny_model_dir, toy_files, tmp_path, num_train_epochs=2, checkpointing_steps=20, report_to="wandb")
+    run_in_process(args)
+    first = checkpoint.checkpoint_path(str(tmp_path), 20)
+    run_in_process([*args, "--resume_from_checkpoint", first])  # a second session, continuing from step 20
+    runs = sorted(p.name for p in (tmp_path / "wandb").glob("offline-run-*"))
+    run_id = checkpoint.read_state(first).tracker_run_id
+    assert len(runs) == 2 and all(name.endswith("-" + run_id) for name in runs), runs
+
+
+def test_free_space_is_checked_before_training(tiny_model_dir, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=3)
+    checkpoint.check_free_space(str(tmp_path), model, checkpointing=True)  # this disk has room
+    with pytest.raises(UserError, match="MiB free, a run of this model needs about"):
+        checkpoint.check_free_space(str(tmp_path), model, checkpointing=True, free_bytes=1000)
+
+
+STOP_REQUEST_SCRIPT = """
+import os, signal, sys, time, torch
+from tuneloop.preemption import StopRequest
+with StopRequest(1, torch.device("cpu")) as stop:
+    os.kill(os.getpid(), signal.SIGINT)
+    os.kill(os.getpid(), signal.SIGINT)  # the same Ctrl-C, forwarded again by a launcher: not a second one
+    time.sleep(0.1)
+    print(stop.agreed(), flush=True)
+    if sys.argv[1] == "twice":
+        time.sleep(1.5)
+        os.kill(os.getpid(), signal.SIGINT)  # a second Ctrl-C, later: quit at once
+        time.sleep(30)
+print("still running", flush=True)
+"""
+
+
+@pytest.mark.parametrize("presses", ["once", "twice"])
+def test_ctrl_c_once_requests_a_checkpoint_twice_quits_now(presses):
+    done = subprocess.run([sys.executable, "-c", STOP_REQUEST_SCRIPT, presses], capture_output=True, text=True, timeout=20)
+    if presses == "once":
+        assert done.returncode == 0 and done.stdout.split() == ["SIGINT", "still", "running"], done
+        assert "saving a checkpoint after this step" in done.stderr
+    else:
+        assert done.returncode == 130 and "still running" not in done.stdout and "exiting now" in done.stderr, done
+
+
+@pytest.mark.parametrize(
+    "options, step, new_best, epoch_end, due",
+    [
+        ({"checkpointing_steps": "10"}, 20, False, False, True),
+        ({"checkpointing_steps": "10"}, 25, False, False, False),
+        ({"checkpointing_steps": "10"}, 30, False, True, False),  # already saved at the step itself
+        ({"checkpointing_steps": "epoch"}, 30, False, True, True),
+        ({"checkpointing_steps": "epoch"}, 30, False, False, False),
+        ({}, 30, True, True, False),  # a new best needs no checkpoint unless the best model is kept for the end
+        ({"load_best_model_at_end": True}, 31, True, False, True),
+    ],
+)
+def test_when_checkpoints_are_due(options, step, new_best, epoch_end, due):
+    from tuneloop.config import TrainArguments
+    from tuneloop.loop import checkpoint_due
+
+    assert checkpoint_due(TrainArguments(**options), step, new_best, epoch_end) is due
