@@ -18,6 +18,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from conftest import ROOT, read_json, run_in_process, tiny_args
 
@@ -31,7 +32,9 @@ ENGINES = {
     "zero3": ("deepspeed_zero3_cpu.yaml", "DEEPSPEED"),
 }
 # Accumulation, active clipping (the pre-clip norms here are 0.2-0.3) and warmup: what DeepSpeed takes over from the loop.
-TRAIN = dict(gradient_accumulation_steps=2, max_grad_norm=0.1, warmup_ratio=0.1, num_train_epochs=4, eval_strategy="no")
+# A checkpoint at step 12 of 32 to resume from.
+TRAIN = dict(gradient_accumulation_steps=2, max_grad_norm=0.1, warmup_ratio=0.1, num_train_epochs=4, eval_strategy="no",
+             checkpointing_steps=12)
 EVAL = dict(do_train="false", per_device_eval_batch_size=8)  # 45 examples on 2 ranks x 8: 3 repeated at the end
 
 
@@ -113,6 +116,24 @@ def test_deepspeed_trains_exactly_like_ddp(engine, trained, toy_files):
     assert ds_weights.keys() == ddp_weights.keys()
     for name in ddp_weights:
         torch.testing.assert_close(ds_weights[name], ddp_weights[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("engine", ["zero2", "zero3"])
+def test_deepspeed_checkpoint_resumes_into_the_same_run(engine, trained, tiny_model_dir, toy_files, tmp_path):
+    """`save_state` under DeepSpeed writes every rank's ZeRO shards; resuming at step 12 ends where the first run did."""
+    first = trained(engine)
+    saved = first / "checkpoints" / "step_0000012"
+    for rank in (0, 1):
+        assert (saved / "pytorch_model" / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt").is_file()
+    resumed = tmp_path / "resumed"
+    args = [*tiny_args(tiny_model_dir, toy_files, resumed, **TRAIN), "--resume_from_checkpoint", str(saved)]
+    assert launched(engine, args)["global_step"] == 32
+    losses = [[h["train/loss"] for h in read_json(out / "log_history.json") if "train/loss" in h] for out in (first, resumed)]
+    assert losses[1] == pytest.approx(losses[0], rel=1e-6)
+    expected, got = load_file(first / "model.safetensors"), load_file(resumed / "model.safetensors")
+    assert expected.keys() == got.keys()
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-6, atol=1e-7, msg=name)
 
 
 def test_eval_identical_across_engines(trained, toy_files, tmp_path):
