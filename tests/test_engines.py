@@ -315,3 +315,14 @@ def test_doctor_and_accelerate_test_pass_on_cpu_configs(config, seen):
         assert "passed (attempt" in result.stdout
         if "attempt 1 FAILED" in result.stdout:  # Accelerate's CPU test is flaky: passed on retry, reported, not hidden
             warnings.warn(f"accelerate test with {config} failed once, passed on retry:\n{result.stdout}")
+
+
+def test_doctor_fails_a_config_that_starts_fewer_processes_than_it_asks(tmp_path):
+    """`distributed_type: MULTI_CPU` with 2 processes starts one: the doctor's probe must say so, not pass."""
+    config = tmp_path / "multi_cpu.yaml"
+    config.write_text("compute_environment: LOCAL_MACHINE\ndistributed_type: MULTI_CPU\nnum_processes: 2\n"
+                      "num_machines: 1\nuse_cpu: true\nmixed_precision: 'no'\n")
+    result = doctor("--config_file", str(config), "--skip_accelerate_test")
+    assert result.returncode == 1, result.stdout
+    assert "warning: distributed_type MULTI_CPU makes `accelerate launch` start ONE process" in result.stdout
+    assert "FAILED: the config asks for 2 processes, the run got 1" in result.stdout

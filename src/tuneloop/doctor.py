@@ -54,8 +54,10 @@ def main(argv: list[str] | None = None) -> int:
     if problems:
         print("not launched: fix the problems above first")
         return 1
-    ok = run_probe(path)
-    if not args.skip_accelerate_test:
+    ok = run_probe(path, config)
+    if not args.skip_accelerate_test and config.num_machines > 1:
+        print("\naccelerate test: skipped for a multi-machine config (it would wait for the other machines)")
+    elif not args.skip_accelerate_test:
         ok = run_accelerate_test(path, config) and ok
     print("\ndoctor: all checks passed" if ok else "\ndoctor: some checks FAILED (see above)")
     return 0 if ok else 1
@@ -113,9 +115,9 @@ def check_config(path: str):
     if wants_gpu and n_gpu == 0 and kind != "FSDP":  # FSDP gets its own explanation below
         problems.append(f"{kind} with use_cpu: false needs GPUs and this machine has none: on CPU use "
                         "accelerate_configs/cpu.yaml, cpu_2proc.yaml or deepspeed_zero*_cpu.yaml")
-    elif wants_gpu and machines == 1 and n_proc > n_gpu:
-        problems.append(f"num_processes {n_proc} but this machine has {n_gpu} GPU(s): set num_processes to {n_gpu} "
-                        "(or pass --num_processes)")
+    elif wants_gpu and n_proc // machines > n_gpu:
+        problems.append(f"{n_proc // machines} processes per machine but this machine has {n_gpu} GPU(s): set "
+                        f"num_processes to {n_gpu * machines} (or pass --num_processes)")
     if wants_gpu and n_gpu and precision == "bf16" and not torch.cuda.is_bf16_supported():
         problems.append("mixed_precision bf16 but this GPU has no bf16: use fp16")
     if not wants_gpu:
@@ -154,7 +156,8 @@ def check_config(path: str):
                             "`accelerate launch` per node (SLURM) set deepspeed_multinode_launcher: standard")
     if machines > 1:
         warnings.append(f"{machines} machines: each runs its own `accelerate launch` with --machine_rank and "
-                        "--main_process_ip (the SLURM scripts pass them); the probe below runs this machine alone")
+                        "--main_process_ip (the SLURM scripts pass them); the probe below runs this machine's share "
+                        "alone, and `accelerate test` (which cannot be told so) is skipped")
     return config, problems, warnings
 
 
@@ -181,12 +184,15 @@ def launch_env() -> dict:
     return {**os.environ, "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")}
 
 
-def run_probe(path: str) -> bool:
+def run_probe(path: str, config) -> bool:
     """Launch the probe with the config and report what every process really got."""
-    print("\nprobe: accelerate launch --config_file", path, "-m tuneloop.doctor --probe")
+    # A multi-machine config would wait for the other machines: run this machine's share as a one-machine launch.
+    alone = ["--num_machines", "1", "--machine_rank", "0", "--num_processes",
+             str(config.num_processes // config.num_machines)] if config.num_machines > 1 else []
+    print("\nprobe: accelerate launch --config_file", path, *alone, "-m tuneloop.doctor --probe")
     with tempfile.TemporaryDirectory() as workdir:
-        command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", os.path.abspath(path), "-m", "tuneloop.doctor",
-                   "--probe"]
+        command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", os.path.abspath(path), *alone,
+                   "-m", "tuneloop.doctor", "--probe"]
         result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=launch_env(), cwd=workdir)
     lines = [line for line in result.stdout.splitlines() if line.startswith(PROBE_TAG)]
     if result.returncode != 0 or not lines:
@@ -196,6 +202,11 @@ def run_probe(path: str) -> bool:
             print("  " + "\n  ".join(result.stderr.strip().splitlines()[-15:]))
         return False
     seen = json.loads(lines[-1][len(PROBE_TAG):])
+    expected = config.num_processes // config.num_machines
+    if seen["num_processes"] != expected:  # e.g. MULTI_CPU, which starts one process whatever num_processes says
+        print(f"  FAILED: the config asks for {expected} processes, the run got {seen['num_processes']} "
+              f"({seen['distributed_type']})")
+        return False
     print(f"  ok: {seen['distributed_type']} x{seen['num_processes']} on {seen['device']}, mixed_precision "
           f"{seen['mixed_precision']}, ranks {seen['ranks']} answered, {seen['steps']} optimizer steps"
           + (f"; {seen['engine']}" if seen.get("engine") else ""))
