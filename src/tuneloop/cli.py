@@ -1,22 +1,68 @@
-"""Command line: parse the config and run. A `UserError` becomes one line on stderr with exit status 2; a stop
-signal, once its checkpoint is saved, exits with REQUEUE_EXIT_CODE (75) so a job script can requeue the run."""
+"""Command line: the `tuneloop` command (`tuneloop train|evaluate|predict ...`); train.py is `tuneloop train`.
+
+Each command is a function `f(argv) -> exit status`, named in COMMANDS and imported only when it runs. A `UserError`
+from any of them becomes one line on stderr and exit status 2; a stop signal, once its checkpoint is saved, exits with
+REQUEUE_EXIT_CODE (75) so a job script can requeue the run. `evaluate` and `predict` load a saved model and run on
+any process count: `accelerate launch -m tuneloop evaluate --model DIR --data SOURCE`.
+"""
 
 from __future__ import annotations
 
+import importlib
+import json
 import os
 import sys
 
 from tuneloop.errors import UserError
 from tuneloop.preemption import REQUEUE_EXIT_CODE
 
+COMMANDS = {
+    # name: ("module:function", one line of help)
+    "train": ("tuneloop.cli:train_command", "fine-tune a model (what train.py runs); `tuneloop train --help` lists every option"),
+    "evaluate": ("tuneloop.cli:evaluate_command", "score a saved model on labelled data: metrics table, confusion matrix"),
+    "predict": ("tuneloop.cli:predict_command", "write a saved model's predictions for new data (labels optional)"),
+}
+
+# What `evaluate` and `predict` take from the saved run's run_config.json unless given as flags: how inputs were
+# tokenized, which examples the training run held out for evaluation, and how it scored them.
+INHERITED = {
+    "data": ("text_column", "text_pair_column", "label_column", "max_length", "padding", "pad_to_multiple_of",
+             "validation_split_percentage", "max_eval_samples"),
+    "train": ("seed", "metrics", "metric_average"),
+}
+
+
+def console(argv: list[str] | None = None) -> int:
+    """The `tuneloop` console script (and `python -m tuneloop`)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in COMMANDS:
+        if argv[:1] in (["-h"], ["--help"]):
+            print(usage())
+            return 0
+        print(usage() if not argv else f"tuneloop: error: unknown command {argv[0]!r}: use one of {', '.join(COMMANDS)}",
+              file=sys.stderr)
+        return 2
+    module, function = COMMANDS[argv[0]][0].split(":")
+    return run_command(getattr(importlib.import_module(module), function), argv[1:])
+
+
+def usage() -> str:
+    width = max(map(len, COMMANDS))
+    lines = [f"  {name.ljust(width)}  {help_text}" for name, (_, help_text) in COMMANDS.items()]
+    return "usage: tuneloop COMMAND [options]   (COMMAND --help for its options)\n\ncommands:\n" + "\n".join(lines)
+
 
 def main(argv: list[str] | None = None) -> int:
-    from tuneloop.config import parse_args
-    from tuneloop.loop import Preempted, train
+    """train.py: `tuneloop train`."""
+    return run_command(train_command, argv)
+
+
+def run_command(command, argv: list[str] | None) -> int:
+    from tuneloop.loop import Preempted
 
     main_rank = os.environ.get("RANK", "0") == "0"  # every rank reaches the same end; one message is enough
     try:
-        train(parse_args(argv))
+        return command(argv) or 0
     except UserError as e:
         if main_rank:
             print(f"tuneloop: error: {e}", file=sys.stderr)
@@ -26,4 +72,128 @@ def main(argv: list[str] | None = None) -> int:
             print(f"tuneloop: {stop}; resume with --resume_from_checkpoint latest (exit {REQUEUE_EXIT_CODE}: requeue)",
                   file=sys.stderr)
         return REQUEUE_EXIT_CODE
+
+
+def train_command(argv: list[str] | None) -> int:
+    from tuneloop import data
+    from tuneloop.config import parse_args
+    from tuneloop.loop import train
+
+    config = parse_args(argv)
+    if not (config.train.do_train or config.train.do_eval):  # only --do_predict: predict with the model as loaded
+        return predict_saved(config)
+    if config.train.do_predict:  # a bad test split must stop the run before training, not after it
+        data.load_test_split(config.data, label_names=None)
+    train(config)
     return 0
+
+
+def evaluate_command(argv: list[str] | None) -> int:
+    """Set up exactly as an evaluation-only training run does, then score the eval split and write the report."""
+    from tuneloop import checkpoint, loop, predict, report
+
+    config = saved_model_config(argv, "evaluate")
+    run = loop.setup(config)
+    check_classes(run)
+    outputs = predict.gather(run.accelerator, run.model, run.eval_dl)
+    results = predict.score(outputs, run.metric_modules, config.train.metric_average, "eval") | loop.describe(run.accelerator)
+    checkpoint.save_results(run.accelerator, config, results)
+    report.write_report(run, results, None, outputs)
+    loop.say(run.accelerator, report.summary_table(results, config.train.output_dir))
+    run.accelerator.end_training()
+    return 0
+
+
+def predict_command(argv: list[str] | None) -> int:
+    return predict_saved(saved_model_config(argv, "predict"))
+
+
+def predict_saved(config) -> int:
+    """Load the model and predict on the test split; the classes are the model's own (its config's id2label)."""
+    from transformers.utils import logging as hf_logging
+
+    from tuneloop import checkpoint, data, loop, metrics, model as models, predict, report
+
+    m, t = config.model, config.train
+    accelerator = loop.make_accelerator(t)
+    loop.use_all_cpu_cores(accelerator)
+    if not accelerator.is_local_main_process:
+        hf_logging.set_verbosity_error()
+    # Cheap checks first, as in loop.setup: output folder, model config, data; weights load last.
+    checkpoint.check_writable(t.output_dir)
+    saved = models.load_config(m)
+    names = [saved.id2label[i] for i in range(saved.num_labels)]
+    split = data.load_test_split(config.data, names)
+    tokenizer = models.load_tokenizer(m, config.data.max_length)
+    with accelerator.main_process_first():
+        metric_modules = metrics.load_metrics(t.metrics)
+    model = accelerator.prepare(models.load_model(m, names, tokenizer.pad_token_id))
+    run = loop.Run(config, accelerator, model, tokenizer, None, None, metric_modules)
+    results = predict.predict_test_split(run, loop.describe(accelerator), split)
+    loop.say(accelerator, report.summary_table(results, t.output_dir))
+    accelerator.end_training()
+    return 0
+
+
+def saved_model_config(argv: list[str] | None, command: str):
+    """All of train.py's options, plus --model and --data; defaults from the saved run's run_config.json (INHERITED)."""
+    from tuneloop.config import DATA_FILE_EXTENSIONS, Config, make_parser, read_recipe, validate
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = make_parser()
+    parser.prog = f"tuneloop {command}"
+    parser.description = COMMANDS[command][1] + ". Results go to --output_dir (default: MODEL/" + command + ")."
+    parser.add_argument("--model", required=True, metavar="DIR",
+                        help="The saved model: a tuneloop output_dir, or any fine-tuned classifier folder or Hub id.")
+    parser.add_argument("--data", required=True, metavar="SOURCE",
+                        help="A .csv/.json/.jsonl/.parquet file, a dataset folder, a Hub dataset id or builtin:bbc_news. "
+                             "evaluate scores its eval split (the split training held out, for the same source); "
+                             "predict runs on the file, or on --test_split of a dataset.")
+    known = parser.parse_known_args(argv)[0]
+    defaults = inherited_settings(known.model)
+    if known.config:
+        defaults |= read_recipe(known.config)
+    parser.set_defaults(**defaults, do_train=False, do_eval=command == "evaluate", do_predict=command == "predict",
+                        output_dir=None)
+    model_args, data_args, train_args, extra = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
+    model_args.model_name_or_path = extra.model
+    if extra.data.endswith(DATA_FILE_EXTENSIONS):
+        setattr(data_args, "validation_file" if command == "evaluate" else "test_file", extra.data)
+    else:
+        data_args.dataset_name = extra.data
+    if train_args.output_dir is None:
+        if not os.path.isdir(os.path.expanduser(extra.model)):
+            raise UserError(f"--model {extra.model!r} is not a local folder: pass --output_dir for the results")
+        train_args.output_dir = os.path.join(extra.model, command)
+    config = Config(model_args, data_args, train_args)
+    validate(config)
+    return config
+
+
+def inherited_settings(model: str) -> dict:
+    from tuneloop.checkpoint import CONFIG_FILE
+
+    path = os.path.join(os.path.expanduser(model), CONFIG_FILE)
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        saved = json.load(f)
+    settings = {key: saved[section][key] for section, keys in INHERITED.items() for key in keys
+                if key in saved.get(section, {})}
+    if os.environ.get("RANK", "0") == "0":
+        print(f"tuneloop: as trained ({path}): " + ", ".join(f"{k}={v}" for k, v in settings.items()))
+    return settings
+
+
+def check_classes(run) -> None:
+    """The data's classes must be the saved model's, in the same order (tuneloop sorts class names to ids)."""
+    from tuneloop import model as models, predict
+
+    saved = models.load_config(run.config.model)
+    saved_names = [saved.id2label[i] for i in range(saved.num_labels)]
+    data_names = predict.label_names(run.accelerator.unwrap_model(run.model))
+    generic = saved_names == [f"LABEL_{i}" for i in range(len(saved_names))]  # a head that was never named
+    plain_ids = data_names == [str(i) for i in range(len(data_names))]  # labels given as class ids
+    if not generic and not plain_ids and data_names != saved_names:
+        raise UserError(f"the data's classes {data_names[:10]} are not the model's {saved_names[:10]}: evaluate on data "
+                        "labelled with the model's classes")

@@ -58,11 +58,18 @@ class DataArguments:
     dataset_config_name: Optional[str] = field(default=None, metadata={"help": "Dataset configuration name."})
     train_file: Optional[str] = field(default=None, metadata={"help": "Local training file: .csv, .json, .jsonl or .parquet."})
     validation_file: Optional[str] = field(default=None, metadata={"help": "Local evaluation file, same formats."})
+    test_file: Optional[str] = field(
+        default=None,
+        metadata={"help": "Local file to predict on with --do_predict (.csv, .json, .jsonl or .parquet); labels optional."},
+    )
     train_split: str = field(default="train", metadata={"help": "Name of the training split."})
     validation_split: Optional[str] = field(
         default=None,
         metadata={"help": "Name of the evaluation split. Default: 'validation', else 'test', else a stratified "
                           "--validation_split_percentage of train."},
+    )
+    test_split: str = field(
+        default="test", metadata={"help": "Split of --dataset_name to predict on with --do_predict (when no --test_file)."}
     )
     validation_split_percentage: int = field(
         default=20, metadata={"help": "Share of train held out for evaluation when the dataset has no eval split (seeded, stratified)."}
@@ -74,6 +81,11 @@ class DataArguments:
         default=None, metadata={"help": "Second text column for sentence-pair tasks (e.g. MRPC)."}
     )
     label_column: str = field(default="label", metadata={"help": "Label column: class ids or class names."})
+    id_column: Optional[str] = field(
+        default=None,
+        metadata={"help": "Column copied into predictions files as 'id'. Default: 'id' or 'idx' when the test data has "
+                          "one (each row's position is always written as 'index')."},
+    )
     max_length: int = field(default=128, metadata={"help": "Truncate inputs to this many tokens."})
     padding: Literal["longest", "max_length"] = field(
         default="longest",
@@ -89,6 +101,14 @@ class DataArguments:
     max_eval_samples: Optional[int] = field(
         default=None, metadata={"help": "Evaluate on a seeded random subset of this many examples."}
     )
+    group_by_length: bool = field(
+        default=False,
+        metadata={"help": "Batch training examples of similar length (seeded, every example once per epoch): less "
+                          "padding, faster on varied lengths."},
+    )
+    length_grouping_window: int = field(
+        default=50, metadata={"help": "With --group_by_length: batches per sorting window (larger pads less, mixes less)."}
+    )
     preprocessing_num_workers: Optional[int] = field(default=None, metadata={"help": "Processes for tokenization."})
     overwrite_cache: bool = field(default=False, metadata={"help": "Re-tokenize even if a cached result exists."})
 
@@ -100,6 +120,17 @@ class TrainArguments:
     output_dir: str = field(default="outputs/bbc-minilm", metadata={"help": "Where the model, metrics and logs are written."})
     do_train: bool = field(default=True, metadata={"help": "Train. --do_train false only evaluates the model as loaded."})
     do_eval: bool = field(default=True, metadata={"help": "Evaluate on the evaluation split."})
+    do_predict: bool = field(
+        default=False,
+        metadata={"help": "Predict on the test split (--test_file or --test_split) after training: writes "
+                          "output_dir/predictions.jsonl (or .csv) with class probabilities, and test metrics to "
+                          "predict_results.json when the split has labels."},
+    )
+    predictions_format: Literal["jsonl", "csv"] = field(
+        default="jsonl",
+        metadata={"help": "Predictions file format: 'jsonl' (probabilities as a {class: p} object) or 'csv' (one "
+                          "prob_<class> column per class)."},
+    )
     seed: int = field(default=42, metadata={"help": "Seed for model init, data order, dropout and subsets."})
     per_device_train_batch_size: int = field(default=16, metadata={"help": "Training batch size per process."})
     per_device_eval_batch_size: int = field(default=64, metadata={"help": "Evaluation batch size per process."})
@@ -140,6 +171,11 @@ class TrainArguments:
     project_name: str = field(default="tuneloop", metadata={"help": "Tracker project name."})
     run_name: Optional[str] = field(default=None, metadata={"help": "Tracker run name. Default: the output_dir's name."})
     dataloader_num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes."})
+    peak_tflops: Optional[float] = field(
+        default=None,
+        metadata={"help": "Peak TFLOP/s of one device for MFU. Default: a datasheet table for common GPUs, a cached "
+                          "one-second matmul probe on CPU."},
+    )
 
     # Checkpoints, resume and preemption (see checkpoint.py and preemption.py).
     checkpointing_steps: Optional[str] = field(
@@ -255,9 +291,10 @@ def validate(config: Config) -> None:
     need(0 <= t.warmup_ratio < 1, f"warmup_ratio must be in [0, 1) (got {t.warmup_ratio})")
     need(t.num_warmup_steps >= 0, f"num_warmup_steps must be >= 0 (got {t.num_warmup_steps})")
     need(t.eval_strategy != "steps" or (t.eval_steps or 0) >= 1, "eval_strategy=steps needs --eval_steps N (N >= 1)")
-    need(t.do_train or t.do_eval, "nothing to do: both do_train and do_eval are false")
+    need(t.do_train or t.do_eval or t.do_predict, "nothing to do: do_train, do_eval and do_predict are all false")
     need(bool(t.metrics), "metrics is empty: name at least one, e.g. --metrics accuracy")
     need(m.num_labels is None or m.num_labels >= 2, f"num_labels must be >= 2 (got {m.num_labels})")
+    need(d.length_grouping_window >= 1, f"length_grouping_window must be >= 1 (got {d.length_grouping_window})")
     need(d.max_length >= 8, f"max_length must be >= 8 tokens (got {d.max_length})")
     need(d.pad_to_multiple_of is None or d.pad_to_multiple_of >= 1, f"pad_to_multiple_of must be >= 1 (got {d.pad_to_multiple_of})")
     need(0 < d.validation_split_percentage < 100,
@@ -265,7 +302,7 @@ def validate(config: Config) -> None:
     for name in ("max_train_samples", "max_eval_samples"):
         value = getattr(d, name)
         need(value is None or value >= 1, f"{name} must be >= 1 (got {value})")
-    for name in ("train_file", "validation_file"):
+    for name in ("train_file", "validation_file", "test_file"):
         path = getattr(d, name)
         if path is None:
             continue
@@ -289,5 +326,7 @@ def validate(config: Config) -> None:
          "load_best_model_at_end and early_stopping_patience need evaluations: set --eval_strategy epoch or steps")
     need(d.validation_file is None or d.train_file is not None or not t.do_train,
          "validation_file needs train_file too (or --do_train false)")
+    need(not t.do_predict or d.test_file is not None or d.train_file is None,
+         "do_predict with local data files needs --test_file too")
     if problems:
         raise UserError("invalid configuration: " + "; ".join(problems))

@@ -15,7 +15,7 @@ from pathlib import Path
 import datasets
 import torch
 from datasets import ClassLabel, Dataset, DatasetDict, Value
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Sampler
 from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
 
 from tuneloop.config import BUILTIN_DATASET, DataArguments, TrainArguments
@@ -34,6 +34,8 @@ class Splits:
     text_pair_column: str | None
     label_column: str
     label_names: list[str]
+    test: Dataset | None = None  # --do_predict's split: labels optional, see load_test_split
+    id_column: str | None = None
 
 
 def load_bbc_news() -> Dataset:
@@ -67,13 +69,7 @@ def load_bbc_news() -> Dataset:
 
 def _load_source(d: DataArguments) -> DatasetDict:
     if d.train_file or d.validation_file:
-        data_files = {name: path for name, path in (("train", d.train_file), ("validation", d.validation_file)) if path}
-        suffix = Path(next(iter(data_files.values()))).suffix
-        builder = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}[suffix]
-        for name, path in data_files.items():  # datasets' own message for this is "Instruction ... corresponds to no data"
-            if _has_no_rows(path):
-                raise UserError(f"the {name} split is empty: {path!r} has no rows")
-        return _user_facing(lambda: datasets.load_dataset(builder, data_files=data_files), f"data files {data_files}")
+        return _load_files({name: path for name, path in (("train", d.train_file), ("validation", d.validation_file)) if path})
     if d.dataset_name == BUILTIN_DATASET:
         return DatasetDict(train=load_bbc_news())
     if os.path.isdir(d.dataset_name) and any(
@@ -85,6 +81,15 @@ def _load_source(d: DataArguments) -> DatasetDict:
         lambda: datasets.load_dataset(d.dataset_name, d.dataset_config_name),
         f"dataset {d.dataset_name!r}" + (f" (config {d.dataset_config_name!r})" if d.dataset_config_name else ""),
     )
+
+
+def _load_files(data_files: dict[str, str]) -> DatasetDict:
+    suffix = Path(next(iter(data_files.values()))).suffix
+    builder = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}[suffix]
+    for name, path in data_files.items():  # datasets' own message for this is "Instruction ... corresponds to no data"
+        if _has_no_rows(path):
+            raise UserError(f"the {name} split is empty: {path!r} has no rows")
+    return _user_facing(lambda: datasets.load_dataset(builder, data_files=data_files), f"data files {data_files}")
 
 
 def _has_no_rows(path: str) -> bool:
@@ -145,6 +150,36 @@ def load_splits(d: DataArguments, seed: int, num_labels: int | None, need_train:
     return Splits(train, evaluation, text_column, text_pair_column, d.label_column, label_names)
 
 
+def load_test_split(d: DataArguments, label_names: list[str] | None) -> Splits:
+    """The split `--do_predict` and `tuneloop predict` run on: `--test_file`, else `--test_split` of the dataset.
+
+    Labels are optional. When the label column is there (and not all -1, GLUE's mark for "hidden"), its values must be
+    classes of the model, `label_names`, and they are encoded to the model's ids so that test metrics can be computed.
+    With `label_names` None (before training has decided the classes) only the source and the columns are checked.
+    """
+    if d.test_file:
+        test = _load_files({"test": d.test_file})["test"]
+    else:
+        raw = _load_source(d)
+        if d.test_split not in raw:
+            raise UserError(f"split {d.test_split!r} not found (available: {', '.join(raw.keys()) or 'none'}): fix "
+                            "--test_split, or pass --test_file")
+        test = raw[d.test_split]
+    if len(test) == 0:
+        raise UserError("the test split is empty: check the data source")
+    text_column, text_pair_column = _text_columns(d, test.column_names)
+    _check_columns(test, "test", [text_column, text_pair_column, None])
+    id_column = d.id_column or next((c for c in ("id", "idx") if c in test.column_names), None)
+    if id_column not in (None, *test.column_names):
+        raise UserError(f"column {id_column!r} not in the test split (columns: {test.column_names}): fix --id_column")
+    label_column = d.label_column
+    if label_column in test.column_names and set(test.unique(label_column)) <= {None, -1}:
+        test = test.remove_columns(label_column)  # present but empty: an unlabelled split
+    if label_column in test.column_names and label_names is not None:
+        test = _encode_labels(test, label_column, label_names, "test")
+    return Splits(None, None, text_column, text_pair_column, label_column, label_names, test=test, id_column=id_column)
+
+
 def _text_columns(d: DataArguments, columns: list[str]) -> tuple[str, str | None]:
     if d.text_column:
         return d.text_column, d.text_pair_column
@@ -202,6 +237,10 @@ def _encode_labels(split: Dataset, column: str, names: list[str], split_name: st
     typed[column] = ClassLabel(names=names)
     if getattr(feature, "dtype", None) in ("string", "large_string"):
         ids = {name: i for i, name in enumerate(names)}
+        unknown = sorted({v for v in split.unique(column) if v not in ids}, key=str)
+        if unknown:  # only possible for a split scored by an already trained model
+            raise UserError(f"labels {unknown[:5]} in the {split_name} split are not classes of the model "
+                            f"({', '.join(names[:10])}): fix the data or --label_column")
         return split.map(lambda batch: {column: [ids[v] for v in batch[column]]}, batched=True, features=typed)
     bad = sorted({v for v in split.unique(column) if v is None or not 0 <= v < len(names)}, key=str)
     if bad:
@@ -242,11 +281,14 @@ def tokenize(split: Dataset, splits: Splits, tokenizer: PreTrainedTokenizerBase,
         load_from_cache_file=not d.overwrite_cache,
         desc="Tokenizing",
     )
-    return encoded.rename_column(splits.label_column, "labels") if splits.label_column != "labels" else encoded
+    if splits.label_column in encoded.column_names and splits.label_column != "labels":
+        encoded = encoded.rename_column(splits.label_column, "labels")
+    return encoded
 
 
 def make_dataloaders(train: Dataset | None, evaluation: Dataset, tokenizer, t: TrainArguments, pad_to_multiple_of: int | None,
-                     pin_memory: bool) -> tuple[DataLoader | None, DataLoader]:
+                     pin_memory: bool, length_window: int | None = None) -> tuple[DataLoader | None, DataLoader]:
+    """Training order: a seeded shuffle, or with `length_window` batches of similar length (see LengthGroupedSampler)."""
     collate = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=pad_to_multiple_of)
     common = dict(collate_fn=collate, num_workers=t.dataloader_num_workers, pin_memory=pin_memory)
     # Each loader draws its per-epoch worker seed from its own generator: with none, every `iter()` takes a number
@@ -254,8 +296,45 @@ def make_dataloaders(train: Dataset | None, evaluation: Dataset, tokenizer, t: T
     # would not replay the uninterrupted one.
     train_dl = None
     if train is not None:
-        train_dl = DataLoader(train, batch_size=t.per_device_train_batch_size, shuffle=True,
-                              generator=torch.Generator().manual_seed(t.seed), **common)
+        order = dict(shuffle=True)
+        if length_window:
+            lengths = [len(ids) for ids in train["input_ids"]]
+            order = dict(sampler=LengthGroupedSampler(lengths, t.per_device_train_batch_size, length_window, t.seed))
+        train_dl = DataLoader(train, batch_size=t.per_device_train_batch_size,
+                              generator=torch.Generator().manual_seed(t.seed), **order, **common)
     eval_dl = DataLoader(evaluation, batch_size=t.per_device_eval_batch_size, shuffle=False,
                          generator=torch.Generator().manual_seed(t.seed), **common)
     return train_dl, eval_dl
+
+
+class LengthGroupedSampler(Sampler[int]):
+    """Batches of similar length, so dynamic padding pads little, in an order that is still random.
+
+    Each epoch: a permutation seeded by (seed, epoch); cut into windows of `window` batches; each window sorted by
+    length and cut into batches; the full batches shuffled (the one short batch, if any, stays last so that every
+    batch boundary stays where the DataLoader cuts). Every index appears exactly once per epoch, the same on every
+    process, so Accelerate's sharding deals whole batches to the ranks and `skip_first_batches` resumes it exactly.
+    A larger window pads less and mixes less; transformers' Trainer uses 50 batches.
+    """
+
+    def __init__(self, lengths: list[int], batch_size: int, window: int, seed: int):
+        self.lengths, self.batch_size, self.window, self.seed, self.epoch = lengths, batch_size, window, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(len(self.lengths), generator=generator).tolist()
+        span = self.window * self.batch_size
+        batches = []
+        for start in range(0, len(order), span):
+            group = sorted(order[start:start + span], key=lambda i: self.lengths[i], reverse=True)
+            batches += [group[i:i + self.batch_size] for i in range(0, len(group), self.batch_size)]
+        short = [batches.pop()] if len(batches[-1]) < self.batch_size else []
+        shuffled = [batches[b] for b in torch.randperm(len(batches), generator=generator).tolist()]
+        for batch in shuffled + short:
+            yield from batch

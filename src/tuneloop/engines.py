@@ -108,8 +108,8 @@ def describe_deepspeed(accelerator: Accelerator) -> str:
             + (f", offload {' and '.join(offload)}" if offload else ""))
 
 
-def prepare_for_evaluation(accelerator: Accelerator, model, eval_dl):
-    """`accelerator.prepare` for an evaluation-only run.
+def prepare_for_evaluation(accelerator: Accelerator, model, *dataloaders):
+    """`accelerator.prepare` for a run that only evaluates or predicts: returns the model, then the dataloaders.
 
     DeepSpeed ZeRO-1/2 cannot build an engine without an optimizer ("zero stage 2 requires an optimizer",
     deepspeed/runtime/engine.py `_configure_zero_optimizer`) and would shard nothing at inference anyway, so there the
@@ -117,5 +117,7 @@ def prepare_for_evaluation(accelerator: Accelerator, model, eval_dl):
     """
     if accelerator.distributed_type == DistributedType.DEEPSPEED and accelerator.state.deepspeed_plugin.zero_stage < 3:
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision, None)
-        return model.to(device=accelerator.device, dtype=dtype), accelerator.prepare(eval_dl)
-    return accelerator.prepare(model, eval_dl)
+        return (model.to(device=accelerator.device, dtype=dtype), *(accelerator.prepare(dl) for dl in dataloaders))
+    if not dataloaders:
+        return (accelerator.prepare(model),)
+    return accelerator.prepare(model, *dataloaders)

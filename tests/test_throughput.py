@@ -1,0 +1,62 @@
+"""The speed figures: FLOP counter against a hand count, the peak table, padding and token counts, MFU in results."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import run_in_process, tiny_args
+from tuneloop import throughput
+
+
+def test_non_embedding_parameters_match_a_hand_count(tiny_model_dir):
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=3)
+    # hidden 32, intermediate 64, 2 layers, 3 labels; embeddings (word, position, token type) excluded.
+    per_layer = 4 * (32 * 32 + 32) + 64 + (32 * 64 + 64) + (64 * 32 + 32) + 64  # q k v o, LN, FFN in, FFN out, LN
+    hand = 64 + 2 * per_layer + (32 * 32 + 32) + (32 * 3 + 3)  # embedding LayerNorm, layers, pooler, classifier
+    assert throughput.non_embedding_parameters(model) == hand == 18307
+    # Two sequences of 3 and 7 real tokens: 6 N per token, plus attention's 12 * layers * width * length^2.
+    assert throughput.training_flops(hand, 2, 32, tokens=3 + 7, squared_lengths=9 + 49) == 6 * hand * 10 + 12 * 2 * 32 * 58
+
+
+@pytest.mark.parametrize(
+    "name, precision, tf32, expected",
+    [("NVIDIA H100 80GB HBM3", "bf16", False, 989.0), ("NVIDIA H100 PCIe", "bf16", False, 756.0),
+     ("NVIDIA A100-SXM4-40GB", "no", True, 156.0), ("NVIDIA A100-SXM4-40GB", "no", False, 19.5),
+     ("NVIDIA L4", "fp16", False, 121.0), ("Tesla T4", "fp16", False, 65.0), ("Some Future GPU", "bf16", False, None)],
+)
+def test_gpu_peak_lookup(name, precision, tf32, expected):
+    assert throughput.gpu_peak_tflops(name, precision, tf32) == expected
+
+
+def test_cpu_peak_is_probed_once_and_cached(tmp_path, monkeypatch):
+    monkeypatch.setattr(throughput, "PROBE_CACHE", tmp_path / "peak.json")
+    first = throughput.cpu_peak_tflops(torch.float32, seconds=0.2)
+    assert 0.001 < first < 100 and (tmp_path / "peak.json").is_file()
+    assert throughput.cpu_peak_tflops(torch.float32, seconds=0.2) == first  # read back, not measured again
+    assert throughput.peak_tflops(torch.device("cpu"), "no", override=3.5) == 3.5
+
+
+def test_speed_meter_counts_real_tokens_and_padding(tiny_model_dir):
+    from accelerate import Accelerator
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=3)
+    meter = throughput.SpeedMeter(model, torch.device("cpu"), run_started=0.0)
+    mask = torch.tensor([[1, 1, 1, 0, 0, 0, 0, 0], [1, 1, 1, 1, 1, 1, 1, 0]])
+    meter.add_batch({"attention_mask": mask})
+    meter.end_step()
+    figures = meter.summary(Accelerator(cpu=True), peak=1.0)
+    assert figures["padding_fraction"] == round(1 - 10 / 16, 4)
+    assert figures["train_tokens_per_second"] > 0 and figures["seconds_per_step"] > 0
+    assert figures["mfu"] == pytest.approx(figures["model_tflops_per_second"], rel=1e-3)  # peak 1 TFLOP/s
+    assert figures["peak_memory_gib"] > 0.01
+
+
+def test_every_run_reports_speed_and_mfu(tiny_model_dir, toy_files, tmp_path):
+    results = run_in_process(tiny_args(tiny_model_dir, toy_files, tmp_path, num_train_epochs=1, peak_tflops=0.1))
+    assert results["train_tokens_per_second"] > 0 and 0 < results["padding_fraction"] < 1
+    assert results["mfu"] == pytest.approx(results["model_tflops_per_second"] / 0.1, rel=1e-2)
+    assert results["time_to_first_step"] > 0 and results["peak_memory_gib"] > 0.1
