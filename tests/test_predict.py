@@ -150,7 +150,18 @@ def test_evaluate_refuses_data_with_other_classes(trained, tmp_path, capsys):
     rows = [{"text": r["text"], "label": {"music": "jazz"}.get(r["label"], r["label"])} for r in make_rows(12, seed=5)]
     path = write_rows(tmp_path / "other.csv", rows)
     assert console(["evaluate", "--model", str(model_dir), "--data", path, "--output_dir", str(tmp_path / "out")]) == 2
-    assert "the data's classes ['jazz', 'sports', 'tech'] are not the model's" in capsys.readouterr().err
+    assert "labels ['jazz'] in the eval split are not classes of the model (music, sports, tech)" in capsys.readouterr().err
+
+
+def test_evaluate_on_data_with_some_of_the_model_classes(trained, tmp_path):
+    """Labels are encoded against the model's classes, not re-derived from the data (which has only two here)."""
+    model_dir, _ = trained
+    rows = [r for r in make_rows(30, seed=6) if r["label"] != "music"]
+    path = write_rows(tmp_path / "two.csv", rows)
+    out = tmp_path / "out"
+    assert console(["evaluate", "--model", str(model_dir), "--data", path, "--output_dir", str(out)]) == 0
+    results = read_json(out / "all_results.json")
+    assert results["eval_samples"] == len(rows) and results["eval_accuracy"] > 0.8
 
 
 def test_do_predict_checks_the_test_split_before_training(tiny_model_dir, toy_files, tmp_path, capsys):

@@ -48,9 +48,9 @@ def test_speed_meter_counts_real_tokens_and_padding(tiny_model_dir):
     mask = torch.tensor([[1, 1, 1, 0, 0, 0, 0, 0], [1, 1, 1, 1, 1, 1, 1, 0]])
     meter.add_batch({"attention_mask": mask})
     meter.end_step()
-    figures = meter.summary(Accelerator(cpu=True), peak=1.0)
+    figures = meter.summary(Accelerator(cpu=True), peak=1.0, seconds=0.5)
     assert figures["padding_fraction"] == round(1 - 10 / 16, 4)
-    assert figures["train_tokens_per_second"] > 0 and figures["seconds_per_step"] > 0
+    assert figures["train_tokens_per_second"] == 20.0 and figures["seconds_per_step"] == 0.5
     assert figures["mfu"] == pytest.approx(figures["model_tflops_per_second"], rel=1e-3)  # peak 1 TFLOP/s
     assert figures["peak_memory_gib"] > 0.01
 
@@ -60,3 +60,26 @@ def test_every_run_reports_speed_and_mfu(tiny_model_dir, toy_files, tmp_path):
     assert results["train_tokens_per_second"] > 0 and 0 < results["padding_fraction"] < 1
     assert results["mfu"] == pytest.approx(results["model_tflops_per_second"] / 0.1, rel=1e-2)
     assert results["time_to_first_step"] > 0 and results["peak_memory_gib"] > 0.1
+
+
+def test_speed_switches_keep_the_loss_curve(tiny_model_dir, toy_files, tmp_path):
+    """Each switch against the plain path on the same seed: the allocator set-up changes no arithmetic at all;
+    bf16 ('auto' on this CPU, if it has bf16 units) and attention dropout 0 stay close to it."""
+    from conftest import read_json, reset_accelerate_state
+    from tuneloop.loop import fast_bf16_available
+
+    def curve(name, **options):
+        results = run_in_process(tiny_args(tiny_model_dir, toy_files, tmp_path / name, logging_steps=1, seed=1, **options))
+        reset_accelerate_state()
+        losses = [e["train/loss"] for e in read_json(tmp_path / name / "log_history.json") if "train/loss" in e]
+        return results, torch.tensor(losses)
+
+    _, plain_losses = curve("plain")
+    _, allocator_losses = curve("allocator", tune_cpu_allocator="true")
+    assert torch.equal(allocator_losses, plain_losses)
+    auto, auto_losses = curve("auto", mixed_precision="auto")
+    assert auto["mixed_precision"] == ("bf16" if fast_bf16_available() else "no")
+    assert (auto_losses - plain_losses).abs().mean() < 0.05
+    _, losses = curve("attention-dropout", attention_dropout=0.1)  # the tiny model's own is 0
+    assert read_json(tmp_path / "attention-dropout" / "config.json")["attention_probs_dropout_prob"] == 0.1
+    assert (losses - plain_losses).abs().mean() < 0.05  # (accuracy is no guide here: this toy task can plateau)

@@ -89,18 +89,10 @@ def train_command(argv: list[str] | None) -> int:
 
 
 def evaluate_command(argv: list[str] | None) -> int:
-    """Set up exactly as an evaluation-only training run does, then score the eval split and write the report."""
-    from tuneloop import checkpoint, loop, predict, report
+    """An evaluation-only run of the saved model (`do_train` false): the same set-up, scoring and report as training's."""
+    from tuneloop.loop import train
 
-    config = saved_model_config(argv, "evaluate")
-    run = loop.setup(config)
-    check_classes(run)
-    outputs = predict.gather(run.accelerator, run.model, run.eval_dl)
-    results = predict.score(outputs, run.metric_modules, config.train.metric_average, "eval") | loop.describe(run.accelerator)
-    checkpoint.save_results(run.accelerator, config, results)
-    report.write_report(run, results, None, outputs)
-    loop.say(run.accelerator, report.summary_table(results, config.train.output_dir))
-    run.accelerator.end_training()
+    train(saved_model_config(argv, "evaluate"))
     return 0
 
 
@@ -185,15 +177,3 @@ def inherited_settings(model: str) -> dict:
     return settings
 
 
-def check_classes(run) -> None:
-    """The data's classes must be the saved model's, in the same order (tuneloop sorts class names to ids)."""
-    from tuneloop import model as models, predict
-
-    saved = models.load_config(run.config.model)
-    saved_names = [saved.id2label[i] for i in range(saved.num_labels)]
-    data_names = predict.label_names(run.accelerator.unwrap_model(run.model))
-    generic = saved_names == [f"LABEL_{i}" for i in range(len(saved_names))]  # a head that was never named
-    plain_ids = data_names == [str(i) for i in range(len(data_names))]  # labels given as class ids
-    if not generic and not plain_ids and data_names != saved_names:
-        raise UserError(f"the data's classes {data_names[:10]} are not the model's {saved_names[:10]}: evaluate on data "
-                        "labelled with the model's classes")

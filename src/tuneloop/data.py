@@ -18,7 +18,7 @@ from datasets import ClassLabel, Dataset, DatasetDict, Value
 from torch.utils.data import DataLoader, Sampler
 from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
 
-from tuneloop.config import BUILTIN_DATASET, DataArguments, TrainArguments
+from tuneloop.config import BUILTIN_DATASET, BUILTIN_HEADLINES, DataArguments, TrainArguments
 from tuneloop.errors import UserError
 
 EVAL_SPLIT_NAMES = ("validation", "test")
@@ -72,6 +72,8 @@ def _load_source(d: DataArguments) -> DatasetDict:
         return _load_files({name: path for name, path in (("train", d.train_file), ("validation", d.validation_file)) if path})
     if d.dataset_name == BUILTIN_DATASET:
         return DatasetDict(train=load_bbc_news())
+    if d.dataset_name == BUILTIN_HEADLINES:  # short texts (median 9 tokens): the regime of tweets and reviews
+        return DatasetDict(train=load_bbc_news().map(lambda row: {"text": row["text"].split("\n", 1)[0]}))
     if os.path.isdir(d.dataset_name) and any(
         os.path.exists(os.path.join(d.dataset_name, marker)) for marker in ("dataset_dict.json", "state.json")
     ):
@@ -115,7 +117,10 @@ def _user_facing(load, what: str):
         ) from None
 
 
-def load_splits(d: DataArguments, seed: int, num_labels: int | None, need_train: bool) -> Splits:
+def load_splits(d: DataArguments, seed: int, num_labels: int | None, need_train: bool,
+                model_classes: list[str] | None = None) -> Splits:
+    """Train and eval splits with labels as ids. `model_classes`: the classes of an already fine-tuned model being
+    evaluated, which the data's labels must be encoded against (its own sorted names could differ, e.g. a subset)."""
     raw = _load_source(d)
     available = ", ".join(raw.keys()) or "none"
     train_name = d.train_split if d.train_split in raw else None
@@ -136,7 +141,7 @@ def load_splits(d: DataArguments, seed: int, num_labels: int | None, need_train:
         if split is not None:
             _check_columns(split, name, [text_column, text_pair_column, d.label_column])
 
-    label_names = _label_names(reference, evaluation, d.label_column, num_labels)
+    label_names = model_classes or _label_names(reference, evaluation, d.label_column, num_labels)
     train = _encode_labels(train, d.label_column, label_names, "train") if train is not None else None
     evaluation = _encode_labels(evaluation, d.label_column, label_names, "eval") if evaluation is not None else None
     if evaluation is None:

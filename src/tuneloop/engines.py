@@ -48,7 +48,7 @@ def reconcile(accelerator: Accelerator, t: TrainArguments) -> None:
         problems.append(f"the launcher sets gradient accumulation to {accelerator.gradient_accumulation_steps} "
                         f"(accelerate config or --gradient_accumulation_steps of accelerate launch), the trainer to "
                         f"{t.gradient_accumulation_steps}: set it only with the trainer's --gradient_accumulation_steps")
-    if t.mixed_precision and accelerator.mixed_precision != t.mixed_precision:
+    if t.mixed_precision not in (None, "auto") and accelerator.mixed_precision != t.mixed_precision:
         problems.append(f"--mixed_precision {t.mixed_precision} but the engine runs {accelerator.mixed_precision}: "
                         "remove the precision from the DeepSpeed config file (or set its 'enabled' to \"auto\")")
     if kind == DistributedType.DEEPSPEED:

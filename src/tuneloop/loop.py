@@ -6,6 +6,8 @@ optimizer, schedule), the loop, evaluation, the final save. A "step" always mean
 
 from __future__ import annotations
 
+import ctypes
+import datetime
 import math
 import os
 import sys
@@ -47,6 +49,17 @@ class Plan:
     warmup_steps: int
 
 
+def fast_bf16_available() -> bool:
+    """bf16 that runs faster than fp32: tensor cores from Ampere on; AMX or AVX-512 bf16 matrix units on a CPU."""
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_capability()[0] >= 8
+    try:
+        flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()
+    except (OSError, StopIteration):
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
 def make_accelerator(t: TrainArguments) -> Accelerator:
     # With no GPU, Accelerator(cpu=True) is what turns a multi-process launch into real gloo data parallelism;
     # without it each process believes it is alone and trains independently. DeepSpeed is the exception: it sets
@@ -55,13 +68,16 @@ def make_accelerator(t: TrainArguments) -> Accelerator:
     deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
     accelerator = Accelerator(
         cpu=no_gpu and not deepspeed,
-        mixed_precision=t.mixed_precision,
+        mixed_precision=("bf16" if fast_bf16_available() else "no") if t.mixed_precision == "auto" else t.mixed_precision,
         gradient_accumulation_steps=t.gradient_accumulation_steps,
         log_with=tracking.log_with(t),
         project_dir=t.output_dir,
         # A seeded sampler makes the data order a function of (seed, epoch) alone: reproducible and resumable.
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
-        kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")] if no_gpu and deepspeed else [],
+        # The timeout covers the longest wait of one rank for another: rank 0 tokenizing a large dataset while the
+        # others wait in main_process_first, or a slow node joining (torch's NCCL default is 10 minutes).
+        kwargs_handlers=[InitProcessGroupKwargs(backend="gloo" if no_gpu and deepspeed else None,
+                                                timeout=datetime.timedelta(seconds=t.ddp_timeout))],
     )
     engines.reconcile(accelerator, t)  # the engine asked for is the one running, and agrees with the trainer's flags
     return accelerator
@@ -82,6 +98,20 @@ def use_all_cpu_cores(accelerator: Accelerator) -> None:
         torch.set_num_threads(threads)
         say(accelerator, f"tuneloop: {threads} CPU threads per process (accelerate launch passed OMP_NUM_THREADS=1; "
                          "set --num_cpu_threads_per_process to choose)")
+
+
+def set_up_kernels(t: TrainArguments, device: torch.device) -> None:
+    """Process-wide speed settings, before the model exists: TF32 on Ampere+ GPUs, glibc's allocator on CPU."""
+    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8 and t.tf32 is not False:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if t.tune_cpu_allocator and device.type == "cpu":
+        # The same as MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=<huge>: big tensors reuse heap memory instead of a
+        # fresh mmap/munmap (and page faults) every step.
+        libc = ctypes.CDLL("libc.so.6")
+        M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+        if not (libc.mallopt(M_MMAP_MAX, 0) and libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1)):
+            raise UserError("--tune_cpu_allocator needs glibc's mallopt, which refused: drop the option")
 
 
 def make_plan(num_batches: int, t: TrainArguments) -> Plan:
@@ -142,6 +172,8 @@ def train(config: Config) -> dict:
         except Preempted as stop:
             if run.accelerator.is_main_process:
                 checkpoint.write_preempted(config.train.output_dir, stop.checkpoint_dir, stop.step, stop.signal_name)
+            # No rank exits before the marker exists: a job script that sees one rank gone must find it.
+            run.accelerator.wait_for_everyone()
             run.accelerator.end_training()
             raise
         checkpoint.save_final_model(run.accelerator, run.model, run.tokenizer, config.train.output_dir)
@@ -165,6 +197,7 @@ def setup(config: Config) -> Run:
     m, d, t = config.model, config.data, config.train
     accelerator = make_accelerator(t)
     use_all_cpu_cores(accelerator)
+    set_up_kernels(t, accelerator.device)
     if not accelerator.is_local_main_process:
         hf_logging.set_verbosity_error()
     if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
@@ -182,8 +215,9 @@ def setup(config: Config) -> Run:
         checkpoint.check_resumable(saved, state, resume_from)
         state = saved
     tracking.start(accelerator, config, state.tracker_run_id)
-    models.load_config(m)
-    splits = data.load_splits(d, t.seed, m.num_labels, need_train=t.do_train)
+    model_config = models.load_config(m)
+    classes = None if t.do_train else models.trained_label_names(model_config)  # evaluating a fine-tuned model
+    splits = data.load_splits(d, t.seed, m.num_labels, need_train=t.do_train, model_classes=classes)
     if t.metric_average == "binary" and len(splits.label_names) != 2:
         raise UserError(f"metric_average=binary needs 2 classes, the data has {len(splits.label_names)}: use macro")
     tokenizer = models.load_tokenizer(m, d.max_length)
@@ -372,7 +406,7 @@ def fit(run: Run) -> dict:
     elif t.do_eval and state.last_eval.get("step") != state.step:  # no evaluation yet of the final weights
         evaluate_and_log(run)
 
-    speed_figures = speed.summary(accelerator, run.peak_tflops)
+    speed_figures = speed.summary(accelerator, run.peak_tflops, runtime)
     accelerator.log({f"speed/{k}": v for k, v in speed_figures.items() if v is not None}, step=state.step)
     final = {
         **{k: v for k, v in state.last_eval.items() if k != "step"},

@@ -42,6 +42,12 @@ def load_config(m: ModelArguments) -> PretrainedConfig:
     return config
 
 
+def trained_label_names(config: PretrainedConfig) -> list[str] | None:
+    """Class names of an already fine-tuned model; None for a base model (transformers' default LABEL_i names)."""
+    names = [config.id2label[i] for i in sorted(config.id2label)]
+    return None if names == [f"LABEL_{i}" for i in range(len(names))] else names
+
+
 def load_tokenizer(m: ModelArguments, max_length: int):
     path = resolve_model_path(m.model_name_or_path)
     try:
@@ -56,12 +62,25 @@ def load_tokenizer(m: ModelArguments, max_length: int):
     return tokenizer
 
 
+# What the attention-probability dropout is called in BERT/RoBERTa/DeBERTa/ELECTRA, and in DistilBERT and others.
+ATTENTION_DROPOUT_NAMES = ("attention_probs_dropout_prob", "attention_dropout")
+
+
 def load_model(m: ModelArguments, label_names: list[str], pad_token_id: int | None):
     path = resolve_model_path(m.model_name_or_path)
     id2label = dict(enumerate(label_names))
+    overrides = {}
+    if m.attention_dropout is not None:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=m.trust_remote_code)
+        names = [n for n in ATTENTION_DROPOUT_NAMES if hasattr(config, n)]
+        if not names:
+            raise UserError(f"{m.model_name_or_path!r} has no attention dropout setting "
+                            f"({', '.join(ATTENTION_DROPOUT_NAMES)}): drop --attention_dropout")
+        overrides = {name: m.attention_dropout for name in names}
     try:
         model = AutoModelForSequenceClassification.from_pretrained(
             path,
+            **overrides,
             num_labels=len(label_names),
             id2label=id2label,
             label2id={name: i for i, name in id2label.items()},

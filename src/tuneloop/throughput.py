@@ -113,7 +113,6 @@ class SpeedMeter:
         self.samples = 0
         self.steps = 0
         self.run_started = run_started  # when set-up began: time to first step includes loading and preparing
-        self.start = time.perf_counter()
         self.first_step_seconds = None
 
     def add_batch(self, batch: dict) -> None:
@@ -128,9 +127,8 @@ class SpeedMeter:
         if self.first_step_seconds is None:
             self.first_step_seconds = time.perf_counter() - self.run_started
 
-    def summary(self, accelerator, peak: float | None) -> dict:
-        """Whole-run figures: counts summed over processes, rates over this session's wall clock."""
-        seconds = time.perf_counter() - self.start
+    def summary(self, accelerator, peak: float | None, seconds: float) -> dict:
+        """Whole-run figures: counts summed over processes, rates over `seconds` of this session's training loop."""
         counts = torch.tensor([self.real_tokens.item(), self.squared_lengths.item(), self.padded_tokens, self.samples],
                               dtype=torch.float64, device=accelerator.device)
         real, squared, padded, samples = accelerator.reduce(counts, "sum").tolist()

@@ -1,0 +1,130 @@
+"""tuneloop against transformers' Trainer on the same data, model, truncation and hardware, in one invocation.
+
+    .venv/bin/python benchmarks/speed.py                      # both workloads, 2 alternating runs of every setting
+    .venv/bin/python benchmarks/speed.py --workload long --runs 3
+    .venv/bin/python benchmarks/speed.py --quick              # a minute: checks the harness, measures nothing
+
+Settings (issue 9): T1 Trainer with the tutorial's padding to max_length, fp32; T2 Trainer with dynamic padding and
+group_by_length; T2b T2 + bf16; "tuneloop same maths" (bf16, the model's own dropout, as T2b); "tuneloop fastest"
+(attention dropout 0 and the allocator set-up on top: different maths, shown on its own row). Every run is a fresh
+process; settings alternate so that drifts of this noisy machine hit all of them alike. Ratios use medians.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+from tuneloop import throughput  # noqa: E402
+
+WORKLOADS = {
+    # Long: BBC articles, median 421 tokens; 256 training articles, the whole held-out split for accuracy.
+    "long": dict(dataset_name="builtin:bbc_news", max_length=512, max_train_samples=256, t1_max_steps=None),
+    # Short: the headlines (median 9 tokens), the full training split. T1 pads them to 512 (~1 sample/s), so it runs
+    # 16 steps for its throughput only (no accuracy).
+    "short": dict(dataset_name="builtin:bbc_news_headlines", max_length=512, max_train_samples=None, t1_max_steps=16),
+}
+SETTINGS = {
+    "T1 Trainer tutorial": dict(peer=True, padding="max_length", precision="no"),
+    "T2 Trainer dynamic+grouped": dict(peer=True, padding="longest", group=True, precision="no"),
+    "T2b T2 + bf16": dict(peer=True, padding="longest", group=True, precision="bf16"),
+    "tuneloop same maths": dict(peer=False, precision="bf16", extra=["--group_by_length", "true"]),
+    "tuneloop fastest": dict(peer=False, precision="bf16", extra=["--group_by_length", "true", "--attention_dropout", "0",
+                                                                  "--tune_cpu_allocator", "true"]),
+}
+
+
+def command(setting: dict, workload: dict, model: str, out: str, quick: bool) -> list[str]:
+    samples = 32 if quick else workload["max_train_samples"]
+    if setting["peer"]:
+        cmd = [sys.executable, str(ROOT / "benchmarks" / "trainer_peer.py"), "--dataset_name", workload["dataset_name"],
+               "--model_name_or_path", model, "--max_length", str(workload["max_length"]), "--padding", setting["padding"]]
+        cmd += ["--group_by_length"] * setting.get("group", False) + ["--bf16"] * (setting["precision"] == "bf16")
+        steps = 2 if quick and setting["padding"] == "max_length" else workload["t1_max_steps"] if setting["padding"] == "max_length" else None
+        cmd += ["--max_steps", str(steps)] if steps else []
+    else:
+        cmd = [sys.executable, str(ROOT / "train.py"), "--dataset_name", workload["dataset_name"], "--model_name_or_path",
+               model, "--max_length", str(workload["max_length"]), "--num_train_epochs", "1", "--eval_strategy", "no",
+               "--output_dir", out, "--mixed_precision", setting["precision"], *setting["extra"]]
+    cmd += ["--max_train_samples", str(samples)] if samples else []
+    return cmd + (["--max_eval_samples", "32"] if quick else [])
+
+
+def run_once(name: str, workload: dict, model: str, quick: bool) -> dict:
+    setting = SETTINGS[name]
+    with tempfile.TemporaryDirectory() as out:
+        done = subprocess.run(command(setting, workload, model, out, quick), capture_output=True, text=True, cwd=ROOT,
+                              env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+        if done.returncode != 0:
+            raise SystemExit(f"{name} failed:\n{done.stderr[-3000:]}")
+        if setting["peer"]:
+            return json.loads(done.stdout.strip().splitlines()[-1])
+        return json.loads((Path(out) / "all_results.json").read_text())
+
+
+def table(results: dict[str, list[dict]], peaks: dict[str, float]) -> str:
+    median = {name: statistics.median(r["train_samples_per_second"] for r in runs) for name, runs in results.items()}
+    peers = [n for n in results if SETTINGS[n]["peer"]]
+    head = ["setting", "samples/s min / median", "real tokens/s", "MFU", "peak memory GiB", "eval accuracy",
+            *(f"x {n.split()[0]}" for n in peers)]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for name, runs in results.items():
+        rates = [r["train_samples_per_second"] for r in runs]
+        tflops = statistics.median(r["model_tflops_per_second"] for r in runs)
+        accuracy = [r["eval_accuracy"] for r in runs if r.get("eval_accuracy") is not None]
+        row = [name, f"{min(rates):.2f} / {median[name]:.2f}",
+               f"{statistics.median(r['train_tokens_per_second'] for r in runs):.0f}",
+               f"{tflops / peaks[SETTINGS[name]['precision']]:.1%}",
+               f"{max(r['peak_memory_gib'] for r in runs):.1f}",
+               f"{statistics.median(accuracy):.4f}" if accuracy else "— (capped run)",
+               *(f"{median[name] / median[p]:.2f}" for p in peers)]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--workload", choices=["long", "short", "both"], default="both")
+    p.add_argument("--runs", type=int, default=2, help="runs of every setting, alternating")
+    p.add_argument("--model", default="builtin:all-MiniLM-L6-v2", help="e.g. google-bert/bert-base-cased on a GPU")
+    p.add_argument("--settings", nargs="*", default=list(SETTINGS), choices=list(SETTINGS))
+    p.add_argument("--quick", action="store_true", help="tiny sizes: checks that every setting runs")
+    p.add_argument("--write", metavar="FILE", help="append the tables, command, machine and date to FILE (RESULTS.md)")
+    a = p.parse_args()
+
+    # The peaks MFU is measured against: this CPU's matmul rate at the runs' thread count (cached), or a GPU's datasheet.
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    peaks = {precision: throughput.peak_tflops(device, precision, None) or float("nan") for precision in ("no", "bf16")}
+    report = [f"## {datetime.date.today()}: `{' '.join(['benchmarks/speed.py', *sys.argv[1:]])}`",
+              f"Machine: {platform.node()}, {os.cpu_count()} CPUs, torch {torch.__version__} "
+              f"{torch.cuda.get_device_name() if device.type == 'cuda' else ''}; peak TFLOP/s fp32 {peaks['no']:.3f}, "
+              f"bf16 {peaks['bf16']:.3f}; model {a.model}."]
+    for workload in (["long", "short"] if a.workload == "both" else [a.workload]):
+        results = {name: [] for name in a.settings}
+        for run in range(a.runs):
+            for name in a.settings if run % 2 == 0 else reversed(a.settings):
+                results[name].append(run_once(name, WORKLOADS[workload], a.model, a.quick))
+                print(f"{workload} run {run + 1}: {name}: {results[name][-1]['train_samples_per_second']:.2f} samples/s",
+                      file=sys.stderr, flush=True)
+        report += [f"\n### {workload}: {WORKLOADS[workload]}\n", table(results, peaks)]
+    text = "\n".join(report) + "\n"
+    print(text)
+    if a.write:
+        with open(a.write, "a") as f:
+            f.write("\n" + text)
+
+
+if __name__ == "__main__":
+    main()
