@@ -101,8 +101,8 @@ def test_train_save_and_reload_in_plain_transformers(engine, trained, toy_files)
 def test_deepspeed_trains_exactly_like_ddp(engine, trained, toy_files):
     """Same data, seed, accumulation, clipping and schedule: DeepSpeed must not accumulate, clip or step twice.
 
-    Accelerate alone would clip at DeepSpeed's "auto" default of 1.0 instead of --max_grad_norm 0.1 (and, under ZeRO-3,
-    put every weight in the no-decay group): both showed as different losses from the first logged step.
+    Accelerate alone fills DeepSpeed's "auto" clipping with 1.0 instead of --max_grad_norm 0.1: that showed as
+    different losses from the first logged step, until tuneloop filled it from the flag.
     """
     ddp, ds = trained("ddp"), trained(engine)
     history = {name: read_json(out / "log_history.json") for name, out in (("ddp", ddp), (engine, ds))}

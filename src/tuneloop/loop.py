@@ -124,7 +124,8 @@ def make_plan(num_batches: int, t: TrainArguments) -> Plan:
 def make_optimizer(model: torch.nn.Module, t: TrainArguments, device: torch.device) -> torch.optim.AdamW:
     # Biases and LayerNorm weights (the 1-D tensors) get no weight decay, as in BERT and transformers' Trainer.
     # Under DeepSpeed ZeRO-3 the model is created already partitioned: each local tensor is a flat 1-D shard and the
-    # true shape is in `ds_shape`, so tensors are classified by that shape (else every weight loses its decay).
+    # true shape is in `ds_shape`, so tensors are classified by that shape (by `ndim` every tensor looked 1-D: the
+    # decay group came out empty, DeepSpeed dropped it and the scheduler's first step failed).
     params = [p for p in model.parameters() if p.requires_grad]
     matrix = [len(getattr(p, "ds_shape", p.shape)) >= 2 for p in params]
     groups = [
