@@ -14,7 +14,7 @@ import time
 
 import numpy as np
 import torch
-from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding, Trainer, TrainingArguments
+from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
 
 from tuneloop import data, model as models, throughput
 from tuneloop.config import DataArguments, ModelArguments

@@ -5,7 +5,6 @@ multiple of 2 processes x batch 8, so Accelerate repeats examples to even out th
 show up twice, nor out of order.
 """
 
-import csv
 import json
 import os
 import subprocess

@@ -17,7 +17,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import platform
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -28,7 +27,7 @@ from matplotlib.figure import Figure
 from matplotlib.image import imread
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
-from tuneloop import predict
+from tuneloop import predict, throughput
 from tuneloop.config import BUILTIN_DATASET, BUILTIN_MODEL
 
 if TYPE_CHECKING:
@@ -172,17 +171,9 @@ def hardware(accelerator: Accelerator) -> str:
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
     else:
-        name = cpu_name() + f", {os.cpu_count()} cores"
+        name = throughput.cpu_name() + f", {os.cpu_count()} cores"
     return (f"{accelerator.num_processes} process(es) on {device.type} ({name}); "
             f"{accelerator.distributed_type.value}, mixed precision {accelerator.mixed_precision}")
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
 
 
 def model_card(run: Run, results: dict, names: list[str], per_class: list[dict] | None, test_results: dict | None) -> str:

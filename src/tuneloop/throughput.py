@@ -57,7 +57,7 @@ def gpu_peak_tflops(device_name: str, mixed_precision: str, tf32: bool) -> float
 
 def cpu_peak_tflops(dtype: torch.dtype, seconds: float = 1.0) -> float:
     """Measured matmul peak of this CPU at the current thread count, cached per (CPU, threads, dtype)."""
-    key = f"{platform.processor() or platform.machine()}|{_cpu_model()}|{torch.get_num_threads()}|{dtype}|{torch.__version__}"
+    key = f"{cpu_name()}|{torch.get_num_threads()}|{dtype}|{torch.__version__}"
     cache = json.loads(PROBE_CACHE.read_text()) if PROBE_CACHE.is_file() else {}
     if key not in cache:
         a, b = torch.randn(2048, 2048, dtype=dtype), torch.randn(2048, 2048, dtype=dtype)
@@ -74,11 +74,12 @@ def cpu_peak_tflops(dtype: torch.dtype, seconds: float = 1.0) -> float:
     return cache[key]
 
 
-def _cpu_model() -> str:
+def cpu_name() -> str:
     try:
-        return next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
-        return "unknown"
+        return platform.processor() or platform.machine()
 
 
 def peak_tflops(device: torch.device, mixed_precision: str, override: float | None) -> float | None:
