@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 from transformers.utils import logging as hf_logging
 
-from tuneloop import checkpoint, data, metrics, model as models, predict, report, throughput, tracking
+from tuneloop import checkpoint, data, engines, metrics, model as models, predict, report, throughput, tracking
 from tuneloop.config import Config, TrainArguments
 from tuneloop.errors import UserError
 from tuneloop.preemption import StopRequest
@@ -66,7 +66,7 @@ def make_accelerator(t: TrainArguments) -> Accelerator:
     # up its own process group, which on CPU must be told to use gloo.
     no_gpu = not torch.accelerator.is_available()
     deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
-    return Accelerator(
+    accelerator = Accelerator(
         cpu=no_gpu and not deepspeed,
         mixed_precision=("bf16" if fast_bf16_available() else "no") if t.mixed_precision == "auto" else t.mixed_precision,
         gradient_accumulation_steps=t.gradient_accumulation_steps,
@@ -79,6 +79,8 @@ def make_accelerator(t: TrainArguments) -> Accelerator:
         kwargs_handlers=[InitProcessGroupKwargs(backend="gloo" if no_gpu and deepspeed else None,
                                                 timeout=datetime.timedelta(seconds=t.ddp_timeout))],
     )
+    engines.reconcile(accelerator, t)  # the engine asked for is the one running, and agrees with the trainer's flags
+    return accelerator
 
 
 def use_all_cpu_cores(accelerator: Accelerator) -> None:
@@ -121,10 +123,14 @@ def make_plan(num_batches: int, t: TrainArguments) -> Plan:
 
 def make_optimizer(model: torch.nn.Module, t: TrainArguments, device: torch.device) -> torch.optim.AdamW:
     # Biases and LayerNorm weights (the 1-D tensors) get no weight decay, as in BERT and transformers' Trainer.
+    # Under DeepSpeed ZeRO-3 the model is created already partitioned: each local tensor is a flat 1-D shard and the
+    # true shape is in `ds_shape`, so tensors are classified by that shape (by `ndim` every tensor looked 1-D: the
+    # decay group came out empty, DeepSpeed dropped it and the scheduler's first step failed).
     params = [p for p in model.parameters() if p.requires_grad]
+    matrix = [len(getattr(p, "ds_shape", p.shape)) >= 2 for p in params]
     groups = [
-        {"params": [p for p in params if p.ndim >= 2], "weight_decay": t.weight_decay},
-        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+        {"params": [p for p, m in zip(params, matrix) if m], "weight_decay": t.weight_decay},
+        {"params": [p for p, m in zip(params, matrix) if not m], "weight_decay": 0.0},
     ]
     fused = device.type in ("cuda", "cpu", "xpu", "mps")  # the single-kernel AdamW; torch has it on these devices
     return torch.optim.AdamW(groups, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon, fused=fused)
@@ -230,7 +236,7 @@ def setup(config: Config) -> Run:
         length_window=d.length_grouping_window if d.group_by_length else None,
     )
     if not t.do_train:
-        model, eval_dl = accelerator.prepare(model, eval_dl)
+        model, eval_dl = engines.prepare_for_evaluation(accelerator, model, eval_dl)
         return Run(config, accelerator, model, tokenizer, None, eval_dl, metric_modules)
 
     # Accelerate shards batches across processes (even_batches: every rank gets ceil(n / world) of them). The schedule
