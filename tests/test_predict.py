@@ -230,3 +230,9 @@ def test_predict_on_a_named_split_of_a_dataset(trained, tmp_path, capsys):
     assert all("label" not in p for p in predictions)  # -1 everywhere: no labels, no metrics
     assert console(common) == 2  # the default, "test", is not there
     assert "split 'test' not found (available: train, heldout)" in capsys.readouterr().err
+
+
+def test_doctor_is_a_tuneloop_command(capsys):
+    assert console(["doctor", "--config_file", str(ROOT / "accelerate_configs" / "gpu.yaml"), "--skip_accelerate_test"]) != 0
+    out = capsys.readouterr()
+    assert "torch" in out.out and "needs GPUs and this machine has none" in out.out + out.err  # environment, then refusal

@@ -174,7 +174,8 @@ def clean_partial_checkpoints(output_dir: str) -> None:
 
 def check_free_space(output_dir: str, model, checkpointing: bool, free_bytes: int | None = None) -> None:
     """Fail before training when the disk cannot hold the final model (and, with checkpoints, one more checkpoint)."""
-    param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    # DeepSpeed ZeRO-3 creates the model already sharded: numel() is 0 there, ds_numel the full size.
+    param_bytes = sum(getattr(p, "ds_numel", p.numel()) * p.element_size() for p in model.parameters())
     # A checkpoint holds the weights and AdamW's two moments; fp32 for both in every set-up tuneloop runs.
     needed = param_bytes * (1 + (3 if checkpointing else 0))
     free = shutil.disk_usage(output_dir).free if free_bytes is None else free_bytes

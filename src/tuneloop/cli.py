@@ -21,6 +21,7 @@ COMMANDS = {
     "train": ("tuneloop.cli:train_command", "fine-tune a model (what train.py runs); `tuneloop train --help` lists every option"),
     "evaluate": ("tuneloop.cli:evaluate_command", "score a saved model on labelled data: metrics table, confusion matrix"),
     "predict": ("tuneloop.cli:predict_command", "write a saved model's predictions for new data (labels optional)"),
+    "doctor": ("tuneloop.doctor:main", "print the environment, check an accelerate config on this machine, run `accelerate test`"),
 }
 
 # What `evaluate` and `predict` take from the saved run's run_config.json unless given as flags: how inputs were
@@ -104,7 +105,7 @@ def predict_saved(config) -> int:
     """Load the model and predict on the test split; the classes are the model's own (its config's id2label)."""
     from transformers.utils import logging as hf_logging
 
-    from tuneloop import checkpoint, data, loop, metrics, model as models, predict, report
+    from tuneloop import checkpoint, data, engines, loop, metrics, model as models, predict, report
 
     m, t = config.model, config.train
     accelerator = loop.make_accelerator(t)
@@ -119,7 +120,7 @@ def predict_saved(config) -> int:
     tokenizer = models.load_tokenizer(m, config.data.max_length)
     with accelerator.main_process_first():
         metric_modules = metrics.load_metrics(t.metrics)
-    model = accelerator.prepare(models.load_model(m, names, tokenizer.pad_token_id))
+    (model,) = engines.prepare_for_evaluation(accelerator, models.load_model(m, names, tokenizer.pad_token_id))
     run = loop.Run(config, accelerator, model, tokenizer, None, None, metric_modules)
     results = predict.predict_test_split(run, loop.describe(accelerator), split)
     loop.say(accelerator, report.summary_table(results, t.output_dir))
