@@ -65,11 +65,16 @@ def cpu_peak_tflops(dtype: torch.dtype, seconds: float = 1.0) -> float:
         a = torch.randn(2048, 2048, generator=generator).to(dtype)
         b = torch.randn(2048, 2048, generator=generator).to(dtype)
         a @ b  # warm-up: thread pool and kernel selection
-        runs, start = 0, time.perf_counter()
-        while time.perf_counter() - start < seconds:
-            a @ b
-            runs += 1
-        cache[key] = 2 * 2048**3 * runs / (time.perf_counter() - start) / 1e12
+        # The best of five bursts: a peak is a maximum, and a burst that shared the cores with something else is
+        # not one (one long burst under load once cached 0.137 TFLOP/s here, against 0.335 quiet).
+        rates = []
+        for _ in range(5):
+            runs, start = 0, time.perf_counter()
+            while time.perf_counter() - start < seconds / 5:
+                a @ b
+                runs += 1
+            rates.append(2 * 2048**3 * runs / (time.perf_counter() - start) / 1e12)
+        cache[key] = max(rates)
         PROBE_CACHE.parent.mkdir(parents=True, exist_ok=True)
         tmp = PROBE_CACHE.with_suffix(f".{os.getpid()}.tmp")  # several processes may probe at once
         tmp.write_text(json.dumps(cache, indent=1))
