@@ -452,7 +452,8 @@ def log_step(run: Run, meter: LossMeter, grad_norm, progress) -> None:
     check_health(run, meter)
 
 
-def check_health(run: Run, meter: LossMeter) -> None:
+def check_health(run: Run, meter: LossMeter) -> int:
+    """Stop a diverged run; otherwise return the current streak of non-finite steps (the worst over processes)."""
     t = run.config.train
     streak = meter.worst_streak(run.accelerator)
     if streak >= t.max_nonfinite_steps:
@@ -462,12 +463,12 @@ def check_health(run: Run, meter: LossMeter) -> None:
             "--learning_rate, keep --max_grad_norm on, prefer bf16 to fp16, or check the data; last good checkpoint: "
             + (found[-1] if found else "none (set --checkpointing_steps to keep one)")
         )
+    return streak
 
 
 def save_checkpoint(run: Run, meter: LossMeter) -> None:
     t, state, accelerator = run.config.train, run.state, run.accelerator
-    check_health(run, meter)
-    if meter.worst_streak(accelerator):  # never put a state whose loss is NaN/inf next to the good ones
+    if check_health(run, meter):  # never put a state whose loss is NaN/inf next to the good ones
         say(accelerator, f"tuneloop: not saving step {state.step}: its training loss is not finite")
         return
     if state.best_step == state.step:
