@@ -5,8 +5,9 @@
     .venv/bin/python benchmarks/speed.py --quick              # a minute: checks the harness, measures nothing
 
 Settings (issue 9): T1 Trainer with the tutorial's padding to max_length, fp32; T2 Trainer with dynamic padding and
-group_by_length; T2b T2 + bf16; "tuneloop same maths" (bf16, the model's own dropout, as T2b); "tuneloop fastest"
-(attention dropout 0 and the allocator set-up on top: different maths, shown on its own row). Every run is a fresh
+group_by_length; T2b T2 + bf16; T2b+alloc, T2b given the allocator set-up by environment; "tuneloop plain loop" (its
+CPU switches off); "tuneloop same maths" (its defaults: bf16 and the model's own dropout as T2b, the allocator set-up
+and CPU dropout kernels, which keep the maths); "tuneloop fastest" (attention dropout 0: different maths, own row). Every run is a fresh
 process; settings alternate so that drifts of this noisy machine hit all of them alike. Ratios use medians.
 """
 
@@ -36,13 +37,20 @@ WORKLOADS = {
     # 16 steps for its throughput only (no accuracy).
     "short": dict(dataset_name="builtin:bbc_news_headlines", max_length=512, max_train_samples=None, t1_max_steps=16),
 }
+# glibc's allocator told to keep big blocks, as tuneloop's --tune_cpu_allocator does from inside the process.
+ALLOCATOR_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "100000000000"}
 SETTINGS = {
     "T1 Trainer tutorial": dict(peer=True, padding="max_length", precision="no"),
     "T2 Trainer dynamic+grouped": dict(peer=True, padding="longest", group=True, precision="no"),
     "T2b T2 + bf16": dict(peer=True, padding="longest", group=True, precision="bf16"),
+    # Trainer given the allocator set-up by environment: what a Trainer user who knows the trick gets.
+    "T2b+alloc T2b + MALLOC_ env": dict(peer=True, padding="longest", group=True, precision="bf16", env=ALLOCATOR_ENV),
+    # tuneloop with its CPU switches off: the plain loop, to show what the switches add.
+    "tuneloop plain loop": dict(peer=False, precision="bf16", extra=["--group_by_length", "true", "--tune_cpu_allocator",
+                                                                      "false", "--fast_cpu_dropout", "false"]),
+    # tuneloop's defaults (allocator set-up, CPU dropout kernels) at T2b's maths: bf16, the model's own dropout.
     "tuneloop same maths": dict(peer=False, precision="bf16", extra=["--group_by_length", "true"]),
-    "tuneloop fastest": dict(peer=False, precision="bf16", extra=["--group_by_length", "true", "--attention_dropout", "0",
-                                                                  "--tune_cpu_allocator", "true"]),
+    "tuneloop fastest": dict(peer=False, precision="bf16", extra=["--group_by_length", "true", "--attention_dropout", "0"]),
 }
 
 
@@ -66,7 +74,7 @@ def run_once(name: str, workload: dict, model: str, quick: bool) -> dict:
     setting = SETTINGS[name]
     with tempfile.TemporaryDirectory() as out:
         done = subprocess.run(command(setting, workload, model, out, quick), capture_output=True, text=True, cwd=ROOT,
-                              env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+                              env={**os.environ, "TOKENIZERS_PARALLELISM": "false", **setting.get("env", {})})
         if done.returncode != 0:
             raise SystemExit(f"{name} failed:\n{done.stderr[-3000:]}")
         if setting["peer"]:
@@ -77,7 +85,7 @@ def run_once(name: str, workload: dict, model: str, quick: bool) -> dict:
 def table(results: dict[str, list[dict]], peaks: dict[str, float]) -> str:
     median = {name: statistics.median(r["train_samples_per_second"] for r in runs) for name, runs in results.items()}
     peers = [n for n in results if SETTINGS[n]["peer"]]
-    head = ["setting", "samples/s min / median", "real tokens/s", "MFU", "peak memory GiB", "eval accuracy",
+    head = ["setting", "samples/s min / median", "real tokens/s", "model TFLOP/s", "MFU", "peak memory GiB", "eval accuracy",
             *(f"x {n.split()[0]}" for n in peers)]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for name, runs in results.items():
@@ -85,7 +93,7 @@ def table(results: dict[str, list[dict]], peaks: dict[str, float]) -> str:
         tflops = statistics.median(r["model_tflops_per_second"] for r in runs)
         accuracy = [r["eval_accuracy"] for r in runs if r.get("eval_accuracy") is not None]
         row = [name, f"{min(rates):.2f} / {median[name]:.2f}",
-               f"{statistics.median(r['train_tokens_per_second'] for r in runs):.0f}",
+               f"{statistics.median(r['train_tokens_per_second'] for r in runs):.0f}", f"{tflops:.3f}",
                f"{tflops / peaks[SETTINGS[name]['precision']]:.1%}",
                f"{max(r['peak_memory_gib'] for r in runs):.1f}",
                f"{statistics.median(accuracy):.4f}" if accuracy else "— (capped run)",

@@ -77,7 +77,7 @@ def test_speed_switches_keep_the_loss_curve(tiny_model_dir, toy_files, tmp_path)
         losses = [e["train/loss"] for e in read_json(tmp_path / name / "log_history.json") if "train/loss" in e]
         return results, torch.tensor(losses)
 
-    _, plain_losses = curve("plain")
+    _, plain_losses = curve("plain", tune_cpu_allocator="false")
     _, allocator_losses = curve("allocator", tune_cpu_allocator="true")
     assert torch.equal(allocator_losses, plain_losses)
     auto, auto_losses = curve("auto", mixed_precision="auto")
@@ -86,3 +86,7 @@ def test_speed_switches_keep_the_loss_curve(tiny_model_dir, toy_files, tmp_path)
     _, losses = curve("attention-dropout", attention_dropout=0.1)  # the tiny model's own is 0
     assert read_json(tmp_path / "attention-dropout" / "config.json")["attention_probs_dropout_prob"] == 0.1
     assert (losses - plain_losses).abs().mean() < 0.05  # (accuracy is no guide here: this toy task can plateau)
+    # The same dropout through torch's own kernels (SDPA's math path): another random stream, the same curve.
+    _, torch_losses = curve("torch-dropout", attention_dropout=0.1, fast_cpu_dropout="false")
+    assert not torch.equal(torch_losses, losses)  # the switch did change the path
+    assert (torch_losses - losses).abs().mean() < 0.05

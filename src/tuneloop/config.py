@@ -168,9 +168,14 @@ class TrainArguments:
         default=None, metadata={"help": "TF32 matmuls for fp32 work on Ampere or newer GPUs. Default: on there."}
     )
     tune_cpu_allocator: bool = field(
-        default=False,
+        default=True,
         metadata={"help": "On CPU, stop glibc malloc returning large blocks to the OS after every step (mallopt): "
-                          "faster when attention dropout forces the unfused attention path, at a cost in peak memory."},
+                          "the same arithmetic, 1.1-1.6x faster here (benchmarks/RESULTS.md), more peak memory."},
+    )
+    fast_cpu_dropout: bool = field(
+        default=True,
+        metadata={"help": "On CPU, dropout at the model's own rates with a faster mask sampler, and attention with "
+                          "dropout in SDPA's fp32 maths without its slow path (tuneloop/cpu_dropout.py)."},
     )
     eval_strategy: Literal["no", "steps", "epoch"] = field(default="epoch", metadata={"help": "When to evaluate."})
     eval_steps: Optional[int] = field(default=None, metadata={"help": "Evaluate every N optimizer steps (eval_strategy=steps)."})

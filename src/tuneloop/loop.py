@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 from transformers.utils import logging as hf_logging
 
-from tuneloop import checkpoint, data, engines, metrics, model as models, predict, report, throughput, tracking
+from tuneloop import checkpoint, cpu_dropout, data, engines, metrics, model as models, predict, report, throughput, tracking
 from tuneloop.config import Config, TrainArguments
 from tuneloop.errors import UserError
 from tuneloop.preemption import StopRequest
@@ -227,6 +227,9 @@ def setup(config: Config) -> Run:
         eval_set = data.tokenize(splits.eval, splits, tokenizer, d)
         metric_modules = metrics.load_metrics(t.metrics)
     model = models.load_model(m, splits.label_names, tokenizer.pad_token_id)
+    if t.fast_cpu_dropout and t.do_train and accelerator.device.type == "cpu":
+        if swapped := cpu_dropout.install(model):
+            say(accelerator, f"tuneloop: CPU dropout kernels for {' and '.join(swapped)} (--fast_cpu_dropout)")
     if accelerator.is_main_process:
         checkpoint.check_free_space(t.output_dir, model, checkpointing=t.do_train)
 

@@ -1,0 +1,69 @@
+"""Dropout for CPU training at the model's own rates, without torch's two slow CPU paths.
+
+Measured on this 2-core CPU (one MiniLM attention layer, 16 x 12 heads x 448 tokens, bf16 autocast, forward and
+backward, allocator set up): SDPA 532 ms, this module's attention 322 ms, the same fp32 arithmetic.
+- torch's CPU dropout draws every mask element as a 64-bit Bernoulli sample, one at a time: 5.2 ns per element, 1.6 s
+  of a 4 s step on BBC articles. A 31-bit uniform integer per element compared with p * 2**31 is the same Bernoulli
+  draw (the rate exact to 2**-31, finer than torch's own float draw) at under half the cost.
+- With attention dropout > 0, SDPA leaves its fused CPU kernel for the math path: it upcasts to fp32, rescales the
+  batch x heads x L x L probabilities, and runs a "safe" softmax (isneginf, all, where: three more passes over them).
+  `attention` below does the same fp32 maths with the dropout's 1 / (1 - p) applied to the values, which are L / head_dim
+  times smaller, and no extra passes. Everywhere else (eval, no dropout, GPU) it is transformers' own SDPA.
+The random stream differs from torch's dropout (it is drawn from the same seeded generator, so runs stay reproducible
+and resume exactly); the distribution of every mask does not.
+"""
+
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+ATTENTION = "tuneloop_cpu_sdpa"
+
+
+def keep_mask(shape: torch.Size, p: float, device: torch.device) -> torch.Tensor:
+    """True with probability 1 - p, independently per element: int32 `random_()` is uniform on [0, 2**31)."""
+    return torch.empty(shape, dtype=torch.int32, device=device).random_() >= round(p * 2**31)
+
+
+class CPUDropout(torch.nn.Dropout):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0:
+            return x
+        return x * keep_mask(x.shape, self.p, x.device) * (1 / (1 - self.p))
+
+
+def attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None, **kwargs):
+    """transformers' attention-function signature: (batch, heads, length, head_dim) in, (batch, length, heads,
+    head_dim) out."""
+    if not (module.training and dropout > 0 and query.device.type == "cpu"):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    scaling = query.size(-1) ** -0.5 if scaling is None else scaling
+    scores = (query.float() * scaling) @ key.float().transpose(-1, -2)
+    if attention_mask is not None and attention_mask.dtype == torch.bool:  # True = attend
+        scores = scores.masked_fill_(~attention_mask, torch.finfo(scores.dtype).min)
+    elif attention_mask is not None:
+        scores = scores + attention_mask
+    probs = scores.softmax(-1) * keep_mask(scores.shape, dropout, scores.device)
+    output = probs @ (value.float() * (1 / (1 - dropout)))
+    return output.to(query.dtype).transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(ATTENTION, attention)
+AttentionMaskInterface.register(ATTENTION, sdpa_mask)  # the masks SDPA gets: boolean, or None without padding
+
+
+def install(model: torch.nn.Module) -> list[str]:
+    """Swap the model's dropout for the CPU versions in place; returns what was swapped, for the log line.
+
+    Only plain `nn.Dropout` modules and models on transformers' SDPA attention interface are touched; the weights and
+    the saved config are not (the attention choice is not written to config.json)."""
+    dropouts = [(parent, name, child.p) for parent in model.modules() for name, child in parent.named_children()
+                if type(child) is torch.nn.Dropout and child.p > 0]
+    for parent, name, p in dropouts:
+        setattr(parent, name, CPUDropout(p))
+    swapped = [f"{len(dropouts)} dropout layers"] if dropouts else []
+    if getattr(model.config, "_attn_implementation", None) == "sdpa":
+        model.set_attn_implementation(ATTENTION)
+        swapped.append("attention")
+    return swapped

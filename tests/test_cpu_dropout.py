@@ -1,0 +1,81 @@
+"""The CPU dropout kernels (tuneloop/cpu_dropout.py): the same distribution and the same attention maths as torch's."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForSequenceClassification, BertConfig
+
+from tuneloop import cpu_dropout
+
+
+def test_keep_mask_is_bernoulli_at_the_rate():
+    torch.manual_seed(0)
+    for p in (0.1, 0.5):
+        kept = cpu_dropout.keep_mask((1_000_000,), p, torch.device("cpu")).float().mean().item()
+        assert kept == pytest.approx(1 - p, abs=2e-3)  # 2e-3 is over 4 standard deviations at n = 1e6
+
+
+def test_dropout_zeroes_at_the_rate_and_rescales_the_rest():
+    layer = cpu_dropout.CPUDropout(0.3).train()
+    out = layer(torch.ones(200_000))
+    assert out.unique().tolist() == [0.0, pytest.approx(1 / 0.7)]
+    assert (out == 0).float().mean().item() == pytest.approx(0.3, abs=5e-3)
+    assert out.mean().item() == pytest.approx(1.0, abs=1e-2)  # unbiased, as torch's dropout
+    assert torch.equal(layer.eval()(out), out)
+
+
+class Training(torch.nn.Module):
+    training = True
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_attention_is_sdpas_maths_when_nothing_is_dropped(dtype):
+    """A rate too small to drop anything leaves SDPA's own function: outputs and gradients agree, padding masked."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 9, 16, dtype=dtype, requires_grad=True) for _ in range(3))
+    mask = torch.ones(2, 1, 9, 9, dtype=torch.bool)
+    mask[1, ..., 6:] = False  # the second sequence's last three tokens are padding
+    ours, _ = cpu_dropout.attention(Training(), q, k, v, mask, dropout=1e-12)
+    ours.float().square().sum().backward()
+    ours_grads = [t.grad.clone() for t in (q, k, v)]
+    for t in (q, k, v):
+        t.grad = None
+    reference = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask)
+    reference = reference.to(dtype).transpose(1, 2)
+    reference.float().square().sum().backward()
+    tolerance = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(ours, reference, **tolerance)
+    for mine, theirs in zip(ours_grads, (q.grad, k.grad, v.grad)):
+        torch.testing.assert_close(mine, theirs, **tolerance)
+
+
+def test_attention_drops_at_the_rate():
+    """With uniform attention over 64 keys of value 1, each output is 1/64 x (kept keys) / (1 - p): mean 1."""
+    q, k = torch.zeros(1, 1, 64, 8), torch.zeros(1, 1, 64, 8)
+    v = torch.ones(1, 1, 64, 8)
+    out, _ = cpu_dropout.attention(Training(), q, k, v, None, dropout=0.25)
+    assert out.mean().item() == pytest.approx(1.0, abs=0.03)
+    assert out.std().item() > 0.05  # masks differ between rows: something was dropped
+
+
+def test_install_swaps_dropout_and_attention_but_not_what_is_saved(tmp_path):
+    config = BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, num_labels=3)
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_config(config)
+    reference = AutoModelForSequenceClassification.from_config(config)
+    reference.load_state_dict(model.state_dict())
+    assert cpu_dropout.install(model) == ["8 dropout layers", "attention"]
+    assert not any(type(m) is torch.nn.Dropout for m in model.modules())
+    ids = torch.randint(0, 50, (3, 10))
+    mask = torch.ones(3, 10, dtype=torch.long)
+    mask[0, 7:] = 0
+    with torch.no_grad():  # evaluation goes through transformers' own SDPA: identical logits
+        torch.testing.assert_close(model.eval()(input_ids=ids, attention_mask=mask).logits,
+                                   reference.eval()(input_ids=ids, attention_mask=mask).logits, atol=0, rtol=0)
+    model.train()(input_ids=ids, attention_mask=mask, labels=torch.tensor([0, 1, 2])).loss.backward()
+    assert all(p.grad is not None and p.grad.isfinite().all() for p in model.parameters())
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert not any("attn" in key for key in saved)  # a plain transformers install loads the fine-tuned model
