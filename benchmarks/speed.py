@@ -1,8 +1,10 @@
-"""tuneloop against transformers' Trainer on the same data, model, truncation and hardware, in one invocation.
+r"""tuneloop against transformers' Trainer on the same data, model, truncation and hardware, in one invocation.
 
     .venv/bin/python benchmarks/speed.py                      # both workloads, 2 alternating runs of every setting
     .venv/bin/python benchmarks/speed.py --workload long --runs 3
     .venv/bin/python benchmarks/speed.py --quick              # a minute: checks the harness, measures nothing
+    .venv/bin/python benchmarks/speed.py --workload long_full --runs 1 --settings "T2b+alloc T2b + MALLOC_ env" \
+        "tuneloop same maths" "tuneloop fastest"              # accuracy after 107 steps
 
 Settings (issue 9): T1 Trainer with the tutorial's padding to max_length, fp32; T2 Trainer with dynamic padding and
 group_by_length; T2b T2 + bf16; T2b+alloc, T2b given the allocator set-up by environment; "tuneloop plain loop" (its
@@ -35,6 +37,8 @@ WORKLOADS = {
     "long": dict(dataset_name="builtin:bbc_news", max_length=512, max_train_samples=256, t1_max_steps=None),
     # Short: the headlines (median 9 tokens), the full training split. T1 pads them to 512 (~1 sample/s), so it runs
     # 16 steps for its throughput only (no accuracy).
+    # Long, all 1,701 training articles (107 steps): the accuracy check, too slow for every setting (T1 ~25 min).
+    "long_full": dict(dataset_name="builtin:bbc_news", max_length=512, max_train_samples=None, t1_max_steps=None),
     "short": dict(dataset_name="builtin:bbc_news_headlines", max_length=512, max_train_samples=None, t1_max_steps=16),
 }
 # glibc's allocator told to keep big blocks, as tuneloop's --tune_cpu_allocator does from inside the process.
@@ -51,7 +55,11 @@ SETTINGS = {
     # tuneloop's defaults (allocator set-up, CPU dropout kernels) at T2b's maths: bf16, the model's own dropout.
     "tuneloop same maths": dict(peer=False, precision="bf16", extra=["--group_by_length", "true"]),
     "tuneloop fastest": dict(peer=False, precision="bf16", extra=["--group_by_length", "true", "--attention_dropout", "0"]),
+    # Not run by default (see RESULTS.md): torch.compile on top of the same maths, compile time included.
+    "tuneloop same maths + compile": dict(peer=False, precision="bf16", extra=["--group_by_length", "true",
+                                                                               "--torch_compile", "true"]),
 }
+DEFAULT_SETTINGS = [name for name in SETTINGS if not name.endswith("compile")]
 
 
 def command(setting: dict, workload: dict, model: str, out: str, quick: bool) -> list[str]:
@@ -104,10 +112,10 @@ def table(results: dict[str, list[dict]], peaks: dict[str, float]) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--workload", choices=["long", "short", "both"], default="both")
+    p.add_argument("--workload", choices=[*WORKLOADS, "both"], default="both", help="both: long and short")
     p.add_argument("--runs", type=int, default=2, help="runs of every setting, alternating")
     p.add_argument("--model", default="builtin:all-MiniLM-L6-v2", help="e.g. google-bert/bert-base-cased on a GPU")
-    p.add_argument("--settings", nargs="*", default=list(SETTINGS), choices=list(SETTINGS))
+    p.add_argument("--settings", nargs="*", default=DEFAULT_SETTINGS, choices=list(SETTINGS))
     p.add_argument("--quick", action="store_true", help="tiny sizes: checks that every setting runs")
     p.add_argument("--write", metavar="FILE", help="append the tables, command, machine and date to FILE (RESULTS.md)")
     a = p.parse_args()

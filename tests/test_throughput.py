@@ -90,3 +90,25 @@ def test_speed_switches_keep_the_loss_curve(tiny_model_dir, toy_files, tmp_path)
     _, torch_losses = curve("torch-dropout", attention_dropout=0.1, fast_cpu_dropout="false")
     assert not torch.equal(torch_losses, losses)  # the switch did change the path
     assert (torch_losses - losses).abs().mean() < 0.05
+
+
+def test_torch_compile_keeps_the_loss_curve_and_saves_a_plain_model(tiny_model_dir, toy_files, tmp_path):
+    """--torch_compile: Accelerate's regional compilation on padded-length buckets. Same curve as eager (inductor
+    reorders float sums), checkpoints written, and the final model loads in plain transformers with every weight."""
+    from conftest import read_json, reset_accelerate_state
+    from transformers import AutoModelForSequenceClassification
+
+    def curve(name, **options):
+        run_in_process(tiny_args(tiny_model_dir, toy_files, tmp_path / name, logging_steps=1, seed=1, num_train_epochs=1,
+                                 **options))
+        reset_accelerate_state()
+        return torch.tensor([e["train/loss"] for e in read_json(tmp_path / name / "log_history.json") if "train/loss" in e])
+
+    eager = curve("eager", pad_to_multiple_of=32)
+    compiled = curve("compiled", torch_compile="true", checkpointing_steps=10)
+    assert len(compiled) == len(eager) == 30
+    assert (compiled - eager).abs().max() < 0.02
+    assert (tmp_path / "compiled" / "checkpoints" / "step_0000020").is_dir()
+    model, info = AutoModelForSequenceClassification.from_pretrained(tmp_path / "compiled", output_loading_info=True)
+    assert not any(info.values()), info  # no missing, unexpected or mismatched keys
+    assert not any("_orig_mod" in key for key in model.state_dict())

@@ -197,7 +197,9 @@ def check_writable(output_dir: str) -> None:
 def save_final_model(accelerator: Accelerator, model, tokenizer, output_dir: str) -> None:
     accelerator.wait_for_everyone()
     state_dict = accelerator.get_state_dict(model)  # collective: gathers shards to the main process
-    accelerator.unwrap_model(model).save_pretrained(
+    # Under --torch_compile the compiled blocks' keys read `layer.0._orig_mod.…`: plain transformers would load none.
+    state_dict = state_dict and {key.replace("_orig_mod.", ""): value for key, value in state_dict.items()}
+    accelerator.unwrap_model(model, keep_torch_compile=False).save_pretrained(
         output_dir, is_main_process=accelerator.is_main_process, save_function=accelerator.save, state_dict=state_dict
     )
     if accelerator.is_main_process:

@@ -101,7 +101,8 @@ class DataArguments:
                           "--max_length, as the transformers tutorial does."},
     )
     pad_to_multiple_of: Optional[int] = field(
-        default=None, metadata={"help": "Round padded lengths up to a multiple of this. Default: 8 under fp16/bf16, else 1."}
+        default=None, metadata={"help": "Round padded lengths up to a multiple of this. Default: 64 with --torch_compile "
+                                        "(one compiled graph per bucket), else 8 under fp16/bf16, else 1."}
     )
     max_train_samples: Optional[int] = field(
         default=None, metadata={"help": "Train on a seeded random subset of this many examples."}
@@ -171,6 +172,13 @@ class TrainArguments:
         default=True,
         metadata={"help": "On CPU, stop glibc malloc returning large blocks to the OS after every step (mallopt): "
                           "the same arithmetic, 1.1-1.6x faster here (benchmarks/RESULTS.md), more peak memory."},
+    )
+    torch_compile: bool = field(
+        default=False,
+        metadata={"help": "Compile the model's repeated blocks with torch.compile (inductor, Accelerate's regional "
+                          "compilation), lengths padded to buckets (--pad_to_multiple_of) so that it compiles once per "
+                          "bucket, not per batch. Off by default: compile time outweighed the gain in this CPU's "
+                          "benchmark (benchmarks/RESULTS.md). `accelerate launch --dynamo_backend` also works."},
     )
     fast_cpu_dropout: bool = field(
         default=True,

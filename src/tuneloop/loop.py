@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration, InitProcessGroupKwargs
+from accelerate.utils import TorchDynamoPlugin
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 from transformers import get_scheduler
@@ -25,6 +26,8 @@ from tuneloop import checkpoint, cpu_dropout, data, engines, metrics, model as m
 from tuneloop.config import Config, TrainArguments
 from tuneloop.errors import UserError
 from tuneloop.preemption import StopRequest
+
+COMPILE_LENGTH_BUCKET = 64  # tokens; batch lengths are rounded up to this under --torch_compile
 
 
 class Preempted(Exception):
@@ -69,6 +72,10 @@ def make_accelerator(t: TrainArguments) -> Accelerator:
     accelerator = Accelerator(
         cpu=no_gpu and not deepspeed,
         mixed_precision=("bf16" if fast_bf16_available() else "no") if t.mixed_precision == "auto" else t.mixed_precision,
+        # Regional compilation compiles one transformer block and reuses it for the others: a fraction of the compile
+        # time of the whole model. Static shapes, because the lengths come in few buckets (see `setup`).
+        dynamo_plugin=TorchDynamoPlugin(backend="inductor", use_regional_compilation=True, dynamic=False)
+        if t.torch_compile else None,
         gradient_accumulation_steps=t.gradient_accumulation_steps,
         log_with=tracking.log_with(t),
         project_dir=t.output_dir,
@@ -233,7 +240,9 @@ def setup(config: Config) -> Run:
     if accelerator.is_main_process:
         checkpoint.check_free_space(t.output_dir, model, checkpointing=t.do_train)
 
-    pad_to_multiple_of = d.pad_to_multiple_of or (8 if accelerator.mixed_precision in ("fp16", "bf16") else None)
+    # Under torch.compile every new batch shape is a new graph: 64-token buckets make that at most max_length / 64.
+    compile_bucket = min(COMPILE_LENGTH_BUCKET, d.max_length) if t.torch_compile else None
+    pad_to_multiple_of = d.pad_to_multiple_of or compile_bucket or (8 if accelerator.mixed_precision in ("fp16", "bf16") else None)
     train_dl, eval_dl = data.make_dataloaders(
         train_set, eval_set, tokenizer, t, pad_to_multiple_of, pin_memory=accelerator.device.type == "cuda",
         length_window=d.length_grouping_window if d.group_by_length else None,
