@@ -9,11 +9,30 @@ from transformers import AutoModelForSequenceClassification, BertConfig
 from tuneloop import cpu_dropout
 
 
-def test_keep_mask_is_bernoulli_at_the_rate():
+@pytest.mark.parametrize("size", [100_000, 3_000_000])  # one draw; pieces drawn on threads
+def test_keep_mask_is_bernoulli_at_the_rate(size):
     torch.manual_seed(0)
     for p in (0.1, 0.5):
-        kept = cpu_dropout.keep_mask((1_000_000,), p, torch.device("cpu")).float().mean().item()
-        assert kept == pytest.approx(1 - p, abs=2e-3)  # 2e-3 is over 4 standard deviations at n = 1e6
+        mask = cpu_dropout.keep_mask((size,), p, torch.device("cpu"))
+        assert mask.float().mean().item() == pytest.approx(1 - p, abs=5 * (p * (1 - p) / size) ** 0.5)
+        # Neighbouring pieces are not copies of each other (each has its own seed).
+        piece = size // cpu_dropout.PIECES
+        assert not torch.equal(mask[:piece], mask[piece:2 * piece])
+
+
+def test_keep_mask_repeats_with_the_seed_whatever_the_thread_count():
+    threads = torch.get_num_threads()
+    masks = []
+    try:
+        for count in (1, 2, 1):
+            torch.set_num_threads(count)
+            torch.manual_seed(7)
+            masks.append(cpu_dropout.keep_mask((4, 3, 300, 300), 0.1, torch.device("cpu")))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(masks[0], masks[1]) and torch.equal(masks[1], masks[2])
+    torch.manual_seed(8)
+    assert not torch.equal(cpu_dropout.keep_mask((4, 3, 300, 300), 0.1, torch.device("cpu")), masks[0])
 
 
 def test_dropout_zeroes_at_the_rate_and_rescales_the_rest():
