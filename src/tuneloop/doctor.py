@@ -67,6 +67,11 @@ def gpu_count() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
+def cpu_cores() -> int:
+    """The cores this process may run on (a SLURM or taskset allocation), not the machine's count."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
 def print_environment() -> None:
     print("environment")
     print(f"  python {platform.python_version()} on {platform.platform()}")
@@ -76,8 +81,7 @@ def print_environment() -> None:
         except metadata.PackageNotFoundError:
             version = "not installed"
         print(f"  {name} {version}")
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    print(f"  CPU cores available: {cores}, memory: {total_memory_gib():.0f} GiB")
+    print(f"  CPU cores available: {cpu_cores()}, memory: {total_memory_gib():.0f} GiB")
     if gpu_count():
         print(f"  CUDA {torch.version.cuda}, {gpu_count()} GPU(s), bf16 {'yes' if torch.cuda.is_bf16_supported() else 'no'}")
         for i in range(gpu_count()):
@@ -121,7 +125,7 @@ def check_config(path: str):
     if wants_gpu and n_gpu and precision == "bf16" and not torch.cuda.is_bf16_supported():
         problems.append("mixed_precision bf16 but this GPU has no bf16: use fp16")
     if not wants_gpu:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        cores = cpu_cores()
         if n_proc > cores:
             warnings.append(f"{n_proc} CPU processes on {cores} cores: they will compete for cores")
         if precision == "fp16":

@@ -16,8 +16,7 @@ from dataclasses import dataclass
 
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration, InitProcessGroupKwargs
-from accelerate.utils import TorchDynamoPlugin
-from accelerate.utils import set_seed
+from accelerate.utils import TorchDynamoPlugin, set_seed
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 from transformers.utils import logging as hf_logging
@@ -68,7 +67,7 @@ def make_accelerator(t: TrainArguments) -> Accelerator:
     # without it each process believes it is alone and trains independently. DeepSpeed is the exception: it sets
     # up its own process group, which on CPU must be told to use gloo.
     no_gpu = not torch.accelerator.is_available()
-    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    deepspeed = engines.requested("DEEPSPEED")
     accelerator = Accelerator(
         cpu=no_gpu and not deepspeed,
         mixed_precision=("bf16" if fast_bf16_available() else "no") if t.mixed_precision == "auto" else t.mixed_precision,
