@@ -223,6 +223,9 @@ def test_load_best_model_at_end_with_rotation_and_early_stopping(tiny_model_dir,
     left = [Path(p).name for p in checkpoint.complete_checkpoints(str(tmp_path))]
     assert f"step_{best['step']:07d}" in left and len(left) <= 2  # the newest one, and the best one
     assert results["stopped_early"] and evals[-1]["epoch"] == best["epoch"] + 2
+    # The rate the run ended on, not the best step's (loading the best state also brings back its scheduler).
+    rates = {e["step"]: e["train/learning_rate"] for e in history if "train/learning_rate" in e}
+    assert results["final_learning_rate"] == rates[max(rates)] < rates[best["step"]]
 
 
 def test_a_diverging_run_stops_and_keeps_the_last_good_checkpoint(tiny_model_dir, toy_files, tmp_path):

@@ -85,7 +85,7 @@ def test_install_swaps_dropout_and_attention_but_not_what_is_saved(tmp_path):
     model = AutoModelForSequenceClassification.from_config(config)
     reference = AutoModelForSequenceClassification.from_config(config)
     reference.load_state_dict(model.state_dict())
-    assert cpu_dropout.install(model) == ["8 dropout layers", "attention"]
+    assert cpu_dropout.swap(model) == ["8 dropout layers", "attention"]
     assert not any(type(m) is torch.nn.Dropout for m in model.modules())
     ids = torch.randint(0, 50, (3, 10))
     mask = torch.ones(3, 10, dtype=torch.long)
@@ -98,3 +98,39 @@ def test_install_swaps_dropout_and_attention_but_not_what_is_saved(tmp_path):
     model.save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "config.json").read_text())
     assert not any("attn" in key for key in saved)  # a plain transformers install loads the fine-tuned model
+
+
+def test_moved_transformers_internals_fall_back_to_the_plain_path(monkeypatch, tiny_model_dir, toy_files, tmp_path, capsys):
+    """A transformers release that moves the attention internals cpu_dropout uses must cost speed, never the run:
+    install says so in one line and leaves the model on torch's dropout and transformers' SDPA."""
+    import sys
+
+    from conftest import run_in_process, tiny_args
+    from tuneloop import cpu_speedups
+
+    monkeypatch.setitem(sys.modules, "transformers.integrations.sdpa_attention", None)  # its import now fails
+    monkeypatch.delitem(sys.modules, "tuneloop.cpu_dropout")  # imported afresh by install, as in a new process
+    monkeypatch.delattr(sys.modules["tuneloop"], "cpu_dropout")
+    config = BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, num_labels=3)
+    model = AutoModelForSequenceClassification.from_config(config, attn_implementation="sdpa")
+    (line,) = cpu_speedups.install(model, allocator=False, dropout=True)
+    assert line.startswith("tuneloop: --fast_cpu_dropout unavailable") and "sdpa_attention" in line, line
+    assert model.config._attn_implementation == "sdpa"
+    assert sum(type(m) is torch.nn.Dropout for m in model.modules()) == 8  # untouched
+    results = run_in_process(tiny_args(tiny_model_dir, toy_files, tmp_path, num_train_epochs=1))
+    assert results["global_step"] == 30 and "--fast_cpu_dropout unavailable" in capsys.readouterr().out
+
+
+def test_an_allocator_without_mallopt_is_one_line(monkeypatch):
+    """Off glibc (musl, macOS) there is no libc.so.6: the run goes on with the default allocator."""
+    import ctypes
+
+    from tuneloop import cpu_speedups
+
+    def no_glibc(name):
+        raise OSError(f"{name}: cannot open shared object file")
+
+    monkeypatch.setattr(ctypes, "CDLL", no_glibc)
+    (line,) = cpu_speedups.install(torch.nn.Linear(2, 2), allocator=True, dropout=False)
+    assert "--tune_cpu_allocator unavailable here (OSError" in line

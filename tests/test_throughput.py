@@ -68,7 +68,7 @@ def test_speed_switches_keep_the_loss_curve(tiny_model_dir, toy_files, tmp_path)
     """Each switch against the plain path on the same seed: the allocator set-up changes no arithmetic at all;
     bf16 ('auto' on this CPU, if it has bf16 units) and attention dropout 0 stay close to it."""
     from conftest import read_json, reset_accelerate_state
-    from tuneloop.loop import fast_bf16_available
+    from tuneloop.runtime import fast_bf16_available
 
     def curve(name, **options):
         results = run_in_process(tiny_args(tiny_model_dir, toy_files, tmp_path / name, logging_steps=1, seed=1,

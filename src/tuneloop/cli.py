@@ -76,16 +76,10 @@ def run_command(command, argv: list[str] | None) -> int:
 
 
 def train_command(argv: list[str] | None) -> int:
-    from tuneloop import data
     from tuneloop.config import parse_args
     from tuneloop.loop import train
 
-    config = parse_args(argv)
-    if not (config.train.do_train or config.train.do_eval):  # only --do_predict: predict with the model as loaded
-        return predict_saved(config)
-    if config.train.do_predict:  # a bad test split must stop the run before training, not after it
-        data.load_test_split(config.data, label_names=None)
-    train(config)
+    train(parse_args(argv))  # --do_train false: the model as loaded is evaluated and/or predicts
     return 0
 
 
@@ -98,33 +92,10 @@ def evaluate_command(argv: list[str] | None) -> int:
 
 
 def predict_command(argv: list[str] | None) -> int:
-    return predict_saved(saved_model_config(argv, "predict"))
+    """A prediction-only run of the saved model: its classes are the model's own (its config's id2label)."""
+    from tuneloop.loop import train
 
-
-def predict_saved(config) -> int:
-    """Load the model and predict on the test split; the classes are the model's own (its config's id2label)."""
-    from transformers.utils import logging as hf_logging
-
-    from tuneloop import checkpoint, data, engines, loop, metrics, model as models, predict, report
-
-    m, t = config.model, config.train
-    accelerator = loop.make_accelerator(t)
-    loop.use_all_cpu_cores(accelerator)
-    if not accelerator.is_local_main_process:
-        hf_logging.set_verbosity_error()
-    # Cheap checks first, as in loop.setup: output folder, model config, data; weights load last.
-    checkpoint.check_writable(t.output_dir)
-    saved = models.load_config(m)
-    names = [saved.id2label[i] for i in range(saved.num_labels)]
-    split = data.load_test_split(config.data, names)
-    tokenizer = models.load_tokenizer(m, config.data.max_length)
-    with accelerator.main_process_first():
-        metric_modules = metrics.load_metrics(t.metrics)
-    (model,) = engines.prepare_for_evaluation(accelerator, models.load_model(m, names, tokenizer.pad_token_id))
-    run = loop.Run(config, accelerator, model, tokenizer, None, None, metric_modules)
-    results = predict.predict_test_split(run, loop.describe(accelerator), split)
-    loop.say(accelerator, report.summary_table(results, t.output_dir))
-    accelerator.end_training()
+    train(saved_model_config(argv, "predict"))
     return 0
 
 

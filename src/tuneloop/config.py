@@ -249,6 +249,10 @@ class TrainArguments:
                           "(checked at logging and checkpoint steps); the last good checkpoint is kept."},
     )
 
+    def global_batch_size(self, num_processes: int) -> int:
+        """Examples per optimizer step over all processes (the one place this product is taken)."""
+        return self.per_device_train_batch_size * self.gradient_accumulation_steps * num_processes
+
 
 @dataclass
 class Config:

@@ -12,6 +12,9 @@ backward, allocator set up): SDPA 532 ms, this module's attention 322 ms, the sa
   times smaller, and no extra passes. Everywhere else (eval, no dropout, GPU) it is transformers' own SDPA.
 The random stream differs from torch's dropout (it is seeded from torch's global generator, so runs stay reproducible
 and resume exactly); the distribution of every mask does not.
+
+This module reaches into transformers' attention registry and SDPA function: import it only through
+`cpu_speedups.install`, which falls back to the plain path when a transformers release has moved them.
 """
 
 import math
@@ -75,21 +78,20 @@ def attention(module, query, key, value, attention_mask, dropout: float = 0.0, s
     return output.to(query.dtype).transpose(1, 2).contiguous(), None
 
 
-AttentionInterface.register(ATTENTION, attention)
-AttentionMaskInterface.register(ATTENTION, sdpa_mask)  # the masks SDPA gets: boolean, or None without padding
-
-
-def install(model: torch.nn.Module) -> list[str]:
+def swap(model: torch.nn.Module) -> list[str]:
     """Swap the model's dropout for the CPU versions in place; returns what was swapped, for the log line.
 
     Only plain `nn.Dropout` modules and models on transformers' SDPA attention interface are touched; the weights and
     the saved config are not (the attention choice is not written to config.json)."""
+    # The transformers internals first: if they have moved, this raises before the model is touched.
+    AttentionInterface.register(ATTENTION, attention)
+    AttentionMaskInterface.register(ATTENTION, sdpa_mask)  # the masks SDPA gets: boolean, or None without padding
+    swapped = []
+    if getattr(model.config, "_attn_implementation", None) == "sdpa":
+        model.set_attn_implementation(ATTENTION)
+        swapped.append("attention")
     dropouts = [(parent, name, child.p) for parent in model.modules() for name, child in parent.named_children()
                 if type(child) is torch.nn.Dropout and child.p > 0]
     for parent, name, p in dropouts:
         setattr(parent, name, CPUDropout(p))
-    swapped = [f"{len(dropouts)} dropout layers"] if dropouts else []
-    if getattr(model.config, "_attn_implementation", None) == "sdpa":
-        model.set_attn_implementation(ATTENTION)
-        swapped.append("attention")
-    return swapped
+    return ([f"{len(dropouts)} dropout layers"] if dropouts else []) + swapped

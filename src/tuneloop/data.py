@@ -291,8 +291,9 @@ def tokenize(split: Dataset, splits: Splits, tokenizer: PreTrainedTokenizerBase,
     return encoded
 
 
-def make_dataloaders(train: Dataset | None, evaluation: Dataset, tokenizer, t: TrainArguments, pad_to_multiple_of: int | None,
-                     pin_memory: bool, length_window: int | None = None) -> tuple[DataLoader | None, DataLoader]:
+def make_dataloaders(train: Dataset | None, evaluation: Dataset | None, tokenizer, t: TrainArguments,
+                     pad_to_multiple_of: int | None, pin_memory: bool,
+                     length_window: int | None = None) -> tuple[DataLoader | None, DataLoader | None]:
     """Training order: a seeded shuffle, or with `length_window` batches of similar length (see LengthGroupedSampler)."""
     collate = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=pad_to_multiple_of)
     common = dict(collate_fn=collate, num_workers=t.dataloader_num_workers, pin_memory=pin_memory)
@@ -307,8 +308,10 @@ def make_dataloaders(train: Dataset | None, evaluation: Dataset, tokenizer, t: T
             order = dict(sampler=LengthGroupedSampler(lengths, t.per_device_train_batch_size, length_window, t.seed))
         train_dl = DataLoader(train, batch_size=t.per_device_train_batch_size,
                               generator=torch.Generator().manual_seed(t.seed), **order, **common)
-    eval_dl = DataLoader(evaluation, batch_size=t.per_device_eval_batch_size, shuffle=False,
-                         generator=torch.Generator().manual_seed(t.seed), **common)
+    eval_dl = None
+    if evaluation is not None:
+        eval_dl = DataLoader(evaluation, batch_size=t.per_device_eval_batch_size, shuffle=False,
+                             generator=torch.Generator().manual_seed(t.seed), **common)
     return train_dl, eval_dl
 
 

@@ -23,6 +23,8 @@ from importlib import metadata
 
 import torch
 
+from tuneloop.runtime import cpu_cores
+
 PROBE_TAG = "tuneloop-doctor-probe:"
 PACKAGES = ("tuneloop", "torch", "transformers", "accelerate", "deepspeed", "datasets", "evaluate")
 
@@ -65,11 +67,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def gpu_count() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
-
-
-def cpu_cores() -> int:
-    """The cores this process may run on (a SLURM or taskset allocation), not the machine's count."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
 def print_environment() -> None:
@@ -222,7 +219,7 @@ def probe() -> int:
     from tuneloop.config import TrainArguments
     from tuneloop.engines import describe_deepspeed
     from tuneloop.errors import UserError
-    from tuneloop.loop import make_accelerator
+    from tuneloop.runtime import make_accelerator
 
     with tempfile.TemporaryDirectory() as output_dir:
         t = TrainArguments(output_dir=output_dir, per_device_train_batch_size=4)

@@ -78,7 +78,7 @@ def fill_deepspeed_config(accelerator: Accelerator, t: TrainArguments) -> list[s
             problems.append(f"the DeepSpeed config sets {key}={current} but --{flag} is {value}: "
                             f"remove {key} from the DeepSpeed config (or set it to \"auto\")")
     batch = ds.get("train_batch_size", "auto")
-    expected = t.per_device_train_batch_size * t.gradient_accumulation_steps * accelerator.num_processes
+    expected = t.global_batch_size(accelerator.num_processes)
     if batch != "auto" and int(batch) != expected:
         problems.append(f"the DeepSpeed config sets train_batch_size={batch} but the trainer's global batch is "
                         f"{expected}: set train_batch_size to \"auto\"")

@@ -42,9 +42,14 @@ def load_config(m: ModelArguments) -> PretrainedConfig:
     return config
 
 
+def class_names(config: PretrainedConfig) -> list[str]:
+    """The classes a model predicts, in id order (tuneloop saves them as `id2label`)."""
+    return [config.id2label[i] for i in range(config.num_labels)]
+
+
 def trained_label_names(config: PretrainedConfig) -> list[str] | None:
     """Class names of an already fine-tuned model; None for a base model (transformers' default LABEL_i names)."""
-    names = [config.id2label[i] for i in sorted(config.id2label)]
+    names = class_names(config)
     return None if names == [f"LABEL_{i}" for i in range(len(names))] else names
 
 

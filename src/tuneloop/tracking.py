@@ -26,18 +26,22 @@ def start(accelerator: Accelerator, config: Config, run_id: str) -> None:
     t = config.train
     if not TRACKERS[t.report_to]:
         return
-    run_name = t.run_name or os.path.basename(os.path.normpath(t.output_dir))
     try:
         accelerator.init_trackers(
             t.project_name,
             config=flat_hparams(config),
-            init_kwargs={"wandb": {"name": run_name, "dir": t.output_dir, "id": run_id, "resume": "allow"}},
+            init_kwargs={"wandb": {"name": run_name(t), "dir": t.output_dir, "id": run_id, "resume": "allow"}},
         )
     except Exception as e:
         if "wandb" in type(e).__module__ or "api_key" in str(e).lower():
             raise UserError(f"wandb could not start ({' '.join(str(e).split())[:200]}): run `wandb login`, or set "
                             "WANDB_MODE=offline for a local run") from None
         raise
+
+
+def run_name(t: TrainArguments) -> str:
+    """--run_name, or the output folder's name: what the tracker run and the model card are called."""
+    return t.run_name or os.path.basename(os.path.normpath(t.output_dir))
 
 
 def flat_hparams(config: Config) -> dict:

@@ -1,0 +1,113 @@
+"""The process-wide runtime every command shares: the Accelerator, threads and kernels, the padding rule, and printing.
+
+A leaf for the rest of tuneloop: it imports no data, model, metric or report code, so the doctor's probe (which only
+needs an Accelerator as training builds it) starts without datasets, scikit-learn or matplotlib.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+
+import torch
+from accelerate import Accelerator, DataLoaderConfiguration, InitProcessGroupKwargs
+from accelerate.utils import TorchDynamoPlugin
+from tqdm.auto import tqdm
+
+from tuneloop import engines, tracking
+from tuneloop.config import DataArguments, TrainArguments
+
+COMPILE_LENGTH_BUCKET = 64  # tokens; batch lengths are rounded up to this under --torch_compile
+
+
+def fast_bf16_available() -> bool:
+    """bf16 that runs faster than fp32: tensor cores from Ampere on; AMX or AVX-512 bf16 matrix units on a CPU."""
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_capability()[0] >= 8
+    try:
+        flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()
+    except (OSError, StopIteration):
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def make_accelerator(t: TrainArguments) -> Accelerator:
+    # With no GPU, Accelerator(cpu=True) is what turns a multi-process launch into real gloo data parallelism;
+    # without it each process believes it is alone and trains independently. DeepSpeed is the exception: it sets
+    # up its own process group, which on CPU must be told to use gloo.
+    no_gpu = not torch.accelerator.is_available()
+    deepspeed = engines.requested("DEEPSPEED")
+    accelerator = Accelerator(
+        cpu=no_gpu and not deepspeed,
+        mixed_precision=("bf16" if fast_bf16_available() else "no") if t.mixed_precision == "auto" else t.mixed_precision,
+        # Regional compilation compiles one transformer block and reuses it for the others: a fraction of the compile
+        # time of the whole model. Static shapes, because the lengths come in few buckets (see `pad_to_multiple_of`).
+        dynamo_plugin=TorchDynamoPlugin(backend="inductor", use_regional_compilation=True, dynamic=False)
+        if t.torch_compile else None,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        log_with=tracking.log_with(t),
+        project_dir=t.output_dir,
+        # A seeded sampler makes the data order a function of (seed, epoch) alone: reproducible and resumable.
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        # The timeout covers the longest wait of one rank for another: rank 0 tokenizing a large dataset while the
+        # others wait in main_process_first, or a slow node joining (torch's NCCL default is 10 minutes).
+        kwargs_handlers=[InitProcessGroupKwargs(backend="gloo" if no_gpu and deepspeed else None,
+                                                timeout=datetime.timedelta(seconds=t.ddp_timeout))],
+    )
+    engines.reconcile(accelerator, t)  # the engine asked for is the one running, and agrees with the trainer's flags
+    return accelerator
+
+
+def cpu_cores() -> int:
+    """The cores this process may run on (a SLURM or taskset allocation), not the machine's count."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+def use_all_cpu_cores(accelerator: Accelerator) -> None:
+    """Undo `accelerate launch`'s default of one thread per process on CPU.
+
+    Without a CPU accelerate config (`--num_cpu_threads_per_process` unset, OMP_NUM_THREADS not exported), the launcher
+    hands its workers OMP_NUM_THREADS=1: the offline default then ran 1.4 s/step instead of 0.77 on 2 cores. Any other
+    thread count, set by the user or the launcher, is left alone.
+    """
+    launched = "ACCELERATE_DYNAMO_BACKEND" in os.environ  # set by `accelerate launch` for every worker
+    if accelerator.device.type != "cpu" or not launched or os.environ.get("OMP_NUM_THREADS") != "1":
+        return
+    threads = cpu_cores() // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # this process's share of the cores
+    if threads > torch.get_num_threads():
+        torch.set_num_threads(threads)
+        say(accelerator, f"tuneloop: {threads} CPU threads per process (accelerate launch passed OMP_NUM_THREADS=1; "
+                         "set --num_cpu_threads_per_process to choose)")
+
+
+def set_up_kernels(t: TrainArguments, device: torch.device) -> None:
+    """Process-wide matmul settings, before the model exists: TF32 for fp32 work on Ampere or newer GPUs."""
+    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8 and t.tf32 is not False:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
+def pad_to_multiple_of(d: DataArguments, t: TrainArguments, mixed_precision: str) -> int | None:
+    """The length every batch is padded up to a multiple of, the same for training, evaluation and prediction.
+
+    Under torch.compile every new batch shape is a new graph: 64-token buckets make that at most max_length / 64.
+    Under fp16/bf16, multiples of 8 keep tensor-core shapes aligned.
+    """
+    compile_bucket = min(COMPILE_LENGTH_BUCKET, d.max_length) if t.torch_compile else None
+    return d.pad_to_multiple_of or compile_bucket or (8 if mixed_precision in ("fp16", "bf16") else None)
+
+
+def describe(accelerator: Accelerator) -> dict:
+    """What actually ran: recorded with every result, so a '2-process' figure is provably from two processes."""
+    return {
+        "num_processes": accelerator.num_processes,
+        "distributed_type": accelerator.distributed_type.value,
+        "mixed_precision": accelerator.mixed_precision,
+        "device": str(accelerator.device.type),
+    }
+
+
+def say(accelerator: Accelerator, message: str) -> None:
+    """Print once (main process), above the progress bar rather than through it."""
+    if accelerator.is_main_process:
+        tqdm.write(message)

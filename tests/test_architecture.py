@@ -1,0 +1,89 @@
+"""The shape of src/tuneloop: modules import each other without cycles, and the runtime leaf stays a leaf.
+
+Imports are read from the source (every `import`, including those inside functions and under `if TYPE_CHECKING`),
+because a cycle that only type checkers or one code path close is still one a reader has to untangle.
+"""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT
+
+pytestmark = pytest.mark.unit
+
+PACKAGE = ROOT / "src" / "tuneloop"
+
+
+def imported_modules(path: Path) -> set[str]:
+    """tuneloop modules this file imports anywhere in it, by module name (`loop`, `model`, ...)."""
+    modules = set(p.stem for p in PACKAGE.glob("*.py"))
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {a.name.split(".")[1] for a in node.names if a.name.startswith("tuneloop.")}
+        elif isinstance(node, ast.ImportFrom) and node.module == "tuneloop":
+            found |= {a.name for a in node.names if a.name in modules}
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("tuneloop."):
+            found.add(node.module.split(".")[1])
+    return found - {path.stem}
+
+
+def import_graph() -> dict[str, set[str]]:
+    return {path.stem: imported_modules(path) for path in PACKAGE.glob("*.py")}
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle as a path [a, b, ..., a], or None."""
+    state: dict[str, str] = {}  # "open" while on the current path, "done" after
+
+    def visit(node: str, path: list[str]) -> list[str] | None:
+        state[node] = "open"
+        for target in sorted(graph.get(node, ())):
+            if state.get(target) == "open":
+                return path[path.index(target):] + [target] if target in path else [node, target]
+            if target not in state and (cycle := visit(target, [*path, target])):
+                return cycle
+        state[node] = "done"
+        return None
+
+    for start in sorted(graph):
+        if start not in state and (cycle := visit(start, [start])):
+            return cycle
+    return None
+
+
+def reachable(graph: dict[str, set[str]], start: str) -> set[str]:
+    seen, todo = set(), [start]
+    while todo:
+        for target in graph.get(todo.pop(), ()):
+            if target not in seen:
+                seen.add(target)
+                todo.append(target)
+    return seen
+
+
+def test_no_import_cycle_among_tuneloop_modules():
+    graph = import_graph()
+    assert {"loop", "predict", "report", "runtime", "cli"} <= graph.keys()
+    assert find_cycle(graph) is None, f"import cycle: {' -> '.join(find_cycle(graph))}"
+
+
+def test_the_cycle_finder_finds_a_cycle():
+    """Guards the test above: a checker that never reports anything would pass it too."""
+    assert find_cycle({"loop": {"predict"}, "predict": {"report"}, "report": {"loop"}}) == ["loop", "predict", "report", "loop"]
+    assert find_cycle({"loop": {"predict", "report"}, "predict": {"report"}, "report": set()}) is None
+
+
+def test_runtime_is_a_leaf_for_data_model_and_reports():
+    """The doctor's probe builds an Accelerator through runtime: it must not drag in the data and report stack."""
+    assert reachable(import_graph(), "runtime").isdisjoint({"data", "model", "metrics", "predict", "report", "loop", "cli"})
+    heavy = ("datasets", "evaluate", "matplotlib", "sklearn")
+    code = f"import sys, tuneloop.runtime, tuneloop.doctor; print([m for m in {heavy!r} if m in sys.modules])"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "[]", done.stdout + done.stderr[-2000:]
