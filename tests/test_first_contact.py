@@ -21,7 +21,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def make(*args: str, cwd: Path = ROOT, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(["make", *args], cwd=cwd, env={**os.environ, **(env or {})}, capture_output=True, text=True)
+    # Under `make test` the outer make's flags and ARGS would reach this one through the environment.
+    outer_make = {"MAKEFLAGS", "MFLAGS", "MAKELEVEL", "MAKEOVERRIDES"}
+    clean_env = {key: value for key, value in os.environ.items() if key not in outer_make}
+    return subprocess.run(["make", *args], cwd=cwd, env={**clean_env, **(env or {})}, capture_output=True, text=True)
 
 
 def test_readme_opens_with_the_two_commands_ci_runs():
