@@ -179,7 +179,8 @@ def test_group_by_length_trains_as_well_and_resumes_exactly(tiny_model_dir, toy_
     # In 6 epochs this toy task sometimes settles on two of its three classes, for either order (seed 0: grouped,
     # seed 2: shuffled; both learn it with seed 1): the seed is fixed to one where neither order plateaus.
     plain = run_in_process(tiny_args(tiny_model_dir, toy_files, tmp_path / "plain", seed=1))
-    options = dict(group_by_length="true", length_grouping_window=3, checkpointing_steps=50, logging_steps=1, seed=1)
+    options = dict(train_sampling_strategy="group_by_length", length_grouping_window=3, save_strategy="steps", save_steps=50,
+                   logging_steps=1, seed=1)
     grouped = run_in_process(tiny_args(tiny_model_dir, toy_files, tmp_path / "grouped", **options))
     assert grouped["padding_fraction"] < plain["padding_fraction"]
     assert abs(grouped["eval_accuracy"] - plain["eval_accuracy"]) <= 0.05 and grouped["eval_accuracy"] > 0.9

@@ -59,7 +59,7 @@ def test_saved_model_loads_in_a_pipeline_with_label_names(trained):
 
 
 def test_gradient_accumulation_equals_the_larger_batch(tiny_model_dir, toy_files, tmp_path):
-    common = dict(max_train_steps=3, num_train_epochs=1, eval_strategy="no", do_eval="false", max_grad_norm=0)
+    common = dict(max_steps=3, num_train_epochs=1, eval_strategy="no", do_eval="false", max_grad_norm=0)
     run_in_process(tiny_args(tiny_model_dir, toy_files, tmp_path / "big", per_device_train_batch_size=16, **common))
     reset_accelerate_state()
     run_in_process(tiny_args(tiny_model_dir, toy_files, tmp_path / "acc", per_device_train_batch_size=8,
@@ -76,7 +76,7 @@ def test_trackers_write_real_files(tiny_model_dir, toy_files, tmp_path, monkeypa
     monkeypatch.setenv("WANDB_MODE", "offline")
     output_dir = tmp_path / "tracked"
     run_in_process(tiny_args(tiny_model_dir, toy_files, output_dir, report_to="all", num_train_epochs=1,
-                             logging_steps=2, project_name="toy"))
+                             logging_steps=2, project="toy"))
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = list((output_dir / "toy").rglob("events.out.tfevents.*"))
@@ -103,10 +103,10 @@ def test_eval_only_run(tiny_model_dir, toy_files, tmp_path):
 
 
 def test_plan_counts_optimizer_steps():
-    t = TrainArguments(gradient_accumulation_steps=4, num_train_epochs=3, warmup_ratio=0.1)
+    t = TrainArguments(gradient_accumulation_steps=4, num_train_epochs=3, warmup_steps=0.1)
     plan = make_plan(num_batches=10, t=t)  # 10 micro-batches: 3 optimizer steps, the last one on 2 micro-batches
     assert (plan.steps_per_epoch, plan.total_steps, plan.num_epochs, plan.warmup_steps) == (3, 9, 3, 1)
-    plan = make_plan(10, TrainArguments(max_train_steps=7, num_warmup_steps=2))
+    plan = make_plan(10, TrainArguments(max_steps=7, warmup_steps=2))
     assert (plan.total_steps, plan.num_epochs, plan.warmup_steps) == (7, 1, 2)
 
 

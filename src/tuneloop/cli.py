@@ -27,8 +27,8 @@ COMMANDS = {
 # What `evaluate` and `predict` take from the saved run's run_config.json unless given as flags: how inputs were
 # tokenized, which examples the training run held out for evaluation, and how it scored them.
 INHERITED = {
-    "data": ("text_column", "text_pair_column", "label_column", "max_length", "padding", "pad_to_multiple_of",
-             "validation_split_percentage", "max_eval_samples"),
+    "data": ("text_column", "text_column_delimiter", "text_pair_column", "label_column", "max_length", "padding",
+             "pad_to_multiple_of", "validation_split_percentage", "max_eval_samples"),
     "train": ("seed", "metrics", "metric_average"),
 }
 
@@ -130,7 +130,8 @@ def predict_saved(config) -> int:
 
 def saved_model_config(argv: list[str] | None, command: str):
     """All of train.py's options, plus --model and --data; defaults from the saved run's run_config.json (INHERITED)."""
-    from tuneloop.config import DATA_FILE_EXTENSIONS, Config, make_parser, read_recipe, validate
+    from tuneloop.config import Config, make_parser, read_recipe, validate
+    from tuneloop.data import file_builder
 
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = make_parser()
@@ -148,9 +149,9 @@ def saved_model_config(argv: list[str] | None, command: str):
         defaults |= read_recipe(known.config)
     parser.set_defaults(**defaults, do_train=False, do_eval=command == "evaluate", do_predict=command == "predict",
                         output_dir=None)
-    model_args, data_args, train_args, extra = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
+    model_args, data_args, train_args, extra = parser.parse_into_dataclasses(argv)
     model_args.model_name_or_path = extra.model
-    if extra.data.endswith(DATA_FILE_EXTENSIONS):
+    if file_builder(extra.data):
         setattr(data_args, "validation_file" if command == "evaluate" else "test_file", extra.data)
     else:
         data_args.dataset_name = extra.data

@@ -18,11 +18,10 @@ import torch
 from accelerate import Accelerator, DataLoaderConfiguration, InitProcessGroupKwargs
 from accelerate.utils import TorchDynamoPlugin, set_seed
 from tqdm.auto import tqdm
-from transformers import get_scheduler
 from transformers.utils import logging as hf_logging
 
 from tuneloop import checkpoint, cpu_dropout, data, engines, metrics, model as models, predict, report, throughput, tracking
-from tuneloop.config import Config, TrainArguments
+from tuneloop.config import Config, TrainArguments, make_scheduler
 from tuneloop.errors import UserError
 from tuneloop.preemption import StopRequest
 
@@ -122,8 +121,8 @@ def set_up_kernels(t: TrainArguments, device: torch.device) -> None:
 
 def make_plan(num_batches: int, t: TrainArguments) -> Plan:
     steps_per_epoch = math.ceil(num_batches / t.gradient_accumulation_steps)
-    total_steps = t.max_train_steps or math.ceil(t.num_train_epochs * steps_per_epoch)
-    warmup_steps = t.num_warmup_steps or math.ceil(t.warmup_ratio * total_steps)
+    total_steps = t.max_steps if t.max_steps > 0 else math.ceil(t.num_train_epochs * steps_per_epoch)
+    warmup_steps = t.get_warmup_steps(total_steps)
     return Plan(steps_per_epoch, total_steps, math.ceil(total_steps / steps_per_epoch), warmup_steps)
 
 
@@ -244,7 +243,7 @@ def setup(config: Config) -> Run:
     pad_to_multiple_of = d.pad_to_multiple_of or compile_bucket or (8 if accelerator.mixed_precision in ("fp16", "bf16") else None)
     train_dl, eval_dl = data.make_dataloaders(
         train_set, eval_set, tokenizer, t, pad_to_multiple_of, pin_memory=accelerator.device.type == "cuda",
-        length_window=d.length_grouping_window if d.group_by_length else None,
+        length_window=d.length_grouping_window if d.train_sampling_strategy == "group_by_length" else None,
     )
     if not t.do_train:
         model, eval_dl = engines.prepare_for_evaluation(accelerator, model, eval_dl)
@@ -255,12 +254,8 @@ def setup(config: Config) -> Run:
     # the factor num_processes, as in transformers' run_glue_no_trainer.py.
     plan = make_plan(math.ceil(len(train_dl) / accelerator.num_processes), t)
     optimizer = make_optimizer(model, t, accelerator.device)
-    scheduler = get_scheduler(
-        t.lr_scheduler_type,
-        optimizer=optimizer,
-        num_warmup_steps=plan.warmup_steps * accelerator.num_processes,
-        num_training_steps=plan.total_steps * accelerator.num_processes,
-    )
+    scheduler = make_scheduler(t.lr_scheduler_type, t.lr_scheduler_kwargs, optimizer, plan.warmup_steps, plan.total_steps,
+                               accelerator.num_processes)
     model, optimizer, train_dl, eval_dl, scheduler = accelerator.prepare(model, optimizer, train_dl, eval_dl, scheduler)
     if math.ceil(len(train_dl) / t.gradient_accumulation_steps) != plan.steps_per_epoch:
         raise RuntimeError(f"prepared dataloader has {len(train_dl)} batches, planned for {plan.steps_per_epoch} steps")
@@ -438,11 +433,11 @@ def fit(run: Run) -> dict:
 
 
 def checkpoint_due(t: TrainArguments, step: int, new_best: bool, epoch_end: bool = False) -> bool:
-    if new_best and t.load_best_model_at_end:
+    if new_best and (t.load_best_model_at_end or t.save_strategy == "best"):
         return True  # the best weights must survive until the end
-    if t.checkpointing_steps == "epoch":
+    if t.save_strategy == "epoch":
         return epoch_end
-    return t.checkpointing_steps is not None and not epoch_end and step % int(t.checkpointing_steps) == 0
+    return t.save_strategy == "steps" and not epoch_end and step % t.save_steps == 0
 
 
 def log_step(run: Run, meter: LossMeter, grad_norm, progress) -> None:
@@ -472,7 +467,7 @@ def check_health(run: Run, meter: LossMeter) -> int:
         raise TrainingDiverged(
             f"the training loss was NaN/inf for {streak} optimizer steps in a row (step {run.state.step}): lower "
             "--learning_rate, keep --max_grad_norm on, prefer bf16 to fp16, or check the data; last good checkpoint: "
-            + (found[-1] if found else "none (set --checkpointing_steps to keep one)")
+            + (found[-1] if found else "none (set --save_strategy to keep one)")
         )
     return streak
 

@@ -190,8 +190,8 @@ def model_card(run: Run, results: dict, names: list[str], per_class: list[dict] 
     scores = {k: v for k, v in {**results, **(test_results or {})}.items()
               if k.startswith(("eval_", "test_")) and not k.endswith("_samples")}
     recipe = {
-        "learning rate": t.learning_rate, "schedule": f"{t.lr_scheduler_type}, warmup ratio {t.warmup_ratio}"
-        if not t.num_warmup_steps else f"{t.lr_scheduler_type}, {t.num_warmup_steps} warmup steps",
+        "learning rate": t.learning_rate, "schedule": f"{t.lr_scheduler_type}, warmup ratio {t.warmup_steps}"
+        if t.warmup_steps < 1 else f"{t.lr_scheduler_type}, {int(t.warmup_steps)} warmup steps",
         "global batch": t.per_device_train_batch_size * t.gradient_accumulation_steps * results.get("num_processes", 1),
         "optimizer steps": results.get("global_step"), "epochs": results.get("epochs"), "weight decay": t.weight_decay,
         "max length": d.max_length, "seed": t.seed,
