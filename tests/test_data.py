@@ -110,6 +110,18 @@ def test_unknown_text_column(tmp_path):
         splits_of(train_file=train, text_column="body")
 
 
+def test_comma_joined_text_columns_become_one_text(tmp_path):
+    """run_classification.py's --text_column_names: the columns joined with the delimiter, each one checked."""
+    rows = [{"title": f"t{i}", "body": f"b{i}", "label": i % 2} for i in range(10)]
+    train = write_rows(tmp_path / "train.csv", rows)
+    splits = splits_of(train_file=train, text_column="title,body", text_column_delimiter=" | ")
+    joined = dict(zip(splits.train["title,body"], splits.train["label"])) | dict(zip(splits.eval["title,body"],
+                                                                                    splits.eval["label"]))
+    assert joined == {f"t{i} | b{i}": i % 2 for i in range(10)}
+    with pytest.raises(UserError, match=r"column 'summary' not in the train split .*fix --text_column"):
+        splits_of(train_file=train, text_column="title,summary")
+
+
 def test_missing_label_column(tmp_path):
     train = write_rows(tmp_path / "train.csv", [{"text": "a b"}, {"text": "c d"}])
     with pytest.raises(UserError, match=r"column 'label' not in the train split .*fix --label_column"):
