@@ -50,13 +50,15 @@ SETTINGS = {
     # Trainer given the allocator set-up by environment: what a Trainer user who knows the trick gets.
     "T2b+alloc T2b + MALLOC_ env": dict(peer=True, padding="longest", group=True, precision="bf16", env=ALLOCATOR_ENV),
     # tuneloop with its CPU switches off: the plain loop, to show what the switches add.
-    "tuneloop plain loop": dict(peer=False, precision="bf16", extra=["--group_by_length", "true", "--tune_cpu_allocator",
-                                                                      "false", "--fast_cpu_dropout", "false"]),
+    "tuneloop plain loop": dict(peer=False, precision="bf16", extra=["--train_sampling_strategy", "group_by_length",
+                                                                      "--tune_cpu_allocator", "false",
+                                                                      "--fast_cpu_dropout", "false"]),
     # tuneloop's defaults (allocator set-up, CPU dropout kernels) at T2b's maths: bf16, the model's own dropout.
-    "tuneloop same maths": dict(peer=False, precision="bf16", extra=["--group_by_length", "true"]),
-    "tuneloop fastest": dict(peer=False, precision="bf16", extra=["--group_by_length", "true", "--attention_dropout", "0"]),
+    "tuneloop same maths": dict(peer=False, precision="bf16", extra=["--train_sampling_strategy", "group_by_length"]),
+    "tuneloop fastest": dict(peer=False, precision="bf16", extra=["--train_sampling_strategy", "group_by_length",
+                                                                   "--attention_dropout", "0"]),
     # Not run by default (see RESULTS.md): torch.compile on top of the same maths, compile time included.
-    "tuneloop same maths + compile": dict(peer=False, precision="bf16", extra=["--group_by_length", "true",
+    "tuneloop same maths + compile": dict(peer=False, precision="bf16", extra=["--train_sampling_strategy", "group_by_length",
                                                                                "--torch_compile", "true"]),
 }
 DEFAULT_SETTINGS = [name for name in SETTINGS if not name.endswith("compile")]

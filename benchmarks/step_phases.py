@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/step_phases.py --dataset_name builtin:bbc_news --max_train_samples 256 --max_length 512
     .venv/bin/python benchmarks/step_phases.py --dataset_name builtin:bbc_news_headlines --profile   # + top ops
 
-Any train.py option works (e.g. --fast_cpu_dropout false). bf16 and --group_by_length are preset, as in the
+Any train.py option works (e.g. --fast_cpu_dropout false). bf16 and --train_sampling_strategy group_by_length are preset, as in the
 benchmark's "same maths" row. --steps/--warmup are this script's own.
 """
 
@@ -26,7 +26,7 @@ def main() -> None:
     p.add_argument("--profile", action="store_true", help="also print torch.profiler's top operators")
     own, rest = p.parse_known_args()
     run = loop.setup(config.parse_args(["--output_dir", "/tmp/tuneloop-step-phases", "--eval_strategy", "no",
-                                        "--mixed_precision", "bf16", "--group_by_length", "true", *rest]))
+                                        "--mixed_precision", "bf16", "--train_sampling_strategy", "group_by_length", *rest]))
     model, optimizer, scheduler, accelerator = run.model, run.optimizer, run.scheduler, run.accelerator
     model.train()
     batches = iter(run.train_dl)

@@ -89,7 +89,7 @@ def tiny_args(model_dir: str, files: dict[str, str], output_dir, **overrides) ->
     options = {
         "model_name_or_path": model_dir, **files, "output_dir": str(output_dir), "max_length": 32,
         "per_device_train_batch_size": 8, "per_device_eval_batch_size": 8, "learning_rate": 3e-3,
-        "num_train_epochs": 6, "logging_steps": 5, "warmup_ratio": 0.0, "seed": 0,
+        "num_train_epochs": 6, "logging_steps": 5, "warmup_steps": 0, "seed": 0,
     }
     options.update(overrides)
     args = []

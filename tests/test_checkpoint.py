@@ -90,7 +90,7 @@ def per_step_losses(output_dir) -> dict[int, float]:
 
 
 def test_sigterm_then_resume_replays_the_uninterrupted_run_bitwise(dropout_model_dir, toy_files, tmp_path):
-    common = dict(logging_steps=1, checkpointing_steps=10, num_train_epochs=12, eval_strategy="epoch")
+    common = dict(logging_steps=1, save_strategy="steps", save_steps=10, num_train_epochs=12, eval_strategy="epoch")
     reference = tmp_path / "reference"
     run_to_end(tiny_args(dropout_model_dir, toy_files, reference, **common), 1)
 
@@ -115,7 +115,7 @@ def test_sigterm_then_resume_replays_the_uninterrupted_run_bitwise(dropout_model
 
 @pytest.mark.multiprocess
 def test_sigusr1_on_one_rank_stops_both_together_and_resumes(dropout_model_dir, toy_files, tmp_path):
-    common = dict(logging_steps=1, checkpointing_steps=8, num_train_epochs=10, per_device_train_batch_size=4)
+    common = dict(logging_steps=1, save_strategy="steps", save_steps=8, num_train_epochs=10, per_device_train_batch_size=4)
     reference = tmp_path / "reference"
     run_to_end(tiny_args(dropout_model_dir, toy_files, reference, **common), 2)
 
@@ -144,7 +144,7 @@ def test_sigusr1_on_one_rank_stops_both_together_and_resumes(dropout_model_dir, 
 @pytest.fixture(scope="module")
 def checkpointed_run(tiny_model_dir, toy_files, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("checkpointed")
-    run_in_process(tiny_args(tiny_model_dir, toy_files, out, checkpointing_steps=20, num_train_epochs=2))
+    run_in_process(tiny_args(tiny_model_dir, toy_files, out, save_strategy="steps", save_steps=20, num_train_epochs=2))
     return out
 
 
@@ -213,7 +213,7 @@ def test_load_best_model_at_end_with_rotation_and_early_stopping(tiny_model_dir,
     # "best" is a middle epoch, early stopping ends the run after it, and the final model must be that epoch's.
     args = tiny_args(tiny_model_dir, toy_files, tmp_path, num_train_epochs=12, learning_rate=1e-2,
                      metric_for_best_model="loss", load_best_model_at_end="true", early_stopping_patience=2,
-                     checkpointing_steps=7, save_total_limit=1)
+                     save_strategy="steps", save_steps=7, save_total_limit=1)
     results = run_in_process(args)
     history = read_json(tmp_path / "log_history.json")
     evals = [e for e in history if "epoch" in e and "eval_loss" in e]
@@ -230,7 +230,7 @@ def test_load_best_model_at_end_with_rotation_and_early_stopping(tiny_model_dir,
 
 def test_a_diverging_run_stops_and_keeps_the_last_good_checkpoint(tiny_model_dir, toy_files, tmp_path):
     args = tiny_args(tiny_model_dir, toy_files, tmp_path, learning_rate=1e9, max_grad_norm=0, logging_steps=1,
-                     checkpointing_steps=1, max_nonfinite_steps=2, adam_epsilon=1e-30)
+                     save_strategy="steps", save_steps=1, max_nonfinite_steps=2, adam_epsilon=1e-30)
     with pytest.raises(UserError, match=r"NaN/inf for 2 optimizer steps in a row .* last good checkpoint: .*step_"):
         run_in_process(args)
     assert not (tmp_path / "model.safetensors").exists()
@@ -240,7 +240,8 @@ def test_a_diverging_run_stops_and_keeps_the_last_good_checkpoint(tiny_model_dir
 
 def test_wandb_resume_continues_the_same_run(tiny_model_dir, toy_files, tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
-    args = tiny_args(tiny_model_dir, toy_files, tmp_path, num_train_epochs=2, checkpointing_steps=20, report_to="wandb")
+    args = tiny_args(tiny_model_dir, toy_files, tmp_path, num_train_epochs=2, save_strategy="steps", save_steps=20,
+                     report_to="wandb")
     run_in_process(args)
     first = checkpoint.checkpoint_path(str(tmp_path), 20)
     run_in_process([*args, "--resume_from_checkpoint", first])  # a second session, continuing from step 20
@@ -287,13 +288,15 @@ def test_ctrl_c_once_requests_a_checkpoint_twice_quits_now(presses):
 @pytest.mark.parametrize(
     "options, step, new_best, epoch_end, due",
     [
-        ({"checkpointing_steps": "10"}, 20, False, False, True),
-        ({"checkpointing_steps": "10"}, 25, False, False, False),
-        ({"checkpointing_steps": "10"}, 30, False, True, False),  # already saved at the step itself
-        ({"checkpointing_steps": "epoch"}, 30, False, True, True),
-        ({"checkpointing_steps": "epoch"}, 30, False, False, False),
+        ({"save_strategy": "steps", "save_steps": 10}, 20, False, False, True),
+        ({"save_strategy": "steps", "save_steps": 10}, 25, False, False, False),
+        ({"save_strategy": "steps", "save_steps": 10}, 30, False, True, False),  # already saved at the step itself
+        ({"save_strategy": "epoch"}, 30, False, True, True),
+        ({"save_strategy": "epoch"}, 30, False, False, False),
         ({}, 30, True, True, False),  # a new best needs no checkpoint unless the best model is kept for the end
         ({"load_best_model_at_end": True}, 31, True, False, True),
+        ({"save_strategy": "best"}, 31, True, False, True),
+        ({"save_strategy": "best"}, 30, False, True, False),
     ],
 )
 def test_when_checkpoints_are_due(options, step, new_best, epoch_end, due):

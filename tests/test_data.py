@@ -110,6 +110,18 @@ def test_unknown_text_column(tmp_path):
         splits_of(train_file=train, text_column="body")
 
 
+def test_comma_joined_text_columns_become_one_text(tmp_path):
+    """run_classification.py's --text_column_names: the columns joined with the delimiter, each one checked."""
+    rows = [{"title": f"t{i}", "body": f"b{i}", "label": i % 2} for i in range(10)]
+    train = write_rows(tmp_path / "train.csv", rows)
+    splits = splits_of(train_file=train, text_column="title,body", text_column_delimiter=" | ")
+    joined = dict(zip(splits.train["title,body"], splits.train["label"])) | dict(zip(splits.eval["title,body"],
+                                                                                    splits.eval["label"]))
+    assert joined == {f"t{i} | b{i}": i % 2 for i in range(10)}
+    with pytest.raises(UserError, match=r"column 'summary' not in the train split .*fix --text_column"):
+        splits_of(train_file=train, text_column="title,summary")
+
+
 def test_missing_label_column(tmp_path):
     train = write_rows(tmp_path / "train.csv", [{"text": "a b"}, {"text": "c d"}])
     with pytest.raises(UserError, match=r"column 'label' not in the train split .*fix --label_column"):
@@ -179,7 +191,8 @@ def test_group_by_length_trains_as_well_and_resumes_exactly(tiny_model_dir, toy_
     # In 6 epochs this toy task sometimes settles on two of its three classes, for either order (seed 0: grouped,
     # seed 2: shuffled; both learn it with seed 1): the seed is fixed to one where neither order plateaus.
     plain = run_in_process(tiny_args(tiny_model_dir, toy_files, tmp_path / "plain", seed=1))
-    options = dict(group_by_length="true", length_grouping_window=3, checkpointing_steps=50, logging_steps=1, seed=1)
+    options = dict(train_sampling_strategy="group_by_length", length_grouping_window=3, save_strategy="steps", save_steps=50,
+                   logging_steps=1, seed=1)
     grouped = run_in_process(tiny_args(tiny_model_dir, toy_files, tmp_path / "grouped", **options))
     assert grouped["padding_fraction"] < plain["padding_fraction"]
     assert abs(grouped["eval_accuracy"] - plain["eval_accuracy"]) <= 0.05 and grouped["eval_accuracy"] > 0.9

@@ -33,8 +33,8 @@ ENGINES = {
 }
 # Accumulation, active clipping (the pre-clip norms here are 0.2-0.3) and warmup: what DeepSpeed takes over from the loop.
 # A checkpoint at step 12 of 32 to resume from.
-TRAIN = dict(gradient_accumulation_steps=2, max_grad_norm=0.1, warmup_ratio=0.1, num_train_epochs=4, eval_strategy="no",
-             checkpointing_steps=12)
+TRAIN = dict(gradient_accumulation_steps=2, max_grad_norm=0.1, warmup_steps=0.1, num_train_epochs=4, eval_strategy="no",
+             save_strategy="steps", save_steps=12)
 EVAL = dict(do_train="false", per_device_eval_batch_size=8)  # 45 examples on 2 ranks x 8: 3 repeated at the end
 
 
@@ -184,7 +184,7 @@ def test_fsdp_config_is_full_shard_with_transformer_layer_wrap(monkeypatch, tiny
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only refusal")
 def test_fsdp_launch_on_cpu_stops_with_one_clear_line(tiny_model_dir, toy_files, tmp_path):
     """Accelerate would silently run an FSDP launch on CPU as MULTI_CPU data parallelism; tuneloop refuses it."""
-    args = tiny_args(tiny_model_dir, toy_files, tmp_path, max_train_steps=1)
+    args = tiny_args(tiny_model_dir, toy_files, tmp_path, max_steps=1)
     result = launch_config("fsdp.yaml", args, "--num_processes", "2", "--mixed_precision", "no")
     assert result.returncode != 0
     errors = [line for line in result.stderr.splitlines() if line.startswith("tuneloop: error:")]
@@ -242,7 +242,7 @@ def test_deepspeed_settings_that_disagree_are_reported_together():
 
 def test_deepspeed_switched_off_by_use_cpu_is_refused(tiny_model_dir, toy_files, tmp_path):
     """The trap from the notes: ACCELERATE_USE_CPU=1 with a DeepSpeed config silently trains plain MULTI_CPU."""
-    args = tiny_args(tiny_model_dir, toy_files, tmp_path, max_train_steps=1)
+    args = tiny_args(tiny_model_dir, toy_files, tmp_path, max_steps=1)
     result = launch_config("deepspeed_zero2_cpu.yaml", args, ACCELERATE_USE_CPU="1")
     assert result.returncode != 0
     errors = [line for line in result.stderr.splitlines() if line.startswith("tuneloop: error:")]
@@ -256,7 +256,7 @@ def test_launcher_accumulation_that_overrides_the_trainer_is_refused(monkeypatch
 
     monkeypatch.setenv("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "4")
     with pytest.raises(UserError, match="gradient accumulation to 4.*the trainer to 1"):
-        run_in_process(tiny_args(tiny_model_dir, toy_files, tmp_path, max_train_steps=1))
+        run_in_process(tiny_args(tiny_model_dir, toy_files, tmp_path, max_steps=1))
 
 
 def test_every_config_is_documented_and_parses():

@@ -34,7 +34,7 @@ def test_two_process_eval_equals_one_process(tiny_model_dir, toy_files, tmp_path
 
 def test_two_ranks_equal_one_rank_with_accumulation(tiny_model_dir, toy_files, tmp_path):
     """2 ranks x batch 8 make the same optimizer steps as 1 rank x batch 8 x accumulation 2 (same data order)."""
-    common = dict(per_device_train_batch_size=8, num_train_epochs=2, max_grad_norm=1.0, warmup_ratio=0.1)
+    common = dict(per_device_train_batch_size=8, num_train_epochs=2, max_grad_norm=1.0, warmup_steps=0.1)
     one = run_in_process(tiny_args(tiny_model_dir, toy_files, tmp_path / "one", gradient_accumulation_steps=2, **common))
     launched(tiny_args(tiny_model_dir, toy_files, tmp_path / "two", **common))
     two = read_json(tmp_path / "two" / "all_results.json")

@@ -12,7 +12,7 @@ pytestmark = pytest.mark.slow
 
 def test_minilm_on_bbc_through_accelerate_launch(tmp_path):
     result = launch(["--output_dir", str(tmp_path), "--max_train_samples", "96", "--max_eval_samples", "40",
-                     "--max_length", "64", "--max_train_steps", "6", "--logging_steps", "2"], num_processes=1)
+                     "--max_length", "64", "--max_steps", "6", "--logging_steps", "2"], num_processes=1)
     assert result.returncode == 0, result.stderr[-3000:]
     results = read_json(tmp_path / "all_results.json")
     assert results["global_step"] == 6 and results["eval_samples"] == 40

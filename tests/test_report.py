@@ -20,7 +20,7 @@ def reported(tiny_model_dir, toy_files, tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("WANDB_MODE", "offline")
         results = run_in_process(tiny_args(tiny_model_dir, toy_files, output_dir, num_train_epochs=2, report_to="all",
-                                           project_name="toy"))
+                                           project="toy"))
     return output_dir, results
 
 

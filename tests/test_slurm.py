@@ -158,7 +158,7 @@ def has_preemption() -> bool:
 def test_preempted_job_checkpoints_requeues_and_resumes(slurm_conf, tiny_model_dir, toy_files, tmp_path):
     """USR1 to the batch shell (what --signal=B:USR1@N sends before the time limit): checkpoint, requeue, resume, and
     the same final weights, bit for bit, as a run that was never interrupted."""
-    options = dict(max_train_steps=600, eval_strategy="no", logging_steps=50, warmup_ratio=0.1)
+    options = dict(max_steps=600, eval_strategy="no", logging_steps=50, warmup_steps=0.1)
     reference = launch(tiny_args(tiny_model_dir, toy_files, tmp_path / "uninterrupted", **options))
     assert reference.returncode == 0, reference.stderr[-3000:]
 

@@ -105,7 +105,7 @@ def test_torch_compile_keeps_the_loss_curve_and_saves_a_plain_model(tiny_model_d
         return torch.tensor([e["train/loss"] for e in read_json(tmp_path / name / "log_history.json") if "train/loss" in e])
 
     eager = curve("eager", pad_to_multiple_of=32)
-    compiled = curve("compiled", torch_compile="true", checkpointing_steps=10)
+    compiled = curve("compiled", torch_compile="true", save_strategy="steps", save_steps=10)
     assert len(compiled) == len(eager) == 30
     assert (compiled - eager).abs().max() < 0.02
     assert (tmp_path / "compiled" / "checkpoints" / "step_0000020").is_dir()

@@ -59,7 +59,7 @@ def test_saved_model_loads_in_a_pipeline_with_label_names(trained):
 
 
 def test_gradient_accumulation_equals_the_larger_batch(tiny_model_dir, toy_files, tmp_path):
-    common = dict(max_train_steps=3, num_train_epochs=1, eval_strategy="no", do_eval="false", max_grad_norm=0)
+    common = dict(max_steps=3, num_train_epochs=1, eval_strategy="no", do_eval="false", max_grad_norm=0)
     run_in_process(tiny_args(tiny_model_dir, toy_files, tmp_path / "big", per_device_train_batch_size=16, **common))
     reset_accelerate_state()
     run_in_process(tiny_args(tiny_model_dir, toy_files, tmp_path / "acc", per_device_train_batch_size=8,
@@ -76,7 +76,7 @@ def test_trackers_write_real_files(tiny_model_dir, toy_files, tmp_path, monkeypa
     monkeypatch.setenv("WANDB_MODE", "offline")
     output_dir = tmp_path / "tracked"
     run_in_process(tiny_args(tiny_model_dir, toy_files, output_dir, report_to="all", num_train_epochs=1,
-                             logging_steps=2, project_name="toy"))
+                             logging_steps=2, project="toy"))
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = list((output_dir / "toy").rglob("events.out.tfevents.*"))
@@ -103,10 +103,10 @@ def test_eval_only_run(tiny_model_dir, toy_files, tmp_path):
 
 
 def test_plan_counts_optimizer_steps():
-    t = TrainArguments(gradient_accumulation_steps=4, num_train_epochs=3, warmup_ratio=0.1)
+    t = TrainArguments(gradient_accumulation_steps=4, num_train_epochs=3, warmup_steps=0.1)
     plan = make_plan(num_batches=10, t=t)  # 10 micro-batches: 3 optimizer steps, the last one on 2 micro-batches
     assert (plan.steps_per_epoch, plan.total_steps, plan.num_epochs, plan.warmup_steps) == (3, 9, 3, 1)
-    plan = make_plan(10, TrainArguments(max_train_steps=7, num_warmup_steps=2))
+    plan = make_plan(10, TrainArguments(max_steps=7, warmup_steps=2))
     assert (plan.total_steps, plan.num_epochs, plan.warmup_steps) == (7, 1, 2)
 
 
@@ -140,3 +140,30 @@ def test_bf16_mixed_precision_runs_and_pads_to_multiples_of_8(tiny_model_dir, to
     results = run_in_process(tiny_args(tiny_model_dir, toy_files, tmp_path, mixed_precision="bf16"))
     assert results["mixed_precision"] == "bf16"
     assert math.isfinite(results["train_loss"]) and results["eval_accuracy"] >= 0.9
+
+
+def test_data_seed_moves_the_data_order_alone(tiny_model_dir, toy_files, tmp_path):
+    """--data_seed reorders the batches (another loss at step 1) and nothing else: --data_seed equal to --seed is the
+    run without it, bit for bit. Guards a data_seed that is parsed but never reaches the sampler."""
+    common = dict(max_steps=4, logging_steps=1, do_eval="false", eval_strategy="no", seed=3)
+
+    def losses(name, **options):
+        run_in_process(tiny_args(tiny_model_dir, toy_files, tmp_path / name, **common, **options))
+        reset_accelerate_state()
+        return [h["train/loss"] for h in read_json(tmp_path / name / "log_history.json") if "train/loss" in h]
+
+    plain = losses("plain")
+    assert losses("same", data_seed=3) == plain
+    assert losses("other", data_seed=4)[0] != plain[0]
+
+
+def test_logging_first_step_and_eval_on_start(tiny_model_dir, toy_files, tmp_path):
+    """Trainer's two switches: a log at step 1 (logging_steps 5 would start at 5) and an evaluation at step 0 that is
+    a baseline, not a best-model candidate."""
+    run_in_process(tiny_args(tiny_model_dir, toy_files, tmp_path, num_train_epochs=1, logging_first_step="true",
+                             eval_on_start="true"))
+    history = read_json(tmp_path / "log_history.json")
+    assert [h["step"] for h in history if "train/loss" in h][:2] == [1, 5]
+    evaluations = [h for h in history if "eval_accuracy" in h]
+    assert evaluations[0]["step"] == 0 and evaluations[-1]["step"] == 30
+    assert read_json(tmp_path / "all_results.json").get("best_step") == 30

@@ -52,6 +52,7 @@ class TrainerState:
     gradient_accumulation_steps: int = 1
     per_device_train_batch_size: int = 0
     seed: int = 0
+    data_seed: int | None = None
 
     def record_eval(self, value: float, greater_is_better: bool, threshold: float = 0.0) -> bool:
         """Update the best metric; True when this evaluation is the new best."""
@@ -101,7 +102,7 @@ def read_state(path: str) -> TrainerState:
 
 def check_resumable(saved: TrainerState, current: TrainerState, path: str) -> None:
     """Refuse to resume into different maths: another world size, batch or accumulation changes the data order."""
-    keys = ("num_processes", "per_device_train_batch_size", "gradient_accumulation_steps", "seed")
+    keys = ("num_processes", "per_device_train_batch_size", "gradient_accumulation_steps", "seed", "data_seed")
     changed = [f"{k} {getattr(saved, k)} -> {getattr(current, k)}" for k in keys if getattr(saved, k) != getattr(current, k)]
     if changed:
         raise UserError(f"checkpoint {path} was written with different settings ({', '.join(changed)}): resume with "

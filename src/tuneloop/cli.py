@@ -14,7 +14,7 @@ import os
 import sys
 
 from tuneloop.errors import UserError
-from tuneloop.preemption import REQUEUE_EXIT_CODE
+from tuneloop.preemption import REQUEUE_EXIT_CODE, Preempted
 
 COMMANDS = {
     # name: ("module:function", one line of help)
@@ -27,8 +27,8 @@ COMMANDS = {
 # What `evaluate` and `predict` take from the saved run's run_config.json unless given as flags: how inputs were
 # tokenized, which examples the training run held out for evaluation, and how it scored them.
 INHERITED = {
-    "data": ("text_column", "text_pair_column", "label_column", "max_length", "padding", "pad_to_multiple_of",
-             "validation_split_percentage", "max_eval_samples"),
+    "data": ("text_column", "text_column_delimiter", "text_pair_column", "label_column", "max_length", "padding",
+             "pad_to_multiple_of", "validation_split_percentage", "max_eval_samples"),
     "train": ("seed", "metrics", "metric_average"),
 }
 
@@ -59,8 +59,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_command(command, argv: list[str] | None) -> int:
-    from tuneloop.loop import Preempted
-
     main_rank = os.environ.get("RANK", "0") == "0"  # every rank reaches the same end; one message is enough
     try:
         return command(argv) or 0
@@ -75,33 +73,42 @@ def run_command(command, argv: list[str] | None) -> int:
         return REQUEUE_EXIT_CODE
 
 
+# Each command parses its arguments before importing the loop (datasets, evaluate, matplotlib...): a mistyped flag is
+# answered in a second, not after the whole training stack has loaded.
+
+
 def train_command(argv: list[str] | None) -> int:
     from tuneloop.config import parse_args
+
+    config = parse_args(argv)
     from tuneloop.loop import train
 
-    train(parse_args(argv))  # --do_train false: the model as loaded is evaluated and/or predicts
+    train(config)  # --do_train false: the model as loaded is evaluated and/or predicts
     return 0
 
 
 def evaluate_command(argv: list[str] | None) -> int:
     """An evaluation-only run of the saved model (`do_train` false): the same set-up, scoring and report as training's."""
+    config = saved_model_config(argv, "evaluate")
     from tuneloop.loop import train
 
-    train(saved_model_config(argv, "evaluate"))
+    train(config)
     return 0
 
 
 def predict_command(argv: list[str] | None) -> int:
     """A prediction-only run of the saved model: its classes are the model's own (its config's id2label)."""
+    config = saved_model_config(argv, "predict")
     from tuneloop.loop import train
 
-    train(saved_model_config(argv, "predict"))
+    train(config)
     return 0
 
 
 def saved_model_config(argv: list[str] | None, command: str):
     """All of train.py's options, plus --model and --data; defaults from the saved run's run_config.json (INHERITED)."""
-    from tuneloop.config import DATA_FILE_EXTENSIONS, Config, make_parser, read_recipe, validate
+    from tuneloop.config import Config, make_parser, read_recipe, validate
+    from tuneloop.data import file_builder
 
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = make_parser()
@@ -119,9 +126,9 @@ def saved_model_config(argv: list[str] | None, command: str):
         defaults |= read_recipe(known.config)
     parser.set_defaults(**defaults, do_train=False, do_eval=command == "evaluate", do_predict=command == "predict",
                         output_dir=None)
-    model_args, data_args, train_args, extra = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
+    model_args, data_args, train_args, extra = parser.parse_into_dataclasses(argv)
     model_args.model_name_or_path = extra.model
-    if extra.data.endswith(DATA_FILE_EXTENSIONS):
+    if file_builder(extra.data):
         setattr(data_args, "validation_file" if command == "evaluate" else "test_file", extra.data)
     else:
         data_args.dataset_name = extra.data

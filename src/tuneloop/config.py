@@ -1,8 +1,10 @@
 """Run configuration: three dataclasses, parsed by `transformers.HfArgumentParser` from a YAML recipe plus CLI flags.
 
 The defaults below are the only defaults in tuneloop, and they are the offline default run: `python train.py` with no
-arguments fine-tunes MiniLM-L6 on BBC News. Field names follow transformers' `TrainingArguments` and
-`run_glue_no_trainer.py` wherever those have one.
+arguments fine-tunes MiniLM-L6 on BBC News. Where transformers 5.x's `TrainingArguments` has an option, its name and
+meaning are the ones here; other options take `run_classification.py`'s or `run_glue_no_trainer.py`'s names. Their
+other names (run_glue_no_trainer's, run_classification's, tuneloop's earlier ones) are accepted as ALIASES, on the
+command line and in recipes; `--help` and run_config.json show only the canonical names.
 
 Precision can be set here, but process count, DeepSpeed and FSDP belong to the accelerate config
 (`accelerate launch --config_file accelerate_configs/...`): the trainer reads them from the `Accelerator`.
@@ -10,21 +12,35 @@ Precision can be set here, but process count, DeepSpeed and FSDP belong to the a
 
 from __future__ import annotations
 
+import argparse
 import difflib
+import json
+import math
 import os
 import sys
 from dataclasses import asdict, dataclass, field, fields
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 import yaml
-from transformers import HfArgumentParser, SchedulerType
+from transformers import HfArgumentParser, get_scheduler
+from transformers.hf_argparser import string_to_bool
 
-from tuneloop.errors import UserError
+from tuneloop.errors import OneLineArgumentErrors, UserError
 
 BUILTIN_MODEL = "builtin:all-MiniLM-L6-v2"
 BUILTIN_DATASET = "builtin:bbc_news"
 BUILTIN_HEADLINES = "builtin:bbc_news_headlines"
-DATA_FILE_EXTENSIONS = (".csv", ".json", ".jsonl", ".parquet")
+
+# transformers' SchedulerType less reduce_lr_on_plateau and greedy, which step on an evaluation metric that this loop's
+# scheduler.step() does not pass. A test builds each one through make_scheduler.
+SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup", "inverse_sqrt",
+              "cosine_with_min_lr", "cosine_warmup_with_min_lr", "warmup_stable_decay")
+# The schedulers that cannot run without --lr_scheduler_kwargs, and what they need (an example for errors and --help).
+SCHEDULER_KWARGS_NEEDED = {"cosine_with_min_lr": {"min_lr_rate": 0.1}, "cosine_warmup_with_min_lr": {"min_lr_rate": 0.1},
+                           "warmup_stable_decay": {"num_decay_steps": 100}}
+# Keys of --lr_scheduler_kwargs that count optimizer steps: scaled with the warmup and total steps (make_scheduler).
+STEP_COUNT_KWARGS = ("num_stable_steps", "num_decay_steps", "timescale")
+REPORT_TO_CHOICES = ("none", "wandb", "tensorboard", "all")
 
 
 @dataclass
@@ -83,7 +99,13 @@ class DataArguments:
         default=20, metadata={"help": "Share of train held out for evaluation when the dataset has no eval split (seeded, stratified)."}
     )
     text_column: Optional[str] = field(
-        default=None, metadata={"help": "Text column. Default: 'text', or 'sentence1'/'sentence2' as a pair."}
+        default=None,
+        metadata={"help": "Text column. Several, comma-joined ('title,body'), are joined into one text with "
+                          "--text_column_delimiter, as run_classification.py's --text_column_names does. Default: 'text', "
+                          "or 'sentence1'/'sentence2' as a pair, or 'sentence'."},
+    )
+    text_column_delimiter: str = field(
+        default=" ", metadata={"help": "What joins the columns of a comma-joined --text_column (taken literally)."}
     )
     text_pair_column: Optional[str] = field(
         default=None, metadata={"help": "Second text column for sentence-pair tasks (e.g. MRPC)."}
@@ -110,13 +132,18 @@ class DataArguments:
     max_eval_samples: Optional[int] = field(
         default=None, metadata={"help": "Evaluate on a seeded random subset of this many examples."}
     )
-    group_by_length: bool = field(
-        default=False,
-        metadata={"help": "Batch training examples of similar length (seeded, every example once per epoch): less "
-                          "padding, faster on varied lengths."},
+    max_predict_samples: Optional[int] = field(
+        default=None, metadata={"help": "Predict on the first this many examples of the test split only."}
+    )
+    train_sampling_strategy: Literal["random", "group_by_length"] = field(
+        default="random",
+        metadata={"help": "Training order. 'random': a seeded shuffle each epoch. 'group_by_length': batches of similar "
+                          "length (seeded, every example once per epoch): less padding, faster on varied lengths."},
     )
     length_grouping_window: int = field(
-        default=50, metadata={"help": "With --group_by_length: batches per sorting window (larger pads less, mixes less)."}
+        default=50,
+        metadata={"help": "With --train_sampling_strategy group_by_length: batches per sorting window (larger pads less, "
+                          "mixes less)."},
     )
     preprocessing_num_workers: Optional[int] = field(default=None, metadata={"help": "Processes for tokenization."})
     overwrite_cache: bool = field(default=False, metadata={"help": "Re-tokenize even if a cached result exists."})
@@ -141,6 +168,11 @@ class TrainArguments:
                           "prob_<class> column per class)."},
     )
     seed: int = field(default=42, metadata={"help": "Seed for model init, data order, dropout and subsets."})
+    data_seed: Optional[int] = field(
+        default=None,
+        metadata={"help": "Seed of the training data order alone (the sampler's shuffle and length grouping); the "
+                          "held-out split and the max_*_samples subsets follow --seed. Default: --seed."},
+    )
     per_device_train_batch_size: int = field(default=16, metadata={"help": "Training batch size per process."})
     per_device_eval_batch_size: int = field(default=64, metadata={"help": "Evaluation batch size per process."})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimizer step."})
@@ -151,13 +183,24 @@ class TrainArguments:
     adam_epsilon: float = field(default=1e-8, metadata={"help": "AdamW epsilon."})
     max_grad_norm: float = field(default=1.0, metadata={"help": "Clip the global gradient norm to this; 0 disables clipping."})
     num_train_epochs: float = field(default=2.0, metadata={"help": "Epochs to train (fractions allowed)."})
-    max_train_steps: Optional[int] = field(
-        default=None, metadata={"help": "Optimizer steps to train; overrides --num_train_epochs."}
+    max_steps: int = field(
+        default=-1, metadata={"help": "Optimizer steps to train; a positive number overrides --num_train_epochs."}
     )
-    lr_scheduler_type: SchedulerType = field(default="linear", metadata={"help": "Learning-rate schedule."})
-    num_warmup_steps: int = field(default=0, metadata={"help": "Linear warmup length in optimizer steps."})
-    warmup_ratio: float = field(
-        default=0.1, metadata={"help": "Warmup as a share of all optimizer steps; used when --num_warmup_steps is 0."}
+    lr_scheduler_type: str = field(
+        default="linear",
+        metadata={"help": "Learning-rate schedule (transformers.get_scheduler). cosine_with_min_lr, "
+                          "cosine_warmup_with_min_lr and warmup_stable_decay need --lr_scheduler_kwargs.",
+                  "choices": SCHEDULERS},
+    )
+    lr_scheduler_kwargs: Union[dict, str, None] = field(
+        default=None,
+        metadata={"help": "Extra arguments of the schedule, as a JSON object: e.g. '{\"min_lr_rate\": 0.1}' for "
+                          "cosine_with_min_lr, '{\"num_decay_steps\": 100}' for warmup_stable_decay, '{\"num_cycles\": 2}' "
+                          "for cosine_with_restarts. Step counts are optimizer steps."},
+    )
+    warmup_steps: float = field(
+        default=0.1,
+        metadata={"help": "Linear warmup: a whole number >= 1 of optimizer steps, or below 1 a share of all of them."},
     )
     mixed_precision: Optional[Literal["no", "fp16", "bf16", "auto"]] = field(
         default=None,
@@ -187,7 +230,9 @@ class TrainArguments:
     )
     eval_strategy: Literal["no", "steps", "epoch"] = field(default="epoch", metadata={"help": "When to evaluate."})
     eval_steps: Optional[int] = field(default=None, metadata={"help": "Evaluate every N optimizer steps (eval_strategy=steps)."})
+    eval_on_start: bool = field(default=False, metadata={"help": "Evaluate once before the first training step."})
     logging_steps: int = field(default=10, metadata={"help": "Log loss, learning rate and grad norm every N optimizer steps."})
+    logging_first_step: bool = field(default=False, metadata={"help": "Log the first optimizer step too."})
     metrics: list[str] = field(
         default_factory=lambda: ["accuracy", "f1"],
         metadata={"help": "Evaluation metrics: accuracy, f1, precision, recall (offline, built in) or any 🤗 Evaluate "
@@ -196,10 +241,12 @@ class TrainArguments:
     metric_average: Literal["macro", "micro", "weighted", "binary"] = field(
         default="macro", metadata={"help": "Averaging for f1/precision/recall."}
     )
-    report_to: Literal["none", "wandb", "tensorboard", "all"] = field(
-        default="none", metadata={"help": "Experiment tracker(s). wandb without an account: set WANDB_MODE=offline."}
+    report_to: list[str] = field(
+        default_factory=lambda: ["none"],
+        metadata={"help": "Experiment trackers, e.g. --report_to wandb tensorboard; 'all' is both. wandb without an "
+                          "account: set WANDB_MODE=offline.", "choices": REPORT_TO_CHOICES},
     )
-    project_name: str = field(default="tuneloop", metadata={"help": "Tracker project name."})
+    project: str = field(default="tuneloop", metadata={"help": "Tracker project name."})
     run_name: Optional[str] = field(default=None, metadata={"help": "Tracker run name. Default: the output_dir's name."})
     dataloader_num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes."})
     ddp_timeout: int = field(
@@ -214,11 +261,13 @@ class TrainArguments:
     )
 
     # Checkpoints, resume and preemption (see checkpoint.py and preemption.py).
-    checkpointing_steps: Optional[str] = field(
-        default=None,
-        metadata={"help": "Save the full training state (model, optimizer, scheduler, RNG, data position) every N "
-                          "optimizer steps, or 'epoch'. Default: only when preempted or for --load_best_model_at_end."},
+    save_strategy: Literal["no", "steps", "epoch", "best"] = field(
+        default="no",
+        metadata={"help": "When to save the full training state (model, optimizer, scheduler, RNG, data position): "
+                          "every --save_steps optimizer steps, each epoch, or at each new best evaluation. 'no' (unlike "
+                          "Trainer's default): only when preempted or for --load_best_model_at_end."},
     )
+    save_steps: Optional[int] = field(default=None, metadata={"help": "With --save_strategy steps: save every N optimizer steps."})
     save_total_limit: Optional[int] = field(
         default=None, metadata={"help": "Keep only the K newest checkpoints (the best one is never deleted)."}
     )
@@ -249,6 +298,21 @@ class TrainArguments:
                           "(checked at logging and checkpoint steps); the last good checkpoint is kept."},
     )
 
+    def __post_init__(self):
+        # A recipe may name one tracker as a string; --lr_scheduler_kwargs arrives as JSON text, as in TrainingArguments
+        # (text that is not JSON stays text, for validate() to report).
+        if isinstance(self.report_to, str):
+            self.report_to = [self.report_to]
+        if isinstance(self.lr_scheduler_kwargs, str):
+            try:
+                self.lr_scheduler_kwargs = json.loads(self.lr_scheduler_kwargs)
+            except json.JSONDecodeError:
+                pass
+
+    def get_warmup_steps(self, total_steps: int) -> int:
+        """--warmup_steps as TrainingArguments reads it: from 1 up a count of optimizer steps, below 1 a share of all."""
+        return int(self.warmup_steps) if self.warmup_steps >= 1 else math.ceil(self.warmup_steps * total_steps)
+
     def global_batch_size(self, num_processes: int) -> int:
         """Examples per optimizer step over all processes (the one place this product is taken)."""
         return self.per_device_train_batch_size * self.gradient_accumulation_steps * num_processes
@@ -266,12 +330,93 @@ class Config:
 
 SECTIONS = (ModelArguments, DataArguments, TrainArguments)
 
+# Other scripts' names for these options: run_glue_no_trainer.py's (tuneloop's own until it took Trainer's), then
+# run_classification.py's, then TrainingArguments' precision switches. Each maps its value to the canonical option(s)
+# it sets, on the command line and in recipes alike (see `canonical`). The switches take an optional true/false.
+ALIASES = {
+    # alias: (the canonical option, how the value maps to canonical options; None: unchanged)
+    "max_train_steps": ("max_steps", None),
+    "num_warmup_steps": ("warmup_steps", None),
+    "warmup_ratio": ("warmup_steps", None),
+    "checkpointing_steps": ("save_strategy", lambda every: {"save_strategy": "epoch"} if every == "epoch"
+                            else {"save_strategy": "steps", "save_steps": every}),
+    "project_name": ("project", None),
+    "group_by_length": ("train_sampling_strategy",
+                        lambda on: {"train_sampling_strategy": "group_by_length" if on else "random"}),
+    "text_column_names": ("text_column", None),
+    "label_column_name": ("label_column", None),
+    "max_seq_length": ("max_length", None),
+    "pad_to_max_length": ("padding", lambda on: {"padding": "max_length" if on else "longest"}),
+    "metric_name": ("metrics", lambda name: {"metrics": [name]}),
+    "train_split_name": ("train_split", None),
+    "validation_split_name": ("validation_split", None),
+    "test_split_name": ("test_split", None),
+    "shuffle_seed": ("data_seed", None),
+    "fp16": ("mixed_precision", lambda on: {"mixed_precision": "fp16"} if on else {}),
+    "bf16": ("mixed_precision", lambda on: {"mixed_precision": "bf16"} if on else {}),
+    # Accepted so that run_classification.py command lines run unchanged; tuneloop does this anyway.
+    "shuffle_train_dataset": (None, lambda on: {}),  # the training order is reshuffled every epoch
+    "overwrite_output_dir": (None, lambda on: {}),  # output_dir is always written; resuming is --resume_from_checkpoint
+}
+SWITCHES = ("group_by_length", "pad_to_max_length", "fp16", "bf16", "shuffle_train_dataset", "overwrite_output_dir")
 
-def make_parser() -> HfArgumentParser:
-    parser = HfArgumentParser(SECTIONS, description="Fine-tune a 🤗 Transformers model for text classification.")
+
+def canonical(name: str, value) -> dict:
+    """An option and its value as canonical option(s) and values: an alias is translated, anything else passes."""
+    if name not in ALIASES:
+        return {name: value}
+    target, translate = ALIASES[name]
+    if name in SWITCHES:
+        value = string_to_bool(value)
+    return translate(value) if translate else {target: value}
+
+
+class OptionParser(OneLineArgumentErrors, HfArgumentParser):
+    """HfArgumentParser with ALIASES, and one-line errors naming the closest options (never a traceback)."""
+
+    def parse_into_dataclasses(self, argv: list[str]) -> tuple:
+        *parsed, unknown = self.parse_args_into_dataclasses(args=argv, return_remaining_strings=True,
+                                                             look_for_args_file=False)
+        if unknown:
+            self.error("unrecognized arguments: " + " ".join(unknown))
+        return tuple(parsed)
+
+    def add_aliases(self) -> None:
+        by_target = {}
+        for alias, (target, _) in ALIASES.items():
+            switch = dict(nargs="?", const=True, type=string_to_bool) if alias in SWITCHES else {}
+            self.add_argument(f"--{alias}", dest=alias, action=SetCanonical, default=argparse.SUPPRESS,
+                              help=argparse.SUPPRESS, **switch)
+            by_target.setdefault(target, []).append(f"--{alias}")
+        for target, aliases in by_target.items():
+            if target is not None:
+                action = self._option_string_actions[f"--{target}"]
+                action.help += f" Also accepted as {', '.join(aliases)}."
+        self.description += (f" Accepted for run_classification.py command lines, with no effect: "
+                             f"{', '.join(by_target[None])}.")
+
+
+class SetCanonical(argparse.Action):
+    """An alias on the command line sets its canonical option(s) where it stands: the later of an alias and its
+    canonical option wins, and either wins over a recipe. The value is converted as the canonical option's would be."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        for name, value in canonical(self.dest, values).items():
+            convert = parser._option_string_actions[f"--{name}"].type
+            try:
+                if convert and isinstance(value, str):
+                    value = convert(value)
+            except (TypeError, ValueError):
+                parser.error(f"argument {option_string}: invalid value {value!r}")
+            setattr(namespace, name, value)
+
+
+def make_parser() -> OptionParser:
+    parser = OptionParser(SECTIONS, description="Fine-tune a 🤗 Transformers model for text classification.")
     parser.add_argument(
         "--config", metavar="RECIPE.yaml", help="YAML recipe of the options below; flags given on the command line win."
     )
+    parser.add_aliases()
     return parser
 
 
@@ -284,14 +429,15 @@ def parse_args(argv: list[str] | None = None) -> Config:
     recipe_path = parser.parse_known_args(argv)[0].config
     if recipe_path:
         parser.set_defaults(**read_recipe(recipe_path))
-    model_args, data_args, train_args, _ = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
+    model_args, data_args, train_args, _ = parser.parse_into_dataclasses(argv)  # _: --config
     config = Config(model_args, data_args, train_args)
     validate(config)
     return config
 
 
 def read_recipe(path: str) -> dict:
-    """A flat YAML mapping of option names to values; unknown keys are an error, with the closest valid name."""
+    """A flat YAML mapping of option names (or ALIASES) to values, returned under the canonical names; unknown keys are
+    an error, with the closest valid name."""
     if not os.path.isfile(path):
         raise UserError(f"recipe {path!r} does not exist: pass the path of a YAML file (see recipes/)")
     try:
@@ -301,15 +447,47 @@ def read_recipe(path: str) -> dict:
         raise UserError(f"recipe {path!r} is not valid YAML ({' '.join(str(e).split())}): fix the file") from None
     if not isinstance(recipe, dict):
         raise UserError(f"recipe {path!r} must be a mapping of option: value, got {type(recipe).__name__}")
-    known = [f.name for section in SECTIONS for f in fields(section)]
-    problems = []
-    for key in recipe:
+    known = [f.name for section in SECTIONS for f in fields(section)] + list(ALIASES)
+    problems, settings = [], {}
+    for key, value in recipe.items():
         if key not in known:
             close = difflib.get_close_matches(str(key), known, n=1)
             problems.append(f"unknown key {key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+            continue
+        try:
+            settings |= canonical(key, value)
+        except argparse.ArgumentTypeError as e:  # a switch that is not true/false
+            problems.append(f"{key}: {e}")
     if problems:
         raise UserError(f"recipe {path!r}: " + "; ".join(problems) + "; `python train.py --help` lists every option")
-    return recipe
+    return settings
+
+
+def make_scheduler(name: str, kwargs: dict | None, optimizer, warmup_steps: int, total_steps: int, num_processes: int = 1):
+    """The learning-rate schedule (`transformers.get_scheduler`), for Accelerate's prepared scheduler.
+
+    That one steps once per process per optimizer step (unless split_batches), so every step count is multiplied by
+    `num_processes`, as in run_glue_no_trainer.py: warmup, total, and the step counts in `kwargs` (STEP_COUNT_KWARGS).
+    """
+    scaled = {key: value * num_processes if key in STEP_COUNT_KWARGS and value is not None else value
+              for key, value in (kwargs or {}).items()}
+    return get_scheduler(name, optimizer, num_warmup_steps=warmup_steps * num_processes,
+                         num_training_steps=total_steps * num_processes, scheduler_specific_kwargs=scaled)
+
+
+def scheduler_problem(t: TrainArguments) -> str | None:
+    """Build the schedule once on a stand-in optimizer, so that a schedule that cannot run (a missing or misspelt
+    lr_scheduler_kwargs) is reported before any data or model is loaded, not after."""
+    import torch
+
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=t.learning_rate)
+    try:
+        make_scheduler(t.lr_scheduler_type, t.lr_scheduler_kwargs, optimizer, warmup_steps=1, total_steps=100)
+    except (TypeError, ValueError) as e:
+        needed = SCHEDULER_KWARGS_NEEDED.get(t.lr_scheduler_type)
+        return (f"lr_scheduler_type {t.lr_scheduler_type} cannot run with lr_scheduler_kwargs {t.lr_scheduler_kwargs} "
+                f"({' '.join(str(e).split())})" + (f": e.g. --lr_scheduler_kwargs '{json.dumps(needed)}'" if needed else ""))
+    return None
 
 
 def validate(config: Config) -> None:
@@ -326,37 +504,46 @@ def validate(config: Config) -> None:
         need(getattr(t, name) >= 1, f"{name} must be >= 1 (got {getattr(t, name)})")
     need(t.weight_decay >= 0, f"weight_decay must be >= 0 (got {t.weight_decay})")
     need(t.max_grad_norm >= 0, f"max_grad_norm must be >= 0, 0 disables clipping (got {t.max_grad_norm})")
-    need(t.max_train_steps is None or t.max_train_steps >= 1, f"max_train_steps must be >= 1 (got {t.max_train_steps})")
-    need(t.max_train_steps is not None or t.num_train_epochs > 0, f"num_train_epochs must be > 0 (got {t.num_train_epochs})")
-    need(0 <= t.warmup_ratio < 1, f"warmup_ratio must be in [0, 1) (got {t.warmup_ratio})")
-    need(t.num_warmup_steps >= 0, f"num_warmup_steps must be >= 0 (got {t.num_warmup_steps})")
+    need(t.max_steps > 0 or t.num_train_epochs > 0, f"num_train_epochs must be > 0 (got {t.num_train_epochs})")
+    need(t.warmup_steps >= 0 and (t.warmup_steps < 1 or t.warmup_steps == int(t.warmup_steps)),
+         f"warmup_steps must be a share of all steps below 1 or a whole number of steps (got {t.warmup_steps})")
     need(t.eval_strategy != "steps" or (t.eval_steps or 0) >= 1, "eval_strategy=steps needs --eval_steps N (N >= 1)")
+    need(not t.eval_on_start or t.do_eval and t.do_train, "eval_on_start needs --do_train and --do_eval")
     need(t.do_train or t.do_eval or t.do_predict, "nothing to do: do_train, do_eval and do_predict are all false")
     need(bool(t.metrics), "metrics is empty: name at least one, e.g. --metrics accuracy")
     need(m.attention_dropout is None or 0 <= m.attention_dropout < 1,
          f"attention_dropout must be in [0, 1) (got {m.attention_dropout})")
     need(m.num_labels is None or m.num_labels >= 2, f"num_labels must be >= 2 (got {m.num_labels})")
+    need(set(t.report_to) <= set(REPORT_TO_CHOICES) and ("none" not in t.report_to or len(t.report_to) == 1),
+         f"report_to must be none, or any of wandb, tensorboard, all (got {' '.join(t.report_to)})")
     need(d.length_grouping_window >= 1, f"length_grouping_window must be >= 1 (got {d.length_grouping_window})")
     need(d.max_length >= 8, f"max_length must be >= 8 tokens (got {d.max_length})")
     need(d.pad_to_multiple_of is None or d.pad_to_multiple_of >= 1, f"pad_to_multiple_of must be >= 1 (got {d.pad_to_multiple_of})")
     need(0 < d.validation_split_percentage < 100,
          f"validation_split_percentage must be between 0 and 100 (got {d.validation_split_percentage})")
-    for name in ("max_train_samples", "max_eval_samples"):
+    for name in ("max_train_samples", "max_eval_samples", "max_predict_samples"):
         value = getattr(d, name)
         need(value is None or value >= 1, f"{name} must be >= 1 (got {value})")
+    from tuneloop.data import FILE_BUILDERS, file_builder  # data owns the file types (and imports this module)
+
     for name in ("train_file", "validation_file", "test_file"):
         path = getattr(d, name)
         if path is None:
             continue
-        need(path.endswith(DATA_FILE_EXTENSIONS), f"{name} {path!r} must end in one of {', '.join(DATA_FILE_EXTENSIONS)}")
+        need(file_builder(path) is not None, f"{name} {path!r} must end in one of {', '.join(FILE_BUILDERS)}")
         need(os.path.isfile(path), f"{name} {path!r} does not exist: check the path")
     if d.train_file and d.validation_file:
-        kinds = {os.path.splitext(p)[1].replace(".jsonl", ".json") for p in (d.train_file, d.validation_file)}
-        need(len(kinds) == 1, "train_file and validation_file must have the same format (csv, json/jsonl or parquet)")
-    need(t.lr_scheduler_type not in ("reduce_lr_on_plateau", "greedy"),
-         f"lr_scheduler_type {t.lr_scheduler_type!r} needs a metric each step and is not supported: use linear or cosine")
-    need(t.checkpointing_steps in (None, "epoch") or str(t.checkpointing_steps).isdigit() and int(t.checkpointing_steps) >= 1,
-         f"checkpointing_steps must be a number of steps >= 1 or 'epoch' (got {t.checkpointing_steps!r})")
+        need(file_builder(d.train_file) == file_builder(d.validation_file),
+             "train_file and validation_file must have the same format (csv, json/jsonl or parquet)")
+    if t.lr_scheduler_type not in SCHEDULERS:  # a recipe's value (the command line checks its own)
+        problems.append(f"lr_scheduler_type {t.lr_scheduler_type!r} is not one of {', '.join(SCHEDULERS)}")
+    elif not isinstance(t.lr_scheduler_kwargs, (dict, type(None))):
+        problems.append(f"lr_scheduler_kwargs must be a JSON object, e.g. '{{\"num_cycles\": 2}}' (got {t.lr_scheduler_kwargs!r})")
+    elif t.learning_rate > 0:
+        need(not (problem := scheduler_problem(t)), problem)
+    need(t.save_strategy != "steps" or (t.save_steps or 0) >= 1, "save_strategy=steps needs --save_steps N (N >= 1)")
+    need(t.save_steps is None or t.save_strategy != "no", "save_steps is set but save_strategy is 'no': add "
+                                                          "--save_strategy steps")
     need(t.save_total_limit is None or t.save_total_limit >= 1, f"save_total_limit must be >= 1 (got {t.save_total_limit})")
     need(t.early_stopping_patience is None or t.early_stopping_patience >= 1,
          f"early_stopping_patience must be >= 1 (got {t.early_stopping_patience})")
@@ -365,8 +552,10 @@ def validate(config: Config) -> None:
          f"metric_for_best_model {t.metric_for_best_model!r} is not computed: use loss or one of --metrics {t.metrics}")
     need(t.ddp_timeout >= 1, f"ddp_timeout must be >= 1 second (got {t.ddp_timeout})")
     need(t.max_nonfinite_steps >= 1, f"max_nonfinite_steps must be >= 1 (got {t.max_nonfinite_steps})")
-    need(t.do_eval and t.eval_strategy != "no" or not (t.load_best_model_at_end or t.early_stopping_patience),
-         "load_best_model_at_end and early_stopping_patience need evaluations: set --eval_strategy epoch or steps")
+    need(t.do_eval and t.eval_strategy != "no" or not (t.load_best_model_at_end or t.early_stopping_patience
+                                                       or t.save_strategy == "best"),
+         "load_best_model_at_end, early_stopping_patience and save_strategy=best need evaluations: set --eval_strategy "
+         "epoch or steps")
     need(d.validation_file is None or d.train_file is not None or not t.do_train,
          "validation_file needs train_file too (or --do_train false)")
     need(not t.do_predict or d.test_file is not None or d.train_file is None,

@@ -22,6 +22,13 @@ from tuneloop.config import BUILTIN_DATASET, BUILTIN_HEADLINES, DataArguments, T
 from tuneloop.errors import UserError
 
 EVAL_SPLIT_NAMES = ("validation", "test")
+# Local data files: extension -> the `datasets` builder that reads them. The one list of file types tuneloop reads.
+FILE_BUILDERS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+
+
+def file_builder(path: str) -> str | None:
+    """The builder for a local data file, or None when its extension is not one of FILE_BUILDERS."""
+    return FILE_BUILDERS.get(Path(path).suffix)
 
 
 @dataclass
@@ -86,8 +93,7 @@ def _load_source(d: DataArguments) -> DatasetDict:
 
 
 def _load_files(data_files: dict[str, str]) -> DatasetDict:
-    suffix = Path(next(iter(data_files.values()))).suffix
-    builder = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}[suffix]
+    builder = file_builder(next(iter(data_files.values())))
     for name, path in data_files.items():  # datasets' own message for this is "Instruction ... corresponds to no data"
         if _has_no_rows(path):
             raise UserError(f"the {name} split is empty: {path!r} has no rows")
@@ -95,13 +101,13 @@ def _load_files(data_files: dict[str, str]) -> DatasetDict:
 
 
 def _has_no_rows(path: str) -> bool:
-    if path.endswith(".parquet"):
+    if file_builder(path) == "parquet":
         import pyarrow.parquet
 
         return pyarrow.parquet.ParquetFile(path).metadata.num_rows == 0
     with open(path, "rb") as f:
         lines = [line for line in f.read(1 << 16).splitlines() if line.strip()][:2]
-    return len(lines) <= (1 if path.endswith(".csv") else 0) or lines[0].strip() == b"[]"
+    return len(lines) <= (1 if file_builder(path) == "csv" else 0) or lines[0].strip() == b"[]"
 
 
 def _user_facing(load, what: str):
@@ -135,6 +141,8 @@ def load_splits(d: DataArguments, seed: int, num_labels: int | None, need_train:
     for name, split in (("train", train), ("eval", evaluation)):
         if split is not None and len(split) == 0:
             raise UserError(f"the {name} split is empty: check the data source")
+    train = _join_text_columns(train, "train", d) if train is not None else None
+    evaluation = _join_text_columns(evaluation, "eval", d) if evaluation is not None else None
     reference = train if train is not None else evaluation
     text_column, text_pair_column = _text_columns(d, reference.column_names)
     for name, split in (("train", train), ("eval", evaluation)):
@@ -172,6 +180,9 @@ def load_test_split(d: DataArguments, label_names: list[str] | None) -> Splits:
         test = raw[d.test_split]
     if len(test) == 0:
         raise UserError("the test split is empty: check the data source")
+    if d.max_predict_samples is not None:  # run_classification.py's: the first N, in order
+        test = test.select(range(min(d.max_predict_samples, len(test))))
+    test = _join_text_columns(test, "test", d)
     text_column, text_pair_column = _text_columns(d, test.column_names)
     _check_columns(test, "test", [text_column, text_pair_column, None])
     id_column = d.id_column or next((c for c in ("id", "idx") if c in test.column_names), None)
@@ -195,6 +206,18 @@ def _text_columns(d: DataArguments, columns: list[str]) -> tuple[str, str | None
     if "sentence" in columns:
         return "sentence", d.text_pair_column
     raise UserError(f"no text column found among {columns}: pass --text_column NAME (and --text_pair_column for pairs)")
+
+
+def _join_text_columns(split: Dataset, name: str, d: DataArguments) -> Dataset:
+    """A comma-joined --text_column ('title,body', run_classification.py's --text_column_names): those columns joined
+    with --text_column_delimiter into one text column of that name, which predictions files then show as it was read."""
+    parts = (d.text_column or "").split(",")
+    if len(parts) < 2 or d.text_column in split.column_names:
+        return split
+    _check_columns(split, name, [*parts, None])
+    return split.map(lambda batch: {d.text_column: [None if None in texts else d.text_column_delimiter.join(texts)
+                                                    for texts in zip(*(batch[part] for part in parts))]},
+                     batched=True, desc="Joining text columns")
 
 
 def _check_columns(split: Dataset, name: str, wanted: list[str | None]) -> None:
@@ -305,7 +328,8 @@ def make_dataloaders(train: Dataset | None, evaluation: Dataset | None, tokenize
         order = dict(shuffle=True)
         if length_window:
             lengths = [len(ids) for ids in train["input_ids"]]
-            order = dict(sampler=LengthGroupedSampler(lengths, t.per_device_train_batch_size, length_window, t.seed))
+            order = dict(sampler=LengthGroupedSampler(lengths, t.per_device_train_batch_size, length_window,
+                                                         t.seed if t.data_seed is None else t.data_seed))
         train_dl = DataLoader(train, batch_size=t.per_device_train_batch_size,
                               generator=torch.Generator().manual_seed(t.seed), **order, **common)
     eval_dl = None

@@ -23,6 +23,7 @@ from importlib import metadata
 
 import torch
 
+from tuneloop.errors import OneLineArgumentErrors
 from tuneloop.runtime import cpu_cores
 
 PROBE_TAG = "tuneloop-doctor-probe:"
@@ -30,7 +31,7 @@ PACKAGES = ("tuneloop", "torch", "transformers", "accelerate", "deepspeed", "dat
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="tuneloop doctor", description=__doc__.split("\n")[0])
+    parser = OptionParser(prog="tuneloop doctor", description=__doc__.split("\n")[0])
     parser.add_argument("--config_file", help="accelerate config to check (default: Accelerate's default config, if any)")
     parser.add_argument("--skip_accelerate_test", action="store_true", help="do not run `accelerate test`")
     parser.add_argument("--probe", action="store_true", help=argparse.SUPPRESS)  # what each launched process runs
@@ -282,5 +283,11 @@ def run_accelerate_test(path: str, config) -> bool:
     return False
 
 
+class OptionParser(OneLineArgumentErrors, argparse.ArgumentParser):
+    """A mistyped option is one line naming the closest ones, as in every tuneloop command."""
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    from tuneloop.cli import run_command
+
+    sys.exit(run_command(main, None))

@@ -16,22 +16,13 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
-from transformers import get_scheduler
 from transformers.utils import logging as hf_logging
 
 from tuneloop import checkpoint, cpu_speedups, data, engines, metrics, model as models, predict, report, runtime, throughput, tracking
-from tuneloop.config import Config, TrainArguments
+from tuneloop.config import Config, TrainArguments, make_scheduler
 from tuneloop.errors import UserError
-from tuneloop.preemption import StopRequest
+from tuneloop.preemption import Preempted, StopRequest
 from tuneloop.runtime import describe, say
-
-
-class Preempted(Exception):
-    """A stop signal arrived at optimizer step `step`; `checkpoint_dir` is the newest complete checkpoint."""
-
-    def __init__(self, signal_name: str, checkpoint_dir: str | None, step: int):
-        super().__init__(f"stopped by {signal_name} at step {step}; checkpoint {checkpoint_dir}")
-        self.signal_name, self.checkpoint_dir, self.step = signal_name, checkpoint_dir, step
 
 
 class TrainingDiverged(UserError):
@@ -50,8 +41,8 @@ class Plan:
 
 def make_plan(num_batches: int, t: TrainArguments) -> Plan:
     steps_per_epoch = math.ceil(num_batches / t.gradient_accumulation_steps)
-    total_steps = t.max_train_steps or math.ceil(t.num_train_epochs * steps_per_epoch)
-    warmup_steps = t.num_warmup_steps or math.ceil(t.warmup_ratio * total_steps)
+    total_steps = t.max_steps if t.max_steps > 0 else math.ceil(t.num_train_epochs * steps_per_epoch)
+    warmup_steps = t.get_warmup_steps(total_steps)
     return Plan(steps_per_epoch, total_steps, math.ceil(total_steps / steps_per_epoch), warmup_steps)
 
 
@@ -150,7 +141,7 @@ def setup(config: Config) -> Run:
     set_seed(t.seed)
 
     checkpoint.check_writable(t.output_dir)
-    state = checkpoint.TrainerState(num_processes=accelerator.num_processes, seed=t.seed,
+    state = checkpoint.TrainerState(num_processes=accelerator.num_processes, seed=t.seed, data_seed=t.data_seed,
                                     per_device_train_batch_size=t.per_device_train_batch_size,
                                     gradient_accumulation_steps=t.gradient_accumulation_steps)
     resume_from = find_resume_checkpoint(accelerator, t)
@@ -185,7 +176,7 @@ def setup(config: Config) -> Run:
     pin_memory = accelerator.device.type == "cuda"
     train_dl, eval_dl = data.make_dataloaders(
         train_set, eval_set, tokenizer, t, pad_to_multiple_of, pin_memory,
-        length_window=d.length_grouping_window if d.group_by_length else None,
+        length_window=d.length_grouping_window if d.train_sampling_strategy == "group_by_length" else None,
     )
     test_dl = None
     if test_set is not None:  # each example carries its position, to check that every one comes back once, in order
@@ -204,12 +195,8 @@ def setup(config: Config) -> Run:
     # the factor num_processes, as in transformers' run_glue_no_trainer.py.
     plan = make_plan(math.ceil(len(train_dl) / accelerator.num_processes), t)
     optimizer = make_optimizer(model, t, accelerator.device)
-    scheduler = get_scheduler(
-        t.lr_scheduler_type,
-        optimizer=optimizer,
-        num_warmup_steps=plan.warmup_steps * accelerator.num_processes,
-        num_training_steps=plan.total_steps * accelerator.num_processes,
-    )
+    scheduler = make_scheduler(t.lr_scheduler_type, t.lr_scheduler_kwargs, optimizer, plan.warmup_steps, plan.total_steps,
+                               accelerator.num_processes)
     run.model, run.optimizer, run.train_dl, run.eval_dl, run.scheduler = accelerator.prepare(
         model, optimizer, train_dl, eval_dl, scheduler)
     if math.ceil(len(run.train_dl) / t.gradient_accumulation_steps) != plan.steps_per_epoch:
@@ -318,6 +305,8 @@ def fit(run: Run) -> tuple[dict, predict.Outputs | None]:
         session = Session(LossMeter(accelerator.device, run.rank_state),
                           throughput.SpeedMeter(accelerator.unwrap_model(model), accelerator.device, run.started_at),
                           stop, progress, time.perf_counter(), state.train_runtime)
+        if t.eval_on_start and state.step == 0:  # a baseline to compare with, not a candidate for the best model
+            session.eval_outputs = evaluate_and_log(run, best_candidate=False)
         ended = None
         for epoch in range(state.epoch, plan.num_epochs):
             model.train()
@@ -369,7 +358,7 @@ def boundary(run: Run, session: Session, epoch_end: bool) -> str | None:
     """
     t, state = run.config.train, run.state
     last_step = state.step >= run.plan.total_steps
-    if not epoch_end and (state.step % t.logging_steps == 0 or last_step):
+    if not epoch_end and (state.step % t.logging_steps == 0 or last_step or t.logging_first_step and state.step == 1):
         log_step(run, session)
     evaluated = not last_step and t.do_eval and evaluation_due(t, state.step, epoch_end)
     if evaluated:
@@ -392,11 +381,11 @@ def evaluation_due(t: TrainArguments, step: int, epoch_end: bool) -> bool:
 
 
 def checkpoint_due(t: TrainArguments, step: int, new_best: bool, epoch_end: bool = False) -> bool:
-    if new_best and t.load_best_model_at_end:
+    if new_best and (t.load_best_model_at_end or t.save_strategy == "best"):
         return True  # the best weights must survive until the end
-    if t.checkpointing_steps == "epoch":
+    if t.save_strategy == "epoch":
         return epoch_end
-    return t.checkpointing_steps is not None and not epoch_end and step % int(t.checkpointing_steps) == 0
+    return t.save_strategy == "steps" and not epoch_end and step % t.save_steps == 0
 
 
 def finish_training(run: Run, session: Session, stopped_early: bool) -> tuple[dict, predict.Outputs | None]:
@@ -463,7 +452,7 @@ def check_health(run: Run, meter: LossMeter) -> int:
         raise TrainingDiverged(
             f"the training loss was NaN/inf for {streak} optimizer steps in a row (step {run.state.step}): lower "
             "--learning_rate, keep --max_grad_norm on, prefer bf16 to fp16, or check the data; last good checkpoint: "
-            + (found[-1] if found else "none (set --checkpointing_steps to keep one)")
+            + (found[-1] if found else "none (set --save_strategy to keep one)")
         )
     return streak
 
@@ -506,9 +495,9 @@ def evaluate(run: Run) -> tuple[dict, predict.Outputs]:
     return predict.score(outputs, run.metric_modules, run.config.train.metric_average, prefix="eval"), outputs
 
 
-def evaluate_and_log(run: Run, epoch: int | None = None) -> predict.Outputs:
-    """Evaluate, log, record in the history and the best-model tracker (`state.best_step` is this step when it is the
-    new best); returns the gathered outputs."""
+def evaluate_and_log(run: Run, epoch: int | None = None, best_candidate: bool = True) -> predict.Outputs:
+    """Evaluate, log, record in the history and (a `best_candidate`) in the best-model tracker: `state.best_step` is
+    this step when it is the new best. Returns the gathered outputs."""
     t, state = run.config.train, run.state
     results, outputs = evaluate(run)
     run.model.train()
@@ -516,8 +505,9 @@ def evaluate_and_log(run: Run, epoch: int | None = None) -> predict.Outputs:
     state.history.append({"step": state.step, **({"epoch": epoch} if epoch else {}), **results})
     state.last_eval = {**results, "step": state.step}
     say(run.accelerator, format_metrics(f"epoch {epoch}" if epoch else f"step {state.step}", results))
-    greater = t.greater_is_better if t.greater_is_better is not None else not best_metric_key(t).endswith("loss")
-    state.record_eval(results[best_metric_key(t)], greater, t.early_stopping_threshold)
+    if best_candidate:
+        greater = t.greater_is_better if t.greater_is_better is not None else not best_metric_key(t).endswith("loss")
+        state.record_eval(results[best_metric_key(t)], greater, t.early_stopping_threshold)
     return outputs
 
 

@@ -20,6 +20,14 @@ REQUEUE_EXIT_CODE = 75
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 
+class Preempted(Exception):
+    """A stop signal arrived at optimizer step `step`; `checkpoint_dir` is the newest complete checkpoint."""
+
+    def __init__(self, signal_name: str, checkpoint_dir: str | None, step: int):
+        super().__init__(f"stopped by {signal_name} at step {step}; checkpoint {checkpoint_dir}")
+        self.signal_name, self.checkpoint_dir, self.step = signal_name, checkpoint_dir, step
+
+
 class StopRequest:
     """Records the first stop signal; `agreed()` is the collective check the loop calls once per optimizer step."""
 

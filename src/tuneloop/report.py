@@ -186,8 +186,8 @@ def model_card(config: Config, results: dict, names: list[str], per_class: list[
     scores = {k: v for k, v in {**results, **(test_results or {})}.items()
               if k.startswith(("eval_", "test_")) and not k.endswith("_samples")}
     recipe = {
-        "learning rate": t.learning_rate, "schedule": f"{t.lr_scheduler_type}, warmup ratio {t.warmup_ratio}"
-        if not t.num_warmup_steps else f"{t.lr_scheduler_type}, {t.num_warmup_steps} warmup steps",
+        "learning rate": t.learning_rate, "schedule": f"{t.lr_scheduler_type}, warmup ratio {t.warmup_steps}"
+        if t.warmup_steps < 1 else f"{t.lr_scheduler_type}, {int(t.warmup_steps)} warmup steps",
         "global batch": t.global_batch_size(results.get("num_processes", 1)),
         "optimizer steps": results.get("global_step"), "epochs": results.get("epochs"), "weight decay": t.weight_decay,
         "max length": d.max_length, "seed": t.seed,

@@ -47,8 +47,9 @@ def make_accelerator(t: TrainArguments) -> Accelerator:
         gradient_accumulation_steps=t.gradient_accumulation_steps,
         log_with=tracking.log_with(t),
         project_dir=t.output_dir,
-        # A seeded sampler makes the data order a function of (seed, epoch) alone: reproducible and resumable.
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        # A seeded sampler makes the data order a function of (seed, epoch) alone: reproducible and resumable. Its seed
+        # is --data_seed, or with None the global seed set from --seed.
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=t.data_seed),
         # The timeout covers the longest wait of one rank for another: rank 0 tokenizing a large dataset while the
         # others wait in main_process_first, or a slow node joining (torch's NCCL default is 10 minutes).
         kwargs_handlers=[InitProcessGroupKwargs(backend="gloo" if no_gpu and deepspeed else None,

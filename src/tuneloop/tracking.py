@@ -1,6 +1,6 @@
 """Experiment trackers through Accelerate (`log_with` + `init_trackers`): wandb, TensorBoard, both or none.
 
-TensorBoard writes event files under `output_dir/<project_name>`; wandb writes under `output_dir/wandb` and needs an
+TensorBoard writes event files under `output_dir/<project>`; wandb writes under `output_dir/wandb` and needs an
 account, or `WANDB_MODE=offline` for a local run that `wandb sync` can upload later.
 """
 
@@ -17,18 +17,19 @@ TRACKERS = {"none": [], "wandb": ["wandb"], "tensorboard": ["tensorboard"], "all
 
 
 def log_with(t: TrainArguments) -> list[str] | None:
-    return TRACKERS[t.report_to] or None
+    """The trackers of --report_to (a list: `--report_to wandb tensorboard`), for Accelerator(log_with=...)."""
+    return sorted({tracker for name in t.report_to for tracker in TRACKERS[name]}) or None
 
 
 def start(accelerator: Accelerator, config: Config, run_id: str) -> None:
     """Open the trackers. `run_id` is kept in every checkpoint, so a resumed run continues the same wandb run;
     TensorBoard continues by writing to the same directory."""
     t = config.train
-    if not TRACKERS[t.report_to]:
+    if not log_with(t):
         return
     try:
         accelerator.init_trackers(
-            t.project_name,
+            t.project,
             config=flat_hparams(config),
             init_kwargs={"wandb": {"name": run_name(t), "dir": t.output_dir, "id": run_id, "resume": "allow"}},
         )
