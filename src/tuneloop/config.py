@@ -42,6 +42,15 @@ SCHEDULER_KWARGS_NEEDED = {"cosine_with_min_lr": {"min_lr_rate": 0.1}, "cosine_w
 STEP_COUNT_KWARGS = ("num_stable_steps", "num_decay_steps", "timescale")
 REPORT_TO_CHOICES = ("none", "wandb", "tensorboard", "all")
 
+# Local data files: extension -> the `datasets` builder that reads them. The one list of file types tuneloop reads;
+# here rather than in data.py because validation checks paths before any data code is imported.
+FILE_BUILDERS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+
+
+def file_builder(path: str) -> str | None:
+    """The builder for a local data file, or None when its extension is not one of FILE_BUILDERS."""
+    return FILE_BUILDERS.get(os.path.splitext(path)[1])
+
 
 @dataclass
 class ModelArguments:
@@ -524,7 +533,6 @@ def validate(config: Config) -> None:
     for name in ("max_train_samples", "max_eval_samples", "max_predict_samples"):
         value = getattr(d, name)
         need(value is None or value >= 1, f"{name} must be >= 1 (got {value})")
-    from tuneloop.data import FILE_BUILDERS, file_builder  # data owns the file types (and imports this module)
 
     for name in ("train_file", "validation_file", "test_file"):
         path = getattr(d, name)

@@ -18,17 +18,10 @@ from datasets import ClassLabel, Dataset, DatasetDict, Value
 from torch.utils.data import DataLoader, Sampler
 from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
 
-from tuneloop.config import BUILTIN_DATASET, BUILTIN_HEADLINES, DataArguments, TrainArguments
+from tuneloop.config import BUILTIN_DATASET, BUILTIN_HEADLINES, DataArguments, TrainArguments, file_builder
 from tuneloop.errors import UserError
 
 EVAL_SPLIT_NAMES = ("validation", "test")
-# Local data files: extension -> the `datasets` builder that reads them. The one list of file types tuneloop reads.
-FILE_BUILDERS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
-
-
-def file_builder(path: str) -> str | None:
-    """The builder for a local data file, or None when its extension is not one of FILE_BUILDERS."""
-    return FILE_BUILDERS.get(Path(path).suffix)
 
 
 @dataclass
