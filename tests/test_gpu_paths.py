@@ -1,0 +1,77 @@
+"""The CUDA-only paths, tested on CPU: each test fakes the one device fact its logic depends on, and says which.
+
+fp16 overflow accounting (Accelerate builds no GradScaler on CPU: the tests hand it torch's CPU one), TF32 switches
+(a faked CUDA capability), non-blocking host-to-device copies (a faked CUDA availability).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import read_json, run_in_process, tiny_args
+from tuneloop import loop, runtime
+
+
+def prepared_with_cpu_scaler(fused: bool):
+    """An Accelerator as fp16 on a GPU has it, faked on CPU: Accelerate's prepared optimizer around a GradScaler."""
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=True)
+    accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)  # what Accelerate builds for fp16 on CUDA
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1, fused=fused)
+    return accelerator, *accelerator.prepare(model, optimizer)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_an_fp16_overflow_step_is_reported_skipped(fused):
+    """Fakes: the GradScaler is torch's CPU one, set on a CPU Accelerator before `prepare` (as Accelerate does on CUDA).
+
+    Guards against: fused AdamW skipping inside its kernel while the loop counts the step as taken (Accelerate's
+    `optimizer_step_was_skipped` reads False there, shown below), so skipped_steps stayed 0 and the schedule moved on.
+    """
+    accelerator, model, optimizer = prepared_with_cpu_scaler(fused)
+    before = model.weight.detach().clone()
+    accelerator.backward(model(torch.ones(3, 4)).sum())
+    model.weight.grad[0, 0] = float("inf")  # a forced overflow
+    assert loop.optimizer_step(accelerator, model, optimizer) is True
+    assert torch.equal(model.weight, before), "an overflow step must not change the weights"
+    assert accelerator.scaler.get_scale() == 512.0
+    assert accelerator.optimizer_step_was_skipped is (not fused)  # Accelerate's own answer: blind to the fused kernel
+    optimizer.zero_grad()
+
+    accelerator.backward(model(torch.ones(3, 4)).sum())
+    assert loop.optimizer_step(accelerator, model, optimizer) is False
+    assert not torch.equal(model.weight, before)
+
+
+def test_the_loop_counts_overflow_steps_and_holds_the_schedule(tiny_model_dir, toy_files, tmp_path, monkeypatch):
+    """Fakes: a CPU GradScaler in the run's Accelerator (none is built on CPU), and inf gradients on steps 3, 7 and 8
+    (a hook on the classifier's weight). Everything else is the real loop with fused AdamW.
+
+    Guards against: skipped_steps staying 0, and the learning-rate schedule advancing on steps that updated nothing
+    (the linear decay then ends 3 steps early: at 0 instead of 3/30 of the peak).
+    """
+    make_accelerator, load_model = runtime.make_accelerator, loop.models.load_model
+
+    def with_scaler(t):
+        accelerator = make_accelerator(t)
+        accelerator.scaler = torch.amp.GradScaler("cpu")
+        return accelerator
+
+    def with_overflows(*args, **kwargs):
+        model = load_model(*args, **kwargs)
+        backward_passes = iter(range(1, 10_000))
+        model.classifier.weight.register_hook(lambda g: g * float("inf") if next(backward_passes) in (3, 7, 8) else g)
+        return model
+
+    monkeypatch.setattr(runtime, "make_accelerator", with_scaler)
+    monkeypatch.setattr(loop.models, "load_model", with_overflows)
+    results = run_in_process(tiny_args(tiny_model_dir, toy_files, tmp_path, num_train_epochs=1, mixed_precision="fp16",
+                                       max_grad_norm=0, logging_steps=5, eval_strategy="no"))
+    assert results["global_step"] == 30 and results["skipped_steps"] == 3
+    assert results["final_learning_rate"] == pytest.approx(3e-3 * 3 / 30)  # 27 scheduler steps of a 30-step decay
+    logged = {e["step"]: e["train/skipped_steps"] for e in read_json(tmp_path / "log_history.json") if "train/loss" in e}
+    assert logged[5] == 1 and logged[10] == 3 and logged[30] == 3
