@@ -75,3 +75,39 @@ def test_the_loop_counts_overflow_steps_and_holds_the_schedule(tiny_model_dir, t
     assert results["final_learning_rate"] == pytest.approx(3e-3 * 3 / 30)  # 27 scheduler steps of a 30-step decay
     logged = {e["step"]: e["train/skipped_steps"] for e in read_json(tmp_path / "log_history.json") if "train/loss" in e}
     assert logged[5] == 1 and logged[10] == 3 and logged[30] == 3
+
+
+@pytest.fixture
+def tf32_switches():
+    """Both process-wide TF32 flags (plain globals in torch, settable without CUDA), restored after the test."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    yield lambda: (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+@pytest.mark.parametrize(
+    "flag, capability, start, expected",
+    [(None, (8, 0), False, True), (None, (7, 0), True, False), (False, (9, 0), True, False), (True, (7, 5), False, True)],
+)
+def test_tf32_switches_follow_the_flag(flag, capability, start, expected, tf32_switches, monkeypatch):
+    """Fakes: a CUDA device (`torch.device("cuda")` needs no GPU) and its compute capability.
+
+    Guards against --tf32 false being ignored: Accelerate sets matmul TF32 on by itself under torch.compile without
+    mixed precision (`start` True here stands for that), and set_up_kernels used to only ever switch it on.
+    """
+    from tuneloop.config import TrainArguments
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = start
+    runtime.set_up_kernels(TrainArguments(tf32=flag), torch.device("cuda"))
+    assert tf32_switches() == (expected, expected)
+    runtime.set_up_kernels(TrainArguments(tf32=True), torch.device("cpu"))  # a CPU run leaves them alone
+    assert tf32_switches() == (expected, expected)
+
+
+@pytest.mark.parametrize("cuda", [True, False])
+def test_host_to_device_copies_do_not_block_on_cuda(cuda, monkeypatch):
+    """Fakes: CUDA availability. Guards against pinned batches copied to the GPU with blocking copies."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    configuration = runtime.dataloader_configuration()
+    assert configuration.non_blocking is cuda and configuration.use_seedable_sampler
