@@ -1,7 +1,8 @@
 """The CUDA-only paths, tested on CPU: each test fakes the one device fact its logic depends on, and says which.
 
 fp16 overflow accounting (Accelerate builds no GradScaler on CPU: the tests hand it torch's CPU one), TF32 switches
-(a faked CUDA capability), non-blocking host-to-device copies (a faked CUDA availability).
+(a faked CUDA capability), non-blocking host-to-device copies (a faked CUDA availability). The weights' dtype needs
+no fake: a bf16 checkpoint loads the same way on CPU as on a GPU.
 """
 
 from __future__ import annotations
@@ -9,8 +10,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from safetensors.torch import load_file
+
 from conftest import read_json, run_in_process, tiny_args
 from tuneloop import loop, runtime
+from tuneloop.errors import UserError
 
 
 def prepared_with_cpu_scaler(fused: bool):
@@ -111,3 +115,48 @@ def test_host_to_device_copies_do_not_block_on_cuda(cuda, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
     configuration = runtime.dataloader_configuration()
     assert configuration.non_blocking is cuda and configuration.use_seedable_sampler
+
+
+@pytest.fixture(scope="module")
+def bf16_model_dir(tiny_model_dir, tmp_path_factory) -> str:
+    """The tiny BERT saved in bfloat16, as tuneloop's own DeepSpeed-bf16 runs save theirs."""
+    import shutil
+
+    from transformers import AutoModel
+
+    out = tmp_path_factory.mktemp("tiny-bert-bf16")
+    shutil.copytree(tiny_model_dir, out, dirs_exist_ok=True)
+    AutoModel.from_pretrained(tiny_model_dir).to(torch.bfloat16).save_pretrained(out)
+    assert read_json(out / "config.json")["dtype"] == "bfloat16"
+    return str(out)
+
+
+def saved_dtypes(output_dir) -> set[torch.dtype]:
+    return {tensor.dtype for tensor in load_file(str(output_dir / "model.safetensors")).values()}
+
+
+def test_a_bf16_checkpoint_trains_in_fp32_unless_asked(bf16_model_dir, toy_files, tmp_path, capsys):
+    """Guards against transformers 5's dtype="auto" training a bf16 checkpoint as pure bf16 (no fp32 master copy).
+    The saved model keeps the dtype the loop trained in; evaluate/predict of it inherit the training dtype."""
+    from tuneloop import cli
+
+    short = dict(max_train_steps=4, eval_strategy="no", do_eval="false")
+    run_in_process(tiny_args(bf16_model_dir, toy_files, tmp_path / "default", **short))
+    assert saved_dtypes(tmp_path / "default") == {torch.float32}
+    assert "no fp32 master copy" not in capsys.readouterr().out
+
+    run_in_process(tiny_args(bf16_model_dir, toy_files, tmp_path / "bf16", dtype="bfloat16", **short))
+    assert saved_dtypes(tmp_path / "bf16") == {torch.bfloat16}
+    warnings = [line for line in capsys.readouterr().out.splitlines() if "no fp32 master copy" in line]
+    assert len(warnings) == 1 and warnings[0].startswith("warning: --dtype bfloat16"), warnings
+    assert read_json(tmp_path / "bf16" / "run_config.json")["model"]["dtype"] == "bfloat16"
+    assert cli.inherited_settings(str(tmp_path / "bf16"))["dtype"] == "bfloat16"
+
+
+def test_float16_on_cpu_stops_before_the_weights_load(bf16_model_dir, toy_files, tmp_path, monkeypatch):
+    def must_not_load(*args, **kwargs):
+        raise AssertionError("the weights were loaded before the dtype was checked")
+
+    monkeypatch.setattr(loop.models, "load_model", must_not_load)
+    with pytest.raises(UserError, match=r"^--dtype float16 on CPU: .*use --dtype float32 or bfloat16$"):
+        run_in_process(tiny_args(bf16_model_dir, toy_files, tmp_path, dtype="float16"))

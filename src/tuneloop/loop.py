@@ -160,6 +160,8 @@ def setup(config: Config) -> Run:
         state = saved
     tracking.start(accelerator, config, state.tracker_run_id)
     model_config = models.load_config(m)
+    if dtype_warning := models.check_dtype(m, model_config, accelerator, training=t.do_train):
+        say(accelerator, dtype_warning)
     splits = None
     if t.do_train or t.do_eval:
         trained_classes = None if t.do_train else models.trained_label_names(model_config)  # a fine-tuned model's
