@@ -124,11 +124,13 @@ def train(config: Config) -> dict:
         checkpoint.save_results(accelerator, config, results)
     test_results = None
     if t.do_predict:
-        test_results = predict.predict_test_split(accelerator, run.model, run.test_dl, run.test_split, run.class_names,
-                                                  run.metric_modules, t, describe(accelerator))
+        with checkpoint.writing(t.output_dir, t.output_dir):
+            test_results = predict.predict_test_split(accelerator, run.model, run.test_dl, run.test_split,
+                                                      run.class_names, run.metric_modules, t, describe(accelerator))
     if t.do_train or t.do_eval:  # the confusion matrix and per-class table are the final model's, from its evaluation
-        report.write_report(accelerator, config, results, run.class_names, history, eval_outputs, test_results,
-                            run.train_size)
+        with checkpoint.writing(t.output_dir, t.output_dir):
+            report.write_report(accelerator, config, results, run.class_names, history, eval_outputs, test_results,
+                                run.train_size)
     say(accelerator, report.summary_table({**results, **(test_results or {})}, t.output_dir))
     accelerator.end_training()
     return results
@@ -239,7 +241,7 @@ def find_resume_checkpoint(accelerator: Accelerator, t: TrainArguments) -> str |
     accelerator.wait_for_everyone()
     if not (t.resume_from_checkpoint and t.do_train):
         return None
-    path = checkpoint.find_checkpoint(t.output_dir, t.resume_from_checkpoint)
+    path = checkpoint.find_checkpoint(t.output_dir, t.resume_from_checkpoint, report=lambda line: say(accelerator, line))
     if path is None:
         say(accelerator, f"tuneloop: no checkpoint in {os.path.join(t.output_dir, checkpoint.CHECKPOINTS_DIR)}: "
                          "starting from scratch")
