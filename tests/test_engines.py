@@ -127,8 +127,10 @@ def test_deepspeed_checkpoint_resumes_into_the_same_run(engine, trained, tiny_mo
     """`save_state` under DeepSpeed writes every rank's ZeRO shards; resuming at step 12 ends where the first run did."""
     first = trained(engine)
     saved = first / "checkpoints" / "step_0000012"
+    manifest = read_json(saved / "manifest.json")  # both ranks' shards, by their size: what `latest` verifies
     for rank in (0, 1):
         assert (saved / "pytorch_model" / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt").is_file()
+        assert f"pytorch_model/zero_pp_rank_{rank}_mp_rank_00_optim_states.pt" in manifest
     resumed = tmp_path / "resumed"
     args = [*tiny_args(tiny_model_dir, toy_files, resumed, **TRAIN), "--resume_from_checkpoint", str(saved)]
     assert launched(engine, args)["global_step"] == 32
