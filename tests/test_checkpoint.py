@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -304,3 +305,122 @@ def test_when_checkpoints_are_due(options, step, new_best, epoch_end, due):
     from tuneloop.loop import checkpoint_due
 
     assert checkpoint_due(TrainArguments(**options), step, new_best, epoch_end) is due
+
+
+def test_a_torn_checkpoint_is_skipped_and_one_without_a_manifest_still_resumes(checkpointed_run, tiny_model_dir,
+                                                                             toy_files, tmp_path, capsys):
+    """Guards against `latest` picking a checkpoint whose weights a crash cut short (a SafetensorError traceback on
+    resume), and against the manifest check refusing checkpoints written before manifests existed."""
+    out = tmp_path / "run"
+    shutil.copytree(checkpointed_run, out)
+    first, second = checkpoint.complete_checkpoints(str(out))
+    for path in (first, second):  # every file of a checkpoint is in its manifest, with its size
+        listed = read_json(Path(path) / checkpoint.MANIFEST_FILE)
+        on_disk = {str(p.relative_to(path)): p.stat().st_size for p in Path(path).rglob("*") if p.is_file()}
+        assert listed == {k: v for k, v in on_disk.items() if k != checkpoint.MANIFEST_FILE}
+        assert {"model.safetensors", "optimizer.bin", checkpoint.STATE_FILE, "loop_state_0.json"} <= listed.keys()
+    weights_file = Path(second) / "model.safetensors"
+    size = weights_file.stat().st_size
+    os.truncate(weights_file, size // 2)  # what a node crash can leave after the rename
+    (Path(first) / checkpoint.MANIFEST_FILE).unlink()  # an older tuneloop's checkpoint
+
+    assert checkpoint.complete_checkpoints(str(out)) == [first]
+    with pytest.raises(UserError, match=r"is torn \(model\.safetensors has \d+ of its \d+ bytes\)"):
+        checkpoint.find_checkpoint(str(out), second)
+    results = run_in_process(tiny_args(tiny_model_dir, toy_files, out, checkpointing_steps=20, num_train_epochs=2,
+                                       resume_from_checkpoint="latest"))
+    printed = capsys.readouterr().out
+    skipped = [line for line in printed.splitlines() if "skipping torn checkpoint" in line]
+    assert skipped == [f"tuneloop: skipping torn checkpoint {second}: model.safetensors has {size // 2} of its {size} "
+                       "bytes (a crash while it was written?)"], printed
+    assert "resuming at step 20" in printed and results["global_step"] == 60
+    assert checkpoint.complete_checkpoints(str(out)) == [first, second]  # step 40 saved again, whole this time
+
+
+def test_every_file_is_on_disk_before_the_rename(tmp_path, monkeypatch):
+    """Fakes: os.fsync and os.rename record what they were called on (a node crash cannot be staged in a test).
+    Guards against a checkpoint renamed into place while its files sat in the page cache."""
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=True, project_dir=str(tmp_path))
+    accelerator.prepare(torch.nn.Linear(4, 2), torch.optim.AdamW(torch.nn.Linear(4, 2).parameters()))
+    events, fsync, rename = [], os.fsync, os.rename
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))), fsync(fd)))
+    monkeypatch.setattr(os, "rename", lambda a, b: (events.append(("rename", a)), rename(a, b)))
+    final = Path(checkpoint.save_checkpoint(accelerator, str(tmp_path), checkpoint.TrainerState(step=7), {"sums": 1}))
+    renamed = events.index(("rename", str(final.parent / ".tmp-step_0000007")))
+    synced_before = {path for kind, path in events[:renamed] if kind == "fsync"}
+    expected = {str(final.parent / ".tmp-step_0000007" / p.relative_to(final)) for p in final.rglob("*")}
+    assert {"model.safetensors", "optimizer.bin", "random_states_0.pkl"} <= {p.name for p in final.iterdir()}
+    assert expected | {str(final.parent / ".tmp-step_0000007")} <= synced_before
+    assert ("fsync", str(final.parent)) in events[renamed:]  # the rename itself
+
+
+@pytest.mark.parametrize(
+    "error, reason",
+    [(OSError(28, os.strerror(28), "/out/x.json"), "No space left on device"),
+     (RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534"), "cut short (torch.save)"),
+     (Exception("Error while serializing: I/O error: No space left on device (os error 28)"), "No space left on device"),
+     (RuntimeError("Gloo connectFullMesh failed"), None)],
+)
+def test_write_failures_become_one_line(error, reason, tmp_path):
+    """Each failure as torch.save, safetensors and plain file writes report a full disk (seen on a full tmpfs); any
+    other error passes through untouched."""
+    with pytest.raises(UserError if reason else type(error)) as raised:
+        with checkpoint.writing(str(tmp_path / "x"), str(tmp_path)):
+            raise error
+    if reason:
+        assert reason in str(raised.value) and re.search(r"\d [KMG]iB left there; no checkpoint saved", str(raised.value))
+        assert "\n" not in str(raised.value)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 512 KiB tmpfs: room for one checkpoint of the tiny model (about 340 KB), not two."""
+    mount_point = tmp_path / "disk"
+    mount_point.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(mount_point)], capture_output=True,
+                             text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.strip() or 'mount failed'}): needs root")
+    yield mount_point
+    # Lazily: the failed torch.save's file stays open until the exception that references it is collected.
+    subprocess.run(["umount", "--lazy", str(mount_point)], check=True)
+
+
+def test_a_full_disk_stops_with_one_line_and_keeps_the_last_checkpoint(small_disk, tiny_model_dir, toy_files):
+    """A real full disk: the second checkpoint's torch.save fails mid-file (a RuntimeError, not an OSError)."""
+    out = small_disk / "run"
+    with pytest.raises(UserError) as raised:
+        run_in_process(tiny_args(tiny_model_dir, toy_files, out, max_train_steps=5, checkpointing_steps=2,
+                                 eval_strategy="no"))
+    message, first = str(raised.value), checkpoint.checkpoint_path(str(out), 2)
+    assert "\n" not in message
+    assert message.startswith(f"could not write {checkpoint.checkpoint_path(str(out), 4)}"), message
+    assert re.search(r", [\d.]+ (bytes|KiB) left there; ", message), message  # what the disk has left, in its unit
+    assert message.endswith(f"last good checkpoint: {first}: free space there, then resume with "
+                            "--resume_from_checkpoint latest")
+    assert checkpoint.complete_checkpoints(str(out)) == [first]  # whole, by its manifest
+    assert all(torch.isfinite(t).all() for t in load_file(os.path.join(first, "model.safetensors")).values())
+
+
+@pytest.mark.parametrize("failing", ["report", "predictions"])
+def test_a_failed_report_or_predictions_write_is_one_line(failing, tiny_model_dir, toy_files, tmp_path, monkeypatch):
+    """Fakes: the write raising the errno a quota or a read-only mount gives (the tmpfs test covers a real one)."""
+    import errno
+
+    from tuneloop import predict, report
+
+    target, code = (report, errno.EDQUOT) if failing == "report" else (predict, errno.EROFS)
+    name = "write_report" if failing == "report" else "write_predictions"
+    path = str(tmp_path / failing)
+
+    def fail(*args, **kwargs):
+        raise OSError(code, os.strerror(code), path)
+
+    monkeypatch.setattr(target, name, fail)
+    args = tiny_args(tiny_model_dir, toy_files, tmp_path, do_train="false", do_predict="true",
+                     test_file=toy_files["validation_file"])
+    with pytest.raises(UserError, match=rf"^could not write {path}: {os.strerror(code)}, [\d.]+ [KMG]iB left there; "
+                                        "no checkpoint saved: free space"):
+        run_in_process(args)

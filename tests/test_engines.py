@@ -105,6 +105,10 @@ def test_deepspeed_trains_exactly_like_ddp(engine, trained, toy_files):
     different losses from the first logged step, until tuneloop filled it from the flag.
     """
     ddp, ds = trained("ddp"), trained(engine)
+    # What MFU counts: ZeRO-3 partitions every parameter (numel() 0), and the count must still be the full model's.
+    figures = [{k: read_json(out / "all_results.json")[k] for k in ("non_embedding_parameters", "model_flops")}
+               for out in (ddp, ds)]
+    assert figures[1] == figures[0] and figures[0]["non_embedding_parameters"] == 18307, figures
     history = {name: read_json(out / "log_history.json") for name, out in (("ddp", ddp), (engine, ds))}
     for key in ("train/learning_rate", "train/loss", "train/grad_norm"):
         ddp_values = [h[key] for h in history["ddp"] if key in h]
@@ -123,8 +127,10 @@ def test_deepspeed_checkpoint_resumes_into_the_same_run(engine, trained, tiny_mo
     """`save_state` under DeepSpeed writes every rank's ZeRO shards; resuming at step 12 ends where the first run did."""
     first = trained(engine)
     saved = first / "checkpoints" / "step_0000012"
+    manifest = read_json(saved / "manifest.json")  # both ranks' shards, by their size: what `latest` verifies
     for rank in (0, 1):
         assert (saved / "pytorch_model" / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt").is_file()
+        assert f"pytorch_model/zero_pp_rank_{rank}_mp_rank_00_optim_states.pt" in manifest
     resumed = tmp_path / "resumed"
     args = [*tiny_args(tiny_model_dir, toy_files, resumed, **TRAIN), "--resume_from_checkpoint", str(saved)]
     assert launched(engine, args)["global_step"] == 32

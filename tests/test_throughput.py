@@ -112,3 +112,15 @@ def test_torch_compile_keeps_the_loss_curve_and_saves_a_plain_model(tiny_model_d
     model, info = AutoModelForSequenceClassification.from_pretrained(tmp_path / "compiled", output_loading_info=True)
     assert not any(info.values()), info  # no missing, unexpected or mismatched keys
     assert not any("_orig_mod" in key for key in model.state_dict())
+
+
+def test_zero3_partitioned_parameters_count_in_full(tiny_model_dir):
+    """Fakes ZeRO-3's partitioning (an empty local tensor with the full size in `ds_numel`), as DeepSpeed leaves each
+    parameter outside a forward pass. Guards against MFU counting 0 parameters under ZeRO-3."""
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=3)
+    for parameter in model.parameters():
+        parameter.ds_numel = parameter.numel()
+        parameter.data = torch.empty(0)
+    assert throughput.non_embedding_parameters(model) == 18307

@@ -4,11 +4,16 @@ the resolved config.
 Model, metric and marker files are written by the main process; for a checkpoint every process writes its own part
 (Accelerate's RNG and optimizer shards, its loss sums). Every process takes part in gathering the state dict, which
 is what makes the save work when the model is sharded (DeepSpeed ZeRO-3, FSDP).
+
+A checkpoint counts once its folder has its final name; before the rename every file is on disk (fsynced by the
+process that wrote it) and listed with its size in a manifest, so a checkpoint torn by a machine crash is recognised
+and skipped. Every write of a run goes through `writing`: a full disk stops the run with one line.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import re
@@ -29,6 +34,7 @@ CHECKPOINTS_DIR = "checkpoints"
 STATE_FILE = "trainer_state.json"  # written last, by the main process: a checkpoint without it is incomplete
 RANK_STATE_FILE = "loop_state_{rank}.json"  # each process's own running sums
 PREEMPTED_FILE = "preempted.json"
+MANIFEST_FILE = "manifest.json"  # every other file of the checkpoint and its size, written just before the rename
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
@@ -72,8 +78,8 @@ def checkpoint_path(output_dir: str, step: int) -> str:
     return os.path.join(output_dir, CHECKPOINTS_DIR, f"step_{step:07d}")
 
 
-def complete_checkpoints(output_dir: str) -> list[str]:
-    """Complete checkpoints, oldest first. Temporary folders and folders without a state file are ignored."""
+def saved_checkpoints(output_dir: str) -> list[str]:
+    """Checkpoint folders with their state file, oldest first; temporary folders are ignored. Not yet verified."""
     root = os.path.join(output_dir, CHECKPOINTS_DIR)
     found = []
     for name in os.listdir(root) if os.path.isdir(root) else []:
@@ -83,15 +89,45 @@ def complete_checkpoints(output_dir: str) -> list[str]:
     return [path for _, path in sorted(found)]
 
 
-def find_checkpoint(output_dir: str, spec: str) -> str | None:
-    """`latest` -> the newest complete checkpoint, or None; a path -> that checkpoint, which must be complete."""
+def complete_checkpoints(output_dir: str) -> list[str]:
+    """Complete checkpoints, oldest first: saved, and every file as long as its manifest says."""
+    return [path for path in saved_checkpoints(output_dir) if torn(path) is None]
+
+
+def torn(path: str) -> str | None:
+    """What a checkpoint's manifest finds missing or cut short, or None when it is whole. A checkpoint written before
+    manifests existed has none, and counts as whole."""
+    try:
+        with open(os.path.join(path, MANIFEST_FILE)) as f:
+            sizes = json.load(f)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return f"its {MANIFEST_FILE} is unreadable"
+    for name, size in sizes.items():
+        file = os.path.join(path, name)
+        if not os.path.isfile(file):
+            return f"{name} is missing"
+        if os.path.getsize(file) != size:
+            return f"{name} has {os.path.getsize(file)} of its {size} bytes"
+    return None
+
+
+def find_checkpoint(output_dir: str, spec: str, report=print) -> str | None:
+    """`latest` -> the newest complete checkpoint, or None, passing over (and `report`ing) torn ones; a path -> that
+    checkpoint, which must be complete."""
     if spec == "latest":
-        found = complete_checkpoints(output_dir)
-        return found[-1] if found else None
+        for path in reversed(saved_checkpoints(output_dir)):
+            if (problem := torn(path)) is None:
+                return path
+            report(f"tuneloop: skipping torn checkpoint {path}: {problem} (a crash while it was written?)")
+        return None
     if not os.path.isfile(os.path.join(spec, STATE_FILE)):
         reason = "does not exist" if not os.path.exists(spec) else f"is not a complete checkpoint (no {STATE_FILE})"
         raise UserError(f"resume_from_checkpoint {spec!r} {reason}: pass a folder from "
                         f"{os.path.join(output_dir, CHECKPOINTS_DIR)} or 'latest'")
+    if problem := torn(spec):
+        raise UserError(f"resume_from_checkpoint {spec!r} is torn ({problem}): pass an earlier checkpoint or 'latest'")
     return spec
 
 
@@ -113,7 +149,9 @@ def save_checkpoint(accelerator: Accelerator, output_dir: str, state: TrainerSta
     """Every process writes its part into a temporary folder; the main process renames it once all are done.
 
     A kill at any moment leaves either the previous checkpoints untouched plus a `.tmp-` folder that `latest`
-    ignores, or one more complete checkpoint.
+    ignores, or one more complete checkpoint. A machine crash can lose what the page cache had not written yet, so
+    every process fsyncs its files before the barrier, and the main process writes the manifest and fsyncs the
+    folders around the rename: a checkpoint whose name survived has its files too, or the manifest tells.
     """
     final = checkpoint_path(output_dir, state.step)
     tmp = os.path.join(os.path.dirname(final), ".tmp-" + os.path.basename(final))
@@ -121,20 +159,99 @@ def save_checkpoint(accelerator: Accelerator, output_dir: str, state: TrainerSta
         shutil.rmtree(tmp, ignore_errors=True)  # a leftover from a kill mid-write
         os.makedirs(tmp)
     accelerator.wait_for_everyone()
-    try:
+    with writing(final, output_dir):
         accelerator.save_state(tmp)
         _write_json(os.path.join(tmp, RANK_STATE_FILE.format(rank=accelerator.process_index)), rank_state)
-    except OSError as e:
-        raise UserError(f"could not write checkpoint {final} ({e.strerror}); earlier checkpoints are intact: free "
-                        "space or choose another --output_dir, then resume") from None
+        _sync_tree(tmp)  # this process's files among them; which ones Accelerate wrote where, it does not say
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        _write_json(os.path.join(tmp, STATE_FILE), asdict(state), durable=True)
+        with writing(final, output_dir):
+            _write_json(os.path.join(tmp, STATE_FILE), asdict(state), durable=True)
+            _write_manifest(tmp)
+            _fsync(tmp)
         if os.path.isdir(final):  # the same step saved twice (a stop right after resuming): same state
             shutil.rmtree(final)
         os.rename(tmp, final)
+        _fsync(os.path.dirname(final))  # the rename itself
     accelerator.wait_for_everyone()
     return final
+
+
+def _write_manifest(folder: str) -> None:
+    sizes = {}
+    for root, _, files in os.walk(folder):
+        for name in files:
+            sizes[os.path.relpath(os.path.join(root, name), folder)] = os.path.getsize(os.path.join(root, name))
+    _write_json(os.path.join(folder, MANIFEST_FILE), dict(sorted(sizes.items())), durable=True)
+
+
+def _sync_tree(folder: str) -> None:
+    """fsync every file and folder under `folder`. Another process's file still being written is synced too, which
+    is harmless: what counts is that each process syncs its own after writing it."""
+    for root, _, files in os.walk(folder):
+        for name in files:
+            with contextlib.suppress(FileNotFoundError):
+                _fsync(os.path.join(root, name))
+        _fsync(root)
+
+
+def _fsync(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)  # a folder too: that syncs its entries
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# Write failures a run cannot get past (a full disk, a quota, a read-only mount). torch.save reports them as a
+# RuntimeError from its zip writer, without the errno.
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+TORCH_WRITE_FAILURES = ("unexpected pos", "PytorchStreamWriter failed")
+
+
+@contextlib.contextmanager
+def writing(path: str, output_dir: str):
+    """Around every write of a run: a failed write (any OSError; torch's and safetensors' disk-full errors) stops
+    with one line naming the path, the space left and the last good checkpoint. Nothing already saved is touched."""
+    try:
+        yield
+    except UserError:
+        raise
+    except Exception as e:
+        reason = _write_failure(e)
+        if reason is None:
+            raise
+        where = getattr(e, "filename", None) or path
+        folder = os.path.abspath(where)
+        while not os.path.isdir(folder):
+            folder = os.path.dirname(folder)
+        left = _size(shutil.disk_usage(folder).free)
+        saved = complete_checkpoints(output_dir)
+        then = (f"last good checkpoint: {saved[-1]}: free space there, then resume with --resume_from_checkpoint "
+                "latest" if saved else "no checkpoint saved: free space there or choose another --output_dir")
+        raise UserError(f"could not write {where}: {reason}, {left} left there; {then}") from None
+
+
+def _size(count: int) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if count < 1024 or unit == "GiB":
+            return f"{count} {unit}" if unit == "bytes" else f"{count:.1f} {unit}"
+        count /= 1024
+
+
+def _write_failure(error: BaseException) -> str | None:
+    """Why a write failed, if `error` (or one it came from) is a failed write; else None."""
+    while error is not None:
+        if isinstance(error, OSError):
+            return error.strerror or str(error)
+        text = str(error)
+        for code in DISK_FULL_ERRNOS:  # safetensors: "I/O error: No space left on device (os error 28)"
+            if os.strerror(code) in text:
+                return os.strerror(code)
+        if any(marker in text for marker in TORCH_WRITE_FAILURES):
+            return "the write was cut short (torch.save)"
+        error = error.__cause__ or error.__context__
+    return None
 
 
 def load_checkpoint(accelerator: Accelerator, path: str) -> dict:
@@ -157,7 +274,8 @@ def rotate_checkpoints(output_dir: str, keep: int | None, best: str | None) -> l
 
 def write_preempted(output_dir: str, checkpoint: str, step: int, signal_name: str) -> None:
     """The requeue marker: with several processes `accelerate launch` reports any worker's exit code as 1."""
-    _write_json(os.path.join(output_dir, PREEMPTED_FILE), {"checkpoint": checkpoint, "step": step, "signal": signal_name})
+    with writing(output_dir, output_dir):
+        _write_json(os.path.join(output_dir, PREEMPTED_FILE), {"checkpoint": checkpoint, "step": step, "signal": signal_name})
 
 
 def clear_preempted(output_dir: str) -> None:
@@ -200,21 +318,23 @@ def save_final_model(accelerator: Accelerator, model, tokenizer, output_dir: str
     state_dict = accelerator.get_state_dict(model)  # collective: gathers shards to the main process
     # Under --torch_compile the compiled blocks' keys read `layer.0._orig_mod.…`: plain transformers would load none.
     state_dict = state_dict and {key.replace("_orig_mod.", ""): value for key, value in state_dict.items()}
-    accelerator.unwrap_model(model, keep_torch_compile=False).save_pretrained(
-        output_dir, is_main_process=accelerator.is_main_process, save_function=accelerator.save, state_dict=state_dict
-    )
-    if accelerator.is_main_process:
-        tokenizer.save_pretrained(output_dir)
+    with writing(output_dir, output_dir):
+        accelerator.unwrap_model(model, keep_torch_compile=False).save_pretrained(
+            output_dir, is_main_process=accelerator.is_main_process, save_function=accelerator.save, state_dict=state_dict
+        )
+        if accelerator.is_main_process:
+            tokenizer.save_pretrained(output_dir)
 
 
 def save_results(accelerator: Accelerator, config: Config, results: dict, history: list | None = None) -> None:
     if not accelerator.is_main_process:
         return
     out = config.train.output_dir
-    _write_json(os.path.join(out, RESULTS_FILE), results)
-    _write_json(os.path.join(out, CONFIG_FILE), config.to_dict())
-    if history is not None:
-        _write_json(os.path.join(out, HISTORY_FILE), history)
+    with writing(out, out):
+        _write_json(os.path.join(out, RESULTS_FILE), results)
+        _write_json(os.path.join(out, CONFIG_FILE), config.to_dict())
+        if history is not None:
+            _write_json(os.path.join(out, HISTORY_FILE), history)
 
 
 def _write_json(path: str, value, durable: bool = False) -> None:

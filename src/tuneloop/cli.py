@@ -24,9 +24,10 @@ COMMANDS = {
     "doctor": ("tuneloop.doctor:main", "print the environment, check an accelerate config on this machine, run `accelerate test`"),
 }
 
-# What `evaluate` and `predict` take from the saved run's run_config.json unless given as flags: how inputs were
-# tokenized, which examples the training run held out for evaluation, and how it scored them.
+# What `evaluate` and `predict` take from the saved run's run_config.json unless given as flags: the weights' dtype,
+# how inputs were tokenized, which examples the training run held out for evaluation, and how it scored them.
 INHERITED = {
+    "model": ("dtype",),
     "data": ("text_column", "text_column_delimiter", "text_pair_column", "label_column", "max_length", "padding",
              "pad_to_multiple_of", "validation_split_percentage", "max_eval_samples"),
     "train": ("seed", "metrics", "metric_average"),

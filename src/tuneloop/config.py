@@ -69,6 +69,13 @@ class ModelArguments:
         metadata={"help": "Re-initialise a classifier head whose size differs (fine-tuning an already fine-tuned model)."},
     )
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom model code from the Hub."})
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = field(
+        default="float32",
+        metadata={"help": "Dtype the weights are loaded in. float32 (default) keeps full-precision weights, which "
+                          "--mixed_precision bf16/fp16 computes from; bfloat16/float16 train the half-precision weights "
+                          "themselves (no fp32 master copy, except under DeepSpeed); auto: the checkpoint's own dtype. "
+                          "evaluate/predict default to the dtype the model was trained with."},
+    )
     attention_dropout: Optional[float] = field(
         default=None,
         metadata={"help": "Override the model's attention-probability dropout. 0 lets PyTorch's fused attention kernel "

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, set_seed
 from tqdm.auto import tqdm
 from transformers.utils import logging as hf_logging
 
@@ -115,11 +115,13 @@ def train(config: Config) -> dict:
         checkpoint.save_results(accelerator, config, results)
     test_results = None
     if t.do_predict:
-        test_results = predict.predict_test_split(accelerator, run.model, run.test_dl, run.test_split, run.class_names,
-                                                  run.metric_modules, t, describe(accelerator))
+        with checkpoint.writing(t.output_dir, t.output_dir):
+            test_results = predict.predict_test_split(accelerator, run.model, run.test_dl, run.test_split,
+                                                      run.class_names, run.metric_modules, t, describe(accelerator))
     if t.do_train or t.do_eval:  # the confusion matrix and per-class table are the final model's, from its evaluation
-        report.write_report(accelerator, config, results, run.class_names, history, eval_outputs, test_results,
-                            run.train_size)
+        with checkpoint.writing(t.output_dir, t.output_dir):
+            report.write_report(accelerator, config, results, run.class_names, history, eval_outputs, test_results,
+                                run.train_size)
     say(accelerator, report.summary_table({**results, **(test_results or {})}, t.output_dir))
     accelerator.end_training()
     return results
@@ -151,6 +153,8 @@ def setup(config: Config) -> Run:
         state = saved
     tracking.start(accelerator, config, state.tracker_run_id)
     model_config = models.load_config(m)
+    if dtype_warning := models.check_dtype(m, model_config, accelerator, training=t.do_train):
+        say(accelerator, dtype_warning)
     splits = None
     if t.do_train or t.do_eval:
         trained_classes = None if t.do_train else models.trained_label_names(model_config)  # a fine-tuned model's
@@ -224,7 +228,7 @@ def find_resume_checkpoint(accelerator: Accelerator, t: TrainArguments) -> str |
     accelerator.wait_for_everyone()
     if not (t.resume_from_checkpoint and t.do_train):
         return None
-    path = checkpoint.find_checkpoint(t.output_dir, t.resume_from_checkpoint)
+    path = checkpoint.find_checkpoint(t.output_dir, t.resume_from_checkpoint, report=lambda line: say(accelerator, line))
     if path is None:
         say(accelerator, f"tuneloop: no checkpoint in {os.path.join(t.output_dir, checkpoint.CHECKPOINTS_DIR)}: "
                          "starting from scratch")
@@ -274,6 +278,28 @@ class LossMeter:
                 "skipped_steps": self.skipped_steps}
 
 
+def optimizer_step(accelerator: Accelerator, model: torch.nn.Module, optimizer) -> bool:
+    """Step the optimizer (Accelerate makes that a no-op on accumulation micro-steps). True when an fp16 overflow
+    (inf/NaN gradients) made the step update nothing.
+
+    Accelerate infers a skip from GradScaler not calling `optimizer.step()`; fused AdamW takes the scale into its own
+    kernel (`_step_supports_amp_scaling`), so step() always runs and the kernel skips inside, and Accelerate never
+    reports a skip. The scaler itself knows: it lowers its scale exactly when it found inf/NaN gradients, for any
+    optimizer. DeepSpeed runs its own loss scaler, and its engine says whether the last step was applied.
+    """
+    if not accelerator.sync_gradients:
+        optimizer.step()
+        return False
+    scaler = accelerator.scaler
+    scale = scaler.get_scale() if scaler is not None else None  # a host sync, as GradScaler's own unfused path has
+    optimizer.step()
+    if scaler is not None:
+        return scaler.get_scale() < scale
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        return not model.was_step_applied()
+    return False
+
+
 @dataclass
 class Session:
     """This process's live counters for one session of a run (a resumed run is a new session of the same run)."""
@@ -317,15 +343,16 @@ def fit(run: Run) -> tuple[dict, predict.Outputs | None]:
                     if accelerator.sync_gradients:
                         # clip_grad_norm_ returns the pre-clip norm; with clipping off, an infinite bound only measures it.
                         session.grad_norm = accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm or math.inf)
-                    optimizer.step()
-                    scheduler.step()
+                    skipped = optimizer_step(accelerator, model, optimizer)
+                    if not skipped:  # an fp16 overflow updated nothing: the schedule waits with the weights
+                        scheduler.step()
                     optimizer.zero_grad()
                 session.meter.add(loss)
                 session.speed.add_batch(batch)
                 state.batches_in_epoch += 1
                 if accelerator.sync_gradients:
                     state.step += 1
-                    session.meter.end_step(skipped=accelerator.optimizer_step_was_skipped)
+                    session.meter.end_step(skipped)
                     session.speed.end_step()
                     progress.update(1)
                     if ended := boundary(run, session, epoch_end=False):

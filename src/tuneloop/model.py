@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+from accelerate import Accelerator
+from accelerate.utils import DistributedType
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, PretrainedConfig
 from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING
 
@@ -67,6 +69,25 @@ def load_tokenizer(m: ModelArguments, max_length: int):
     return tokenizer
 
 
+def check_dtype(m: ModelArguments, config: PretrainedConfig, accelerator: Accelerator, training: bool) -> str | None:
+    """Before the weights load: refuse a dtype this run cannot use; return a warning line when training would update
+    half-precision weights directly (no fp32 master copy: updates smaller than a weight's precision round away)."""
+    saved = str(getattr(config, "dtype", None) or "float32").removeprefix("torch.")
+    dtype = saved if m.dtype == "auto" else m.dtype
+    where = f"--dtype {m.dtype}" + (f" (the checkpoint's {saved})" if m.dtype == "auto" else "")
+    if dtype == "float16" and accelerator.device.type == "cpu":
+        raise UserError(f"{where} on CPU: it has no fast float16 kernels (about 100x slower than float32): use "
+                        "--dtype float32 or bfloat16")
+    deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
+    if not training or dtype not in ("bfloat16", "float16") or deepspeed and accelerator.mixed_precision != "no":
+        return None  # (DeepSpeed's bf16/fp16 optimizers keep fp32 master weights of their own)
+    if dtype == "float16" and accelerator.mixed_precision == "fp16":
+        raise UserError(f"{where} with --mixed_precision fp16: the gradient scaler cannot unscale float16 gradients: "
+                        "use --dtype float32 (the default)")
+    return (f"warning: {where} trains {dtype} weights directly, with no fp32 master copy (small updates round away): "
+            "--dtype float32 with --mixed_precision bf16 keeps one")
+
+
 # What the attention-probability dropout is called in BERT/RoBERTa/DeBERTa/ELECTRA, and in DistilBERT and others.
 ATTENTION_DROPOUT_NAMES = ("attention_probs_dropout_prob", "attention_dropout")
 
@@ -90,6 +111,7 @@ def load_model(m: ModelArguments, label_names: list[str], pad_token_id: int | No
             id2label=id2label,
             label2id={name: i for i, name in id2label.items()},
             ignore_mismatched_sizes=m.ignore_mismatched_sizes,
+            dtype=m.dtype,  # transformers 5 would load a bf16 checkpoint as bf16 ("auto") without it
             trust_remote_code=m.trust_remote_code,
         )
     except RuntimeError as e:

@@ -47,9 +47,7 @@ def make_accelerator(t: TrainArguments) -> Accelerator:
         gradient_accumulation_steps=t.gradient_accumulation_steps,
         log_with=tracking.log_with(t),
         project_dir=t.output_dir,
-        # A seeded sampler makes the data order a function of (seed, epoch) alone: reproducible and resumable. Its seed
-        # is --data_seed, or with None the global seed set from --seed.
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=t.data_seed),
+        dataloader_config=dataloader_configuration(t.data_seed),
         # The timeout covers the longest wait of one rank for another: rank 0 tokenizing a large dataset while the
         # others wait in main_process_first, or a slow node joining (torch's NCCL default is 10 minutes).
         kwargs_handlers=[InitProcessGroupKwargs(backend="gloo" if no_gpu and deepspeed else None,
@@ -57,6 +55,14 @@ def make_accelerator(t: TrainArguments) -> Accelerator:
     )
     engines.reconcile(accelerator, t)  # the engine asked for is the one running, and agrees with the trainer's flags
     return accelerator
+
+
+def dataloader_configuration(data_seed: int | None = None) -> DataLoaderConfiguration:
+    # A seeded sampler makes the data order a function of (seed, epoch) alone: reproducible and resumable. Its seed is
+    # --data_seed, or with None the global seed set from --seed.
+    # On CUDA the batches come from pinned memory; non_blocking lets their copy to the GPU overlap the step before
+    # (built before the Accelerator knows its device, hence the availability check).
+    return DataLoaderConfiguration(use_seedable_sampler=True, data_seed=data_seed, non_blocking=torch.cuda.is_available())
 
 
 def cpu_cores() -> int:
@@ -82,10 +88,16 @@ def use_all_cpu_cores(accelerator: Accelerator) -> None:
 
 
 def set_up_kernels(t: TrainArguments, device: torch.device) -> None:
-    """Process-wide matmul settings, before the model exists: TF32 for fp32 work on Ampere or newer GPUs."""
-    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8 and t.tf32 is not False:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    """Process-wide matmul settings, after the Accelerator and before the model: TF32 for fp32 work, from --tf32,
+    by default on for Ampere or newer GPUs.
+
+    Both switches are set either way: Accelerate turns matmul TF32 on by itself under torch.compile without mixed
+    precision (accelerate/state.py), which made --tf32 false a no-op there.
+    """
+    if device.type == "cuda":
+        tf32 = t.tf32 if t.tf32 is not None else torch.cuda.get_device_capability(device)[0] >= 8
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        torch.backends.cudnn.allow_tf32 = tf32
 
 
 def pad_to_multiple_of(d: DataArguments, t: TrainArguments, mixed_precision: str) -> int | None:

@@ -34,9 +34,12 @@ PROBE_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "
 
 
 def non_embedding_parameters(model: torch.nn.Module) -> int:
-    """Parameters that do work per token: everything but the embedding tables (a lookup costs no FLOPs)."""
+    """Parameters that do work per token: everything but the embedding tables (a lookup costs no FLOPs).
+
+    Under DeepSpeed ZeRO-3 each parameter is partitioned and `numel()` is 0; `ds_numel` is its full size.
+    """
     embedding = {id(p) for m in model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()}
-    return sum(p.numel() for p in model.parameters() if id(p) not in embedding)
+    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if id(p) not in embedding)
 
 
 def training_flops(non_embedding_params: int, num_layers: int, hidden_size: int,
@@ -145,6 +148,8 @@ class SpeedMeter:
         flops = training_flops(self.params, self.layers, self.hidden, int(real), int(squared))
         achieved = flops / seconds / 1e12
         return {
+            "non_embedding_parameters": self.params,  # what MFU counts: the same for every engine
+            "model_flops": round(flops),  # this session's training FLOPs over real tokens
             "train_samples_per_second": round(samples / seconds, 3),
             "train_tokens_per_second": round(real / seconds, 1),  # real tokens, padding excluded
             "padding_fraction": round(1 - real / padded, 4) if padded else 0.0,
