@@ -193,6 +193,55 @@ def test_fsdp_launch_on_cpu_stops_with_one_clear_line(tiny_model_dir, toy_files,
     assert not (tmp_path / "all_results.json").exists()
 
 
+def fsdp2_accelerator(mixed_precision: str):
+    """A real CPU Accelerator whose state says FSDP2, so `accelerator.prepare` takes its real FSDP2 branch.
+
+    Fakes the GPU check only: Accelerate switches to FSDP for GPU process groups alone, the rest is its own code.
+    """
+    from accelerate import Accelerator, FullyShardedDataParallelPlugin
+    from accelerate.utils import DistributedType
+
+    from conftest import reset_accelerate_state
+
+    reset_accelerate_state()
+    accelerator = Accelerator(cpu=True, mixed_precision=mixed_precision)
+    accelerator.state.distributed_type = DistributedType.FSDP
+    accelerator.state.fsdp_plugin = FullyShardedDataParallelPlugin(fsdp_version=2)
+    assert accelerator.is_fsdp2
+    return accelerator
+
+
+def test_evaluation_only_under_fsdp2_places_the_whole_model(tiny_model_dir, toy_files):
+    """`--do_train false`, `tuneloop evaluate` and `tuneloop predict` under fsdp.yaml crashed on the GPU: FSDP2's
+    prepare refuses a model without its optimizer. Fakes the device check only (`fsdp2_accelerator`): the model is
+    placed whole in the run's precision, the dataloader is prepared by Accelerate's real FSDP2 branch, and the
+    gathered logits are the model's own."""
+    from accelerate.data_loader import DataLoaderShard
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding
+
+    from conftest import make_rows
+    from tuneloop import predict
+    from tuneloop.engines import prepare_for_evaluation
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    rows = [tokenizer(r["text"]) | {"labels": i % 3} for i, r in enumerate(make_rows(10, seed=3))]
+    loader = torch.utils.data.DataLoader(rows, batch_size=4, collate_fn=DataCollatorWithPadding(tokenizer))
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=3)
+    accelerator = fsdp2_accelerator("bf16")
+    with pytest.raises(ValueError, match="model and optimizer must be passed together"):
+        accelerator.prepare(model, loader)  # what prepare_for_evaluation did before: the GPU failure, reproduced
+    prepared_model, prepared_loader = prepare_for_evaluation(accelerator, model, loader)
+    assert prepared_model is model and isinstance(prepared_loader, DataLoaderShard)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}  # what FSDP's bf16 policy computes in
+    outputs = predict.gather(accelerator, prepared_model, prepared_loader)
+    with torch.no_grad():
+        expected = torch.cat([model(**batch).logits.float() for batch in loader])
+    assert outputs.logits.shape == (10, 3)
+    torch.testing.assert_close(torch.from_numpy(outputs.logits), expected)
+    (only_model,) = prepare_for_evaluation(fsdp2_accelerator("no"), model.float())  # predict-only: no eval loader
+    assert {p.dtype for p in only_model.parameters()} == {torch.float32}
+
+
 def fake_deepspeed_accelerator(ds_config: dict, num_processes: int = 2):
     """A real DeepSpeedPlugin (Accelerate parses the config) behind the three attributes `engines` reads."""
     from accelerate.utils import DeepSpeedPlugin
