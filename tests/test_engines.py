@@ -9,6 +9,7 @@ The first DeepSpeed run on a machine JIT-compiles a shared-memory op (~45 s); ke
 """
 
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -159,15 +160,23 @@ def fsdp_launch_env() -> dict[str, str]:
     return prepare_multi_gpu_env(args)
 
 
-def test_fsdp_config_is_full_shard_with_transformer_layer_wrap(monkeypatch, tiny_model_dir):
-    """FSDP cannot run on CPU (see the next test), so its config is parsed exactly as the launcher and Accelerate do."""
+def test_fsdp_config_is_full_shard_and_wraps_each_models_own_layers(monkeypatch, tiny_model_dir):
+    """FSDP cannot run on CPU (see the next test), so its config is parsed exactly as the launcher and Accelerate do.
+
+    The file used to name BertLayer as the class to wrap: any other model (and the doctor's probe, an nn.Linear) then
+    failed on the GPU with "Could not find the transformer layer class BertLayer". It now names none, and each model's
+    own `_no_split_modules` decides: BERT's layers for BERT, RoBERTa's for RoBERTa, through FSDP2's own wrap policy.
+    """
     from accelerate import FullyShardedDataParallelPlugin
+    from accelerate.utils.fsdp_utils import fsdp2_prepare_auto_wrap_policy
     from torch.distributed.fsdp import CPUOffloadPolicy
-    from transformers import AutoModelForSequenceClassification
-    from transformers.models.bert.modeling_bert import BertLayer
+    from transformers import AutoModelForSequenceClassification, RobertaConfig, RobertaForSequenceClassification
+    from transformers.models.bert.modeling_bert import BertEmbeddings, BertLayer
+    from transformers.models.roberta.modeling_roberta import RobertaLayer
 
     env = fsdp_launch_env()
     assert env["ACCELERATE_USE_FSDP"] == "true"
+    assert "FSDP_TRANSFORMER_CLS_TO_WRAP" not in env  # no class named: the model's own
     for key, value in env.items():
         if key.startswith(("FSDP_", "ACCELERATE_")):
             monkeypatch.setenv(key, value)
@@ -176,9 +185,22 @@ def test_fsdp_config_is_full_shard_with_transformer_layer_wrap(monkeypatch, tiny
     assert plugin.reshard_after_forward is True  # FSDP2's FULL_SHARD
     assert plugin.state_dict_type.name == "SHARDED_STATE_DICT"
     assert not isinstance(plugin.cpu_offload, CPUOffloadPolicy)  # parameters stay on the GPU
-    model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=3)
-    plugin.set_auto_wrap_policy(model)  # raises if BertLayer is not a module of the model
-    assert plugin.auto_wrap_policy.keywords["transformer_layer_cls"] == {BertLayer}
+    assert plugin.transformer_cls_names_to_wrap is None
+
+    bert = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=3)
+    plugin.set_auto_wrap_policy(bert)  # what `prepare` runs first under FSDP2; raised for a model without BertLayer
+    assert plugin.auto_wrap_policy.keywords["transformer_layer_cls"] == {BertLayer, BertEmbeddings}
+    policy = fsdp2_prepare_auto_wrap_policy(plugin, bert)  # what decides each `fully_shard` unit
+    assert sum(map(policy, bert.modules())) == 2 + 1  # the 2 layers and the embeddings
+
+    tiny_roberta = RobertaConfig(vocab_size=50, hidden_size=16, num_hidden_layers=3, num_attention_heads=2,
+                                 intermediate_size=32, num_labels=3)
+    roberta = RobertaForSequenceClassification(tiny_roberta)
+    plugin = FullyShardedDataParallelPlugin()
+    plugin.set_auto_wrap_policy(roberta)
+    assert RobertaLayer in plugin.auto_wrap_policy.keywords["transformer_layer_cls"]
+    policy = fsdp2_prepare_auto_wrap_policy(plugin, roberta)
+    assert sum(isinstance(m, RobertaLayer) for m in roberta.modules() if policy(m)) == 3
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only refusal")
@@ -375,3 +397,71 @@ def test_doctor_fails_a_config_that_starts_fewer_processes_than_it_asks(tmp_path
     assert result.returncode == 1, result.stdout
     assert "warning: distributed_type MULTI_CPU makes `accelerate launch` start ONE process" in result.stdout
     assert "FAILED: the config asks for 2 processes, the run got 1" in result.stdout
+
+
+def fake_gpus(monkeypatch, name: str, capability: tuple[int, int], count: int = 1) -> None:
+    """Fakes the device checks only: torch.cuda reports `count` GPUs of this kind; torch's own functions run on top
+    (is_bf16_supported's real logic included, with an emulated bf16 tensor that would succeed, as on a V100)."""
+    properties = SimpleNamespace(name=name, major=capability[0], minor=capability[1], total_memory=80 * 2**30)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: properties)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "_check_bf16_tensor_supported", lambda device: True)
+
+
+@pytest.mark.parametrize("name, capability, flagged", [
+    ("Tesla V100-SXM2-32GB", (7, 0), True), ("Tesla T4", (7, 5), True), ("NVIDIA A100-SXM4-80GB", (8, 0), False)])
+def test_doctor_flags_bf16_on_gpus_that_only_emulate_it(monkeypatch, name, capability, flagged):
+    """torch.cuda.is_bf16_supported() counts emulation and says yes on V100/T4, where bf16 crawls: gpu.yaml's bf16
+    passed there. Fakes the GPU (`fake_gpus`); the doctor's static check runs as on that machine."""
+    from tuneloop import doctor
+
+    fake_gpus(monkeypatch, name, capability)
+    assert torch.cuda.is_bf16_supported()  # the check the doctor used: yes on every one of these cards
+    _, problems, _ = doctor.check_config(str(CONFIGS / "gpu.yaml"))
+    bf16 = [p for p in problems if "bf16" in p]
+    assert bool(bf16) == flagged, problems
+    if flagged:
+        assert name in bf16[0] and "use fp16" in bf16[0]
+
+
+def test_doctor_num_processes_replaces_the_configs(monkeypatch):
+    """multi_gpu.yaml and fsdp.yaml say 8 processes; the doctor's advice named a --num_processes it did not have.
+    Fakes 2 GPUs; the probe's and `accelerate test`'s launches are captured instead of run."""
+    from tuneloop import doctor
+
+    fake_gpus(monkeypatch, "NVIDIA H100 80GB HBM3", (9, 0), count=2)
+    _, problems, _ = doctor.check_config(str(CONFIGS / "multi_gpu.yaml"))
+    assert problems == ["8 processes per machine but this machine has 2 GPU(s): set num_processes to 2 in the config, "
+                        "or pass --num_processes 2 to both the doctor and `accelerate launch`"]
+    config, problems, _ = doctor.check_config(str(CONFIGS / "fsdp.yaml"), num_processes=2)
+    assert problems == [] and config.num_processes == 2
+
+    launched = []
+
+    def fake_run(command, **kwargs):
+        if "--config_file" in command:  # what `accelerate test` is given is a file: read it while it exists
+            launched.append((command, read_yaml(command[command.index("--config_file") + 1])))
+        seen = {"distributed_type": "FSDP", "num_processes": 2, "device": "cuda", "mixed_precision": "bf16",
+                "ranks": [0, 1], "steps": 4}
+        stdout = doctor.PROBE_TAG + json.dumps(seen) + "\nTest is a success! :)\n"
+        return subprocess.CompletedProcess(command, 0, stdout, "")
+
+    monkeypatch.setattr(doctor.subprocess, "run", fake_run)
+    assert doctor.run_probe(str(CONFIGS / "fsdp.yaml"), config, num_processes=2)
+    assert doctor.run_accelerate_test(str(CONFIGS / "fsdp.yaml"), config, num_processes=2)
+    (probe, probe_file), (test, test_file) = launched
+    assert probe[probe.index("--num_processes") + 1] == "2" and probe[-3:] == ["-m", "tuneloop.doctor", "--probe"]
+    assert "test" in test and test_file["num_processes"] == 2
+    assert {k: v for k, v in test_file.items() if k != "num_processes"} == {
+        k: v for k, v in probe_file.items() if k != "num_processes"}  # the copy changes nothing else
+
+
+def read_yaml(path: str) -> dict:
+    import yaml
+
+    with open(path) as f:
+        return yaml.safe_load(f)
