@@ -353,6 +353,22 @@ def test_every_config_is_documented_and_parses():
     assert (offload["offload_optimizer_device"], offload["offload_param_device"]) == ("cpu", "cpu")
 
 
+def test_gpu_configs_keep_the_gpus_the_job_was_given(monkeypatch):
+    """gpu.yaml had gpu_ids '0': the launcher then exported CUDA_VISIBLE_DEVICES=0 over the user's or SLURM's choice.
+    Parsed and turned into the worker environment exactly as `accelerate launch` does (no GPU needed for that)."""
+    from accelerate.commands.config.config_args import load_config_from_file
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_simple_launcher_cmd_env
+
+    for path in CONFIGS.glob("*.yaml"):
+        assert getattr(load_config_from_file(str(path)), "gpu_ids", None) in (None, "all"), path.name
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")  # e.g. SLURM's GPU for this job
+    args = launch_command_parser().parse_args(["--config_file", str(CONFIGS / "gpu.yaml"), "train.py"])
+    args, _, _ = _validate_launch_command(args)
+    _, env = prepare_simple_launcher_cmd_env(args)
+    assert env["CUDA_VISIBLE_DEVICES"] == "3"
+
+
 def doctor(*args: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"}
     return subprocess.run([sys.executable, "-m", "tuneloop.doctor", *args], capture_output=True, text=True,
