@@ -1,4 +1,4 @@
-"""`python -m tuneloop.doctor [--config_file accelerate_configs/X.yaml]`: can this machine run that config?
+"""`python -m tuneloop.doctor [--config_file accelerate_configs/X.yaml] [--num_processes N]`: can this machine run it?
 
 Three steps, each printed as it runs:
 1. the environment: versions, CPU cores, memory, GPUs;
