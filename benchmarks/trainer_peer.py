@@ -1,14 +1,14 @@
 """One run of transformers' Trainer on a benchmark workload: the peer tuneloop is measured against.
 
-Called by `benchmarks/speed.py` in a fresh process per run. The data, split, tokenizer, truncation, model, optimizer
-settings and schedule are tuneloop's (the same `load_splits`), so only the training loop differs. Prints one JSON line.
+Called by `benchmarks/speed.py` and `benchmarks/gpu_check.py` in a fresh process per run. The data, split, tokenizer,
+truncation, model, optimizer settings and schedule are tuneloop's (the same `load_splits`), so only the training loop
+differs. Prints one JSON line.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import resource
 import tempfile
 import time
 
@@ -22,7 +22,9 @@ from tuneloop.config import DataArguments, ModelArguments
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--dataset_name", required=True)
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--dataset_name")
+    source.add_argument("--train_file", help="a local .csv/.json/.jsonl file (held-out split as tuneloop makes it)")
     p.add_argument("--model_name_or_path", required=True)
     p.add_argument("--max_length", type=int, required=True)
     p.add_argument("--max_train_samples", type=int)
@@ -38,7 +40,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=42)
     a = p.parse_args()
 
-    d = DataArguments(dataset_name=a.dataset_name, max_length=a.max_length, padding=a.padding,
+    d = DataArguments(dataset_name=a.dataset_name, train_file=a.train_file, max_length=a.max_length, padding=a.padding,
                       max_train_samples=a.max_train_samples, max_eval_samples=a.max_eval_samples)
     m = ModelArguments(model_name_or_path=a.model_name_or_path)
     splits = data.load_splits(d, a.seed, None, need_train=True)
@@ -74,7 +76,8 @@ def main() -> None:
         "train_samples_per_second": samples / seconds,  # train()'s wall clock, like tuneloop's loop time
         "train_tokens_per_second": real_tokens / seconds,
         "model_tflops_per_second": flops / seconds / 1e12,
-        "peak_memory_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        # As tuneloop measures it: the most CUDA memory tensors held, or on CPU the process's peak resident set.
+        "peak_memory_gib": throughput.peak_memory_gib(torch.device("cuda" if torch.cuda.is_available() else "cpu")),
         "eval_accuracy": accuracy,
     }))
 

@@ -9,6 +9,7 @@ The first DeepSpeed run on a machine JIT-compiles a shared-memory op (~45 s); ke
 """
 
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -165,15 +166,23 @@ def fsdp_launch_env() -> dict[str, str]:
     return prepare_multi_gpu_env(args)
 
 
-def test_fsdp_config_is_full_shard_with_transformer_layer_wrap(monkeypatch, tiny_model_dir):
-    """FSDP cannot run on CPU (see the next test), so its config is parsed exactly as the launcher and Accelerate do."""
+def test_fsdp_config_is_full_shard_and_wraps_each_models_own_layers(monkeypatch, tiny_model_dir):
+    """FSDP cannot run on CPU (see the next test), so its config is parsed exactly as the launcher and Accelerate do.
+
+    The file used to name BertLayer as the class to wrap: any other model (and the doctor's probe, an nn.Linear) then
+    failed on the GPU with "Could not find the transformer layer class BertLayer". It now names none, and each model's
+    own `_no_split_modules` decides: BERT's layers for BERT, RoBERTa's for RoBERTa, through FSDP2's own wrap policy.
+    """
     from accelerate import FullyShardedDataParallelPlugin
+    from accelerate.utils.fsdp_utils import fsdp2_prepare_auto_wrap_policy
     from torch.distributed.fsdp import CPUOffloadPolicy
-    from transformers import AutoModelForSequenceClassification
-    from transformers.models.bert.modeling_bert import BertLayer
+    from transformers import AutoModelForSequenceClassification, RobertaConfig, RobertaForSequenceClassification
+    from transformers.models.bert.modeling_bert import BertEmbeddings, BertLayer
+    from transformers.models.roberta.modeling_roberta import RobertaLayer
 
     env = fsdp_launch_env()
     assert env["ACCELERATE_USE_FSDP"] == "true"
+    assert "FSDP_TRANSFORMER_CLS_TO_WRAP" not in env  # no class named: the model's own
     for key, value in env.items():
         if key.startswith(("FSDP_", "ACCELERATE_")):
             monkeypatch.setenv(key, value)
@@ -182,9 +191,22 @@ def test_fsdp_config_is_full_shard_with_transformer_layer_wrap(monkeypatch, tiny
     assert plugin.reshard_after_forward is True  # FSDP2's FULL_SHARD
     assert plugin.state_dict_type.name == "SHARDED_STATE_DICT"
     assert not isinstance(plugin.cpu_offload, CPUOffloadPolicy)  # parameters stay on the GPU
-    model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=3)
-    plugin.set_auto_wrap_policy(model)  # raises if BertLayer is not a module of the model
-    assert plugin.auto_wrap_policy.keywords["transformer_layer_cls"] == {BertLayer}
+    assert plugin.transformer_cls_names_to_wrap is None
+
+    bert = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=3)
+    plugin.set_auto_wrap_policy(bert)  # what `prepare` runs first under FSDP2; raised for a model without BertLayer
+    assert plugin.auto_wrap_policy.keywords["transformer_layer_cls"] == {BertLayer, BertEmbeddings}
+    policy = fsdp2_prepare_auto_wrap_policy(plugin, bert)  # what decides each `fully_shard` unit
+    assert sum(map(policy, bert.modules())) == 2 + 1  # the 2 layers and the embeddings
+
+    tiny_roberta = RobertaConfig(vocab_size=50, hidden_size=16, num_hidden_layers=3, num_attention_heads=2,
+                                 intermediate_size=32, num_labels=3)
+    roberta = RobertaForSequenceClassification(tiny_roberta)
+    plugin = FullyShardedDataParallelPlugin()
+    plugin.set_auto_wrap_policy(roberta)
+    assert RobertaLayer in plugin.auto_wrap_policy.keywords["transformer_layer_cls"]
+    policy = fsdp2_prepare_auto_wrap_policy(plugin, roberta)
+    assert sum(isinstance(m, RobertaLayer) for m in roberta.modules() if policy(m)) == 3
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only refusal")
@@ -197,6 +219,55 @@ def test_fsdp_launch_on_cpu_stops_with_one_clear_line(tiny_model_dir, toy_files,
     assert len(errors) == 1, result.stderr[-3000:]
     assert "asks for FSDP but Accelerate set up MULTI_CPU" in errors[0]
     assert not (tmp_path / "all_results.json").exists()
+
+
+def fsdp2_accelerator(mixed_precision: str):
+    """A real CPU Accelerator whose state says FSDP2, so `accelerator.prepare` takes its real FSDP2 branch.
+
+    Fakes the GPU check only: Accelerate switches to FSDP for GPU process groups alone, the rest is its own code.
+    """
+    from accelerate import Accelerator, FullyShardedDataParallelPlugin
+    from accelerate.utils import DistributedType
+
+    from conftest import reset_accelerate_state
+
+    reset_accelerate_state()
+    accelerator = Accelerator(cpu=True, mixed_precision=mixed_precision)
+    accelerator.state.distributed_type = DistributedType.FSDP
+    accelerator.state.fsdp_plugin = FullyShardedDataParallelPlugin(fsdp_version=2)
+    assert accelerator.is_fsdp2
+    return accelerator
+
+
+def test_evaluation_only_under_fsdp2_places_the_whole_model(tiny_model_dir, toy_files):
+    """`--do_train false`, `tuneloop evaluate` and `tuneloop predict` under fsdp.yaml crashed on the GPU: FSDP2's
+    prepare refuses a model without its optimizer. Fakes the device check only (`fsdp2_accelerator`): the model is
+    placed whole in the run's precision, the dataloader is prepared by Accelerate's real FSDP2 branch, and the
+    gathered logits are the model's own."""
+    from accelerate.data_loader import DataLoaderShard
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding
+
+    from conftest import make_rows
+    from tuneloop import predict
+    from tuneloop.engines import prepare_for_evaluation
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    rows = [tokenizer(r["text"]) | {"labels": i % 3} for i, r in enumerate(make_rows(10, seed=3))]
+    loader = torch.utils.data.DataLoader(rows, batch_size=4, collate_fn=DataCollatorWithPadding(tokenizer))
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=3)
+    accelerator = fsdp2_accelerator("bf16")
+    with pytest.raises(ValueError, match="model and optimizer must be passed together"):
+        accelerator.prepare(model, loader)  # what prepare_for_evaluation did before: the GPU failure, reproduced
+    prepared_model, prepared_loader = prepare_for_evaluation(accelerator, model, loader)
+    assert prepared_model is model and isinstance(prepared_loader, DataLoaderShard)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}  # what FSDP's bf16 policy computes in
+    outputs = predict.gather(accelerator, prepared_model, prepared_loader)
+    with torch.no_grad():
+        expected = torch.cat([model(**batch).logits.float() for batch in loader])
+    assert outputs.logits.shape == (10, 3)
+    torch.testing.assert_close(torch.from_numpy(outputs.logits), expected)
+    (only_model,) = prepare_for_evaluation(fsdp2_accelerator("no"), model.float())  # predict-only: no eval loader
+    assert {p.dtype for p in only_model.parameters()} == {torch.float32}
 
 
 def fake_deepspeed_accelerator(ds_config: dict, num_processes: int = 2):
@@ -288,6 +359,22 @@ def test_every_config_is_documented_and_parses():
     assert (offload["offload_optimizer_device"], offload["offload_param_device"]) == ("cpu", "cpu")
 
 
+def test_gpu_configs_keep_the_gpus_the_job_was_given(monkeypatch):
+    """gpu.yaml had gpu_ids '0': the launcher then exported CUDA_VISIBLE_DEVICES=0 over the user's or SLURM's choice.
+    Parsed and turned into the worker environment exactly as `accelerate launch` does (no GPU needed for that)."""
+    from accelerate.commands.config.config_args import load_config_from_file
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_simple_launcher_cmd_env
+
+    for path in CONFIGS.glob("*.yaml"):
+        assert getattr(load_config_from_file(str(path)), "gpu_ids", None) in (None, "all"), path.name
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")  # e.g. SLURM's GPU for this job
+    args = launch_command_parser().parse_args(["--config_file", str(CONFIGS / "gpu.yaml"), "train.py"])
+    args, _, _ = _validate_launch_command(args)
+    _, env = prepare_simple_launcher_cmd_env(args)
+    assert env["CUDA_VISIBLE_DEVICES"] == "3"
+
+
 def doctor(*args: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"}
     return subprocess.run([sys.executable, "-m", "tuneloop.doctor", *args], capture_output=True, text=True,
@@ -332,3 +419,71 @@ def test_doctor_fails_a_config_that_starts_fewer_processes_than_it_asks(tmp_path
     assert result.returncode == 1, result.stdout
     assert "warning: distributed_type MULTI_CPU makes `accelerate launch` start ONE process" in result.stdout
     assert "FAILED: the config asks for 2 processes, the run got 1" in result.stdout
+
+
+def fake_gpus(monkeypatch, name: str, capability: tuple[int, int], count: int = 1) -> None:
+    """Fakes the device checks only: torch.cuda reports `count` GPUs of this kind; torch's own functions run on top
+    (is_bf16_supported's real logic included, with an emulated bf16 tensor that would succeed, as on a V100)."""
+    properties = SimpleNamespace(name=name, major=capability[0], minor=capability[1], total_memory=80 * 2**30)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: properties)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "_check_bf16_tensor_supported", lambda device: True)
+
+
+@pytest.mark.parametrize("name, capability, flagged", [
+    ("Tesla V100-SXM2-32GB", (7, 0), True), ("Tesla T4", (7, 5), True), ("NVIDIA A100-SXM4-80GB", (8, 0), False)])
+def test_doctor_flags_bf16_on_gpus_that_only_emulate_it(monkeypatch, name, capability, flagged):
+    """torch.cuda.is_bf16_supported() counts emulation and says yes on V100/T4, where bf16 crawls: gpu.yaml's bf16
+    passed there. Fakes the GPU (`fake_gpus`); the doctor's static check runs as on that machine."""
+    from tuneloop import doctor
+
+    fake_gpus(monkeypatch, name, capability)
+    assert torch.cuda.is_bf16_supported()  # the check the doctor used: yes on every one of these cards
+    _, problems, _ = doctor.check_config(str(CONFIGS / "gpu.yaml"))
+    bf16 = [p for p in problems if "bf16" in p]
+    assert bool(bf16) == flagged, problems
+    if flagged:
+        assert name in bf16[0] and "use fp16" in bf16[0]
+
+
+def test_doctor_num_processes_replaces_the_configs(monkeypatch):
+    """multi_gpu.yaml and fsdp.yaml say 8 processes; the doctor's advice named a --num_processes it did not have.
+    Fakes 2 GPUs; the probe's and `accelerate test`'s launches are captured instead of run."""
+    from tuneloop import doctor
+
+    fake_gpus(monkeypatch, "NVIDIA H100 80GB HBM3", (9, 0), count=2)
+    _, problems, _ = doctor.check_config(str(CONFIGS / "multi_gpu.yaml"))
+    assert problems == ["8 processes per machine but this machine has 2 GPU(s): set num_processes to 2 in the config, "
+                        "or pass --num_processes 2 to both the doctor and `accelerate launch`"]
+    config, problems, _ = doctor.check_config(str(CONFIGS / "fsdp.yaml"), num_processes=2)
+    assert problems == [] and config.num_processes == 2
+
+    launched = []
+
+    def fake_run(command, **kwargs):
+        if "--config_file" in command:  # what `accelerate test` is given is a file: read it while it exists
+            launched.append((command, read_yaml(command[command.index("--config_file") + 1])))
+        seen = {"distributed_type": "FSDP", "num_processes": 2, "device": "cuda", "mixed_precision": "bf16",
+                "ranks": [0, 1], "steps": 4}
+        stdout = doctor.PROBE_TAG + json.dumps(seen) + "\nTest is a success! :)\n"
+        return subprocess.CompletedProcess(command, 0, stdout, "")
+
+    monkeypatch.setattr(doctor.subprocess, "run", fake_run)
+    assert doctor.run_probe(str(CONFIGS / "fsdp.yaml"), config, num_processes=2)
+    assert doctor.run_accelerate_test(str(CONFIGS / "fsdp.yaml"), config, num_processes=2)
+    (probe, probe_file), (test, test_file) = launched
+    assert probe[probe.index("--num_processes") + 1] == "2" and probe[-3:] == ["-m", "tuneloop.doctor", "--probe"]
+    assert "test" in test and test_file["num_processes"] == 2
+    assert {k: v for k, v in test_file.items() if k != "num_processes"} == {
+        k: v for k, v in probe_file.items() if k != "num_processes"}  # the copy changes nothing else
+
+
+def read_yaml(path: str) -> dict:
+    import yaml
+
+    with open(path) as f:
+        return yaml.safe_load(f)

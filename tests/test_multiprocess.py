@@ -55,3 +55,25 @@ def test_two_ranks_equal_one_rank_with_accumulation(tiny_model_dir, toy_files, t
     for name in weights_one:
         torch.testing.assert_close(weights_two[name], weights_one[name], rtol=1e-3, atol=1e-4, msg=name)
     assert two["eval_accuracy"] == one["eval_accuracy"]
+
+
+@pytest.mark.parametrize("ifname, forms", [("lo", True), ("nosuchif0", False)])
+def test_the_stop_agreement_group_binds_to_gloo_socket_ifname(ifname, forms):
+    """The multi-node script and README tell users to set GLOO_SOCKET_IFNAME beside NCCL_SOCKET_IFNAME: this checks
+    that the stop agreement's gloo group (created on GPU runs only) really binds to it. Fakes the device check (a
+    'cuda' device passed in) in a 1-process gloo group; a name that is no interface must fail, or the setting is
+    ignored and the advice worthless."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import datetime, torch, torch.distributed as dist\n"
+            "from tuneloop.preemption import StopRequest\n"
+            "dist.init_process_group('gloo', init_method='tcp://127.0.0.1:0', rank=0, world_size=1, "
+            "timeout=datetime.timedelta(seconds=30))\n"
+            "StopRequest(2, torch.device('cuda'))\n")
+    env = {**os.environ, "GLOO_SOCKET_IFNAME": ifname}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert (done.returncode == 0) == forms, done.stderr[-2000:]
+    if not forms:
+        assert f"Unable to find address for: {ifname}" in done.stderr

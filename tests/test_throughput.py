@@ -21,14 +21,56 @@ def test_non_embedding_parameters_match_a_hand_count(tiny_model_dir):
     assert throughput.training_flops(hand, 2, 32, tokens=3 + 7, squared_lengths=9 + 49) == 6 * hand * 10 + 12 * 2 * 32 * 58
 
 
-@pytest.mark.parametrize(
-    "name, precision, tf32, expected",
-    [("NVIDIA H100 80GB HBM3", "bf16", False, 989.0), ("NVIDIA H100 PCIe", "bf16", False, 756.0),
-     ("NVIDIA A100-SXM4-40GB", "no", True, 156.0), ("NVIDIA A100-SXM4-40GB", "no", False, 19.5),
-     ("NVIDIA L4", "fp16", False, 121.0), ("Tesla T4", "fp16", False, 65.0), ("Some Future GPU", "bf16", False, None)],
-)
-def test_gpu_peak_lookup(name, precision, tf32, expected):
-    assert throughput.gpu_peak_tflops(name, precision, tf32) == expected
+# The real `torch.cuda.get_device_name()` strings with their compute capability, and the dense datasheet peak
+# (bf16, fp16, fp32 with TF32 on, fp32 with TF32 off). A substring match gave the L40 the L4's peak, the NVL cards
+# the SXM ones', V100/T4 an fp16 figure for bf16, and none at all for A40, A6000, RTX 4090, H800, B200.
+GPUS = [
+    ("NVIDIA H100 80GB HBM3", (9, 0), (989.5, 989.5, 494.5, 67.0)),
+    ("NVIDIA H100 PCIe", (9, 0), (756.5, 756.5, 378.0, 51.0)),
+    ("NVIDIA H100 NVL", (9, 0), (835.5, 835.5, 417.5, 60.0)),
+    ("NVIDIA H200", (9, 0), (989.5, 989.5, 494.5, 67.0)),
+    ("NVIDIA H200 NVL", (9, 0), (835.5, 835.5, 417.5, 60.0)),
+    ("NVIDIA H800", (9, 0), (989.5, 989.5, 494.5, 67.0)),
+    ("NVIDIA B200", (10, 0), (2250.0, 2250.0, 1100.0, 75.0)),
+    ("NVIDIA A100-SXM4-80GB", (8, 0), (312.0, 312.0, 156.0, 19.5)),
+    ("NVIDIA A100 80GB PCIe", (8, 0), (312.0, 312.0, 156.0, 19.5)),
+    ("NVIDIA L4", (8, 9), (121.0, 121.0, 60.0, 30.3)),
+    ("NVIDIA L40", (8, 9), (181.0, 181.0, 90.5, 90.5)),
+    ("NVIDIA L40S", (8, 9), (362.0, 362.0, 183.0, 91.6)),
+    ("NVIDIA A10G", (8, 6), (70.0, 70.0, 35.0, 31.2)),
+    ("NVIDIA A10", (8, 6), (125.0, 125.0, 62.5, 31.2)),
+    ("NVIDIA A40", (8, 6), (149.7, 149.7, 74.8, 37.4)),
+    ("NVIDIA RTX A6000", (8, 6), (154.8, 154.8, 77.4, 38.7)),
+    ("NVIDIA GeForce RTX 4090", (8, 9), (165.2, 165.2, 82.6, 82.6)),
+    ("Tesla V100-SXM2-32GB", (7, 0), (None, 125.0, 15.7, 15.7)),  # no bf16 and no TF32 units below 8.0
+    ("Tesla T4", (7, 5), (None, 65.0, 8.1, 8.1)),
+    # Not listed: no figure rather than a wrong one.
+    ("NVIDIA A100-SXM4-80GB MIG 3g.40gb", (8, 0), (None, None, None, None)),  # a slice of the card
+    ("NVIDIA H100", (8, 0), (None, None, None, None)),  # a listed-looking name with another capability
+    ("Some Future GPU", (12, 0), (None, None, None, None)),
+]
+
+
+@pytest.mark.parametrize("name, capability, peaks", GPUS)
+def test_gpu_peak_lookup(name, capability, peaks):
+    got = tuple(throughput.gpu_peak_tflops(name, capability, precision, tf32)
+                for precision, tf32 in (("bf16", True), ("fp16", True), ("no", True), ("no", False)))
+    assert got == peaks
+
+
+def test_peak_reads_the_name_and_capability_of_the_device(monkeypatch):
+    """Fakes the CUDA device queries: the run's peak is the table's for what torch reports about its device."""
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA L40S")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 9))
+    assert throughput.peak_tflops(torch.device("cuda", 0), "bf16", None) == 362.0
+    tf32 = torch.backends.cuda.matmul.allow_tf32  # a process-wide switch (no monkeypatch for it): put it back
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        assert throughput.peak_tflops(torch.device("cuda", 0), "no", None) == 91.6
+        torch.backends.cuda.matmul.allow_tf32 = True
+        assert throughput.peak_tflops(torch.device("cuda", 0), "no", None) == 183.0
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
 
 
 def test_cpu_peak_is_probed_once_and_cached(tmp_path, monkeypatch):

@@ -1,11 +1,11 @@
-"""`python -m tuneloop.doctor [--config_file accelerate_configs/X.yaml]`: can this machine run that config?
+"""`python -m tuneloop.doctor [--config_file accelerate_configs/X.yaml] [--num_processes N]`: can this machine run it?
 
 Three steps, each printed as it runs:
 1. the environment: versions, CPU cores, memory, GPUs;
 2. the accelerate config checked against this machine without starting anything (GPU count, precision, engine,
    settings tuneloop refuses), then a real launch of a probe with that config: every process builds tuneloop's own
-   Accelerator, takes two optimizer steps on a tiny model and gathers its rank, so the distributed type, process
-   count and precision printed are the ones a training run would get;
+   Accelerator, takes two optimizer steps on a tiny BERT (built from a config: no download) and gathers its rank, so
+   the distributed type, process count and precision printed are the ones a training run would get;
 3. Accelerate's own `accelerate test` on the config, retried once (it is flaky on CPU), both outcomes printed.
 Exit status 0 when everything passed, 1 otherwise.
 """
@@ -33,6 +33,9 @@ PACKAGES = ("tuneloop", "torch", "transformers", "accelerate", "deepspeed", "dat
 def main(argv: list[str] | None = None) -> int:
     parser = OptionParser(prog="tuneloop doctor", description=__doc__.split("\n")[0])
     parser.add_argument("--config_file", help="accelerate config to check (default: Accelerate's default config, if any)")
+    parser.add_argument("--num_processes", type=int, metavar="N",
+                        help="check, probe and test with N processes in all instead of the config's num_processes, "
+                             "as `accelerate launch --num_processes N` would run")
     parser.add_argument("--skip_accelerate_test", action="store_true", help="do not run `accelerate test`")
     parser.add_argument("--probe", action="store_true", help=argparse.SUPPRESS)  # what each launched process runs
     args = parser.parse_args(argv)
@@ -46,8 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     if path is None:
         print("\nno accelerate config given and no default one (`accelerate config`): pass --config_file")
         return 0
-    print(f"\naccelerate config {path}")
-    config, problems, warnings = check_config(path)
+    print(f"\naccelerate config {path}" + (f" with --num_processes {args.num_processes}" if args.num_processes else ""))
+    config, problems, warnings = check_config(path, args.num_processes)
     for line in describe_config(config):
         print(f"  {line}")
     for warning in warnings:
@@ -57,17 +60,23 @@ def main(argv: list[str] | None = None) -> int:
     if problems:
         print("not launched: fix the problems above first")
         return 1
-    ok = run_probe(path, config)
+    ok = run_probe(path, config, args.num_processes)
     if not args.skip_accelerate_test and config.num_machines > 1:
         print("\naccelerate test: skipped for a multi-machine config (it would wait for the other machines)")
     elif not args.skip_accelerate_test:
-        ok = run_accelerate_test(path, config) and ok
+        ok = run_accelerate_test(path, config, args.num_processes) and ok
     print("\ndoctor: all checks passed" if ok else "\ndoctor: some checks FAILED (see above)")
     return 0 if ok else 1
 
 
 def gpu_count() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def gpu_has_bf16() -> bool:
+    """bf16 in hardware (compute capability 8.0 on). torch's default also counts emulation, which says yes on V100
+    and T4: bf16 there runs, far slower than fp16, so a bf16 config on those cards must be flagged."""
+    return torch.cuda.is_bf16_supported(including_emulation=False)
 
 
 def print_environment() -> None:
@@ -81,7 +90,7 @@ def print_environment() -> None:
         print(f"  {name} {version}")
     print(f"  CPU cores available: {cpu_cores()}, memory: {total_memory_gib():.0f} GiB")
     if gpu_count():
-        print(f"  CUDA {torch.version.cuda}, {gpu_count()} GPU(s), bf16 {'yes' if torch.cuda.is_bf16_supported() else 'no'}")
+        print(f"  CUDA {torch.version.cuda}, {gpu_count()} GPU(s), bf16 {'yes' if gpu_has_bf16() else 'no'}")
         for i in range(gpu_count()):
             props = torch.cuda.get_device_properties(i)
             print(f"    cuda:{i} {props.name}, {props.total_memory / 2**30:.0f} GiB")
@@ -95,14 +104,17 @@ def total_memory_gib() -> float:
     return psutil.virtual_memory().total / 2**30
 
 
-def check_config(path: str):
-    """Static checks of an accelerate config against this machine. Returns (config, problems, warnings)."""
+def check_config(path: str, num_processes: int | None = None):
+    """Static checks of an accelerate config against this machine, with `num_processes` (all machines together)
+    instead of the config's when given. Returns (config, problems, warnings)."""
     from accelerate.commands.config.config_args import load_config_from_file
 
     try:
         config = load_config_from_file(path)
     except Exception as e:  # a missing file, bad YAML, unknown keys: Accelerate's own parser decides
         return None, [f"cannot read {path}: {' '.join(str(e).split())[:300]}"], []
+    if num_processes:
+        config.num_processes = num_processes
     problems, warnings = [], []
     kind = kind_of(config)
     use_cpu = bool(getattr(config, "use_cpu", False))
@@ -119,9 +131,11 @@ def check_config(path: str):
                         "accelerate_configs/cpu.yaml, cpu_2proc.yaml or deepspeed_zero*_cpu.yaml")
     elif wants_gpu and n_proc // machines > n_gpu:
         problems.append(f"{n_proc // machines} processes per machine but this machine has {n_gpu} GPU(s): set "
-                        f"num_processes to {n_gpu * machines} (or pass --num_processes)")
-    if wants_gpu and n_gpu and precision == "bf16" and not torch.cuda.is_bf16_supported():
-        problems.append("mixed_precision bf16 but this GPU has no bf16: use fp16")
+                        f"num_processes to {n_gpu * machines} in the config, or pass --num_processes {n_gpu * machines} "
+                        "to both the doctor and `accelerate launch`")
+    if wants_gpu and n_gpu and precision == "bf16" and not gpu_has_bf16():
+        problems.append(f"mixed_precision bf16 but {torch.cuda.get_device_name(0)} has no bf16 units (compute "
+                        "capability below 8.0: torch would only emulate it, slowly): use fp16 (--mixed_precision fp16)")
     if not wants_gpu:
         cores = cpu_cores()
         if n_proc > cores:
@@ -135,6 +149,11 @@ def check_config(path: str):
     if kind == "FSDP" and n_gpu == 0:
         problems.append("FSDP needs GPUs: Accelerate switches to FSDP only for GPU process groups, on CPU the run "
                         "would silently be plain data parallelism (tuneloop refuses it)")
+    wrap = (getattr(config, "fsdp_config", None) or {}).get("fsdp_transformer_layer_cls_to_wrap")
+    if kind == "FSDP" and wrap:
+        warnings.append(f"fsdp_transformer_layer_cls_to_wrap {wrap}: every model trained with this config must have "
+                        "that class (leave the key out to wrap each model's own layers, its `_no_split_modules`); "
+                        "the probe's tiny BERT is wrapped by its own layers instead")
     if kind == "DEEPSPEED":
         try:
             import deepspeed  # noqa: F401
@@ -186,14 +205,17 @@ def launch_env() -> dict:
     return {**os.environ, "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")}
 
 
-def run_probe(path: str, config) -> bool:
-    """Launch the probe with the config and report what every process really got."""
+def run_probe(path: str, config, num_processes: int | None = None) -> bool:
+    """Launch the probe with the config (and --num_processes, if given) and report what every process really got."""
     # A multi-machine config would wait for the other machines: run this machine's share as a one-machine launch.
-    alone = ["--num_machines", "1", "--machine_rank", "0", "--num_processes",
-             str(config.num_processes // config.num_machines)] if config.num_machines > 1 else []
-    print("\nprobe: accelerate launch --config_file", path, *alone, "-m tuneloop.doctor --probe")
+    if config.num_machines > 1:
+        flags = ["--num_machines", "1", "--machine_rank", "0", "--num_processes",
+                 str(config.num_processes // config.num_machines)]
+    else:
+        flags = ["--num_processes", str(num_processes)] if num_processes else []
+    print("\nprobe: accelerate launch --config_file", path, *flags, "-m tuneloop.doctor --probe")
     with tempfile.TemporaryDirectory() as workdir:
-        command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", os.path.abspath(path), *alone,
+        command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", os.path.abspath(path), *flags,
                    "-m", "tuneloop.doctor", "--probe"]
         result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=launch_env(), cwd=workdir)
     lines = [line for line in result.stdout.splitlines() if line.startswith(PROBE_TAG)]
@@ -215,6 +237,16 @@ def run_probe(path: str, config) -> bool:
     return True
 
 
+def probe_model() -> torch.nn.Module:
+    """A 2-layer, 32-wide BERT classifier built from a config (no download). FSDP shards a model by its transformer
+    layers (its `_no_split_modules`), so the probe needs a model that has some; every engine probes the same one."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    return BertForSequenceClassification(BertConfig(
+        vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        max_position_embeddings=16, num_labels=2))
+
+
 def probe() -> int:
     """Runs in every launched process: tuneloop's Accelerator, two optimizer steps, a gather of the ranks."""
     from tuneloop.config import TrainArguments
@@ -222,6 +254,9 @@ def probe() -> int:
     from tuneloop.errors import UserError
     from tuneloop.runtime import make_accelerator
 
+    # A layer class named in an FSDP config is the user's model's (the main process warned about it); the probe's
+    # BERT is wrapped by its own layers. Accelerate reads the name from here when it builds its FSDP plugin.
+    os.environ.pop("FSDP_TRANSFORMER_CLS_TO_WRAP", None)
     with tempfile.TemporaryDirectory() as output_dir:
         t = TrainArguments(output_dir=output_dir, per_device_train_batch_size=4)
         try:
@@ -231,16 +266,16 @@ def probe() -> int:
                 print(f"tuneloop: error: {e}", file=sys.stderr)
             return 2
         torch.manual_seed(0)
-        model = torch.nn.Linear(8, 2)
+        model = probe_model()
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-        data = torch.utils.data.TensorDataset(torch.randn(8 * accelerator.num_processes * 2, 8))
+        examples = 8 * accelerator.num_processes * 2
+        data = torch.utils.data.TensorDataset(torch.randint(0, 64, (examples, 8)), torch.randint(0, 2, (examples,)))
         loader = torch.utils.data.DataLoader(data, batch_size=4)
         model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
-        dtype = next(model.parameters()).dtype
         steps = 0
-        for (x,) in loader:
+        for input_ids, labels in loader:
             with accelerator.accumulate(model):
-                loss = model(x.to(dtype)).float().pow(2).mean()
+                loss = model(input_ids=input_ids, labels=labels).loss
                 accelerator.backward(loss)
                 optimizer.step()
                 optimizer.zero_grad()
@@ -257,8 +292,11 @@ def probe() -> int:
     return 0
 
 
-def run_accelerate_test(path: str, config) -> bool:
+def run_accelerate_test(path: str, config, num_processes: int | None = None) -> bool:
     """Accelerate's own end-to-end check of the config, retried once; both outcomes are printed."""
+    if num_processes:  # `accelerate test` takes only a config file: give it a copy with that process count
+        with tempfile.TemporaryDirectory() as workdir:
+            return run_accelerate_test(with_num_processes(path, num_processes, workdir), config)
     kind = kind_of(config)
     env = launch_env()
     if gpu_count() == 0 and kind == "DEEPSPEED":
@@ -281,6 +319,19 @@ def run_accelerate_test(path: str, config) -> bool:
         tail = [line for line in (result.stdout + result.stderr).splitlines() if line.strip()][-3:]
         print(f"  attempt {attempt} FAILED (exit status {result.returncode}): " + " | ".join(tail)[:600])
     return False
+
+
+def with_num_processes(path: str, num_processes: int, folder: str) -> str:
+    """A copy of the accelerate config at `path`, in `folder`, with num_processes replaced."""
+    import yaml
+
+    with open(path) as f:
+        values = yaml.safe_load(f)
+    values["num_processes"] = num_processes
+    copy = os.path.join(folder, os.path.basename(path))
+    with open(copy, "w") as f:
+        yaml.safe_dump(values, f)
+    return copy
 
 
 class OptionParser(OneLineArgumentErrors, argparse.ArgumentParser):

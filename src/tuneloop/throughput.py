@@ -14,21 +14,60 @@ import platform
 import resource
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
-# Dense (no sparsity) peak TFLOP/s from the vendors' datasheets: (bf16/fp16 tensor cores, tf32, fp32).
+
+class GpuPeak(NamedTuple):
+    """One card's dense (no sparsity) peak TFLOP/s, and the compute capability that card reports."""
+
+    capability: tuple[int, int]
+    half: float  # fp16 tensor cores with fp32 accumulation (training's); bf16 too, from capability 8.0
+    tf32: float | None  # tf32 tensor cores (None before Ampere: fp32 matmuls run at the fp32 rate)
+    fp32: float  # plain fp32 (non-tensor)
+
+
+# Keyed by the exact `torch.cuda.get_device_name()` string: a substring match gave the L40 the L4's peak and the NVL
+# cards the SXM ones'. A name not listed (a new card, or a MIG slice such as "NVIDIA A100-SXM4-80GB MIG 3g.40gb",
+# which has a fraction of the card's units) gets no peak, hence no MFU, rather than a wrong one; --peak_tflops sets it.
+# Sources: NVIDIA's datasheets (H100, H200, H800, HGX B200, A100, A10, A40, RTX A6000, L4, L40, L40S, V100, T4) and
+# the Ampere GA102 / Ada AD102 whitepapers (RTX A6000, RTX 4090: fp16/bf16 with fp32 accumulation); datasheets quote
+# tensor-core figures "with sparsity", halved here. The A10G is AWS's: NVIDIA publishes no datasheet for it, and
+# its figures are the ones commonly quoted for it (g5 instances), not a datasheet's.
+_H100_SXM = GpuPeak((9, 0), 989.5, 494.5, 67.0)
+_H100_PCIE = GpuPeak((9, 0), 756.5, 378.0, 51.0)
+_H_NVL = GpuPeak((9, 0), 835.5, 417.5, 60.0)  # H100 NVL and H200 NVL, per GPU
+_A100 = GpuPeak((8, 0), 312.0, 156.0, 19.5)  # SXM4 and PCIe, 40 and 80 GB
+_V100_SXM2 = GpuPeak((7, 0), 125.0, None, 15.7)
+_V100_PCIE = GpuPeak((7, 0), 112.0, None, 14.0)
 GPU_PEAK_TFLOPS = {
-    "H200": (989.0, 494.0, 67.0),
-    "H100 PCIe": (756.0, 378.0, 51.0),
-    "H100": (989.0, 494.0, 67.0),  # SXM
-    "A100": (312.0, 156.0, 19.5),
-    "A10G": (70.0, 35.0, 31.2),
-    "A10": (125.0, 62.5, 31.2),
-    "L40S": (362.0, 183.0, 91.6),
-    "L4": (121.0, 60.0, 30.3),
-    "V100": (125.0, 15.7, 15.7),  # no bf16 and no tf32: fp16 tensor cores
-    "T4": (65.0, 8.1, 8.1),
+    "NVIDIA B200": GpuPeak((10, 0), 2250.0, 1100.0, 75.0),
+    "NVIDIA H200": _H100_SXM,  # SXM: the H100's compute with more memory
+    "NVIDIA H200 NVL": _H_NVL,
+    "NVIDIA H100 80GB HBM3": _H100_SXM,
+    "NVIDIA H100 PCIe": _H100_PCIE,
+    "NVIDIA H100 NVL": _H_NVL,
+    "NVIDIA H800": _H100_SXM,  # the H100 SXM's compute, export variant (less NVLink and FP64)
+    "NVIDIA H800 PCIe": _H100_PCIE,
+    "NVIDIA A100-SXM4-80GB": _A100,
+    "NVIDIA A100-SXM4-40GB": _A100,
+    "NVIDIA A100 80GB PCIe": _A100,
+    "NVIDIA A100-PCIE-40GB": _A100,
+    "NVIDIA A40": GpuPeak((8, 6), 149.7, 74.8, 37.4),
+    "NVIDIA A10": GpuPeak((8, 6), 125.0, 62.5, 31.2),
+    "NVIDIA A10G": GpuPeak((8, 6), 70.0, 35.0, 31.2),
+    "NVIDIA RTX A6000": GpuPeak((8, 6), 154.8, 77.4, 38.7),
+    "NVIDIA L40S": GpuPeak((8, 9), 362.0, 183.0, 91.6),
+    "NVIDIA L40": GpuPeak((8, 9), 181.0, 90.5, 90.5),
+    "NVIDIA L4": GpuPeak((8, 9), 121.0, 60.0, 30.3),
+    "NVIDIA GeForce RTX 4090": GpuPeak((8, 9), 165.2, 82.6, 82.6),
+    "Tesla V100-SXM2-16GB": _V100_SXM2,
+    "Tesla V100-SXM2-32GB": _V100_SXM2,
+    "Tesla V100-PCIE-16GB": _V100_PCIE,
+    "Tesla V100-PCIE-32GB": _V100_PCIE,
+    "Tesla V100S-PCIE-32GB": GpuPeak((7, 0), 130.0, None, 16.4),
+    "Tesla T4": GpuPeak((7, 5), 65.0, None, 8.1),
 }
 PROBE_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "tuneloop" / "peak_flops.json"
 
@@ -48,14 +87,18 @@ def training_flops(non_embedding_params: int, num_layers: int, hidden_size: int,
     return 6.0 * non_embedding_params * tokens + 12.0 * num_layers * hidden_size * squared_lengths
 
 
-def gpu_peak_tflops(device_name: str, mixed_precision: str, tf32: bool) -> float | None:
-    """Datasheet peak for a known GPU name (`torch.cuda.get_device_name()`), or None."""
-    for name, (half, tf32_peak, fp32_peak) in GPU_PEAK_TFLOPS.items():
-        if name in device_name:
-            if mixed_precision in ("bf16", "fp16"):
-                return half
-            return tf32_peak if tf32 else fp32_peak
-    return None
+def gpu_peak_tflops(device_name: str, capability: tuple[int, int], mixed_precision: str, tf32: bool) -> float | None:
+    """Datasheet peak for the precision in use on a listed GPU (`torch.cuda.get_device_name()` and
+    `get_device_capability()`, both as reported), or None when the card is not listed or reports another capability."""
+    card = GPU_PEAK_TFLOPS.get(device_name)
+    if card is None or card.capability != tuple(capability):
+        return None
+    if mixed_precision == "bf16":
+        # Below 8.0 (V100, T4) bf16 has no tensor cores: torch emulates it, far below any listed figure.
+        return card.half if card.capability >= (8, 0) else None
+    if mixed_precision == "fp16":
+        return card.half
+    return card.tf32 if tf32 and card.tf32 else card.fp32
 
 
 def cpu_peak_tflops(dtype: torch.dtype, seconds: float = 1.0) -> float:
@@ -97,7 +140,8 @@ def peak_tflops(device: torch.device, mixed_precision: str, override: float | No
     if override:
         return override
     if device.type == "cuda":
-        return gpu_peak_tflops(torch.cuda.get_device_name(device), mixed_precision, torch.backends.cuda.matmul.allow_tf32)
+        return gpu_peak_tflops(torch.cuda.get_device_name(device), torch.cuda.get_device_capability(device),
+                               mixed_precision, torch.backends.cuda.matmul.allow_tf32)
     if device.type == "cpu":
         # fp16 on CPU runs in fp32 (Accelerate), so only bf16 changes the peak.
         return cpu_peak_tflops(torch.bfloat16 if mixed_precision == "bf16" else torch.float32)
