@@ -121,6 +121,7 @@ def prepare_for_evaluation(accelerator: Accelerator, model, *dataloaders):
       only the weights, and a model trained with FSDP was saved whole at the end, so it fits one device as it was
       loaded. FSDP1 would accept the model alone, but the same reasoning holds: both versions take this path.
     ZeRO-3 shards the model as usual (it may be too large for one device, and DeepSpeed prepares it alone).
+    DDP would only add gradient synchronisation: the model is prepared for evaluation alone (below).
     """
     kind = accelerator.distributed_type
     unsharded = kind == DistributedType.FSDP or (
@@ -128,6 +129,9 @@ def prepare_for_evaluation(accelerator: Accelerator, model, *dataloaders):
     if unsharded:
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision, None)
         return (model.to(device=accelerator.device, dtype=dtype), *(accelerator.prepare(dl) for dl in dataloaders))
-    if not dataloaders:
-        return (accelerator.prepare(model),)
-    return accelerator.prepare(model, *dataloaders)
+    if kind == DistributedType.DEEPSPEED:
+        return accelerator.prepare(model, *dataloaders)
+    # DDP (or one process): the model gets Accelerate's autocast and device placement but no DDP wrapper, which only
+    # synchronises gradients. A DDP wrapper freed after `end_training` destroyed the process group also hung a
+    # 2-process `tuneloop predict` at exit once (rank 1 joining gloo's threads in ~ProcessGroupGloo).
+    return (accelerator.prepare_model(model, evaluation_mode=True), *(accelerator.prepare(dl) for dl in dataloaders))
