@@ -123,6 +123,10 @@ def train(config: Config) -> dict:
             report.write_report(accelerator, config, results, run.class_names, history, eval_outputs, test_results,
                                 run.train_size)
     say(accelerator, report.summary_table({**results, **(test_results or {})}, t.output_dir))
+    # Every rank's collectives done, and gloo's worker threads idle, before the process group is torn down: a 2-process
+    # predict deadlocked at exit when it went while a worker still held a gathered tensor (the worker waiting for the
+    # GIL, the main thread joining the worker in ~ProcessGroupGloo).
+    accelerator.wait_for_everyone()
     accelerator.end_training()
     return results
 
