@@ -5,11 +5,13 @@ an `ACCELERATE_USE_CPU=1` left in the environment, for instance, silently turns 
 MULTI_CPU. FSDP cannot run on CPU through Accelerate (it enables FSDP only for GPU process groups), so its config is
 checked by parsing it the way `accelerate launch` does, and a CPU launch of it must stop with a clear error.
 
+Tests marked `engines` launch real processes (engines, the doctor); the others check configs, DeepSpeed's "auto"
+values and the doctor's refusals in this process, in milliseconds (they are unit tests).
+
 The first DeepSpeed run on a machine JIT-compiles a shared-memory op (~45 s); keep TORCH_EXTENSIONS_DIR stable.
 """
 
 import csv
-import os
 import subprocess
 import sys
 import warnings
@@ -20,9 +22,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, read_json, run_in_process, tiny_args
-
-pytestmark = pytest.mark.engines
+from conftest import DDP_RUN, ROOT, launch, launch_env, not_in_a_unit_test, read_json, run_in_process, tiny_args
 
 CONFIGS = ROOT / "accelerate_configs"
 # engine -> (accelerate config, the distributed type Accelerate must report inside the run)
@@ -31,26 +31,15 @@ ENGINES = {
     "zero2": ("deepspeed_zero2_cpu.yaml", "DEEPSPEED"),
     "zero3": ("deepspeed_zero3_cpu.yaml", "DEEPSPEED"),
 }
-# Accumulation, active clipping (the pre-clip norms here are 0.2-0.3) and warmup: what DeepSpeed takes over from the loop.
-# A checkpoint at step 12 of 32 to resume from.
-TRAIN = dict(gradient_accumulation_steps=2, max_grad_norm=0.1, warmup_ratio=0.1, num_train_epochs=4, eval_strategy="no",
-             checkpointing_steps=12)
+TRAIN = DDP_RUN  # every engine trains conftest's DDP run: the same steps, so DeepSpeed can be held to DDP's numbers
 EVAL = dict(do_train="false", per_device_eval_batch_size=8)  # 45 examples on 2 ranks x 8: 3 repeated at the end
 
 
-def launch_config(config: str, args: list[str], *launch_flags: str, **env_overrides: str) -> subprocess.CompletedProcess:
-    """`accelerate launch --config_file accelerate_configs/<config>` of train.py, as a user would type it."""
-    env = {k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"}  # it would turn DeepSpeed off
-    env.update(OMP_NUM_THREADS="1", **env_overrides)
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / config),
-               *launch_flags, str(ROOT / "train.py"), *args]
-    return subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
-
-
 def launched(engine: str, args: list[str]) -> dict:
+    """`accelerate launch --config_file accelerate_configs/<the engine's config> train.py ARGS`; the run must have had
+    that engine on 2 processes."""
     config, kind = ENGINES[engine]
-    result = launch_config(config, args)
-    assert result.returncode == 0, result.stderr[-3000:]
+    launch(args, config=config)
     output_dir = Path(args[args.index("--output_dir") + 1])
     results = read_json(output_dir / "all_results.json")
     assert (results["distributed_type"], results["num_processes"]) == (kind, 2), results
@@ -73,11 +62,13 @@ def plain_transformers_accuracy(model_dir, validation_file: str) -> tuple[float,
 
 
 @pytest.fixture(scope="module")
-def trained(tiny_model_dir, toy_files, tmp_path_factory):
-    """Each engine trains the same tiny run once (launched on first use); returns engine -> output folder."""
+def engine_run(request, tiny_model_dir, toy_files, tmp_path_factory):
+    """Each engine trains TRAIN once (launched on first use; DDP is conftest's `ddp_run`); returns engine -> folder."""
     runs = {}
 
     def get(engine: str) -> Path:
+        if engine == "ddp":
+            return request.getfixturevalue("ddp_run")
         if engine not in runs:
             out = tmp_path_factory.mktemp(f"train-{engine}")
             launched(engine, tiny_args(tiny_model_dir, toy_files, out, **TRAIN))
@@ -87,9 +78,10 @@ def trained(tiny_model_dir, toy_files, tmp_path_factory):
     return get
 
 
+@pytest.mark.engines
 @pytest.mark.parametrize("engine", list(ENGINES))
-def test_train_save_and_reload_in_plain_transformers(engine, trained, toy_files):
-    out = trained(engine)
+def test_train_save_and_reload_in_plain_transformers(engine, engine_run, toy_files):
+    out = engine_run(engine)
     results = read_json(out / "all_results.json")
     assert results["global_step"] == 4 * 8  # 240 rows / (2 ranks x 8 x accumulation 2) = 8 steps per epoch
     assert results["eval_accuracy"] > 0.45  # it learned (chance is 1/3), so the comparison below means something
@@ -97,14 +89,15 @@ def test_train_save_and_reload_in_plain_transformers(engine, trained, toy_files)
     assert round(accuracy * 45) == round(results["eval_accuracy"] * 45)
 
 
+@pytest.mark.engines
 @pytest.mark.parametrize("engine", ["zero2", "zero3"])
-def test_deepspeed_trains_exactly_like_ddp(engine, trained, toy_files):
+def test_deepspeed_trains_exactly_like_ddp(engine, engine_run, toy_files):
     """Same data, seed, accumulation, clipping and schedule: DeepSpeed must not accumulate, clip or step twice.
 
     Accelerate alone fills DeepSpeed's "auto" clipping with 1.0 instead of --max_grad_norm 0.1: that showed as
     different losses from the first logged step, until tuneloop filled it from the flag.
     """
-    ddp, ds = trained("ddp"), trained(engine)
+    ddp, ds = engine_run("ddp"), engine_run(engine)
     history = {name: read_json(out / "log_history.json") for name, out in (("ddp", ddp), (engine, ds))}
     for key in ("train/learning_rate", "train/loss", "train/grad_norm"):
         ddp_values = [h[key] for h in history["ddp"] if key in h]
@@ -118,10 +111,11 @@ def test_deepspeed_trains_exactly_like_ddp(engine, trained, toy_files):
         torch.testing.assert_close(ds_weights[name], ddp_weights[name], rtol=1e-4, atol=1e-5, msg=name)
 
 
+@pytest.mark.engines
 @pytest.mark.parametrize("engine", ["zero2", "zero3"])
-def test_deepspeed_checkpoint_resumes_into_the_same_run(engine, trained, tiny_model_dir, toy_files, tmp_path):
+def test_deepspeed_checkpoint_resumes_into_the_same_run(engine, engine_run, tiny_model_dir, toy_files, tmp_path):
     """`save_state` under DeepSpeed writes every rank's ZeRO shards; resuming at step 12 ends where the first run did."""
-    first = trained(engine)
+    first = engine_run(engine)
     saved = first / "checkpoints" / "step_0000012"
     for rank in (0, 1):
         assert (saved / "pytorch_model" / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt").is_file()
@@ -136,9 +130,10 @@ def test_deepspeed_checkpoint_resumes_into_the_same_run(engine, trained, tiny_mo
         torch.testing.assert_close(got[name], expected[name], rtol=1e-6, atol=1e-7, msg=name)
 
 
-def test_eval_identical_across_engines(trained, toy_files, tmp_path):
+@pytest.mark.engines
+def test_eval_identical_across_engines(engine_run, toy_files, tmp_path):
     """A fixed model (the DDP-trained one) scored by 1 process, DDP, ZeRO-2 and ZeRO-3: the same, sample for sample."""
-    model = str(trained("ddp"))
+    model = str(engine_run("ddp"))
     one = run_in_process(tiny_args(model, toy_files, tmp_path / "one", **EVAL))
     assert one["eval_samples"] == 45
     for engine in ENGINES:
@@ -181,11 +176,12 @@ def test_fsdp_config_is_full_shard_with_transformer_layer_wrap(monkeypatch, tiny
     assert plugin.auto_wrap_policy.keywords["transformer_layer_cls"] == {BertLayer}
 
 
+@pytest.mark.engines
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only refusal")
 def test_fsdp_launch_on_cpu_stops_with_one_clear_line(tiny_model_dir, toy_files, tmp_path):
     """Accelerate would silently run an FSDP launch on CPU as MULTI_CPU data parallelism; tuneloop refuses it."""
     args = tiny_args(tiny_model_dir, toy_files, tmp_path, max_train_steps=1)
-    result = launch_config("fsdp.yaml", args, "--num_processes", "2", "--mixed_precision", "no")
+    result = launch(args, config="fsdp.yaml", launch_flags=("--num_processes", "2", "--mixed_precision", "no"), check=False)
     assert result.returncode != 0
     errors = [line for line in result.stderr.splitlines() if line.startswith("tuneloop: error:")]
     assert len(errors) == 1, result.stderr[-3000:]
@@ -240,23 +236,25 @@ def test_deepspeed_settings_that_disagree_are_reported_together():
         assert expected in text
 
 
+@pytest.mark.engines
 def test_deepspeed_switched_off_by_use_cpu_is_refused(tiny_model_dir, toy_files, tmp_path):
     """The trap from the notes: ACCELERATE_USE_CPU=1 with a DeepSpeed config silently trains plain MULTI_CPU."""
     args = tiny_args(tiny_model_dir, toy_files, tmp_path, max_train_steps=1)
-    result = launch_config("deepspeed_zero2_cpu.yaml", args, ACCELERATE_USE_CPU="1")
+    result = launch(args, config="deepspeed_zero2_cpu.yaml", env={"ACCELERATE_USE_CPU": "1"}, check=False)
     assert result.returncode != 0
     errors = [line for line in result.stderr.splitlines() if line.startswith("tuneloop: error:")]
     assert len(errors) == 1, result.stderr[-3000:]
     assert "asks for DeepSpeed but Accelerate set up MULTI_CPU" in errors[0] and "unset it" in errors[0]
 
 
-def test_launcher_accumulation_that_overrides_the_trainer_is_refused(monkeypatch, tiny_model_dir, toy_files, tmp_path):
+def test_launcher_accumulation_that_overrides_the_trainer_is_refused(monkeypatch):
     """`gradient_accumulation_steps` in an accelerate config reaches the Accelerator and would override the flag."""
     from tuneloop.errors import UserError
+    from tuneloop.runtime import make_accelerator
 
     monkeypatch.setenv("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "4")
     with pytest.raises(UserError, match="gradient accumulation to 4.*the trainer to 1"):
-        run_in_process(tiny_args(tiny_model_dir, toy_files, tmp_path, max_train_steps=1))
+        make_accelerator(train_arguments(max_train_steps=1))
 
 
 def test_every_config_is_documented_and_parses():
@@ -283,21 +281,27 @@ def test_every_config_is_documented_and_parses():
 
 
 def doctor(*args: str) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"}
+    """`python -m tuneloop.doctor ARGS`, as a user runs it (without ACCELERATE_USE_CPU, which turns DeepSpeed off)."""
+    not_in_a_unit_test("launches the doctor")
     return subprocess.run([sys.executable, "-m", "tuneloop.doctor", *args], capture_output=True, text=True,
-                          timeout=900, env=env, cwd=ROOT)
+                          timeout=900, env=launch_env(), cwd=ROOT)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only verdict")
 @pytest.mark.parametrize("config", ["gpu.yaml", "multi_gpu.yaml", "deepspeed_zero3.yaml", "fsdp.yaml"])
-def test_doctor_rejects_gpu_configs_on_this_machine(config):
-    result = doctor("--config_file", f"accelerate_configs/{config}")
-    assert result.returncode == 1, result.stdout
-    assert "GPUs: none" in result.stdout
-    assert "PROBLEM:" in result.stdout and "needs GPUs" in result.stdout
-    assert "probe:" not in result.stdout  # nothing is launched when the config cannot fit
+def test_doctor_rejects_gpu_configs_on_this_machine(config, capsys):
+    """In this process: the doctor stops at the config check, before any launch. (Its command line and launches are
+    the tests below.) Guards a GPU config that this CPU machine would try to launch."""
+    from tuneloop import doctor as the_doctor
+
+    assert the_doctor.main(["--config_file", str(CONFIGS / config)]) == 1
+    out = capsys.readouterr().out
+    assert "GPUs: none" in out
+    assert "PROBLEM:" in out and "needs GPUs" in out
+    assert "probe:" not in out  # nothing is launched when the config cannot fit
 
 
+@pytest.mark.engines
 @pytest.mark.parametrize("config, seen", [
     ("cpu.yaml", "NO x1 on cpu"),
     ("cpu_2proc.yaml", "MULTI_CPU x2 on cpu"),
@@ -317,6 +321,7 @@ def test_doctor_and_accelerate_test_pass_on_cpu_configs(config, seen):
             warnings.warn(f"accelerate test with {config} failed once, passed on retry:\n{result.stdout}")
 
 
+@pytest.mark.engines
 def test_doctor_fails_a_config_that_starts_fewer_processes_than_it_asks(tmp_path):
     """`distributed_type: MULTI_CPU` with 2 processes starts one: the doctor's probe must say so, not pass."""
     config = tmp_path / "multi_cpu.yaml"
