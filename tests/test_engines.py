@@ -14,6 +14,7 @@ The first DeepSpeed run on a machine JIT-compiles a shared-memory op (~45 s); ke
 import csv
 import subprocess
 import sys
+import tempfile
 import warnings
 from pathlib import Path
 from types import SimpleNamespace
@@ -132,11 +133,12 @@ def test_deepspeed_checkpoint_resumes_into_the_same_run(engine, engine_run, tiny
 
 @pytest.mark.engines
 def test_eval_identical_across_engines(engine_run, toy_files, tmp_path):
-    """A fixed model (the DDP-trained one) scored by 1 process, DDP, ZeRO-2 and ZeRO-3: the same, sample for sample."""
+    """A fixed model (the DDP-trained one) scored by 1 process, ZeRO-2 and ZeRO-3: the same, sample for sample.
+    (DDP's 2-process evaluation, the same check: test_predict.py's `tuneloop evaluate` on 2 processes.)"""
     model = str(engine_run("ddp"))
     one = run_in_process(tiny_args(model, toy_files, tmp_path / "one", **EVAL))
     assert one["eval_samples"] == 45
-    for engine in ENGINES:
+    for engine in ("zero2", "zero3"):
         results = launched(engine, tiny_args(model, toy_files, tmp_path / engine, **EVAL))
         assert results["eval_samples"] == 45, engine  # the 3 repeated samples are dropped, none lost
         assert results["eval_accuracy"] == one["eval_accuracy"], engine
@@ -280,11 +282,36 @@ def test_every_config_is_documented_and_parses():
     assert (offload["offload_optimizer_device"], offload["offload_param_device"]) == ("cpu", "cpu")
 
 
-def doctor(*args: str) -> subprocess.CompletedProcess:
-    """`python -m tuneloop.doctor ARGS`, as a user runs it (without ACCELERATE_USE_CPU, which turns DeepSpeed off)."""
+def doctors(*runs: tuple[str, ...]) -> list[subprocess.CompletedProcess]:
+    """`python -m tuneloop.doctor ARGS` for each ARGS, all started at once, as a user runs it (without
+    ACCELERATE_USE_CPU, which turns DeepSpeed off). Only configs of one process may run side by side: those bind no
+    port, and each keeps one core busy."""
     not_in_a_unit_test("launches the doctor")
-    return subprocess.run([sys.executable, "-m", "tuneloop.doctor", *args], capture_output=True, text=True,
-                          timeout=900, env=launch_env(), cwd=ROOT)
+    started = []
+    for args in runs:
+        command = [sys.executable, "-m", "tuneloop.doctor", *args]
+        out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")  # no pipe to fill while we wait on another
+        started.append((command, subprocess.Popen(command, stdout=out, stderr=err, text=True, env=launch_env(), cwd=ROOT),
+                        out, err))
+    results = []
+    for command, process, out, err in started:
+        process.wait(timeout=900)
+        out.seek(0), err.seek(0)
+        results.append(subprocess.CompletedProcess(command, process.returncode, out.read(), err.read()))
+    return results
+
+
+def assert_doctor_passed(result: subprocess.CompletedProcess, config: str, seen: str) -> None:
+    assert result.returncode == 0, result.stdout + result.stderr[-2000:]
+    assert f"ok: {seen}" in result.stdout
+    for package in ("torch", "transformers", "accelerate", "deepspeed"):
+        assert f"\n  {package} " in result.stdout
+    if "deepspeed" in config:  # accelerate test's own script cannot start DeepSpeed on CPU; the doctor says why
+        assert "accelerate test: skipped" in result.stdout
+    else:
+        assert "passed (attempt" in result.stdout
+        if "attempt 1 FAILED" in result.stdout:  # Accelerate's CPU test is flaky: passed on retry, reported, not hidden
+            warnings.warn(f"accelerate test with {config} failed once, passed on retry:\n{result.stdout}")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only verdict")
@@ -303,31 +330,26 @@ def test_doctor_rejects_gpu_configs_on_this_machine(config, capsys):
 
 @pytest.mark.engines
 @pytest.mark.parametrize("config, seen", [
-    ("cpu.yaml", "NO x1 on cpu"),
     ("cpu_2proc.yaml", "MULTI_CPU x2 on cpu"),
     ("deepspeed_zero3_cpu.yaml", "DEEPSPEED x2 on cpu"),  # ZeRO-2's config is exercised by the training tests
 ])
 def test_doctor_and_accelerate_test_pass_on_cpu_configs(config, seen):
-    result = doctor("--config_file", f"accelerate_configs/{config}")
-    assert result.returncode == 0, result.stdout + result.stderr[-2000:]
-    assert f"ok: {seen}" in result.stdout
-    for package in ("torch", "transformers", "accelerate", "deepspeed"):
-        assert f"\n  {package} " in result.stdout
-    if "deepspeed" in config:  # accelerate test's own script cannot start DeepSpeed on CPU; the doctor says why
-        assert "accelerate test: skipped" in result.stdout
-    else:
-        assert "passed (attempt" in result.stdout
-        if "attempt 1 FAILED" in result.stdout:  # Accelerate's CPU test is flaky: passed on retry, reported, not hidden
-            warnings.warn(f"accelerate test with {config} failed once, passed on retry:\n{result.stdout}")
+    """The probe gets the engine and process count the config asks for, and `accelerate test` passes (cpu.yaml: the
+    next test). Guards a doctor that passes a config a training run would not get."""
+    (result,) = doctors(("--config_file", f"accelerate_configs/{config}"))
+    assert_doctor_passed(result, config, seen)
 
 
 @pytest.mark.engines
-def test_doctor_fails_a_config_that_starts_fewer_processes_than_it_asks(tmp_path):
-    """`distributed_type: MULTI_CPU` with 2 processes starts one: the doctor's probe must say so, not pass."""
+def test_doctor_passes_cpu_yaml_and_fails_a_config_that_starts_fewer_processes_than_it_asks(tmp_path):
+    """The two one-process doctor runs, side by side. cpu.yaml: probe and `accelerate test` pass. And
+    `distributed_type: MULTI_CPU` with 2 processes starts one: the doctor's probe must say so, not pass."""
     config = tmp_path / "multi_cpu.yaml"
     config.write_text("compute_environment: LOCAL_MACHINE\ndistributed_type: MULTI_CPU\nnum_processes: 2\n"
                       "num_machines: 1\nuse_cpu: true\nmixed_precision: 'no'\n")
-    result = doctor("--config_file", str(config), "--skip_accelerate_test")
-    assert result.returncode == 1, result.stdout
-    assert "warning: distributed_type MULTI_CPU makes `accelerate launch` start ONE process" in result.stdout
-    assert "FAILED: the config asks for 2 processes, the run got 1" in result.stdout
+    one_process, fewer = doctors(("--config_file", "accelerate_configs/cpu.yaml"),
+                                 ("--config_file", str(config), "--skip_accelerate_test"))
+    assert_doctor_passed(one_process, "cpu.yaml", "NO x1 on cpu")
+    assert fewer.returncode == 1, fewer.stdout
+    assert "warning: distributed_type MULTI_CPU makes `accelerate launch` start ONE process" in fewer.stdout
+    assert "FAILED: the config asks for 2 processes, the run got 1" in fewer.stdout
