@@ -81,13 +81,18 @@ def per_step_losses(output_dir) -> dict[int, float]:
 
 @pytest.mark.multiprocess
 def test_sigterm_then_resume_replays_the_uninterrupted_run_bitwise(dropout_model_dir, toy_files, tmp_path):
-    common = dict(logging_steps=1, checkpointing_steps=10, num_train_epochs=12, eval_strategy="epoch")
+    """A real `python train.py` stopped by SIGTERM mid-run and resumed equals the run never stopped, bit for bit: every
+    logged loss, the weights, the final metrics. Guards anything a checkpoint forgets (RNG, data position, loss sums)."""
+    common = dict(logging_steps=1, checkpointing_steps=10, num_train_epochs=6, eval_strategy="epoch")
     reference = tmp_path / "reference"
-    run_to_end(tiny_args(dropout_model_dir, toy_files, reference, **common), 1)
-
-    interrupted = tmp_path / "interrupted"
-    args = tiny_args(dropout_model_dir, toy_files, interrupted, **common)
-    code, stderr = interrupt(args, interrupted, signal.SIGTERM, 1)
+    # The uninterrupted run goes alongside the one to interrupt: one process each, no port to share, one core each.
+    with open(tmp_path / "reference.log", "w") as log:
+        uninterrupted = subprocess.Popen(launch_command(tiny_args(dropout_model_dir, toy_files, reference, **common), 1,
+                                                        launcher=False), stdout=log, stderr=log, env=launch_env(), cwd=ROOT)
+        interrupted = tmp_path / "interrupted"
+        args = tiny_args(dropout_model_dir, toy_files, interrupted, **common)
+        code, stderr = interrupt(args, interrupted, signal.SIGTERM, 1)
+        assert uninterrupted.wait(timeout=300) == 0, (tmp_path / "reference.log").read_text()[-3000:]
     assert code == REQUEUE_EXIT_CODE, stderr[-3000:]
     marker = read_json(interrupted / "preempted.json")
     assert marker["signal"] == "SIGTERM" and os.path.isdir(marker["checkpoint"])
@@ -106,7 +111,10 @@ def test_sigterm_then_resume_replays_the_uninterrupted_run_bitwise(dropout_model
 
 @pytest.mark.multiprocess
 def test_sigusr1_on_one_rank_stops_both_together_and_resumes(dropout_model_dir, toy_files, tmp_path):
-    common = dict(logging_steps=1, checkpointing_steps=8, num_train_epochs=10, per_device_train_batch_size=4)
+    """Two real processes; SIGUSR1 reaches rank 1 only. Both stop at the same step with one checkpoint holding both
+    ranks' parts, and the resumed run replays the uninterrupted one. Guards a rank that stops alone (the other would
+    hang in a collective) and a checkpoint missing a rank's RNG or loss sums."""
+    common = dict(logging_steps=1, checkpointing_steps=8, num_train_epochs=5, per_device_train_batch_size=4)
     reference = tmp_path / "reference"
     run_to_end(tiny_args(dropout_model_dir, toy_files, reference, **common), 2)
 
