@@ -95,8 +95,9 @@ def read_log(log: Path) -> str:
     return log.read_text(errors="replace") if log.exists() else ""
 
 
-# Long enough that a signal sent at step 50 lands mid-run; no periodic checkpoints, so a preemption's is the only one.
-LONG_RUN = dict(max_train_steps=600, eval_strategy="no", logging_steps=50, warmup_ratio=0.1)
+# Long enough that a signal sent at step 25 lands mid-run (it takes a second or two, tens of steps, to arrive); no
+# periodic checkpoints, so a preemption's is the only one.
+LONG_RUN = dict(max_train_steps=300, eval_strategy="no", logging_steps=25, warmup_ratio=0.1)
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +117,7 @@ def test_single_node_job_trains_and_saves(uninterrupted_job):
     assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "0"), read_log(log)[-3000:]
     results = read_json(out / "all_results.json")
     assert (results["num_processes"], results["distributed_type"]) == (2, "MULTI_CPU")
-    assert results["global_step"] == 600
+    assert results["global_step"] == 300
     assert results["eval_samples"] == 45 and results["eval_accuracy"] >= 0.9  # chance is 1/3
     assert {"model.safetensors", "config.json", "tokenizer_config.json", "log_history.json"} <= set(os.listdir(out))
     assert "training finished" in read_log(log)
@@ -161,7 +162,7 @@ def test_preempted_job_checkpoints_requeues_and_resumes(slurm_conf, uninterrupte
     out = tmp_path / "out"
     job = submit(slurm_conf, "train_single_node.sbatch", tiny_args(tiny_model_dir, toy_files, out, **LONG_RUN), tmp_path)
     log = tmp_path / f"tuneloop-{job}.out"
-    wait_for_line(log, r"\b50/600 ")  # the progress bar, redrawn at each logging step: training is under way
+    wait_for_line(log, r"\b25/300 ")  # the progress bar, redrawn at each logging step: training is under way
     slurm(slurm_conf, "scancel", "--signal=USR1", "--batch", job)
     info = wait_for_job(slurm_conf, job, log)
     text = read_log(log)
@@ -172,9 +173,9 @@ def test_preempted_job_checkpoints_requeues_and_resumes(slurm_conf, uninterrupte
     checkpoints = sorted(p.name for p in (out / "checkpoints").iterdir())
     assert len(checkpoints) == 1, checkpoints  # no periodic checkpoints were asked for: this one is the preemption's
     step = int(checkpoints[0].removeprefix("step_"))
-    assert 50 <= step < 600, f"preempted at step {step}: the signal should land mid-training"
+    assert 25 <= step < 300, f"preempted at step {step}: the signal should land mid-training"
     results = read_json(out / "all_results.json")
-    assert (results["num_processes"], results["global_step"]) == (2, 600)
+    assert (results["num_processes"], results["global_step"]) == (2, 300)
     assert not (out / "preempted.json").exists()
 
     final, expected = load_file(out / "model.safetensors"), load_file(uninterrupted_job[0] / "model.safetensors")
