@@ -10,6 +10,7 @@ import csv
 import json
 import os
 import random
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -225,8 +226,16 @@ def launch_command(args: list[str], num_processes: int = 2, *, config: str | Non
     if not launcher:
         return [sys.executable, *entry, *args]
     config = config or ("cpu_2proc.yaml" if num_processes == 2 else "cpu.yaml")
+    # Its own rendezvous port: launches elsewhere on the machine (another checkout's tests) cannot join its group.
+    port = ["--main_process_port", str(free_port())]
     return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "accelerate_configs" / config),
-            *launch_flags, *entry, *args]
+            *port, *launch_flags, *entry, *args]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def launch_env(overrides: dict[str, str] | None = None) -> dict[str, str]:
