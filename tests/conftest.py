@@ -7,6 +7,7 @@ Everything is made here, offline, in seconds: the real MiniLM weights appear onl
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import os
 import random
@@ -19,6 +20,11 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+# DeepSpeed JIT-builds its CPU communication op (about 45 s) into TORCH_EXTENSIONS_DIR, and ninja rebuilds it whenever
+# the build command changes: it names the venv's path, so checkouts sharing the default folder rebuilt it each time
+# they took turns. One folder per venv path keeps each checkout's build.
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(
+    Path.home() / ".cache" / "torch_extensions" / f"tuneloop-{hashlib.sha1(sys.prefix.encode()).hexdigest()[:8]}"))
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -284,8 +284,7 @@ def test_every_config_is_documented_and_parses():
 
 def doctors(*runs: tuple[str, ...]) -> list[subprocess.CompletedProcess]:
     """`python -m tuneloop.doctor ARGS` for each ARGS, all started at once, as a user runs it (without
-    ACCELERATE_USE_CPU, which turns DeepSpeed off). Only configs of one process may run side by side: those bind no
-    port, and each keeps one core busy."""
+    ACCELERATE_USE_CPU, which turns DeepSpeed off)."""
     not_in_a_unit_test("launches the doctor")
     started = []
     for args in runs:
@@ -299,6 +298,32 @@ def doctors(*runs: tuple[str, ...]) -> list[subprocess.CompletedProcess]:
         out.seek(0), err.seek(0)
         results.append(subprocess.CompletedProcess(command, process.returncode, out.read(), err.read()))
     return results
+
+
+# A config that asks for 2 processes with `distributed_type: MULTI_CPU`, which starts one.
+MULTI_CPU = ("compute_environment: LOCAL_MACHINE\ndistributed_type: MULTI_CPU\nnum_processes: 2\nnum_machines: 1\n"
+             "use_cpu: true\nmixed_precision: 'no'\n")
+# The doctor runs of this module, in waves run side by side. The doctor's launches meet on the config's port (29500),
+# so a wave holds at most one config of two processes; one-process configs bind no port.
+DOCTOR_WAVES = (("cpu.yaml", "multi_cpu.yaml", "deepspeed_zero3_cpu.yaml"), ("cpu_2proc.yaml",))
+
+
+@pytest.fixture(scope="module")
+def doctor_report(tmp_path_factory):
+    """config name -> the doctor's CompletedProcess; a config's whole wave runs on its first request."""
+    multi_cpu = tmp_path_factory.mktemp("doctor") / "multi_cpu.yaml"
+    multi_cpu.write_text(MULTI_CPU)
+    arguments = {name: ("--config_file", f"accelerate_configs/{name}") for wave in DOCTOR_WAVES for name in wave}
+    arguments["multi_cpu.yaml"] = ("--config_file", str(multi_cpu), "--skip_accelerate_test")
+    reports = {}
+
+    def get(config: str) -> subprocess.CompletedProcess:
+        if config not in reports:
+            wave = next(wave for wave in DOCTOR_WAVES if config in wave)
+            reports.update(zip(wave, doctors(*(arguments[name] for name in wave))))
+        return reports[config]
+
+    return get
 
 
 def assert_doctor_passed(result: subprocess.CompletedProcess, config: str, seen: str) -> None:
@@ -330,26 +355,20 @@ def test_doctor_rejects_gpu_configs_on_this_machine(config, capsys):
 
 @pytest.mark.engines
 @pytest.mark.parametrize("config, seen", [
+    ("cpu.yaml", "NO x1 on cpu"),
     ("cpu_2proc.yaml", "MULTI_CPU x2 on cpu"),
     ("deepspeed_zero3_cpu.yaml", "DEEPSPEED x2 on cpu"),  # ZeRO-2's config is exercised by the training tests
 ])
-def test_doctor_and_accelerate_test_pass_on_cpu_configs(config, seen):
-    """The probe gets the engine and process count the config asks for, and `accelerate test` passes (cpu.yaml: the
-    next test). Guards a doctor that passes a config a training run would not get."""
-    (result,) = doctors(("--config_file", f"accelerate_configs/{config}"))
-    assert_doctor_passed(result, config, seen)
+def test_doctor_and_accelerate_test_pass_on_cpu_configs(config, seen, doctor_report):
+    """The probe gets the engine and process count the config asks for, and `accelerate test` passes. Guards a doctor
+    that passes a config a training run would not get."""
+    assert_doctor_passed(doctor_report(config), config, seen)
 
 
 @pytest.mark.engines
-def test_doctor_passes_cpu_yaml_and_fails_a_config_that_starts_fewer_processes_than_it_asks(tmp_path):
-    """The two one-process doctor runs, side by side. cpu.yaml: probe and `accelerate test` pass. And
-    `distributed_type: MULTI_CPU` with 2 processes starts one: the doctor's probe must say so, not pass."""
-    config = tmp_path / "multi_cpu.yaml"
-    config.write_text("compute_environment: LOCAL_MACHINE\ndistributed_type: MULTI_CPU\nnum_processes: 2\n"
-                      "num_machines: 1\nuse_cpu: true\nmixed_precision: 'no'\n")
-    one_process, fewer = doctors(("--config_file", "accelerate_configs/cpu.yaml"),
-                                 ("--config_file", str(config), "--skip_accelerate_test"))
-    assert_doctor_passed(one_process, "cpu.yaml", "NO x1 on cpu")
-    assert fewer.returncode == 1, fewer.stdout
-    assert "warning: distributed_type MULTI_CPU makes `accelerate launch` start ONE process" in fewer.stdout
-    assert "FAILED: the config asks for 2 processes, the run got 1" in fewer.stdout
+def test_doctor_fails_a_config_that_starts_fewer_processes_than_it_asks(doctor_report):
+    """`distributed_type: MULTI_CPU` with 2 processes starts one: the doctor's probe must say so, not pass."""
+    result = doctor_report("multi_cpu.yaml")
+    assert result.returncode == 1, result.stdout
+    assert "warning: distributed_type MULTI_CPU makes `accelerate launch` start ONE process" in result.stdout
+    assert "FAILED: the config asks for 2 processes, the run got 1" in result.stdout
