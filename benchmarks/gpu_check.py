@@ -189,7 +189,7 @@ def train_args(model: str, files: dict[str, str], output_dir: Path, **overrides)
     accuracy in 6 epochs, so few borderline samples are left to flip between precisions)."""
     options = {"model_name_or_path": model, **files, "output_dir": str(output_dir), "max_length": 32,
                "per_device_train_batch_size": 8, "per_device_eval_batch_size": 8, "learning_rate": 3e-3,
-               "num_train_epochs": 6, "logging_steps": 5, "warmup_ratio": 0.0, "seed": 0, **overrides}
+               "num_train_epochs": 6, "logging_steps": 5, "warmup_steps": 0, "seed": 0, **overrides}
     return [item for key, value in options.items() for item in (f"--{key}", str(value))]
 
 
@@ -275,7 +275,7 @@ def fp16_overflow_skips(c: Check) -> dict:
     # simulation with autocast fp16 and GradScaler('cpu')).
     model = make_model(c.work / "overflow-bert", hidden=32, layers=2, heads=2, intermediate=64, classifier_std=50.0)
     out, steps, learning_rate = c.work / "fp16", 30, 1e-3
-    c.launch(c.one_device, train_args(model, c.files, out, mixed_precision="fp16", max_train_steps=steps,
+    c.launch(c.one_device, train_args(model, c.files, out, mixed_precision="fp16", max_steps=steps,
                                       learning_rate=learning_rate, logging_steps=1, lr_scheduler_type="linear"))
     results = read_json(out / "all_results.json")
     skipped = results.get("skipped_steps", 0)
@@ -306,7 +306,7 @@ def compile_tf32_false(c: Check) -> dict:
                       "--torch_compile itself is tested on CPU by tests/test_throughput.py")
     out = c.work / "compile"
     args = train_args(c.tiny_model, c.files, out, torch_compile="true", tf32="false", mixed_precision="no",
-                      max_train_steps=20, eval_strategy="no")
+                      max_steps=20, eval_strategy="no")
     result = c.run([sys.executable, "-c", TF32_DRIVER, *args], "training with --torch_compile")
     seen = json.loads(next(line for line in result.stdout.splitlines() if line.startswith("gpu_check:"))[10:])
     expect(not seen["matmul"] and not seen["cudnn"], "--tf32 false but TF32 was on after the run", **seen)
@@ -319,7 +319,7 @@ def preempt_resume(c: Check) -> dict:
     from tuneloop.preemption import REQUEUE_EXIT_CODE
 
     out, steps = c.work / "preempt", 120 if c.cpu else 400
-    args = train_args(c.tiny_model, c.files, out, max_train_steps=steps, checkpointing_steps=10, logging_steps=1,
+    args = train_args(c.tiny_model, c.files, out, max_steps=steps, save_strategy="steps", save_steps=10, logging_steps=1,
                       eval_strategy="no", do_eval="false")
     command = [sys.executable, str(ROOT / "train.py"), *args]  # one process, as gpu.yaml runs it
     with open(c.work / "preempt.log", "w") as log:
@@ -352,7 +352,7 @@ def fsdp_x1(c: Check) -> dict:
         raise Skipped("FSDP needs CUDA: Accelerate enables it only for GPU process groups (tuneloop refuses it on CPU); "
                       "tests/test_engines.py checks fsdp.yaml as the launcher parses it and the evaluation-only branch")
     first, resumed, evaluated = c.work / "fsdp", c.work / "fsdp-resumed", c.work / "fsdp-evaluate"
-    common = dict(max_train_steps=30, checkpointing_steps=10, logging_steps=1, eval_strategy="no")
+    common = dict(max_steps=30, save_strategy="steps", save_steps=10, logging_steps=1, eval_strategy="no")
     c.launch("fsdp.yaml", train_args(c.tiny_model, c.files, first, **common), "--num_processes", "1")
     results = read_json(first / "all_results.json")
     expect((results["distributed_type"], results["num_processes"]) == ("FSDP", 1), "not FSDP x1", results=results)
@@ -439,7 +439,7 @@ def throughput_rows(c: Check) -> list[tuple[str, callable]]:
             model, data = setup(length)
             out = c.work / f"throughput-{length}"
             args = ["--model_name_or_path", model, "--train_file", data, "--output_dir", str(out), "--max_length",
-                    str(length), "--per_device_train_batch_size", str(batch), "--max_train_steps", str(steps),
+                    str(length), "--per_device_train_batch_size", str(batch), "--max_steps", str(steps),
                     "--do_eval", "false", "--mixed_precision", "bf16", "--learning_rate", "1e-4",
                     "--logging_steps", str(steps)]
             c.launch(c.one_device, args)

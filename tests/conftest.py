@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny random BERT with its own word-level tokenizer, and a small learnable text task.
+"""Shared fixtures: a tiny random BERT with its own word-level tokenizer, a small learnable text task, the runs that
+several test files read, one `launch` helper for real processes, and the rule that marks the unit tests.
 
 Everything is made here, offline, in seconds: the real MiniLM weights appear only in test_pretrained.py.
 """
@@ -6,9 +7,11 @@ Everything is made here, offline, in seconds: the real MiniLM weights appear onl
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import os
 import random
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +20,11 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+# DeepSpeed JIT-builds its CPU communication op (about 45 s) into TORCH_EXTENSIONS_DIR, and ninja rebuilds it whenever
+# the build command changes: it names the venv's path, so checkouts sharing the default folder rebuilt it each time
+# they took turns. One folder per venv path keeps each checkout's build.
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(
+    Path.home() / ".cache" / "torch_extensions" / f"tuneloop-{hashlib.sha1(sys.prefix.encode()).hexdigest()[:8]}"))
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -24,6 +32,35 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Three topics, each signalled by one of its keywords hidden among filler words.
 KEYWORDS = {"sports": ["goal", "match", "team"], "tech": ["chip", "software", "robot"], "music": ["song", "album", "band"]}
 FILLER = "the a of and to in was is on for with that this it at by from new year said people".split()
+
+
+# Markers that keep a test out of `-m unit`: it launches processes, trains, or needs what CI may not have.
+HEAVY_MARKERS = ("multiprocess", "engines", "slurm", "slow", "gpu", "trains")
+# Session fixtures that train the tiny model: a test that reads one of them trains (the first to ask pays).
+TRAINING_FIXTURES = {"trained", "tracked", "checkpointed_run", "ddp_run"}
+_unit_test_running = False
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest's own -m filtering
+def pytest_collection_modifyitems(items):
+    """`unit`: every test with none of HEAVY_MARKERS, so `pytest -m unit` runs in seconds and needs no marking by hand."""
+    for item in items:
+        if TRAINING_FIXTURES & set(item.fixturenames):
+            item.add_marker("trains")
+        if not any(item.get_closest_marker(name) for name in HEAVY_MARKERS):
+            item.add_marker("unit")
+
+
+@pytest.hookimpl(tryfirst=True)  # before its fixtures are set up
+def pytest_runtest_setup(item):
+    global _unit_test_running
+    _unit_test_running = item.get_closest_marker("unit") is not None
+
+
+def not_in_a_unit_test(what: str) -> None:
+    """Keeps `-m unit` fast: a test that trains or launches without a marker saying so fails here, not silently slow."""
+    if _unit_test_running:
+        pytest.fail(f"a test counted as `unit` {what}: mark it `trains` (in-process training) or `multiprocess`")
 
 
 def make_rows(n: int, seed: int, label_as: str = "name") -> list[dict]:
@@ -84,6 +121,56 @@ def toy_files(tmp_path_factory) -> dict[str, str]:
     }
 
 
+@pytest.fixture(scope="session")
+def test_files(tmp_path_factory) -> dict[str, str]:
+    """A labelled test file with an id column (30 rows), and the 45 validation texts without labels, with ids."""
+    out = tmp_path_factory.mktemp("test-data")
+    labelled = [{"id": f"t{i:03d}", **row} for i, row in enumerate(make_rows(30, seed=3))]
+    unlabelled = [{"id": f"u{i:03d}", "text": row["text"]} for i, row in enumerate(make_rows(45, seed=2))]
+    return {"labelled": write_rows(out / "test.jsonl", labelled), "unlabelled": write_rows(out / "unlabelled.csv", unlabelled)}
+
+
+@pytest.fixture(scope="session")
+def trained(tiny_model_dir, toy_files, test_files, tmp_path_factory) -> tuple[Path, dict]:
+    """The reference tiny run, trained once for every test that reads its outputs: 6 epochs of the toy task, then
+    --do_predict on the labelled test file. Returns (output folder, final metrics)."""
+    output_dir = tmp_path_factory.mktemp("trained")
+    results = run_in_process(tiny_args(tiny_model_dir, toy_files, output_dir, do_predict="true",
+                                       test_file=test_files["labelled"]))
+    reset_accelerate_state()
+    return output_dir, results
+
+
+@pytest.fixture(scope="session")
+def tracked(tiny_model_dir, toy_files, tmp_path_factory) -> tuple[Path, dict]:
+    """A tiny run with both trackers on (wandb offline, TensorBoard), 2 epochs (2 evaluations), a log every 2 steps,
+    project "toy". Returns (output folder, final metrics)."""
+    output_dir = tmp_path_factory.mktemp("tracked")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("WANDB_MODE", "offline")
+        results = run_in_process(tiny_args(tiny_model_dir, toy_files, output_dir, num_train_epochs=2, report_to="all",
+                                           logging_steps=2, project="toy"))
+    reset_accelerate_state()
+    return output_dir, results
+
+
+# The 2-process DDP run that test_engines.py holds DeepSpeed to and test_multiprocess.py holds one process to:
+# accumulation, active clipping (the pre-clip norms here are 0.2-0.3) and warmup, which DeepSpeed takes over from the
+# loop; 8 optimizer steps per epoch (240 rows / (2 ranks x 8 x 2)), and a checkpoint at step 12 of 32 to resume from.
+DDP_RUN = dict(gradient_accumulation_steps=2, max_grad_norm=0.1, warmup_steps=0.1, num_train_epochs=4,
+               eval_strategy="no", save_strategy="steps", save_steps=12)
+
+
+@pytest.fixture(scope="session")
+def ddp_run(tiny_model_dir, toy_files, tmp_path_factory) -> Path:
+    """DDP_RUN launched once on 2 CPU processes (cpu_2proc.yaml); returns its output folder."""
+    output_dir = tmp_path_factory.mktemp("train-ddp")
+    launch(tiny_args(tiny_model_dir, toy_files, output_dir, **DDP_RUN))
+    results = read_json(output_dir / "all_results.json")
+    assert (results["distributed_type"], results["num_processes"]) == ("MULTI_CPU", 2), results
+    return output_dir
+
+
 def tiny_args(model_dir: str, files: dict[str, str], output_dir, **overrides) -> list[str]:
     """CLI arguments for a fast run on the toy task; overrides are option=value pairs."""
     options = {
@@ -114,18 +201,52 @@ def fresh_accelerate_state():
 
 
 def run_in_process(args: list[str]) -> dict:
+    not_in_a_unit_test("trains")
     from tuneloop.config import parse_args
     from tuneloop.loop import train
 
     return train(parse_args(args))
 
 
-def launch(args: list[str], num_processes: int = 2, timeout: int = 300) -> subprocess.CompletedProcess:
-    """A real `accelerate launch` of train.py with the 2-process CPU config (one process: the 1-process config)."""
-    config = ROOT / "accelerate_configs" / ("cpu_2proc.yaml" if num_processes == 2 else "cpu.yaml")
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), str(ROOT / "train.py"), *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+def launch(args: list[str], num_processes: int = 2, *, config: str | None = None, module: bool = False,
+           launcher: bool = True, launch_flags: tuple[str, ...] = (), env: dict[str, str] | None = None,
+           check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run tuneloop in real processes, as a user types it: `accelerate launch --config_file accelerate_configs/<config>
+    [launch_flags] train.py ARGS` (`-m tuneloop ARGS` with module=True; plain `python train.py ARGS`, no launcher, with
+    launcher=False). The config defaults to the CPU config of `num_processes` (cpu.yaml or cpu_2proc.yaml). `env`
+    overrides the environment, which drops ACCELERATE_USE_CPU (it would turn DeepSpeed off). With check, the run
+    must exit 0."""
+    not_in_a_unit_test("launches processes")
+    command = launch_command(args, num_processes, config=config, module=module, launcher=launcher,
+                             launch_flags=launch_flags)
+    result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=launch_env(env), cwd=ROOT)
+    if check:
+        assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def launch_command(args: list[str], num_processes: int = 2, *, config: str | None = None, module: bool = False,
+                   launcher: bool = True, launch_flags: tuple[str, ...] = ()) -> list[str]:
+    """The command line `launch` runs (also for tests that start it with Popen to signal it)."""
+    entry = ["-m", "tuneloop"] if module else [str(ROOT / "train.py")]
+    if not launcher:
+        return [sys.executable, *entry, *args]
+    config = config or ("cpu_2proc.yaml" if num_processes == 2 else "cpu.yaml")
+    # Its own rendezvous port: launches elsewhere on the machine (another checkout's tests) cannot join its group.
+    port = ["--main_process_port", str(free_port())]
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "accelerate_configs" / config),
+            *port, *launch_flags, *entry, *args]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_env(overrides: dict[str, str] | None = None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"}
+    return {**env, "OMP_NUM_THREADS": "1", **(overrides or {})}
 
 
 def read_json(path) -> dict | list:

@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, read_json, run_in_process, tiny_args
+from conftest import ROOT, launch, launch_command, launch_env, not_in_a_unit_test, read_json, run_in_process, tiny_args
 from tuneloop import checkpoint
 from tuneloop.errors import UserError
 from tuneloop.preemption import REQUEUE_EXIT_CODE
@@ -37,18 +37,9 @@ def weights(output_dir) -> dict[str, torch.Tensor]:
     return load_file(str(Path(output_dir) / "model.safetensors"))
 
 
-def train_command(args: list[str], num_processes: int) -> list[str]:
-    if num_processes == 1:
-        return [sys.executable, str(ROOT / "train.py"), *args]
-    config = ROOT / "accelerate_configs" / "cpu_2proc.yaml"
-    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), str(ROOT / "train.py"), *args]
-
-
-def run_to_end(args: list[str], num_processes: int) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(train_command(args, num_processes), capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return done
+def run_to_end(args: list[str], num_processes: int) -> None:
+    """One process: plain `python train.py` (the signal then reaches the trainer itself); two: `accelerate launch`."""
+    launch(args, num_processes, launcher=num_processes > 1, timeout=300)
 
 
 def interrupt(args: list[str], output_dir: Path, sig: signal.Signals, num_processes: int) -> tuple[int, str]:
@@ -57,9 +48,8 @@ def interrupt(args: list[str], output_dir: Path, sig: signal.Signals, num_proces
     One process: the signal goes to the trainer itself. Two: to rank 1 only, so rank 0 must learn of it through
     the ranks' agreement; a rank that stopped alone would leave the other blocked (the timeout would catch it).
     """
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(train_command(args, num_processes), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=env, cwd=ROOT, start_new_session=True)
+    proc = subprocess.Popen(launch_command(args, num_processes, launcher=num_processes > 1), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=launch_env(), cwd=ROOT, start_new_session=True)
     deadline = time.monotonic() + 240
     while not checkpoint.complete_checkpoints(str(output_dir)):
         assert proc.poll() is None, f"the run ended before its first checkpoint: {proc.communicate()[1][-3000:]}"
@@ -90,14 +80,20 @@ def per_step_losses(output_dir) -> dict[int, float]:
     return {e["step"]: e["train/loss"] for e in read_json(Path(output_dir) / "log_history.json") if "train/loss" in e}
 
 
+@pytest.mark.multiprocess
 def test_sigterm_then_resume_replays_the_uninterrupted_run_bitwise(dropout_model_dir, toy_files, tmp_path):
-    common = dict(logging_steps=1, save_strategy="steps", save_steps=10, num_train_epochs=12, eval_strategy="epoch")
+    """A real `python train.py` stopped by SIGTERM mid-run and resumed equals the run never stopped, bit for bit: every
+    logged loss, the weights, the final metrics. Guards anything a checkpoint forgets (RNG, data position, loss sums)."""
+    common = dict(logging_steps=1, save_strategy="steps", save_steps=10, num_train_epochs=6, eval_strategy="epoch")
     reference = tmp_path / "reference"
-    run_to_end(tiny_args(dropout_model_dir, toy_files, reference, **common), 1)
-
-    interrupted = tmp_path / "interrupted"
-    args = tiny_args(dropout_model_dir, toy_files, interrupted, **common)
-    code, stderr = interrupt(args, interrupted, signal.SIGTERM, 1)
+    # The uninterrupted run goes alongside the one to interrupt: one process each, no port to share, one core each.
+    with open(tmp_path / "reference.log", "w") as log:
+        uninterrupted = subprocess.Popen(launch_command(tiny_args(dropout_model_dir, toy_files, reference, **common), 1,
+                                                        launcher=False), stdout=log, stderr=log, env=launch_env(), cwd=ROOT)
+        interrupted = tmp_path / "interrupted"
+        args = tiny_args(dropout_model_dir, toy_files, interrupted, **common)
+        code, stderr = interrupt(args, interrupted, signal.SIGTERM, 1)
+        assert uninterrupted.wait(timeout=300) == 0, (tmp_path / "reference.log").read_text()[-3000:]
     assert code == REQUEUE_EXIT_CODE, stderr[-3000:]
     marker = read_json(interrupted / "preempted.json")
     assert marker["signal"] == "SIGTERM" and os.path.isdir(marker["checkpoint"])
@@ -116,7 +112,10 @@ def test_sigterm_then_resume_replays_the_uninterrupted_run_bitwise(dropout_model
 
 @pytest.mark.multiprocess
 def test_sigusr1_on_one_rank_stops_both_together_and_resumes(dropout_model_dir, toy_files, tmp_path):
-    common = dict(logging_steps=1, save_strategy="steps", save_steps=8, num_train_epochs=10, per_device_train_batch_size=4)
+    """Two real processes; SIGUSR1 reaches rank 1 only. Both stop at the same step with one checkpoint holding both
+    ranks' parts, and the resumed run replays the uninterrupted one. Guards a rank that stops alone (the other would
+    hang in a collective) and a checkpoint missing a rank's RNG or loss sums."""
+    common = dict(logging_steps=1, save_strategy="steps", save_steps=8, num_train_epochs=5, per_device_train_batch_size=4)
     reference = tmp_path / "reference"
     run_to_end(tiny_args(dropout_model_dir, toy_files, reference, **common), 2)
 
@@ -139,13 +138,19 @@ def test_sigusr1_on_one_rank_stops_both_together_and_resumes(dropout_model_dir, 
     ref_w, w = weights(reference), weights(interrupted)
     assert all(torch.allclose(ref_w[k], w[k], rtol=1e-5, atol=1e-6) for k in ref_w)
     results = read_json(interrupted / "all_results.json")
-    assert results["num_processes"] == 2 and results["distributed_type"] != "NO"
+    assert (results["num_processes"], results["distributed_type"]) == (2, "MULTI_CPU")
+
+
+CHECKPOINTED = dict(save_strategy="steps", save_steps=20, num_train_epochs=2, report_to="wandb")
 
 
 @pytest.fixture(scope="module")
 def checkpointed_run(tiny_model_dir, toy_files, tmp_path_factory) -> Path:
+    """2 epochs (60 steps) with checkpoints at steps 20 and 40, logged to an offline wandb run. Tests copy it."""
     out = tmp_path_factory.mktemp("checkpointed")
-    run_in_process(tiny_args(tiny_model_dir, toy_files, out, save_strategy="steps", save_steps=20, num_train_epochs=2))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("WANDB_MODE", "offline")
+        run_in_process(tiny_args(tiny_model_dir, toy_files, out, **CHECKPOINTED))
     return out
 
 
@@ -171,6 +176,7 @@ def test_resume_refuses_a_changed_batch_layout(checkpointed_run, tiny_model_dir,
         run_in_process(args)
 
 
+@pytest.mark.trains
 def test_latest_without_checkpoints_starts_fresh(tiny_model_dir, toy_files, tmp_path, capsys):
     results = run_in_process(tiny_args(tiny_model_dir, toy_files, tmp_path, num_train_epochs=1,
                                        resume_from_checkpoint="latest"))
@@ -209,6 +215,7 @@ def test_early_stopping_on_a_scripted_metric_sequence(sequence, greater, patienc
     assert state.best_metric == (max if greater else min)(sequence[: stops_after or len(sequence)])
 
 
+@pytest.mark.trains
 def test_load_best_model_at_end_with_rotation_and_early_stopping(tiny_model_dir, toy_files, tmp_path):
     # eval_loss keeps falling on this task for a while, then rises as the model over-fits at a high learning rate:
     # "best" is a middle epoch, early stopping ends the run after it, and the final model must be that epoch's.
@@ -229,6 +236,7 @@ def test_load_best_model_at_end_with_rotation_and_early_stopping(tiny_model_dir,
     assert results["final_learning_rate"] == rates[max(rates)] < rates[best["step"]]
 
 
+@pytest.mark.trains
 def test_a_diverging_run_stops_and_keeps_the_last_good_checkpoint(tiny_model_dir, toy_files, tmp_path):
     args = tiny_args(tiny_model_dir, toy_files, tmp_path, learning_rate=1e9, max_grad_norm=0, logging_steps=1,
                      save_strategy="steps", save_steps=1, max_nonfinite_steps=2, adam_epsilon=1e-30)
@@ -239,13 +247,13 @@ def test_a_diverging_run_stops_and_keeps_the_last_good_checkpoint(tiny_model_dir
     assert all(torch.isfinite(t).all() for t in load_file(os.path.join(last, "model.safetensors")).values())
 
 
-def test_wandb_resume_continues_the_same_run(tiny_model_dir, toy_files, tmp_path, monkeypatch):
+def test_wandb_resume_continues_the_same_run(checkpointed_run, tiny_model_dir, toy_files, tmp_path, monkeypatch):
+    """A resumed session logs to the tracker run the checkpoint names, not to a new one."""
     monkeypatch.setenv("WANDB_MODE", "offline")
-    args = tiny_args(tiny_model_dir, toy_files, tmp_path, num_train_epochs=2, save_strategy="steps", save_steps=20,
-                     report_to="wandb")
-    run_in_process(args)
+    shutil.copytree(checkpointed_run, tmp_path, dirs_exist_ok=True)
     first = checkpoint.checkpoint_path(str(tmp_path), 20)
-    run_in_process([*args, "--resume_from_checkpoint", first])  # a second session, continuing from step 20
+    # A second session, continuing from step 20.
+    run_in_process([*tiny_args(tiny_model_dir, toy_files, tmp_path, **CHECKPOINTED), "--resume_from_checkpoint", first])
     runs = sorted(p.name for p in (tmp_path / "wandb").glob("offline-run-*"))
     run_id = checkpoint.read_state(first).tracker_run_id
     assert len(runs) == 2 and all(name.endswith("-" + run_id) for name in runs), runs
@@ -276,8 +284,10 @@ print("still running", flush=True)
 """
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("presses", ["once", "twice"])
 def test_ctrl_c_once_requests_a_checkpoint_twice_quits_now(presses):
+    not_in_a_unit_test("starts a process")
     done = subprocess.run([sys.executable, "-c", STOP_REQUEST_SCRIPT, presses], capture_output=True, text=True, timeout=20)
     if presses == "once":
         assert done.returncode == 0 and done.stdout.split() == ["SIGINT", "still", "running"], done
@@ -327,7 +337,7 @@ def test_a_torn_checkpoint_is_skipped_and_one_without_a_manifest_still_resumes(c
     assert checkpoint.complete_checkpoints(str(out)) == [first]
     with pytest.raises(UserError, match=r"is torn \(model\.safetensors has \d+ of its \d+ bytes\)"):
         checkpoint.find_checkpoint(str(out), second)
-    results = run_in_process(tiny_args(tiny_model_dir, toy_files, out, checkpointing_steps=20, num_train_epochs=2,
+    results = run_in_process(tiny_args(tiny_model_dir, toy_files, out, save_strategy="steps", save_steps=20, num_train_epochs=2,
                                        resume_from_checkpoint="latest"))
     printed = capsys.readouterr().out
     skipped = [line for line in printed.splitlines() if "skipping torn checkpoint" in line]
@@ -388,11 +398,12 @@ def small_disk(tmp_path):
     subprocess.run(["umount", "--lazy", str(mount_point)], check=True)
 
 
+@pytest.mark.trains
 def test_a_full_disk_stops_with_one_line_and_keeps_the_last_checkpoint(small_disk, tiny_model_dir, toy_files):
     """A real full disk: the second checkpoint's torch.save fails mid-file (a RuntimeError, not an OSError)."""
     out = small_disk / "run"
     with pytest.raises(UserError) as raised:
-        run_in_process(tiny_args(tiny_model_dir, toy_files, out, max_train_steps=5, checkpointing_steps=2,
+        run_in_process(tiny_args(tiny_model_dir, toy_files, out, max_steps=5, save_strategy="steps", save_steps=2,
                                  eval_strategy="no"))
     message, first = str(raised.value), checkpoint.checkpoint_path(str(out), 2)
     assert "\n" not in message
@@ -404,6 +415,7 @@ def test_a_full_disk_stops_with_one_line_and_keeps_the_last_checkpoint(small_dis
     assert all(torch.isfinite(t).all() for t in load_file(os.path.join(first, "model.safetensors")).values())
 
 
+@pytest.mark.trains
 @pytest.mark.parametrize("failing", ["report", "predictions"])
 def test_a_failed_report_or_predictions_write_is_one_line(failing, tiny_model_dir, toy_files, tmp_path, monkeypatch):
     """Fakes: the write raising the errno a quota or a read-only mount gives (the tmpfs test covers a real one)."""

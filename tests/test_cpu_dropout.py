@@ -100,6 +100,7 @@ def test_install_swaps_dropout_and_attention_but_not_what_is_saved(tmp_path):
     assert not any("attn" in key for key in saved)  # a plain transformers install loads the fine-tuned model
 
 
+@pytest.mark.trains
 def test_moved_transformers_internals_fall_back_to_the_plain_path(monkeypatch, tiny_model_dir, toy_files, tmp_path, capsys):
     """A transformers release that moves the attention internals cpu_dropout uses must cost speed, never the run:
     install says so in one line and leaves the model on torch's dropout and transformers' SDPA."""

@@ -180,6 +180,7 @@ def test_length_grouped_sampler_gives_every_index_once_per_epoch_across_two_rank
     assert padding(first) < 0.3 * padding(list(range(203)))
 
 
+@pytest.mark.trains
 def test_group_by_length_trains_as_well_and_resumes_exactly(tiny_model_dir, toy_files, tmp_path):
     import shutil
 

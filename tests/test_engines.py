@@ -5,14 +5,17 @@ an `ACCELERATE_USE_CPU=1` left in the environment, for instance, silently turns 
 MULTI_CPU. FSDP cannot run on CPU through Accelerate (it enables FSDP only for GPU process groups), so its config is
 checked by parsing it the way `accelerate launch` does, and a CPU launch of it must stop with a clear error.
 
+Tests marked `engines` launch real processes (engines, the doctor); the others check configs, DeepSpeed's "auto"
+values and the doctor's refusals in this process, in milliseconds (they are unit tests).
+
 The first DeepSpeed run on a machine JIT-compiles a shared-memory op (~45 s); keep TORCH_EXTENSIONS_DIR stable.
 """
 
 import csv
 import json
-import os
 import subprocess
 import sys
+import tempfile
 import warnings
 from pathlib import Path
 from types import SimpleNamespace
@@ -21,9 +24,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, read_json, run_in_process, tiny_args
-
-pytestmark = pytest.mark.engines
+from conftest import DDP_RUN, ROOT, launch, launch_env, not_in_a_unit_test, read_json, run_in_process, tiny_args
 
 CONFIGS = ROOT / "accelerate_configs"
 # engine -> (accelerate config, the distributed type Accelerate must report inside the run)
@@ -32,26 +33,15 @@ ENGINES = {
     "zero2": ("deepspeed_zero2_cpu.yaml", "DEEPSPEED"),
     "zero3": ("deepspeed_zero3_cpu.yaml", "DEEPSPEED"),
 }
-# Accumulation, active clipping (the pre-clip norms here are 0.2-0.3) and warmup: what DeepSpeed takes over from the loop.
-# A checkpoint at step 12 of 32 to resume from.
-TRAIN = dict(gradient_accumulation_steps=2, max_grad_norm=0.1, warmup_steps=0.1, num_train_epochs=4, eval_strategy="no",
-             save_strategy="steps", save_steps=12)
+TRAIN = DDP_RUN  # every engine trains conftest's DDP run: the same steps, so DeepSpeed can be held to DDP's numbers
 EVAL = dict(do_train="false", per_device_eval_batch_size=8)  # 45 examples on 2 ranks x 8: 3 repeated at the end
 
 
-def launch_config(config: str, args: list[str], *launch_flags: str, **env_overrides: str) -> subprocess.CompletedProcess:
-    """`accelerate launch --config_file accelerate_configs/<config>` of train.py, as a user would type it."""
-    env = {k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"}  # it would turn DeepSpeed off
-    env.update(OMP_NUM_THREADS="1", **env_overrides)
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / config),
-               *launch_flags, str(ROOT / "train.py"), *args]
-    return subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
-
-
 def launched(engine: str, args: list[str]) -> dict:
+    """`accelerate launch --config_file accelerate_configs/<the engine's config> train.py ARGS`; the run must have had
+    that engine on 2 processes."""
     config, kind = ENGINES[engine]
-    result = launch_config(config, args)
-    assert result.returncode == 0, result.stderr[-3000:]
+    launch(args, config=config)
     output_dir = Path(args[args.index("--output_dir") + 1])
     results = read_json(output_dir / "all_results.json")
     assert (results["distributed_type"], results["num_processes"]) == (kind, 2), results
@@ -74,11 +64,13 @@ def plain_transformers_accuracy(model_dir, validation_file: str) -> tuple[float,
 
 
 @pytest.fixture(scope="module")
-def trained(tiny_model_dir, toy_files, tmp_path_factory):
-    """Each engine trains the same tiny run once (launched on first use); returns engine -> output folder."""
+def engine_run(request, tiny_model_dir, toy_files, tmp_path_factory):
+    """Each engine trains TRAIN once (launched on first use; DDP is conftest's `ddp_run`); returns engine -> folder."""
     runs = {}
 
     def get(engine: str) -> Path:
+        if engine == "ddp":
+            return request.getfixturevalue("ddp_run")
         if engine not in runs:
             out = tmp_path_factory.mktemp(f"train-{engine}")
             launched(engine, tiny_args(tiny_model_dir, toy_files, out, **TRAIN))
@@ -88,9 +80,10 @@ def trained(tiny_model_dir, toy_files, tmp_path_factory):
     return get
 
 
+@pytest.mark.engines
 @pytest.mark.parametrize("engine", list(ENGINES))
-def test_train_save_and_reload_in_plain_transformers(engine, trained, toy_files):
-    out = trained(engine)
+def test_train_save_and_reload_in_plain_transformers(engine, engine_run, toy_files):
+    out = engine_run(engine)
     results = read_json(out / "all_results.json")
     assert results["global_step"] == 4 * 8  # 240 rows / (2 ranks x 8 x accumulation 2) = 8 steps per epoch
     assert results["eval_accuracy"] > 0.45  # it learned (chance is 1/3), so the comparison below means something
@@ -98,14 +91,15 @@ def test_train_save_and_reload_in_plain_transformers(engine, trained, toy_files)
     assert round(accuracy * 45) == round(results["eval_accuracy"] * 45)
 
 
+@pytest.mark.engines
 @pytest.mark.parametrize("engine", ["zero2", "zero3"])
-def test_deepspeed_trains_exactly_like_ddp(engine, trained, toy_files):
+def test_deepspeed_trains_exactly_like_ddp(engine, engine_run, toy_files):
     """Same data, seed, accumulation, clipping and schedule: DeepSpeed must not accumulate, clip or step twice.
 
     Accelerate alone fills DeepSpeed's "auto" clipping with 1.0 instead of --max_grad_norm 0.1: that showed as
     different losses from the first logged step, until tuneloop filled it from the flag.
     """
-    ddp, ds = trained("ddp"), trained(engine)
+    ddp, ds = engine_run("ddp"), engine_run(engine)
     # What MFU counts: ZeRO-3 partitions every parameter (numel() 0), and the count must still be the full model's.
     figures = [{k: read_json(out / "all_results.json")[k] for k in ("non_embedding_parameters", "model_flops")}
                for out in (ddp, ds)]
@@ -123,10 +117,11 @@ def test_deepspeed_trains_exactly_like_ddp(engine, trained, toy_files):
         torch.testing.assert_close(ds_weights[name], ddp_weights[name], rtol=1e-4, atol=1e-5, msg=name)
 
 
+@pytest.mark.engines
 @pytest.mark.parametrize("engine", ["zero2", "zero3"])
-def test_deepspeed_checkpoint_resumes_into_the_same_run(engine, trained, tiny_model_dir, toy_files, tmp_path):
+def test_deepspeed_checkpoint_resumes_into_the_same_run(engine, engine_run, tiny_model_dir, toy_files, tmp_path):
     """`save_state` under DeepSpeed writes every rank's ZeRO shards; resuming at step 12 ends where the first run did."""
-    first = trained(engine)
+    first = engine_run(engine)
     saved = first / "checkpoints" / "step_0000012"
     manifest = read_json(saved / "manifest.json")  # both ranks' shards, by their size: what `latest` verifies
     for rank in (0, 1):
@@ -143,12 +138,14 @@ def test_deepspeed_checkpoint_resumes_into_the_same_run(engine, trained, tiny_mo
         torch.testing.assert_close(got[name], expected[name], rtol=1e-6, atol=1e-7, msg=name)
 
 
-def test_eval_identical_across_engines(trained, toy_files, tmp_path):
-    """A fixed model (the DDP-trained one) scored by 1 process, DDP, ZeRO-2 and ZeRO-3: the same, sample for sample."""
-    model = str(trained("ddp"))
+@pytest.mark.engines
+def test_eval_identical_across_engines(engine_run, toy_files, tmp_path):
+    """A fixed model (the DDP-trained one) scored by 1 process, ZeRO-2 and ZeRO-3: the same, sample for sample.
+    (DDP's 2-process evaluation, the same check: test_predict.py's `tuneloop evaluate` on 2 processes.)"""
+    model = str(engine_run("ddp"))
     one = run_in_process(tiny_args(model, toy_files, tmp_path / "one", **EVAL))
     assert one["eval_samples"] == 45
-    for engine in ENGINES:
+    for engine in ("zero2", "zero3"):
         results = launched(engine, tiny_args(model, toy_files, tmp_path / engine, **EVAL))
         assert results["eval_samples"] == 45, engine  # the 3 repeated samples are dropped, none lost
         assert results["eval_accuracy"] == one["eval_accuracy"], engine
@@ -209,11 +206,12 @@ def test_fsdp_config_is_full_shard_and_wraps_each_models_own_layers(monkeypatch,
     assert sum(isinstance(m, RobertaLayer) for m in roberta.modules() if policy(m)) == 3
 
 
+@pytest.mark.engines
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only refusal")
 def test_fsdp_launch_on_cpu_stops_with_one_clear_line(tiny_model_dir, toy_files, tmp_path):
     """Accelerate would silently run an FSDP launch on CPU as MULTI_CPU data parallelism; tuneloop refuses it."""
     args = tiny_args(tiny_model_dir, toy_files, tmp_path, max_steps=1)
-    result = launch_config("fsdp.yaml", args, "--num_processes", "2", "--mixed_precision", "no")
+    result = launch(args, config="fsdp.yaml", launch_flags=("--num_processes", "2", "--mixed_precision", "no"), check=False)
     assert result.returncode != 0
     errors = [line for line in result.stderr.splitlines() if line.startswith("tuneloop: error:")]
     assert len(errors) == 1, result.stderr[-3000:]
@@ -317,23 +315,25 @@ def test_deepspeed_settings_that_disagree_are_reported_together():
         assert expected in text
 
 
+@pytest.mark.engines
 def test_deepspeed_switched_off_by_use_cpu_is_refused(tiny_model_dir, toy_files, tmp_path):
     """The trap from the notes: ACCELERATE_USE_CPU=1 with a DeepSpeed config silently trains plain MULTI_CPU."""
     args = tiny_args(tiny_model_dir, toy_files, tmp_path, max_steps=1)
-    result = launch_config("deepspeed_zero2_cpu.yaml", args, ACCELERATE_USE_CPU="1")
+    result = launch(args, config="deepspeed_zero2_cpu.yaml", env={"ACCELERATE_USE_CPU": "1"}, check=False)
     assert result.returncode != 0
     errors = [line for line in result.stderr.splitlines() if line.startswith("tuneloop: error:")]
     assert len(errors) == 1, result.stderr[-3000:]
     assert "asks for DeepSpeed but Accelerate set up MULTI_CPU" in errors[0] and "unset it" in errors[0]
 
 
-def test_launcher_accumulation_that_overrides_the_trainer_is_refused(monkeypatch, tiny_model_dir, toy_files, tmp_path):
+def test_launcher_accumulation_that_overrides_the_trainer_is_refused(monkeypatch):
     """`gradient_accumulation_steps` in an accelerate config reaches the Accelerator and would override the flag."""
     from tuneloop.errors import UserError
+    from tuneloop.runtime import make_accelerator
 
     monkeypatch.setenv("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "4")
     with pytest.raises(UserError, match="gradient accumulation to 4.*the trainer to 1"):
-        run_in_process(tiny_args(tiny_model_dir, toy_files, tmp_path, max_steps=1))
+        make_accelerator(train_arguments(max_steps=1))
 
 
 def test_every_config_is_documented_and_parses():
@@ -375,29 +375,51 @@ def test_gpu_configs_keep_the_gpus_the_job_was_given(monkeypatch):
     assert env["CUDA_VISIBLE_DEVICES"] == "3"
 
 
-def doctor(*args: str) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"}
-    return subprocess.run([sys.executable, "-m", "tuneloop.doctor", *args], capture_output=True, text=True,
-                          timeout=900, env=env, cwd=ROOT)
+def doctors(*runs: tuple[str, ...]) -> list[subprocess.CompletedProcess]:
+    """`python -m tuneloop.doctor ARGS` for each ARGS, all started at once, as a user runs it (without
+    ACCELERATE_USE_CPU, which turns DeepSpeed off)."""
+    not_in_a_unit_test("launches the doctor")
+    started = []
+    for args in runs:
+        command = [sys.executable, "-m", "tuneloop.doctor", *args]
+        out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")  # no pipe to fill while we wait on another
+        started.append((command, subprocess.Popen(command, stdout=out, stderr=err, text=True, env=launch_env(), cwd=ROOT),
+                        out, err))
+    results = []
+    for command, process, out, err in started:
+        process.wait(timeout=900)
+        out.seek(0), err.seek(0)
+        results.append(subprocess.CompletedProcess(command, process.returncode, out.read(), err.read()))
+    return results
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only verdict")
-@pytest.mark.parametrize("config", ["gpu.yaml", "multi_gpu.yaml", "deepspeed_zero3.yaml", "fsdp.yaml"])
-def test_doctor_rejects_gpu_configs_on_this_machine(config):
-    result = doctor("--config_file", f"accelerate_configs/{config}")
-    assert result.returncode == 1, result.stdout
-    assert "GPUs: none" in result.stdout
-    assert "PROBLEM:" in result.stdout and "needs GPUs" in result.stdout
-    assert "probe:" not in result.stdout  # nothing is launched when the config cannot fit
+# A config that asks for 2 processes with `distributed_type: MULTI_CPU`, which starts one.
+MULTI_CPU = ("compute_environment: LOCAL_MACHINE\ndistributed_type: MULTI_CPU\nnum_processes: 2\nnum_machines: 1\n"
+             "use_cpu: true\nmixed_precision: 'no'\n")
+# The doctor runs of this module, in waves run side by side. The doctor's launches meet on the config's port (29500),
+# so a wave holds at most one config of two processes; one-process configs bind no port.
+DOCTOR_WAVES = (("cpu.yaml", "multi_cpu.yaml", "deepspeed_zero3_cpu.yaml"), ("cpu_2proc.yaml",))
 
 
-@pytest.mark.parametrize("config, seen", [
-    ("cpu.yaml", "NO x1 on cpu"),
-    ("cpu_2proc.yaml", "MULTI_CPU x2 on cpu"),
-    ("deepspeed_zero3_cpu.yaml", "DEEPSPEED x2 on cpu"),  # ZeRO-2's config is exercised by the training tests
-])
-def test_doctor_and_accelerate_test_pass_on_cpu_configs(config, seen):
-    result = doctor("--config_file", f"accelerate_configs/{config}")
+@pytest.fixture(scope="module")
+def doctor_report(tmp_path_factory):
+    """config name -> the doctor's CompletedProcess; a config's whole wave runs on its first request."""
+    multi_cpu = tmp_path_factory.mktemp("doctor") / "multi_cpu.yaml"
+    multi_cpu.write_text(MULTI_CPU)
+    arguments = {name: ("--config_file", f"accelerate_configs/{name}") for wave in DOCTOR_WAVES for name in wave}
+    arguments["multi_cpu.yaml"] = ("--config_file", str(multi_cpu), "--skip_accelerate_test")
+    reports = {}
+
+    def get(config: str) -> subprocess.CompletedProcess:
+        if config not in reports:
+            wave = next(wave for wave in DOCTOR_WAVES if config in wave)
+            reports.update(zip(wave, doctors(*(arguments[name] for name in wave))))
+        return reports[config]
+
+    return get
+
+
+def assert_doctor_passed(result: subprocess.CompletedProcess, config: str, seen: str) -> None:
     assert result.returncode == 0, result.stdout + result.stderr[-2000:]
     assert f"ok: {seen}" in result.stdout
     for package in ("torch", "transformers", "accelerate", "deepspeed"):
@@ -410,12 +432,36 @@ def test_doctor_and_accelerate_test_pass_on_cpu_configs(config, seen):
             warnings.warn(f"accelerate test with {config} failed once, passed on retry:\n{result.stdout}")
 
 
-def test_doctor_fails_a_config_that_starts_fewer_processes_than_it_asks(tmp_path):
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only verdict")
+@pytest.mark.parametrize("config", ["gpu.yaml", "multi_gpu.yaml", "deepspeed_zero3.yaml", "fsdp.yaml"])
+def test_doctor_rejects_gpu_configs_on_this_machine(config, capsys):
+    """In this process: the doctor stops at the config check, before any launch. (Its command line and launches are
+    the tests below.) Guards a GPU config that this CPU machine would try to launch."""
+    from tuneloop import doctor as the_doctor
+
+    assert the_doctor.main(["--config_file", str(CONFIGS / config)]) == 1
+    out = capsys.readouterr().out
+    assert "GPUs: none" in out
+    assert "PROBLEM:" in out and "needs GPUs" in out
+    assert "probe:" not in out  # nothing is launched when the config cannot fit
+
+
+@pytest.mark.engines
+@pytest.mark.parametrize("config, seen", [
+    ("cpu.yaml", "NO x1 on cpu"),
+    ("cpu_2proc.yaml", "MULTI_CPU x2 on cpu"),
+    ("deepspeed_zero3_cpu.yaml", "DEEPSPEED x2 on cpu"),  # ZeRO-2's config is exercised by the training tests
+])
+def test_doctor_and_accelerate_test_pass_on_cpu_configs(config, seen, doctor_report):
+    """The probe gets the engine and process count the config asks for, and `accelerate test` passes. Guards a doctor
+    that passes a config a training run would not get."""
+    assert_doctor_passed(doctor_report(config), config, seen)
+
+
+@pytest.mark.engines
+def test_doctor_fails_a_config_that_starts_fewer_processes_than_it_asks(doctor_report):
     """`distributed_type: MULTI_CPU` with 2 processes starts one: the doctor's probe must say so, not pass."""
-    config = tmp_path / "multi_cpu.yaml"
-    config.write_text("compute_environment: LOCAL_MACHINE\ndistributed_type: MULTI_CPU\nnum_processes: 2\n"
-                      "num_machines: 1\nuse_cpu: true\nmixed_precision: 'no'\n")
-    result = doctor("--config_file", str(config), "--skip_accelerate_test")
+    result = doctor_report("multi_cpu.yaml")
     assert result.returncode == 1, result.stdout
     assert "warning: distributed_type MULTI_CPU makes `accelerate launch` start ONE process" in result.stdout
     assert "FAILED: the config asks for 2 processes, the run got 1" in result.stdout

@@ -51,6 +51,7 @@ def test_an_fp16_overflow_step_is_reported_skipped(fused):
     assert not torch.equal(model.weight, before)
 
 
+@pytest.mark.trains
 def test_the_loop_counts_overflow_steps_and_holds_the_schedule(tiny_model_dir, toy_files, tmp_path, monkeypatch):
     """Fakes: a CPU GradScaler in the run's Accelerator (none is built on CPU), and inf gradients on steps 3, 7 and 8
     (a hook on the classifier's weight). Everything else is the real loop with fused AdamW.
@@ -73,7 +74,7 @@ def test_the_loop_counts_overflow_steps_and_holds_the_schedule(tiny_model_dir, t
 
     monkeypatch.setattr(runtime, "make_accelerator", with_scaler)
     monkeypatch.setattr(loop.models, "load_model", with_overflows)
-    results = run_in_process(tiny_args(tiny_model_dir, toy_files, tmp_path, max_train_steps=10, mixed_precision="fp16",
+    results = run_in_process(tiny_args(tiny_model_dir, toy_files, tmp_path, max_steps=10, mixed_precision="fp16",
                                        max_grad_norm=0, logging_steps=5, eval_strategy="no"))
     assert results["global_step"] == 10 and results["skipped_steps"] == 3
     assert results["final_learning_rate"] == pytest.approx(3e-3 * 3 / 10)  # 7 scheduler steps of a 10-step decay
@@ -135,12 +136,13 @@ def saved_dtypes(output_dir) -> set[torch.dtype]:
     return {tensor.dtype for tensor in load_file(str(output_dir / "model.safetensors")).values()}
 
 
+@pytest.mark.trains
 def test_a_bf16_checkpoint_trains_in_fp32_unless_asked(bf16_model_dir, toy_files, tmp_path, capsys):
     """Guards against transformers 5's dtype="auto" training a bf16 checkpoint as pure bf16 (no fp32 master copy).
     The saved model keeps the dtype the loop trained in; evaluate/predict of it inherit the training dtype."""
     from tuneloop import cli
 
-    short = dict(max_train_steps=4, eval_strategy="no", do_eval="false")
+    short = dict(max_steps=4, eval_strategy="no", do_eval="false")
     run_in_process(tiny_args(bf16_model_dir, toy_files, tmp_path / "default", **short))
     assert saved_dtypes(tmp_path / "default") == {torch.float32}
     assert "no fp32 master copy" not in capsys.readouterr().out
@@ -153,6 +155,7 @@ def test_a_bf16_checkpoint_trains_in_fp32_unless_asked(bf16_model_dir, toy_files
     assert cli.inherited_settings(str(tmp_path / "bf16"))["dtype"] == "bfloat16"
 
 
+@pytest.mark.trains
 def test_float16_on_cpu_stops_before_the_weights_load(bf16_model_dir, toy_files, tmp_path, monkeypatch):
     def must_not_load(*args, **kwargs):
         raise AssertionError("the weights were loaded before the dtype was checked")

@@ -1,49 +1,33 @@
 """Real 2-process runs: `accelerate launch` with accelerate_configs/cpu_2proc.yaml, gloo on this CPU.
 
 Each run records the world size it actually had in all_results.json, and the tests assert it: equal metrics alone
-would not prove two processes (two independent single-process runs give equal metrics too).
+would not prove two processes (two independent single-process runs give equal metrics too). Evaluation on 2
+processes (45 examples, the last batch evened out by repetition) is checked where the commands are:
+test_predict.py (`tuneloop evaluate` and `predict` on 2 processes) and test_engines.py (every engine).
 """
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import launch, read_json, run_in_process, tiny_args
+from conftest import DDP_RUN, read_json, run_in_process, tiny_args
 
 pytestmark = pytest.mark.multiprocess
 
 
-def launched(args, num_processes=2):
-    result = launch(args, num_processes)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result
-
-
-def test_two_process_eval_equals_one_process(tiny_model_dir, toy_files, tmp_path):
-    """45 eval examples over 2 ranks x batch 8: the last batch is padded by repetition, and must not count twice."""
-    args = dict(do_train="false", per_device_eval_batch_size=8)
-    one = run_in_process(tiny_args(tiny_model_dir, toy_files, tmp_path / "one", **args))
-    launched(tiny_args(tiny_model_dir, toy_files, tmp_path / "two", **args))
-    two = read_json(tmp_path / "two" / "all_results.json")
+def test_two_ranks_equal_one_rank_with_accumulation(ddp_run, tiny_model_dir, toy_files, tmp_path):
+    """2 ranks x batch 8 x accumulation 2 make the same optimizer steps as 1 rank x batch 8 x accumulation 4 (same data
+    order, same clipping of the averaged gradient, the same short last step of each epoch). Guards gradients that are
+    not averaged across ranks, a schedule sized for one rank, and a data order that depends on the process count."""
+    one = run_in_process(tiny_args(tiny_model_dir, toy_files, tmp_path / "one",
+                                   **{**DDP_RUN, "gradient_accumulation_steps": 4}))
+    two = read_json(ddp_run / "all_results.json")
     assert (two["num_processes"], two["distributed_type"]) == (2, "MULTI_CPU")
-    assert two["eval_samples"] == one["eval_samples"] == 45
-    assert two["eval_accuracy"] == one["eval_accuracy"]
-    assert two["eval_f1"] == one["eval_f1"]
-    assert two["eval_loss"] == pytest.approx(one["eval_loss"], rel=1e-5)
-
-
-def test_two_ranks_equal_one_rank_with_accumulation(tiny_model_dir, toy_files, tmp_path):
-    """2 ranks x batch 8 make the same optimizer steps as 1 rank x batch 8 x accumulation 2 (same data order)."""
-    common = dict(per_device_train_batch_size=8, num_train_epochs=2, max_grad_norm=1.0, warmup_steps=0.1)
-    one = run_in_process(tiny_args(tiny_model_dir, toy_files, tmp_path / "one", gradient_accumulation_steps=2, **common))
-    launched(tiny_args(tiny_model_dir, toy_files, tmp_path / "two", **common))
-    two = read_json(tmp_path / "two" / "all_results.json")
-    assert (two["num_processes"], two["distributed_type"]) == (2, "MULTI_CPU")
-    assert two["global_step"] == one["global_step"] == 2 * 15
+    assert two["global_step"] == one["global_step"] == 4 * 8  # 30 batches per epoch / 4 per step, rounded up
     # The scheduler reaches its planned end on 2 ranks (Accelerate steps it once per process per optimizer step).
     assert two["final_learning_rate"] == pytest.approx(0.0, abs=1e-12)
     history_one = read_json(tmp_path / "one" / "log_history.json")
-    history_two = read_json(tmp_path / "two" / "log_history.json")
+    history_two = read_json(ddp_run / "log_history.json")
     lr_one = [h["train/learning_rate"] for h in history_one if "train/learning_rate" in h]
     lr_two = [h["train/learning_rate"] for h in history_two if "train/learning_rate" in h]
     assert lr_two == pytest.approx(lr_one)
@@ -51,7 +35,7 @@ def test_two_ranks_equal_one_rank_with_accumulation(tiny_model_dir, toy_files, t
     loss_two = [h["train/loss"] for h in history_two if "train/loss" in h]
     assert loss_two == pytest.approx(loss_one, rel=1e-3)
     weights_one = load_file(tmp_path / "one" / "model.safetensors")
-    weights_two = load_file(tmp_path / "two" / "model.safetensors")
+    weights_two = load_file(ddp_run / "model.safetensors")
     for name in weights_one:
         torch.testing.assert_close(weights_two[name], weights_one[name], rtol=1e-3, atol=1e-4, msg=name)
     assert two["eval_accuracy"] == one["eval_accuracy"]

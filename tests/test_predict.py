@@ -2,13 +2,11 @@
 
 The 2-process runs are real `accelerate launch -m tuneloop ...` launches on the 45-row validation file: 45 is not a
 multiple of 2 processes x batch 8, so Accelerate repeats examples to even out the last batches, and they must not
-show up twice, nor out of order.
+show up twice, nor out of order. The model is conftest's `trained` run (6 epochs, then --do_predict on the labelled
+test file), shared with test_train.py.
 """
 
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pandas as pd
@@ -16,39 +14,11 @@ import pytest
 
 from tuneloop.cli import COMMANDS, console
 
-from conftest import ROOT, make_rows, read_json, run_in_process, tiny_args, write_rows
+from conftest import ROOT, launch, make_rows, read_json, run_in_process, tiny_args, write_rows
 
 
 def read_jsonl(path) -> list[dict]:
     return [json.loads(line) for line in open(path)]
-
-
-def launch_command(args: list[str], num_processes: int = 2) -> subprocess.CompletedProcess:
-    """A real `accelerate launch -m tuneloop ...` with the CPU config of that many processes."""
-    config = ROOT / "accelerate_configs" / ("cpu_2proc.yaml" if num_processes == 2 else "cpu.yaml")
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "-m", "tuneloop", *args]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result
-
-
-@pytest.fixture(scope="module")
-def test_files(tmp_path_factory) -> dict[str, str]:
-    """A labelled test file with an id column (30 rows), and the 45 validation texts without labels, with ids."""
-    out = tmp_path_factory.mktemp("test-data")
-    labelled = [{"id": f"t{i:03d}", **row} for i, row in enumerate(make_rows(30, seed=3))]
-    unlabelled = [{"id": f"u{i:03d}", "text": row["text"]} for i, row in enumerate(make_rows(45, seed=2))]
-    return {"labelled": write_rows(out / "test.jsonl", labelled), "unlabelled": write_rows(out / "unlabelled.csv", unlabelled)}
-
-
-@pytest.fixture(scope="module")
-def trained(tiny_model_dir, toy_files, test_files, tmp_path_factory):
-    """A tiny model trained with --do_predict on the labelled test file."""
-    output_dir = tmp_path_factory.mktemp("predict-run")
-    results = run_in_process(tiny_args(tiny_model_dir, toy_files, output_dir, do_predict="true",
-                                       test_file=test_files["labelled"]))
-    return output_dir, results
 
 
 def test_do_predict_writes_every_test_row_in_order_with_probabilities(trained, test_files):
@@ -69,13 +39,14 @@ def test_do_predict_writes_every_test_row_in_order_with_probabilities(trained, t
     assert results["eval_accuracy"] >= 0.9  # training itself was not disturbed
 
 
+@pytest.mark.multiprocess
 def test_predictions_on_two_processes_equal_one_process(trained, test_files, tmp_path):
     """Unlabelled data, CSV output: same rows, same order, no duplicates, on 1 and on 2 real processes."""
     model_dir, _ = trained
     common = ["predict", "--model", str(model_dir), "--data", test_files["unlabelled"], "--predictions_format", "csv",
               "--per_device_eval_batch_size", "8"]
     assert console([*common, "--output_dir", str(tmp_path / "one")]) == 0
-    launch_command([*common, "--output_dir", str(tmp_path / "two")])
+    launch([*common, "--output_dir", str(tmp_path / "two")], module=True)
     one, two = pd.read_csv(tmp_path / "one" / "predictions.csv"), pd.read_csv(tmp_path / "two" / "predictions.csv")
     facts = read_json(tmp_path / "two" / "predict_results.json")
     assert (facts["num_processes"], facts["distributed_type"]) == (2, "MULTI_CPU")
@@ -88,6 +59,7 @@ def test_predictions_on_two_processes_equal_one_process(trained, test_files, tmp
     np.testing.assert_allclose(two[probabilities].to_numpy(), one[probabilities].to_numpy(), atol=1e-5)
 
 
+@pytest.mark.multiprocess
 def test_evaluate_a_saved_model_reproduces_the_training_metrics(trained, toy_files, tmp_path, capsys):
     model_dir, _ = trained
     at_training = read_json(model_dir / "all_results.json")
@@ -96,8 +68,8 @@ def test_evaluate_a_saved_model_reproduces_the_training_metrics(trained, toy_fil
     out = capsys.readouterr().out
     assert "max_length=32" in out and "tuneloop summary" in out and f"{at_training['eval_accuracy']:.4f}" in out
     one = read_json(model_dir / "evaluate" / "all_results.json")
-    launch_command(["evaluate", "--model", str(model_dir), "--data", toy_files["validation_file"],
-                    "--output_dir", str(tmp_path / "two"), "--per_device_eval_batch_size", "8"])
+    launch(["evaluate", "--model", str(model_dir), "--data", toy_files["validation_file"],
+            "--output_dir", str(tmp_path / "two"), "--per_device_eval_batch_size", "8"], module=True)
     two = read_json(tmp_path / "two" / "all_results.json")
     assert (two["num_processes"], two["distributed_type"]) == (2, "MULTI_CPU")
     for results in (one, two):
@@ -196,6 +168,7 @@ def test_gather_refuses_duplicated_or_missing_examples():
         gather(OneProcess(), Model(), batches([0, 1], [1, 2]))
 
 
+@pytest.mark.trains
 def test_evaluate_rescores_the_examples_training_held_out(tiny_model_dir, tmp_path):
     """A dataset with only a train split: evaluate --data takes the seed and hold-out share of the saved run, so it
     scores the same held-out examples (this is what `--data builtin:bbc_news` relies on)."""

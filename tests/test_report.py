@@ -1,4 +1,6 @@
-"""The report in output_dir/report/: files, figures that are real images, counts that add up, trackers, the summary."""
+"""The report in output_dir/report/: files, figures that are real images, counts that add up, trackers, the summary.
+
+Most tests read conftest's `tracked` run (both trackers on, 2 epochs), shared with test_train's tracker test."""
 
 import csv
 
@@ -8,24 +10,13 @@ from matplotlib.image import imread
 
 from tuneloop.report import confusion_figure, summary_table
 
-from conftest import read_json, run_in_process, tiny_args
+from conftest import read_json
 
 FIGURES = ("loss", "learning_rate", "eval_metrics", "confusion_matrix")
 
 
-@pytest.fixture(scope="module")
-def reported(tiny_model_dir, toy_files, tmp_path_factory):
-    """A tiny run with both trackers on (wandb offline), 2 epochs: 2 evaluations."""
-    output_dir = tmp_path_factory.mktemp("reported")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("WANDB_MODE", "offline")
-        results = run_in_process(tiny_args(tiny_model_dir, toy_files, output_dir, num_train_epochs=2, report_to="all",
-                                           project="toy"))
-    return output_dir, results
-
-
-def test_figures_are_real_images_of_a_sensible_size(reported):
-    output_dir, _ = reported
+def test_figures_are_real_images_of_a_sensible_size(tracked):
+    output_dir, _ = tracked
     for name in FIGURES:
         image = imread(output_dir / "report" / f"{name}.png")  # raises on a file that is not a PNG
         height, width = image.shape[:2]
@@ -33,8 +24,8 @@ def test_figures_are_real_images_of_a_sensible_size(reported):
         assert image[..., :3].std() > 0.05, name  # something is drawn, not a blank canvas
 
 
-def test_confusion_matrix_counts_add_up_to_the_eval_set(reported):
-    output_dir, results = reported
+def test_confusion_matrix_counts_add_up_to_the_eval_set(tracked):
+    output_dir, results = tracked
     report = read_json(output_dir / "report" / "metrics.json")
     matrix = np.array(report["confusion_matrix"]["counts"])
     assert report["confusion_matrix"]["labels"] == ["music", "sports", "tech"]
@@ -61,16 +52,16 @@ def test_confusion_matrix_figure_names_the_classes():
     assert "10 examples" in ax.get_title()
 
 
-def test_metrics_json_has_the_final_metrics_and_every_evaluation(reported):
-    output_dir, results = reported
+def test_metrics_json_has_the_final_metrics_and_every_evaluation(tracked):
+    output_dir, results = tracked
     report = read_json(output_dir / "report" / "metrics.json")
     assert report["final"]["eval_accuracy"] == results["eval_accuracy"]
     assert [e["epoch"] for e in report["evaluations"]] == [1, 2]
     assert report["evaluations"][-1]["eval_accuracy"] == results["eval_accuracy"]
 
 
-def test_model_card(reported):
-    output_dir, results = reported
+def test_model_card(tracked):
+    output_dir, results = tracked
     card = (output_dir / "report" / "README.md").read_text()
     front = card.split("---")[1]
     assert "library_name: transformers" in front and "pipeline_tag: text-classification" in front
@@ -81,10 +72,10 @@ def test_model_card(reported):
         assert fact in card, fact
 
 
-def test_figures_are_logged_to_the_trackers(reported):
+def test_figures_are_logged_to_the_trackers(tracked):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    output_dir, results = reported
+    output_dir, results = tracked
     tags = set()
     for event_file in (output_dir / "toy").rglob("events.out.tfevents.*"):
         accumulator = EventAccumulator(str(event_file))

@@ -1,6 +1,4 @@
 import math
-import subprocess
-import sys
 
 import pandas as pd
 import pytest
@@ -10,19 +8,14 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, pipe
 
 from tuneloop.cli import main
 from tuneloop.config import TrainArguments
-from tuneloop.loop import make_plan
+from tuneloop.loop import LossMeter, make_optimizer, make_plan
 
-from conftest import ROOT, read_json, reset_accelerate_state, run_in_process, tiny_args
-
-
-@pytest.fixture(scope="module")
-def trained(tiny_model_dir, toy_files, tmp_path_factory):
-    output_dir = tmp_path_factory.mktemp("trained")
-    results = run_in_process(tiny_args(tiny_model_dir, toy_files, output_dir))
-    return output_dir, results
+from conftest import launch, read_json, reset_accelerate_state, run_in_process, tiny_args
 
 
 def test_the_loop_learns(trained):
+    """Loss falls to a quarter, accuracy reaches 0.9, the schedule ends at zero on the planned step, one evaluation per
+    epoch. Guards a loop that does not learn, miscounts optimizer steps, or evaluates at the wrong time."""
     output_dir, results = trained
     history = read_json(output_dir / "log_history.json")
     losses = [h["train/loss"] for h in history if "train/loss" in h]
@@ -58,6 +51,7 @@ def test_saved_model_loads_in_a_pipeline_with_label_names(trained):
     assert config["id2label"] == {"0": "music", "1": "sports", "2": "tech"}
 
 
+@pytest.mark.trains
 def test_gradient_accumulation_equals_the_larger_batch(tiny_model_dir, toy_files, tmp_path):
     common = dict(max_steps=3, num_train_epochs=1, eval_strategy="no", do_eval="false", max_grad_norm=0)
     run_in_process(tiny_args(tiny_model_dir, toy_files, tmp_path / "big", per_device_train_batch_size=16, **common))
@@ -72,11 +66,10 @@ def test_gradient_accumulation_equals_the_larger_batch(tiny_model_dir, toy_files
         torch.testing.assert_close(acc[name], big[name], rtol=1e-4, atol=1e-5, msg=name)
 
 
-def test_trackers_write_real_files(tiny_model_dir, toy_files, tmp_path, monkeypatch):
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    output_dir = tmp_path / "tracked"
-    run_in_process(tiny_args(tiny_model_dir, toy_files, output_dir, report_to="all", num_train_epochs=1,
-                             logging_steps=2, project="toy"))
+def test_trackers_write_real_files(tracked):
+    """TensorBoard events and an offline wandb run with the logged keys and the run config. Guards a tracker that is
+    configured but never receives the logs."""
+    output_dir, _ = tracked
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = list((output_dir / "toy").rglob("events.out.tfevents.*"))
@@ -96,9 +89,14 @@ def test_trackers_write_real_files(tiny_model_dir, toy_files, tmp_path, monkeypa
         assert key in run_file, key
 
 
-def test_eval_only_run(tiny_model_dir, toy_files, tmp_path):
-    results = run_in_process(tiny_args(tiny_model_dir, toy_files, tmp_path, do_train="false"))
-    assert results["eval_samples"] == 45 and 0 <= results["eval_accuracy"] <= 1
+@pytest.mark.trains
+def test_eval_only_run_scores_the_model_as_loaded(trained, toy_files, tmp_path):
+    """--do_train false evaluates the saved model as it is: the same accuracy and loss as its training run measured.
+    Guards an evaluation-only run that re-initialises the classifier head, or encodes the labels in another order."""
+    model_dir, at_training = trained
+    results = run_in_process(tiny_args(str(model_dir), toy_files, tmp_path, do_train="false"))
+    assert results["eval_samples"] == 45 and results["eval_accuracy"] == at_training["eval_accuracy"]
+    assert results["eval_loss"] == pytest.approx(at_training["eval_loss"], rel=1e-5)
     assert not (tmp_path / "model.safetensors").exists()  # nothing trained, nothing saved
 
 
@@ -128,20 +126,135 @@ def test_bad_input_is_one_line_before_training(tiny_model_dir, toy_files, tmp_pa
     assert not (tmp_path / "model.safetensors").exists()
 
 
+@pytest.mark.multiprocess
 def test_bad_input_from_the_command_line_has_no_traceback(tmp_path):
-    result = subprocess.run([sys.executable, str(ROOT / "train.py"), "--train_file", str(tmp_path / "x.txt")],
-                            capture_output=True, text=True, timeout=120)
+    result = launch(["--train_file", str(tmp_path / "x.txt")], launcher=False, check=False, timeout=120)
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert "train_file" in result.stderr and "must end in one of .csv" in result.stderr
 
 
-def test_bf16_mixed_precision_runs_and_pads_to_multiples_of_8(tiny_model_dir, toy_files, tmp_path):
+@pytest.mark.trains
+def test_bf16_mixed_precision_learns_and_pads_to_multiples_of_8(tiny_model_dir, toy_files, tmp_path, monkeypatch):
+    """Under bf16 every batch the loop trains on is padded to a multiple of 8 tokens (tensor-core shapes), and the run
+    still learns. Guards the padding rule not reaching the training dataloader, and a bf16 path that does not learn."""
+    from tuneloop import throughput
+
+    shapes = []  # (padded length, longest real length) of every training batch, as the loop sees it
+    add_batch = throughput.SpeedMeter.add_batch
+
+    def record(meter, batch):
+        shapes.append((batch["input_ids"].shape[1], int(batch["attention_mask"].sum(dim=1).max())))
+        add_batch(meter, batch)
+
+    monkeypatch.setattr(throughput.SpeedMeter, "add_batch", record)
     results = run_in_process(tiny_args(tiny_model_dir, toy_files, tmp_path, mixed_precision="bf16"))
     assert results["mixed_precision"] == "bf16"
     assert math.isfinite(results["train_loss"]) and results["eval_accuracy"] >= 0.9
+    assert len(shapes) == 6 * 30
+    assert all(padded % 8 == 0 and 0 <= padded - longest < 8 for padded, longest in shapes), shapes
+    assert any(longest % 8 for _, longest in shapes)  # some batches needed the rounding: the check above is not idle
 
 
+@pytest.mark.trains
+@pytest.mark.parametrize("max_steps, evaluated_at", [(34, [10, 20, 30, 34]), (40, [10, 20, 30, 40])])
+def test_eval_strategy_steps_evaluates_at_each_multiple_and_at_the_end(tiny_model_dir, toy_files, tmp_path,
+                                                                       max_steps, evaluated_at):
+    """--eval_strategy steps --eval_steps 10 over an epoch boundary (30 steps per epoch): evaluations land exactly at
+    the multiples of 10, plus one of the final weights when the last step is not a multiple, once when it is, and
+    none for the epoch. Guards an off-by-one in the step test, a missing or doubled final evaluation, and epoch
+    evaluations leaking into the steps strategy (step 30 is both)."""
+    results = run_in_process(tiny_args(tiny_model_dir, toy_files, tmp_path, eval_strategy="steps", eval_steps=10,
+                                       max_steps=max_steps, logging_steps=1))
+    evaluations = [h for h in read_json(tmp_path / "log_history.json") if "eval_accuracy" in h]
+    assert [e["step"] for e in evaluations] == evaluated_at
+    assert not any("epoch" in e for e in evaluations)
+    assert results["eval_accuracy"] == evaluations[-1]["eval_accuracy"]  # the final metrics are the final weights'
+
+
+class OneProcess:
+    """What LossMeter asks of an accelerator, on one process: reduce and gather return their input."""
+
+    def reduce(self, tensor, reduction="mean"):
+        return tensor
+
+    def gather(self, tensor):
+        return tensor
+
+
+def test_loss_meter_windows_totals_streak_and_resume():
+    """The logged loss is the mean over the micro-batches since the last log; the run's train_loss sums every window;
+    a non-finite step extends the streak and a finite one resets it; a checkpoint's state_dict restores all of it.
+    Guards a mean per optimizer step instead of per micro-batch, a window that is not cleared after logging, a streak
+    that never resets, and state lost across a resume."""
+    cpu = torch.device("cpu")
+    meter = LossMeter(cpu)
+    for micro_batches in ([1.0, 3.0], [5.0]):  # two optimizer steps, the first on 2 micro-batches
+        for loss in micro_batches:
+            meter.add(torch.tensor(loss))
+        meter.end_step(skipped=False)
+    assert meter.take_window(OneProcess()) == 3.0  # (1 + 3 + 5) / 3
+    meter.add(torch.tensor(7.0))
+    meter.end_step(skipped=True)
+    assert meter.take_window(OneProcess()) == 7.0
+    assert (meter.total.item(), meter.total_count, meter.skipped_steps) == (16.0, 4, 1)
+
+    meter.add(torch.tensor(2.0))
+    meter.end_step(skipped=False)  # a checkpoint mid-window
+    resumed = LossMeter(cpu, meter.state_dict())
+    assert resumed.state_dict() == meter.state_dict() == {
+        "window_loss": 2.0, "window_count": 1, "total_loss": 16.0, "total_count": 4, "nonfinite_streak": 0,
+        "skipped_steps": 1}
+    assert resumed.take_window(OneProcess()) == 2.0 and resumed.total.item() == 18.0
+
+    health = LossMeter(cpu)
+    for micro_batches in ([float("nan"), 2.0], [float("inf")]):  # one NaN micro-batch makes its whole step non-finite
+        for loss in micro_batches:
+            health.add(torch.tensor(loss))
+        health.end_step(skipped=False)
+    assert health.worst_streak(OneProcess()) == 2
+    resumed = LossMeter(cpu, health.state_dict())  # the streak survives a checkpoint
+    assert resumed.worst_streak(OneProcess()) == 2
+    resumed.add(torch.tensor(1.0))
+    resumed.end_step(skipped=False)
+    assert resumed.worst_streak(OneProcess()) == 0  # a finite step resets it
+
+
+def test_weight_decay_skips_biases_and_layer_norms():
+    """Matrices (attention, FFN, embeddings, classifier) decay; biases and LayerNorm weights do not, as in BERT and
+    transformers' Trainer. Guards decay on LayerNorm/bias (it pulls them towards 0) or none at all."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    model = BertForSequenceClassification(BertConfig(vocab_size=30, hidden_size=8, num_hidden_layers=1,
+                                                     num_attention_heads=2, intermediate_size=16, num_labels=3))
+    optimizer = make_optimizer(model, TrainArguments(weight_decay=0.05), torch.device("cpu"))
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for g in optimizer.param_groups if g["weight_decay"] == 0.05 for p in g["params"]}
+    kept = {names[id(p)] for g in optimizer.param_groups if g["weight_decay"] == 0.0 for p in g["params"]}
+    assert decayed | kept == set(names.values()) and not decayed & kept  # every parameter, once
+    assert kept == {n for n in names.values() if n.endswith(".bias") or "LayerNorm" in n}
+    assert {"bert.embeddings.word_embeddings.weight", "classifier.weight",
+            "bert.encoder.layer.0.attention.self.query.weight"} <= decayed
+
+
+def test_weight_decay_groups_under_zero3_follow_the_true_shape():
+    """Under DeepSpeed ZeRO-3 every local tensor is a flat 1-D shard and the real shape is in `ds_shape`: grouped by
+    `ndim`, the decay group came out empty (DeepSpeed dropped it and the scheduler's first step failed)."""
+
+    def zero3_shard(shape):  # what ZeRO-3 leaves on a rank: a 1-D piece, with the full shape beside it
+        parameter = torch.nn.Parameter(torch.zeros(2))
+        parameter.ds_shape = torch.Size(shape)
+        return parameter
+
+    model = torch.nn.Module()
+    model.weight, model.bias, model.norm = zero3_shard((4, 3)), zero3_shard((4,)), zero3_shard((4,))
+    optimizer = make_optimizer(model, TrainArguments(weight_decay=0.1), torch.device("cpu"))
+    groups = {g["weight_decay"]: g["params"] for g in optimizer.param_groups}
+    assert [p is model.weight for p in groups[0.1]] == [True]
+    assert {id(p) for p in groups[0.0]} == {id(model.bias), id(model.norm)}
+
+
+@pytest.mark.trains
 def test_data_seed_moves_the_data_order_alone(tiny_model_dir, toy_files, tmp_path):
     """--data_seed reorders the batches (another loss at step 1) and nothing else: --data_seed equal to --seed is the
     run without it, bit for bit. Guards a data_seed that is parsed but never reaches the sampler."""
@@ -157,6 +270,7 @@ def test_data_seed_moves_the_data_order_alone(tiny_model_dir, toy_files, tmp_pat
     assert losses("other", data_seed=4)[0] != plain[0]
 
 
+@pytest.mark.trains
 def test_logging_first_step_and_eval_on_start(tiny_model_dir, toy_files, tmp_path):
     """Trainer's two switches: a log at step 1 (logging_steps 5 would start at 5) and an evaluation at step 0 that is
     a baseline, not a best-model candidate."""
