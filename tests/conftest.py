@@ -210,7 +210,7 @@ def run_in_process(args: list[str]) -> dict:
 
 def launch(args: list[str], num_processes: int = 2, *, config: str | None = None, module: bool = False,
            launcher: bool = True, launch_flags: tuple[str, ...] = (), env: dict[str, str] | None = None,
-           check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
+           check: bool = True, timeout: int = 300) -> subprocess.CompletedProcess:
     """Run tuneloop in real processes, as a user types it: `accelerate launch --config_file accelerate_configs/<config>
     [launch_flags] train.py ARGS` (`-m tuneloop ARGS` with module=True; plain `python train.py ARGS`, no launcher, with
     launcher=False). The config defaults to the CPU config of `num_processes` (cpu.yaml or cpu_2proc.yaml). `env`

@@ -39,7 +39,7 @@ def weights(output_dir) -> dict[str, torch.Tensor]:
 
 def run_to_end(args: list[str], num_processes: int) -> None:
     """One process: plain `python train.py` (the signal then reaches the trainer itself); two: `accelerate launch`."""
-    launch(args, num_processes, launcher=num_processes > 1, timeout=300)
+    launch(args, num_processes, launcher=num_processes > 1)
 
 
 def interrupt(args: list[str], output_dir: Path, sig: signal.Signals, num_processes: int) -> tuple[int, str]:

@@ -41,7 +41,7 @@ def launched(engine: str, args: list[str]) -> dict:
     """`accelerate launch --config_file accelerate_configs/<the engine's config> train.py ARGS`; the run must have had
     that engine on 2 processes."""
     config, kind = ENGINES[engine]
-    launch(args, config=config)
+    launch(args, config=config, timeout=600)
     output_dir = Path(args[args.index("--output_dir") + 1])
     results = read_json(output_dir / "all_results.json")
     assert (results["distributed_type"], results["num_processes"]) == (kind, 2), results
@@ -211,7 +211,8 @@ def test_fsdp_config_is_full_shard_and_wraps_each_models_own_layers(monkeypatch,
 def test_fsdp_launch_on_cpu_stops_with_one_clear_line(tiny_model_dir, toy_files, tmp_path):
     """Accelerate would silently run an FSDP launch on CPU as MULTI_CPU data parallelism; tuneloop refuses it."""
     args = tiny_args(tiny_model_dir, toy_files, tmp_path, max_steps=1)
-    result = launch(args, config="fsdp.yaml", launch_flags=("--num_processes", "2", "--mixed_precision", "no"), check=False)
+    result = launch(args, config="fsdp.yaml", launch_flags=("--num_processes", "2", "--mixed_precision", "no"),
+                    check=False, timeout=600)
     assert result.returncode != 0
     errors = [line for line in result.stderr.splitlines() if line.startswith("tuneloop: error:")]
     assert len(errors) == 1, result.stderr[-3000:]
@@ -319,7 +320,7 @@ def test_deepspeed_settings_that_disagree_are_reported_together():
 def test_deepspeed_switched_off_by_use_cpu_is_refused(tiny_model_dir, toy_files, tmp_path):
     """The trap from the notes: ACCELERATE_USE_CPU=1 with a DeepSpeed config silently trains plain MULTI_CPU."""
     args = tiny_args(tiny_model_dir, toy_files, tmp_path, max_steps=1)
-    result = launch(args, config="deepspeed_zero2_cpu.yaml", env={"ACCELERATE_USE_CPU": "1"}, check=False)
+    result = launch(args, config="deepspeed_zero2_cpu.yaml", env={"ACCELERATE_USE_CPU": "1"}, check=False, timeout=600)
     assert result.returncode != 0
     errors = [line for line in result.stderr.splitlines() if line.startswith("tuneloop: error:")]
     assert len(errors) == 1, result.stderr[-3000:]
