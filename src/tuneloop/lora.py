@@ -67,13 +67,18 @@ def add_adapter(model: torch.nn.Module, m: ModelArguments, low_cpu_mem_usage: bo
                         "(e.g. query value) or use all-linear") from None
 
 
+def model_class(config: PretrainedConfig):
+    """The transformers classifier class of a config; None for custom code (trust_remote_code)."""
+    return MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING.get(type(config), None)
+
+
 def check(m: ModelArguments, config: PretrainedConfig) -> None:
-    """Before the weights load: LoRA on the model built on the meta device (no memory used, nothing read)."""
-    model_class = MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING.get(type(config), None)
-    if model_class is None:  # custom code (trust_remote_code): checked once loaded, by add_adapter
+    """Before the weights load: LoRA on the model built on the meta device (no memory used, nothing read). The class
+    itself, not `from_config`, which would partition the model under ZeRO-3."""
+    if model_class(config) is None:  # custom code: checked once loaded, by add_adapter
         return
     with torch.device("meta"):
-        add_adapter(model_class(config), m, low_cpu_mem_usage=True)
+        add_adapter(model_class(config)(config), m, low_cpu_mem_usage=True)
 
 
 def parameter_counts(model: torch.nn.Module) -> str:
@@ -107,8 +112,8 @@ def save(accelerator, model, tokenizer, output_dir: str, merge: bool, writing) -
             # the live model is untouched and, under ZeRO-3, its empty shards are never read. safe_merge writes each
             # merged weight to a new tensor instead of adding into one that may be the live model's.
             config = peft_model.base_model.model.config
-            with torch.device("meta"):  # the class itself: from_config would partition it under ZeRO-3
-                copy = type(peft_model.base_model.model)(config)
+            with torch.device("meta"):  # (FSDP2 swaps the live model's class for a subclass of its own)
+                copy = (model_class(config) or type(peft_model.base_model.model))(config)
                 copy = get_peft_model(copy, peft_model.peft_config["default"], low_cpu_mem_usage=True)
             copy.load_state_dict(state_dict, assign=True, strict=False)
             merged = copy.merge_and_unload(safe_merge=True)
