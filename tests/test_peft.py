@@ -89,14 +89,15 @@ def _tiny(config_class, **extra):
 
 @pytest.mark.parametrize("architecture, heads", [
     ("bert", ["classifier"]),
-    ("roberta", ["classifier"]),  # a module with its own dense + out_proj: no LoRA inside it
+    ("roberta", ["classifier"]),  # a module with its own dense + out_proj
     ("distilbert", ["pre_classifier", "classifier"]),  # both new in DistilBERT's classifier
     ("deberta-v2", ["pooler", "classifier"]),  # DeBERTa's ContextPooler is new too
     ("llama", ["score"]),
 ])
 def test_the_head_is_trained_in_full_and_gets_no_lora(architecture, heads):
-    """Guards a head left frozen (PEFT's own guess knows only `classifier` and `score`) or adapted by LoRA's
-    all-linear (RoBERTa's classifier.dense was), and a backbone left without adapters."""
+    """Guards a head left frozen or given LoRA instead of full training (PEFT's own guess, `classifier` or `score`,
+    gave DeBERTa's new pooler LoRA on frozen random weights and failed on DistilBERT), and a backbone left without
+    adapters."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
     config = AutoConfig.for_model(architecture, vocab_size=64, num_labels=3, **(
