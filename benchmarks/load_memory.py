@@ -7,7 +7,8 @@ Builds a BERT from a config (random weights, saved once as safetensors; no downl
 `model.load_model`, the code a training run uses. Each rank samples its own resident memory every 5 ms during the
 load (/proc/self/smaps_rollup: RSS; PSS, which counts a page shared by both ranks half to each, so a file both map
 is one copy between them; anonymous, private memory) and reports the peak and the level after, above the level just
-before, and the parameter bytes it holds afterwards. Engines: DDP (cpu_2proc.yaml: every rank holds the whole model, the reference), ZeRO-3 with
+before, and the parameter bytes it holds afterwards. transformers 5 maps the safetensors file and reads pages on first
+use, so every tensor the rank holds is read once before the level "after" is taken. Engines: DDP (cpu_2proc.yaml: every rank holds the whole model, the reference), ZeRO-3 with
 `zero3_init_flag: true` (deepspeed_zero3_cpu.yaml: each rank should build only its shard) and the same config with
 the flag off.
 
@@ -57,6 +58,10 @@ def worker(model_dir: str) -> None:
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     model = models.load_model(ModelArguments(model_name_or_path=model_dir), ["a", "b", "c"], pad_token_id=0)
+    # transformers 5 maps the safetensors file and reads a page only when it is first used: touch every tensor this rank
+    # holds, as the first forward (or DDP's broadcast of rank 0's weights) would.
+    for p in model.parameters():
+        getattr(p, "ds_tensor", p).sum()
     done.set()
     sampler.join()
     after = memory()
