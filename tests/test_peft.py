@@ -8,6 +8,7 @@ tests launch LoRA + activation checkpointing on 2-process DDP, ZeRO-2 and ZeRO-3
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -194,7 +195,8 @@ def test_evaluate_and_predict_accept_the_adapter_folder(lora_run, toy_files, tes
 
 
 @pytest.mark.trains
-def test_bf16_lora_without_merge_saves_the_adapter_and_evaluates_in_its_dtype(tiny_model_dir, toy_files, tmp_path):
+def test_bf16_lora_without_merge_saves_the_adapter_and_evaluates_in_its_dtype(tiny_model_dir, toy_files, tmp_path,
+                                                                               capsys):
     """The low-memory setting: the frozen base in bfloat16, the adapters in float32 (PEFT's), no warning about a
     missing master copy; --merge_adapter false leaves only the adapter in output_dir, and `tuneloop evaluate` of it
     runs in the dtype trained. Guards a merge done anyway, and evaluation falling back to float32."""
@@ -204,6 +206,11 @@ def test_bf16_lora_without_merge_saves_the_adapter_and_evaluates_in_its_dtype(ti
     run_in_process(tiny_args(tiny_model_dir, toy_files, out, **LORA, dtype="bfloat16", merge_adapter="false",
                              max_steps=3, eval_strategy="no"))
     reset_accelerate_state()
+    printed = capsys.readouterr().out
+    assert "no fp32 master copy" not in printed
+    trainable, total = (int(n.replace(",", "")) for n in
+                        re.search(r"trainable parameters ([\d,]+) of ([\d,]+)", printed).groups())
+    assert 0 < trainable < total
     assert (out / "adapter_config.json").is_file() and not (out / "model.safetensors").exists()
     adapter = load_file(out / "adapter_model.safetensors")
     assert {t.dtype for k, t in adapter.items() if "lora_" in k} == {torch.float32}

@@ -81,11 +81,14 @@ def check(m: ModelArguments, config: PretrainedConfig) -> None:
         add_adapter(model_class(config)(config), m, low_cpu_mem_usage=True)
 
 
-def parameter_counts(model: torch.nn.Module) -> str:
+def describe(model, m: ModelArguments) -> str:
+    """The start-up line of a LoRA run: the adapter, the head, trainable / total parameters."""
     # ZeRO-3 creates the model already partitioned: numel() is a shard there, ds_numel the full size.
     sizes = [(getattr(p, "ds_numel", p.numel()), p.requires_grad) for p in model.parameters()]
     total, trainable = sum(n for n, _ in sizes), sum(n for n, grad in sizes if grad)
-    return f"trainable parameters {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)"
+    return (f"tuneloop: LoRA r={m.lora_r} alpha={m.lora_alpha} on {' '.join(m.lora_target_modules)}, head trained in "
+            f"full: {', '.join(head_modules(model.base_model.model))}; trainable parameters {trainable:,} of {total:,} "
+            f"({100 * trainable / total:.2f}%)")
 
 
 def save(accelerator, model, tokenizer, output_dir: str, merge: bool, writing) -> None:
