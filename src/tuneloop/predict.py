@@ -53,10 +53,11 @@ def gather(accelerator: Accelerator, model: torch.nn.Module, dataloader) -> Outp
     logits, labels, positions = [], [], []
     for batch in dataloader:
         position = batch.pop(INDEX_COLUMN, None)  # not a model input
+        batch_labels = batch.pop("labels", None)  # the loss is problem.py's, on everything gathered
         batch_logits = model(**batch).logits.float()
         tensors = {"logits": batch_logits}
-        if "labels" in batch:
-            tensors["labels"] = batch["labels"]
+        if batch_labels is not None:
+            tensors["labels"] = batch_labels
         if position is not None:
             tensors["position"] = position
         gathered = accelerator.gather_for_metrics(tensors)
