@@ -213,7 +213,8 @@ def log_figures(accelerator: Accelerator, folder: str, names: list[str], step: i
 def table_markdown(rows: list[dict]) -> str:
     """A per-class or per-target table: text left, numbers right, four decimals."""
     keys = list(rows[0])
-    lines = ["| " + " | ".join(keys) + " |", "| --- |" + " ---: |" * (len(keys) - 1)]
+    headers = {"f1": "F1", "mse": "MSE", "mae": "MAE"}
+    lines = ["| " + " | ".join(headers.get(k, k) for k in keys) + " |", "| --- |" + " ---: |" * (len(keys) - 1)]
     lines += ["| " + " | ".join(f"{r[k]:.4f}" if isinstance(r[k], float) else str(r[k]) for k in keys) + " |"
               for r in rows]
     return "\n".join(lines) + "\n"
