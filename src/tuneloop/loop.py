@@ -12,13 +12,14 @@ import sys
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, set_seed
 from tqdm.auto import tqdm
 from transformers.utils import logging as hf_logging
 
-from tuneloop import checkpoint, cpu_speedups, data, engines, lora, metrics, model as models, predict, report, runtime, throughput, tracking
+from tuneloop import checkpoint, cpu_speedups, data, engines, lora, metrics, model as models, predict, problem as problems, report, runtime, throughput, tracking
 from tuneloop.config import Config, TrainArguments, make_scheduler
 from tuneloop.errors import UserError
 from tuneloop.preemption import Preempted, StopRequest
@@ -70,8 +71,9 @@ class Run:
     accelerator: Accelerator
     model: torch.nn.Module
     tokenizer: object
-    class_names: list[str]  # the model's classes, in id order
+    class_names: list[str]  # the model's classes, in id order (regression: its targets)
     metric_modules: dict
+    problem: problems.Problem  # what the labels are: the loss, and how logits are read
     train_dl: object = None  # None unless training
     eval_dl: object = None  # None when neither training nor evaluating
     test_dl: object = None  # with --do_predict: the test split, each example carrying its position
@@ -106,6 +108,8 @@ def train(config: Config) -> dict:
             accelerator.end_training()
             raise
         history = run.state.history
+        if run.problem.problem_type == problems.MULTI:  # the threshold the final evaluation chose: predictions use it
+            accelerator.unwrap_model(run.model).config.multi_label_threshold = run.problem.threshold
         checkpoint.save_final_model(accelerator, run.model, run.tokenizer, t.output_dir, config.model.merge_adapter)
         checkpoint.save_results(accelerator, config, results, history)
     elif t.do_eval:  # evaluating the model as loaded
@@ -117,10 +121,11 @@ def train(config: Config) -> dict:
     if t.do_predict:
         with checkpoint.writing(t.output_dir, t.output_dir):
             test_results = predict.predict_test_split(accelerator, run.model, run.test_dl, run.test_split,
-                                                      run.class_names, run.metric_modules, t, describe(accelerator))
+                                                      run.problem, run.metric_modules, t, describe(accelerator),
+                                                      config.data.label_separator)
     if t.do_train or t.do_eval:  # the confusion matrix and per-class table are the final model's, from its evaluation
         with checkpoint.writing(t.output_dir, t.output_dir):
-            report.write_report(accelerator, config, results, run.class_names, history, eval_outputs, test_results,
+            report.write_report(accelerator, config, results, run.problem, history, eval_outputs, test_results,
                                 run.train_size)
     say(accelerator, report.summary_table({**results, **(test_results or {})}, t.output_dir))
     # Every rank's collectives done, and gloo's worker threads idle, before the process group is torn down: a 2-process
@@ -164,18 +169,20 @@ def setup(config: Config) -> Run:
     splits = None
     if t.do_train or t.do_eval:
         trained_classes = None if t.do_train else models.trained_label_names(model_config)  # a fine-tuned model's
-        splits = data.load_splits(d, t.seed, m.num_labels, need_train=t.do_train, model_classes=trained_classes)
+        splits = data.load_splits(d, t.seed, m.num_labels, need_train=t.do_train, model_classes=trained_classes,
+                                  model_problem_type=None if t.do_train else model_config.problem_type)
     class_names = splits.label_names if splits else models.class_names(model_config)
-    test_split = data.load_test_split(d, class_names) if t.do_predict else None
-    if t.metric_average == "binary" and len(class_names) != 2:
+    problem = make_problem(accelerator, config, splits, model_config, class_names)
+    test_split = data.load_test_split(d, class_names, problem.problem_type) if t.do_predict else None
+    if t.metric_average == "binary" and len(class_names) != 2 and problem.problem_type == problems.SINGLE:
         raise UserError(f"metric_average=binary needs 2 classes, the data has {len(class_names)}: use macro")
     tokenizer = models.load_tokenizer(m, d.max_length)
     with accelerator.main_process_first():
         train_set = data.tokenize(splits.train, splits, tokenizer, d) if t.do_train else None
         eval_set = data.tokenize(splits.eval, splits, tokenizer, d) if splits else None
         test_set = data.tokenize(test_split.test, test_split, tokenizer, d) if test_split else None
-        metric_modules = metrics.load_metrics(t.metrics)
-    model = models.load_model(m, class_names, tokenizer.pad_token_id)
+        metric_modules = metrics.load_metrics(problems.metric_names(problem.problem_type, t.metrics))
+    model = models.load_model(m, class_names, tokenizer.pad_token_id, problem.problem_type)
     if t.activation_checkpointing and t.do_train:
         say(accelerator, models.enable_activation_checkpointing(model, accelerator))
     if m.use_peft and t.do_train:
@@ -198,7 +205,7 @@ def setup(config: Config) -> Run:
         test_set = test_set.add_column(predict.INDEX_COLUMN, list(range(len(test_set))))
         _, test_dl = data.make_dataloaders(None, test_set, tokenizer, t, pad_to_multiple_of, pin_memory)
         test_dl = accelerator.prepare_data_loader(test_dl)
-    run = Run(config, accelerator, model, tokenizer, class_names, metric_modules, eval_dl=eval_dl, test_dl=test_dl,
+    run = Run(config, accelerator, model, tokenizer, class_names, metric_modules, problem, eval_dl=eval_dl, test_dl=test_dl,
               test_split=test_split, state=state, started_at=started_at)
     if not t.do_train:
         run.model, *prepared = engines.prepare_for_evaluation(accelerator, model, *filter(None, [eval_dl]))
@@ -231,6 +238,49 @@ def setup(config: Config) -> Run:
     # Measured before training (a one-second matmul probe on CPU, cached), so it never eats into the timed loop.
     run.peak_tflops = throughput.peak_tflops(accelerator.device, accelerator.mixed_precision, t.peak_tflops)
     return run
+
+
+def make_problem(accelerator: Accelerator, config: Config, splits: data.Splits | None, model_config,
+                 names: list[str]) -> problems.Problem:
+    """The problem type (inferred by data.load_splits, or the saved model's), the loss weights and the multi-label
+    threshold; says which and why in one line each. Checks what could not be checked before the labels were read."""
+    d, t = config.data, config.train
+    if splits is not None:
+        problem_type, reason = splits.problem_type, splits.problem_reason
+    elif d.problem_type:
+        problem_type, reason = d.problem_type, "given by --problem_type"
+    else:
+        problem_type = getattr(model_config, "problem_type", None) or problems.SINGLE
+        reason = "the model's saved problem_type" if model_config.problem_type else "the default"
+    if problem_type == problems.REGRESSION and (t.class_weights or t.label_smoothing_factor):
+        raise UserError("--class_weights and --label_smoothing_factor are for classification; the problem is regression "
+                        f"({reason}): drop them, or pass --problem_type")
+    best = (t.metric_for_best_model or "").removeprefix("eval_")
+    computed = problems.metric_names(problem_type, t.metrics)
+    if best and best != "loss" and best not in computed:
+        raise UserError(f"metric_for_best_model {t.metric_for_best_model!r} is not computed for {problem_type}: use loss "
+                        f"or one of {', '.join(computed)}")
+    train_labels = np.asarray(list(splits.train[splits.label_column])) \
+        if splits is not None and splits.train is not None and t.class_weights == "auto" else None
+    weights = problems.class_weights(t.class_weights, problem_type, train_labels, names)
+    saved_threshold = getattr(model_config, "multi_label_threshold", None) if not t.do_train else None
+    threshold = t.multi_label_threshold
+    problem = problems.Problem(problem_type, names, reason, weights, t.label_smoothing_factor,
+                               threshold=float(threshold) if threshold not in (None, "auto") else saved_threshold or 0.5,
+                               tune_threshold=threshold == "auto" and problem_type == problems.MULTI)
+    if problem.tune_threshold and not t.do_eval:
+        say(accelerator, "warning: --multi_label_threshold auto is chosen on the eval set, and --do_eval is off: using 0.5")
+        problem.tune_threshold = False
+    say(accelerator, f"tuneloop: problem type {problem_type} ({reason}); {len(names)} "
+                     + ("target(s)" if problem_type == problems.REGRESSION else "classes" if problem_type == problems.SINGLE
+                        else "labels")
+                     + (f"; threshold {'auto (max micro-F1 on the eval set)' if problem.tune_threshold else problem.threshold}"
+                        if problem_type == problems.MULTI else ""))
+    if weights is not None:
+        kind = "class weights" if problem_type == problems.SINGLE else "pos_weight"
+        say(accelerator, f"tuneloop: {kind} ({'auto: inverse frequency of the training labels' if t.class_weights == 'auto' else 'given'}): "
+                         + ", ".join(f"{name}={w:.4g}" for name, w in zip(names, weights.tolist())))
+    return problem
 
 
 def find_resume_checkpoint(accelerator: Accelerator, t: TrainArguments) -> str | None:
@@ -351,7 +401,9 @@ def fit(run: Run) -> tuple[dict, predict.Outputs | None]:
             model.train()
             for batch in epoch_batches(run, epoch):
                 with accelerator.accumulate(model):
-                    loss = model(**batch).loss
+                    # The loss is the loop's own (problem.py), the same function evaluation uses.
+                    labels = batch["labels"]
+                    loss = run.problem.loss(model(**{k: v for k, v in batch.items() if k != "labels"}).logits, labels)
                     accelerator.backward(loss)
                     if accelerator.sync_gradients:
                         # clip_grad_norm_ returns the pre-clip norm; with clipping off, an infinite bound only measures it.
@@ -441,7 +493,7 @@ def finish_training(run: Run, session: Session, stopped_early: bool) -> tuple[di
         outputs = evaluate_and_log(run, epoch=state.epoch if state.batches_in_epoch == 0 else None)
     if t.load_best_model_at_end and state.best_checkpoint and state.best_step != state.step:
         say(accelerator, f"tuneloop: loading the best model (step {state.best_step}, "
-                         f"{best_metric_key(t)}={state.best_metric:.4f}) from {state.best_checkpoint}")
+                         f"{best_metric_key(run)}={state.best_metric:.4f}) from {state.best_checkpoint}")
         checkpoint.load_checkpoint(accelerator, state.best_checkpoint, run.config.model.use_peft)
         outputs = evaluate_and_log(run)
 
@@ -456,7 +508,7 @@ def finish_training(run: Run, session: Session, stopped_early: bool) -> tuple[di
         "global_step": state.step,
         "epochs": run.plan.num_epochs,
         "final_learning_rate": final_learning_rate,
-        **({"best_step": state.best_step, f"best_{best_metric_key(t)}": state.best_metric} if state.best_step else {}),
+        **({"best_step": state.best_step, f"best_{best_metric_key(run)}": state.best_metric} if state.best_step else {}),
         **({"stopped_early": True} if stopped_early else {}),
         **({"skipped_steps": meter.skipped_steps} if accelerator.mixed_precision == "fp16" else {}),
         **describe(accelerator),
@@ -512,15 +564,17 @@ def save_checkpoint(run: Run, session: Session) -> None:
     say(accelerator, f"tuneloop: checkpoint {path}")
 
 
-def best_metric_key(t: TrainArguments) -> str:
-    return "eval_" + (t.metric_for_best_model or t.metrics[0]).removeprefix("eval_")
+def best_metric_key(run: Run) -> str:
+    """The metric that picks the best model: --metric_for_best_model, else the first metric computed."""
+    t = run.config.train
+    return "eval_" + (t.metric_for_best_model or next(iter(run.metric_modules))).removeprefix("eval_")
 
 
 def early_stop(run: Run) -> bool:
     patience = run.config.train.early_stopping_patience
     if not run.state.patience_exhausted(patience):
         return False
-    say(run.accelerator, f"tuneloop: early stopping: no improvement of {best_metric_key(run.config.train)} "
+    say(run.accelerator, f"tuneloop: early stopping: no improvement of {best_metric_key(run)} "
                          f"in {patience} evaluations (best {run.state.best_metric:.4f} at step {run.state.best_step})")
     return True
 
@@ -533,7 +587,10 @@ def evaluate(run: Run) -> tuple[dict, predict.Outputs]:
     is the same for any process count (predict.gather).
     """
     outputs = predict.gather(run.accelerator, run.model, run.eval_dl)
-    return predict.score(outputs, run.metric_modules, run.config.train.metric_average, prefix="eval"), outputs
+    problem = run.problem
+    if problem.tune_threshold:  # on the gathered set: every rank chooses the same
+        problem.threshold = problems.best_threshold(problem.probabilities(outputs.logits), outputs.labels)
+    return predict.score(outputs, problem, run.metric_modules, run.config.train.metric_average, prefix="eval"), outputs
 
 
 def evaluate_and_log(run: Run, epoch: int | None = None, best_candidate: bool = True) -> predict.Outputs:
@@ -547,8 +604,9 @@ def evaluate_and_log(run: Run, epoch: int | None = None, best_candidate: bool = 
     state.last_eval = {**results, "step": state.step}
     say(run.accelerator, format_metrics(f"epoch {epoch}" if epoch else f"step {state.step}", results))
     if best_candidate:
-        greater = t.greater_is_better if t.greater_is_better is not None else not best_metric_key(t).endswith("loss")
-        state.record_eval(results[best_metric_key(t)], greater, t.early_stopping_threshold)
+        key = best_metric_key(run)
+        greater = t.greater_is_better if t.greater_is_better is not None else not problems.lower_is_better(key)
+        state.record_eval(results[key], greater, t.early_stopping_threshold)
     return outputs
 
 

@@ -111,7 +111,10 @@ def enable_activation_checkpointing(model, accelerator: Accelerator) -> str:
     return "tuneloop: activation checkpointing: each layer's activations are recomputed in the backward pass"
 
 
-def load_model(m: ModelArguments, label_names: list[str], pad_token_id: int | None):
+def load_model(m: ModelArguments, label_names: list[str], pad_token_id: int | None,
+               problem_type: str = "single_label_classification"):
+    """The classifier with one output per class (label, regression target). `problem_type` goes into its config, where
+    transformers' own loss and `pipeline` read it (sigmoid per label for multi-label, the raw value for regression)."""
     path = resolve_model_path(m.model_name_or_path)
     if lora.is_adapter(path):  # a LoRA adapter saved by tuneloop (evaluate / predict): its base plus the adapter
         return lora.load_for_inference(path, m.dtype, m.trust_remote_code)
@@ -131,6 +134,7 @@ def load_model(m: ModelArguments, label_names: list[str], pad_token_id: int | No
             num_labels=len(label_names),
             id2label=id2label,
             label2id={name: i for i, name in id2label.items()},
+            problem_type=problem_type,
             ignore_mismatched_sizes=m.ignore_mismatched_sizes,
             dtype=m.dtype,  # transformers 5 would load a bf16 checkpoint as bf16 ("auto") without it
             trust_remote_code=m.trust_remote_code,
