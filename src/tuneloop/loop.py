@@ -402,8 +402,8 @@ def fit(run: Run) -> tuple[dict, predict.Outputs | None]:
             for batch in epoch_batches(run, epoch):
                 with accelerator.accumulate(model):
                     # The loss is the loop's own (problem.py), the same function evaluation uses.
-                    labels = batch["labels"]
-                    loss = run.problem.loss(model(**{k: v for k, v in batch.items() if k != "labels"}).logits, labels)
+                    labels = batch.pop("labels")  # (the model would compute its own loss from them, and discard it)
+                    loss = run.problem.loss(model(**batch).logits, labels)
                     accelerator.backward(loss)
                     if accelerator.sync_gradients:
                         # clip_grad_norm_ returns the pre-clip norm; with clipping off, an infinite bound only measures it.
