@@ -1,0 +1,156 @@
+"""Elastic resume (issue 18): a checkpoint written by N processes continues on M, keeping the global batch, every
+step's samples and the schedule. Real processes on this CPU; the 2-process run never stopped is the reference."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import launch, read_json, tiny_args
+from test_checkpoint import interrupt, weights
+from tuneloop import checkpoint
+from tuneloop.config import parse_args
+from tuneloop.errors import UserError
+from tuneloop.loop import resume_plan
+from tuneloop.preemption import REQUEUE_EXIT_CODE
+
+# 240 rows / global batch 8 = 30 steps per epoch, 60 in all; a linear schedule with warmup, so a scheduler left at
+# the wrong position changes every later learning rate. The tiny model has no dropout.
+RUN = dict(per_device_train_batch_size=4, gradient_accumulation_steps=1, num_train_epochs=2, logging_steps=1,
+           warmup_steps=0.1, eval_strategy="no")
+STOPPABLE = dict(save_strategy="steps", save_steps=7)  # the first checkpoint tells `interrupt` that training is on
+LOG_SAMPLES = {"TUNELOOP_LOG_SAMPLE_IDS": "1"}
+
+
+@pytest.fixture(autouse=True)
+def log_sample_ids(monkeypatch):
+    for key, value in LOG_SAMPLES.items():  # launches inherit os.environ
+        monkeypatch.setenv(key, value)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model_dir, toy_files, tmp_path_factory) -> Path:
+    """2 processes x batch 4 x accumulation 1, never stopped."""
+    out = tmp_path_factory.mktemp("elastic-reference")
+    launch(tiny_args(tiny_model_dir, toy_files, out, **RUN), 2, env=LOG_SAMPLES)
+    results = read_json(out / "all_results.json")
+    assert (results["num_processes"], results["distributed_type"]) == (2, "MULTI_CPU")
+    return out
+
+
+def samples_per_step(output_dir: Path) -> dict[int, list[int]]:
+    """Step -> the sample ids it used, in the global order: ranks in turn within each micro-step (how Accelerate
+    deals batches: global batch i goes to rank i % N)."""
+    per_rank = []
+    for path in sorted((output_dir / "sample_ids").glob("rank_*.jsonl"), key=lambda p: int(p.stem.split("_")[1])):
+        steps: dict[int, list[list[int]]] = {}
+        for line in path.read_text().splitlines():
+            entry = json.loads(line)
+            steps.setdefault(entry["step"], []).append(entry["ids"])
+        per_rank.append(steps)
+    merged: dict[int, list[int]] = {}
+    for step in sorted(set().union(*per_rank)):
+        micro = [ranks.get(step, []) for ranks in per_rank]
+        # Interleave: micro-step j of rank r is global batch j * N + r.
+        for j in range(max(len(m) for m in micro)):
+            for m in micro:
+                merged.setdefault(step, []).extend(m[j] if j < len(m) else [])
+    return merged
+
+
+def relative_error(expected: dict[str, torch.Tensor], got: dict[str, torch.Tensor]) -> float:
+    assert expected.keys() == got.keys()
+    return max(((got[k] - expected[k]).norm() / expected[k].norm().clamp_min(1e-12)).item() for k in expected)
+
+
+def learning_rates(output_dir: Path) -> dict[int, float]:
+    return {e["step"]: e["train/learning_rate"] for e in read_json(output_dir / "log_history.json")
+            if "train/learning_rate" in e}
+
+
+def check_same_run(reference: Path, resumed: Path, processes: int, stopped_at: int) -> None:
+    expected, got = samples_per_step(reference), samples_per_step(resumed)
+    assert len(expected) == 60 and got.keys() == expected.keys()
+    assert all(got[s] == expected[s] for s in expected), "a step used other samples than the uninterrupted run"
+    assert learning_rates(resumed) == pytest.approx(learning_rates(reference), rel=1e-9)
+    ref_results, results = read_json(reference / "all_results.json"), read_json(resumed / "all_results.json")
+    assert results["num_processes"] == processes and results["global_step"] == ref_results["global_step"] == 60
+    assert results["final_learning_rate"] == pytest.approx(0.0, abs=1e-12)
+    assert results["train_loss"] == pytest.approx(ref_results["train_loss"], rel=1e-5)  # merged loss sums
+    error = relative_error(weights(reference), weights(resumed))
+    print(f"stopped at step {stopped_at}; largest relative weight difference {error:.2e}")
+    assert error <= 1e-5
+
+
+@pytest.mark.multiprocess
+def test_two_processes_stopped_mid_epoch_resume_on_one(reference, tiny_model_dir, toy_files, tmp_path):
+    """SIGUSR1 to a 2-process run; resumed on 1 process, which takes accumulation 2. Guards a data position counted in
+    the wrong process's batches, a scheduler left at 2 ticks per step, lost loss sums of rank 1."""
+    out = tmp_path / "run"
+    args = tiny_args(tiny_model_dir, toy_files, out, **RUN, **STOPPABLE)
+    code, stderr = interrupt(args, out, signal.SIGUSR1, 2)
+    assert code != 0 and f"exitcode  : {REQUEUE_EXIT_CODE}" in stderr, stderr[-3000:]
+    stopped_at = read_json(out / "preempted.json")["step"]
+    assert 7 <= stopped_at < 60
+
+    done = launch([*args, "--resume_from_checkpoint", "latest"], 1, launcher=False)
+    layout = [line for line in done.stdout.splitlines() if "elastic resume" in line]
+    assert len(layout) == 1 and "2 processes x batch 4 x accumulation 1 -> 1 processes x batch 4 x accumulation 2" \
+        in layout[0], done.stdout[-2000:]
+    check_same_run(reference, out, 1, stopped_at)
+
+
+@pytest.mark.multiprocess
+def test_one_process_stopped_resumes_on_two(reference, tiny_model_dir, toy_files, tmp_path):
+    """1 process x batch 4 x accumulation 2 (the reference's global batch), stopped by SIGTERM, resumed on 2 processes
+    with the same command line: accumulation becomes 1. Guards a new rank without RNG or loss sums, and a data
+    position not converted to the new rank count (rank 1 would replay or skip batches)."""
+    out = tmp_path / "run"
+    args = tiny_args(tiny_model_dir, toy_files, out, **{**RUN, "gradient_accumulation_steps": 2}, **STOPPABLE)
+    code, stderr = interrupt(args, out, signal.SIGTERM, 1)
+    assert code == REQUEUE_EXIT_CODE, stderr[-3000:]
+    stopped_at = read_json(out / "preempted.json")["step"]
+
+    done = launch([*args, "--resume_from_checkpoint", "latest"], 2)
+    assert "1 processes x batch 4 x accumulation 2 -> 2 processes x batch 4 x accumulation 1" in done.stdout
+    check_same_run(reference, out, 2, stopped_at)
+    for saved in checkpoint.complete_checkpoints(str(out)):  # the resumed session's checkpoints record its layout
+        state = checkpoint.read_state(saved)
+        expected = checkpoint.Layout(1, 4, 2) if state.step <= stopped_at else checkpoint.Layout(2, 4, 1)
+        assert checkpoint.layout_of(state) == expected and state.length_group_batch_size == 4
+
+
+def test_layouts_keep_the_global_batch():
+    assert checkpoint.keep_global_batch(8, 1, 4) == checkpoint.Layout(1, 4, 2)
+    assert checkpoint.keep_global_batch(8, 4, 4) == checkpoint.Layout(4, 2, 1)  # the batch shrinks only when it must
+    assert checkpoint.keep_global_batch(12, 2, 4) == checkpoint.Layout(2, 3, 2)
+    assert checkpoint.keep_global_batch(4, 3, 1) is None  # the issue's 4 x 1 -> 3
+
+
+def test_refusals_name_what_works(tmp_path, tiny_model_dir, toy_files, monkeypatch):
+    """--elastic_resume false keeps the old refusal; a process count that cannot keep the global batch is refused with
+    the layouts that can. Both before the Accelerator or any weights (the checkpoint's state file is all it reads)."""
+    out = tmp_path / "run"
+    saved = Path(checkpoint.checkpoint_path(str(out), 12))
+    saved.mkdir(parents=True)
+    state = checkpoint.TrainerState(step=12, batches_in_epoch=12, num_processes=4, per_device_train_batch_size=1,
+                                    gradient_accumulation_steps=1)
+    (saved / checkpoint.STATE_FILE).write_text(json.dumps(checkpoint.asdict(state)))
+    args = tiny_args(tiny_model_dir, toy_files, out, per_device_train_batch_size=1, resume_from_checkpoint="latest")
+    with pytest.raises(UserError, match=r"num_processes 4 -> 1.*same process count"):
+        resume_plan(parse_args([*args, "--elastic_resume", "false"]))
+    monkeypatch.setenv("WORLD_SIZE", "3")  # what the launcher tells a process of a 3-process run
+    with pytest.raises(UserError, match=r"global batch 4\), which 3 processes cannot keep: resume on 1 processes x "
+                                        r"batch 1 x accumulation 4; 2 processes x batch 1 x accumulation 2; 4 processes"):
+        resume_plan(parse_args(args))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    config, path, resumed, notes = resume_plan(parse_args(args))
+    assert (config.train.per_device_train_batch_size, config.train.gradient_accumulation_steps) == (1, 2)
+    assert path == str(saved) and resumed.step == 12 and resumed.batches_in_epoch == 24  # 48 samples in: 24 per rank
+    assert notes == ["tuneloop: elastic resume: 4 processes x batch 1 x accumulation 1 -> 2 processes x batch 1 x "
+                     "accumulation 2 (global batch 4 kept), step 12, epoch 0 at micro-batch 24"]
