@@ -4,8 +4,11 @@ step's samples and the schedule. Real processes on this CPU; the 2-process run n
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -134,7 +137,9 @@ def test_layouts_keep_the_global_batch():
 
 def test_refusals_name_what_works(tmp_path, tiny_model_dir, toy_files, monkeypatch):
     """--elastic_resume false keeps the old refusal; a process count that cannot keep the global batch is refused with
-    the layouts that can. Both before the Accelerator or any weights (the checkpoint's state file is all it reads)."""
+    the layouts that can; DeepSpeed ZeRO state of another process count is refused naming DeepSpeed's conversion. All
+    before the Accelerator or any weights (the checkpoint's state file is all they read), so the process count and
+    engine a launcher announces are set here as the launcher sets them."""
     out = tmp_path / "run"
     saved = Path(checkpoint.checkpoint_path(str(out), 12))
     saved.mkdir(parents=True)
@@ -154,3 +159,117 @@ def test_refusals_name_what_works(tmp_path, tiny_model_dir, toy_files, monkeypat
     assert path == str(saved) and resumed.step == 12 and resumed.batches_in_epoch == 24  # 48 samples in: 24 per rank
     assert notes == ["tuneloop: elastic resume: 4 processes x batch 1 x accumulation 1 -> 2 processes x batch 1 x "
                      "accumulation 2 (global batch 4 kept), step 12, epoch 0 at micro-batch 24"]
+
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")  # what `accelerate launch` tells a DeepSpeed worker
+    with pytest.raises(UserError, match=r"ZeRO optimizer state partitioned over 4 processes, this run has 1: resume "
+                                        r"on 4 processes .*deepspeed.checkpoint.ds_to_universal --input_folder"):
+        resume_plan(parse_args(args))
+
+
+# FSDP2 itself cannot run on CPU through Accelerate, so its elastic path rests on torch's distributed checkpoint, which
+# reshards on load: tested here directly, FSDP2 (fully_shard) on 2 gloo processes saving, one plain process loading.
+FSDP_SAVE = """
+import sys, torch, torch.distributed as dist, torch.distributed.checkpoint as dcp
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+dist.init_process_group("gloo")
+torch.manual_seed(0)
+model = torch.nn.Sequential(torch.nn.Linear(6, 10), torch.nn.ReLU(), torch.nn.Linear(10, 3))
+for layer in (model[0], model[2], model):
+    fully_shard(layer)
+optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+torch.manual_seed(1 + dist.get_rank())
+for _ in range(3):
+    model(torch.randn(4, 6)).sum().backward(); optimizer.step(); optimizer.zero_grad()
+model_state, optimizer_state = get_state_dict(model, optimizer)
+assert dist.get_world_size() == 2 and model_state["0.weight"].to_local().shape == (5, 6)  # each rank holds half
+dcp.save({"model": model_state, "optim": optimizer_state}, checkpoint_id=sys.argv[1])
+full = get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+if dist.get_rank() == 0:
+    torch.save(full, sys.argv[2])
+dist.destroy_process_group()
+"""
+FSDP_LOAD = """
+import sys, torch, torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+model = torch.nn.Sequential(torch.nn.Linear(6, 10), torch.nn.ReLU(), torch.nn.Linear(10, 3))
+optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+model(torch.zeros(1, 6)).sum().backward(); optimizer.step(); optimizer.zero_grad()  # state of the right shapes
+model_state, optimizer_state = get_state_dict(model, optimizer)
+state = {"model": model_state, "optim": optimizer_state}
+dcp.load(state, checkpoint_id=sys.argv[1])
+set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+expected_model, expected_optimizer = torch.load(sys.argv[2], weights_only=False)
+got_model, got_optimizer = get_state_dict(model, optimizer)
+assert all(torch.equal(got_model[k], v) for k, v in expected_model.items())
+assert all(torch.equal(got_optimizer["state"][k][n], t) for k, s in expected_optimizer["state"].items() for n, t in s.items())
+print("resharded", len(expected_model), "tensors and", len(expected_optimizer["state"]), "optimizer states")
+"""
+
+
+@pytest.mark.multiprocess
+def test_sharded_checkpoint_of_two_processes_loads_into_one(tmp_path):
+    """Torch's distributed checkpoint (what Accelerate's FSDP2 SHARDED_STATE_DICT saves through) written by 2 FSDP2
+    ranks loads into 1 process: weights and AdamW moments equal to the gathered originals. Guards the premise of
+    the FSDP path, untested on GPUs (README)."""
+    import subprocess
+    import sys
+
+    from conftest import free_port, launch_env, not_in_a_unit_test
+
+    not_in_a_unit_test("launches processes")
+    (tmp_path / "save.py").write_text(FSDP_SAVE)
+    (tmp_path / "load.py").write_text(FSDP_LOAD)
+    saved, expected = str(tmp_path / "sharded"), str(tmp_path / "expected.pt")
+    save = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           str(free_port()), str(tmp_path / "save.py"), saved, expected],
+                          capture_output=True, text=True, timeout=300, env=launch_env())
+    assert save.returncode == 0, save.stderr[-3000:]
+    assert sorted(p.name for p in Path(saved).glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+    load = subprocess.run([sys.executable, str(tmp_path / "load.py"), saved, expected], capture_output=True, text=True,
+                          timeout=300, env=launch_env())
+    assert load.returncode == 0 and "resharded 4 tensors and 4 optimizer states" in load.stdout, load.stderr[-3000:]
+
+
+@pytest.mark.slurm
+def test_slurm_job_requeued_onto_fewer_nodes_finishes(slurm_conf, tiny_model_dir, toy_files, tmp_path):
+    """`sbatch --nodes=1-2`: the first run gets both nodes (1 process each); USR1 checkpoints and requeues it while
+    node n2 is drained, so the rerun gets n1 alone and resumes the 2-process checkpoint on 1 process. Guards a node
+    range the scripts do not honour, and a requeued job that refuses (or silently restarts) on the smaller world."""
+    from test_slurm import FINAL_STATES, job_info, read_log, slurm, submit, wait_for_job, wait_for_line
+
+    out = tmp_path / "out"
+    args = tiny_args(tiny_model_dir, toy_files, out, **{**RUN, "max_steps": 100,
+                                                        "logging_steps": 25})
+    # With a range SLURM allocates the fewest nodes that hold the job's tasks (Slurm 22.05): 2 tasks, up to 2 a node,
+    # take both nodes when both are free and fit on one when only one is.
+    job = submit(slurm_conf, "train_multi_node.sbatch", args, tmp_path, "--nodes=1-2", "--ntasks=2",
+                 "--ntasks-per-node=2", TUNELOOP_PROCS_PER_NODE="1")
+    log = tmp_path / f"tuneloop-multi-{job}.out"
+    try:
+        wait_for_line(log, r"\b25/100 ")  # training is under way on both nodes
+        assert job_info(slurm_conf, job)["NodeList"] == "n[1-2]"
+        slurm(slurm_conf, "scontrol", "update", "nodename=n2", "state=drain", "reason=elastic-test")
+        slurm(slurm_conf, "scancel", "--signal=USR1", "--batch", job)
+        # Slurm 22.05 requeues the job asking for the node count its first run got (NumNodes=2, NumTasks=4): it would
+        # wait for n2. Giving the range back to the pending job is the admin's step this test cannot avoid.
+        deadline = time.monotonic() + 120
+        while (state := job_info(slurm_conf, job))["JobState"] != "PENDING" or state["Restarts"] != "1":
+            assert time.monotonic() < deadline and state["JobState"] not in FINAL_STATES, read_log(log)[-3000:]
+            time.sleep(0.5)
+        slurm(slurm_conf, "scontrol", "update", f"jobid={job}", "NumNodes=1-2", "NumTasks=2")
+        info = wait_for_job(slurm_conf, job, log)
+    finally:  # the cluster is shared by the session: n2 back in service (an error if it was never drained)
+        subprocess.run(["scontrol", "update", "nodename=n2", "state=resume"], capture_output=True,
+                       env={**os.environ, "SLURM_CONF": slurm_conf}, timeout=60)
+    text = read_log(log)
+    assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "1"), text[-5000:]
+    assert (info["NumNodes"], info["NodeList"]) == ("1", "n1")
+    saved = checkpoint.read_state(checkpoint.complete_checkpoints(str(out))[0])
+    assert checkpoint.layout_of(saved) == checkpoint.Layout(2, 4, 1)  # the world before the requeue
+    results = read_json(out / "all_results.json")
+    assert (results["num_processes"], results["global_step"]) == (1, 100)  # and after it
+    assert "2 processes x batch 4 x accumulation 1 -> 1 processes x batch 4 x accumulation 2" in text
+    assert "--num_machines 2 --num_processes 2" in text and "--num_machines 1 --num_processes 1" in text
+

@@ -183,12 +183,13 @@ def keep_global_batch(global_batch: int, processes: int, preferred_batch: int) -
     return Layout(processes, batch, share // batch)
 
 
-def resume_state(saved: TrainerState, current: TrainerState, path: str, elastic: bool, engine: str | None) -> TrainerState:
+def resume_state(saved: TrainerState, current: TrainerState, path: str, elastic: bool,
+                 deepspeed: bool = False) -> TrainerState:
     """The saved state to continue from, converted to this session's process count when it differs (elastic).
 
     `current` holds this session's layout as configured; the returned state holds the layout it will train with.
     Refuses what cannot continue the same run: a changed seed, a changed batch on the same process count, a global
-    batch this process count cannot keep, or (DeepSpeed) partitioned optimizer state written by another count.
+    batch this process count cannot keep, and (`deepspeed`) ZeRO state partitioned over another process count.
     """
     if saved.num_processes == current.num_processes or not elastic:
         check_resumable(saved, current, path)
@@ -204,11 +205,15 @@ def resume_state(saved: TrainerState, current: TrainerState, path: str, elastic:
                         f"{current.num_processes} processes cannot keep: resume on "
                         + "; ".join(str(layout) for layout in working[:8])
                         + " (or start a new --output_dir)")
-    if engine == "DEEPSPEED":  # ZeRO partitions the optimizer state by rank: another count cannot load it as saved
-        raise UserError(f"checkpoint {path} holds DeepSpeed ZeRO state partitioned over {before.processes} processes, "
-                        f"this run has {current.num_processes}: resume on {before.processes}, or convert it with "
-                        f"`python -m deepspeed.checkpoint.ds_to_universal --input_folder {path}/pytorch_model "
-                        f"--output_folder {path}_universal` (tuneloop does not load universal checkpoints yet)")
+    if deepspeed:
+        # ZeRO saves the optimizer state partitioned by rank. DeepSpeed's universal checkpoint re-partitions it: the
+        # conversion below runs with DeepSpeed 0.19.8, and a 2 -> 1 process resume loading it trained on, but not the
+        # same run (its first step's loss already differed), so it is not offered as one.
+        raise UserError(f"checkpoint {path} holds DeepSpeed ZeRO optimizer state partitioned over {before.processes} "
+                        f"processes, this run has {current.num_processes}: resume on {before.processes} processes "
+                        f"(DeepSpeed's own conversion, not loaded by tuneloop: python -m "
+                        f"deepspeed.checkpoint.ds_to_universal --input_folder {path}/pytorch_model --output_folder "
+                        f"{path}-universal/pytorch_model --inject_missing_state)")
     # The position in the epoch, saved in this rank's micro-batches of the old layout, becomes global samples and
     # then micro-batches of the new one (exact at an optimizer step; at the epoch's end it covers the whole epoch).
     samples = saved.batches_in_epoch * before.processes * before.per_device_batch

@@ -144,8 +144,8 @@ def setup(config: Config) -> Run:
     config, resume_from, state, notes = resume_plan(config)
     m, d, t = config.model, config.data, config.train
     accelerator = runtime.make_accelerator(t)
-    if accelerator.num_processes != state.num_processes:
-        raise RuntimeError(f"the launcher announced {state.num_processes} processes, the Accelerator has "
+    if resume_from and accelerator.num_processes != state.num_processes:  # the layout was chosen for WORLD_SIZE
+        raise RuntimeError(f"the launcher announced {state.num_processes} processes (WORLD_SIZE), the Accelerator has "
                            f"{accelerator.num_processes}")
     for line in notes:
         say(accelerator, line)
@@ -251,8 +251,7 @@ def resume_plan(config: Config) -> tuple[Config, str | None, checkpoint.TrainerS
                      "starting from scratch")
         return config, None, state, notes
     saved = checkpoint.read_state(path)
-    engine = "DEEPSPEED" if engines.requested("DEEPSPEED") else None
-    resumed = checkpoint.resume_state(saved, state, path, t.elastic_resume, engine)
+    resumed = checkpoint.resume_state(saved, state, path, t.elastic_resume, deepspeed=engines.requested("DEEPSPEED"))
     if resumed.num_processes != saved.num_processes:
         notes.append(f"tuneloop: elastic resume: {checkpoint.layout_of(saved)} -> {checkpoint.layout_of(resumed)} "
                      f"(global batch {checkpoint.layout_of(resumed).global_batch} kept), "
