@@ -337,17 +337,22 @@ def _write_failure(error: BaseException) -> str | None:
     return None
 
 
-def load_checkpoint(accelerator: Accelerator, path: str, scheduler=None) -> dict:
+def load_checkpoint(accelerator: Accelerator, path: str, scheduler=None, micro_step: int = 0) -> dict:
     """Restore Accelerate's state (model, optimizer, scheduler, sampler, RNG of this process); return this process's sums.
 
-    A checkpoint of another process count (elastic resume) is converted after loading: the scheduler's position, a
-    new rank's RNG, and the loss sums of all old ranks merged and shared out evenly."""
+    A checkpoint of another process count (elastic resume) is converted after loading: Accelerate's micro-step
+    counter (to `micro_step`, this epoch's micro-batches in the new layout), the scheduler's position, a new rank's
+    RNG, and the loss sums of all old ranks merged and shared out evenly."""
     accelerator.load_state(path)
     saved_processes = read_state(path).num_processes
     rank, processes = accelerator.process_index, accelerator.num_processes
     if saved_processes == processes:
         with open(os.path.join(path, RANK_STATE_FILE.format(rank=rank))) as f:
             return json.load(f)
+    # load_state brings back the old layout's count of micro-batches since the epoch began; Accelerate steps the
+    # optimizer when it reaches a multiple of the accumulation, so an odd count under accumulation 2 would step
+    # after every odd micro-batch.
+    accelerator.step = micro_step
     if scheduler is not None:
         rescale_schedule(scheduler, saved_processes, processes)
     if rank >= saved_processes:  # Accelerate found no RNG file of this rank and only logged it

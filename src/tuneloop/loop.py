@@ -216,7 +216,9 @@ def setup(config: Config) -> Run:
         model, optimizer, train_dl, eval_dl, scheduler)
     if math.ceil(len(run.train_dl) / t.gradient_accumulation_steps) != plan.steps_per_epoch:
         raise RuntimeError(f"prepared dataloader has {len(run.train_dl)} batches, planned for {plan.steps_per_epoch} steps")
-    run.rank_state = checkpoint.load_checkpoint(accelerator, resume_from, run.scheduler) if resume_from else None
+    if resume_from:  # Accelerate counts micro-steps from the start of each epoch, and from 0 at its end
+        micro_step = state.batches_in_epoch if state.batches_in_epoch < len(run.train_dl) else 0
+        run.rank_state = checkpoint.load_checkpoint(accelerator, resume_from, run.scheduler, micro_step)
     run.plan, run.train_size = plan, len(splits.train)
     say(
         accelerator,
