@@ -183,13 +183,13 @@ def keep_global_batch(global_batch: int, processes: int, preferred_batch: int) -
     return Layout(processes, batch, share // batch)
 
 
-def resume_state(saved: TrainerState, current: TrainerState, path: str, elastic: bool,
-                 deepspeed: bool = False) -> TrainerState:
+def resume_state(saved: TrainerState, current: TrainerState, path: str, elastic: bool) -> TrainerState:
     """The saved state to continue from, converted to this session's process count when it differs (elastic).
 
     `current` holds this session's layout as configured; the returned state holds the layout it will train with.
     Refuses what cannot continue the same run: a changed seed, a changed batch on the same process count, a global
-    batch this process count cannot keep, and (`deepspeed`) ZeRO state partitioned over another process count.
+    batch this process count cannot keep. (DeepSpeed ZeRO state of another count is converted later, once the
+    Accelerator exists: `universal_checkpoint`.)
     """
     if saved.num_processes == current.num_processes or not elastic:
         check_resumable(saved, current, path)
@@ -205,15 +205,6 @@ def resume_state(saved: TrainerState, current: TrainerState, path: str, elastic:
                         f"{current.num_processes} processes cannot keep: resume on "
                         + "; ".join(str(layout) for layout in working[:8])
                         + " (or start a new --output_dir)")
-    if deepspeed:
-        # ZeRO saves the optimizer state partitioned by rank. DeepSpeed's universal checkpoint re-partitions it: the
-        # conversion below runs with DeepSpeed 0.19.8, and a 2 -> 1 process resume loading it trained on, but not the
-        # same run (its first step's loss already differed), so it is not offered as one.
-        raise UserError(f"checkpoint {path} holds DeepSpeed ZeRO optimizer state partitioned over {before.processes} "
-                        f"processes, this run has {current.num_processes}: resume on {before.processes} processes "
-                        f"(DeepSpeed's own conversion, not loaded by tuneloop: python -m "
-                        f"deepspeed.checkpoint.ds_to_universal --input_folder {path}/pytorch_model --output_folder "
-                        f"{path}-universal/pytorch_model --inject_missing_state)")
     # The position in the epoch, saved in this rank's micro-batches of the old layout, becomes global samples and
     # then micro-batches of the new one (exact at an optimizer step; at the epoch's end it covers the whole epoch).
     samples = saved.batches_in_epoch * before.processes * before.per_device_batch
@@ -335,6 +326,39 @@ def _write_failure(error: BaseException) -> str | None:
             return "the write was cut short (torch.save)"
         error = error.__cause__ or error.__context__
     return None
+
+
+UNIVERSAL_PREFIX = ".universal-"  # beside the checkpoints; `latest` and rotation never see it
+
+
+def universal_checkpoint(accelerator: Accelerator, path: str) -> str:
+    """DeepSpeed ZeRO saves its optimizer state partitioned by rank; another process count loads it only as a
+    universal checkpoint. Converted once, by the main process, with DeepSpeed's own tool, into a sibling folder that
+    links the checkpoint's other files; the DeepSpeed config is told to load it (`checkpoint.load_universal`).
+    Returns the folder to load from. Call after the Accelerator is built and before `prepare`."""
+    import subprocess
+    import sys
+
+    universal = os.path.join(os.path.dirname(path), UNIVERSAL_PREFIX + os.path.basename(path))
+    model_dir = "pytorch_model"  # Accelerate's DeepSpeed tag for the (first) model
+    command = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+               os.path.join(path, model_dir), "--output_folder", os.path.join(universal, model_dir),
+               "--inject_missing_state"]  # what Megatron-DeepSpeed records itself; a transformers model has none
+    failure = ""
+    if accelerator.is_main_process and not os.path.isfile(os.path.join(universal, STATE_FILE)):
+        shutil.rmtree(universal, ignore_errors=True)
+        done = subprocess.run(command, capture_output=True, text=True)
+        failure = done.stderr.strip().splitlines()[-1:] if done.returncode else ""
+        for name in os.listdir(path) if not failure else []:  # scheduler, RNG, sampler, loss sums, state: linked
+            if name not in (model_dir, "latest", MANIFEST_FILE):
+                os.symlink(os.path.abspath(os.path.join(path, name)), os.path.join(universal, name))
+    accelerator.wait_for_everyone()
+    if not os.path.isfile(os.path.join(universal, STATE_FILE)):  # every rank stops, not only the main one
+        raise UserError(f"could not convert the DeepSpeed checkpoint {path} for another process count (`"
+                        f"{' '.join(command)}` failed{': ' + failure[0] if failure else ''}): resume on "
+                        f"{read_state(path).num_processes} processes")
+    accelerator.state.deepspeed_plugin.deepspeed_config["checkpoint"] = {"load_universal": True}
+    return universal
 
 
 def load_checkpoint(accelerator: Accelerator, path: str, scheduler=None, micro_step: int = 0) -> dict:

@@ -159,6 +159,9 @@ def setup(config: Config) -> Run:
 
     checkpoint.check_writable(t.output_dir)
     clean_after_interruption(accelerator, t)
+    if resume_from and accelerator.distributed_type == DistributedType.DEEPSPEED and \
+            checkpoint.read_state(resume_from).num_processes != accelerator.num_processes:
+        resume_from = checkpoint.universal_checkpoint(accelerator, resume_from)
     tracking.start(accelerator, config, state.tracker_run_id)
     model_config = models.load_config(m)
     if dtype_warning := models.check_dtype(m, model_config, accelerator, training=t.do_train):
@@ -253,7 +256,7 @@ def resume_plan(config: Config) -> tuple[Config, str | None, checkpoint.TrainerS
                      "starting from scratch")
         return config, None, state, notes
     saved = checkpoint.read_state(path)
-    resumed = checkpoint.resume_state(saved, state, path, t.elastic_resume, deepspeed=engines.requested("DEEPSPEED"))
+    resumed = checkpoint.resume_state(saved, state, path, t.elastic_resume)
     if resumed.num_processes != saved.num_processes:
         notes.append(f"tuneloop: elastic resume: {checkpoint.layout_of(saved)} -> {checkpoint.layout_of(resumed)} "
                      f"(global batch {checkpoint.layout_of(resumed).global_batch} kept), "
