@@ -11,9 +11,11 @@ import hashlib
 import json
 import os
 import random
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -251,3 +253,24 @@ def launch_env(overrides: dict[str, str] | None = None) -> dict[str, str]:
 
 def read_json(path) -> dict | list:
     return json.loads(Path(path).read_text())
+
+
+SLURM_CLUSTER_SCRIPT = ROOT / "slurm" / "local_cluster.sh"
+
+
+@pytest.fixture(scope="session")
+def slurm_conf():
+    """A 2-node cluster for the whole session, shared by test_slurm.py and test_elastic.py (about 2 s to start; apt-get installs SLURM first if it is missing)."""
+    if os.geteuid() != 0:
+        pytest.skip("the local SLURM cluster runs slurmd as root (and may need apt-get): run the tests as root")
+    # Not under pytest's tmp_path: munged wants every folder above its socket searchable by all, and pytest's are 700.
+    directory = tempfile.mkdtemp(prefix="tuneloop-slurm-", dir="/tmp")
+    started = subprocess.run([str(SLURM_CLUSTER_SCRIPT), "start", directory], capture_output=True, text=True, timeout=600)
+    try:
+        if started.returncode != 0:
+            pytest.fail(f"slurm/local_cluster.sh start failed:\n{started.stderr[-3000:]}")
+        yield os.path.join(directory, "slurm.conf")
+    finally:
+        stopped = subprocess.run([str(SLURM_CLUSTER_SCRIPT), "stop", directory], capture_output=True, text=True, timeout=120)
+        if stopped.returncode == 0:
+            shutil.rmtree(directory, ignore_errors=True)

@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -25,27 +23,8 @@ from conftest import ROOT, read_json, tiny_args
 
 pytestmark = pytest.mark.slurm
 
-CLUSTER_SCRIPT = ROOT / "slurm" / "local_cluster.sh"
 CPU_2PROC = ROOT / "accelerate_configs" / "cpu_2proc.yaml"
 FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
-
-
-@pytest.fixture(scope="session")
-def slurm_conf():
-    """A 2-node cluster for the whole session (about 2 s to start; apt-get installs SLURM first if it is missing)."""
-    if os.geteuid() != 0:
-        pytest.skip("the local SLURM cluster runs slurmd as root (and may need apt-get): run the tests as root")
-    # Not under pytest's tmp_path: munged wants every folder above its socket searchable by all, and pytest's are 700.
-    directory = tempfile.mkdtemp(prefix="tuneloop-slurm-", dir="/tmp")
-    started = subprocess.run([str(CLUSTER_SCRIPT), "start", directory], capture_output=True, text=True, timeout=600)
-    try:
-        if started.returncode != 0:
-            pytest.fail(f"slurm/local_cluster.sh start failed:\n{started.stderr[-3000:]}")
-        yield os.path.join(directory, "slurm.conf")
-    finally:
-        stopped = subprocess.run([str(CLUSTER_SCRIPT), "stop", directory], capture_output=True, text=True, timeout=120)
-        if stopped.returncode == 0:
-            shutil.rmtree(directory, ignore_errors=True)
 
 
 def slurm(conf: str, *command: str) -> str:

@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass, field
 
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
+from accelerate.utils.constants import RNG_STATE_NAME
 
 from tuneloop import lora
 from tuneloop.config import Config
@@ -61,6 +62,9 @@ class TrainerState:
     per_device_train_batch_size: int = 0
     seed: int = 0
     data_seed: int | None = None
+    # The batch the length-grouped sampler groups by: the first session's per-device batch, kept when an elastic
+    # resume has to change the per-device batch, so that the order of the samples does not change with it.
+    length_group_batch_size: int = 0
 
     def record_eval(self, value: float, greater_is_better: bool, threshold: float = 0.0) -> bool:
         """Update the best metric; True when this evaluation is the new best."""
@@ -138,9 +142,10 @@ def read_state(path: str) -> TrainerState:
         return TrainerState(**json.load(f))
 
 
-def check_resumable(saved: TrainerState, current: TrainerState, path: str) -> None:
+def check_resumable(saved: TrainerState, current: TrainerState, path: str,
+                    keys: tuple[str, ...] = ("num_processes", "per_device_train_batch_size",
+                                             "gradient_accumulation_steps", "seed", "data_seed")) -> None:
     """Refuse to resume into different maths: another world size, batch or accumulation changes the data order."""
-    keys = ("num_processes", "per_device_train_batch_size", "gradient_accumulation_steps", "seed", "data_seed")
     changed = [f"{k} {getattr(saved, k)} -> {getattr(current, k)}" for k in keys if getattr(saved, k) != getattr(current, k)]
     if changed:
         raise UserError(f"checkpoint {path} was written with different settings ({', '.join(changed)}): resume with "
@@ -162,6 +167,75 @@ def keep_trained_weights(models: list, weights: list[dict], output_dir: str) -> 
         trained = {name for name, p in model.named_parameters() if p.requires_grad}
         for key in [key for key in state_dict if key not in trained]:
             del state_dict[key]
+
+
+# Elastic resume: a checkpoint of N processes continued on M. With Accelerate's sharding (split_batches=False, even
+# batches) the loader cuts the epoch's one seeded order into batches of the per-device size B and deals batch i to
+# rank i % N; accumulation A then makes optimizer step k consume global batches [k*N*A, (k+1)*N*A), i.e. samples
+# [k*G, (k+1)*G) with G = B*N*A. Keeping G keeps every step's samples, the averaged gradient and the schedule.
+@dataclass(frozen=True)
+class Layout:
+    processes: int
+    per_device_batch: int
+    accumulation: int
+
+    @property
+    def global_batch(self) -> int:
+        return self.processes * self.per_device_batch * self.accumulation
+
+    def __str__(self) -> str:
+        return f"{self.processes} processes x batch {self.per_device_batch} x accumulation {self.accumulation}"
+
+
+def layout_of(state: TrainerState) -> Layout:
+    return Layout(state.num_processes, state.per_device_train_batch_size, state.gradient_accumulation_steps)
+
+
+def keep_global_batch(global_batch: int, processes: int, preferred_batch: int) -> Layout | None:
+    """The layout of `processes` with `global_batch` examples per step: the preferred per-device batch when it divides
+    the share of one process (only the accumulation changes), else the largest batch below it that does; None when the
+    global batch cannot be split evenly over `processes`."""
+    if global_batch % processes:
+        return None
+    share = global_batch // processes
+    batch = max(b for b in range(1, min(preferred_batch, share) + 1) if share % b == 0)
+    return Layout(processes, batch, share // batch)
+
+
+def resume_state(saved: TrainerState, current: TrainerState, path: str, elastic: bool) -> TrainerState:
+    """The saved state to continue from, converted to this session's process count when it differs (elastic).
+
+    `current` holds this session's layout as configured; the returned state holds the layout it will train with.
+    Refuses what cannot continue the same run: a changed seed, a changed batch on the same process count, a global
+    batch this process count cannot keep. (DeepSpeed ZeRO state of another count is converted later, once the
+    Accelerator exists: `universal_checkpoint`.)
+    """
+    if saved.num_processes == current.num_processes or not elastic:
+        check_resumable(saved, current, path)
+        return saved
+    check_resumable(saved, current, path, keys=("seed", "data_seed"))
+    before = layout_of(saved)
+    global_batch = before.global_batch
+    after = keep_global_batch(global_batch, current.num_processes, current.per_device_train_batch_size)
+    if after is None:
+        working = [keep_global_batch(global_batch, n, current.per_device_train_batch_size)
+                   for n in range(1, global_batch + 1) if global_batch % n == 0]
+        raise UserError(f"checkpoint {path} was written by {before} (global batch {global_batch}), which "
+                        f"{current.num_processes} processes cannot keep: resume on "
+                        + "; ".join(str(layout) for layout in working[:8])
+                        + " (or start a new --output_dir)")
+    # The position in the epoch, saved in this rank's micro-batches of the old layout, becomes global samples and
+    # then micro-batches of the new one (exact at an optimizer step; at the epoch's end it covers the whole epoch).
+    samples = saved.batches_in_epoch * before.processes * before.per_device_batch
+    per_micro_step = after.processes * after.per_device_batch
+    return TrainerState(**{
+        **asdict(saved),
+        "num_processes": after.processes,
+        "per_device_train_batch_size": after.per_device_batch,
+        "gradient_accumulation_steps": after.accumulation,
+        "batches_in_epoch": -(-samples // per_micro_step),
+        "length_group_batch_size": saved.length_group_batch_size or before.per_device_batch,
+    })
 
 
 def save_checkpoint(accelerator: Accelerator, output_dir: str, state: TrainerState, rank_state: dict,
@@ -274,11 +348,101 @@ def _write_failure(error: BaseException) -> str | None:
     return None
 
 
-def load_checkpoint(accelerator: Accelerator, path: str, trained_only: bool = False) -> dict:
-    """Restore Accelerate's state (model, optimizer, scheduler, sampler, RNG of this process); return this process's sums."""
+UNIVERSAL_PREFIX = ".universal-"  # beside the checkpoints; `latest` and rotation never see it
+
+
+def universal_checkpoint(accelerator: Accelerator, path: str) -> str:
+    """DeepSpeed ZeRO saves its optimizer state partitioned by rank; another process count loads it only as a
+    universal checkpoint. Converted once, by the main process, with DeepSpeed's own tool, into a sibling folder that
+    links the checkpoint's other files; the DeepSpeed config is told to load it (`checkpoint.load_universal`).
+    Returns the folder to load from. Call after the Accelerator is built and before `prepare`."""
+    import subprocess
+    import sys
+
+    universal = os.path.join(os.path.dirname(path), UNIVERSAL_PREFIX + os.path.basename(path))
+    model_dir = "pytorch_model"  # Accelerate's DeepSpeed tag for the (first) model
+    command = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+               os.path.join(path, model_dir), "--output_folder", os.path.join(universal, model_dir),
+               "--inject_missing_state"]  # what Megatron-DeepSpeed records itself; a transformers model has none
+    failure = ""
+    if accelerator.is_main_process and not os.path.isfile(os.path.join(universal, STATE_FILE)):
+        shutil.rmtree(universal, ignore_errors=True)
+        done = subprocess.run(command, capture_output=True, text=True)
+        failure = done.stderr.strip().splitlines()[-1:] if done.returncode else ""
+        for name in os.listdir(path) if not failure else []:  # scheduler, RNG, sampler, loss sums, state: linked
+            if name not in (model_dir, "latest", MANIFEST_FILE):
+                os.symlink(os.path.abspath(os.path.join(path, name)), os.path.join(universal, name))
+    accelerator.wait_for_everyone()
+    if not os.path.isfile(os.path.join(universal, STATE_FILE)):  # every rank stops, not only the main one
+        raise UserError(f"could not convert the DeepSpeed checkpoint {path} for another process count (`"
+                        f"{' '.join(command)}` failed{': ' + failure[0] if failure else ''}): resume on "
+                        f"{read_state(path).num_processes} processes")
+    accelerator.state.deepspeed_plugin.deepspeed_config["checkpoint"] = {"load_universal": True}
+    return universal
+
+
+def load_checkpoint(accelerator: Accelerator, path: str, scheduler=None, micro_step: int = 0,
+                    trained_only: bool = False) -> dict:
+    """Restore Accelerate's state (model, optimizer, scheduler, sampler, RNG of this process); return this process's sums.
+
+    A checkpoint of another process count (elastic resume) is converted after loading: Accelerate's micro-step
+    counter (to `micro_step`, this epoch's micro-batches in the new layout), the scheduler's position, a new rank's
+    RNG, and the loss sums of all old ranks merged and shared out evenly."""
     accelerator.load_state(path, **(trained_weights_only(accelerator, saving=False) if trained_only else {}))
-    with open(os.path.join(path, RANK_STATE_FILE.format(rank=accelerator.process_index))) as f:
-        return json.load(f)
+    saved_processes = read_state(path).num_processes
+    rank, processes = accelerator.process_index, accelerator.num_processes
+    if saved_processes == processes:
+        with open(os.path.join(path, RANK_STATE_FILE.format(rank=rank))) as f:
+            return json.load(f)
+    # load_state brings back the old layout's count of micro-batches since the epoch began; Accelerate steps the
+    # optimizer when it reaches a multiple of the accumulation, so an odd count under accumulation 2 would step
+    # after every odd micro-batch.
+    accelerator.step = micro_step
+    if scheduler is not None:
+        rescale_schedule(scheduler, saved_processes, processes)
+    if rank >= saved_processes:  # Accelerate found no RNG file of this rank and only logged it
+        _load_rng_states(os.path.join(path, f"{RNG_STATE_NAME}_{rank % saved_processes}.pkl"))
+    return merged_rank_state(path, saved_processes, processes)
+
+
+def rescale_schedule(scheduler, saved_processes: int, processes: int) -> None:
+    """Accelerate's prepared scheduler steps the wrapped one once per process per optimizer step (and the schedule was
+    sized that way, see config.make_scheduler): its count scales with the process count. Move it to the same optimizer
+    step of the new count and set the learning rate that step has."""
+    inner = getattr(scheduler, "scheduler", scheduler)
+    if not hasattr(inner, "last_epoch"):
+        return
+    position = inner.last_epoch * processes // saved_processes
+    inner.last_epoch, inner._step_count = position - 1, position
+    inner.step()  # recomputes the learning rate of `position` from the schedule (LambdaLR: closed form)
+
+
+def merged_rank_state(path: str, saved_processes: int, processes: int) -> dict:
+    """The loss sums of all saved ranks, shared out evenly over `processes`: the run's loss is the mean over ranks of
+    each rank's sum / count, which with equal shares is the mean over every micro-batch, as before."""
+    parts = []
+    for rank in range(saved_processes):
+        with open(os.path.join(path, RANK_STATE_FILE.format(rank=rank))) as f:
+            parts.append(json.load(f))
+    shared = {key: sum(p[key] for p in parts) / processes
+              for key in ("window_loss", "window_count", "total_loss", "total_count")}
+    return {**shared, **{key: max(p[key] for p in parts) for key in ("nonfinite_streak", "skipped_steps")}}
+
+
+def _load_rng_states(file: str) -> None:
+    """What `Accelerator.load_state` does with this process's RNG file, for a rank the checkpoint had no file for:
+    such a rank continues from the streams of rank (rank mod saved processes)."""
+    import random
+
+    import numpy as np
+    import torch
+
+    states = torch.load(file, weights_only=False)
+    random.setstate(states["random_state"])
+    np.random.set_state(states["numpy_random_seed"])
+    torch.set_rng_state(states["torch_manual_seed"])
+    if torch.cuda.is_available() and "torch_cuda_manual_seed" in states:
+        torch.cuda.set_rng_state_all(states["torch_cuda_manual_seed"])
 
 
 def rotate_checkpoints(output_dir: str, keep: int | None, best: str | None) -> list[str]:

@@ -367,6 +367,12 @@ class TrainArguments:
         metadata={"help": "'latest' (the newest complete checkpoint in output_dir/checkpoints; a fresh start if there "
                           "is none) or a checkpoint folder. The resumed run continues the same run exactly."},
     )
+    elastic_resume: bool = field(
+        default=True,
+        metadata={"help": "Resume a checkpoint written by another number of processes: keep its global batch by "
+                          "choosing the gradient accumulation (and, only if it must, the per-device batch) for this "
+                          "one, and continue at the same step and sample. false: refuse a changed process count."},
+    )
     metric_for_best_model: Optional[str] = field(
         default=None, metadata={"help": "Eval metric that picks the best checkpoint, e.g. f1 or loss. Default: the first of --metrics."}
     )

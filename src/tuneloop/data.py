@@ -8,6 +8,7 @@ fix (missing column, label out of range, empty split) is raised as a one-line `U
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -420,8 +421,10 @@ def tokenize(split: Dataset, splits: Splits, tokenizer: PreTrainedTokenizerBase,
 
 def make_dataloaders(train: Dataset | None, evaluation: Dataset | None, tokenizer, t: TrainArguments,
                      pad_to_multiple_of: int | None, pin_memory: bool,
-                     length_window: int | None = None) -> tuple[DataLoader | None, DataLoader | None]:
-    """Training order: a seeded shuffle, or with `length_window` batches of similar length (see LengthGroupedSampler)."""
+                     length_window: int | None = None,
+                     length_group_batch_size: int | None = None) -> tuple[DataLoader | None, DataLoader | None]:
+    """Training order: a seeded shuffle, or with `length_window` batches of similar length (see LengthGroupedSampler),
+    grouped by `length_group_batch_size` (default: the per-device batch; an elastic resume keeps the run's first)."""
     collate = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=pad_to_multiple_of)
     common = dict(collate_fn=collate, num_workers=t.dataloader_num_workers, pin_memory=pin_memory)
     # Each loader draws its per-epoch worker seed from its own generator: with none, every `iter()` takes a number
@@ -432,8 +435,8 @@ def make_dataloaders(train: Dataset | None, evaluation: Dataset | None, tokenize
         order = dict(shuffle=True)
         if length_window:
             lengths = [len(ids) for ids in train["input_ids"]]
-            order = dict(sampler=LengthGroupedSampler(lengths, t.per_device_train_batch_size, length_window,
-                                                         t.seed if t.data_seed is None else t.data_seed))
+            order = dict(sampler=LengthGroupedSampler(lengths, length_group_batch_size or t.per_device_train_batch_size,
+                                                      length_window, t.seed if t.data_seed is None else t.data_seed))
         train_dl = DataLoader(train, batch_size=t.per_device_train_batch_size,
                               generator=torch.Generator().manual_seed(t.seed), **order, **common)
     eval_dl = None
@@ -441,6 +444,30 @@ def make_dataloaders(train: Dataset | None, evaluation: Dataset | None, tokenize
         eval_dl = DataLoader(evaluation, batch_size=t.per_device_eval_batch_size, shuffle=False,
                              generator=torch.Generator().manual_seed(t.seed), **common)
     return train_dl, eval_dl
+
+
+class SampleIdLog:
+    """A debugging record of which training examples (row numbers of the train split) each optimizer step used: with
+    TUNELOOP_LOG_SAMPLE_IDS=1 every process appends a line {"step", "ids"} per micro-batch to
+    output_dir/sample_ids/rank_<r>.jsonl. The elastic-resume tests compare it across process counts. Off (the
+    default), it adds no column and writes nothing."""
+
+    COLUMN = "sample_id"
+
+    def __init__(self, output_dir: str, rank: int):
+        on = os.environ.get("TUNELOOP_LOG_SAMPLE_IDS") == "1"
+        self.path = os.path.join(output_dir, "sample_ids", f"rank_{rank}.jsonl") if on else None
+
+    def tag(self, train: Dataset) -> Dataset:
+        return train.add_column(self.COLUMN, list(range(len(train)))) if self.path else train
+
+    def record(self, step: int, batch: dict) -> None:
+        """Take the ids out of `batch` (they are no model input) and log them as used by optimizer step `step`."""
+        ids = batch.pop(self.COLUMN, None)
+        if self.path and ids is not None:
+            os.makedirs(os.path.dirname(self.path), exist_ok=True)
+            with open(self.path, "a") as f:
+                f.write(json.dumps({"step": step, "ids": ids.tolist()}) + "\n")
 
 
 class LengthGroupedSampler(Sampler[int]):

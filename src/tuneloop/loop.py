@@ -6,6 +6,7 @@ optimizer, schedule), the loop, evaluation, the final save. A "step" always mean
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import sys
@@ -86,6 +87,7 @@ class Run:
     rank_state: dict | None = None  # this process's running sums, when resuming
     started_at: float = 0.0  # perf_counter() when set-up began
     peak_tflops: float | None = None  # the device's peak for the precision in use, for MFU
+    samples: data.SampleIdLog | None = None  # which examples each step used (a debugging aid, off by default)
 
 
 def train(config: Config) -> dict:
@@ -95,6 +97,7 @@ def train(config: Config) -> dict:
     Raises `Preempted` after saving a checkpoint when a stop signal arrived; the caller exits with REQUEUE_EXIT_CODE.
     """
     run = setup(config)
+    config = run.config  # an elastic resume chooses its own batch layout
     t, accelerator = config.train, run.accelerator
     results, history, eval_outputs = {}, None, None
     if t.do_train:
@@ -141,8 +144,16 @@ def setup(config: Config) -> Run:
     `accelerator.prepare` it once. What is built follows do_train / do_eval / do_predict, so training, `tuneloop
     evaluate` and `tuneloop predict` all start here."""
     started_at = time.perf_counter()
+    # The checkpoint is read before the Accelerator is built: its gradient accumulation is fixed then, and an elastic
+    # resume (another process count) may have to choose a new one.
+    config, resume_from, state, notes = resume_plan(config)
     m, d, t = config.model, config.data, config.train
     accelerator = runtime.make_accelerator(t)
+    if resume_from and accelerator.num_processes != state.num_processes:  # the layout was chosen for WORLD_SIZE
+        raise RuntimeError(f"the launcher announced {state.num_processes} processes (WORLD_SIZE), the Accelerator has "
+                           f"{accelerator.num_processes}")
+    for line in notes:
+        say(accelerator, line)
     runtime.use_all_cpu_cores(accelerator)
     runtime.set_up_kernels(t, accelerator.device)
     if not accelerator.is_local_main_process:
@@ -152,14 +163,10 @@ def setup(config: Config) -> Run:
     set_seed(t.seed)
 
     checkpoint.check_writable(t.output_dir)
-    state = checkpoint.TrainerState(num_processes=accelerator.num_processes, seed=t.seed, data_seed=t.data_seed,
-                                    per_device_train_batch_size=t.per_device_train_batch_size,
-                                    gradient_accumulation_steps=t.gradient_accumulation_steps)
-    resume_from = find_resume_checkpoint(accelerator, t)
-    if resume_from:
-        saved = checkpoint.read_state(resume_from)
-        checkpoint.check_resumable(saved, state, resume_from)
-        state = saved
+    clean_after_interruption(accelerator, t)
+    if resume_from and accelerator.distributed_type == DistributedType.DEEPSPEED and \
+            checkpoint.read_state(resume_from).num_processes != accelerator.num_processes:
+        resume_from = checkpoint.universal_checkpoint(accelerator, resume_from)
     tracking.start(accelerator, config, state.tracker_run_id)
     model_config = models.load_config(m)
     if dtype_warning := models.check_dtype(m, model_config, accelerator, training=t.do_train):
@@ -194,11 +201,14 @@ def setup(config: Config) -> Run:
     if accelerator.is_main_process:
         checkpoint.check_free_space(t.output_dir, model, checkpointing=t.do_train)
 
+    samples = data.SampleIdLog(t.output_dir, accelerator.process_index)
+    train_set = samples.tag(train_set) if train_set is not None else None
     pad_to_multiple_of = runtime.pad_to_multiple_of(d, t, accelerator.mixed_precision)
     pin_memory = accelerator.device.type == "cuda"
     train_dl, eval_dl = data.make_dataloaders(
         train_set, eval_set, tokenizer, t, pad_to_multiple_of, pin_memory,
         length_window=d.length_grouping_window if d.train_sampling_strategy == "group_by_length" else None,
+        length_group_batch_size=state.length_group_batch_size,
     )
     test_dl = None
     if test_set is not None:  # each example carries its position, to check that every one comes back once, in order
@@ -206,7 +216,7 @@ def setup(config: Config) -> Run:
         _, test_dl = data.make_dataloaders(None, test_set, tokenizer, t, pad_to_multiple_of, pin_memory)
         test_dl = accelerator.prepare_data_loader(test_dl)
     run = Run(config, accelerator, model, tokenizer, class_names, metric_modules, problem, eval_dl=eval_dl, test_dl=test_dl,
-              test_split=test_split, state=state, started_at=started_at)
+              test_split=test_split, state=state, started_at=started_at, samples=samples)
     if not t.do_train:
         run.model, *prepared = engines.prepare_for_evaluation(accelerator, model, *filter(None, [eval_dl]))
         run.eval_dl = prepared[0] if prepared else None
@@ -225,7 +235,10 @@ def setup(config: Config) -> Run:
         raise RuntimeError(f"prepared dataloader has {len(run.train_dl)} batches, planned for {plan.steps_per_epoch} steps")
     if m.use_peft:  # checkpoints hold what trains (adapter, head) and its optimizer state, not the frozen base
         accelerator.register_save_state_pre_hook(checkpoint.keep_trained_weights)
-    run.rank_state = checkpoint.load_checkpoint(accelerator, resume_from, m.use_peft) if resume_from else None
+    if resume_from:  # Accelerate counts micro-steps from the start of each epoch, and from 0 at its end
+        micro_step = state.batches_in_epoch if state.batches_in_epoch < len(run.train_dl) else 0
+        run.rank_state = checkpoint.load_checkpoint(accelerator, resume_from, run.scheduler, micro_step,
+                                                     trained_only=m.use_peft)
     run.plan, run.train_size = plan, len(splits.train)
     say(
         accelerator,
@@ -283,19 +296,43 @@ def make_problem(accelerator: Accelerator, config: Config, splits: data.Splits |
     return problem
 
 
-def find_resume_checkpoint(accelerator: Accelerator, t: TrainArguments) -> str | None:
-    """The checkpoint to resume, if any; also clears what an earlier, interrupted session left behind."""
+def resume_plan(config: Config) -> tuple[Config, str | None, checkpoint.TrainerState, list[str]]:
+    """Before the Accelerator: the checkpoint to resume (if any), the state to continue from, and the config this
+    session trains with. On another process count (--elastic_resume) that config has the per-device batch and
+    accumulation that keep the checkpoint's global batch. Also returns the lines to print once the Accelerator is up.
+
+    Every process reads the same files here; nothing is written until the Accelerator exists."""
+    t = config.train
+    state = checkpoint.TrainerState(num_processes=runtime.launched_processes(), seed=t.seed, data_seed=t.data_seed,
+                                    per_device_train_batch_size=t.per_device_train_batch_size,
+                                    gradient_accumulation_steps=t.gradient_accumulation_steps,
+                                    length_group_batch_size=t.per_device_train_batch_size)
+    notes = []
+    if not (t.resume_from_checkpoint and t.do_train):
+        return config, None, state, notes
+    path = checkpoint.find_checkpoint(t.output_dir, t.resume_from_checkpoint, report=notes.append)
+    if path is None:
+        notes.append(f"tuneloop: no checkpoint in {os.path.join(t.output_dir, checkpoint.CHECKPOINTS_DIR)}: "
+                     "starting from scratch")
+        return config, None, state, notes
+    saved = checkpoint.read_state(path)
+    resumed = checkpoint.resume_state(saved, state, path, t.elastic_resume)
+    if resumed.num_processes != saved.num_processes:
+        notes.append(f"tuneloop: elastic resume: {checkpoint.layout_of(saved)} -> {checkpoint.layout_of(resumed)} "
+                     f"(global batch {checkpoint.layout_of(resumed).global_batch} kept), "
+                     f"step {resumed.step}, epoch {resumed.epoch} at micro-batch {resumed.batches_in_epoch}")
+        config = dataclasses.replace(config, train=dataclasses.replace(
+            t, per_device_train_batch_size=resumed.per_device_train_batch_size,
+            gradient_accumulation_steps=resumed.gradient_accumulation_steps))
+    return config, path, resumed, notes
+
+
+def clean_after_interruption(accelerator: Accelerator, t: TrainArguments) -> None:
+    """Clear what an earlier, interrupted session left behind: half-written checkpoints and the requeue marker."""
     if accelerator.is_main_process and t.do_train:
         checkpoint.clean_partial_checkpoints(t.output_dir)
         checkpoint.clear_preempted(t.output_dir)
     accelerator.wait_for_everyone()
-    if not (t.resume_from_checkpoint and t.do_train):
-        return None
-    path = checkpoint.find_checkpoint(t.output_dir, t.resume_from_checkpoint, report=lambda line: say(accelerator, line))
-    if path is None:
-        say(accelerator, f"tuneloop: no checkpoint in {os.path.join(t.output_dir, checkpoint.CHECKPOINTS_DIR)}: "
-                         "starting from scratch")
-    return path
 
 
 class LossMeter:
@@ -400,6 +437,7 @@ def fit(run: Run) -> tuple[dict, predict.Outputs | None]:
         for epoch in range(state.epoch, plan.num_epochs):
             model.train()
             for batch in epoch_batches(run, epoch):
+                run.samples.record(state.step + 1, batch)
                 with accelerator.accumulate(model):
                     # The loss is the loop's own (problem.py), the same function evaluation uses.
                     labels = batch.pop("labels")  # (the model would compute its own loss from them, and discard it)
@@ -424,7 +462,7 @@ def fit(run: Run) -> tuple[dict, predict.Outputs | None]:
                         break
             if ended == "early stopping":
                 break
-            if state.batches_in_epoch == len(run.train_dl):  # this epoch's data is used up
+            if state.batches_in_epoch >= len(run.train_dl):  # this epoch's data is used up
                 state.epoch, state.batches_in_epoch = epoch + 1, 0
             if ended or (ended := boundary(run, session, epoch_end=True)):
                 break
@@ -494,7 +532,7 @@ def finish_training(run: Run, session: Session, stopped_early: bool) -> tuple[di
     if t.load_best_model_at_end and state.best_checkpoint and state.best_step != state.step:
         say(accelerator, f"tuneloop: loading the best model (step {state.best_step}, "
                          f"{best_metric_key(run)}={state.best_metric:.4f}) from {state.best_checkpoint}")
-        checkpoint.load_checkpoint(accelerator, state.best_checkpoint, run.config.model.use_peft)
+        checkpoint.load_checkpoint(accelerator, state.best_checkpoint, trained_only=run.config.model.use_peft)
         outputs = evaluate_and_log(run)
 
     speed_figures = session.speed.summary(accelerator, run.peak_tflops, runtime_seconds)

@@ -57,6 +57,12 @@ def make_accelerator(t: TrainArguments) -> Accelerator:
     return accelerator
 
 
+def launched_processes() -> int:
+    """The process count the launcher started (torchrun's WORLD_SIZE, which `accelerate launch` sets), known before
+    any Accelerator exists: an elastic resume must choose the accumulation before building it."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def dataloader_configuration(data_seed: int | None = None) -> DataLoaderConfiguration:
     # A seeded sampler makes the data order a function of (seed, epoch) alone: reproducible and resumable. Its seed is
     # --data_seed, or with None the global seed set from --seed.
