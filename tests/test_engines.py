@@ -255,8 +255,8 @@ def test_evaluation_only_under_fsdp2_places_the_whole_model(tiny_model_dir, toy_
     loader = torch.utils.data.DataLoader(rows, batch_size=4, collate_fn=DataCollatorWithPadding(tokenizer))
     model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=3)
     accelerator = fsdp2_accelerator("bf16")
-    with pytest.raises(ValueError, match="model and optimizer must be passed together"):
-        accelerator.prepare(model, loader)  # what prepare_for_evaluation did before: the GPU failure, reproduced
+    # (Plain `accelerator.prepare(model, loader)` raised "model and optimizer must be passed together" there; Accelerate
+    # 1.16 on CPU fails earlier, setting up a process group, so that failure is not reproduced here.)
     prepared_model, prepared_loader = prepare_for_evaluation(accelerator, model, loader)
     assert prepared_model is model and isinstance(prepared_loader, DataLoaderShard)
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}  # what FSDP's bf16 policy computes in
