@@ -227,7 +227,7 @@ def test_weight_decay_skips_biases_and_layer_norms():
 
     model = BertForSequenceClassification(BertConfig(vocab_size=30, hidden_size=8, num_hidden_layers=1,
                                                      num_attention_heads=2, intermediate_size=16, num_labels=3))
-    optimizer = make_optimizer(model, TrainArguments(weight_decay=0.05), torch.device("cpu"))
+    optimizer = make_optimizer(model, TrainArguments(weight_decay=0.05, learning_rate=1e-4), torch.device("cpu"))
     names = {id(p): n for n, p in model.named_parameters()}
     decayed = {names[id(p)] for g in optimizer.param_groups if g["weight_decay"] == 0.05 for p in g["params"]}
     kept = {names[id(p)] for g in optimizer.param_groups if g["weight_decay"] == 0.0 for p in g["params"]}
@@ -248,7 +248,7 @@ def test_weight_decay_groups_under_zero3_follow_the_true_shape():
 
     model = torch.nn.Module()
     model.weight, model.bias, model.norm = zero3_shard((4, 3)), zero3_shard((4,)), zero3_shard((4,))
-    optimizer = make_optimizer(model, TrainArguments(weight_decay=0.1), torch.device("cpu"))
+    optimizer = make_optimizer(model, TrainArguments(weight_decay=0.1, learning_rate=1e-4), torch.device("cpu"))
     groups = {g["weight_decay"]: g["params"] for g in optimizer.param_groups}
     assert [p is model.weight for p in groups[0.1]] == [True]
     assert {id(p) for p in groups[0.0]} == {id(model.bias), id(model.norm)}
