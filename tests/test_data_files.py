@@ -6,6 +6,8 @@ import gzip
 import lzma
 
 import pytest
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from tuneloop.config import DataArguments, parse_args
 from tuneloop.data import load_splits
@@ -24,35 +26,47 @@ def rows_of(split, names):
 
 @pytest.mark.trains
 def test_several_eval_sets_are_scored_apart(tiny_model_dir, toy_files, tmp_path):
-    """Two eval sets: each scored on its own examples under eval_<name>_<metric>, the best model picked on the one
-    --metric_for_best_model names, duplicates of training texts counted. Guards sets merged into one score, the wrong
-    set picking the best model, or a leak going unreported. The out-of-domain set is the in-domain texts with every
-    label moved to the next class, so a model that learned the task must score high on one and low on the other."""
+    """Two eval sets, in two formats: each scored on its own examples under eval_<name>_<metric> (equal to a hand
+    computation with the saved model), the best model picked on the one --metric_for_best_model names, training
+    texts found in an eval set counted and reported. Guards sets merged into one score, the wrong set picking the best
+    model, and a leak going unreported. The out-of-domain set is in-domain texts with every label moved to the next
+    class, so the two sets score differently."""
     in_domain = make_rows(45, seed=2)
     names = sorted({r["label"] for r in in_domain})
     shifted = [{"text": r["text"], "label": names[(names.index(r["label"]) + 1) % 3]} for r in in_domain[:30]]
     train_rows = make_rows(240, seed=1)
-    leak = write_rows(tmp_path / "in_domain.csv", in_domain[:40] + train_rows[:5])  # 5 training texts
-    out_of_domain = write_rows(tmp_path / "out.jsonl", shifted)  # another format than the training file
+    sets = {"in_domain": in_domain[:40] + train_rows[:5], "out_of_domain": shifted}  # 5 training texts in in_domain
+    files = {"in_domain": write_rows(tmp_path / "in_domain.csv", sets["in_domain"]),
+             "out_of_domain": write_rows(tmp_path / "out.jsonl", sets["out_of_domain"])}
     output_dir = tmp_path / "run"
     results = run_in_process(tiny_args(
-        tiny_model_dir, {"train_file": toy_files["train_file"]}, output_dir, num_train_epochs=4,
-        validation_file=[f"in_domain={leak}", f"out_of_domain={out_of_domain}"],
+        tiny_model_dir, {"train_file": toy_files["train_file"]}, output_dir, max_steps=30, eval_strategy="steps",
+        eval_steps=10, validation_file=[f"{name}={path}" for name, path in files.items()],
         metric_for_best_model="eval_out_of_domain_accuracy"))
-    assert results["eval_in_domain_samples"] == 45 and results["eval_out_of_domain_samples"] == 30
-    assert results["eval_in_domain_accuracy"] > 0.8 > 0.2 > results["eval_out_of_domain_accuracy"]
     assert "eval_accuracy" not in results
+    model = AutoModelForSequenceClassification.from_pretrained(output_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(output_dir)
+    for name, rows in sets.items():
+        with torch.no_grad():
+            logits = model(**tokenizer([r["text"] for r in rows], truncation=True, max_length=32, padding=True,
+                                       return_tensors="pt")).logits
+        predicted = [model.config.id2label[i] for i in logits.argmax(-1).tolist()]
+        accuracy = sum(p == r["label"] for p, r in zip(predicted, rows)) / len(rows)
+        assert results[f"eval_{name}_samples"] == len(rows)
+        assert results[f"eval_{name}_accuracy"] == pytest.approx(accuracy)
+    assert results["eval_in_domain_accuracy"] != results["eval_out_of_domain_accuracy"]
     history = read_json(output_dir / "log_history.json")
     out_scores = [h["eval_out_of_domain_accuracy"] for h in history if "eval_out_of_domain_accuracy" in h]
-    assert len(out_scores) == 4 and results["best_eval_out_of_domain_accuracy"] == max(out_scores)
+    assert len(out_scores) == 3 and results["best_eval_out_of_domain_accuracy"] == max(out_scores)
     assert results["texts_in_train_and_eval"] == {"in_domain": 5, "out_of_domain": 0}
     card = (output_dir / "report" / "README.md").read_text()
     assert "| eval_in_domain_accuracy |" in card and "| eval_out_of_domain_f1 |" in card
     assert "5 texts of the in_domain set also appear in the training data" in card
     with pytest.raises(UserError, match=r"metric_for_best_model 'eval_elsewhere_accuracy' is not computed.*"
                                         r"eval_<set>_<metric>.*\['in_domain', 'out_of_domain'\]"):
-        parse_args(["--train_file", toy_files["train_file"], "--validation_file", f"in_domain={leak}",
-                    f"out_of_domain={out_of_domain}", "--metric_for_best_model", "eval_elsewhere_accuracy"])
+        parse_args(["--train_file", toy_files["train_file"], "--validation_file",
+                    *(f"{name}={path}" for name, path in files.items()), "--metric_for_best_model",
+                    "eval_elsewhere_accuracy"])
 
 
 def test_compressed_and_tab_separated_files_read_like_plain_ones(tmp_path):

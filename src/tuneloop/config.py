@@ -628,7 +628,8 @@ def validate(config: Config) -> None:
     if d.validation_file and d.validation_split:
         problems.append("validation_file and validation_split both name eval sets: give one of them")
     eval_names = list(d.eval_sources())
-    bad_names = [n for n in eval_names if not re.fullmatch(r"\w+", n) or n == d.train_split]
+    several = eval_names if len(eval_names) > 1 else []  # one eval set is "eval": its name appears nowhere
+    bad_names = [n for n in several if not re.fullmatch(r"\w+", n) or n == d.train_split]
     need(not bad_names, f"eval set name(s) {bad_names} must be letters, digits and _ and not the train split's name: "
                         "name them, e.g. --validation_file in_domain=a.csv out_of_domain=b.csv")
     need(len(eval_names) == len(d.validation_file or d.validation_split or []),
@@ -646,7 +647,6 @@ def validate(config: Config) -> None:
     need(t.early_stopping_patience is None or t.early_stopping_patience >= 1,
          f"early_stopping_patience must be >= 1 (got {t.early_stopping_patience})")
     best = (t.metric_for_best_model or "").removeprefix("eval_")
-    several = eval_names if len(eval_names) > 1 else []
     best_set = next((n for n in several if best.startswith(n + "_")), None)
     best_metric = best.removeprefix(best_set + "_") if best_set else best
     need(not best or best_metric == "loss" or best_metric in t.metrics,

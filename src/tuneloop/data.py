@@ -267,7 +267,7 @@ def _bad_rows(split: Dataset, name: str, path: str | None, columns: list[str | N
         values = split.with_format("arrow")[column]
         missing = pc.is_null(values)
         if column != label or pa.types.is_string(values.type) or pa.types.is_large_string(values.type):
-            missing = pc.or_(missing, pc.equal(pc.utf8_trim_whitespace(values.cast(pa.large_string())), ""))
+            missing = pc.or_(missing, pc.or_(pc.equal(pc.utf8_length(values), 0), pc.utf8_is_space(values)))
         missing = pc.fill_null(missing, True)
         bad = missing if bad is None else pc.or_(bad, missing)
     bad = bad.to_numpy(zero_copy_only=False)
