@@ -28,7 +28,7 @@ COMMANDS = {
 # how inputs were tokenized, which examples the training run held out for evaluation, and how it scored them.
 INHERITED = {
     "model": ("dtype",),
-    "data": ("text_column", "text_column_delimiter", "text_pair_column", "label_column", "max_length", "padding",
+    "data": ("text_column", "text_column_delimiter", "text_pair_column", "label_column", "label_separator", "max_length", "padding",
              "pad_to_multiple_of", "validation_split_percentage", "max_eval_samples"),
     "train": ("seed", "metrics", "metric_average"),
 }

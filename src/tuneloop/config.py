@@ -29,6 +29,7 @@ from transformers import HfArgumentParser, get_scheduler
 from transformers.hf_argparser import string_to_bool
 
 from tuneloop.errors import OneLineArgumentErrors, UserError
+from tuneloop.problem import DEFAULT_METRICS, parse_class_weights
 
 BUILTIN_MODEL = "builtin:all-MiniLM-L6-v2"
 BUILTIN_DATASET = "builtin:bbc_news"
@@ -180,7 +181,23 @@ class DataArguments:
     text_pair_column: Optional[str] = field(
         default=None, metadata={"help": "Second text column for sentence-pair tasks (e.g. MRPC)."}
     )
-    label_column: str = field(default="label", metadata={"help": "Label column: class ids or class names."})
+    label_column: str = field(
+        default="label",
+        metadata={"help": "Label column: class ids or names; a list of labels per row (multi-label); floats, or a list "
+                          "of floats per row (regression)."},
+    )
+    problem_type: Optional[Literal["single_label_classification", "multi_label_classification", "regression"]] = field(
+        default=None,
+        metadata={"help": "What the labels are (saved as the model config's problem_type). Default: inferred as "
+                          "run_classification.py does: floats -> regression; a list of labels per row, or "
+                          "--label_separator -> multi-label; otherwise (a float column of whole numbers too) "
+                          "single-label. The run prints what it inferred and why."},
+    )
+    label_separator: Optional[str] = field(
+        default=None,
+        metadata={"help": "Multi-label from text: the string that separates the labels of a row, e.g. ',' for "
+                          "'sports,tech' (taken literally). Also joins the labels in CSV predictions files."},
+    )
     id_column: Optional[str] = field(
         default=None,
         metadata={"help": "Column copied into predictions files as 'id'. Default: 'id' or 'idx' when the test data has "
@@ -316,13 +333,32 @@ class TrainArguments:
     eval_on_start: bool = field(default=False, metadata={"help": "Evaluate once before the first training step."})
     logging_steps: int = field(default=10, metadata={"help": "Log loss, learning rate and grad norm every N optimizer steps."})
     logging_first_step: bool = field(default=False, metadata={"help": "Log the first optimizer step too."})
-    metrics: list[str] = field(
-        default_factory=lambda: ["accuracy", "f1"],
-        metadata={"help": "Evaluation metrics: accuracy, f1, precision, recall (offline, built in) or any 🤗 Evaluate "
-                          "Hub metric name."},
+    metrics: Optional[list[str]] = field(
+        default=None,
+        metadata={"help": "Evaluation metrics, built in and offline: single-label accuracy, f1, precision, recall "
+                          "(default accuracy f1); multi-label micro_f1, macro_f1, subset_accuracy, "
+                          "mean_average_precision (default all four); regression mse, mae, pearson, spearman (default "
+                          "all four). Or any 🤗 Evaluate Hub metric name."},
     )
     metric_average: Literal["macro", "micro", "weighted", "binary"] = field(
         default="macro", metadata={"help": "Averaging for f1/precision/recall."}
+    )
+    class_weights: Optional[str] = field(
+        default=None,
+        metadata={"help": "Weights of the classes in the loss, for imbalanced data: 'auto' (inverse frequency of the "
+                          "training labels, printed at start) or one weight per class in id order, 'w1,w2,...'. "
+                          "Multi-label: each label's pos_weight (auto: negatives / positives)."},
+    )
+    label_smoothing_factor: float = field(
+        default=0.0,
+        metadata={"help": "Label smoothing, as TrainingArguments: the target puts this share of its mass evenly on "
+                          "all classes (multi-label: each 0/1 target moves this share towards 0.5)."},
+    )
+    multi_label_threshold: Optional[str] = field(
+        default=None,
+        metadata={"help": "Multi-label: a label is predicted when its probability reaches this. A number in (0, 1), or "
+                          "'auto': the threshold that maximises micro-F1 on the eval set, chosen at each evaluation, "
+                          "saved in config.json and used by predictions. Default: 0.5, or the saved model's."},
     )
     report_to: list[str] = field(
         default_factory=lambda: ["none"],
@@ -573,6 +609,17 @@ def scheduler_problem(t: TrainArguments) -> str | None:
     return None
 
 
+def threshold_problem(value: str | None) -> str | None:
+    """What is wrong with --multi_label_threshold, or None."""
+    if value is None or value == "auto":
+        return None
+    try:
+        ok = 0 < float(value) < 1
+    except ValueError:
+        ok = False
+    return None if ok else f"multi_label_threshold must be auto or a number in (0, 1) (got {value!r})"
+
+
 def validate(config: Config) -> None:
     """Check every option that can be checked without loading anything; report all problems in one line."""
     m, d, t = config.model, config.data, config.train
@@ -593,7 +640,17 @@ def validate(config: Config) -> None:
     need(t.eval_strategy != "steps" or (t.eval_steps or 0) >= 1, "eval_strategy=steps needs --eval_steps N (N >= 1)")
     need(not t.eval_on_start or t.do_eval and t.do_train, "eval_on_start needs --do_train and --do_eval")
     need(t.do_train or t.do_eval or t.do_predict, "nothing to do: do_train, do_eval and do_predict are all false")
-    need(bool(t.metrics), "metrics is empty: name at least one, e.g. --metrics accuracy")
+    need(t.metrics is None or bool(t.metrics), "metrics is empty: name at least one, e.g. --metrics accuracy")
+    try:
+        parse_class_weights(t.class_weights)
+    except ValueError:
+        problems.append(f"class_weights must be auto or positive numbers 'w1,w2,...' (got {t.class_weights!r})")
+    need(0 <= t.label_smoothing_factor < 1, f"label_smoothing_factor must be in [0, 1) (got {t.label_smoothing_factor})")
+    need(threshold_problem(t.multi_label_threshold) is None, threshold_problem(t.multi_label_threshold))
+    if d.problem_type == "regression":
+        need(t.class_weights is None and t.label_smoothing_factor == 0,
+             "class_weights and label_smoothing_factor are for classification, the problem_type is regression")
+    need(d.label_separator != "", "label_separator must not be empty")
     need(m.attention_dropout is None or 0 <= m.attention_dropout < 1,
          f"attention_dropout must be in [0, 1) (got {m.attention_dropout})")
     need(m.num_labels is None or m.num_labels >= 2, f"num_labels must be >= 2 (got {m.num_labels})")
@@ -647,10 +704,11 @@ def validate(config: Config) -> None:
     need(t.early_stopping_patience is None or t.early_stopping_patience >= 1,
          f"early_stopping_patience must be >= 1 (got {t.early_stopping_patience})")
     best = (t.metric_for_best_model or "").removeprefix("eval_")
+    computed = t.metrics or (DEFAULT_METRICS[d.problem_type] if d.problem_type else None)
     best_set = next((n for n in several if best.startswith(n + "_")), None)
     best_metric = best.removeprefix(best_set + "_") if best_set else best
-    need(not best or best_metric == "loss" or best_metric in t.metrics,
-         f"metric_for_best_model {t.metric_for_best_model!r} is not computed: use loss or one of --metrics {t.metrics}"
+    need(not best or best_metric == "loss" or computed is None or best_metric in computed,
+         f"metric_for_best_model {t.metric_for_best_model!r} is not computed: use loss or one of --metrics {computed}"
          + (f", as eval_<set>_<metric> for one of the eval sets {several} (default: the first)" if several else ""))
     need(t.ddp_timeout >= 1, f"ddp_timeout must be >= 1 second (got {t.ddp_timeout})")
     need(t.max_nonfinite_steps >= 1, f"max_nonfinite_steps must be >= 1 (got {t.max_nonfinite_steps})")

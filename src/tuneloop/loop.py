@@ -12,13 +12,14 @@ import sys
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, set_seed
 from tqdm.auto import tqdm
 from transformers.utils import logging as hf_logging
 
-from tuneloop import checkpoint, cpu_speedups, data, engines, metrics, model as models, predict, report, runtime, throughput, tracking
+from tuneloop import checkpoint, cpu_speedups, data, engines, metrics, model as models, predict, problem as problems, report, runtime, throughput, tracking
 from tuneloop.config import Config, TrainArguments, make_scheduler
 from tuneloop.errors import UserError
 from tuneloop.preemption import Preempted, StopRequest
@@ -70,8 +71,9 @@ class Run:
     accelerator: Accelerator
     model: torch.nn.Module
     tokenizer: object
-    class_names: list[str]  # the model's classes, in id order
+    class_names: list[str]  # the model's classes, in id order (regression: its targets)
     metric_modules: dict
+    problem: problems.Problem  # what the labels are: the loss, and how logits are read
     train_dl: object = None  # None unless training
     # The eval sets' loaders by metric prefix: {"eval": loader} for one set, {"eval_<name>": loader, ...} for several
     # (--validation_file / --validation_split naming several); empty when neither training nor evaluating.
@@ -109,6 +111,8 @@ def train(config: Config) -> dict:
             accelerator.end_training()
             raise
         history = run.state.history
+        if run.problem.problem_type == problems.MULTI:  # the threshold the final evaluation chose: predictions use it
+            accelerator.unwrap_model(run.model).config.multi_label_threshold = run.problem.threshold
         checkpoint.save_final_model(accelerator, run.model, run.tokenizer, t.output_dir)
         checkpoint.save_results(accelerator, config, results, history)
     elif t.do_eval:  # evaluating the model as loaded
@@ -120,10 +124,11 @@ def train(config: Config) -> dict:
     if t.do_predict:
         with checkpoint.writing(t.output_dir, t.output_dir):
             test_results = predict.predict_test_split(accelerator, run.model, run.test_dl, run.test_split,
-                                                      run.class_names, run.metric_modules, t, describe(accelerator))
+                                                      run.problem, run.metric_modules, t, describe(accelerator),
+                                                      config.data.label_separator)
     if t.do_train or t.do_eval:  # the confusion matrix and per-class table are the final model's, from its evaluation
         with checkpoint.writing(t.output_dir, t.output_dir):
-            report.write_report(accelerator, config, results, run.class_names, history, eval_outputs, test_results,
+            report.write_report(accelerator, config, results, run.problem, history, eval_outputs, test_results,
                                 run.train_size)
     say(accelerator, report.summary_table({**results, **(test_results or {})}, t.output_dir))
     # Every rank's collectives done, and gloo's worker threads idle, before the process group is torn down: a 2-process
@@ -165,10 +170,12 @@ def setup(config: Config) -> Run:
     splits = None
     if t.do_train or t.do_eval:
         trained_classes = None if t.do_train else models.trained_label_names(model_config)  # a fine-tuned model's
-        splits = data.load_splits(d, t.seed, m.num_labels, need_train=t.do_train, model_classes=trained_classes)
+        splits = data.load_splits(d, t.seed, m.num_labels, need_train=t.do_train, model_classes=trained_classes,
+                                  model_problem_type=None if t.do_train else model_config.problem_type)
     class_names = splits.label_names if splits else models.class_names(model_config)
-    test_split = data.load_test_split(d, class_names) if t.do_predict else None
-    if t.metric_average == "binary" and len(class_names) != 2:
+    problem = make_problem(accelerator, config, splits, model_config, class_names)
+    test_split = data.load_test_split(d, class_names, problem.problem_type) if t.do_predict else None
+    if t.metric_average == "binary" and len(class_names) != 2 and problem.problem_type == problems.SINGLE:
         raise UserError(f"metric_average=binary needs 2 classes, the data has {len(class_names)}: use macro")
     tokenizer = models.load_tokenizer(m, d.max_length)
     with accelerator.main_process_first():
@@ -176,8 +183,8 @@ def setup(config: Config) -> Run:
         eval_sets = {name: data.tokenize(split, splits, tokenizer, d) for name, split in splits.eval_sets.items()} \
             if splits else {}
         test_set = data.tokenize(test_split.test, test_split, tokenizer, d) if test_split else None
-        metric_modules = metrics.load_metrics(t.metrics)
-    model = models.load_model(m, class_names, tokenizer.pad_token_id)
+        metric_modules = metrics.load_metrics(problems.metric_names(problem.problem_type, t.metrics))
+    model = models.load_model(m, class_names, tokenizer.pad_token_id, problem.problem_type)
     if accelerator.device.type == "cpu":
         for line in cpu_speedups.install(model, allocator=t.tune_cpu_allocator, dropout=t.fast_cpu_dropout and t.do_train):
             say(accelerator, line)
@@ -200,7 +207,7 @@ def setup(config: Config) -> Run:
         test_dl = accelerator.prepare_data_loader(test_dl)
     for line in splits.notes if splits else ():
         say(accelerator, line)
-    run = Run(config, accelerator, model, tokenizer, class_names, metric_modules, test_dl=test_dl,
+    run = Run(config, accelerator, model, tokenizer, class_names, metric_modules, problem, test_dl=test_dl,
               test_split=test_split, state=state, started_at=started_at)
     if not t.do_train:
         run.model, *prepared = engines.prepare_for_evaluation(accelerator, model, *eval_dls.values())
@@ -233,6 +240,52 @@ def setup(config: Config) -> Run:
     # Measured before training (a one-second matmul probe on CPU, cached), so it never eats into the timed loop.
     run.peak_tflops = throughput.peak_tflops(accelerator.device, accelerator.mixed_precision, t.peak_tflops)
     return run
+
+
+def make_problem(accelerator: Accelerator, config: Config, splits: data.Splits | None, model_config,
+                 names: list[str]) -> problems.Problem:
+    """The problem type (inferred by data.load_splits, or the saved model's), the loss weights and the multi-label
+    threshold; says which and why in one line each. Checks what could not be checked before the labels were read."""
+    d, t = config.data, config.train
+    if splits is not None:
+        problem_type, reason = splits.problem_type, splits.problem_reason
+    elif d.problem_type:
+        problem_type, reason = d.problem_type, "given by --problem_type"
+    else:
+        problem_type = getattr(model_config, "problem_type", None) or problems.SINGLE
+        reason = "the model's saved problem_type" if model_config.problem_type else "the default"
+    if problem_type == problems.REGRESSION and (t.class_weights or t.label_smoothing_factor):
+        raise UserError("--class_weights and --label_smoothing_factor are for classification; the problem is regression "
+                        f"({reason}): drop them, or pass --problem_type")
+    best = (t.metric_for_best_model or "").removeprefix("eval_")
+    several = list(config.data.eval_sources()) if len(config.data.eval_sources()) > 1 else []
+    best_set = next((n for n in several if best.startswith(n + "_")), None)
+    best = best.removeprefix(best_set + "_") if best_set else best  # eval_<set>_<metric> with several eval sets
+    computed = problems.metric_names(problem_type, t.metrics)
+    if best and best != "loss" and best not in computed:
+        raise UserError(f"metric_for_best_model {t.metric_for_best_model!r} is not computed for {problem_type}: use loss "
+                        f"or one of {', '.join(computed)}")
+    train_labels = np.asarray(list(splits.train[splits.label_column])) \
+        if splits is not None and splits.train is not None and t.class_weights == "auto" else None
+    weights = problems.class_weights(t.class_weights, problem_type, train_labels, names)
+    saved_threshold = getattr(model_config, "multi_label_threshold", None) if not t.do_train else None
+    threshold = t.multi_label_threshold
+    problem = problems.Problem(problem_type, names, reason, weights, t.label_smoothing_factor,
+                               threshold=float(threshold) if threshold not in (None, "auto") else saved_threshold or 0.5,
+                               tune_threshold=threshold == "auto" and problem_type == problems.MULTI)
+    if problem.tune_threshold and not t.do_eval:
+        say(accelerator, "warning: --multi_label_threshold auto is chosen on the eval set, and --do_eval is off: using 0.5")
+        problem.tune_threshold = False
+    say(accelerator, f"tuneloop: problem type {problem_type} ({reason}); {len(names)} "
+                     + ("target(s)" if problem_type == problems.REGRESSION else "classes" if problem_type == problems.SINGLE
+                        else "labels")
+                     + (f"; threshold {'auto (max micro-F1 on the eval set)' if problem.tune_threshold else problem.threshold}"
+                        if problem_type == problems.MULTI else ""))
+    if weights is not None:
+        kind = "class weights" if problem_type == problems.SINGLE else "pos_weight"
+        say(accelerator, f"tuneloop: {kind} ({'auto: inverse frequency of the training labels' if t.class_weights == 'auto' else 'given'}): "
+                         + ", ".join(f"{name}={w:.4g}" for name, w in zip(names, weights.tolist())))
+    return problem
 
 
 def find_resume_checkpoint(accelerator: Accelerator, t: TrainArguments) -> str | None:
@@ -353,7 +406,9 @@ def fit(run: Run) -> tuple[dict, predict.Outputs | None]:
             model.train()
             for batch in epoch_batches(run, epoch):
                 with accelerator.accumulate(model):
-                    loss = model(**batch).loss
+                    # The loss is the loop's own (problem.py), the same function evaluation uses.
+                    labels = batch["labels"]
+                    loss = run.problem.loss(model(**{k: v for k, v in batch.items() if k != "labels"}).logits, labels)
                     accelerator.backward(loss)
                     if accelerator.sync_gradients:
                         # clip_grad_norm_ returns the pre-clip norm; with clipping off, an infinite bound only measures it.
@@ -515,10 +570,10 @@ def save_checkpoint(run: Run, session: Session) -> None:
 
 
 def best_metric_key(run: Run) -> str:
-    """The metric that picks the best model: --metric_for_best_model, else the first of --metrics; with several eval
-    sets, of the set it names (eval_<set>_<metric>), else of the first set."""
+    """The metric that picks the best model: --metric_for_best_model, else the first metric computed; with several
+    eval sets, of the set it names (eval_<set>_<metric>), else of the first set."""
     t = run.config.train
-    name = "eval_" + (t.metric_for_best_model or t.metrics[0]).removeprefix("eval_")
+    name = "eval_" + (t.metric_for_best_model or next(iter(run.metric_modules))).removeprefix("eval_")
     prefixes = list(run.eval_dls or ["eval"])
     if any(name.startswith(prefix + "_") for prefix in prefixes if prefix != "eval"):
         return name
@@ -542,10 +597,12 @@ def evaluate(run: Run) -> tuple[dict, predict.Outputs]:
     `gather_for_metrics` drops the samples that even batching repeated at the end of the eval set, so the result
     is the same for any process count (predict.gather).
     """
-    results, first = {}, None
+    results, first, problem = {}, None, run.problem
     for prefix, dataloader in run.eval_dls.items():
         outputs = predict.gather(run.accelerator, run.model, dataloader)
-        results |= predict.score(outputs, run.metric_modules, run.config.train.metric_average, prefix=prefix)
+        if problem.tune_threshold and first is None:  # on the first set, gathered: every rank chooses the same
+            problem.threshold = problems.best_threshold(problem.probabilities(outputs.logits), outputs.labels)
+        results |= predict.score(outputs, problem, run.metric_modules, run.config.train.metric_average, prefix=prefix)
         first = outputs if first is None else first
     return results, first
 
@@ -561,8 +618,9 @@ def evaluate_and_log(run: Run, epoch: int | None = None, best_candidate: bool = 
     state.last_eval = {**results, "step": state.step}
     say(run.accelerator, format_metrics(f"epoch {epoch}" if epoch else f"step {state.step}", results))
     if best_candidate:
-        greater = t.greater_is_better if t.greater_is_better is not None else not best_metric_key(run).endswith("loss")
-        state.record_eval(results[best_metric_key(run)], greater, t.early_stopping_threshold)
+        key = best_metric_key(run)
+        greater = t.greater_is_better if t.greater_is_better is not None else not problems.lower_is_better(key)
+        state.record_eval(results[key], greater, t.early_stopping_threshold)
     return outputs
 
 

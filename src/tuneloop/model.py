@@ -92,7 +92,10 @@ def check_dtype(m: ModelArguments, config: PretrainedConfig, accelerator: Accele
 ATTENTION_DROPOUT_NAMES = ("attention_probs_dropout_prob", "attention_dropout")
 
 
-def load_model(m: ModelArguments, label_names: list[str], pad_token_id: int | None):
+def load_model(m: ModelArguments, label_names: list[str], pad_token_id: int | None,
+               problem_type: str = "single_label_classification"):
+    """The classifier with one output per class (label, regression target). `problem_type` goes into its config, where
+    transformers' own loss and `pipeline` read it (sigmoid per label for multi-label, the raw value for regression)."""
     path = resolve_model_path(m.model_name_or_path)
     id2label = dict(enumerate(label_names))
     overrides = {}
@@ -110,6 +113,7 @@ def load_model(m: ModelArguments, label_names: list[str], pad_token_id: int | No
             num_labels=len(label_names),
             id2label=id2label,
             label2id={name: i for i, name in id2label.items()},
+            problem_type=problem_type,
             ignore_mismatched_sizes=m.ignore_mismatched_sizes,
             dtype=m.dtype,  # transformers 5 would load a bf16 checkpoint as bf16 ("auto") without it
             trust_remote_code=m.trust_remote_code,

@@ -1,5 +1,7 @@
 """Predictions: run a model over a split on every process, bring its outputs back in dataset order, score them, and
-write them out (`predictions.jsonl` or `.csv`) with the input, the predicted class and every class's probability.
+write them out (`predictions.jsonl` or `.csv`) with the input and the prediction: the predicted class and every class's
+probability (single-label), every label at or above the threshold and every label's probability (multi-label), or the
+predicted value(s) (regression).
 
 How the order comes back: Accelerate's prepared dataloader deals batches round-robin (batch i to rank i % world size),
 filling the last round with examples repeated from the start so that every rank gets full batches, and
@@ -17,11 +19,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 
-from tuneloop import data, metrics
+from tuneloop import data, metrics, problem as problems
 from tuneloop.config import TrainArguments
+from tuneloop.problem import Problem
 
 INDEX_COLUMN = "example_index"
 RESULTS_FILE = "predict_results.json"
@@ -32,10 +34,11 @@ class Outputs:
     """One row per example of the split, in dataset order (when positions were carried), gathered from every rank."""
 
     logits: np.ndarray  # (examples, classes), float32
-    labels: np.ndarray | None  # class ids; None for an unlabelled split
+    labels: np.ndarray | None  # as encoded (class ids, 0/1 vectors, values); None for an unlabelled split
 
     @property
     def predictions(self) -> np.ndarray:
+        """Single-label class ids (other problem types: Problem.predictions)."""
         return self.logits.argmax(axis=-1)
 
     @property
@@ -72,15 +75,25 @@ def gather(accelerator: Accelerator, model: torch.nn.Module, dataloader) -> Outp
     return Outputs(outputs.logits[order], outputs.labels[order] if outputs.labels is not None else None)
 
 
-def score(outputs: Outputs, metric_modules: dict, average: str, prefix: str) -> dict:
-    """The metrics of a labelled split, computed once on everything gathered, as `{prefix}_accuracy`, ... ."""
-    scores = metrics.compute_metrics(metric_modules, outputs.predictions, outputs.labels, average)
-    loss = F.cross_entropy(torch.from_numpy(outputs.logits), torch.from_numpy(outputs.labels)).item()
-    return {**{f"{prefix}_{k}": v for k, v in scores.items()}, f"{prefix}_loss": loss, f"{prefix}_samples": len(outputs.labels)}
+def score(outputs: Outputs, problem: Problem, metric_modules: dict, average: str, prefix: str) -> dict:
+    """The metrics of a labelled split, computed once on everything gathered, as `{prefix}_accuracy`, ... . The loss is
+    the training loss's function (class weights, smoothing) on the whole split; multi-label adds the threshold used."""
+    predictions, labels = problem.predictions(outputs.logits), outputs.labels
+    if problem.problem_type == problems.REGRESSION:  # one column per target
+        predictions, labels = predictions.reshape(len(labels), -1), labels.reshape(len(labels), -1)
+    scores = metrics.compute_metrics(metric_modules, predictions, labels, average,
+                                     probabilities=problem.probabilities(outputs.logits)
+                                     if problem.problem_type == problems.MULTI else None,
+                                     threshold=problem.threshold)
+    loss = problem.loss(torch.from_numpy(outputs.logits), torch.from_numpy(outputs.labels)).item()
+    extra = {f"{prefix}_threshold": problem.threshold} if problem.problem_type == problems.MULTI else {}
+    return {**{f"{prefix}_{k}": v for k, v in scores.items()}, f"{prefix}_loss": loss, **extra,
+            f"{prefix}_samples": len(outputs.labels)}
 
 
 def predict_test_split(accelerator: Accelerator, model: torch.nn.Module, dataloader, split: data.Splits,
-                       class_names: list[str], metric_modules: dict, t: TrainArguments, run_facts: dict) -> dict:
+                       problem: Problem, metric_modules: dict, t: TrainArguments, run_facts: dict,
+                       label_separator: str | None = None) -> dict:
     """Predict on `--test_file` / `--test_split`: write the predictions file, and the test metrics if it has labels.
 
     `dataloader`: the prepared loader of the tokenized test split, each example carrying its position (INDEX_COLUMN).
@@ -89,25 +102,30 @@ def predict_test_split(accelerator: Accelerator, model: torch.nn.Module, dataloa
     """
     outputs = gather(accelerator, model, dataloader)
     labelled = outputs.labels is not None
-    results = score(outputs, metric_modules, t.metric_average, "test") if labelled else {"test_samples": len(outputs.logits)}
+    results = score(outputs, problem, metric_modules, t.metric_average, "test") if labelled \
+        else {"test_samples": len(outputs.logits)}
     results |= run_facts
     if accelerator.is_main_process:
         path = os.path.join(t.output_dir, f"predictions.{t.predictions_format}")
-        write_predictions(path, prediction_rows(split, outputs, class_names), t.predictions_format)
+        write_predictions(path, prediction_rows(split, outputs, problem), t.predictions_format, label_separator or ",")
         with open(os.path.join(t.output_dir, RESULTS_FILE), "w") as f:
             json.dump(results, f, indent=2)
             f.write("\n")
     return results
 
 
-def prediction_rows(split: data.Splits, outputs: Outputs, names: list[str]) -> list[dict]:
-    """One dict per input row: index, id, the text(s), the true label if known, the prediction, its probabilities."""
-    test = split.test
-    columns = {"index": range(len(test))}
-    if split.id_column:
-        columns["id"] = list(test[split.id_column])
-    for column in filter(None, (split.text_column, split.text_pair_column)):
-        columns[column] = list(test[column])
+def prediction_rows(split: data.Splits, outputs: Outputs, problem: Problem) -> list[dict]:
+    """One dict per input row: index, id, the text(s), the true label if known, the prediction, its probabilities.
+
+    Single-label: `label`, `predicted_label`, `probabilities` {class: p}. Multi-label: `labels` and `predicted_labels`
+    (lists: every label at or above the threshold, most probable first), `probabilities` {label: p}. Regression:
+    `label` and `predicted_value`, a number (several targets: {target: value} each)."""
+    names = problem.names
+    if problem.problem_type == problems.MULTI:
+        return _multi_label_rows(_input_columns(split), outputs, problem)
+    if problem.problem_type == problems.REGRESSION:
+        return _regression_rows(_input_columns(split), outputs, names)
+    columns = _input_columns(split)
     if outputs.labels is not None:
         columns["label"] = [names[i] for i in outputs.labels]
     columns["predicted_label"] = [names[i] for i in outputs.predictions]
@@ -117,15 +135,63 @@ def prediction_rows(split: data.Splits, outputs: Outputs, names: list[str]) -> l
     return rows
 
 
-def write_predictions(path: str, rows: list[dict], fmt: str) -> None:
+def _input_columns(split: data.Splits) -> dict:
+    test = split.test
+    columns = {"index": range(len(test))}
+    if split.id_column:
+        columns["id"] = list(test[split.id_column])
+    for column in filter(None, (split.text_column, split.text_pair_column)):
+        columns[column] = list(test[column])
+    return columns
+
+
+def _multi_label_rows(columns: dict, outputs: Outputs, problem: Problem) -> list[dict]:
+    names, probabilities = problem.names, problem.probabilities(outputs.logits)
+    rows = [dict(zip(columns, values)) for values in zip(*columns.values())]
+    for i, (row, p) in enumerate(zip(rows, probabilities.tolist())):
+        if outputs.labels is not None:
+            row["labels"] = [name for name, on in zip(names, outputs.labels[i]) if on]
+        ranked = sorted(range(len(names)), key=lambda j: -p[j])
+        row["predicted_labels"] = [names[j] for j in ranked if p[j] >= problem.threshold]
+        row["probabilities"] = {name: round(value, 6) for name, value in zip(names, p)}
+    return rows
+
+
+def _regression_rows(columns: dict, outputs: Outputs, names: list[str]) -> list[dict]:
+    def value(vector):
+        vector = np.asarray(vector, dtype=np.float64).reshape(-1)
+        return round(float(vector[0]), 6) if len(names) == 1 else {n: round(float(v), 6) for n, v in zip(names, vector)}
+
+    rows = [dict(zip(columns, values)) for values in zip(*columns.values())]
+    for i, row in enumerate(rows):
+        if outputs.labels is not None:
+            row["label"] = value(outputs.labels[i])
+        row["predicted_value"] = value(outputs.logits[i])
+    return rows
+
+
+def write_predictions(path: str, rows: list[dict], fmt: str, label_separator: str = ",") -> None:
     if fmt == "jsonl":
         with open(path, "w") as f:
             for row in rows:
                 f.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
         return
-    # CSV has no nested values: one prob_<class> column per class.
-    flat = [{**{k: v for k, v in row.items() if k != "probabilities"},
-             **{f"prob_{name}": p for name, p in row["probabilities"].items()}} for row in rows]
+    # CSV has no nested values: one prob_<class> column per class, label lists joined by the label separator, one
+    # <column>_<target> column per regression target.
+    def flat(row: dict) -> dict:
+        out = {}
+        for key, value in row.items():
+            if key == "probabilities":
+                out |= {f"prob_{name}": p for name, p in value.items()}
+            elif isinstance(value, list):
+                out[key] = label_separator.join(value)
+            elif isinstance(value, dict):
+                out |= {f"{key}_{name}": v for name, v in value.items()}
+            else:
+                out[key] = value
+        return out
+
+    flat = [flat(row) for row in rows]
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(flat[0]))
         writer.writeheader()

