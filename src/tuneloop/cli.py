@@ -130,7 +130,10 @@ def saved_model_config(argv: list[str] | None, command: str):
     model_args, data_args, train_args, extra = parser.parse_into_dataclasses(argv)
     model_args.model_name_or_path = extra.model
     if file_builder(extra.data):
-        setattr(data_args, "validation_file" if command == "evaluate" else "test_file", extra.data)
+        if command == "evaluate":
+            data_args.validation_file = [extra.data]
+        else:
+            data_args.test_file = extra.data
     else:
         data_args.dataset_name = extra.data
     if train_args.output_dir is None:

@@ -13,10 +13,13 @@ Precision can be set here, but process count, DeepSpeed and FSDP belong to the a
 from __future__ import annotations
 
 import argparse
+import codecs
 import difflib
+import importlib.util
 import json
 import math
 import os
+import re
 import sys
 from dataclasses import asdict, dataclass, field, fields
 from typing import Literal, Optional, Union
@@ -51,13 +54,41 @@ FULL_FINETUNING_LEARNING_RATE = 1e-4
 LORA_LEARNING_RATE = 5e-4
 
 # Local data files: extension -> the `datasets` builder that reads them. The one list of file types tuneloop reads;
-# here rather than in data.py because validation checks paths before any data code is imported.
-FILE_BUILDERS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+# here rather than in data.py because validation checks paths before any data code is imported. Text formats may also
+# be compressed (COMPRESSIONS: `train.csv.gz`, `train.jsonl.xz`): `datasets` decompresses them by their extension.
+FILE_BUILDERS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+# compression extension -> the Python module that reads it (zstd only where the zstandard package is installed)
+COMPRESSIONS = {".gz": "gzip", ".bz2": "bz2", ".xz": "lzma", ".zst": "zstandard"}
+
+
+def split_extensions(path: str) -> tuple[str, str | None]:
+    """A data file's format and compression extensions: 'a.csv.gz' -> ('.csv', '.gz'), 'a.tsv' -> ('.tsv', None)."""
+    stem, last = os.path.splitext(path)
+    if last in COMPRESSIONS:
+        return os.path.splitext(stem)[1], last
+    return last, None
 
 
 def file_builder(path: str) -> str | None:
-    """The builder for a local data file, or None when its extension is not one of FILE_BUILDERS."""
-    return FILE_BUILDERS.get(os.path.splitext(path)[1])
+    """The builder for a local data file, or None when its extension is not one of FILE_BUILDERS (compressed or not;
+    parquet compresses itself and is never read from a compressed file)."""
+    kind, compression = split_extensions(path)
+    return None if compression and kind == ".parquet" else FILE_BUILDERS.get(kind)
+
+
+def named_sources(values: list[str] | None) -> dict[str, str]:
+    """--validation_file / --validation_split values as {name: file or split}. One value keeps the plain name
+    'validation' (metrics stay eval_<metric>); several are 'name=path' or bare, named after the file's stem or the
+    split (metrics eval_<name>_<metric>). A value that is an existing file is never cut at '='."""
+    sources = {}
+    for value in values or []:
+        name, _, source = value.partition("=")
+        if not source or os.path.exists(value):
+            name, source = os.path.basename(value).split(".")[0] if file_builder(value) else value, value
+        sources[name] = source
+    if len(values or []) == 1 and "=" not in values[0]:
+        return {"validation": next(iter(sources.values()))}
+    return sources
 
 
 @dataclass
@@ -125,17 +156,40 @@ class DataArguments:
                           "Ignored when --train_file is given."},
     )
     dataset_config_name: Optional[str] = field(default=None, metadata={"help": "Dataset configuration name."})
-    train_file: Optional[str] = field(default=None, metadata={"help": "Local training file: .csv, .json, .jsonl or .parquet."})
-    validation_file: Optional[str] = field(default=None, metadata={"help": "Local evaluation file, same formats."})
+    train_file: Optional[str] = field(
+        default=None,
+        metadata={"help": "Local training file: .csv, .tsv, .json, .jsonl or .parquet; the text formats may be compressed "
+                          "(.csv.gz, .jsonl.bz2, .tsv.xz; .zst with the zstandard package)."},
+    )
+    validation_file: Optional[list[str]] = field(
+        default=None,
+        metadata={"help": "Local evaluation file(s), same formats. Several eval sets: 'name=path' each, e.g. "
+                          "in_domain=a.csv out_of_domain=b.csv (or bare paths, named after the file): each is scored "
+                          "and logged as eval_<name>_<metric>."},
+    )
     test_file: Optional[str] = field(
         default=None,
-        metadata={"help": "Local file to predict on with --do_predict (.csv, .json, .jsonl or .parquet); labels optional."},
+        metadata={"help": "Local file to predict on with --do_predict (same formats as --train_file); labels optional."},
+    )
+    csv_delimiter: Optional[str] = field(
+        default=None, metadata={"help": "Field delimiter of CSV files. Default: ',' (a tab for .tsv files)."}
+    )
+    file_encoding: str = field(
+        default="utf-8",
+        metadata={"help": "Text encoding of CSV/JSON files, e.g. latin-1 or cp1252 for files saved by older "
+                          "spreadsheet programs."},
+    )
+    drop_bad_rows: bool = field(
+        default=False,
+        metadata={"help": "Drop rows with an empty text or a missing label (counted, and said at start). Default: stop "
+                          "at the first one, naming its row."},
     )
     train_split: str = field(default="train", metadata={"help": "Name of the training split."})
-    validation_split: Optional[str] = field(
+    validation_split: Optional[list[str]] = field(
         default=None,
-        metadata={"help": "Name of the evaluation split. Default: 'validation', else 'test', else a stratified "
-                          "--validation_split_percentage of train."},
+        metadata={"help": "Name(s) of the evaluation split(s). Several (e.g. validation_matched validation_mismatched) "
+                          "are each scored and logged as eval_<split>_<metric>. Default: 'validation', else 'test', "
+                          "else a stratified --validation_split_percentage of train."},
     )
     test_split: str = field(
         default="test", metadata={"help": "Split of --dataset_name to predict on with --do_predict (when no --test_file)."}
@@ -208,6 +262,19 @@ class DataArguments:
     )
     preprocessing_num_workers: Optional[int] = field(default=None, metadata={"help": "Processes for tokenization."})
     overwrite_cache: bool = field(default=False, metadata={"help": "Re-tokenize even if a cached result exists."})
+
+    def __post_init__(self):
+        # A recipe (or code) may give one eval set as a string, or several as a {name: path} mapping.
+        for name in ("validation_file", "validation_split"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                setattr(self, name, [value])
+            elif isinstance(value, dict):
+                setattr(self, name, [f"{k}={v}" for k, v in value.items()])
+
+    def eval_sources(self) -> dict[str, str]:
+        """The eval sets asked for, {name: file or split} (see named_sources); empty for the default."""
+        return named_sources(self.validation_file or self.validation_split)
 
 
 @dataclass
@@ -670,15 +737,32 @@ def validate(config: Config) -> None:
         value = getattr(d, name)
         need(value is None or value >= 1, f"{name} must be >= 1 (got {value})")
 
-    for name in ("train_file", "validation_file", "test_file"):
-        path = getattr(d, name)
+    files = [("train_file", d.train_file), ("test_file", d.test_file)]
+    files += [("validation_file", path) for path in (d.eval_sources().values() if d.validation_file else ())]
+    for name, path in files:
         if path is None:
             continue
-        need(file_builder(path) is not None, f"{name} {path!r} must end in one of {', '.join(FILE_BUILDERS)}")
+        kind, compression = split_extensions(path)
+        need(file_builder(path) is not None, f"{name} {path!r} must end in one of {', '.join(FILE_BUILDERS)}"
+             + (f" (compressed: {', '.join(COMPRESSIONS)}; parquet files compress themselves)" if compression else ""))
         need(os.path.isfile(path), f"{name} {path!r} does not exist: check the path")
-    if d.train_file and d.validation_file:
-        need(file_builder(d.train_file) == file_builder(d.validation_file),
-             "train_file and validation_file must have the same format (csv, json/jsonl or parquet)")
+        need(compression != ".zst" or importlib.util.find_spec("zstandard") is not None,
+             f"{name} {path!r} is zstd-compressed: pip install zstandard")
+    need(d.csv_delimiter is None or len(d.csv_delimiter) == 1,
+         f"csv_delimiter must be one character, e.g. ';' or '\\t' (got {d.csv_delimiter!r})")
+    try:
+        codecs.lookup(d.file_encoding)
+    except LookupError:
+        problems.append(f"file_encoding {d.file_encoding!r} is not an encoding Python knows: e.g. utf-8, latin-1, cp1252")
+    if d.validation_file and d.validation_split:
+        problems.append("validation_file and validation_split both name eval sets: give one of them")
+    eval_names = list(d.eval_sources())
+    several = eval_names if len(eval_names) > 1 else []  # one eval set is "eval": its name appears nowhere
+    bad_names = [n for n in several if not re.fullmatch(r"\w+", n) or n == d.train_split]
+    need(not bad_names, f"eval set name(s) {bad_names} must be letters, digits and _ and not the train split's name: "
+                        "name them, e.g. --validation_file in_domain=a.csv out_of_domain=b.csv")
+    need(len(eval_names) == len(d.validation_file or d.validation_split or []),
+         "two eval sets have the same name: name them, e.g. --validation_file a=x/test.csv b=y/test.csv")
     if t.lr_scheduler_type not in SCHEDULERS:  # a recipe's value (the command line checks its own)
         problems.append(f"lr_scheduler_type {t.lr_scheduler_type!r} is not one of {', '.join(SCHEDULERS)}")
     elif not isinstance(t.lr_scheduler_kwargs, (dict, type(None))):
@@ -693,8 +777,11 @@ def validate(config: Config) -> None:
          f"early_stopping_patience must be >= 1 (got {t.early_stopping_patience})")
     best = (t.metric_for_best_model or "").removeprefix("eval_")
     computed = t.metrics or (DEFAULT_METRICS[d.problem_type] if d.problem_type else None)
-    need(not best or best == "loss" or computed is None or best in computed,
-         f"metric_for_best_model {t.metric_for_best_model!r} is not computed: use loss or one of --metrics {computed}")
+    best_set = next((n for n in several if best.startswith(n + "_")), None)
+    best_metric = best.removeprefix(best_set + "_") if best_set else best
+    need(not best or best_metric == "loss" or computed is None or best_metric in computed,
+         f"metric_for_best_model {t.metric_for_best_model!r} is not computed: use loss or one of --metrics {computed}"
+         + (f", as eval_<set>_<metric> for one of the eval sets {several} (default: the first)" if several else ""))
     need(t.ddp_timeout >= 1, f"ddp_timeout must be >= 1 second (got {t.ddp_timeout})")
     need(t.max_nonfinite_steps >= 1, f"max_nonfinite_steps must be >= 1 (got {t.max_nonfinite_steps})")
     need(t.do_eval and t.eval_strategy != "no" or not (t.load_best_model_at_end or t.early_stopping_patience

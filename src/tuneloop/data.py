@@ -7,20 +7,26 @@ fix (missing column, label out of range, empty split) is raised as a one-line `U
 
 from __future__ import annotations
 
+import codecs
+import importlib
 import importlib.util
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import datasets
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 from datasets import ClassLabel, Dataset, DatasetDict, Value
 from torch.utils.data import DataLoader, Sampler
 from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
 
 from tuneloop import problem
-from tuneloop.config import BUILTIN_DATASET, BUILTIN_HEADLINES, DataArguments, TrainArguments, file_builder
+from tuneloop.config import (BUILTIN_DATASET, BUILTIN_HEADLINES, COMPRESSIONS, DataArguments, TrainArguments, file_builder,
+                             split_extensions)
 from tuneloop.errors import UserError
 
 EVAL_SPLIT_NAMES = ("validation", "test")
@@ -39,6 +45,9 @@ class Splits:
     label_names: list[str]
     test: Dataset | None = None  # --do_predict's split: labels optional, see load_test_split
     id_column: str | None = None
+    eval_sets: dict[str, Dataset] | None = None  # every eval set by name, the first being `eval`
+    notes: list[str] = field(default_factory=list)  # what loading did or found (dropped rows, leaks): said at start
+    texts_in_train: dict[str, int] = field(default_factory=dict)  # per eval set: texts also in the training data
     problem_type: str = problem.SINGLE
     problem_reason: str = ""  # why this problem type: printed at start
 
@@ -74,7 +83,8 @@ def load_bbc_news() -> Dataset:
 
 def _load_source(d: DataArguments) -> DatasetDict:
     if d.train_file or d.validation_file:
-        return _load_files({name: path for name, path in (("train", d.train_file), ("validation", d.validation_file)) if path})
+        files = {"train": d.train_file} if d.train_file else {}
+        return _load_files(files | (d.eval_sources() if d.validation_file else {}), d)
     if d.dataset_name == BUILTIN_DATASET:
         return DatasetDict(train=load_bbc_news())
     if d.dataset_name == BUILTIN_HEADLINES:  # short texts (median 9 tokens): the regime of tweets and reviews
@@ -90,12 +100,67 @@ def _load_source(d: DataArguments) -> DatasetDict:
     )
 
 
-def _load_files(data_files: dict[str, str]) -> DatasetDict:
-    builder = file_builder(next(iter(data_files.values())))
+def _load_files(data_files: dict[str, str], d: DataArguments) -> DatasetDict:
+    """Each file with its own builder (so eval sets may differ in format from the training file), decompressed by
+    `datasets` from its extension, read with --file_encoding and --csv_delimiter."""
+    loaded = {}
     for name, path in data_files.items():  # datasets' own message for this is "Instruction ... corresponds to no data"
         if _has_no_rows(path):
             raise UserError(f"the {name} split is empty: {path!r} has no rows")
-    return _user_facing(lambda: datasets.load_dataset(builder, data_files=data_files), f"data files {data_files}")
+        builder, options = file_builder(path), {}
+        if builder == "csv":
+            options = dict(encoding=d.file_encoding,
+                           delimiter=d.csv_delimiter or ("\t" if split_extensions(path)[0] == ".tsv" else ","))
+        elif builder == "json":
+            options = dict(encoding=d.file_encoding)
+        try:
+            loaded[name] = datasets.load_dataset(builder, data_files={name: path}, **options)[name]
+        except Exception as e:
+            if encoding_problem := _undecodable(path, d.file_encoding):
+                raise UserError(encoding_problem) from None
+            raise UserError(f"could not read data file {path!r}: {type(e).__name__}: {_reason(e)} (check that it is "
+                            f"a valid {builder} file" + (", and --csv_delimiter" if builder == "csv" else "") + ")") from None
+    return DatasetDict(loaded)
+
+
+def _open_data_file(path: str):
+    """A data file as a binary stream, decompressed by its extension (COMPRESSIONS)."""
+    compression = split_extensions(path)[1]
+    if compression is None:
+        return open(path, "rb")
+    module = importlib.import_module(COMPRESSIONS[compression])
+    if compression == ".zst":
+        return module.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True)
+    return module.open(path, "rb")
+
+
+def _undecodable(path: str, encoding: str, chunk_bytes: int = 1 << 20) -> str | None:
+    """Why a text file cannot be read in `encoding`, with the byte offset and line of the first bad byte; None when it
+    decodes. Decoded here in chunks by one incremental decoder, because the CSV reader's own message gives a position
+    within its current chunk, not in the file."""
+    if file_builder(path) == "parquet":
+        return None
+    decoder = codecs.getincrementaldecoder(encoding)()
+    offset, lines = 0, 0
+    with _open_data_file(path) as f:
+        while True:
+            chunk = f.read(chunk_bytes)
+            pending = decoder.getstate()[0]  # the start of a character cut by the previous chunk's end
+            try:
+                decoder.decode(chunk, final=not chunk)
+            except UnicodeDecodeError as e:
+                data = pending + chunk  # what the decoder saw; e.start counts from its first byte
+                at = offset - len(pending) + e.start
+                line = lines - pending.count(b"\n") + data[:e.start].count(b"\n") + 1
+                where = "of the decompressed data " if split_extensions(path)[1] else ""
+                fix = "--file_encoding latin-1 (or cp1252, or the file's own encoding)" if encoding.replace("-", "").lower() \
+                    in ("utf8", "utf8sig") else "the file's own --file_encoding"
+                return (f"data file {path!r} is not {encoding}: byte 0x{data[e.start]:02x} at offset {at} {where}(line "
+                        f"{line}) cannot be decoded: pass {fix}, or re-save the file as UTF-8")
+            if not chunk:
+                return None
+            offset += len(chunk)
+            lines += chunk.count(b"\n")
 
 
 def _has_no_rows(path: str) -> bool:
@@ -103,9 +168,13 @@ def _has_no_rows(path: str) -> bool:
         import pyarrow.parquet
 
         return pyarrow.parquet.ParquetFile(path).metadata.num_rows == 0
-    with open(path, "rb") as f:
+    with _open_data_file(path) as f:
         lines = [line for line in f.read(1 << 16).splitlines() if line.strip()][:2]
     return len(lines) <= (1 if file_builder(path) == "csv" else 0) or lines[0].strip() == b"[]"
+
+
+def _reason(e: Exception) -> str:
+    return " ".join(str(e).split())[:300]
 
 
 def _user_facing(load, what: str):
@@ -115,9 +184,8 @@ def _user_facing(load, what: str):
     except UserError:
         raise
     except Exception as e:  # datasets raises many types here (FileNotFoundError, DatasetNotFoundError, ValueError...)
-        reason = " ".join(str(e).split())[:300]
         raise UserError(
-            f"could not load {what}: {type(e).__name__}: {reason} (check the name or path; Hub datasets need network access)"
+            f"could not load {what}: {type(e).__name__}: {_reason(e)} (check the name or path; Hub datasets need network access)"
         ) from None
 
 
@@ -129,45 +197,121 @@ def load_splits(d: DataArguments, seed: int, num_labels: int | None, need_train:
     raw = _load_source(d)
     available = ", ".join(raw.keys()) or "none"
     train_name = d.train_split if d.train_split in raw else None
-    eval_name = d.validation_split or next((s for s in EVAL_SPLIT_NAMES if s in raw and s != train_name), None)
-    if d.validation_split and d.validation_split not in raw:
-        raise UserError(f"split {d.validation_split!r} not found (available: {available}): fix --validation_split")
-    if train_name is None and (need_train or eval_name is None):
+    # The eval sets, {name: split}: the ones named by --validation_file / --validation_split, else the dataset's own.
+    wanted = d.eval_sources()
+    if d.validation_split:
+        missing = [split for split in wanted.values() if split not in raw]
+        if missing:
+            raise UserError(f"split(s) {missing} not found (available: {available}): fix --validation_split")
+    elif not wanted:
+        default = next((s for s in EVAL_SPLIT_NAMES if s in raw and s != train_name), None)
+        wanted = {default: default} if default else {}
+    if train_name is None and (need_train or not wanted):
         raise UserError(f"split {d.train_split!r} not found (available: {available}): fix --train_split")
 
     train = raw[train_name] if train_name else None
-    evaluation = raw[eval_name] if eval_name else None
-    for name, split in (("train", train), ("eval", evaluation)):
+    evals = {name: raw[name if d.validation_file else split] for name, split in wanted.items()}
+    notes = []
+    for name, split in (("train", train), *evals.items()):
         if split is not None and len(split) == 0:
             raise UserError(f"the {name} split is empty: check the data source")
+    shown = {name: name if len(evals) > 1 else "eval" for name in evals}  # a single eval set is "the eval split"
     train = _join_text_columns(train, "train", d) if train is not None else None
-    evaluation = _join_text_columns(evaluation, "eval", d) if evaluation is not None else None
-    reference = train if train is not None else evaluation
+    evals = {name: _join_text_columns(split, shown[name], d) for name, split in evals.items()}
+    reference = train if train is not None else next(iter(evals.values()))
     text_column, text_pair_column = _text_columns(d, reference.column_names)
-    for name, split in (("train", train), ("eval", evaluation)):
+    columns = [text_column, text_pair_column, d.label_column]
+    sources = {"train": d.train_file, **(d.eval_sources() if d.validation_file else {})}
+    for name, split in (("train", train), *evals.items()):
         if split is not None:
-            _check_columns(split, name, [text_column, text_pair_column, d.label_column])
+            _check_columns(split, shown.get(name, name), columns)
+    # With --label_separator an empty label cell is a row with no label (multi-label), not a missing one.
+    required = [text_column, text_pair_column, None if d.label_separator is not None else d.label_column]
+    if train is not None:
+        train = _bad_rows(train, "train", sources.get("train"), required, d.drop_bad_rows, notes)
+    evals = {name: _bad_rows(split, shown[name], sources.get(name), required, d.drop_bad_rows, notes)
+             for name, split in evals.items()}
+    reference = train if train is not None else next(iter(evals.values()))
 
     if model_problem_type and not d.problem_type:
         problem_type, reason = model_problem_type, "the model's saved problem_type"
     else:
         problem_type, reason = problem.infer(reference.features[d.label_column], lambda: reference.unique(d.label_column),
                                              d.problem_type, d.label_separator)
-    label_names = model_classes or _label_names(reference, evaluation, d.label_column, num_labels, problem_type,
-                                                d.label_separator)
+    label_names = model_classes or _label_names(reference, _label_source(evals, d.label_column), d.label_column,
+                                                num_labels, problem_type, d.label_separator)
     encode = dict(column=d.label_column, names=label_names, problem_type=problem_type, separator=d.label_separator)
     train = _encode_labels(train, split_name="train", **encode) if train is not None else None
-    evaluation = _encode_labels(evaluation, split_name="eval", **encode) if evaluation is not None else None
-    if evaluation is None:
-        train, evaluation = _hold_out(train, d.label_column, d.validation_split_percentage, seed)
+    evals = {name: _encode_labels(split, split_name=shown[name], **encode) for name, split in evals.items()}
+    if not evals:
+        train, evals["validation"] = _hold_out(train, d.label_column, d.validation_split_percentage, seed)
 
     # The tutorial's subsetting: shuffle with the seed, keep the first N.
     if d.max_train_samples is not None and train is not None:
         train = train.shuffle(seed=seed).select(range(min(d.max_train_samples, len(train))))
     if d.max_eval_samples is not None:
-        evaluation = evaluation.shuffle(seed=seed).select(range(min(d.max_eval_samples, len(evaluation))))
-    return Splits(train, evaluation, text_column, text_pair_column, d.label_column, label_names,
-                  problem_type=problem_type, problem_reason=reason)
+        evals = {name: split.shuffle(seed=seed).select(range(min(d.max_eval_samples, len(split))))
+                 for name, split in evals.items()}
+    overlap = _texts_in_train(train, evals, text_column, text_pair_column) if train is not None else {}
+    for name, count in overlap.items():
+        if count:
+            notes.append(f"warning: {count} of {len(evals[name])} texts of the {shown.get(name, 'eval')} set also appear in the "
+                         "training data: its scores overstate how the model does on new texts; deduplicate the files")
+    return Splits(train, next(iter(evals.values())), text_column, text_pair_column, d.label_column, label_names,
+                  eval_sets=evals, notes=notes, texts_in_train=overlap, problem_type=problem_type,
+                  problem_reason=reason)
+
+
+def _label_source(evals: dict[str, Dataset], column: str) -> Dataset | None:
+    """One dataset holding the labels of every eval set (the class names must cover them all)."""
+    if len(evals) <= 1:
+        return next(iter(evals.values()), None)
+    try:
+        return datasets.concatenate_datasets([split.select_columns([column]) for split in evals.values()])
+    except ValueError:  # label types differ between the sets: encoding each against the names will say which
+        return next(iter(evals.values()))
+
+
+def _bad_rows(split: Dataset, name: str, path: str | None, columns: list[str | None], drop: bool,
+              notes: list[str]) -> Dataset:
+    """Rows with an empty text or a missing label: dropped with a note (--drop_bad_rows), or refused naming the first.
+    Found with Arrow compute on the column buffers, so a million rows cost no Python objects."""
+    *texts, label = columns
+    bad = None
+    for column in filter(None, columns):
+        values = split.with_format("arrow")[column]
+        missing = pc.is_null(values)
+        if column != label or pa.types.is_string(values.type) or pa.types.is_large_string(values.type):
+            missing = pc.or_(missing, pc.or_(pc.equal(pc.utf8_length(values), 0), pc.utf8_is_space(values)))
+        missing = pc.fill_null(missing, True)
+        bad = missing if bad is None else pc.or_(bad, missing)
+    bad = bad.to_numpy(zero_copy_only=False)
+    count = int(bad.sum())
+    if not count:
+        return split
+    where = f"{path!r}" if path else f"the {name} split"
+    rows = np.flatnonzero(bad)
+    # Row numbers as a person counts them in the file: 1-based, the header line of a CSV not counted.
+    first = f"row {rows[0] + 1}" + (" (1-based, not counting the header line)" if path and file_builder(path) == "csv"
+                                     else " (1-based)")
+    what = f"empty text ({', '.join(filter(None, texts))})" + (f" or missing label ({label})" if label else "")
+    if not drop:
+        raise UserError(f"{where} has {count} row(s) with an {what}, the first at {first}: fill or remove them, or "
+                        "pass --drop_bad_rows to drop them")
+    notes.append(f"tuneloop: dropped {count} of {len(split)} rows of {where} with an {what} (--drop_bad_rows); the "
+                 f"first was {first}")
+    return split.select(np.flatnonzero(~bad))
+
+
+def _texts_in_train(train: Dataset, evals: dict[str, Dataset], text: str, pair: str | None) -> dict[str, int]:
+    """How many texts (or text pairs) of each eval set are also training texts: Arrow's hash set, not Python's."""
+    def texts(split: Dataset) -> pa.Array:
+        arrow = split.with_format("arrow")
+        values = arrow[text] if not pair else pc.binary_join_element_wise(arrow[text], arrow[pair], "\x1f")
+        return values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values
+
+    seen = texts(train)
+    return {name: int(pc.sum(pc.is_in(texts(split), value_set=seen)).as_py() or 0) for name, split in evals.items()}
 
 
 def load_test_split(d: DataArguments, label_names: list[str] | None, problem_type: str = problem.SINGLE) -> Splits:
@@ -178,7 +322,7 @@ def load_test_split(d: DataArguments, label_names: list[str] | None, problem_typ
     With `label_names` None (before training has decided the classes) only the source and the columns are checked.
     """
     if d.test_file:
-        test = _load_files({"test": d.test_file})["test"]
+        test = _load_files({"test": d.test_file}, d)["test"]
     else:
         raw = _load_source(d)
         if d.test_split not in raw:
@@ -434,7 +578,8 @@ def make_dataloaders(train: Dataset | None, evaluation: Dataset | None, tokenize
     if train is not None:
         order = dict(shuffle=True)
         if length_window:
-            lengths = [len(ids) for ids in train["input_ids"]]
+            # From the Arrow list offsets into one numpy array: no Python list of every example's token ids.
+            lengths = pc.list_value_length(train.with_format("arrow")["input_ids"]).to_numpy(zero_copy_only=False)
             order = dict(sampler=LengthGroupedSampler(lengths, length_group_batch_size or t.per_device_train_batch_size,
                                                       length_window, t.seed if t.data_seed is None else t.data_seed))
         train_dl = DataLoader(train, batch_size=t.per_device_train_batch_size,
@@ -480,8 +625,9 @@ class LengthGroupedSampler(Sampler[int]):
     A larger window pads less and mixes less; transformers' Trainer uses 50 batches.
     """
 
-    def __init__(self, lengths: list[int], batch_size: int, window: int, seed: int):
-        self.lengths, self.batch_size, self.window, self.seed, self.epoch = lengths, batch_size, window, seed, 0
+    def __init__(self, lengths, batch_size: int, window: int, seed: int):
+        self.lengths = np.asarray(lengths)
+        self.batch_size, self.window, self.seed, self.epoch = batch_size, window, seed, 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -495,7 +641,9 @@ class LengthGroupedSampler(Sampler[int]):
         span = self.window * self.batch_size
         batches = []
         for start in range(0, len(order), span):
-            group = sorted(order[start:start + span], key=lambda i: self.lengths[i], reverse=True)
+            group = np.asarray(order[start:start + span])
+            # Longest first; a stable sort keeps equal lengths in their random order (as sorted(reverse=True) does).
+            group = group[np.argsort(-self.lengths[group], kind="stable")].tolist()
             batches += [group[i:i + self.batch_size] for i in range(0, len(group), self.batch_size)]
         short = [batches.pop()] if len(batches[-1]) < self.batch_size else []
         shuffled = [batches[b] for b in torch.randperm(len(batches), generator=generator).tolist()]

