@@ -279,7 +279,7 @@ def _bad_rows(split: Dataset, name: str, path: str | None, columns: list[str | N
     # Row numbers as a person counts them in the file: 1-based, the header line of a CSV not counted.
     first = f"row {rows[0] + 1}" + (" (1-based, not counting the header line)" if path and file_builder(path) == "csv"
                                      else " (1-based)")
-    what = f"empty text ({', '.join(filter(None, texts))}) or missing label ({label})"
+    what = f"empty text ({', '.join(filter(None, texts))})" + (f" or missing label ({label})" if label else "")
     if not drop:
         raise UserError(f"{where} has {count} row(s) with an {what}, the first at {first}: fill or remove them, or "
                         "pass --drop_bad_rows to drop them")
