@@ -150,7 +150,9 @@ def lengths_probe(csv: str, workers: int, how: str) -> None:
     from tuneloop import data, model as models
     from tuneloop.config import DataArguments, ModelArguments
 
-    d = DataArguments(train_file=csv, validation_split_percentage=1, max_length=32, preprocessing_num_workers=workers)
+    # The very options of the runs above: the tokenization cache is keyed on them.
+    d = DataArguments(train_file=csv, validation_split_percentage=1, max_length=32, preprocessing_num_workers=workers,
+                      train_sampling_strategy="group_by_length")
     splits = data.load_splits(d, 42, None, need_train=True)
     train = data.tokenize(splits.train, splits, models.load_tokenizer(ModelArguments(), 32), d)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20

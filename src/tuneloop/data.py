@@ -537,6 +537,9 @@ def _hold_out(train: Dataset, column: str, percentage: int, seed: int) -> tuple[
 def tokenize(split: Dataset, splits: Splits, tokenizer: PreTrainedTokenizerBase, d: DataArguments) -> Dataset:
     """Tokenize once (datasets caches the result for file-backed data); keep only model inputs and `labels`."""
     text, pair = splits.text_column, splits.text_pair_column
+    # Only what tokenizing reads goes into the closure: datasets keys its cache on the function's hash, and with all of
+    # `d` in it any unrelated data option (--length_grouping_window, --drop_bad_rows...) tokenized everything again.
+    max_length, pad_to_max = d.max_length, d.padding == "max_length"
 
     def encode(batch):
         for column in filter(None, (text, pair)):
@@ -546,8 +549,8 @@ def tokenize(split: Dataset, splits: Splits, tokenizer: PreTrainedTokenizerBase,
             batch[text],
             batch[pair] if pair else None,
             truncation=True,
-            max_length=d.max_length,
-            padding="max_length" if d.padding == "max_length" else False,
+            max_length=max_length,
+            padding="max_length" if pad_to_max else False,
         )
 
     encoded = split.map(
