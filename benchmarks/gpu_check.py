@@ -17,6 +17,8 @@ CUDA):
   fsdp_x1                 fsdp.yaml, 1 process: train with a checkpoint, resume from it, reload the saved model, and
                           `tuneloop evaluate` it under FSDP
   zero3_x1                deepspeed_zero3.yaml, 1 process: train, reload (skipped when deepspeed is not installed)
+  lora_fsdp_x1            fsdp.yaml, 1 process: --use_peft --activation_checkpointing --dtype bfloat16; reload the
+                          merged model in plain transformers, `tuneloop evaluate` the adapter folder under FSDP
   doctor_one_device       the doctor on gpu.yaml (with `accelerate test`)
   doctor_sharded          the doctor on fsdp.yaml --num_processes 1 (the probe; `accelerate test` left to the row above)
   throughput_*            a bert-base-sized model built from a config (no download), bf16, 128 and 512 tokens (no
@@ -396,6 +398,33 @@ def zero3_x1(c: Check) -> dict:
     return details
 
 
+def lora_fsdp_x1(c: Check) -> dict:
+    """LoRA + activation checkpointing under FSDP (FSDP's own checkpoint wrapper), bf16 base weights: the merged model
+    loads in plain transformers and scores what training scored; the adapter folder evaluates the same."""
+    if c.cpu:
+        raise Skipped("FSDP needs CUDA; tests/test_peft.py runs LoRA + activation checkpointing on 1 process, DDP, "
+                      "ZeRO-2 and ZeRO-3 on CPU")
+    out, evaluated = c.work / "lora-fsdp", c.work / "lora-fsdp-evaluate"
+    c.launch("fsdp.yaml", train_args(c.tiny_model, c.files, out, use_peft="true", activation_checkpointing="true",
+                                     dtype="bfloat16", learning_rate=1e-2, lora_dropout=0.0, eval_strategy="no"),
+             "--num_processes", "1")
+    results = read_json(out / "all_results.json")
+    expect((results["distributed_type"], results["num_processes"]) == ("FSDP", 1), "not FSDP x1", results=results)
+    reloaded = plain_transformers_accuracy(out, c.files["validation_file"], "bf16")
+    c.launch("fsdp.yaml", ["--model", str(out / "adapter"), "--data", c.files["validation_file"], "--output_dir",
+                           str(evaluated)], "--num_processes", "1", what="tuneloop evaluate of the adapter",
+             program=("-m", "tuneloop", "evaluate"))
+    scored = read_json(evaluated / "all_results.json")
+    details = {"eval_accuracy": results["eval_accuracy"], "eval_loss": results["eval_loss"],
+               "reloaded_accuracy": reloaded, "adapter_evaluate_accuracy": scored["eval_accuracy"]}
+    expect(results["eval_loss"] < 1.09, "LoRA did not lower the loss below the uniform guess's (ln 3)", **details)
+    expect(same_within_one_sample(reloaded, results["eval_accuracy"], 45), "the merged model scores differently",
+           **details)
+    expect(same_within_one_sample(scored["eval_accuracy"], results["eval_accuracy"], 45),
+           "the adapter folder scores differently", **details)
+    return details
+
+
 def run_doctor(c: Check, config: str, flags: list[str], seen: str) -> dict:
     result = c.run([sys.executable, "-m", "tuneloop.doctor", "--config_file", str(CONFIGS / config), *flags], "the doctor")
     lines = [line.strip() for line in result.stdout.splitlines()]
@@ -474,6 +503,7 @@ def all_rows(c: Check) -> list[tuple[str, callable]]:
     return [("environment", environment), ("one_device_bf16_reload", one_device_bf16_reload),
             ("fp16_overflow_skips", fp16_overflow_skips), ("compile_tf32_false", compile_tf32_false),
             ("preempt_resume", preempt_resume), ("fsdp_x1", fsdp_x1), ("zero3_x1", zero3_x1),
+            ("lora_fsdp_x1", lora_fsdp_x1),
             ("doctor_one_device", doctor_one_device), ("doctor_sharded", doctor_sharded), *throughput_rows(c)]
 
 

@@ -20,9 +20,9 @@ from conftest import ROOT
 pytestmark = pytest.mark.multiprocess  # it launches training runs, the doctor and its probes
 
 SCRIPT = ROOT / "benchmarks" / "gpu_check.py"
-NEED_CUDA = {"fp16_overflow_skips", "compile_tf32_false", "fsdp_x1", "zero3_x1"}
+NEED_CUDA = {"fp16_overflow_skips", "compile_tf32_false", "fsdp_x1", "zero3_x1", "lora_fsdp_x1"}
 ROWS = ["environment", "one_device_bf16_reload", "fp16_overflow_skips", "compile_tf32_false", "preempt_resume",
-        "fsdp_x1", "zero3_x1", "doctor_one_device", "doctor_sharded", "throughput_tuneloop_64", "throughput_trainer_64"]
+        "fsdp_x1", "zero3_x1", "lora_fsdp_x1", "doctor_one_device", "doctor_sharded", "throughput_tuneloop_64", "throughput_trainer_64"]
 
 
 def read_rows(path) -> list[dict]:

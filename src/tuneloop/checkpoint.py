@@ -23,7 +23,9 @@ import uuid
 from dataclasses import asdict, dataclass, field
 
 from accelerate import Accelerator
+from accelerate.utils import DistributedType
 
+from tuneloop import lora
 from tuneloop.config import Config
 from tuneloop.errors import UserError
 
@@ -145,7 +147,25 @@ def check_resumable(saved: TrainerState, current: TrainerState, path: str) -> No
                         "the same process count, batch size, accumulation and seed, or start a new --output_dir")
 
 
-def save_checkpoint(accelerator: Accelerator, output_dir: str, state: TrainerState, rank_state: dict) -> str:
+def trained_weights_only(accelerator: Accelerator, saving: bool) -> dict:
+    """`save_state` / `load_state` arguments that keep a checkpoint to the weights that train (with LoRA: the adapter
+    and the head; the frozen base is in the model folder already). DeepSpeed filters them itself; elsewhere
+    `keep_trained_weights` (registered when LoRA is on) drops the rest, and loading must then not expect them."""
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        return {"exclude_frozen_parameters": True} if saving else {"load_module_strict": False}
+    return {} if saving else {"strict": False}
+
+
+def keep_trained_weights(models: list, weights: list[dict], output_dir: str) -> None:
+    """Accelerate's save_state pre-hook: each model's state dict cut down to its parameters that require grad."""
+    for model, state_dict in zip(models, weights):
+        trained = {name for name, p in model.named_parameters() if p.requires_grad}
+        for key in [key for key in state_dict if key not in trained]:
+            del state_dict[key]
+
+
+def save_checkpoint(accelerator: Accelerator, output_dir: str, state: TrainerState, rank_state: dict,
+                    trained_only: bool = False) -> str:
     """Every process writes its part into a temporary folder; the main process renames it once all are done.
 
     A kill at any moment leaves either the previous checkpoints untouched plus a `.tmp-` folder that `latest`
@@ -160,7 +180,7 @@ def save_checkpoint(accelerator: Accelerator, output_dir: str, state: TrainerSta
         os.makedirs(tmp)
     accelerator.wait_for_everyone()
     with writing(final, output_dir):
-        accelerator.save_state(tmp)
+        accelerator.save_state(tmp, **(trained_weights_only(accelerator, saving=True) if trained_only else {}))
         _write_json(os.path.join(tmp, RANK_STATE_FILE.format(rank=accelerator.process_index)), rank_state)
         _sync_tree(tmp)  # this process's files among them; which ones Accelerate wrote where, it does not say
     accelerator.wait_for_everyone()
@@ -254,9 +274,9 @@ def _write_failure(error: BaseException) -> str | None:
     return None
 
 
-def load_checkpoint(accelerator: Accelerator, path: str) -> dict:
+def load_checkpoint(accelerator: Accelerator, path: str, trained_only: bool = False) -> dict:
     """Restore Accelerate's state (model, optimizer, scheduler, sampler, RNG of this process); return this process's sums."""
-    accelerator.load_state(path)
+    accelerator.load_state(path, **(trained_weights_only(accelerator, saving=False) if trained_only else {}))
     with open(os.path.join(path, RANK_STATE_FILE.format(rank=accelerator.process_index))) as f:
         return json.load(f)
 
@@ -294,9 +314,10 @@ def clean_partial_checkpoints(output_dir: str) -> None:
 def check_free_space(output_dir: str, model, checkpointing: bool, free_bytes: int | None = None) -> None:
     """Fail before training when the disk cannot hold the final model (and, with checkpoints, one more checkpoint)."""
     # DeepSpeed ZeRO-3 creates the model already sharded: numel() is 0 there, ds_numel the full size.
-    param_bytes = sum(getattr(p, "ds_numel", p.numel()) * p.element_size() for p in model.parameters())
-    # A checkpoint holds the weights and AdamW's two moments; fp32 for both in every set-up tuneloop runs.
-    needed = param_bytes * (1 + (3 if checkpointing else 0))
+    sizes = [(getattr(p, "ds_numel", p.numel()) * p.element_size(), p.requires_grad) for p in model.parameters()]
+    # A checkpoint holds the trained weights and their AdamW moments (fp32 in every set-up tuneloop runs); frozen
+    # weights (LoRA's base model) are in the final model only.
+    needed = sum(size for size, _ in sizes) + (3 * sum(size for size, grad in sizes if grad) if checkpointing else 0)
     free = shutil.disk_usage(output_dir).free if free_bytes is None else free_bytes
     if free < needed:
         raise UserError(f"output_dir {output_dir!r} has {free / 2**20:.0f} MiB free, a run of this model needs about "
@@ -313,7 +334,10 @@ def check_writable(output_dir: str) -> None:
         raise UserError(f"output_dir {output_dir!r} is not writable ({e.strerror}): pick another --output_dir") from None
 
 
-def save_final_model(accelerator: Accelerator, model, tokenizer, output_dir: str) -> None:
+def save_final_model(accelerator: Accelerator, model, tokenizer, output_dir: str, merge_adapter: bool = True) -> None:
+    if lora.is_peft(accelerator.unwrap_model(model)):
+        lora.save(accelerator, model, tokenizer, output_dir, merge_adapter, writing)
+        return
     accelerator.wait_for_everyone()
     state_dict = accelerator.get_state_dict(model)  # collective: gathers shards to the main process
     # Under --torch_compile the compiled blocks' keys read `layer.0._orig_mod.…`: plain transformers would load none.

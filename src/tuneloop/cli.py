@@ -115,7 +115,8 @@ def saved_model_config(argv: list[str] | None, command: str):
     parser.prog = f"tuneloop {command}"
     parser.description = COMMANDS[command][1] + ". Results go to --output_dir (default: MODEL/" + command + ")."
     parser.add_argument("--model", required=True, metavar="DIR",
-                        help="The saved model: a tuneloop output_dir, or any fine-tuned classifier folder or Hub id.")
+                        help="The saved model: a tuneloop output_dir, a LoRA adapter folder (output_dir/adapter, or "
+                             "output_dir of a --merge_adapter false run), or any fine-tuned classifier folder or Hub id.")
     parser.add_argument("--data", required=True, metavar="SOURCE",
                         help="A .csv/.json/.jsonl/.parquet file, a dataset folder, a Hub dataset id or builtin:bbc_news. "
                              "evaluate scores its eval split (the split training held out, for the same source); "
@@ -145,6 +146,8 @@ def inherited_settings(model: str) -> dict:
     from tuneloop.checkpoint import CONFIG_FILE
 
     path = os.path.join(os.path.expanduser(model), CONFIG_FILE)
+    if not os.path.isfile(path) and os.path.isfile(os.path.join(os.path.expanduser(model), "adapter_config.json")):
+        path = os.path.join(os.path.expanduser(model), os.pardir, CONFIG_FILE)  # output_dir/adapter (lora.ADAPTER_DIR)
     if not os.path.isfile(path):
         return {}
     with open(path) as f:

@@ -42,6 +42,13 @@ SCHEDULER_KWARGS_NEEDED = {"cosine_with_min_lr": {"min_lr_rate": 0.1}, "cosine_w
 STEP_COUNT_KWARGS = ("num_stable_steps", "num_decay_steps", "timescale")
 REPORT_TO_CHOICES = ("none", "wandb", "tensorboard", "all")
 
+# The default peak learning rate, the one place it is set: full fine-tuning, and LoRA (--use_peft). A LoRA adapter
+# starts as a zero update (PEFT initialises lora_B to 0) and can only move within rank r, so it takes larger steps than
+# full fine-tuning does: the LoRA paper trained RoBERTa-base with 4e-4 to 5e-4 (r=8; Hu et al. 2021, table 9),
+# against 1e-5 to 1e-4 for full fine-tuning of the same models.
+FULL_FINETUNING_LEARNING_RATE = 1e-4
+LORA_LEARNING_RATE = 5e-4
+
 # Local data files: extension -> the `datasets` builder that reads them. The one list of file types tuneloop reads;
 # here rather than in data.py because validation checks paths before any data code is imported.
 FILE_BUILDERS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
@@ -75,6 +82,27 @@ class ModelArguments:
                           "--mixed_precision bf16/fp16 computes from; bfloat16/float16 train the half-precision weights "
                           "themselves (no fp32 master copy, except under DeepSpeed); auto: the checkpoint's own dtype. "
                           "evaluate/predict default to the dtype the model was trained with."},
+    )
+    # LoRA through PEFT: TRL's option names (trl.ModelConfig), tuneloop's defaults.
+    use_peft: bool = field(
+        default=False,
+        metadata={"help": "Train a LoRA adapter (🤗 PEFT) instead of every weight: the base model is frozen, the "
+                          "classifier head (every module outside the backbone: classifier, score, pooler...) trains in "
+                          f"full. Default learning rate {LORA_LEARNING_RATE:g} (see --learning_rate)."},
+    )
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank (with --use_peft)."})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling alpha: updates are scaled by alpha / r."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA branch's input."})
+    lora_target_modules: list[str] = field(
+        default_factory=lambda: ["all-linear"],
+        metadata={"help": "Modules that get LoRA: 'all-linear' (every linear layer of the backbone; the head is trained "
+                          "in full instead) or module names, e.g. query value."},
+    )
+    merge_adapter: bool = field(
+        default=True,
+        metadata={"help": "With --use_peft: save the final model as a plain transformers model with the adapter merged "
+                          "into its weights (output_dir), besides the adapter itself (output_dir/adapter). false: "
+                          "output_dir holds only the adapter."},
     )
     attention_dropout: Optional[float] = field(
         default=None,
@@ -192,7 +220,12 @@ class TrainArguments:
     per_device_train_batch_size: int = field(default=16, metadata={"help": "Training batch size per process."})
     per_device_eval_batch_size: int = field(default=64, metadata={"help": "Evaluation batch size per process."})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimizer step."})
-    learning_rate: float = field(default=1e-4, metadata={"help": "Peak learning rate (AdamW)."})
+    learning_rate: Optional[float] = field(
+        default=None,
+        metadata={"help": f"Peak learning rate (AdamW). Default: {FULL_FINETUNING_LEARNING_RATE:g}; "
+                          f"{LORA_LEARNING_RATE:g} with --use_peft (a LoRA update starts at zero and has rank r: it "
+                          "needs larger steps; the LoRA paper's RoBERTa runs used 4e-4 to 5e-4)."},
+    )
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay; never applied to biases and LayerNorm."})
     adam_beta1: float = field(default=0.9, metadata={"help": "AdamW beta1."})
     adam_beta2: float = field(default=0.999, metadata={"help": "AdamW beta2."})
@@ -223,6 +256,12 @@ class TrainArguments:
         metadata={"help": "Override the accelerate config's mixed precision. 'auto': bf16 where the hardware runs it "
                           "fast (Ampere or newer GPUs; CPUs with AMX or AVX-512 bf16, read from /proc/cpuinfo), else no. "
                           "fp16 on CPU runs in fp32 (no fast kernel)."},
+    )
+    activation_checkpointing: bool = field(
+        default=False,
+        metadata={"help": "Recompute each layer's activations in the backward pass instead of keeping them (non-reentrant "
+                          "torch.utils.checkpoint): less memory, about a third more compute. Under FSDP, FSDP's own "
+                          "activation checkpointing is used instead."},
     )
     tf32: Optional[bool] = field(
         default=None, metadata={"help": "TF32 matmuls for fp32 work on Ampere or newer GPUs. Default: on there."}
@@ -340,6 +379,12 @@ class Config:
     data: DataArguments
     train: TrainArguments
 
+    def __post_init__(self):
+        # The learning rate's default depends on --use_peft, of another section: resolved here, once, so that
+        # run_config.json and the report show the value used.
+        if self.train.learning_rate is None:
+            self.train.learning_rate = LORA_LEARNING_RATE if self.model.use_peft else FULL_FINETUNING_LEARNING_RATE
+
     def to_dict(self) -> dict:
         return {"model": asdict(self.model), "data": asdict(self.data), "train": asdict(self.train)}
 
@@ -368,13 +413,14 @@ ALIASES = {
     "validation_split_name": ("validation_split", None),
     "test_split_name": ("test_split", None),
     "shuffle_seed": ("data_seed", None),
+    "gradient_checkpointing": ("activation_checkpointing", None),  # TrainingArguments' earlier name
     "fp16": ("mixed_precision", lambda on: {"mixed_precision": "fp16"} if on else {}),
     "bf16": ("mixed_precision", lambda on: {"mixed_precision": "bf16"} if on else {}),
     # Accepted so that run_classification.py command lines run unchanged; tuneloop does this anyway.
     "shuffle_train_dataset": (None, lambda on: {}),  # the training order is reshuffled every epoch
     "overwrite_output_dir": (None, lambda on: {}),  # output_dir is always written; resuming is --resume_from_checkpoint
 }
-SWITCHES = ("group_by_length", "pad_to_max_length", "fp16", "bf16", "shuffle_train_dataset", "overwrite_output_dir")
+SWITCHES = ("gradient_checkpointing", "group_by_length", "pad_to_max_length", "fp16", "bf16", "shuffle_train_dataset", "overwrite_output_dir")
 
 
 def canonical(name: str, value) -> dict:
@@ -506,6 +552,25 @@ def scheduler_problem(t: TrainArguments) -> str | None:
     return None
 
 
+def lora_problems(m: ModelArguments) -> list[str]:
+    """LoRA options that cannot work; set without --use_peft they would be silently ignored."""
+    defaults = ModelArguments()
+    names = ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "merge_adapter")
+    if not m.use_peft:
+        changed = [f"--{name}" for name in names if getattr(m, name) != getattr(defaults, name)]
+        return [f"{', '.join(changed)} set without --use_peft: add --use_peft (LoRA) or drop them"] if changed else []
+    problems = []
+    if m.lora_r < 1:
+        problems.append(f"lora_r must be >= 1 (got {m.lora_r})")
+    if m.lora_alpha <= 0:
+        problems.append(f"lora_alpha must be > 0 (got {m.lora_alpha})")
+    if not 0 <= m.lora_dropout < 1:
+        problems.append(f"lora_dropout must be in [0, 1) (got {m.lora_dropout})")
+    if "all-linear" in m.lora_target_modules and len(m.lora_target_modules) > 1:
+        problems.append("lora_target_modules: 'all-linear' stands alone (or name the modules without it)")
+    return problems
+
+
 def validate(config: Config) -> None:
     """Check every option that can be checked without loading anything; report all problems in one line."""
     m, d, t = config.model, config.data, config.train
@@ -529,6 +594,7 @@ def validate(config: Config) -> None:
     need(bool(t.metrics), "metrics is empty: name at least one, e.g. --metrics accuracy")
     need(m.attention_dropout is None or 0 <= m.attention_dropout < 1,
          f"attention_dropout must be in [0, 1) (got {m.attention_dropout})")
+    problems += lora_problems(m)
     need(m.num_labels is None or m.num_labels >= 2, f"num_labels must be >= 2 (got {m.num_labels})")
     need(set(t.report_to) <= set(REPORT_TO_CHOICES) and ("none" not in t.report_to or len(t.report_to) == 1),
          f"report_to must be none, or any of wandb, tensorboard, all (got {' '.join(t.report_to)})")

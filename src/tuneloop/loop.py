@@ -18,7 +18,7 @@ from accelerate.utils import DistributedType, set_seed
 from tqdm.auto import tqdm
 from transformers.utils import logging as hf_logging
 
-from tuneloop import checkpoint, cpu_speedups, data, engines, metrics, model as models, predict, report, runtime, throughput, tracking
+from tuneloop import checkpoint, cpu_speedups, data, engines, lora, metrics, model as models, predict, report, runtime, throughput, tracking
 from tuneloop.config import Config, TrainArguments, make_scheduler
 from tuneloop.errors import UserError
 from tuneloop.preemption import Preempted, StopRequest
@@ -106,7 +106,7 @@ def train(config: Config) -> dict:
             accelerator.end_training()
             raise
         history = run.state.history
-        checkpoint.save_final_model(accelerator, run.model, run.tokenizer, t.output_dir)
+        checkpoint.save_final_model(accelerator, run.model, run.tokenizer, t.output_dir, config.model.merge_adapter)
         checkpoint.save_results(accelerator, config, results, history)
     elif t.do_eval:  # evaluating the model as loaded
         results, eval_outputs = evaluate(run)
@@ -159,6 +159,8 @@ def setup(config: Config) -> Run:
     model_config = models.load_config(m)
     if dtype_warning := models.check_dtype(m, model_config, accelerator, training=t.do_train):
         say(accelerator, dtype_warning)
+    if m.use_peft and t.do_train:
+        lora.check(m, model_config)
     splits = None
     if t.do_train or t.do_eval:
         trained_classes = None if t.do_train else models.trained_label_names(model_config)  # a fine-tuned model's
@@ -174,6 +176,13 @@ def setup(config: Config) -> Run:
         test_set = data.tokenize(test_split.test, test_split, tokenizer, d) if test_split else None
         metric_modules = metrics.load_metrics(t.metrics)
     model = models.load_model(m, class_names, tokenizer.pad_token_id)
+    if t.activation_checkpointing and t.do_train:
+        say(accelerator, models.enable_activation_checkpointing(model, accelerator))
+    if m.use_peft and t.do_train:
+        model = lora.add_adapter(model, m)
+        say(accelerator, f"tuneloop: LoRA r={m.lora_r} alpha={m.lora_alpha} on {' '.join(m.lora_target_modules)}, "
+                         f"head trained in full: {', '.join(lora.head_modules(model.base_model.model))}; "
+                         f"{lora.parameter_counts(model)}")
     if accelerator.device.type == "cpu":
         for line in cpu_speedups.install(model, allocator=t.tune_cpu_allocator, dropout=t.fast_cpu_dropout and t.do_train):
             say(accelerator, line)
@@ -209,7 +218,9 @@ def setup(config: Config) -> Run:
         model, optimizer, train_dl, eval_dl, scheduler)
     if math.ceil(len(run.train_dl) / t.gradient_accumulation_steps) != plan.steps_per_epoch:
         raise RuntimeError(f"prepared dataloader has {len(run.train_dl)} batches, planned for {plan.steps_per_epoch} steps")
-    run.rank_state = checkpoint.load_checkpoint(accelerator, resume_from) if resume_from else None
+    if m.use_peft:  # checkpoints hold what trains (adapter, head) and its optimizer state, not the frozen base
+        accelerator.register_save_state_pre_hook(checkpoint.keep_trained_weights)
+    run.rank_state = checkpoint.load_checkpoint(accelerator, resume_from, m.use_peft) if resume_from else None
     run.plan, run.train_size = plan, len(splits.train)
     say(
         accelerator,
@@ -433,7 +444,7 @@ def finish_training(run: Run, session: Session, stopped_early: bool) -> tuple[di
     if t.load_best_model_at_end and state.best_checkpoint and state.best_step != state.step:
         say(accelerator, f"tuneloop: loading the best model (step {state.best_step}, "
                          f"{best_metric_key(t)}={state.best_metric:.4f}) from {state.best_checkpoint}")
-        accelerator.load_state(state.best_checkpoint)
+        checkpoint.load_checkpoint(accelerator, state.best_checkpoint, run.config.model.use_peft)
         outputs = evaluate_and_log(run)
 
     speed_figures = session.speed.summary(accelerator, run.peak_tflops, runtime_seconds)
@@ -496,7 +507,8 @@ def save_checkpoint(run: Run, session: Session) -> None:
     state.train_runtime = session.earlier_runtime + time.perf_counter() - session.started
     if state.best_step == state.step:
         state.best_checkpoint = checkpoint.checkpoint_path(t.output_dir, state.step)
-    path = checkpoint.save_checkpoint(accelerator, t.output_dir, state, session.meter.state_dict())
+    path = checkpoint.save_checkpoint(accelerator, t.output_dir, state, session.meter.state_dict(),
+                                      trained_only=run.config.model.use_peft)
     if accelerator.is_main_process:
         checkpoint.rotate_checkpoints(t.output_dir, t.save_total_limit, state.best_checkpoint)
     say(accelerator, f"tuneloop: checkpoint {path}")

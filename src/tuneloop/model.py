@@ -9,6 +9,7 @@ from accelerate.utils import DistributedType
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, PretrainedConfig
 from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING
 
+from tuneloop import lora
 from tuneloop.config import BUILTIN_MODEL, ModelArguments
 from tuneloop.errors import UserError
 
@@ -92,6 +93,8 @@ def check_dtype(m: ModelArguments, config: PretrainedConfig, accelerator: Accele
     if dtype == "float16" and accelerator.mixed_precision == "fp16":
         raise UserError(f"{where} with --mixed_precision fp16: the gradient scaler cannot unscale float16 gradients: "
                         "use --dtype float32 (the default)")
+    if m.use_peft:  # the low-memory setting: the frozen base in half precision, PEFT keeps the adapters in float32
+        return None
     return (f"warning: {where} trains {dtype} weights directly, with no fp32 master copy (small updates round away): "
             "--dtype float32 with --mixed_precision bf16 keeps one")
 
@@ -100,8 +103,26 @@ def check_dtype(m: ModelArguments, config: PretrainedConfig, accelerator: Accele
 ATTENTION_DROPOUT_NAMES = ("attention_probs_dropout_prob", "attention_dropout")
 
 
+def enable_activation_checkpointing(model, accelerator: Accelerator) -> str:
+    """Before `prepare`: recompute activations in the backward pass (transformers 5's `activation_checkpointing_enable`,
+    formerly `gradient_checkpointing_enable`). Non-reentrant checkpointing, which needs no input that requires grad;
+    transformers (and PEFT) still make the embeddings' output require grad, which reentrant checkpointing of a frozen
+    backbone under LoRA would need. Under FSDP, FSDP's own (non-reentrant) checkpoint
+    wrapper around each wrapped layer instead, applied by Accelerate in `prepare`: one mechanism, not two nested."""
+    if accelerator.distributed_type == DistributedType.FSDP:
+        accelerator.state.fsdp_plugin.activation_checkpointing = True
+        return "tuneloop: activation checkpointing: FSDP's, per wrapped layer"
+    if not model.supports_gradient_checkpointing:
+        raise UserError(f"{type(model).__name__} does not support activation checkpointing: drop "
+                        "--activation_checkpointing")
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    return "tuneloop: activation checkpointing: each layer's activations are recomputed in the backward pass"
+
+
 def load_model(m: ModelArguments, label_names: list[str], pad_token_id: int):
     path = resolve_model_path(m.model_name_or_path)
+    if lora.is_adapter(path):  # a LoRA adapter saved by tuneloop (evaluate / predict): its base plus the adapter
+        return lora.load_for_inference(path, m.dtype, m.trust_remote_code)
     id2label = dict(enumerate(label_names))
     overrides = {}
     if m.attention_dropout is not None:
