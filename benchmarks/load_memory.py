@@ -4,10 +4,11 @@ r"""Memory at load, per rank: does any rank hold a second full copy of the weigh
 
 Builds a BERT from a config (random weights, saved once as safetensors; no download), then for each engine launches
 2 processes that build the Accelerator as tuneloop does (`runtime.make_accelerator`) and load the model with
-`model.load_model`, the code a training run uses. Each rank samples its own anonymous resident memory (RssAnon, the
-process's private memory: file pages mapped from the safetensors file are shared with the page cache and are
-excluded) every 5 ms during the load and reports the peak above its level just before, and the parameter bytes it
-holds afterwards. Engines: DDP (cpu_2proc.yaml: every rank holds the whole model, the reference), ZeRO-3 with
+`model.load_model`, the code a training run uses. Each rank samples its own resident memory every 5 ms during the
+load (/proc/self/smaps_rollup: RSS; PSS, which counts a page shared by both ranks half to each, so a file both map
+is one copy between them; anonymous, private memory) and reports the peak and the level after, above the level just
+before, and the parameter bytes it holds afterwards. transformers 5 maps the safetensors file and reads pages on first
+use, so every tensor the rank holds is read once before the level "after" is taken. Engines: DDP (cpu_2proc.yaml: every rank holds the whole model, the reference), ZeRO-3 with
 `zero3_init_flag: true` (deepspeed_zero3_cpu.yaml: each rank should build only its shard) and the same config with
 the flag off.
 
@@ -30,9 +31,13 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "accelerate_configs"
 
 
-def rss_anon() -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("RssAnon:"))
+def memory() -> dict[str, int]:
+    """This process's resident memory in bytes: `rss` (what `top` shows), `anon` (private memory) and `pss` (shared
+    pages divided among the processes sharing them: two ranks mapping the same safetensors file count half each)."""
+    with open("/proc/self/smaps_rollup") as f:
+        fields = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f if line.split(":")[0] in
+                  ("Rss", "Pss", "Anonymous")}
+    return {"rss": fields["Rss"], "pss": fields["Pss"], "anon": fields["Anonymous"]}
 
 
 def worker(model_dir: str) -> None:
@@ -41,25 +46,33 @@ def worker(model_dir: str) -> None:
     from tuneloop.config import ModelArguments, TrainArguments
 
     accelerator = runtime.make_accelerator(TrainArguments(output_dir=tempfile.mkdtemp()))
-    before, peak, done = rss_anon(), [0], threading.Event()
+    before, done = memory(), threading.Event()
+    peak = dict(before)
 
     def sample():
         while not done.is_set():
-            peak[0] = max(peak[0], rss_anon())
+            for key, value in memory().items():
+                peak[key] = max(peak[key], value)
             time.sleep(0.005)
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     model = models.load_model(ModelArguments(model_name_or_path=model_dir), ["a", "b", "c"], pad_token_id=0)
+    # transformers 5 maps the safetensors file and reads a page only when it is first used: touch every tensor this rank
+    # holds, as the first forward (or DDP's broadcast of rank 0's weights) would.
+    for p in model.parameters():
+        getattr(p, "ds_tensor", p).sum()
     done.set()
     sampler.join()
-    held = sum(p.numel() * p.element_size() for p in model.parameters())  # ZeRO-3: this rank's partition only
+    after = memory()
+    # ZeRO-3 partitions each parameter: the local tensor is empty and this rank's shard is in `ds_tensor`.
+    held = sum(getattr(p, "ds_tensor", p).numel() * p.element_size() for p in model.parameters())
     full = sum(getattr(p, "ds_numel", p.numel()) * p.element_size() for p in model.parameters())
+    mib = lambda count: round(count / 2**20)  # noqa: E731
     print("ROW " + json.dumps({"rank": accelerator.process_index, "engine": accelerator.distributed_type.value,
-                               "load_peak_anon_mib": round((max(peak[0], rss_anon()) - before) / 2**20),
-                               "after_load_anon_mib": round((rss_anon() - before) / 2**20),
-                               "held_param_mib": round(held / 2**20), "model_param_mib": round(full / 2**20)}),
-          flush=True)
+                               **{f"peak_{k}_mib": mib(max(peak[k], after[k]) - before[k]) for k in before},
+                               **{f"after_{k}_mib": mib(after[k] - before[k]) for k in before},
+                               "held_param_mib": mib(held), "model_param_mib": mib(full)}), flush=True)
     accelerator.wait_for_everyone()
 
 
@@ -98,9 +111,10 @@ def main() -> None:
             print(f"{name}: failed ({done.returncode}): {done.stderr[-1500:]}")
             continue
         for row in sorted(rows, key=lambda r: r["rank"]):
-            print(f"{name:30s} rank {row['rank']}: load peak +{row['load_peak_anon_mib']} MiB anonymous, "
-                  f"+{row['after_load_anon_mib']} MiB after; parameters held {row['held_param_mib']} of "
-                  f"{row['model_param_mib']} MiB")
+            print(f"{name:30s} rank {row['rank']}: during load, peak +{row['peak_pss_mib']} MiB PSS "
+                  f"(+{row['peak_rss_mib']} RSS, +{row['peak_anon_mib']} anonymous); after, +{row['after_pss_mib']} PSS "
+                  f"(+{row['after_rss_mib']} RSS, +{row['after_anon_mib']} anonymous); parameters held "
+                  f"{row['held_param_mib']} of {row['model_param_mib']} MiB")
 
 
 if __name__ == "__main__":

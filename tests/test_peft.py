@@ -8,6 +8,7 @@ tests launch LoRA + activation checkpointing on 2-process DDP, ZeRO-2 and ZeRO-3
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -89,14 +90,15 @@ def _tiny(config_class, **extra):
 
 @pytest.mark.parametrize("architecture, heads", [
     ("bert", ["classifier"]),
-    ("roberta", ["classifier"]),  # a module with its own dense + out_proj: no LoRA inside it
+    ("roberta", ["classifier"]),  # a module with its own dense + out_proj
     ("distilbert", ["pre_classifier", "classifier"]),  # both new in DistilBERT's classifier
     ("deberta-v2", ["pooler", "classifier"]),  # DeBERTa's ContextPooler is new too
     ("llama", ["score"]),
 ])
 def test_the_head_is_trained_in_full_and_gets_no_lora(architecture, heads):
-    """Guards a head left frozen (PEFT's own guess knows only `classifier` and `score`) or adapted by LoRA's
-    all-linear (RoBERTa's classifier.dense was), and a backbone left without adapters."""
+    """Guards a head left frozen or given LoRA instead of full training (PEFT's own guess, `classifier` or `score`,
+    gave DeBERTa's new pooler LoRA on frozen random weights and failed on DistilBERT), and a backbone left without
+    adapters."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
     config = AutoConfig.for_model(architecture, vocab_size=64, num_labels=3, **(
@@ -190,6 +192,33 @@ def test_evaluate_and_predict_accept_the_adapter_folder(lora_run, toy_files, tes
     rows = [json.loads(line) for line in open(tmp_path / "predict" / "predictions.jsonl")]
     assert len(rows) == 45 and all(set(row["probabilities"]) == {"music", "sports", "tech"} for row in rows)
 
+
+
+@pytest.mark.trains
+def test_bf16_lora_without_merge_saves_the_adapter_and_evaluates_in_its_dtype(tiny_model_dir, toy_files, tmp_path,
+                                                                               capsys):
+    """The low-memory setting: the frozen base in bfloat16, the adapters in float32 (PEFT's), no warning about a
+    missing master copy; --merge_adapter false leaves only the adapter in output_dir, and `tuneloop evaluate` of it
+    runs in the dtype trained. Guards a merge done anyway, and evaluation falling back to float32."""
+    from tuneloop import cli
+
+    out = tmp_path / "bf16"
+    run_in_process(tiny_args(tiny_model_dir, toy_files, out, **LORA, dtype="bfloat16", merge_adapter="false",
+                             max_steps=3, eval_strategy="no"))
+    reset_accelerate_state()
+    printed = capsys.readouterr().out
+    assert "no fp32 master copy" not in printed
+    trainable, total = (int(n.replace(",", "")) for n in
+                        re.search(r"trainable parameters ([\d,]+) of ([\d,]+)", printed).groups())
+    assert 0 < trainable < total
+    assert (out / "adapter_config.json").is_file() and not (out / "model.safetensors").exists()
+    adapter = load_file(out / "adapter_model.safetensors")
+    assert {t.dtype for k, t in adapter.items() if "lora_" in k} == {torch.float32}
+    assert {t.dtype for k, t in adapter.items() if "classifier" in k} == {torch.bfloat16}
+    assert cli.console(["evaluate", "--model", str(out), "--data", toy_files["validation_file"]]) == 0
+    assert read_json(out / "evaluate" / "run_config.json")["model"]["dtype"] == "bfloat16"
+    trained, evaluated = read_json(out / "all_results.json"), read_json(out / "evaluate" / "all_results.json")
+    assert evaluated["eval_loss"] == pytest.approx(trained["eval_loss"], rel=1e-3)
 
 # LoRA + activation checkpointing on each engine: accumulation 2 on 2 ranks, 8 steps, a checkpoint at step 4.
 ENGINE_RUN = dict(**LORA, activation_checkpointing="true", gradient_accumulation_steps=2, max_steps=8,

@@ -180,9 +180,7 @@ def setup(config: Config) -> Run:
         say(accelerator, models.enable_activation_checkpointing(model, accelerator))
     if m.use_peft and t.do_train:
         model = lora.add_adapter(model, m)
-        say(accelerator, f"tuneloop: LoRA r={m.lora_r} alpha={m.lora_alpha} on {' '.join(m.lora_target_modules)}, "
-                         f"head trained in full: {', '.join(lora.head_modules(model.base_model.model))}; "
-                         f"{lora.parameter_counts(model)}")
+        say(accelerator, lora.describe(model, m))
     if accelerator.device.type == "cpu":
         for line in cpu_speedups.install(model, allocator=t.tune_cpu_allocator, dropout=t.fast_cpu_dropout and t.do_train):
             say(accelerator, line)

@@ -5,9 +5,10 @@ The classifier head is found from the model's own structure, not from a list of 
 `deberta`...) plus the head, so the head is every other top-level child that has parameters: `classifier` (BERT,
 RoBERTa), `score` (Llama, Qwen2, Mistral), `pre_classifier` + `classifier` (DistilBERT), `pooler` + `classifier`
 (DeBERTa-v2), `head` + `classifier` (ModernBERT). Those modules are new, or at least task-specific, so they train in
-full (PEFT's `modules_to_save`) and get no LoRA (`exclude_modules`); "all-linear" covers every linear layer of the
-backbone (BERT's pretrained pooler included). PEFT's own guess only knows the names `classifier` and `score`, and
-LoRA's `all-linear` then still adapts RoBERTa's `classifier.dense`.
+full (PEFT's `modules_to_save`, which PEFT then leaves without LoRA); "all-linear" covers every linear layer of the
+backbone (BERT's pretrained pooler included). PEFT's own guess knows only the names `classifier` and `score`: with it,
+DeBERTa's new, randomly initialised pooler got LoRA on frozen random weights instead of training, and DistilBERT
+failed ("modules_to_save cannot be applied to modules of type lora.Linear", peft 0.21).
 
 Everything is first tried on the model built on the meta device (no memory, no weights read), so a target that
 matches nothing or a head that cannot be found stops the run with one line before the weights load.
@@ -45,7 +46,6 @@ def lora_config(m: ModelArguments, heads: list[str]):
     return LoraConfig(
         task_type=TaskType.SEQ_CLS, r=m.lora_r, lora_alpha=m.lora_alpha, lora_dropout=m.lora_dropout,
         target_modules="all-linear" if targets == ["all-linear"] else list(targets),
-        exclude_modules=rf"({'|'.join(heads)})(\..*)?",  # a full match on module names: the head and all within it
         modules_to_save=list(heads),  # (PEFT extends this list with its own guesses: a copy)
     )
 
@@ -81,11 +81,14 @@ def check(m: ModelArguments, config: PretrainedConfig) -> None:
         add_adapter(model_class(config)(config), m, low_cpu_mem_usage=True)
 
 
-def parameter_counts(model: torch.nn.Module) -> str:
+def describe(model, m: ModelArguments) -> str:
+    """The start-up line of a LoRA run: the adapter, the head, trainable / total parameters."""
     # ZeRO-3 creates the model already partitioned: numel() is a shard there, ds_numel the full size.
     sizes = [(getattr(p, "ds_numel", p.numel()), p.requires_grad) for p in model.parameters()]
     total, trainable = sum(n for n, _ in sizes), sum(n for n, grad in sizes if grad)
-    return f"trainable parameters {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)"
+    return (f"tuneloop: LoRA r={m.lora_r} alpha={m.lora_alpha} on {' '.join(m.lora_target_modules)}, head trained in "
+            f"full: {', '.join(head_modules(model.base_model.model))}; trainable parameters {trainable:,} of {total:,} "
+            f"({100 * trainable / total:.2f}%)")
 
 
 def save(accelerator, model, tokenizer, output_dir: str, merge: bool, writing) -> None:
