@@ -1,7 +1,8 @@
 r"""Training memory of a 0.3B decoder classifier: full fine-tuning fp32 against LoRA, bf16 weights and activation
 checkpointing, each through tuneloop's own training path, one process per setting.
 
-    python benchmarks/memory.py [--steps 3] [--layers 22]      # CPU, about 5 minutes on a quiet 2-core machine
+    python benchmarks/memory.py [--steps 3] [--layers 22] [--only SETTING ...] [--count_only]   # CPU; --steps 2 took
+    # 24 minutes on the shared 2-core host under load (RESULTS.md), most of it the full fp32 row
 
 The model is a Llama built from a config (hidden 1024, 22 layers, 16 heads, MLP 2816, vocabulary 32,000: 0.32B
 parameters; random weights, saved once, in bf16, with a word-level tokenizer that has no pad token), trained on
