@@ -66,7 +66,15 @@ def load_tokenizer(m: ModelArguments, max_length: int):
     if limit and limit < 1_000_000 and max_length > limit:  # "no limit" is stored as a huge sentinel value
         raise UserError(f"max_length {max_length} exceeds the model's limit of {limit} tokens: lower --max_length")
     if tokenizer.pad_token is None:  # decoder models (GPT-2, Llama) ship no pad token; padding only needs some id
+        if tokenizer.eos_token is None:
+            raise UserError(f"the tokenizer of {m.model_name_or_path!r} has neither a pad nor an eos token, so batches "
+                            "cannot be padded: add a pad token to it (tokenizer.add_special_tokens) and save it")
         tokenizer.pad_token = tokenizer.eos_token
+    # Right padding, whatever the tokenizer was saved with (decoder tokenizers often say left, for generation, which a
+    # classifier never does): the head reads the last non-pad token either way, but under left padding the real tokens
+    # of a short text sit at later positions, and a model with absolute position embeddings (GPT-2) then scores it
+    # differently in a batch than alone (tests/test_decoders.py). The saved tokenizer keeps this side for `pipeline`.
+    tokenizer.padding_side = "right"
     return tokenizer
 
 
@@ -111,7 +119,7 @@ def enable_activation_checkpointing(model, accelerator: Accelerator) -> str:
     return "tuneloop: activation checkpointing: each layer's activations are recomputed in the backward pass"
 
 
-def load_model(m: ModelArguments, label_names: list[str], pad_token_id: int | None,
+def load_model(m: ModelArguments, label_names: list[str], pad_token_id: int,
                problem_type: str = "single_label_classification"):
     """The classifier with one output per class (label, regression target). `problem_type` goes into its config, where
     transformers' own loss and `pipeline` read it (sigmoid per label for multi-label, the raw value for regression)."""
@@ -144,6 +152,8 @@ def load_model(m: ModelArguments, label_names: list[str], pad_token_id: int | No
             raise UserError(f"{m.model_name_or_path!r} has a classifier head of another size than the data's "
                             f"{len(label_names)} classes: pass --ignore_mismatched_sizes to re-initialise it") from None
         raise
-    if model.config.pad_token_id is None:
-        model.config.pad_token_id = pad_token_id
+    # The classifier head of a decoder (*ForSequenceClassification) pools the last token that is not
+    # config.pad_token_id, so it must be the id the tokenizer pads with (eos when it had none), also where the config
+    # names another one; set after loading, so that the embedding of that id is not frozen as a padding_idx.
+    model.config.pad_token_id = pad_token_id
     return model
