@@ -776,10 +776,12 @@ def validate(config: Config) -> None:
     need(t.early_stopping_patience is None or t.early_stopping_patience >= 1,
          f"early_stopping_patience must be >= 1 (got {t.early_stopping_patience})")
     best = (t.metric_for_best_model or "").removeprefix("eval_")
-    computed = t.metrics or (DEFAULT_METRICS[d.problem_type] if d.problem_type else None)
+    # Without --metrics the problem type (read from the labels later) picks them: any type's defaults may be computed.
+    computed = t.metrics or (DEFAULT_METRICS[d.problem_type] if d.problem_type
+                             else list(dict.fromkeys(name for names in DEFAULT_METRICS.values() for name in names)))
     best_set = next((n for n in several if best.startswith(n + "_")), None)
     best_metric = best.removeprefix(best_set + "_") if best_set else best
-    need(not best or best_metric == "loss" or computed is None or best_metric in computed,
+    need(not best or best_metric == "loss" or best_metric in computed,
          f"metric_for_best_model {t.metric_for_best_model!r} is not computed: use loss or one of --metrics {computed}"
          + (f", as eval_<set>_<metric> for one of the eval sets {several} (default: the first)" if several else ""))
     need(t.ddp_timeout >= 1, f"ddp_timeout must be >= 1 second (got {t.ddp_timeout})")
