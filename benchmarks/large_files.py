@@ -178,6 +178,9 @@ def main() -> None:
     p.add_argument("--work", default="/tmp/tuneloop-large")
     p.add_argument("--peer", help=argparse.SUPPRESS)
     p.add_argument("--lengths", help=argparse.SUPPRESS)
+    p.add_argument("--cold_only", action="store_true",
+                   help="only tuneloop cold then Trainer cold, one after the other (the fair pair; no cache runs, no "
+                        "lengths probes)")
     a = p.parse_args()
     if a.peer:
         return trainer_peer(a.peer, a.workers)
@@ -207,8 +210,9 @@ def main() -> None:
         print(json.dumps({name: rows[name]}), flush=True)
 
     tuneloop_run("tuneloop cold", work / "run-cold")
-    tuneloop_run("tuneloop again (cache)", work / "run-again")
-    tuneloop_run("tuneloop resumed (cache)", work / "run-cold", "--resume_from_checkpoint", "latest")
+    if not a.cold_only:
+        tuneloop_run("tuneloop again (cache)", work / "run-again")
+        tuneloop_run("tuneloop resumed (cache)", work / "run-cold", "--resume_from_checkpoint", "latest")
 
     peer_env = {**base, "HF_DATASETS_CACHE": str(work / "cache-peer"), "PEER_OUT": str(work / "peer-out")}
     result = measured([sys.executable, str(Path(__file__).resolve()), "--child_peak", sys.executable,
@@ -221,7 +225,7 @@ def main() -> None:
     print(json.dumps({"Trainer cold": rows["Trainer cold"]}), flush=True)
 
     probes = {}
-    for how in ("python_list", "arrow"):
+    for how in () if a.cold_only else ("python_list", "arrow"):
         result = measured([sys.executable, str(Path(__file__).resolve()), "--lengths", how, "--workers", str(a.workers)],
                           {**base, "BENCH_CSV": str(csv)})
         probes[how] = json_lines(result["output"])[-1]
@@ -235,6 +239,9 @@ def main() -> None:
         tokenized = "yes" if r.get("tokenizing_lines", 1) else "no (cache)"
         print(f"| {name} | {tokenized} | {r['wall_s']} | {r['time_to_first_step_s']} | {r['main_peak_rss_gib']} | "
               f"{r['tree_peak_rss_gib']} |")
+    if not probes:
+        shutil.rmtree(work, ignore_errors=True)
+        return
     print("\n| lengths for grouping | seconds | peak RSS before GiB | peak RSS after GiB |")
     print("| --- | ---: | ---: | ---: |")
     for how, r in probes.items():

@@ -250,12 +250,13 @@ def setup(config: Config) -> Run:
         run.rank_state = checkpoint.load_checkpoint(accelerator, resume_from, run.scheduler, micro_step,
                                                      trained_only=m.use_peft)
     run.plan, run.train_size, run.texts_in_train = plan, len(splits.train), splits.texts_in_train
+    units = {problems.REGRESSION: "target(s)", problems.MULTI: "labels"}.get(problem.problem_type, "classes")
     say(
         accelerator,
         f"tuneloop: {accelerator.distributed_type.value} x{accelerator.num_processes} on {accelerator.device}, "
         f"mixed_precision={accelerator.mixed_precision}, {len(splits.train)} train / "
         f"{' + '.join(str(len(split)) for split in splits.eval_sets.values())} eval examples, "
-        f"{len(class_names)} classes, global batch {t.global_batch_size(accelerator.num_processes)}, "
+        f"{len(class_names)} {units}, global batch {t.global_batch_size(accelerator.num_processes)}, "
         f"{plan.total_steps} steps ({plan.steps_per_epoch}/epoch, {plan.warmup_steps} warmup)"
         + (f", resuming at step {state.step} from {resume_from}" if resume_from else ""),
     )
