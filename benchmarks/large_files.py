@@ -2,6 +2,7 @@
 --preprocessing_num_workers, then one optimizer step; against `datasets` + transformers' Trainer doing the same.
 
     PYTHONPATH=src .venv/bin/python benchmarks/large_files.py [--rows 1000000] [--workers 2] [--work /tmp/tuneloop-large]
+        [--cold_only]   (only tuneloop cold then Trainer cold, one after the other: the fair pair)
 
 Runs, each a fresh process, each with its own empty `datasets` cache unless said:
   tuneloop cold    `train.py --train_file big.csv --max_steps 2 --save_steps 1 ...`: CSV -> Arrow, labels, split,
