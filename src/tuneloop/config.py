@@ -691,6 +691,14 @@ def threshold_problem(value: str | None) -> str | None:
     return None if ok else f"multi_label_threshold must be auto or a number in (0, 1) (got {value!r})"
 
 
+def split_best_metric(name: str | None, eval_names: list[str]) -> tuple[str | None, str]:
+    """--metric_for_best_model as (eval set, metric): with several eval sets, 'eval_<set>_<metric>' names one of them;
+    with one set, or none named, the set is None. ('' for no metric.)"""
+    metric = (name or "").removeprefix("eval_")
+    named = next((n for n in eval_names if len(eval_names) > 1 and metric.startswith(n + "_")), None)
+    return named, metric.removeprefix(named + "_") if named else metric
+
+
 def validate(config: Config) -> None:
     """Check every option that can be checked without loading anything; report all problems in one line."""
     m, d, t = config.model, config.data, config.train
@@ -775,13 +783,11 @@ def validate(config: Config) -> None:
     need(t.save_total_limit is None or t.save_total_limit >= 1, f"save_total_limit must be >= 1 (got {t.save_total_limit})")
     need(t.early_stopping_patience is None or t.early_stopping_patience >= 1,
          f"early_stopping_patience must be >= 1 (got {t.early_stopping_patience})")
-    best = (t.metric_for_best_model or "").removeprefix("eval_")
+    _, best_metric = split_best_metric(t.metric_for_best_model, eval_names)
     # Without --metrics the problem type (read from the labels later) picks them: any type's defaults may be computed.
     computed = t.metrics or (DEFAULT_METRICS[d.problem_type] if d.problem_type
                              else list(dict.fromkeys(name for names in DEFAULT_METRICS.values() for name in names)))
-    best_set = next((n for n in several if best.startswith(n + "_")), None)
-    best_metric = best.removeprefix(best_set + "_") if best_set else best
-    need(not best or best_metric == "loss" or best_metric in computed,
+    need(not best_metric or best_metric == "loss" or best_metric in computed,
          f"metric_for_best_model {t.metric_for_best_model!r} is not computed: use loss or one of --metrics {computed}"
          + (f", as eval_<set>_<metric> for one of the eval sets {several} (default: the first)" if several else ""))
     need(t.ddp_timeout >= 1, f"ddp_timeout must be >= 1 second (got {t.ddp_timeout})")

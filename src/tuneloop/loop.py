@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from transformers.utils import logging as hf_logging
 
 from tuneloop import checkpoint, cpu_speedups, data, engines, lora, metrics, model as models, predict, problem as problems, report, runtime, throughput, tracking
-from tuneloop.config import Config, TrainArguments, make_scheduler
+from tuneloop.config import Config, TrainArguments, make_scheduler, split_best_metric
 from tuneloop.errors import UserError
 from tuneloop.preemption import Preempted, StopRequest
 from tuneloop.runtime import describe, say
@@ -250,13 +250,12 @@ def setup(config: Config) -> Run:
         run.rank_state = checkpoint.load_checkpoint(accelerator, resume_from, run.scheduler, micro_step,
                                                      trained_only=m.use_peft)
     run.plan, run.train_size, run.texts_in_train = plan, len(splits.train), splits.texts_in_train
-    units = {problems.REGRESSION: "target(s)", problems.MULTI: "labels"}.get(problem.problem_type, "classes")
     say(
         accelerator,
         f"tuneloop: {accelerator.distributed_type.value} x{accelerator.num_processes} on {accelerator.device}, "
         f"mixed_precision={accelerator.mixed_precision}, {len(splits.train)} train / "
         f"{' + '.join(str(len(split)) for split in splits.eval_sets.values())} eval examples, "
-        f"{len(class_names)} {units}, global batch {t.global_batch_size(accelerator.num_processes)}, "
+        f"{len(class_names)} {problems.UNITS[problem.problem_type]}, global batch {t.global_batch_size(accelerator.num_processes)}, "
         f"{plan.total_steps} steps ({plan.steps_per_epoch}/epoch, {plan.warmup_steps} warmup)"
         + (f", resuming at step {state.step} from {resume_from}" if resume_from else ""),
     )
@@ -280,10 +279,7 @@ def make_problem(accelerator: Accelerator, config: Config, splits: data.Splits |
     if problem_type == problems.REGRESSION and (t.class_weights or t.label_smoothing_factor):
         raise UserError("--class_weights and --label_smoothing_factor are for classification; the problem is regression "
                         f"({reason}): drop them, or pass --problem_type")
-    best = (t.metric_for_best_model or "").removeprefix("eval_")
-    several = list(config.data.eval_sources()) if len(config.data.eval_sources()) > 1 else []
-    best_set = next((n for n in several if best.startswith(n + "_")), None)
-    best = best.removeprefix(best_set + "_") if best_set else best  # eval_<set>_<metric> with several eval sets
+    _, best = split_best_metric(t.metric_for_best_model, list(d.eval_sources()))
     computed = problems.metric_names(problem_type, t.metrics)
     if best and best != "loss" and best not in computed:
         raise UserError(f"metric_for_best_model {t.metric_for_best_model!r} is not computed for {problem_type}: use loss "
@@ -299,9 +295,7 @@ def make_problem(accelerator: Accelerator, config: Config, splits: data.Splits |
     if problem.tune_threshold and not t.do_eval:
         say(accelerator, "warning: --multi_label_threshold auto is chosen on the eval set, and --do_eval is off: using 0.5")
         problem.tune_threshold = False
-    say(accelerator, f"tuneloop: problem type {problem_type} ({reason}); {len(names)} "
-                     + ("target(s)" if problem_type == problems.REGRESSION else "classes" if problem_type == problems.SINGLE
-                        else "labels")
+    say(accelerator, f"tuneloop: problem type {problem_type} ({reason}); {len(names)} {problems.UNITS[problem_type]}"
                      + (f"; threshold {'auto (max micro-F1 on the eval set)' if problem.tune_threshold else problem.threshold}"
                         if problem_type == problems.MULTI else ""))
     if weights is not None:

@@ -23,6 +23,8 @@ from tuneloop.errors import UserError
 
 SINGLE, MULTI, REGRESSION = "single_label_classification", "multi_label_classification", "regression"
 PROBLEM_TYPES = (SINGLE, MULTI, REGRESSION)
+# What one output of the model is called in messages: a class, a label (multi-label), a regression target.
+UNITS = {SINGLE: "classes", MULTI: "labels", REGRESSION: "target(s)"}
 
 # The metrics each problem type computes when --metrics is not given (all built in, offline).
 DEFAULT_METRICS = {
