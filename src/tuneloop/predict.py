@@ -121,18 +121,19 @@ def prediction_rows(split: data.Splits, outputs: Outputs, problem: Problem) -> l
     Single-label: `label`, `predicted_label`, `probabilities` {class: p}. Multi-label: `labels` and `predicted_labels`
     (lists: every label at or above the threshold, most probable first), `probabilities` {label: p}. Regression:
     `label` and `predicted_value`, a number (several targets: {target: value} each)."""
-    names = problem.names
-    if problem.problem_type == problems.MULTI:
-        return _multi_label_rows(_input_columns(split), outputs, problem)
-    if problem.problem_type == problems.REGRESSION:
-        return _regression_rows(_input_columns(split), outputs, names)
     columns = _input_columns(split)
-    if outputs.labels is not None:
-        columns["label"] = [names[i] for i in outputs.labels]
-    columns["predicted_label"] = [names[i] for i in outputs.predictions]
     rows = [dict(zip(columns, values)) for values in zip(*columns.values())]
-    for row, probabilities in zip(rows, outputs.probabilities.tolist()):
-        row["probabilities"] = {name: round(p, 6) for name, p in zip(names, probabilities)}
+    if problem.problem_type == problems.MULTI:
+        _add_multi_label(rows, outputs, problem)
+    elif problem.problem_type == problems.REGRESSION:
+        _add_regression(rows, outputs, problem.names)
+    else:
+        names = problem.names
+        for i, (row, predicted, probabilities) in enumerate(zip(rows, outputs.predictions, outputs.probabilities.tolist())):
+            if outputs.labels is not None:
+                row["label"] = names[outputs.labels[i]]
+            row["predicted_label"] = names[predicted]
+            row["probabilities"] = {name: round(p, 6) for name, p in zip(names, probabilities)}
     return rows
 
 
@@ -146,29 +147,25 @@ def _input_columns(split: data.Splits) -> dict:
     return columns
 
 
-def _multi_label_rows(columns: dict, outputs: Outputs, problem: Problem) -> list[dict]:
+def _add_multi_label(rows: list[dict], outputs: Outputs, problem: Problem) -> None:
     names, probabilities = problem.names, problem.probabilities(outputs.logits)
-    rows = [dict(zip(columns, values)) for values in zip(*columns.values())]
     for i, (row, p) in enumerate(zip(rows, probabilities.tolist())):
         if outputs.labels is not None:
             row["labels"] = [name for name, on in zip(names, outputs.labels[i]) if on]
         ranked = sorted(range(len(names)), key=lambda j: -p[j])
         row["predicted_labels"] = [names[j] for j in ranked if p[j] >= problem.threshold]
         row["probabilities"] = {name: round(value, 6) for name, value in zip(names, p)}
-    return rows
 
 
-def _regression_rows(columns: dict, outputs: Outputs, names: list[str]) -> list[dict]:
+def _add_regression(rows: list[dict], outputs: Outputs, names: list[str]) -> None:
     def value(vector):
         vector = np.asarray(vector, dtype=np.float64).reshape(-1)
         return round(float(vector[0]), 6) if len(names) == 1 else {n: round(float(v), 6) for n, v in zip(names, vector)}
 
-    rows = [dict(zip(columns, values)) for values in zip(*columns.values())]
     for i, row in enumerate(rows):
         if outputs.labels is not None:
             row["label"] = value(outputs.labels[i])
         row["predicted_value"] = value(outputs.logits[i])
-    return rows
 
 
 def write_predictions(path: str, rows: list[dict], fmt: str, label_separator: str = ",") -> None:
