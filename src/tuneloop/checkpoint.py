@@ -65,6 +65,7 @@ class TrainerState:
     # The batch the length-grouped sampler groups by: the first session's per-device batch, kept when an elastic
     # resume has to change the per-device batch, so that the order of the samples does not change with it.
     length_group_batch_size: int = 0
+    max_tokens_per_batch: int = 0  # the token budget of the batches (0: batches of per_device_train_batch_size)
 
     def record_eval(self, value: float, greater_is_better: bool, threshold: float = 0.0) -> bool:
         """Update the best metric; True when this evaluation is the new best."""
@@ -144,12 +145,14 @@ def read_state(path: str) -> TrainerState:
 
 def check_resumable(saved: TrainerState, current: TrainerState, path: str,
                     keys: tuple[str, ...] = ("num_processes", "per_device_train_batch_size",
-                                             "gradient_accumulation_steps", "seed", "data_seed")) -> None:
+                                             "gradient_accumulation_steps", "seed", "data_seed",
+                                             "max_tokens_per_batch")) -> None:
     """Refuse to resume into different maths: another world size, batch or accumulation changes the data order."""
     changed = [f"{k} {getattr(saved, k)} -> {getattr(current, k)}" for k in keys if getattr(saved, k) != getattr(current, k)]
     if changed:
         raise UserError(f"checkpoint {path} was written with different settings ({', '.join(changed)}): resume with "
-                        "the same process count, batch size, accumulation and seed, or start a new --output_dir")
+                        "the same process count, batch size (or token budget), accumulation and seed, or start a new "
+                        "--output_dir")
 
 
 def trained_weights_only(accelerator: Accelerator, saving: bool) -> dict:
@@ -213,7 +216,13 @@ def resume_state(saved: TrainerState, current: TrainerState, path: str, elastic:
     if saved.num_processes == current.num_processes or not elastic:
         check_resumable(saved, current, path)
         return saved
-    check_resumable(saved, current, path, keys=("seed", "data_seed"))
+    check_resumable(saved, current, path, keys=("seed", "data_seed", "max_tokens_per_batch"))
+    if saved.max_tokens_per_batch:
+        # Token-budget batches hold varying numbers of samples, dealt whole to the ranks in turn: no layout of another
+        # process count gives the same samples per step.
+        raise UserError(f"checkpoint {path} was written by {saved.num_processes} processes with "
+                        f"--max_tokens_per_batch {saved.max_tokens_per_batch}, whose batches another process count "
+                        f"cannot keep: resume on {saved.num_processes} processes (or start a new --output_dir)")
     before = layout_of(saved)
     global_batch = before.global_batch
     after = keep_global_batch(global_batch, current.num_processes, current.per_device_train_batch_size)

@@ -301,7 +301,18 @@ class TrainArguments:
         metadata={"help": "Seed of the training data order alone (the sampler's shuffle and length grouping); the "
                           "held-out split and the max_*_samples subsets follow --seed. Default: --seed."},
     )
-    per_device_train_batch_size: int = field(default=16, metadata={"help": "Training batch size per process."})
+    per_device_train_batch_size: int = field(
+        default=16, metadata={"help": "Training batch size per process (unused for training with --max_tokens_per_batch)."})
+    max_tokens_per_batch: int = field(
+        default=0,
+        metadata={"help": "Per-device training batches cut by tokens instead of texts: as many texts as fit in this "
+                          "many padded tokens (the batch's longest text, after padding to --pad_to_multiple_of, times "
+                          "the number of texts); --per_device_train_batch_size is then unused for training. Changes "
+                          "the maths (the batch size varies from batch to batch and rank to rank; the loss is weighted "
+                          "so that each step's gradient is the mean over all its samples); the learning rate is not "
+                          "rescaled for you. Needs gradient_accumulation_steps 1 and --padding longest; must be >= "
+                          "--max_length. 0: off (the default)."},
+    )
     per_device_eval_batch_size: int = field(default=64, metadata={"help": "Evaluation batch size per process."})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimizer step."})
     learning_rate: Optional[float] = field(
@@ -480,6 +491,13 @@ class TrainArguments:
     def global_batch_size(self, num_processes: int) -> int:
         """Examples per optimizer step over all processes (the one place this product is taken)."""
         return self.per_device_train_batch_size * self.gradient_accumulation_steps * num_processes
+
+    def describe_batch(self, num_processes: int) -> str:
+        """The training batch in words: a global batch of texts, or with a token budget the budget (the number of
+        texts per step varies then)."""
+        if self.max_tokens_per_batch:
+            return f"batches of <= {self.max_tokens_per_batch} tokens per device"
+        return f"global batch {self.global_batch_size(num_processes)}"
 
 
 @dataclass
@@ -691,6 +709,24 @@ def threshold_problem(value: str | None) -> str | None:
     return None if ok else f"multi_label_threshold must be auto or a number in (0, 1) (got {value!r})"
 
 
+def token_budget_problems(d: DataArguments, t: TrainArguments) -> list[str]:
+    """What --max_tokens_per_batch cannot work with."""
+    if t.max_tokens_per_batch <= 0:
+        return [] if t.max_tokens_per_batch == 0 else [f"max_tokens_per_batch must be >= 0, 0 is off (got {t.max_tokens_per_batch})"]
+    problems = []
+    if t.max_tokens_per_batch < d.max_length:
+        problems.append(f"max_tokens_per_batch {t.max_tokens_per_batch} is below max_length {d.max_length} (a text of "
+                        "max_length tokens would not fit in a batch): raise it, or lower --max_length")
+    if d.padding == "max_length":
+        problems.append("max_tokens_per_batch with --padding max_length only counts texts (every text is max_length "
+                        "tokens): use --padding longest, or --per_device_train_batch_size instead of a token budget")
+    if t.gradient_accumulation_steps != 1:
+        problems.append(f"max_tokens_per_batch needs gradient_accumulation_steps 1 (got {t.gradient_accumulation_steps}): "
+                        "the loss weighting must know each step's sample count before backward; raise "
+                        "--max_tokens_per_batch for larger steps instead")
+    return problems
+
+
 def split_best_metric(name: str | None, eval_names: list[str]) -> tuple[str | None, str]:
     """--metric_for_best_model as (eval set, metric): with several eval sets, 'eval_<set>_<metric>' names one of them;
     with one set, or none named, the set is None. ('' for no metric.)"""
@@ -738,6 +774,7 @@ def validate(config: Config) -> None:
          f"report_to must be none, or any of wandb, tensorboard, all (got {' '.join(t.report_to)})")
     need(d.length_grouping_window >= 1, f"length_grouping_window must be >= 1 (got {d.length_grouping_window})")
     need(d.max_length >= 8, f"max_length must be >= 8 tokens (got {d.max_length})")
+    problems += token_budget_problems(d, t)
     need(d.pad_to_multiple_of is None or d.pad_to_multiple_of >= 1, f"pad_to_multiple_of must be >= 1 (got {d.pad_to_multiple_of})")
     need(0 < d.validation_split_percentage < 100,
          f"validation_split_percentage must be between 0 and 100 (got {d.validation_split_percentage})")

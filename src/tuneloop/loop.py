@@ -315,7 +315,8 @@ def resume_plan(config: Config) -> tuple[Config, str | None, checkpoint.TrainerS
     state = checkpoint.TrainerState(num_processes=runtime.launched_processes(), seed=t.seed, data_seed=t.data_seed,
                                     per_device_train_batch_size=t.per_device_train_batch_size,
                                     gradient_accumulation_steps=t.gradient_accumulation_steps,
-                                    length_group_batch_size=t.per_device_train_batch_size)
+                                    length_group_batch_size=t.per_device_train_batch_size,
+                                    max_tokens_per_batch=t.max_tokens_per_batch)
     notes = []
     if not (t.resume_from_checkpoint and t.do_train):
         return config, None, state, notes
