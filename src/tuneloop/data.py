@@ -571,7 +571,8 @@ def make_dataloaders(train: Dataset | None, evaluation: Dataset | None, tokenize
                      length_window: int | None = None,
                      length_group_batch_size: int | None = None) -> tuple[DataLoader | None, DataLoader | None]:
     """Training order: a seeded shuffle, or with `length_window` batches of similar length (see LengthGroupedSampler),
-    grouped by `length_group_batch_size` (default: the per-device batch; an elastic resume keeps the run's first)."""
+    grouped by `length_group_batch_size` (default: the per-device batch; an elastic resume keeps the run's first), or
+    with --max_tokens_per_batch batches cut by a token budget (TokenBudgetBatchSampler)."""
     collate = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=pad_to_multiple_of)
     common = dict(collate_fn=collate, num_workers=t.dataloader_num_workers, pin_memory=pin_memory)
     # Each loader draws its per-epoch worker seed from its own generator: with none, every `iter()` takes a number
@@ -579,14 +580,19 @@ def make_dataloaders(train: Dataset | None, evaluation: Dataset | None, tokenize
     # would not replay the uninterrupted one.
     train_dl = None
     if train is not None:
-        order = dict(shuffle=True)
-        if length_window:
+        order = dict(batch_size=t.per_device_train_batch_size, shuffle=True)
+        data_seed = t.seed if t.data_seed is None else t.data_seed
+        if length_window or t.max_tokens_per_batch:
             # From the Arrow list offsets into one numpy array: no Python list of every example's token ids.
             lengths = pc.list_value_length(train.with_format("arrow")["input_ids"]).to_numpy(zero_copy_only=False)
-            order = dict(sampler=LengthGroupedSampler(lengths, length_group_batch_size or t.per_device_train_batch_size,
-                                                      length_window, t.seed if t.data_seed is None else t.data_seed))
-        train_dl = DataLoader(train, batch_size=t.per_device_train_batch_size,
-                              generator=torch.Generator().manual_seed(t.seed), **order, **common)
+        if t.max_tokens_per_batch:
+            order = dict(batch_sampler=TokenBudgetBatchSampler(lengths, t.max_tokens_per_batch, data_seed,
+                                                               pad_to_multiple_of))
+        elif length_window:
+            order = dict(batch_size=t.per_device_train_batch_size,
+                         sampler=LengthGroupedSampler(lengths, length_group_batch_size or t.per_device_train_batch_size,
+                                                      length_window, data_seed))
+        train_dl = DataLoader(train, generator=torch.Generator().manual_seed(t.seed), **order, **common)
     eval_dl = None
     if evaluation is not None:
         eval_dl = DataLoader(evaluation, batch_size=t.per_device_eval_batch_size, shuffle=False,
@@ -652,3 +658,59 @@ class LengthGroupedSampler(Sampler[int]):
         shuffled = [batches[b] for b in torch.randperm(len(batches), generator=generator).tolist()]
         for batch in shuffled + short:
             yield from batch
+
+
+class TokenBudgetBatchSampler(Sampler[list[int]]):
+    """Batches cut by a token budget: as many texts as fit in `max_tokens` padded tokens (the batch's longest text,
+    rounded up to `pad_to_multiple_of` as the collator pads it, times the number of texts). A batch sampler: it yields
+    lists of indices, for `DataLoader(batch_sampler=...)`.
+
+    Each epoch: a permutation seeded by (seed, epoch); a stable sort by padded length, longest first (equal lengths
+    stay in their random order); a greedy cut in that order; the batches' order shuffled with the same generator. The
+    sorted lengths are the same every epoch, so the batch sizes (and their number, `len`) are too; which equal-length
+    texts share a batch changes. Every index appears exactly once per epoch, the same on every process: Accelerate
+    deals whole batches to the ranks in turn (BatchSamplerShard; without a `batch_size` attribute it keeps the
+    batches' varying sizes, and with even_batches a rank left without a last batch gets the epoch's first batch
+    again), and `skip_first_batches` skips exactly a rank's first batches.
+    """
+
+    def __init__(self, lengths, max_tokens: int, seed: int, pad_to_multiple_of: int | None = None):
+        multiple = pad_to_multiple_of or 1
+        self.padded = -(-np.asarray(lengths, dtype=np.int64) // multiple) * multiple  # what the collator pads each to
+        self.max_tokens, self.seed, self.epoch = max_tokens, seed, 0
+        if len(self.padded) and self.padded.max() > max_tokens:
+            raise UserError(f"max_tokens_per_batch {max_tokens} is below the longest text padded to a multiple of "
+                            f"{multiple} ({int(self.padded.max())} tokens): raise --max_tokens_per_batch")
+        self.sizes = self._cut(np.sort(self.padded)[::-1])
+
+    def _cut(self, padded_longest_first: np.ndarray) -> list[int]:
+        """The greedy cut's batch sizes: in longest-first order a batch's first text is its longest, so a batch
+        costs first x count."""
+        sizes, start = [], 0
+        while start < len(padded_longest_first):
+            count = max(1, self.max_tokens // int(padded_longest_first[start]))
+            count = min(count, len(padded_longest_first) - start)
+            sizes.append(count)
+            start += count
+        return sizes
+
+    @property
+    def sampler(self):
+        # Accelerate's DataLoaderShard.set_epoch reaches a batch sampler it wrapped in BatchSamplerShard (which has
+        # no set_epoch of its own) only through `.batch_sampler.sampler.set_epoch`: this is that path.
+        return self
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.sizes)
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(len(self.padded), generator=generator).numpy()
+        order = order[np.argsort(-self.padded[order], kind="stable")].tolist()
+        ends = np.cumsum(self.sizes).tolist()
+        batches = [order[end - size:end] for size, end in zip(self.sizes, ends)]
+        for b in torch.randperm(len(batches), generator=generator).tolist():
+            yield batches[b]
