@@ -255,7 +255,7 @@ def setup(config: Config) -> Run:
         f"tuneloop: {accelerator.distributed_type.value} x{accelerator.num_processes} on {accelerator.device}, "
         f"mixed_precision={accelerator.mixed_precision}, {len(splits.train)} train / "
         f"{' + '.join(str(len(split)) for split in splits.eval_sets.values())} eval examples, "
-        f"{len(class_names)} {problems.UNITS[problem.problem_type]}, global batch {t.global_batch_size(accelerator.num_processes)}, "
+        f"{len(class_names)} {problems.UNITS[problem.problem_type]}, {t.describe_batch(accelerator.num_processes)}, "
         f"{plan.total_steps} steps ({plan.steps_per_epoch}/epoch, {plan.warmup_steps} warmup)"
         + (f", resuming at step {state.step} from {resume_from}" if resume_from else ""),
     )
@@ -452,7 +452,8 @@ def fit(run: Run) -> tuple[dict, predict.Outputs | None]:
                     # The loss is the loop's own (problem.py), the same function evaluation uses.
                     labels = batch.pop("labels")  # (the model would compute its own loss from them, and discard it)
                     loss = run.problem.loss(model(**batch).logits, labels)
-                    accelerator.backward(loss)
+                    accelerator.backward(weighted_for_global_mean(accelerator, loss, len(labels))
+                                         if t.max_tokens_per_batch else loss)
                     if accelerator.sync_gradients:
                         # clip_grad_norm_ returns the pre-clip norm; with clipping off, an infinite bound only measures it.
                         session.grad_norm = accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm or math.inf)
@@ -477,6 +478,24 @@ def fit(run: Run) -> tuple[dict, predict.Outputs | None]:
             if ended or (ended := boundary(run, session, epoch_end=True)):
                 break
     return finish_training(run, session, stopped_early=ended == "early stopping")
+
+
+def weighted_for_global_mean(accelerator: Accelerator, loss: torch.Tensor, count: int) -> torch.Tensor:
+    """This rank's mean loss over `count` samples, weighted so that the gradient DDP/DeepSpeed average over ranks is the
+    mean over all samples of the step (all ranks), not the mean of the ranks' means.
+
+    Token-budget batches differ in size from rank to rank; the averaged gradient is sum_r(w_r * g_r) / N, and with
+    w_r = n_r * N / sum(n) it is sum_r(n_r * g_r) / sum(n): every sample weighs the same. One scalar all-reduce per
+    micro-step (none on one process, where the weight is 1). problem.loss is a mean over samples (multi-label and
+    regression: over samples x outputs, the same number of outputs on every rank), so this is exactly the one-process
+    mean of the union. With --class_weights a rank's cross-entropy is a class-weighted mean (divided by its samples'
+    weight sum, not its count): weighting by counts keeps the per-sample mean semantics across ranks (each sample's
+    share is its rank's), which equals the one-process weighted mean only when the ranks' mean weights are equal.
+    """
+    if accelerator.num_processes == 1:
+        return loss
+    total = accelerator.reduce(torch.tensor(float(count), device=loss.device), "sum")
+    return loss * (count * accelerator.num_processes / total)
 
 
 def epoch_batches(run: Run, epoch: int):

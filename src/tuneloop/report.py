@@ -252,7 +252,8 @@ def model_card(config: Config, results: dict, problem: Problem, table: list[dict
     recipe = {
         "learning rate": t.learning_rate, "schedule": f"{t.lr_scheduler_type}, warmup ratio {t.warmup_steps}"
         if t.warmup_steps < 1 else f"{t.lr_scheduler_type}, {int(t.warmup_steps)} warmup steps",
-        "global batch": t.global_batch_size(results.get("num_processes", 1)),
+        **({"batch": f"<= {t.max_tokens_per_batch} tokens per device"} if t.max_tokens_per_batch
+           else {"global batch": t.global_batch_size(results.get("num_processes", 1))}),
         "optimizer steps": results.get("global_step"), "epochs": results.get("epochs"), "weight decay": t.weight_decay,
         "max length": d.max_length, "seed": t.seed,
     }
