@@ -77,3 +77,54 @@ def test_the_fold_is_only_taken_where_nothing_else_scales_the_gradients():
     accelerator.backward(model(torch.ones(2, 8)).sum())
     norm, skipped = optim.clip_and_step(accelerator, model, optimizer, 1.0)  # the plain path runs
     assert norm > 0 and skipped is False
+
+
+def tiny_classifier():
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=500, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                        num_labels=3, pad_token_id=0)
+    return BertForSequenceClassification(config)
+
+
+def train_steps(keep: bool, steps: int = 4):
+    """`steps` optimizer steps of a tiny BERT (its own dropout, the same seed) with the embedding gradient kept or not;
+    returns the weights after each step."""
+    accelerator = Accelerator(cpu=True)
+    model = tiny_classifier()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.01, fused=True)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    kept = optim.KeptEmbeddingGradient.install(accelerator, model) if keep else None
+    assert (kept is not None) == keep
+    generator, history = torch.Generator().manual_seed(3), []
+    torch.manual_seed(1)
+    for _ in range(steps):
+        ids = torch.randint(1, 40, (6, 9), generator=generator)  # a few of 500 rows, different ones each step
+        loss = model(input_ids=ids, labels=torch.randint(0, 3, (6,), generator=generator)).loss
+        accelerator.backward(loss)
+        optim.clip_and_step(accelerator, model, optimizer, 1.0)
+        optimizer.zero_grad()
+        if kept:
+            kept.zero_grad()
+        history.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+    return history
+
+
+def test_the_kept_embedding_gradient_takes_the_same_steps():
+    """Guards against: rows used by one step left in the kept gradient for the next (the second step's update would
+    carry the first step's gradient: the weights part from step 2 on), or a sparse gradient reaching the optimizer."""
+    kept, dense = train_steps(True), train_steps(False)
+    for step, (a, b) in enumerate(zip(kept, dense), start=1):
+        for name in a:
+            torch.testing.assert_close(a[name], b[name], rtol=1e-6, atol=1e-7, msg=f"{name} after step {step}")
+
+
+def test_a_dense_contribution_clears_the_whole_kept_gradient():
+    """A weight used elsewhere too (tied) gets a dense gradient that may fill any row: then every row is zeroed."""
+    embedding = torch.nn.Embedding(10, 4)
+    kept = optim.KeptEmbeddingGradient(embedding)
+    (embedding(torch.tensor([1, 2])).sum() + embedding.weight.sum()).backward()
+    assert embedding.weight.grad is kept.buffer and kept.buffer.abs().sum() > 0
+    kept.zero_grad()
+    assert torch.count_nonzero(kept.buffer) == 0

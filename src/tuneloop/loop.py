@@ -399,6 +399,8 @@ def fit(run: Run) -> tuple[dict, predict.Outputs | None]:
     # In a log file (CI, SLURM) a bar redrawn every second is noise: redraw every 30 s there.
     progress = tqdm(total=plan.total_steps, initial=state.step, desc="training", disable=not accelerator.is_local_main_process,
                     mininterval=1.0 if sys.stderr.isatty() else 30.0)
+    # The word embedding's gradient kept between steps, only its used rows zeroed (same maths, no vocabulary-sized fill)
+    kept_embedding_grad = None if t.torch_compile else optim.KeptEmbeddingGradient.install(accelerator, model)
     with StopRequest(accelerator.num_processes, accelerator.device) as stop, progress:
         session = Session(LossMeter(accelerator.device, run.rank_state),
                           throughput.SpeedMeter(accelerator.unwrap_model(model), accelerator.device, run.started_at),
@@ -420,6 +422,8 @@ def fit(run: Run) -> tuple[dict, predict.Outputs | None]:
                     if not skipped:  # an fp16 overflow updated nothing: the schedule waits with the weights
                         scheduler.step()
                     optimizer.zero_grad()
+                    if kept_embedding_grad and accelerator.sync_gradients:
+                        kept_embedding_grad.zero_grad()
                 session.meter.add(loss)
                 session.speed.add_batch(batch)
                 state.batches_in_epoch += 1

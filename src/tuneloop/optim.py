@@ -98,3 +98,49 @@ def optimizer_step(accelerator: Accelerator, model: torch.nn.Module, optimizer) 
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         return not model.was_step_applied()
     return False
+
+
+class KeptEmbeddingGradient:
+    """The word embedding's gradient kept from step to step, with only the rows a step used zeroed after it.
+
+    The embedding's dense backward allocates a vocabulary-sized zero matrix every step and adds the used rows into it
+    (MiniLM: 30,522 x 384, half the model's parameters, 99% of it zeros at 16 headlines; 7-9% of a short step). Here
+    the embedding hands autograd its sparse gradient (`sparse=True`) and autograd adds it into this kept dense buffer
+    (AccumulateGrad: dense += sparse touches only those rows); after the optimizer step the rows used are set back to
+    zero. The optimizer still sees a dense gradient with the same values, so the maths is unchanged; only the fill is
+    gone. Single process only: under DDP the reducer decides at wrap time whether a gradient is sparse.
+    """
+
+    def __init__(self, embedding: torch.nn.Embedding):
+        self.weight = embedding.weight
+        self.buffer = torch.zeros_like(self.weight)
+        self.used_rows: list[torch.Tensor] = []
+        self.dense_seen = False  # the weight also used elsewhere (tied): a dense gradient may fill any row
+        embedding.sparse = True
+        self.weight.grad = self.buffer
+        self.weight.register_hook(self._note_rows)  # called with each backward's sparse gradient, before accumulation
+
+    @classmethod
+    def install(cls, accelerator: Accelerator, model: torch.nn.Module) -> "KeptEmbeddingGradient | None":
+        embedding = accelerator.unwrap_model(model).get_input_embeddings()
+        if (accelerator.distributed_type == DistributedType.NO and isinstance(embedding, torch.nn.Embedding)
+                and embedding.weight.requires_grad and embedding.max_norm is None):
+            return cls(embedding)
+        return None
+
+    def _note_rows(self, grad: torch.Tensor) -> None:
+        if grad.is_sparse:
+            self.used_rows.append(grad._indices()[0])
+        else:
+            self.dense_seen = True
+
+    def zero_grad(self) -> None:
+        """After `optimizer.zero_grad()` (which sets every gradient to None): zero the rows used and hand the buffer
+        back as the embedding's gradient."""
+        if self.dense_seen:
+            self.buffer.zero_()
+        elif self.used_rows:
+            self.buffer.index_fill_(0, torch.cat(self.used_rows).unique(), 0.0)
+        self.used_rows.clear()
+        self.dense_seen = False
+        self.weight.grad = self.buffer
