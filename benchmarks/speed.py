@@ -64,32 +64,40 @@ SETTINGS = {
 DEFAULT_SETTINGS = [name for name in SETTINGS if not name.endswith("compile")]
 
 
-def command(setting: dict, workload: dict, model: str, out: str, quick: bool) -> list[str]:
+def command(setting: dict, workload: dict, model: str, out: str, quick: bool, processes: int = 1) -> list[str]:
     samples = 32 if quick else workload["max_train_samples"]
+    # Several processes: both sides under the same `accelerate launch` (cpu_2proc.yaml: torchrun workers, gloo).
+    python = [sys.executable] if processes == 1 else [
+        sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "accelerate_configs" / "cpu_2proc.yaml"),
+        "--num_processes", str(processes)]
     if setting["peer"]:
-        cmd = [sys.executable, str(ROOT / "benchmarks" / "trainer_peer.py"), "--dataset_name", workload["dataset_name"],
+        cmd = [*python, str(ROOT / "benchmarks" / "trainer_peer.py"), "--dataset_name", workload["dataset_name"],
                "--model_name_or_path", model, "--max_length", str(workload["max_length"]), "--padding", setting["padding"]]
         cmd += ["--group_by_length"] * setting.get("group", False) + ["--bf16"] * (setting["precision"] == "bf16")
         steps = 2 if quick and setting["padding"] == "max_length" else workload["t1_max_steps"] if setting["padding"] == "max_length" else None
         cmd += ["--max_steps", str(steps)] if steps else []
     else:
-        cmd = [sys.executable, str(ROOT / "train.py"), "--dataset_name", workload["dataset_name"], "--model_name_or_path",
+        cmd = [*python, str(ROOT / "train.py"), "--dataset_name", workload["dataset_name"], "--model_name_or_path",
                model, "--max_length", str(workload["max_length"]), "--num_train_epochs", "1", "--eval_strategy", "no",
                "--output_dir", out, "--mixed_precision", setting["precision"], *setting["extra"]]
     cmd += ["--max_train_samples", str(samples)] if samples else []
     return cmd + (["--max_eval_samples", "32"] if quick else [])
 
 
-def run_once(name: str, workload: dict, model: str, quick: bool) -> dict:
+def run_once(name: str, workload: dict, model: str, quick: bool, processes: int = 1) -> dict:
     setting = SETTINGS[name]
     with tempfile.TemporaryDirectory() as out:
-        done = subprocess.run(command(setting, workload, model, out, quick), capture_output=True, text=True, cwd=ROOT,
-                              env={**os.environ, "TOKENIZERS_PARALLELISM": "false", **setting.get("env", {})})
+        done = subprocess.run(command(setting, workload, model, out, quick, processes), capture_output=True, text=True,
+                              cwd=ROOT, env={**os.environ, "TOKENIZERS_PARALLELISM": "false", **setting.get("env", {})})
         if done.returncode != 0:
             raise SystemExit(f"{name} failed:\n{done.stderr[-3000:]}")
-        if setting["peer"]:
-            return json.loads(done.stdout.strip().splitlines()[-1])
-        return json.loads((Path(out) / "all_results.json").read_text())
+        result = json.loads(done.stdout.strip().splitlines()[-1]) if setting["peer"] else \
+            json.loads((Path(out) / "all_results.json").read_text())
+    # A multi-process row must be real data parallelism (both sides report it), not N independent runs.
+    if result.get("num_processes", 1) != processes or (processes > 1 and result["distributed_type"] == "NO"):
+        raise SystemExit(f"{name}: asked for {processes} processes, the run had {result.get('num_processes')} "
+                         f"({result.get('distributed_type')})")
+    return result
 
 
 def table(results: dict[str, list[dict]], peaks: dict[str, float]) -> str:
@@ -119,6 +127,7 @@ def main() -> None:
     p.add_argument("--model", default="builtin:all-MiniLM-L6-v2", help="e.g. google-bert/bert-base-cased on a GPU")
     p.add_argument("--settings", nargs="*", default=DEFAULT_SETTINGS, choices=list(SETTINGS))
     p.add_argument("--quick", action="store_true", help="tiny sizes: checks that every setting runs")
+    p.add_argument("--processes", type=int, default=1, help="data-parallel processes for every setting (accelerate launch)")
     p.add_argument("--write", metavar="FILE", help="append the tables, command, machine and date to FILE (RESULTS.md)")
     a = p.parse_args()
 
@@ -133,10 +142,11 @@ def main() -> None:
         results = {name: [] for name in a.settings}
         for run in range(a.runs):
             for name in a.settings if run % 2 == 0 else reversed(a.settings):
-                results[name].append(run_once(name, WORKLOADS[workload], a.model, a.quick))
+                results[name].append(run_once(name, WORKLOADS[workload], a.model, a.quick, a.processes))
                 print(f"{workload} run {run + 1}: {name}: {results[name][-1]['train_samples_per_second']:.2f} samples/s",
                       file=sys.stderr, flush=True)
-        report += [f"\n### {workload}: {WORKLOADS[workload]}\n", table(results, peaks)]
+        on = f", {a.processes} processes" if a.processes > 1 else ""
+        report += [f"\n### {workload}{on}: {WORKLOADS[workload]}\n", table(results, peaks)]
     text = "\n".join(report) + "\n"
     print(text)
     if a.write:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import tempfile
 import time
 
@@ -32,6 +33,9 @@ def main() -> None:
     p.add_argument("--max_steps", type=int, default=-1, help="cap the run (throughput only; no accuracy then)")
     p.add_argument("--padding", choices=["max_length", "longest"], required=True)
     p.add_argument("--group_by_length", action="store_true")
+    p.add_argument("--tuneloop_grouping", action="store_true",
+                   help="Trainer's loop with tuneloop's length-grouped order (data.LengthGroupedSampler) instead of its own")
+    p.add_argument("--log_batches", action="store_true", help="add each training batch's labels and lengths to the output")
     p.add_argument("--bf16", action="store_true")
     p.add_argument("--torch_compile", action="store_true")
     p.add_argument("--batch_size", type=int, default=16)
@@ -48,7 +52,9 @@ def main() -> None:
     train_set = data.tokenize(splits.train, splits, tokenizer, d)
     eval_set = data.tokenize(splits.eval, splits, tokenizer, d)
     model = models.load_model(m, splits.label_names, tokenizer.pad_token_id)
-    steps = a.max_steps if a.max_steps > 0 else int(np.ceil(len(train_set) / a.batch_size) * a.epochs)
+    # Under `accelerate launch` with N processes Trainer deals each rank its own batches: a step is N batches.
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    steps = a.max_steps if a.max_steps > 0 else int(np.ceil(len(train_set) / (a.batch_size * world)) * a.epochs)
     with tempfile.TemporaryDirectory() as out:
         args = TrainingArguments(
             output_dir=out, per_device_train_batch_size=a.batch_size, per_device_eval_batch_size=64,
@@ -57,8 +63,17 @@ def main() -> None:
             train_sampling_strategy="group_by_length" if a.group_by_length else "random", torch_compile=a.torch_compile,
             save_strategy="no", eval_strategy="no", report_to="none", logging_steps=10**6, disable_tqdm=True,
         )
-        trainer = Trainer(model=model, args=args, train_dataset=train_set, processing_class=tokenizer,
-                          data_collator=DataCollatorWithPadding(tokenizer))
+        batches = []  # with --log_batches: (labels, lengths) of every training batch, in the order trained
+
+        def collate(features):
+            batch = DataCollatorWithPadding(tokenizer)(features)
+            if a.log_batches and trainer.model.training:
+                batches.append((batch["labels"].tolist(), batch["attention_mask"].sum(1).tolist()))
+            return batch
+
+        trainer_class = TunedOrderTrainer if a.tuneloop_grouping else Trainer
+        trainer = trainer_class(model=model, args=args, train_dataset=train_set, processing_class=tokenizer,
+                                data_collator=collate)
         start = time.perf_counter()
         trainer.train()
         seconds = time.perf_counter() - start
@@ -66,7 +81,9 @@ def main() -> None:
         if a.max_steps <= 0:
             prediction = trainer.predict(eval_set)
             accuracy = float((prediction.predictions.argmax(-1) == prediction.label_ids).mean())
-    samples = steps * a.batch_size if a.max_steps > 0 else len(train_set) * a.epochs
+    samples = steps * a.batch_size * world if a.max_steps > 0 else len(train_set) * a.epochs
+    if not trainer.is_world_process_zero():
+        return
     lengths = np.array([len(ids) if a.padding == "longest" else int(sum(mask))
                         for ids, mask in zip(train_set["input_ids"], train_set["attention_mask"])])
     real_tokens = lengths.sum() * samples / len(train_set)  # the share of the epoch that was run
@@ -79,7 +96,21 @@ def main() -> None:
         # As tuneloop measures it: the most CUDA memory tensors held, or on CPU the process's peak resident set.
         "peak_memory_gib": throughput.peak_memory_gib(torch.device("cuda" if torch.cuda.is_available() else "cpu")),
         "eval_accuracy": accuracy,
+        # What the run really was: several processes must be real data parallelism (ranks in one gloo/nccl group).
+        "num_processes": trainer.accelerator.num_processes,
+        "distributed_type": trainer.accelerator.distributed_type.value,
+        "backend": torch.distributed.get_backend() if torch.distributed.is_initialized() else None,
+        **({"batches": batches} if a.log_batches else {}),
     }))
+
+
+class TunedOrderTrainer(Trainer):
+    """Trainer whose length grouping is tuneloop's: windows of 50 batches sorted by length, the batches shuffled."""
+
+    def _get_train_sampler(self, train_dataset=None):
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        lengths = [len(ids) for ids in dataset["input_ids"]]
+        return data.LengthGroupedSampler(lengths, self.args.train_batch_size, 50, self.args.seed)
 
 
 if __name__ == "__main__":

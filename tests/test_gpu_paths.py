@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import read_json, run_in_process, tiny_args
-from tuneloop import loop, runtime
+from tuneloop import loop, optim, runtime
 from tuneloop.errors import UserError
 
 
@@ -40,14 +40,14 @@ def test_an_fp16_overflow_step_is_reported_skipped(fused):
     before = model.weight.detach().clone()
     accelerator.backward(model(torch.ones(3, 4)).sum())
     model.weight.grad[0, 0] = float("inf")  # a forced overflow
-    assert loop.optimizer_step(accelerator, model, optimizer) is True
+    assert optim.optimizer_step(accelerator, model, optimizer) is True
     assert torch.equal(model.weight, before), "an overflow step must not change the weights"
     assert accelerator.scaler.get_scale() == 512.0
     assert accelerator.optimizer_step_was_skipped is (not fused)  # Accelerate's own answer: blind to the fused kernel
     optimizer.zero_grad()
 
     accelerator.backward(model(torch.ones(3, 4)).sum())
-    assert loop.optimizer_step(accelerator, model, optimizer) is False
+    assert optim.optimizer_step(accelerator, model, optimizer) is False
     assert not torch.equal(model.weight, before)
 
 

@@ -20,7 +20,7 @@ from accelerate.utils import DistributedType, set_seed
 from tqdm.auto import tqdm
 from transformers.utils import logging as hf_logging
 
-from tuneloop import checkpoint, cpu_speedups, data, engines, lora, metrics, model as models, predict, problem as problems, report, runtime, throughput, tracking
+from tuneloop import checkpoint, cpu_speedups, data, engines, lora, metrics, model as models, optim, predict, problem as problems, report, runtime, throughput, tracking
 from tuneloop.config import Config, TrainArguments, make_scheduler, split_best_metric
 from tuneloop.errors import UserError
 from tuneloop.preemption import Preempted, StopRequest
@@ -46,21 +46,6 @@ def make_plan(num_batches: int, t: TrainArguments) -> Plan:
     total_steps = t.max_steps if t.max_steps > 0 else math.ceil(t.num_train_epochs * steps_per_epoch)
     warmup_steps = t.get_warmup_steps(total_steps)
     return Plan(steps_per_epoch, total_steps, math.ceil(total_steps / steps_per_epoch), warmup_steps)
-
-
-def make_optimizer(model: torch.nn.Module, t: TrainArguments, device: torch.device) -> torch.optim.AdamW:
-    # Biases and LayerNorm weights (the 1-D tensors) get no weight decay, as in BERT and transformers' Trainer.
-    # Under DeepSpeed ZeRO-3 the model is created already partitioned: each local tensor is a flat 1-D shard and the
-    # true shape is in `ds_shape`, so tensors are classified by that shape (by `ndim` every tensor looked 1-D: the
-    # decay group came out empty, DeepSpeed dropped it and the scheduler's first step failed).
-    params = [p for p in model.parameters() if p.requires_grad]
-    matrix = [len(getattr(p, "ds_shape", p.shape)) >= 2 for p in params]
-    groups = [
-        {"params": [p for p, m in zip(params, matrix) if m], "weight_decay": t.weight_decay},
-        {"params": [p for p, m in zip(params, matrix) if not m], "weight_decay": 0.0},
-    ]
-    fused = device.type in ("cuda", "cpu", "xpu", "mps")  # the single-kernel AdamW; torch has it on these devices
-    return torch.optim.AdamW(groups, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon, fused=fused)
 
 
 @dataclass
@@ -235,7 +220,7 @@ def setup(config: Config) -> Run:
     # is sized in this rank's optimizer steps; the prepared scheduler steps once per process per optimizer step, hence
     # the factor num_processes, as in transformers' run_glue_no_trainer.py.
     plan = make_plan(math.ceil(len(train_dl) / accelerator.num_processes), t)
-    optimizer = make_optimizer(model, t, accelerator.device)
+    optimizer = optim.make_optimizer(model, t, accelerator.device)
     scheduler = make_scheduler(t.lr_scheduler_type, t.lr_scheduler_kwargs, optimizer, plan.warmup_steps, plan.total_steps,
                                accelerator.num_processes)
     run.model, run.optimizer, run.train_dl, run.scheduler, *prepared = accelerator.prepare(
@@ -388,28 +373,6 @@ class LossMeter:
                 "skipped_steps": self.skipped_steps}
 
 
-def optimizer_step(accelerator: Accelerator, model: torch.nn.Module, optimizer) -> bool:
-    """Step the optimizer (Accelerate makes that a no-op on accumulation micro-steps). True when an fp16 overflow
-    (inf/NaN gradients) made the step update nothing.
-
-    Accelerate infers a skip from GradScaler not calling `optimizer.step()`; fused AdamW takes the scale into its own
-    kernel (`_step_supports_amp_scaling`), so step() always runs and the kernel skips inside, and Accelerate never
-    reports a skip. The scaler itself knows: it lowers its scale exactly when it found inf/NaN gradients, for any
-    optimizer. DeepSpeed runs its own loss scaler, and its engine says whether the last step was applied.
-    """
-    if not accelerator.sync_gradients:
-        optimizer.step()
-        return False
-    scaler = accelerator.scaler
-    scale = scaler.get_scale() if scaler is not None else None  # a host sync, as GradScaler's own unfused path has
-    optimizer.step()
-    if scaler is not None:
-        return scaler.get_scale() < scale
-    if accelerator.distributed_type == DistributedType.DEEPSPEED:
-        return not model.was_step_applied()
-    return False
-
-
 @dataclass
 class Session:
     """This process's live counters for one session of a run (a resumed run is a new session of the same run)."""
@@ -437,6 +400,8 @@ def fit(run: Run) -> tuple[dict, predict.Outputs | None]:
     # In a log file (CI, SLURM) a bar redrawn every second is noise: redraw every 30 s there.
     progress = tqdm(total=plan.total_steps, initial=state.step, desc="training", disable=not accelerator.is_local_main_process,
                     mininterval=1.0 if sys.stderr.isatty() else 30.0)
+    # The word embedding's gradient kept between steps, only its used rows zeroed (same maths, no vocabulary-sized fill)
+    kept_embedding_grad = None if t.torch_compile else optim.KeptEmbeddingGradient.install(accelerator, model)
     with StopRequest(accelerator.num_processes, accelerator.device) as stop, progress:
         session = Session(LossMeter(accelerator.device, run.rank_state),
                           throughput.SpeedMeter(accelerator.unwrap_model(model), accelerator.device, run.started_at),
@@ -454,13 +419,13 @@ def fit(run: Run) -> tuple[dict, predict.Outputs | None]:
                     loss = run.problem.loss(model(**batch).logits, labels)
                     accelerator.backward(weighted_for_global_mean(accelerator, loss, len(labels))
                                          if t.max_tokens_per_batch else loss)
-                    if accelerator.sync_gradients:
-                        # clip_grad_norm_ returns the pre-clip norm; with clipping off, an infinite bound only measures it.
-                        session.grad_norm = accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm or math.inf)
-                    skipped = optimizer_step(accelerator, model, optimizer)
+                    grad_norm, skipped = optim.clip_and_step(accelerator, model, optimizer, t.max_grad_norm)
+                    session.grad_norm = grad_norm if grad_norm is not None else session.grad_norm
                     if not skipped:  # an fp16 overflow updated nothing: the schedule waits with the weights
                         scheduler.step()
                     optimizer.zero_grad()
+                    if kept_embedding_grad and accelerator.sync_gradients:
+                        kept_embedding_grad.zero_grad()
                 session.meter.add(loss)
                 session.speed.add_batch(batch)
                 state.batches_in_epoch += 1
