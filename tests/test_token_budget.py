@@ -273,3 +273,35 @@ def test_resumed_mid_epoch_on_two_processes_is_bitwise_the_same_run(budget_run, 
         assert all(resumed[rank][s] == reference[rank][s] for s in resumed[rank])
     final, expected = load_file(str(out / "model.safetensors")), load_file(str(budget_run / "model.safetensors"))
     assert final.keys() == expected.keys() and all(torch.equal(final[k], expected[k]) for k in expected)
+
+
+@pytest.mark.trains
+def test_one_process_run_keeps_the_budget_and_covers_every_text_each_epoch(classifier_dir, toy_files, tmp_path,
+                                                                            monkeypatch):
+    """One process, in this process, through tuneloop's own set-up (the prepared loader, the plan, the single-process
+    optimizer path): every batch within the budget as the collator padded it, every text once per epoch, the planned
+    steps per epoch, another order in epoch 2. Guards the batch sampler lost between make_dataloaders and
+    `prepare` (batches of --per_device_train_batch_size) and an epoch that does not reach it on one process."""
+    from conftest import run_in_process
+    from tuneloop import data, model as models
+
+    monkeypatch.setenv("TUNELOOP_LOG_SAMPLE_IDS", "1")
+    run = {**BUDGET_RUN, "save_strategy": "no", "per_device_train_batch_size": 2}
+    del run["save_steps"]
+    args = tiny_args(classifier_dir, toy_files, tmp_path, **run)
+    results = run_in_process(args)
+    config = parse_args(args)
+    splits = data.load_splits(config.data, 0, None, need_train=True)
+    train = data.tokenize(splits.train, splits, models.load_tokenizer(config.model, 32), config.data)
+    lengths = np.array([len(ids) for ids in train["input_ids"]])
+    steps: dict[int, list[int]] = {}
+    for line in (tmp_path / "sample_ids" / "rank_0.jsonl").read_text().splitlines():
+        entry = json.loads(line)
+        assert entry["step"] not in steps and padded_cost(entry["ids"], lengths, 1) <= 64
+        steps[entry["step"]] = entry["ids"]
+    per_epoch = len(TokenBudgetBatchSampler(lengths, 64, seed=0))
+    assert results["global_step"] == len(steps) == 2 * per_epoch and max(len(b) for b in steps.values()) > 2
+    epochs = [[steps[s] for s in range(1 + e * per_epoch, 1 + (e + 1) * per_epoch)] for e in range(2)]
+    for batches in epochs:
+        assert sorted(i for batch in batches for i in batch) == list(range(40))
+    assert epochs[0] != epochs[1]
