@@ -64,7 +64,8 @@ SETTINGS = {
 DEFAULT_SETTINGS = [name for name in SETTINGS if not name.endswith("compile")]
 
 
-def command(setting: dict, workload: dict, model: str, out: str, quick: bool, processes: int = 1) -> list[str]:
+def command(setting: dict, workload: dict, model: str, out: str, quick: bool, processes: int = 1,
+            seed: int = 42) -> list[str]:
     samples = 32 if quick else workload["max_train_samples"]
     # Several processes: both sides under the same `accelerate launch` (cpu_2proc.yaml: torchrun workers, gloo).
     python = [sys.executable] if processes == 1 else [
@@ -81,13 +82,14 @@ def command(setting: dict, workload: dict, model: str, out: str, quick: bool, pr
                model, "--max_length", str(workload["max_length"]), "--num_train_epochs", "1", "--eval_strategy", "no",
                "--output_dir", out, "--mixed_precision", setting["precision"], *setting["extra"]]
     cmd += ["--max_train_samples", str(samples)] if samples else []
+    cmd += ["--seed", str(seed)]
     return cmd + (["--max_eval_samples", "32"] if quick else [])
 
 
-def run_once(name: str, workload: dict, model: str, quick: bool, processes: int = 1) -> dict:
+def run_once(name: str, workload: dict, model: str, quick: bool, processes: int = 1, seed: int = 42) -> dict:
     setting = SETTINGS[name]
     with tempfile.TemporaryDirectory() as out:
-        done = subprocess.run(command(setting, workload, model, out, quick, processes), capture_output=True, text=True,
+        done = subprocess.run(command(setting, workload, model, out, quick, processes, seed), capture_output=True, text=True,
                               cwd=ROOT, env={**os.environ, "TOKENIZERS_PARALLELISM": "false", **setting.get("env", {})})
         if done.returncode != 0:
             raise SystemExit(f"{name} failed:\n{done.stderr[-3000:]}")
@@ -103,7 +105,7 @@ def run_once(name: str, workload: dict, model: str, quick: bool, processes: int 
 def table(results: dict[str, list[dict]], peaks: dict[str, float]) -> str:
     median = {name: statistics.median(r["train_samples_per_second"] for r in runs) for name, runs in results.items()}
     peers = [n for n in results if SETTINGS[n]["peer"]]
-    head = ["setting", "samples/s min / median", "real tokens/s", "model TFLOP/s", "MFU", "peak memory GiB", "eval accuracy",
+    head = ["setting", "samples/s min / median", "real tokens/s", "model TFLOP/s", "MFU", "peak memory GiB", "eval accuracy mean (per run)",
             *(f"x {n.split()[0]}" for n in peers)]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for name, runs in results.items():
@@ -114,7 +116,8 @@ def table(results: dict[str, list[dict]], peaks: dict[str, float]) -> str:
                f"{statistics.median(r['train_tokens_per_second'] for r in runs):.0f}", f"{tflops:.3f}",
                f"{tflops / peaks[SETTINGS[name]['precision']]:.1%}",
                f"{max(r['peak_memory_gib'] for r in runs):.1f}",
-               f"{statistics.median(accuracy):.4f}" if accuracy else "— (capped run)",
+               (f"{statistics.mean(accuracy):.4f}" + (f" ({' / '.join(f'{x:.4f}' for x in accuracy)})" if len(accuracy) > 1
+                                                      else "")) if accuracy else "— (capped run)",
                *(f"{median[name] / median[p]:.2f}" for p in peers)]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
@@ -124,6 +127,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workload", choices=[*WORKLOADS, "both"], default="both", help="both: long and short")
     p.add_argument("--runs", type=int, default=2, help="runs of every setting, alternating")
+    p.add_argument("--seeds", type=int, nargs="+", default=[42],
+                   help="run r of every setting uses seed r mod len(seeds) (model head, dropout, order, held-out split)")
     p.add_argument("--model", default="builtin:all-MiniLM-L6-v2", help="e.g. google-bert/bert-base-cased on a GPU")
     p.add_argument("--settings", nargs="*", default=DEFAULT_SETTINGS, choices=list(SETTINGS))
     p.add_argument("--quick", action="store_true", help="tiny sizes: checks that every setting runs")
@@ -142,8 +147,11 @@ def main() -> None:
         results = {name: [] for name in a.settings}
         for run in range(a.runs):
             for name in a.settings if run % 2 == 0 else reversed(a.settings):
-                results[name].append(run_once(name, WORKLOADS[workload], a.model, a.quick, a.processes))
-                print(f"{workload} run {run + 1}: {name}: {results[name][-1]['train_samples_per_second']:.2f} samples/s",
+                seed = a.seeds[run % len(a.seeds)]
+                results[name].append(run_once(name, WORKLOADS[workload], a.model, a.quick, a.processes, seed))
+                print(f"{workload} run {run + 1} (seed {seed}): {name}: "
+                      f"{results[name][-1]['train_samples_per_second']:.2f} samples/s, "
+                      f"accuracy {results[name][-1].get('eval_accuracy')}",
                       file=sys.stderr, flush=True)
         on = f", {a.processes} processes" if a.processes > 1 else ""
         report += [f"\n### {workload}{on}: {WORKLOADS[workload]}\n", table(results, peaks)]

@@ -29,12 +29,15 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--profile", action="store_true", help="also print torch.profiler's top operators")
     p.add_argument("--fold_clip", choices=["yes", "no", "both"], default="yes")
+    p.add_argument("--keep_embedding_grad", choices=["yes", "no"], default="yes",
+                   help="optim.KeptEmbeddingGradient, as the loop installs it (no: the dense zero-filled gradient)")
     own, rest = p.parse_known_args()
     run = loop.setup(config.parse_args(["--output_dir", "/tmp/tuneloop-step-phases", "--eval_strategy", "no",
                                         "--mixed_precision", "bf16", "--train_sampling_strategy", "group_by_length", *rest]))
     model, optimizer, scheduler, accelerator = run.model, run.optimizer, run.scheduler, run.accelerator
     model.train()
     batches = iter(run.train_dl)
+    kept = optim.KeptEmbeddingGradient.install(accelerator, model) if own.keep_embedding_grad == "yes" else None
     folds = {"yes": [True], "no": [False], "both": [True, False]}[own.fold_clip]
     phases = {fold: collections.defaultdict(float) for fold in folds}
     samples = dict.fromkeys(folds, 0)
@@ -52,6 +55,8 @@ def main() -> None:
             scheduler.step()
             marks.append(time.perf_counter())
             optimizer.zero_grad()
+            if kept:
+                kept.zero_grad()
             marks.append(time.perf_counter())
         if timed:
             for name, start, end in zip(["forward", "backward", "clip+optimizer", "zero_grad"], marks, marks[1:]):

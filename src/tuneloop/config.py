@@ -239,7 +239,7 @@ class DataArguments:
     )
     pad_to_multiple_of: Optional[int] = field(
         default=None, metadata={"help": "Round padded lengths up to a multiple of this. Default: 64 with --torch_compile "
-                                        "(one compiled graph per bucket), else 8 under fp16/bf16, else 1."}
+                                        "(one compiled graph per bucket), else 8 under fp16/bf16 on a GPU (tensor cores), else 1."}
     )
     max_train_samples: Optional[int] = field(
         default=None, metadata={"help": "Train on a seeded random subset of this many examples."}

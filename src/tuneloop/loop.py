@@ -192,7 +192,7 @@ def setup(config: Config) -> Run:
 
     samples = data.SampleIdLog(t.output_dir, accelerator.process_index)
     train_set = samples.tag(train_set) if train_set is not None else None
-    pad_to_multiple_of = runtime.pad_to_multiple_of(d, t, accelerator.mixed_precision)
+    pad_to_multiple_of = runtime.pad_to_multiple_of(d, t, accelerator.mixed_precision, accelerator.device)
     pin_memory = accelerator.device.type == "cuda"
     train_dl, _ = data.make_dataloaders(
         train_set, None, tokenizer, t, pad_to_multiple_of, pin_memory,

@@ -106,14 +106,16 @@ def set_up_kernels(t: TrainArguments, device: torch.device) -> None:
         torch.backends.cudnn.allow_tf32 = tf32
 
 
-def pad_to_multiple_of(d: DataArguments, t: TrainArguments, mixed_precision: str) -> int | None:
+def pad_to_multiple_of(d: DataArguments, t: TrainArguments, mixed_precision: str, device: torch.device) -> int | None:
     """The length every batch is padded up to a multiple of, the same for training, evaluation and prediction.
 
     Under torch.compile every new batch shape is a new graph: 64-token buckets make that at most max_length / 64.
-    Under fp16/bf16, multiples of 8 keep tensor-core shapes aligned.
+    Under fp16/bf16 on a GPU, multiples of 8 keep tensor-core shapes aligned. Not on a CPU: its bf16 kernels gain
+    nothing from it, and a batch of 11-token headlines padded to 16 did 45% more work.
     """
     compile_bucket = min(COMPILE_LENGTH_BUCKET, d.max_length) if t.torch_compile else None
-    return d.pad_to_multiple_of or compile_bucket or (8 if mixed_precision in ("fp16", "bf16") else None)
+    tensor_cores = mixed_precision in ("fp16", "bf16") and device.type == "cuda"
+    return d.pad_to_multiple_of or compile_bucket or (8 if tensor_cores else None)
 
 
 def describe(accelerator: Accelerator) -> dict:
