@@ -310,8 +310,8 @@ class TrainArguments:
                           "the number of texts); --per_device_train_batch_size is then unused for training. Changes "
                           "the maths (the batch size varies from batch to batch and rank to rank; the loss is weighted "
                           "so that each step's gradient is the mean over all its samples); the learning rate is not "
-                          "rescaled for you. Needs gradient_accumulation_steps 1 and --padding longest; must be >= "
-                          "--max_length. 0: off (the default)."},
+                          "rescaled for you. Needs gradient_accumulation_steps 1 and --padding longest; must hold the "
+                          "longest training text (checked once the data is tokenized). 0: off (the default)."},
     )
     per_device_eval_batch_size: int = field(default=64, metadata={"help": "Evaluation batch size per process."})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimizer step."})
@@ -714,9 +714,6 @@ def token_budget_problems(d: DataArguments, t: TrainArguments) -> list[str]:
     if t.max_tokens_per_batch <= 0:
         return [] if t.max_tokens_per_batch == 0 else [f"max_tokens_per_batch must be >= 0, 0 is off (got {t.max_tokens_per_batch})"]
     problems = []
-    if t.max_tokens_per_batch < d.max_length:
-        problems.append(f"max_tokens_per_batch {t.max_tokens_per_batch} is below max_length {d.max_length} (a text of "
-                        "max_length tokens would not fit in a batch): raise it, or lower --max_length")
     if d.padding == "max_length":
         problems.append("max_tokens_per_batch with --padding max_length only counts texts (every text is max_length "
                         "tokens): use --padding longest, or --per_device_train_batch_size instead of a token budget")
