@@ -122,7 +122,10 @@ class KeptEmbeddingGradient:
 
     @classmethod
     def install(cls, accelerator: Accelerator, model: torch.nn.Module) -> "KeptEmbeddingGradient | None":
-        embedding = accelerator.unwrap_model(model).get_input_embeddings()
+        try:
+            embedding = accelerator.unwrap_model(model).get_input_embeddings()
+        except (AttributeError, NotImplementedError):  # an architecture that does not name its input embedding
+            return None
         if (accelerator.distributed_type == DistributedType.NO and isinstance(embedding, torch.nn.Embedding)
                 and embedding.weight.requires_grad and embedding.max_norm is None):
             return cls(embedding)
