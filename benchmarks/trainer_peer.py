@@ -64,10 +64,12 @@ def main() -> None:
             save_strategy="no", eval_strategy="no", report_to="none", logging_steps=10**6, disable_tqdm=True,
         )
         batches = []  # with --log_batches: (labels, lengths) of every training batch, in the order trained
+        training = [True]  # the collator serves train() first, then predict(); model.training is False for the
+        # first batches (Trainer fetches them before its first training_step switches the model to train mode)
 
         def collate(features):
             batch = DataCollatorWithPadding(tokenizer)(features)
-            if a.log_batches and trainer.model.training:
+            if a.log_batches and training[0]:
                 batches.append((batch["labels"].tolist(), batch["attention_mask"].sum(1).tolist()))
             return batch
 
@@ -77,6 +79,7 @@ def main() -> None:
         start = time.perf_counter()
         trainer.train()
         seconds = time.perf_counter() - start
+        training[0] = False
         accuracy = None
         if a.max_steps <= 0:
             prediction = trainer.predict(eval_set)
