@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import tempfile
 import time
 
 import numpy as np
 import torch
-from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
+from transformers import DataCollatorWithPadding, Trainer, TrainingArguments, set_seed
 
 from tuneloop import data, model as models, throughput
 from tuneloop.config import DataArguments, ModelArguments
@@ -51,6 +52,7 @@ def main() -> None:
     tokenizer = models.load_tokenizer(m, a.max_length)
     train_set = data.tokenize(splits.train, splits, tokenizer, d)
     eval_set = data.tokenize(splits.eval, splits, tokenizer, d)
+    set_seed(a.seed)  # before the classifier head is initialised, as tuneloop seeds before loading the model
     model = models.load_model(m, splits.label_names, tokenizer.pad_token_id)
     # Under `accelerate launch` with N processes Trainer deals each rank its own batches: a step is N batches.
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -58,7 +60,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as out:
         args = TrainingArguments(
             output_dir=out, per_device_train_batch_size=a.batch_size, per_device_eval_batch_size=64,
-            learning_rate=a.learning_rate, weight_decay=0.01, warmup_steps=int(0.1 * steps), lr_scheduler_type="linear",
+            learning_rate=a.learning_rate, weight_decay=0.01, warmup_steps=math.ceil(0.1 * steps), lr_scheduler_type="linear",
             num_train_epochs=a.epochs, max_steps=a.max_steps, seed=a.seed, bf16=a.bf16, use_cpu=not torch.cuda.is_available(),
             train_sampling_strategy="group_by_length" if a.group_by_length else "random", torch_compile=a.torch_compile,
             save_strategy="no", eval_strategy="no", report_to="none", logging_steps=10**6, disable_tqdm=True,
