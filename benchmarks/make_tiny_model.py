@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+from transformers import AutoTokenizer, BertConfig, BertModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from tuneloop import model as models  # noqa: E402
@@ -20,6 +20,6 @@ tokenizer = AutoTokenizer.from_pretrained(models.resolve_model_path(BUILTIN_MODE
 torch.manual_seed(0)
 config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                     intermediate_size=64, max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id)
-BertForSequenceClassification(config).save_pretrained(folder)
+BertModel(config).save_pretrained(folder)  # the encoder only: each run builds its own classifier head
 tokenizer.save_pretrained(folder)
 print(folder)
