@@ -135,3 +135,28 @@ def test_an_allocator_without_mallopt_is_one_line(monkeypatch):
     monkeypatch.setattr(ctypes, "CDLL", no_glibc)
     (line,) = cpu_speedups.install(torch.nn.Linear(2, 2), allocator=True, dropout=False)
     assert "--tune_cpu_allocator unavailable here (OSError" in line
+
+
+def test_attention_dropout_is_bitwise_the_masked_product():
+    """The attention drops with where(), not a product with the mask cast to fp32 (a copy the size of the scores):
+    outputs and gradients are bitwise those of probs x mask / (1 - p) with the same mask."""
+    def product_form(q, k, v, mask, p):
+        scores = (q.float() * q.size(-1) ** -0.5) @ k.float().transpose(-1, -2)
+        scores = scores.masked_fill_(~mask, torch.finfo(scores.dtype).min)
+        probs = scores.softmax(-1) * cpu_dropout.keep_mask(scores.shape, p, scores.device)
+        return (probs @ (v.float() * (1 / (1 - p)))).to(q.dtype).transpose(1, 2).contiguous()
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 40, 8, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    mask = torch.ones(2, 1, 40, 40, dtype=torch.bool)
+    mask[1, ..., 30:] = False
+    results = []
+    for attention in (product_form, lambda *a: cpu_dropout.attention(Training(), *a[:4], dropout=a[4])[0]):
+        torch.manual_seed(1)  # the same mask
+        out = attention(q, k, v, mask, 0.2)
+        out.float().square().sum().backward()
+        results.append((out.detach(), [t.grad.clone() for t in (q, k, v)]))
+        for t in (q, k, v):
+            t.grad = None
+    (a, a_grads), (b, b_grads) = results
+    assert torch.equal(a, b) and all(torch.equal(x, y) for x, y in zip(a_grads, b_grads))
