@@ -251,6 +251,17 @@ def launch_env(overrides: dict[str, str] | None = None) -> dict[str, str]:
     return {**env, "OMP_NUM_THREADS": "1", **(overrides or {})}
 
 
+def saved_state_only(output_dir: Path, **state) -> Path:
+    """A checkpoint folder holding only its state file (TrainerState fields given): enough for what runs before any
+    weights load (resume_plan's refusals), which reads nothing else."""
+    from tuneloop import checkpoint
+
+    saved = Path(checkpoint.checkpoint_path(str(output_dir), state["step"]))
+    saved.mkdir(parents=True)
+    (saved / checkpoint.STATE_FILE).write_text(json.dumps(checkpoint.asdict(checkpoint.TrainerState(**state))))
+    return saved
+
+
 def read_json(path) -> dict | list:
     return json.loads(Path(path).read_text())
 

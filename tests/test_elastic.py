@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import launch, read_json, run_in_process, tiny_args
+from conftest import launch, read_json, run_in_process, saved_state_only, tiny_args
 from test_checkpoint import interrupt, weights
 from tuneloop import checkpoint
 from tuneloop.config import parse_args
@@ -154,11 +154,8 @@ def test_refusals_name_what_works(tmp_path, tiny_model_dir, toy_files, monkeypat
     the layouts that can. Both before the Accelerator or any weights (the checkpoint's state file is all they read), so
     the process count a launcher announces is set here as the launcher sets it."""
     out = tmp_path / "run"
-    saved = Path(checkpoint.checkpoint_path(str(out), 12))
-    saved.mkdir(parents=True)
-    state = checkpoint.TrainerState(step=12, batches_in_epoch=12, num_processes=4, per_device_train_batch_size=1,
-                                    gradient_accumulation_steps=1)
-    (saved / checkpoint.STATE_FILE).write_text(json.dumps(checkpoint.asdict(state)))
+    saved = saved_state_only(out, step=12, batches_in_epoch=12, num_processes=4, per_device_train_batch_size=1,
+                             gradient_accumulation_steps=1)
     args = tiny_args(tiny_model_dir, toy_files, out, per_device_train_batch_size=1, resume_from_checkpoint="latest")
     with pytest.raises(UserError, match=r"num_processes 4 -> 1.*same process count"):
         resume_plan(parse_args([*args, "--elastic_resume", "false"]))

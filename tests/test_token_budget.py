@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import launch, read_json, tiny_args
+from conftest import launch, read_json, saved_state_only, tiny_args
 from tuneloop import checkpoint
 from tuneloop.config import parse_args
 from tuneloop.data import TokenBudgetBatchSampler
@@ -119,11 +119,8 @@ def test_resume_on_another_process_count_is_refused(tmp_path, tiny_model_dir, to
     elastic resume is refused (one line, before anything loads); the same count resumes as ever, and a changed budget
     on the same count is another run."""
     out = tmp_path / "run"
-    saved = Path(checkpoint.checkpoint_path(str(out), 3))
-    saved.mkdir(parents=True)
-    state = checkpoint.TrainerState(step=3, batches_in_epoch=3, num_processes=2, per_device_train_batch_size=8,
-                                    max_tokens_per_batch=64)
-    (saved / checkpoint.STATE_FILE).write_text(json.dumps(checkpoint.asdict(state)))
+    saved = saved_state_only(out, step=3, batches_in_epoch=3, num_processes=2, per_device_train_batch_size=8,
+                             max_tokens_per_batch=64)
     args = tiny_args(tiny_model_dir, toy_files, out, max_tokens_per_batch=64, resume_from_checkpoint="latest")
     monkeypatch.setenv("WORLD_SIZE", "1")
     with pytest.raises(UserError, match=r"written by 2 processes with --max_tokens_per_batch 64, whose batches another "
