@@ -79,17 +79,14 @@ def step_with_folded_clip(optimizer, max_grad_norm: float) -> torch.Tensor:
 
 
 def optimizer_step(accelerator: Accelerator, model: torch.nn.Module, optimizer) -> bool:
-    """Step the optimizer (Accelerate makes that a no-op on accumulation micro-steps). True when an fp16 overflow
-    (inf/NaN gradients) made the step update nothing.
+    """Step the optimizer at a step that syncs gradients (`clip_and_step` takes the accumulation micro-steps). True
+    when an fp16 overflow (inf/NaN gradients) made the step update nothing.
 
     Accelerate infers a skip from GradScaler not calling `optimizer.step()`; fused AdamW takes the scale into its own
     kernel (`_step_supports_amp_scaling`), so step() always runs and the kernel skips inside, and Accelerate never
     reports a skip. The scaler itself knows: it lowers its scale exactly when it found inf/NaN gradients, for any
     optimizer. DeepSpeed runs its own loss scaler, and its engine says whether the last step was applied.
     """
-    if not accelerator.sync_gradients:
-        optimizer.step()
-        return False
     scaler = accelerator.scaler
     scale = scaler.get_scale() if scaler is not None else None  # a host sync, as GradScaler's own unfused path has
     optimizer.step()
