@@ -67,7 +67,7 @@ def run(name: str, seed: int) -> tuple[float, list[tuple[list[int], list[int]]]]
                               seed, None, need_train=True)
     tokenizer = models.load_tokenizer(ModelArguments(model_name_or_path=MODEL), MAX_LENGTH)
     train = data.tokenize(splits.train, splits, tokenizer, DataArguments(dataset_name=DATASET, max_length=MAX_LENGTH))
-    labels, lengths = train["labels"], [len(ids) for ids in train["input_ids"]]
+    labels, lengths = train["labels"], data.token_lengths(train).tolist()
     return accuracy, [([labels[i] for i in s["ids"]], [lengths[i] for i in s["ids"]]) for s in steps]
 
 

@@ -114,8 +114,7 @@ class TunedOrderTrainer(Trainer):
 
     def _get_train_sampler(self, train_dataset=None):
         dataset = train_dataset if train_dataset is not None else self.train_dataset
-        lengths = [len(ids) for ids in dataset["input_ids"]]
-        return data.LengthGroupedSampler(lengths, self.args.train_batch_size, 50, self.args.seed)
+        return data.LengthGroupedSampler(data.token_lengths(dataset), self.args.train_batch_size, 50, self.args.seed)
 
 
 if __name__ == "__main__":

@@ -583,8 +583,7 @@ def make_dataloaders(train: Dataset | None, evaluation: Dataset | None, tokenize
         order = dict(batch_size=t.per_device_train_batch_size, shuffle=True)
         data_seed = t.seed if t.data_seed is None else t.data_seed
         if length_window or t.max_tokens_per_batch:
-            # From the Arrow list offsets into one numpy array: no Python list of every example's token ids.
-            lengths = pc.list_value_length(train.with_format("arrow")["input_ids"]).to_numpy(zero_copy_only=False)
+            lengths = token_lengths(train)
         if t.max_tokens_per_batch:
             order = dict(batch_sampler=TokenBudgetBatchSampler(lengths, t.max_tokens_per_batch, data_seed,
                                                                pad_to_multiple_of))
@@ -598,6 +597,12 @@ def make_dataloaders(train: Dataset | None, evaluation: Dataset | None, tokenize
         eval_dl = DataLoader(evaluation, batch_size=t.per_device_eval_batch_size, shuffle=False,
                              generator=torch.Generator().manual_seed(t.seed), **common)
     return train_dl, eval_dl
+
+
+def token_lengths(tokenized: Dataset) -> np.ndarray:
+    """Each example's token count, from the Arrow list offsets into one numpy array: no Python list of every
+    example's token ids (107 s for a million headlines, against 0.03 s: benchmarks/RESULTS.md)."""
+    return pc.list_value_length(tokenized.with_format("arrow")["input_ids"]).to_numpy(zero_copy_only=False)
 
 
 class SampleIdLog:
