@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import tempfile
 import time
 
@@ -18,7 +17,7 @@ import numpy as np
 import torch
 from transformers import DataCollatorWithPadding, Trainer, TrainingArguments, set_seed
 
-from tuneloop import data, model as models, throughput
+from tuneloop import data, model as models, runtime, throughput
 from tuneloop.config import DataArguments, ModelArguments
 
 
@@ -55,7 +54,7 @@ def main() -> None:
     set_seed(a.seed)  # before the classifier head is initialised, as tuneloop seeds before loading the model
     model = models.load_model(m, splits.label_names, tokenizer.pad_token_id)
     # Under `accelerate launch` with N processes Trainer deals each rank its own batches: a step is N batches.
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = runtime.launched_processes()
     steps = a.max_steps if a.max_steps > 0 else int(np.ceil(len(train_set) / (a.batch_size * world)) * a.epochs)
     with tempfile.TemporaryDirectory() as out:
         args = TrainingArguments(
