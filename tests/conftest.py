@@ -37,7 +37,7 @@ FILLER = "the a of and to in was is on for with that this it at by from new year
 
 
 # Markers that keep a test out of `-m unit`: it launches processes, trains, or needs what CI may not have.
-HEAVY_MARKERS = ("multiprocess", "engines", "slurm", "slow", "gpu", "trains")
+HEAVY_MARKERS = ("multiprocess", "engines", "slurm", "slow", "gpu", "trains", "matrix", "properties", "faults")
 # Session fixtures that train the tiny model: a test that reads one of them trains (the first to ask pays).
 TRAINING_FIXTURES = {"trained", "tracked", "checkpointed_run", "ddp_run"}
 _unit_test_running = False
