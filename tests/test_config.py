@@ -298,3 +298,62 @@ def test_a_run_classification_command_from_its_readme_runs_unchanged(tiny_model_
     assert len(predictions) == 5  # --max_predict_samples: the first 5 rows
     assert [p["review_title,review_body,product_category"] for p in predictions] == [
         "\\n".join((r["review_title"], r["review_body"], "toys")) for r in source]  # bash passes "\n" as 2 characters
+
+
+@pytest.mark.parametrize("line, message", [
+    ("save_strategy: epochs", "save_strategy 'epochs' is not one of no, steps, epoch, best (did you mean 'epoch'?)"),
+    ("eval_strategy: step", "eval_strategy 'step' is not one of no, steps, epoch (did you mean 'steps'?)"),
+    ("predictions_format: json", "predictions_format 'json' is not one of jsonl, csv (did you mean 'jsonl'?)"),
+    ("report_to: [wandb, tensorbord]", "report_to 'tensorbord' is not one of none, wandb, tensorboard, all"),
+    ("max_length: 12.5", "max_length 12.5 is not a whole number"),
+    ("do_train: maybe", "do_train 'maybe' is not true or false"),
+    ("text_column: [title, body]", "text_column ['title', 'body'] is a list: the option takes one value"),
+    ("max_seq_length: 12.5", "max_seq_length (as max_length) 12.5 is not a whole number"),  # an alias
+])
+def test_a_recipe_value_gets_the_checks_its_flag_gets(tmp_path, line, message):
+    """Guards recipe values skipping the parser's checks (argparse checks no choices of a default, and converts only
+    a string one): `save_strategy: epochs` never saved, `eval_strategy: step` never evaluated, `predictions_format:
+    json` wrote CSV. One line names the key, the value and the choices."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(line + "\n")
+    with pytest.raises(UserError, match="^recipe .*") as raised:
+        parse_args([str(recipe)])
+    assert message in str(raised.value) and "\n" not in str(raised.value)
+
+
+@pytest.mark.parametrize("line, option, value", [
+    ("metrics: accuracy", "metrics", ["accuracy"]),  # was a list of characters
+    ("lora_target_modules: query\nuse_peft: true", "lora_target_modules", ["query"]),
+    ("report_to: tensorboard", "report_to", ["tensorboard"]),
+    ("validation_split: dev", "validation_split", ["dev"]),
+    ("save_strategy: no", "save_strategy", "no"),  # YAML 1.1 reads `no` as false
+    ("mixed_precision: off", "mixed_precision", "no"),
+    ("num_train_epochs: 3", "num_train_epochs", 3.0),
+    ("run_name: 2024", "run_name", "2024"),
+    ("multi_label_threshold: 0.3", "multi_label_threshold", "0.3"),
+    ("metric_name: f1", "metrics", ["f1"]),  # an alias
+])
+def test_a_recipe_value_becomes_what_its_flag_gives(tmp_path, line, option, value):
+    """Guards a recipe value reaching the run in another shape than the flag's: one value where the option takes a
+    list is a one-item list, a number is converted as its text would be, and YAML's `no`/`off` is the choice 'no'."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(line + "\n")
+    config = parse_args([str(recipe)])
+    found = next(getattr(section, option) for section in (config.model, config.data, config.train)
+                 if hasattr(section, option))
+    assert found == value and type(found) is type(value)
+
+
+def test_evaluate_and_predict_check_their_recipe_too(tmp_path):
+    """Guards `tuneloop predict --config r.yaml` taking `predictions_format: json` (a CSV file was written), and
+    `metrics: accuracy` as characters, through cli.saved_model_config's own recipe path."""
+    from tuneloop.cli import saved_model_config
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("predictions_format: json\n")
+    with pytest.raises(UserError, match="predictions_format 'json' is not one of jsonl, csv"):
+        saved_model_config(["--model", str(tmp_path), "--data", "x.csv", "--config", str(recipe)], "predict")
+    recipe.write_text("metrics: accuracy\n")
+    csv = write_rows(tmp_path / "dev.csv", make_rows(6, seed=1))
+    config = saved_model_config(["--model", str(tmp_path), "--data", csv, "--config", str(recipe)], "evaluate")
+    assert config.train.metrics == ["accuracy"]

@@ -23,4 +23,15 @@ def test_builtin_metrics_offline_match_a_hand_count():
 
 def test_unknown_metric_is_a_clear_error():
     with pytest.raises(UserError, match=r"metric 'no_such_metric_xyz' could not be loaded .*accuracy, f1, precision, recall"):
-        load_metrics(["no_such_metric_xyz"])
+        load_metrics(["no_such_metric_xyz"], trust_remote_code=True)
+
+
+def test_load_metrics_runs_no_code_it_was_not_allowed_to(tmp_path):
+    """Guards load_metrics handing any name to evaluate.load, which imports (runs) a local .py file or a Hub module:
+    the last guard before that code runs, whoever calls it."""
+    marker = tmp_path / "ran"
+    script = tmp_path / "sneaky_metric.py"
+    script.write_text(f"import pathlib\n\npathlib.Path({str(marker)!r}).write_text('ran')\n")
+    with pytest.raises(UserError, match=rf"metrics {script}: not built in.*--trust_remote_code"):
+        load_metrics(["accuracy", str(script)])
+    assert not marker.exists()

@@ -68,7 +68,7 @@ def test_model_card(tracked):
     for fact in ("3 classes (music, sports, tech)", "240 training examples, 45 evaluation examples",
                  f"| eval_accuracy | {results['eval_accuracy']:.4f} |", "- learning rate: 0.003",
                  f"- optimizer steps: {results['global_step']}", "1 process(es) on cpu",
-                 f"{results['train_samples_per_second']} samples/s", f'model="{output_dir}"'):
+                 f"{results['train_samples_per_second']} samples/s", f'model="{output_dir.name}"'):
         assert fact in card, fact
 
 

@@ -117,7 +117,9 @@ def test_plan_counts_optimizer_steps():
     ({"text_column": "body"}, "column 'body' not in the train split"),
     ({"num_labels": 2}, "--num_labels 2 but the data has 3 classes"),
     ({"max_length": 4096}, "max_length 4096 exceeds the model's limit of 128"),
-    ({"metrics": ["accuracy", "no_such_metric_xyz"]}, "metric 'no_such_metric_xyz' could not be loaded"),
+    ({"metrics": ["accuracy", "no_such_metric_xyz"]}, "metrics no_such_metric_xyz: not built in"),
+    ({"metrics": ["accuracy", "no_such_metric_xyz"], "trust_remote_code": "true"},
+     "metric 'no_such_metric_xyz' could not be loaded"),
 ])
 def test_bad_input_is_one_line_before_training(tiny_model_dir, toy_files, tmp_path, capsys, override, message):
     assert main(tiny_args(tiny_model_dir, toy_files, tmp_path, **override)) == 2

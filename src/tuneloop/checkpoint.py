@@ -440,13 +440,22 @@ def merged_rank_state(path: str, saved_processes: int, processes: int) -> dict:
 
 def _load_rng_states(file: str) -> None:
     """What `Accelerator.load_state` does with this process's RNG file, for a rank the checkpoint had no file for:
-    such a rank continues from the streams of rank (rank mod saved processes)."""
+    such a rank continues from the streams of rank (rank mod saved processes). Read as Accelerate reads it: a
+    weights-only load (tensors, numpy's state arrays and dtypes; no other pickled object can run code)."""
+    import pickle
     import random
 
     import numpy as np
     import torch
+    from accelerate.utils import load
 
-    states = torch.load(file, weights_only=False)
+    try:
+        states = load(file)  # torch.load(weights_only=True), numpy's array types allowed
+    except pickle.UnpicklingError as e:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        what = f"it pickles {found[1]}, which only a full unpickling could load" if found else " ".join(str(e).split())[:200]
+        raise UserError(f"{file} is not an RNG state file that a weights-only load accepts ({what}): resume only from "
+                        "checkpoints you trust") from None
     random.setstate(states["random_state"])
     np.random.set_state(states["numpy_random_seed"])
     torch.set_rng_state(states["torch_manual_seed"])
@@ -529,7 +538,7 @@ def save_results(accelerator: Accelerator, config: Config, results: dict, histor
     out = config.train.output_dir
     with writing(out, out):
         _write_json(os.path.join(out, RESULTS_FILE), results)
-        _write_json(os.path.join(out, CONFIG_FILE), config.to_dict())
+        _write_json(os.path.join(out, CONFIG_FILE), config.to_shareable_dict())  # no home paths: it travels
         if history is not None:
             _write_json(os.path.join(out, HISTORY_FILE), history)
 

@@ -146,18 +146,42 @@ def saved_model_config(argv: list[str] | None, command: str):
 
 
 def inherited_settings(model: str) -> dict:
+    """INHERITED from the saved run_config.json of `model` (a tuneloop output_dir or its adapter folder), checked."""
     from tuneloop.checkpoint import CONFIG_FILE
+    from tuneloop.config import make_parser, option_value
+    from tuneloop.problem import BUILTIN_METRIC_NAMES
 
     path = os.path.join(os.path.expanduser(model), CONFIG_FILE)
     if not os.path.isfile(path) and os.path.isfile(os.path.join(os.path.expanduser(model), "adapter_config.json")):
         path = os.path.join(os.path.expanduser(model), os.pardir, CONFIG_FILE)  # output_dir/adapter (lora.ADAPTER_DIR)
     if not os.path.isfile(path):
         return {}
-    with open(path) as f:
-        saved = json.load(f)
-    settings = {key: saved[section][key] for section, keys in INHERITED.items() for key in keys
-                if key in saved.get(section, {})}
-    if os.environ.get("RANK", "0") == "0":
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+        settings = {key: saved[section][key] for section, keys in INHERITED.items() for key in keys
+                    if key in saved.get(section, {})}
+    except (ValueError, TypeError, AttributeError) as e:  # not JSON, or not tuneloop's {section: {option: value}}
+        raise UserError(f"{path} is not a tuneloop run_config.json ({e}): fix or remove it") from None
+    parser, problems = make_parser(), []
+    for key, value in settings.items():  # checked as the same flag would be: the file may have been edited
+        try:
+            settings[key] = option_value(parser, key, value)
+        except ValueError as e:
+            problems.append(f"{key} {e}")
+    if problems:
+        raise UserError(f"{path}: " + "; ".join(problems) + ": fix the file, or give those options as flags")
+    main_rank = os.environ.get("RANK", "0") == "0"
+    # A model folder may come from anyone: a metric that is not built in is code (evaluate.load runs it), and only
+    # the user's own --metrics (with --trust_remote_code) may name one. Dropped rather than refused: the evaluation
+    # still runs, with the built-in metrics, and the note says how to get the other back.
+    saved_metrics = settings.get("metrics") or []
+    if dropped := [name for name in saved_metrics if name not in BUILTIN_METRIC_NAMES]:
+        settings["metrics"] = [name for name in saved_metrics if name in BUILTIN_METRIC_NAMES] or None
+        if main_rank:
+            print(f"tuneloop: metrics {', '.join(dropped)} of {path} not used: not built in, loading them runs their "
+                  f"code; if you trust it: --metrics {' '.join(dropped)} --trust_remote_code")
+    if main_rank:
         print(f"tuneloop: as trained ({path}): " + ", ".join(f"{k}={v}" for k, v in settings.items()))
     return settings
 

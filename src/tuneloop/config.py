@@ -29,7 +29,7 @@ from transformers import HfArgumentParser, get_scheduler
 from transformers.hf_argparser import string_to_bool
 
 from tuneloop.errors import OneLineArgumentErrors, UserError
-from tuneloop.problem import DEFAULT_METRICS, parse_class_weights
+from tuneloop.problem import DEFAULT_METRICS, parse_class_weights, untrusted_metrics
 
 BUILTIN_MODEL = "builtin:all-MiniLM-L6-v2"
 BUILTIN_DATASET = "builtin:bbc_news"
@@ -107,7 +107,13 @@ class ModelArguments:
         default=False,
         metadata={"help": "Re-initialise a classifier head whose size differs (fine-tuning an already fine-tuned model)."},
     )
-    trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom model code from the Hub."})
+    trust_remote_code: bool = field(
+        default=False,
+        metadata={"help": "Run code from outside transformers and tuneloop: a model's custom code (its config's "
+                          "auto_map, from the Hub or a folder), and --metrics that are not built in (🤗 Evaluate runs a "
+                          "metric's .py file, local or from the Hub, to load it). Only from the command line or your "
+                          "recipe: never taken from a saved run's run_config.json."},
+    )
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = field(
         default="float32",
         metadata={"help": "Dtype the weights are loaded in. float32 (default) keeps full-precision weights, which "
@@ -388,7 +394,8 @@ class TrainArguments:
         metadata={"help": "Evaluation metrics, built in and offline: single-label accuracy, f1, precision, recall "
                           "(default accuracy f1); multi-label micro_f1, macro_f1, subset_accuracy, "
                           "mean_average_precision (default all four); regression mse, mae, pearson, spearman (default "
-                          "all four). Or any 🤗 Evaluate Hub metric name."},
+                          "all four). Any other name (a 🤗 Evaluate Hub metric, a metric .py file) is code that 🤗 Evaluate "
+                          "runs: it needs --trust_remote_code."},
     )
     metric_average: Literal["macro", "micro", "weighted", "binary"] = field(
         default="macro", metadata={"help": "Averaging for f1/precision/recall."}
@@ -415,7 +422,10 @@ class TrainArguments:
         metadata={"help": "Experiment trackers, e.g. --report_to wandb tensorboard; 'all' is both. wandb without an "
                           "account: set WANDB_MODE=offline.", "choices": REPORT_TO_CHOICES},
     )
-    project: str = field(default="tuneloop", metadata={"help": "Tracker project name."})
+    project: str = field(
+        default="tuneloop",
+        metadata={"help": "Tracker project name: a plain name (no '/'), TensorBoard writes to output_dir/<project>."},
+    )
     run_name: Optional[str] = field(default=None, metadata={"help": "Tracker run name. Default: the output_dir's name."})
     dataloader_num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes."})
     ddp_timeout: int = field(
@@ -514,6 +524,30 @@ class Config:
 
     def to_dict(self) -> dict:
         return {"model": asdict(self.model), "data": asdict(self.data), "train": asdict(self.train)}
+
+    def to_shareable_dict(self) -> dict:
+        """to_dict as written where others read it: run_config.json, which goes wherever the model folder goes, and
+        the trackers' hyperparameters. Paths stay as given (relative ones are relative to where the run started, as
+        in a recipe), except that the user's home directory is written `~`: /home/alice/data/a.csv is
+        ~/data/a.csv. Other absolute paths (a cluster's /data or /scratch) are kept: they are what reproduces the run."""
+        return {section: {key: without_home(value) for key, value in values.items()}
+                for section, values in self.to_dict().items()}
+
+
+def without_home(value):
+    """A setting's value with the home directory as `~` wherever a path starts: the value itself, or after the `=` of
+    a named eval set (`in_domain=/home/alice/a.csv`); lists and mappings item by item."""
+    if isinstance(value, list):
+        return [without_home(item) for item in value]
+    if isinstance(value, dict):
+        return {key: without_home(item) for key, item in value.items()}
+    if not isinstance(value, str):
+        return value
+    for home in dict.fromkeys((os.path.expanduser("~"), os.path.realpath(os.path.expanduser("~")))):
+        home = home.rstrip(os.sep)
+        if home and home != "~":  # "" is a home of "/"; "~" when no home is known
+            value = re.sub(rf"(^|=){re.escape(home)}(?=/|$)", lambda start: start[1] + "~", value)
+    return value
 
 
 SECTIONS = (ModelArguments, DataArguments, TrainArguments)
@@ -617,16 +651,17 @@ def parse_args(argv: list[str] | None = None) -> Config:
     parser = make_parser()
     recipe_path = parser.parse_known_args(argv)[0].config
     if recipe_path:
-        parser.set_defaults(**read_recipe(recipe_path))
+        parser.set_defaults(**read_recipe(recipe_path, parser))
     model_args, data_args, train_args, _ = parser.parse_into_dataclasses(argv)  # _: --config
     config = Config(model_args, data_args, train_args)
     validate(config)
     return config
 
 
-def read_recipe(path: str) -> dict:
+def read_recipe(path: str, parser: OptionParser | None = None) -> dict:
     """A flat YAML mapping of option names (or ALIASES) to values, returned under the canonical names; unknown keys are
-    an error, with the closest valid name."""
+    an error, with the closest valid name. Each value is checked and converted as the same flag's would be
+    (`option_value`): a recipe is the user's own input, as the command line is, and gets the same checks."""
     if not os.path.isfile(path):
         raise UserError(f"recipe {path!r} does not exist: pass the path of a YAML file (see recipes/)")
     try:
@@ -637,6 +672,7 @@ def read_recipe(path: str) -> dict:
     if not isinstance(recipe, dict):
         raise UserError(f"recipe {path!r} must be a mapping of option: value, got {type(recipe).__name__}")
     known = [f.name for section in SECTIONS for f in fields(section)] + list(ALIASES)
+    parser = parser or make_parser()
     problems, settings = [], {}
     for key, value in recipe.items():
         if key not in known:
@@ -644,12 +680,55 @@ def read_recipe(path: str) -> dict:
             problems.append(f"unknown key {key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
             continue
         try:
-            settings |= canonical(key, value)
-        except argparse.ArgumentTypeError as e:  # a switch that is not true/false
+            translated = canonical(key, value)
+        except argparse.ArgumentTypeError as e:  # an alias switch that is not true/false
             problems.append(f"{key}: {e}")
+            continue
+        for name, given in translated.items():
+            try:
+                settings[name] = option_value(parser, name, given)
+            except ValueError as e:
+                problems.append(f"{key} {e}" if name == key else f"{key} (as {name}) {e}")
     if problems:
         raise UserError(f"recipe {path!r}: " + "; ".join(problems) + "; `python train.py --help` lists every option")
     return settings
+
+
+def option_value(parser: OptionParser, name: str, value):
+    """A value for option `name` that did not come from the command line (a recipe's, a saved run's), made what the
+    command line would make of it: converted by the option's own type, checked against its choices (both as
+    HfArgumentParser built them from the dataclass field), and one value where the option takes several made a
+    one-item list. argparse would only convert a string default, and check no choices. Raises ValueError."""
+    action = parser._option_string_actions[f"--{name}"]
+    takes_list = action.nargs in ("+", "*")
+    if value is None or isinstance(value, dict):  # None: unset; a mapping: eval sets as {name: path}, scheduler kwargs
+        return value
+    if isinstance(value, list) and not takes_list:
+        raise ValueError(f"{value!r} is a list: the option takes one value")
+    values = [flag_value(action, item) for item in (value if isinstance(value, list) else [value])]
+    return values if takes_list else values[0]
+
+
+def flag_value(action: argparse.Action, value):
+    """One value as the command line would read it: its text through the option's type, then its choices."""
+    if isinstance(value, (list, dict)):
+        raise ValueError(f"{value!r} is not a single value")
+    if isinstance(value, bool) and action.type is string_to_bool:
+        return value
+    if isinstance(value, bool):  # YAML reads no, off, false as False: for an option with a "no" choice, that is it
+        text = "no" if not value and "no" in (action.choices or ()) else str(value).lower()
+    else:
+        text = value if isinstance(value, str) else str(value)
+    kinds = {int: "a whole number", float: "a number", string_to_bool: "true or false"}
+    try:
+        converted = action.type(text) if action.type else text
+    except (TypeError, ValueError, argparse.ArgumentTypeError):
+        raise ValueError(f"{value!r} is not {kinds.get(action.type, 'a valid value')}") from None
+    if action.choices is not None and converted not in action.choices:
+        close = difflib.get_close_matches(text, [str(c) for c in action.choices], n=1)
+        raise ValueError(f"{value!r} is not one of {', '.join(map(str, action.choices))}"
+                         + (f" (did you mean {close[0]!r}?)" if close else ""))
+    return converted
 
 
 def make_scheduler(name: str, kwargs: dict | None, optimizer, warmup_steps: int, total_steps: int, num_processes: int = 1):
@@ -724,6 +803,13 @@ def token_budget_problems(d: DataArguments, t: TrainArguments) -> list[str]:
     return problems
 
 
+def project_problem(project: str) -> str | None:
+    """--project names a folder inside output_dir (TensorBoard's logs): a path there could write anywhere."""
+    if project and project not in (".", "..") and not any(sep in project for sep in ("/", "\\", "\0")):
+        return None
+    return f"project must be a plain name, no path (got {project!r}): e.g. --project my-experiments"
+
+
 def split_best_metric(name: str | None, eval_names: list[str]) -> tuple[str | None, str]:
     """--metric_for_best_model as (eval set, metric): with several eval sets, 'eval_<set>_<metric>' names one of them;
     with one set, or none named, the set is None. ('' for no metric.)"""
@@ -753,6 +839,8 @@ def validate(config: Config) -> None:
     need(not t.eval_on_start or t.do_eval and t.do_train, "eval_on_start needs --do_train and --do_eval")
     need(t.do_train or t.do_eval or t.do_predict, "nothing to do: do_train, do_eval and do_predict are all false")
     need(t.metrics is None or bool(t.metrics), "metrics is empty: name at least one, e.g. --metrics accuracy")
+    need(not (problem := untrusted_metrics(t.metrics, m.trust_remote_code)), problem)
+    need(not (problem := project_problem(t.project)), problem)
     try:
         parse_class_weights(t.class_weights)
     except ValueError:
@@ -805,7 +893,7 @@ def validate(config: Config) -> None:
                         "name them, e.g. --validation_file in_domain=a.csv out_of_domain=b.csv")
     need(len(eval_names) == len(d.validation_file or d.validation_split or []),
          "two eval sets have the same name: name them, e.g. --validation_file a=x/test.csv b=y/test.csv")
-    if t.lr_scheduler_type not in SCHEDULERS:  # a recipe's value (the command line checks its own)
+    if t.lr_scheduler_type not in SCHEDULERS:  # a Config built in code (the parser checks flags and recipes)
         problems.append(f"lr_scheduler_type {t.lr_scheduler_type!r} is not one of {', '.join(SCHEDULERS)}")
     elif not isinstance(t.lr_scheduler_kwargs, (dict, type(None))):
         problems.append(f"lr_scheduler_kwargs must be a JSON object, e.g. '{{\"num_cycles\": 2}}' (got {t.lr_scheduler_kwargs!r})")

@@ -177,7 +177,8 @@ def setup(config: Config) -> Run:
         eval_sets = {name: data.tokenize(split, splits, tokenizer, d) for name, split in splits.eval_sets.items()} \
             if splits else {}
         test_set = data.tokenize(test_split.test, test_split, tokenizer, d) if test_split else None
-        metric_modules = metrics.load_metrics(problems.metric_names(problem.problem_type, t.metrics))
+        metric_modules = metrics.load_metrics(problems.metric_names(problem.problem_type, t.metrics),
+                                              trust_remote_code=m.trust_remote_code)
     model = models.load_model(m, class_names, tokenizer.pad_token_id, problem.problem_type)
     if t.activation_checkpointing and t.do_train:
         say(accelerator, models.enable_activation_checkpointing(model, accelerator))

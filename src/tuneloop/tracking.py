@@ -46,9 +46,10 @@ def run_name(t: TrainArguments) -> str:
 
 
 def flat_hparams(config: Config) -> dict:
-    """One flat dict of scalars: TensorBoard's hparams accept only int/float/str/bool."""
+    """One flat dict of scalars: TensorBoard's hparams accept only int/float/str/bool. Paths without the home
+    directory (Config.to_shareable_dict): the event files live in output_dir, and wandb uploads its config."""
     flat = {}
-    for section in config.to_dict().values():
+    for section in config.to_shareable_dict().values():
         for key, value in section.items():
             flat[key] = value if isinstance(value, (int, float, str, bool)) else str(value)
     return flat
