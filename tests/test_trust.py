@@ -88,6 +88,9 @@ def test_inherited_settings_are_checked_like_flags(tmp_path):
         inherited_settings(str(tmp_path))
     (tmp_path / "run_config.json").write_text(json.dumps({"train": {"metrics": "f1"}}))
     assert inherited_settings(str(tmp_path))["metrics"] == ["f1"]
+    (tmp_path / "run_config.json").write_text(json.dumps({"model": {"trust_remote_code": True},
+                                                          "train": {"metrics": ["glue"]}}))
+    assert inherited_settings(str(tmp_path)) == {"metrics": None}  # neither the opt-in nor the name is inherited
     (tmp_path / "run_config.json").write_text("{not json")
     with pytest.raises(UserError, match="is not a tuneloop run_config.json"):
         inherited_settings(str(tmp_path))
@@ -204,3 +207,22 @@ def test_run_config_json_and_tracker_hparams_write_home_as_tilde(home):
     assert without_home("/data/shared/train.csv") == "/data/shared/train.csv"
     assert without_home(f"{home}x/train.csv") == f"{home}x/train.csv"
     assert without_home(f"copy of {home}/a.csv") == f"copy of {home}/a.csv"
+
+
+@pytest.mark.trains
+def test_a_runs_output_folder_names_no_home_path(home, tiny_model_dir):
+    """Guards every file of an output folder (the model, run_config.json, the report and model card, checkpoints,
+    TensorBoard's event files and hparams.yml) against carrying the home path of the machine that trained it."""
+    import shutil
+
+    from conftest import run_in_process
+
+    home, files = home
+    model = shutil.copytree(tiny_model_dir, home / "models" / "tiny-bert", dirs_exist_ok=True)
+    output_dir = home / "runs" / "r1"
+    run_in_process(tiny_args(str(model), files, output_dir, num_train_epochs=1, report_to="tensorboard",
+                             save_strategy="epoch", do_predict="true", test_file=files["validation_file"]))
+    leaks = [str(path.relative_to(output_dir)) for path in output_dir.rglob("*")
+             if path.is_file() and str(home).encode() in path.read_bytes()]
+    assert not leaks, f"files naming {home}: {leaks}"
+    assert (output_dir / "report" / "README.md").is_file() and (output_dir / "run_config.json").is_file()
