@@ -507,3 +507,67 @@ def test_a_failed_report_or_predictions_write_is_one_line(failing, tiny_model_di
     with pytest.raises(UserError, match=rf"^could not write {path}: {os.strerror(code)}, [\d.]+ [KMG]iB left there; "
                                         "no checkpoint saved: free space"):
         run_in_process(args)
+
+
+# train.py, with one file that cannot be written (a full disk for that file alone). Only rank 0 writes the results and
+# only rank 1 its own loss sums, so the name picks the rank that fails. The failing process then stays alive instead of
+# exiting: as its peers see it under NCCL, which does not notice a dead peer (gloo on one machine does, and torchrun
+# then kills the rest, which hides the defect here).
+FAILING_WRITE = """
+import errno, os, sys, time
+from tuneloop import checkpoint, cli
+write, failed = checkpoint._write_json, []
+def full_disk_for_one_file(path, *args, **kwargs):
+    if os.path.basename(path) == sys.argv[1]:
+        failed.append(path)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+    return write(path, *args, **kwargs)
+checkpoint._write_json = full_disk_for_one_file
+code = cli.main(sys.argv[2:])
+if failed:
+    sys.stderr.flush()
+    time.sleep(600)
+sys.exit(code)
+"""
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("failing, rank", [("all_results.json", 0), ("loop_state_1.json", 1)])
+def test_a_write_failing_on_one_rank_stops_every_rank_with_one_line(failing, rank, tiny_model_dir, toy_files,
+                                                                    tmp_path):
+    """Two real processes; one file cannot be written: the results (rank 0 alone writes them, after training) or rank
+    1's part of a checkpoint (inside the loop). The other rank must stop at once, not wait in its next barrier for
+    the failed one (until --ddp_timeout, 30 minutes), and each says at most one line: the failing rank its own
+    error, rank 0 the rank that failed. Guards main-process-only work (and a rank's own part of a checkpoint) whose
+    failure the other ranks never learn of."""
+    import time
+
+    not_in_a_unit_test("launches processes")
+    wrapper = tmp_path / "train_failing_write.py"
+    wrapper.write_text(FAILING_WRITE)
+    args = tiny_args(tiny_model_dir, toy_files, tmp_path / "out", max_steps=3, save_strategy="steps", save_steps=2,
+                     eval_strategy="no")
+    command = launch_command([failing, *args], 2)
+    command[command.index(str(ROOT / "train.py"))] = str(wrapper)
+    started = time.monotonic()
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=launch_env(),
+                            cwd=ROOT, start_new_session=True)
+    try:
+        _, stderr = proc.communicate(timeout=180)  # about 35 s on a loaded 2-core machine
+    except subprocess.TimeoutExpired:
+        workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+        for pid in workers:  # torchrun starts each in a session of its own: killing the launcher leaves them
+            os.kill(int(pid), signal.SIGKILL)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise AssertionError(f"rank {1 - rank} kept waiting for rank {rank}, whose write failed: hung for 180 s")
+    took = time.monotonic() - started
+    assert proc.returncode != 0
+    errors = re.findall(r"tuneloop: error: (.*)", stderr)  # (rank 1's may follow rank 0's progress bar)
+    assert len(errors) == (2 if rank else 1), stderr[-3000:]
+    own = [e for e in errors if e.startswith(f"could not write {tmp_path / 'out'}") and failing in e]
+    named = [e for e in errors if e.startswith(f"rank {rank} failed while writing ")]  # from rank 0, the one printing
+    assert len(own) == 1 and len(named) == (1 if rank else 0), errors
+    survivors = [line for line in stderr.splitlines() if line.startswith("[rank") and "Error" in line]
+    assert not survivors, survivors  # no traceback from any rank
+    print(f"both ranks stopped {took:.0f} s after the launch")

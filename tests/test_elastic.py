@@ -318,6 +318,24 @@ def test_deepspeed_zero2_two_processes_resume_on_one(tiny_model_dir, toy_files, 
     assert all(losses[s] == pytest.approx(expected[s], rel=1e-6) for s in losses)
     assert relative_error(weights(reference), weights(resumed)) <= 1e-5
 
+    # The same resume with --load_best_model_at_end: the first evaluation after it (step 6) stays the best (no later
+    # one beats it by the threshold), so the end loads step 6's checkpoint, saved by this 1-process session: a
+    # normal DeepSpeed checkpoint, which must not load as universal (the flag of the resume's load). Rotation
+    # (--save_total_limit 1) deletes step 5 and its universal conversion once step 6 is saved.
+    best = tmp_path / "best"
+    shutil.copytree(reference / "checkpoints" / "step_0000005", best / "checkpoints" / "step_0000005")
+    done = launch([*tiny_args(tiny_model_dir, toy_files, best, **{**args, "eval_strategy": "steps"}),
+                   "--eval_steps", "2", "--load_best_model_at_end", "true", "--early_stopping_threshold", "1e9",
+                   "--save_total_limit", "1", "--resume_from_checkpoint", str(best / "checkpoints" / "step_0000005") + "/"],
+                  config="deepspeed_zero2_cpu.yaml", launch_flags=("--num_processes", "1"), timeout=600)
+    assert f"from {best / 'checkpoints' / 'step_0000005'}" in done.stdout  # the trailing `/` normalised
+    assert "loading the best model (step 6" in done.stdout, done.stdout[-2000:]
+    results, history = read_json(best / "all_results.json"), read_json(best / "log_history.json")
+    assert (results["num_processes"], results["best_step"], results["global_step"]) == (1, 6, 10)
+    step_6 = next(e for e in history if e["step"] == 6 and "eval_loss" in e)
+    assert results["eval_loss"] == pytest.approx(step_6["eval_loss"], rel=1e-6)  # step 6's weights, evaluated again
+    assert sorted(p.name for p in (best / "checkpoints").iterdir()) == ["step_0000006"]
+
 
 # FSDP2 itself cannot run on CPU through Accelerate, so its elastic path rests on torch's distributed checkpoint, which
 # reshards on load: tested here directly, FSDP2 (fully_shard) on 2 gloo processes saving, one plain process loading.
