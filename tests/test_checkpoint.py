@@ -194,6 +194,77 @@ def test_rotation_keeps_the_newest_and_the_best(tmp_path):
     assert [Path(p).name for p in checkpoint.complete_checkpoints(str(tmp_path))] == ["step_0000010", "step_0000030", "step_0000040"]
 
 
+def fake_checkpoints(output_dir: Path, steps, manifest: bool = True) -> list[Path]:
+    """Checkpoint folders holding a state file, a weights file and (manifest) the manifest listing them."""
+    paths = []
+    for step in steps:
+        path = Path(checkpoint.checkpoint_path(str(output_dir), step))
+        path.mkdir(parents=True)
+        (path / checkpoint.STATE_FILE).write_text("{}")
+        (path / "model.safetensors").write_bytes(b"w" * 64)
+        if manifest:
+            (path / checkpoint.MANIFEST_FILE).write_text(json.dumps({checkpoint.STATE_FILE: 2, "model.safetensors": 64}))
+        paths.append(path)
+    return paths
+
+
+@pytest.mark.parametrize("manifest", [True, False])
+def test_a_checkpoint_deleted_while_the_listing_reads_it_is_not_listed(manifest, tmp_path, monkeypatch):
+    """Rank 0 rotating while another rank lists the checkpoints (a stop's marker, the health check): a folder found
+    by the listing and deleted before its manifest is read. Staged deterministically: the deletion happens right
+    after the folder names are read. Guards a deleted checkpoint reported as the newest complete one (a folder
+    without a manifest counted as an old, whole one) and a listing that raises FileNotFoundError."""
+    fake_checkpoints(tmp_path, (10, 20, 30), manifest)
+    names = checkpoint.saved_checkpoints
+
+    def listed_then_rotated(output_dir):
+        found = names(output_dir)
+        shutil.rmtree(found[-1])  # what rank 0's rotation (or a second save of the step) does meanwhile
+        return found
+
+    monkeypatch.setattr(checkpoint, "saved_checkpoints", listed_then_rotated)
+    assert [Path(p).name for p in checkpoint.complete_checkpoints(str(tmp_path))] == ["step_0000010", "step_0000020"]
+
+
+def test_rotation_happens_inside_the_save_before_its_last_agreement(tmp_path, monkeypatch):
+    """The ranks list checkpoints after a save (a stop's marker, the health check), so every deletion must be over
+    before any rank leaves `save_checkpoint`: rotation runs on the main process before the save's last agreement
+    (the barrier every rank waits in). Fakes: `runtime.agree` and `shutil.rmtree` record the order (one real
+    process; the agreement is the barrier of a multi-process run). Guards rotation after the barrier (main's
+    `loop.save_checkpoint` rotated once `checkpoint.save_checkpoint` had returned on every rank)."""
+    from accelerate import Accelerator
+
+    from tuneloop import runtime
+
+    fake_checkpoints(tmp_path, (10, 20))
+    accelerator = Accelerator(cpu=True, project_dir=str(tmp_path))
+    accelerator.prepare(torch.nn.Linear(4, 2), torch.optim.AdamW(torch.nn.Linear(4, 2).parameters()))
+    events, agree, rmtree = [], runtime.agree, shutil.rmtree
+    monkeypatch.setattr(runtime, "agree", lambda *args: (events.append("agree"), agree(*args)))
+    monkeypatch.setattr(shutil, "rmtree", lambda path, **kw: (events.append(("delete", Path(path).name)), rmtree(path, **kw)))
+    checkpoint.save_checkpoint(accelerator, str(tmp_path), checkpoint.TrainerState(step=30), {}, keep=2)
+    assert [Path(p).name for p in checkpoint.complete_checkpoints(str(tmp_path))] == ["step_0000020", "step_0000030"]
+    assert ("delete", "step_0000010") in events and events[-1] == "agree", events
+
+
+def test_rotation_deletes_a_universal_conversion_with_its_checkpoint(tmp_path):
+    """A DeepSpeed elastic resume converts a checkpoint into `.universal-step_N` beside it (about its size again):
+    rotation deletes the conversion when it deletes its checkpoint, and any conversion whose checkpoint is already
+    gone; a kept checkpoint keeps its conversion, and what the conversion links to is never touched. Guards
+    conversions that were never deleted."""
+    kept_best, doomed, newest = fake_checkpoints(tmp_path, (10, 20, 30))
+    root = tmp_path / "checkpoints"
+    for source in (kept_best, doomed, root / "step_0000005"):  # step 5: deleted by hand earlier
+        universal = root / (checkpoint.UNIVERSAL_PREFIX + source.name)
+        (universal / "pytorch_model" / "zero").mkdir(parents=True)
+        (universal / checkpoint.STATE_FILE).symlink_to(source / checkpoint.STATE_FILE)
+    deleted = checkpoint.rotate_checkpoints(str(tmp_path), 1, str(kept_best))
+    assert sorted(Path(p).name for p in deleted) == [".universal-step_0000005", ".universal-step_0000020", "step_0000020"]
+    assert sorted(p.name for p in root.iterdir()) == [".universal-step_0000010", "step_0000010", "step_0000030"]
+    assert (kept_best / checkpoint.STATE_FILE).is_file() and (newest / checkpoint.STATE_FILE).is_file()
+    assert checkpoint.rotate_checkpoints(str(tmp_path), None, None) == []  # no limit: nothing more to delete
+
+
 @pytest.mark.parametrize(
     "sequence, greater, patience, stops_after",
     [
@@ -436,3 +507,67 @@ def test_a_failed_report_or_predictions_write_is_one_line(failing, tiny_model_di
     with pytest.raises(UserError, match=rf"^could not write {path}: {os.strerror(code)}, [\d.]+ [KMG]iB left there; "
                                         "no checkpoint saved: free space"):
         run_in_process(args)
+
+
+# train.py, with one file that cannot be written (a full disk for that file alone). Only rank 0 writes the results and
+# only rank 1 its own loss sums, so the name picks the rank that fails. The failing process then stays alive instead of
+# exiting: as its peers see it under NCCL, which does not notice a dead peer (gloo on one machine does, and torchrun
+# then kills the rest, which hides the defect here).
+FAILING_WRITE = """
+import errno, os, sys, time
+from tuneloop import checkpoint, cli
+write, failed = checkpoint._write_json, []
+def full_disk_for_one_file(path, *args, **kwargs):
+    if os.path.basename(path) == sys.argv[1]:
+        failed.append(path)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+    return write(path, *args, **kwargs)
+checkpoint._write_json = full_disk_for_one_file
+code = cli.main(sys.argv[2:])
+if failed:
+    sys.stderr.flush()
+    time.sleep(600)
+sys.exit(code)
+"""
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("failing, rank", [("all_results.json", 0), ("loop_state_1.json", 1)])
+def test_a_write_failing_on_one_rank_stops_every_rank_with_one_line(failing, rank, tiny_model_dir, toy_files,
+                                                                    tmp_path):
+    """Two real processes; one file cannot be written: the results (rank 0 alone writes them, after training) or rank
+    1's part of a checkpoint (inside the loop). The other rank must stop at once, not wait in its next barrier for
+    the failed one (until --ddp_timeout, 30 minutes), and each says at most one line: the failing rank its own
+    error, rank 0 the rank that failed. Guards main-process-only work (and a rank's own part of a checkpoint) whose
+    failure the other ranks never learn of."""
+    import time
+
+    not_in_a_unit_test("launches processes")
+    wrapper = tmp_path / "train_failing_write.py"
+    wrapper.write_text(FAILING_WRITE)
+    args = tiny_args(tiny_model_dir, toy_files, tmp_path / "out", max_steps=3, save_strategy="steps", save_steps=2,
+                     eval_strategy="no")
+    command = launch_command([failing, *args], 2)
+    command[command.index(str(ROOT / "train.py"))] = str(wrapper)
+    started = time.monotonic()
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=launch_env(),
+                            cwd=ROOT, start_new_session=True)
+    try:
+        _, stderr = proc.communicate(timeout=180)  # about 35 s on a loaded 2-core machine
+    except subprocess.TimeoutExpired:
+        workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+        for pid in workers:  # torchrun starts each in a session of its own: killing the launcher leaves them
+            os.kill(int(pid), signal.SIGKILL)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise AssertionError(f"rank {1 - rank} kept waiting for rank {rank}, whose write failed: hung for 180 s")
+    took = time.monotonic() - started
+    assert proc.returncode != 0
+    errors = re.findall(r"tuneloop: error: (.*)", stderr)  # (rank 1's may follow rank 0's progress bar)
+    assert len(errors) == (2 if rank else 1), stderr[-3000:]
+    own = [e for e in errors if e.startswith(f"could not write {tmp_path / 'out'}") and failing in e]
+    named = [e for e in errors if e.startswith(f"rank {rank} failed while writing ")]  # from rank 0, the one printing
+    assert len(own) == 1 and len(named) == (1 if rank else 0), errors
+    survivors = [line for line in stderr.splitlines() if line.startswith("[rank") and "Error" in line]
+    assert not survivors, survivors  # no traceback from any rank
+    print(f"both ranks stopped {took:.0f} s after the launch")

@@ -171,6 +171,126 @@ def test_refusals_name_what_works(tmp_path, tiny_model_dir, toy_files, monkeypat
                      "accumulation 2 (global batch 4 kept), step 12, epoch 0 at micro-batch 24"]
 
 
+def fake_deepspeed(processes: int = 1, universal_loaded: bool = False):
+    """What `universal_checkpoint` and `load_checkpoint` use of a prepared DeepSpeed Accelerator: its rank, one engine
+    whose parsed config holds the universal flag (as `prepare` left it), and `load_state`, which records the folder it
+    was given and the flag at that moment."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    engine = SimpleNamespace(_config=SimpleNamespace(load_universal_checkpoint=universal_loaded))
+    loads = []
+    accelerator = SimpleNamespace(
+        is_main_process=True, process_index=0, num_processes=processes, device=torch.device("cpu"),
+        distributed_type=DistributedType.DEEPSPEED, _models=[engine], step=0, wait_for_everyone=lambda: None,
+        state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(deepspeed_config={})),
+        load_state=lambda path, **kwargs: loads.append((path, engine._config.load_universal_checkpoint)))
+    return accelerator, loads
+
+
+def zero_checkpoint(output_dir: Path, step: int, processes: int) -> Path:
+    """A checkpoint folder as a ZeRO run of `processes` leaves it (only what these tests read: the state, each rank's
+    loss sums, an RNG file, the engine's folder)."""
+    saved = saved_state_only(output_dir, step=step, num_processes=processes, per_device_train_batch_size=4)
+    (saved / "pytorch_model").mkdir()
+    (saved / "random_states_0.pkl").write_bytes(b"rng")
+    sums = dict(window_loss=0.0, window_count=0, total_loss=1.0, total_count=1, nonfinite_streak=0, skipped_steps=0)
+    for rank in range(processes):
+        (saved / checkpoint.RANK_STATE_FILE.format(rank=rank)).write_text(json.dumps(sums))
+    return saved
+
+
+def converter(monkeypatch, returncode: int = 0, stderr: str = "") -> list[list[str]]:
+    """Fakes DeepSpeed's ds_to_universal run (a subprocess): it writes its output folder, then exits with
+    `returncode`. Returns the commands run."""
+    commands = []
+
+    def run(command, **kwargs):
+        commands.append(command)
+        (Path(command[command.index("--output_folder") + 1]) / "zero").mkdir(parents=True)
+        return subprocess.CompletedProcess(command, returncode, "", stderr)
+
+    monkeypatch.setattr(subprocess, "run", run)
+    return commands
+
+
+@pytest.mark.parametrize("returncode, stderr, said", [
+    (-9, "", "killed by SIGKILL (out of memory?)"),  # the OOM killer: no message at all
+    (1, "Traceback (most recent call last):\nKeyError: 'param_shapes'\n", "exit status 1: KeyError: 'param_shapes'"),
+])
+def test_a_failed_universal_conversion_stops_and_leaves_nothing(returncode, stderr, said, tmp_path, monkeypatch):
+    """DeepSpeed's converter runs in a subprocess (faked: `converter`). Any non-zero exit stops with one line naming
+    the exit status or signal, and leaves no folder a later run would take as converted. Guards an OOM-killed
+    conversion (exit -9, empty stderr) counted as a success, and its half-written folder loaded as a checkpoint."""
+    saved = zero_checkpoint(tmp_path, 5, processes=2)
+    accelerator, _ = fake_deepspeed()
+    converter(monkeypatch, returncode, stderr)
+    with pytest.raises(UserError) as raised:
+        checkpoint.universal_checkpoint(accelerator, str(saved))
+    message = str(raised.value)
+    assert said in message and message.endswith("resume on 2 processes") and "\n" not in message, message
+    assert sorted(p.name for p in saved.parent.iterdir()) == ["step_0000005"]
+
+
+def test_a_conversion_cut_short_is_done_again(tmp_path, monkeypatch):
+    """A kill after DeepSpeed's converter finished, while the checkpoint's other files were being linked (staged: the
+    folder lists trainer_state.json first, and the link after it raises). The next attempt must convert again and
+    link everything, not take the folder for done because its trainer_state.json is there. Guards a conversion whose
+    completion was not explicit."""
+    saved = zero_checkpoint(tmp_path, 5, processes=2)
+    accelerator, loads = fake_deepspeed()
+    commands = converter(monkeypatch)
+    link, made, listdir = os.symlink, [], os.listdir
+    monkeypatch.setattr(os, "listdir", lambda path: sorted(listdir(path), key=lambda name: name != checkpoint.STATE_FILE))
+
+    def killed_after_the_state(source, target):
+        if checkpoint.STATE_FILE in made:
+            raise KeyboardInterrupt  # the kill
+        link(source, target)
+        made.append(os.path.basename(target))
+
+    monkeypatch.setattr(os, "symlink", killed_after_the_state)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.universal_checkpoint(accelerator, str(saved))
+    monkeypatch.setattr(os, "symlink", link)
+    checkpoint.clean_partial_checkpoints(str(tmp_path))  # what the next run does first
+    universal = Path(checkpoint.universal_checkpoint(accelerator, str(saved)))
+    assert len(commands) == 2 and universal.name == ".universal-step_0000005"
+    linked = {p.name for p in universal.iterdir() if p.is_symlink()}
+    assert linked == {p.name for p in saved.iterdir()} - {"pytorch_model"}, linked
+
+
+def test_the_universal_flag_is_set_for_each_load(tmp_path, monkeypatch):
+    """Under DeepSpeed the engine reads `load_universal` from its own parsed config at every load. After an elastic
+    resume (a 2-process checkpoint loaded as universal on 1 process), --load_best_model_at_end loads a checkpoint this
+    1-process session saved: it must load as a normal one. Fakes the prepared Accelerator and the converter. Guards
+    the flag set once for the resume and left on (the best checkpoint then fails to load: no `zero/` folder)."""
+    old, new = zero_checkpoint(tmp_path, 5, processes=2), zero_checkpoint(tmp_path, 8, processes=1)
+    accelerator, loads = fake_deepspeed(universal_loaded=True)  # as the resume's universal load left the engine
+    checkpoint.load_checkpoint(accelerator, str(new))  # the best checkpoint, saved by this 1-process session
+    assert loads == [(str(new), False)]
+    converter(monkeypatch)
+    checkpoint.load_checkpoint(accelerator, str(old))  # one from before the resume: its universal conversion
+    assert loads[1:] == [(str(old.parent / ".universal-step_0000005"), True)]
+
+
+def test_a_resume_path_with_a_trailing_slash(tmp_path, tiny_model_dir, toy_files, monkeypatch):
+    """`--resume_from_checkpoint out/checkpoints/step_0000005/` (a shell's completion adds the slash): the path is
+    normalised where it enters, so the universal conversion goes beside the checkpoint, not inside it (dirname and
+    basename of a path ending in `/`). Guards `.universal-` folders made inside checkpoints."""
+    saved = zero_checkpoint(tmp_path / "run", 5, processes=2)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    _, path, _, _ = resume_plan(parse_args(tiny_args(tiny_model_dir, toy_files, tmp_path / "run",
+                                                     per_device_train_batch_size=4,
+                                                     resume_from_checkpoint=str(saved) + "/")))
+    assert path == str(saved)
+    accelerator, _ = fake_deepspeed()
+    converter(monkeypatch)
+    assert checkpoint.universal_checkpoint(accelerator, path) == str(saved.parent / ".universal-step_0000005")
+    assert not any(p.name.startswith(".universal") for p in saved.iterdir())
+
+
 @pytest.mark.engines
 def test_deepspeed_zero2_two_processes_resume_on_one(tiny_model_dir, toy_files, tmp_path):
     """ZeRO-2 on 2 processes, 10 steps of LoRA with activation checkpointing, an adapter-only checkpoint at step 5
@@ -197,6 +317,24 @@ def test_deepspeed_zero2_two_processes_resume_on_one(tiny_model_dir, toy_files, 
     assert sorted(losses) == list(range(1, 11))  # steps 1-5 come with the checkpoint's history
     assert all(losses[s] == pytest.approx(expected[s], rel=1e-6) for s in losses)
     assert relative_error(weights(reference), weights(resumed)) <= 1e-5
+
+    # The same resume with --load_best_model_at_end: the first evaluation after it (step 6) stays the best (no later
+    # one beats it by the threshold), so the end loads step 6's checkpoint, saved by this 1-process session: a
+    # normal DeepSpeed checkpoint, which must not load as universal (the flag of the resume's load). Rotation
+    # (--save_total_limit 1) deletes step 5 and its universal conversion once step 6 is saved.
+    best = tmp_path / "best"
+    shutil.copytree(reference / "checkpoints" / "step_0000005", best / "checkpoints" / "step_0000005")
+    done = launch([*tiny_args(tiny_model_dir, toy_files, best, **{**args, "eval_strategy": "steps"}),
+                   "--eval_steps", "2", "--load_best_model_at_end", "true", "--early_stopping_threshold", "1e9",
+                   "--save_total_limit", "1", "--resume_from_checkpoint", str(best / "checkpoints" / "step_0000005") + "/"],
+                  config="deepspeed_zero2_cpu.yaml", launch_flags=("--num_processes", "1"), timeout=600)
+    assert f"from {best / 'checkpoints' / 'step_0000005'}" in done.stdout  # the trailing `/` normalised
+    assert "loading the best model (step 6" in done.stdout, done.stdout[-2000:]
+    results, history = read_json(best / "all_results.json"), read_json(best / "log_history.json")
+    assert (results["num_processes"], results["best_step"], results["global_step"]) == (1, 6, 10)
+    step_6 = next(e for e in history if e["step"] == 6 and "eval_loss" in e)
+    assert results["eval_loss"] == pytest.approx(step_6["eval_loss"], rel=1e-6)  # step 6's weights, evaluated again
+    assert sorted(p.name for p in (best / "checkpoints").iterdir()) == ["step_0000006"]
 
 
 # FSDP2 itself cannot run on CPU through Accelerate, so its elastic path rests on torch's distributed checkpoint, which

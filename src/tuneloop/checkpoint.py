@@ -26,7 +26,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType
 from accelerate.utils.constants import RNG_STATE_NAME
 
-from tuneloop import lora
+from tuneloop import lora, runtime
 from tuneloop.config import Config
 from tuneloop.errors import UserError
 
@@ -103,20 +103,21 @@ def complete_checkpoints(output_dir: str) -> list[str]:
 
 def torn(path: str) -> str | None:
     """What a checkpoint's manifest finds missing or cut short, or None when it is whole. A checkpoint written before
-    manifests existed has none, and counts as whole."""
+    manifests existed has none, and counts as whole. A folder deleted while it is read (rotation) is not whole."""
     try:
         with open(os.path.join(path, MANIFEST_FILE)) as f:
             sizes = json.load(f)
     except FileNotFoundError:
-        return None
+        return None if os.path.isfile(os.path.join(path, STATE_FILE)) else f"its {STATE_FILE} is gone"
     except (OSError, ValueError):
         return f"its {MANIFEST_FILE} is unreadable"
     for name, size in sizes.items():
-        file = os.path.join(path, name)
-        if not os.path.isfile(file):
+        try:
+            found = os.path.getsize(os.path.join(path, name))
+        except OSError:
             return f"{name} is missing"
-        if os.path.getsize(file) != size:
-            return f"{name} has {os.path.getsize(file)} of its {size} bytes"
+        if found != size:
+            return f"{name} has {found} of its {size} bytes"
     return None
 
 
@@ -135,7 +136,7 @@ def find_checkpoint(output_dir: str, spec: str, report=print) -> str | None:
                         f"{os.path.join(output_dir, CHECKPOINTS_DIR)} or 'latest'")
     if problem := torn(spec):
         raise UserError(f"resume_from_checkpoint {spec!r} is torn ({problem}): pass an earlier checkpoint or 'latest'")
-    return spec
+    return os.path.normpath(spec)  # `step_N/` would put what is made beside it (.universal-step_N) inside it
 
 
 def read_state(path: str) -> TrainerState:
@@ -248,35 +249,38 @@ def resume_state(saved: TrainerState, current: TrainerState, path: str, elastic:
 
 
 def save_checkpoint(accelerator: Accelerator, output_dir: str, state: TrainerState, rank_state: dict,
-                    trained_only: bool = False) -> str:
-    """Every process writes its part into a temporary folder; the main process renames it once all are done.
+                    trained_only: bool = False, keep: int | None = None) -> str:
+    """Every process writes its part into a temporary folder; the main process renames it once all are done, then
+    rotates the checkpoints (`keep`: --save_total_limit).
 
     A kill at any moment leaves either the previous checkpoints untouched plus a `.tmp-` folder that `latest`
     ignores, or one more complete checkpoint. A machine crash can lose what the page cache had not written yet, so
     every process fsyncs its files before the barrier, and the main process writes the manifest and fsyncs the
     folders around the rename: a checkpoint whose name survived has its files too, or the manifest tells.
+    Each barrier is an agreement (`writing(..., together=)`): a process that fails stops every process there.
+    Rotation happens before the last one, so no folder is being deleted once any process returns from here: the
+    processes may then list the checkpoints (a stop's marker, the health check, a failed write's message).
     """
     final = checkpoint_path(output_dir, state.step)
     tmp = os.path.join(os.path.dirname(final), ".tmp-" + os.path.basename(final))
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)  # a leftover from a kill mid-write
-        os.makedirs(tmp)
-    accelerator.wait_for_everyone()
-    with writing(final, output_dir):
+    with writing(final, output_dir, together=accelerator):
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)  # a leftover from a kill mid-write
+            os.makedirs(tmp)
+    with writing(final, output_dir, together=accelerator):
         accelerator.save_state(tmp, **(trained_weights_only(accelerator, saving=True) if trained_only else {}))
         _write_json(os.path.join(tmp, RANK_STATE_FILE.format(rank=accelerator.process_index)), rank_state)
         _sync_tree(tmp)  # this process's files among them; which ones Accelerate wrote where, it does not say
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        with writing(final, output_dir):
+    with writing(final, output_dir, together=accelerator):
+        if accelerator.is_main_process:
             _write_json(os.path.join(tmp, STATE_FILE), asdict(state), durable=True)
             _write_manifest(tmp)
             _fsync(tmp)
-        if os.path.isdir(final):  # the same step saved twice (a stop right after resuming): same state
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-        _fsync(os.path.dirname(final))  # the rename itself
-    accelerator.wait_for_everyone()
+            if os.path.isdir(final):  # the same step saved twice (a stop right after resuming): same state
+                shutil.rmtree(final)
+            os.rename(tmp, final)
+            _fsync(os.path.dirname(final))  # the rename itself
+            rotate_checkpoints(output_dir, keep, state.best_checkpoint)
     return final
 
 
@@ -313,26 +317,35 @@ TORCH_WRITE_FAILURES = ("unexpected pos", "PytorchStreamWriter failed")
 
 
 @contextlib.contextmanager
-def writing(path: str, output_dir: str):
+def writing(path: str, output_dir: str, together: Accelerator | None = None):
     """Around every write of a run: a failed write (any OSError; torch's and safetensors' disk-full errors) stops
-    with one line naming the path, the space left and the last good checkpoint. Nothing already saved is touched."""
+    with one line naming the path, the space left and the last good checkpoint. Nothing already saved is touched.
+
+    `together`: every process enters the block (the main process may be the only one that writes in it) and they
+    agree at its end (`runtime.agree`): a failure in any process stops all of them there, none waits in a barrier."""
+    error = None
     try:
         yield
-    except UserError:
-        raise
+    except UserError as e:
+        error = e
     except Exception as e:
         reason = _write_failure(e)
         if reason is None:
-            raise
-        where = getattr(e, "filename", None) or path
-        folder = os.path.abspath(where)
-        while not os.path.isdir(folder):
-            folder = os.path.dirname(folder)
-        left = _size(shutil.disk_usage(folder).free)
-        saved = complete_checkpoints(output_dir)
-        then = (f"last good checkpoint: {saved[-1]}: free space there, then resume with --resume_from_checkpoint "
-                "latest" if saved else "no checkpoint saved: free space there or choose another --output_dir")
-        raise UserError(f"could not write {where}: {reason}, {left} left there; {then}") from None
+            error = e
+        else:
+            where = getattr(e, "filename", None) or path
+            folder = os.path.abspath(where)
+            while not os.path.isdir(folder):
+                folder = os.path.dirname(folder)
+            left = _size(shutil.disk_usage(folder).free)
+            saved = complete_checkpoints(output_dir)
+            then = (f"last good checkpoint: {saved[-1]}: free space there, then resume with --resume_from_checkpoint "
+                    "latest" if saved else "no checkpoint saved: free space there or choose another --output_dir")
+            error = UserError(f"could not write {where}: {reason}, {left} left there; {then}")
+    if together is not None:
+        runtime.agree(together, error, f"writing {path}")
+    if error is not None:
+        raise error
 
 
 def _size(count: int) -> str:
@@ -357,37 +370,66 @@ def _write_failure(error: BaseException) -> str | None:
     return None
 
 
-UNIVERSAL_PREFIX = ".universal-"  # beside the checkpoints; `latest` and rotation never see it
+UNIVERSAL_PREFIX = ".universal-"  # beside the checkpoints; `latest` never sees it, rotation deletes it with its source
+UNIVERSAL_DONE = "universal.json"  # written last, just before the rename that makes the conversion count
 
 
 def universal_checkpoint(accelerator: Accelerator, path: str) -> str:
     """DeepSpeed ZeRO saves its optimizer state partitioned by rank; another process count loads it only as a
     universal checkpoint. Converted once, by the main process, with DeepSpeed's own tool, into a sibling folder that
-    links the checkpoint's other files; the DeepSpeed config is told to load it (`checkpoint.load_universal`).
-    Returns the folder to load from. Call after the Accelerator is built and before `prepare`."""
+    links the checkpoint's other files. Returns the folder to load from; every process calls it.
+
+    Converted into a `.tmp-` folder that is renamed when complete (a kill leaves a `.tmp-` folder, which the next run
+    deletes, never a half conversion taken as done); a conversion that fails (any non-zero exit: an OOM kill leaves
+    no message) stops every process with one line naming the exit status."""
+    root, name = os.path.split(path)
+    universal = os.path.join(root, UNIVERSAL_PREFIX + name)
+    error = None
+    if accelerator.is_main_process and not os.path.isfile(os.path.join(universal, UNIVERSAL_DONE)):
+        try:
+            _convert_to_universal(path, universal)
+        except UserError as e:
+            error = e
+    runtime.agree(accelerator, error, f"converting {path} to a universal checkpoint")
+    return universal
+
+
+def _convert_to_universal(path: str, universal: str) -> None:
+    import signal
     import subprocess
     import sys
 
-    universal = os.path.join(os.path.dirname(path), UNIVERSAL_PREFIX + os.path.basename(path))
+    tmp = os.path.join(os.path.dirname(universal), ".tmp-" + os.path.basename(universal).lstrip("."))
     model_dir = "pytorch_model"  # Accelerate's DeepSpeed tag for the (first) model
     command = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
-               os.path.join(path, model_dir), "--output_folder", os.path.join(universal, model_dir),
+               os.path.join(path, model_dir), "--output_folder", os.path.join(tmp, model_dir),
                "--inject_missing_state"]  # what Megatron-DeepSpeed records itself; a transformers model has none
-    failure = ""
-    if accelerator.is_main_process and not os.path.isfile(os.path.join(universal, STATE_FILE)):
-        shutil.rmtree(universal, ignore_errors=True)
-        done = subprocess.run(command, capture_output=True, text=True)
-        failure = done.stderr.strip().splitlines()[-1:] if done.returncode else ""
-        for name in os.listdir(path) if not failure else []:  # scheduler, RNG, sampler, loss sums, state: linked
-            if name not in (model_dir, "latest", MANIFEST_FILE):
-                os.symlink(os.path.abspath(os.path.join(path, name)), os.path.join(universal, name))
-    accelerator.wait_for_everyone()
-    if not os.path.isfile(os.path.join(universal, STATE_FILE)):  # every rank stops, not only the main one
+    shutil.rmtree(universal, ignore_errors=True)  # one without its UNIVERSAL_DONE: an older version's, unfinished
+    shutil.rmtree(tmp, ignore_errors=True)
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode:
+        shutil.rmtree(tmp, ignore_errors=True)
+        code = done.returncode
+        how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit status {code}"
+        how += " (out of memory?)" if code == -signal.SIGKILL else ""
+        last = done.stderr.strip().splitlines()[-1:]
         raise UserError(f"could not convert the DeepSpeed checkpoint {path} for another process count (`"
-                        f"{' '.join(command)}` failed{': ' + failure[0] if failure else ''}): resume on "
+                        f"{' '.join(command)}` failed, {how}{': ' + last[0] if last else ''}): resume on "
                         f"{read_state(path).num_processes} processes")
-    accelerator.state.deepspeed_plugin.deepspeed_config["checkpoint"] = {"load_universal": True}
-    return universal
+    for name in os.listdir(path):  # scheduler, RNG, sampler, loss sums, state: linked
+        if name not in (model_dir, "latest", MANIFEST_FILE):
+            os.symlink(os.path.abspath(os.path.join(path, name)), os.path.join(tmp, name))
+    _write_json(os.path.join(tmp, UNIVERSAL_DONE), {"source": os.path.abspath(path), "command": command}, durable=True)
+    os.rename(tmp, universal)
+
+
+def _load_universal(accelerator: Accelerator, universal: bool) -> None:
+    """DeepSpeed reads `checkpoint.load_universal` from each engine's parsed config at every load
+    (`DeepSpeedEngine.load_universal_checkpoint()`), not from the config dict after `prepare`: set it for this load,
+    so that a normal checkpoint loaded later (--load_best_model_at_end after an elastic resume) loads as one."""
+    for model in accelerator._models:  # what `load_state` loads: the prepared DeepSpeed engine(s)
+        if hasattr(model, "_config"):
+            model._config.load_universal_checkpoint = universal
 
 
 def load_checkpoint(accelerator: Accelerator, path: str, scheduler=None, micro_step: int = 0,
@@ -396,10 +438,16 @@ def load_checkpoint(accelerator: Accelerator, path: str, scheduler=None, micro_s
 
     A checkpoint of another process count (elastic resume) is converted after loading: Accelerate's micro-step
     counter (to `micro_step`, this epoch's micro-batches in the new layout), the scheduler's position, a new rank's
-    RNG, and the loss sums of all old ranks merged and shared out evenly."""
-    accelerator.load_state(path, **(trained_weights_only(accelerator, saving=False) if trained_only else {}))
+    RNG, and the loss sums of all old ranks merged and shared out evenly. Under DeepSpeed it loads from its universal
+    conversion (`universal_checkpoint`, made on first use)."""
     saved_processes = read_state(path).num_processes
     rank, processes = accelerator.process_index, accelerator.num_processes
+    load_from = path
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        if saved_processes != processes:
+            load_from = universal_checkpoint(accelerator, path)
+        _load_universal(accelerator, saved_processes != processes)
+    accelerator.load_state(load_from, **(trained_weights_only(accelerator, saving=False) if trained_only else {}))
     if saved_processes == processes:
         with open(os.path.join(path, RANK_STATE_FILE.format(rank=rank))) as f:
             return json.load(f)
@@ -464,20 +512,30 @@ def _load_rng_states(file: str) -> None:
 
 
 def rotate_checkpoints(output_dir: str, keep: int | None, best: str | None) -> list[str]:
-    """Delete all but the `keep` newest complete checkpoints, never the best one. Returns what was deleted."""
-    if not keep:
-        return []
-    found = complete_checkpoints(output_dir)
-    doomed = [p for p in found[:-keep] if best is None or os.path.abspath(p) != os.path.abspath(best)]
+    """Delete all but the `keep` newest complete checkpoints, never the best one, and every universal conversion
+    (`.universal-step_N`) whose checkpoint is gone: a conversion lives as long as its source. Returns what was
+    deleted. Main process only, inside `save_checkpoint` (before its last agreement: no process lists meanwhile)."""
+    root = os.path.join(output_dir, CHECKPOINTS_DIR)
+    found = complete_checkpoints(output_dir)[:-keep] if keep else []
+    doomed = [p for p in found if best is None or os.path.abspath(p) != os.path.abspath(best)]
     for path in doomed:
         shutil.rmtree(path, ignore_errors=True)
+    for name in sorted(os.listdir(root)) if os.path.isdir(root) else []:
+        source = os.path.join(root, name.removeprefix(UNIVERSAL_PREFIX))
+        if name.startswith(UNIVERSAL_PREFIX) and not os.path.isdir(source):
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)  # its links only, never what they point to
+            doomed.append(os.path.join(root, name))
     return doomed
 
 
-def write_preempted(output_dir: str, checkpoint: str, step: int, signal_name: str) -> None:
-    """The requeue marker: with several processes `accelerate launch` reports any worker's exit code as 1."""
-    with writing(output_dir, output_dir):
-        _write_json(os.path.join(output_dir, PREEMPTED_FILE), {"checkpoint": checkpoint, "step": step, "signal": signal_name})
+def write_preempted(accelerator: Accelerator, output_dir: str, checkpoint: str, step: int, signal_name: str) -> None:
+    """The requeue marker: with several processes `accelerate launch` reports any worker's exit code as 1. Written by
+    the main process; every process calls this, and none returns before the marker exists (a job script that sees
+    one rank gone must find it) or, if it could not be written, all stop with that error."""
+    with writing(output_dir, output_dir, together=accelerator):
+        if accelerator.is_main_process:
+            _write_json(os.path.join(output_dir, PREEMPTED_FILE),
+                        {"checkpoint": checkpoint, "step": step, "signal": signal_name})
 
 
 def clear_preempted(output_dir: str) -> None:
@@ -518,13 +576,14 @@ def check_writable(output_dir: str) -> None:
 
 def save_final_model(accelerator: Accelerator, model, tokenizer, output_dir: str, merge_adapter: bool = True) -> None:
     if lora.is_peft(accelerator.unwrap_model(model)):
-        lora.save(accelerator, model, tokenizer, output_dir, merge_adapter, writing)
+        with writing(output_dir, output_dir, together=accelerator):
+            lora.save(accelerator, model, tokenizer, output_dir, merge_adapter, writing)
         return
     accelerator.wait_for_everyone()
     state_dict = accelerator.get_state_dict(model)  # collective: gathers shards to the main process
     # Under --torch_compile the compiled blocks' keys read `layer.0._orig_mod.…`: plain transformers would load none.
     state_dict = state_dict and {key.replace("_orig_mod.", ""): value for key, value in state_dict.items()}
-    with writing(output_dir, output_dir):
+    with writing(output_dir, output_dir, together=accelerator):
         accelerator.unwrap_model(model, keep_torch_compile=False).save_pretrained(
             output_dir, is_main_process=accelerator.is_main_process, save_function=accelerator.save, state_dict=state_dict
         )
@@ -533,14 +592,14 @@ def save_final_model(accelerator: Accelerator, model, tokenizer, output_dir: str
 
 
 def save_results(accelerator: Accelerator, config: Config, results: dict, history: list | None = None) -> None:
-    if not accelerator.is_main_process:
-        return
+    """Written by the main process; every process calls this (and stops if the write fails)."""
     out = config.train.output_dir
-    with writing(out, out):
-        _write_json(os.path.join(out, RESULTS_FILE), results)
-        _write_json(os.path.join(out, CONFIG_FILE), config.to_shareable_dict())  # no home paths: it travels
-        if history is not None:
-            _write_json(os.path.join(out, HISTORY_FILE), history)
+    with writing(out, out, together=accelerator):
+        if accelerator.is_main_process:
+            _write_json(os.path.join(out, RESULTS_FILE), results)
+            _write_json(os.path.join(out, CONFIG_FILE), config.to_shareable_dict())  # no home paths: it travels
+            if history is not None:
+                _write_json(os.path.join(out, HISTORY_FILE), history)
 
 
 def _write_json(path: str, value, durable: bool = False) -> None:

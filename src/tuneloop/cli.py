@@ -64,7 +64,7 @@ def run_command(command, argv: list[str] | None) -> int:
     try:
         return command(argv) or 0
     except UserError as e:
-        if main_rank:
+        if main_rank or getattr(e, "failed_alone", False):  # (runtime.agree: a rank that failed alone says why)
             print(f"tuneloop: error: {e}", file=sys.stderr)
         return 2
     except Preempted as stop:

@@ -15,6 +15,11 @@ class UserError(Exception):
     """A problem with the user's input, phrased as: what is wrong, and how to fix it."""
 
 
+class RankFailed(UserError):
+    """Another process failed at a point where all of them agree on success (`runtime.agree`): this one stops too,
+    at once, instead of waiting in the next collective until its timeout. The failing process reports the cause."""
+
+
 class OneLineArgumentErrors:
     """Mixed into an `argparse.ArgumentParser`: an unknown option, an ambiguous prefix or a bad value raises a
     `UserError` naming the closest known options, instead of printing the usage and exiting (or, in

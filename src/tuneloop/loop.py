@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, set_seed
+from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 from transformers.utils import logging as hf_logging
 
@@ -92,10 +92,7 @@ def train(config: Config) -> dict:
         try:
             results, eval_outputs = fit(run)
         except Preempted as stop:
-            if accelerator.is_main_process:
-                checkpoint.write_preempted(t.output_dir, stop.checkpoint_dir, stop.step, stop.signal_name)
-            # No rank exits before the marker exists: a job script that sees one rank gone must find it.
-            accelerator.wait_for_everyone()
+            checkpoint.write_preempted(accelerator, t.output_dir, stop.checkpoint_dir, stop.step, stop.signal_name)
             accelerator.end_training()
             raise
         history = run.state.history
@@ -110,12 +107,12 @@ def train(config: Config) -> dict:
         checkpoint.save_results(accelerator, config, results)
     test_results = None
     if t.do_predict:
-        with checkpoint.writing(t.output_dir, t.output_dir):
+        with checkpoint.writing(t.output_dir, t.output_dir, together=accelerator):
             test_results = predict.predict_test_split(accelerator, run.model, run.test_dl, run.test_split,
                                                       run.problem, run.metric_modules, t, describe(accelerator),
                                                       config.data.label_separator)
     if t.do_train or t.do_eval:  # the confusion matrix and per-class table are the final model's, from its evaluation
-        with checkpoint.writing(t.output_dir, t.output_dir):
+        with checkpoint.writing(t.output_dir, t.output_dir, together=accelerator):
             report.write_report(accelerator, config, results, run.problem, history, eval_outputs, test_results,
                                 run.train_size)
     say(accelerator, report.summary_table({**results, **(test_results or {})}, t.output_dir))
@@ -152,10 +149,8 @@ def setup(config: Config) -> Run:
 
     checkpoint.check_writable(t.output_dir)
     clean_after_interruption(accelerator, t)
-    if resume_from and accelerator.distributed_type == DistributedType.DEEPSPEED and \
-            checkpoint.read_state(resume_from).num_processes != accelerator.num_processes:
-        resume_from = checkpoint.universal_checkpoint(accelerator, resume_from)
-    tracking.start(accelerator, config, state.tracker_run_id)
+    with checkpoint.writing(t.output_dir, t.output_dir, together=accelerator):  # the trackers start on the main process
+        tracking.start(accelerator, config, state.tracker_run_id)
     model_config = models.load_config(m)
     if dtype_warning := models.check_dtype(m, model_config, accelerator, training=t.do_train):
         say(accelerator, dtype_warning)
@@ -188,8 +183,9 @@ def setup(config: Config) -> Run:
     if accelerator.device.type == "cpu":
         for line in cpu_speedups.install(model, allocator=t.tune_cpu_allocator, dropout=t.fast_cpu_dropout and t.do_train):
             say(accelerator, line)
-    if accelerator.is_main_process:
-        checkpoint.check_free_space(t.output_dir, model, checkpointing=t.do_train)
+    with checkpoint.writing(t.output_dir, t.output_dir, together=accelerator):  # a refusal stops every rank
+        if accelerator.is_main_process:
+            checkpoint.check_free_space(t.output_dir, model, checkpointing=t.do_train)
 
     samples = data.SampleIdLog(t.output_dir, accelerator.process_index)
     train_set = samples.tag(train_set) if train_set is not None else None
@@ -325,10 +321,10 @@ def resume_plan(config: Config) -> tuple[Config, str | None, checkpoint.TrainerS
 
 def clean_after_interruption(accelerator: Accelerator, t: TrainArguments) -> None:
     """Clear what an earlier, interrupted session left behind: half-written checkpoints and the requeue marker."""
-    if accelerator.is_main_process and t.do_train:
-        checkpoint.clean_partial_checkpoints(t.output_dir)
-        checkpoint.clear_preempted(t.output_dir)
-    accelerator.wait_for_everyone()
+    with checkpoint.writing(t.output_dir, t.output_dir, together=accelerator):
+        if accelerator.is_main_process and t.do_train:
+            checkpoint.clean_partial_checkpoints(t.output_dir)
+            checkpoint.clear_preempted(t.output_dir)
 
 
 class LossMeter:
@@ -491,11 +487,13 @@ def boundary(run: Run, session: Session, epoch_end: bool) -> str | None:
     new_best = evaluated and state.best_step == state.step
     signal_name = session.stop.agreed()  # collective: every rank gets the same answer
     stopped_early = evaluated and early_stop(run)
+    saved = None
     if not last_step and (signal_name or checkpoint_due(t, state.step, new_best, epoch_end)):
-        save_checkpoint(run, session)
+        saved = save_checkpoint(run, session)
     if signal_name and not last_step:
-        saved = checkpoint.complete_checkpoints(t.output_dir)
-        raise Preempted(signal_name, saved[-1] if saved else None, state.step)
+        if saved is None:  # the loss was not finite: the newest good one (listed after the save's last agreement)
+            saved = next(reversed(checkpoint.complete_checkpoints(t.output_dir)), None)
+        raise Preempted(signal_name, saved, state.step)
     return "max steps" if last_step else "early stopping" if stopped_early else None
 
 
@@ -583,19 +581,19 @@ def check_health(run: Run, meter: LossMeter) -> int:
     return streak
 
 
-def save_checkpoint(run: Run, session: Session) -> None:
+def save_checkpoint(run: Run, session: Session) -> str | None:
+    """Save this step's checkpoint and rotate the old ones; returns its path (None: not saved, the loss is not finite)."""
     t, state, accelerator = run.config.train, run.state, run.accelerator
     if check_health(run, session.meter):  # never put a state whose loss is NaN/inf next to the good ones
         say(accelerator, f"tuneloop: not saving step {state.step}: its training loss is not finite")
-        return
+        return None
     state.train_runtime = session.earlier_runtime + time.perf_counter() - session.started
     if state.best_step == state.step:
         state.best_checkpoint = checkpoint.checkpoint_path(t.output_dir, state.step)
     path = checkpoint.save_checkpoint(accelerator, t.output_dir, state, session.meter.state_dict(),
-                                      trained_only=run.config.model.use_peft)
-    if accelerator.is_main_process:
-        checkpoint.rotate_checkpoints(t.output_dir, t.save_total_limit, state.best_checkpoint)
+                                      trained_only=run.config.model.use_peft, keep=t.save_total_limit)
     say(accelerator, f"tuneloop: checkpoint {path}")
+    return path
 
 
 def best_metric_key(run: Run) -> str:

@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from tuneloop import engines, tracking
 from tuneloop.config import DataArguments, TrainArguments
+from tuneloop.errors import RankFailed
 
 COMPILE_LENGTH_BUCKET = 64  # tokens; batch lengths are rounded up to this under --torch_compile
 
@@ -116,6 +117,24 @@ def pad_to_multiple_of(d: DataArguments, t: TrainArguments, mixed_precision: str
     compile_bucket = min(COMPILE_LENGTH_BUCKET, d.max_length) if t.torch_compile else None
     tensor_cores = mixed_precision in ("fp16", "bf16") and device.type == "cuda"
     return d.pad_to_multiple_of or compile_bucket or (8 if tensor_cores else None)
+
+
+def agree(accelerator: Accelerator, error: Exception | None, what: str) -> None:
+    """Where one process works alone (the main process writing results, a marker, a checkpoint's last files) or any
+    process may fail on its own (its part of a checkpoint): every process calls this at the same point with its own
+    error, or None. One all-gather; if any process failed, every one raises: the failing ones their own error, the
+    others `RankFailed` naming the first that failed. Without it the others would wait in their next collective until
+    the process-group timeout (--ddp_timeout, 30 minutes): NCCL does not notice a dead peer, nor does a node whose
+    launcher did not start the failed process. (Gloo on one machine notices, with a traceback on every rank.)"""
+    failed = [error is not None]
+    if accelerator.num_processes > 1:
+        flags = torch.tensor([int(error is not None)], device=accelerator.device)
+        failed = [bool(flag) for flag in accelerator.gather(flags).tolist()]
+    if error is not None:
+        error.failed_alone = not all(failed)  # the CLI prints the error of a process that failed alone, any rank's
+        raise error
+    if any(failed):
+        raise RankFailed(f"rank {failed.index(True)} failed while {what} (its own error says why): every rank stops")
 
 
 def describe(accelerator: Accelerator) -> dict:
