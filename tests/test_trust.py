@@ -188,7 +188,7 @@ def test_run_config_json_and_tracker_hparams_write_home_as_tilde(home):
     output_dir = home / "runs" / "bbc"
     named = [f"dev={files['validation_file']}", f"again={files['validation_file']}"]
     config = parse_args(tiny_args(str(home / "models" / "tiny-bert"), {**files, "validation_file": named}, output_dir))
-    accelerator = types.SimpleNamespace(is_main_process=True)
+    accelerator = types.SimpleNamespace(is_main_process=True, num_processes=1)
     output_dir.mkdir(parents=True)
     checkpoint.save_results(accelerator, config, {"eval_accuracy": 0.5})
     text = (output_dir / "run_config.json").read_text()
