@@ -133,3 +133,56 @@ def test_rows_with_an_empty_text_or_a_missing_label_are_refused_or_dropped(tmp_p
     assert any("dropped 3 of 20 rows" in note and "first was row 7" in note for note in loaded.notes)
     kept = set(loaded.train["text"]) | set(loaded.eval["text"])
     assert kept == {r["text"] for i, r in enumerate(rows) if i not in (6, 11, 15)}
+
+
+def pair_rows(n: int, seed: int) -> list[dict]:
+    """Sentence pairs of the toy task: the premise is a toy text, the hypothesis the same words in reverse order."""
+    return [{"premise": r["text"], "hypothesis": " ".join(reversed(r["text"].split())), "label": r["label"]}
+            for r in make_rows(n, seed=seed)]
+
+
+def write_large_string_parquet(path, rows: list[dict]) -> str:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    schema = pa.schema([(name, pa.large_string()) for name in rows[0]])
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), str(path))
+    return str(path)
+
+
+def test_sentence_pairs_load_from_every_file_format(tmp_path):
+    """Pairs from CSV, TSV, JSONL, JSON and Parquet (`string` and `large_string` columns), the eval set in another
+    format than the training file: the rows arrive as written, and the train/eval overlap counts exactly the pairs
+    that are in both (not pairs sharing only one side). Guards the crash of issue 24 item 1: Arrow's
+    binary_join_element_wise had no kernel for the `large_string` columns datasets reads from a CSV."""
+    train, valid = pair_rows(30, seed=0), pair_rows(12, seed=1)
+    valid[:3] = train[:3]  # 3 pairs also in training
+    valid[3] = dict(valid[3], premise=train[5]["premise"])  # one side only: not the same pair
+    files = {suffix: write_rows(tmp_path / f"train{suffix}", train) for suffix in (".csv", ".jsonl", ".json", ".parquet")}
+    files[".tsv"] = str(tmp_path / "train.tsv")
+    (tmp_path / "train.tsv").write_text((tmp_path / "train.csv").read_text().replace(",", "\t"))
+    files["large.parquet"] = write_large_string_parquet(tmp_path / "large.parquet", train)
+    evals = {"csv": write_rows(tmp_path / "valid.csv", valid), "jsonl": write_rows(tmp_path / "valid.jsonl", valid)}
+    for kind, train_file in files.items():
+        for eval_kind, eval_file in evals.items():
+            loaded = splits_of(train_file=train_file, validation_file=eval_file, text_column="premise",
+                               text_pair_column="hypothesis")
+            assert (loaded.text_column, loaded.text_pair_column) == ("premise", "hypothesis")
+            got = [(p, h, loaded.label_names[y]) for p, h, y in
+                   zip(loaded.train["premise"], loaded.train["hypothesis"], loaded.train["label"])]
+            assert got == [(r["premise"], r["hypothesis"], r["label"]) for r in train], (kind, eval_kind)
+            assert len(loaded.eval) == 12 and loaded.texts_in_train == {"validation": 3}, (kind, eval_kind)
+
+
+@pytest.mark.trains
+def test_a_sentence_pair_task_trains_from_a_csv(tiny_model_dir, tmp_path):
+    """`--train_file pairs.csv --text_column premise --text_pair_column hypothesis`, as a GLUE-style user runs it:
+    trains, evaluates every pair and counts the pairs shared with training. Guards the start-up crash of issue 24
+    item 1 (ArrowNotImplementedError from the overlap count on the CSV's `large_string` columns)."""
+    train, valid = pair_rows(48, seed=0), pair_rows(10, seed=1)
+    valid[0] = train[0]
+    files = {"train_file": write_rows(tmp_path / "train.csv", train),
+             "validation_file": write_rows(tmp_path / "valid.csv", valid)}
+    results = run_in_process(tiny_args(tiny_model_dir, files, tmp_path / "run", max_steps=4, num_train_epochs=1,
+                                       text_column="premise", text_pair_column="hypothesis"))
+    assert results["eval_samples"] == 10 and results["texts_in_train_and_eval"] == {"validation": 1}
