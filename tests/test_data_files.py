@@ -186,3 +186,69 @@ def test_a_sentence_pair_task_trains_from_a_csv(tiny_model_dir, tmp_path):
     results = run_in_process(tiny_args(tiny_model_dir, files, tmp_path / "run", max_steps=4, num_train_epochs=1,
                                        text_column="premise", text_pair_column="hypothesis"))
     assert results["eval_samples"] == 10 and results["texts_in_train_and_eval"] == {"validation": 1}
+
+
+def test_drop_bad_rows_that_empties_a_split_names_the_split_and_the_file(tmp_path):
+    """--drop_bad_rows that leaves a split (train, the eval set, one of several, or a train split to hold eval out of)
+    with no row stops in one line: the split, the file, how many rows and why, the fix. Guards issue 24 item 9: the
+    empty split went on into training and ended in a library's ValueError traceback."""
+    good = write_rows(tmp_path / "good.csv", make_rows(20, seed=0))
+    blank = write_rows(tmp_path / "blank.csv", [dict(r, text=" ") for r in make_rows(20, seed=1)])
+    no_labels = tmp_path / "no_labels.jsonl"
+    no_labels.write_text("".join(f'{{"text": "{r["text"]}", "label": null}}\n' for r in make_rows(7, seed=2)))
+    cases = [(dict(train_file=blank, validation_file=good), r"all 20 rows of the train split \('.*blank.csv'\)"),
+             (dict(train_file=blank), r"all 20 rows of the train split \('.*blank.csv'\)"),
+             (dict(train_file=good, validation_file=str(no_labels)), r"all 7 rows of the eval split \('.*no_labels.jsonl'\)"),
+             (dict(train_file=good, validation_file=[f"a={good}", f"b={blank}"]), r"all 20 rows of the b split \('.*blank.csv'\)")]
+    for options, where in cases:
+        with pytest.raises(UserError, match=rf"--drop_bad_rows dropped {where}: every row has an empty text \(text\) "
+                                            r"or missing label \(label\): check --text_column/--label_column") as info:
+            splits_of(drop_bad_rows=True, **options)
+        assert "\n" not in str(info.value)
+
+
+def test_a_text_column_empty_in_every_row_says_so(tmp_path):
+    """A CSV text column with no value in any row is read as numbers: the message says the column is empty, not that it
+    "holds float64" (which sent the user looking for another column type)."""
+    path = tmp_path / "train.csv"
+    path.write_text("text,label\n" + "".join(f",{label}\n" for label in ("a", "b") * 5))
+    with pytest.raises(UserError, match=r"text column 'text' is empty in every row of the train split: fill it"):
+        splits_of(train_file=str(path), drop_bad_rows=True)
+
+
+def test_a_stray_label_id_is_refused_not_made_a_class(tmp_path):
+    """One stray integer label among ids 0..2 (a typo, a sentinel) is refused naming the value, its row and file, and
+    --num_labels; as is an id never used below the largest. Guards issue 24 item 9: the head got largest + 1 classes
+    (10**9 allocated a billion class names), silently. --num_labels N accepts ids 0..N-1 with gaps."""
+    rows = make_rows(30, seed=0, label_as="id")
+    rows[7]["label"] = 100_000  # kept small enough that the old behaviour fails fast instead of eating the memory
+    path = write_rows(tmp_path / "stray.csv", rows)
+    with pytest.raises(UserError, match=r"label 100000 at row 8 \(1-based, not counting the header line\) of "
+                                        r"'.*stray.csv' makes 100001 classes, but only 4 of the ids 0..100000 occur "
+                                        r"\(the first missing is 3\): fix the data, or pass --num_labels 100001"):
+        splits_of(train_file=path)
+    gap = write_rows(tmp_path / "gap.jsonl", [r for r in make_rows(30, seed=0, label_as="id") if r["label"] != 1])
+    with pytest.raises(UserError, match=r"label 2 at row \d+ \(1-based\) of '.*gap.jsonl' makes 3 classes, but only 2"
+                                        r" .*first missing is 1\)"):
+        splits_of(train_file=gap)
+    declared = load_splits(DataArguments(train_file=gap), seed=0, num_labels=3, need_train=True)
+    assert declared.label_names == ["0", "1", "2"]
+    # An eval set may hold the id the training file lacks: together they use every id.
+    rows = make_rows(30, seed=0, label_as="id")
+    eval_only = write_rows(tmp_path / "eval_only.csv", [r for r in rows if r["label"] == 1][:2] + rows[:4])
+    assert splits_of(train_file=gap, validation_file=eval_only).label_names == ["0", "1", "2"]
+
+
+@pytest.mark.parametrize("name, header", [("dup.csv", "text,label,text"), ("dup.tsv.gz", "\ufefftext\ttext\tlabel")])
+def test_a_csv_header_naming_a_column_twice_is_refused(tmp_path, name, header):
+    """Two columns of one name (also after a UTF-8 BOM, in a compressed TSV) stop in one line naming the column and the
+    file. Guards issue 24 item 9: pandas renamed the second to 'text.1', silently, and the run trained on one of them."""
+    body = header + "\n" + "a b\tc d\tx\ne f\tg h\ty\n".replace("\t", "," if name.endswith(".csv") else "\t") * 4
+    path = tmp_path / name
+    if name.endswith(".gz"):
+        with gzip.open(path, "wt", encoding="utf-8") as f:
+            f.write(body)
+    else:
+        path.write_text(body)
+    with pytest.raises(UserError, match=rf"data file '.*{name}' names column 'text' 2 times in its header: rename"):
+        splits_of(train_file=str(path))
