@@ -133,3 +133,122 @@ def test_rows_with_an_empty_text_or_a_missing_label_are_refused_or_dropped(tmp_p
     assert any("dropped 3 of 20 rows" in note and "first was row 7" in note for note in loaded.notes)
     kept = set(loaded.train["text"]) | set(loaded.eval["text"])
     assert kept == {r["text"] for i, r in enumerate(rows) if i not in (6, 11, 15)}
+
+
+def pair_rows(n: int, seed: int) -> list[dict]:
+    """Sentence pairs of the toy task: the premise is a toy text, the hypothesis the same words in reverse order."""
+    return [{"premise": r["text"], "hypothesis": " ".join(reversed(r["text"].split())), "label": r["label"]}
+            for r in make_rows(n, seed=seed)]
+
+
+def write_large_string_parquet(path, rows: list[dict]) -> str:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    schema = pa.schema([(name, pa.large_string()) for name in rows[0]])
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), str(path))
+    return str(path)
+
+
+def test_sentence_pairs_load_from_every_file_format(tmp_path):
+    """Pairs from CSV, TSV, JSONL, JSON and Parquet (`string` and `large_string` columns), the eval set in another
+    format than the training file: the rows arrive as written, and the train/eval overlap counts exactly the pairs
+    that are in both (not pairs sharing only one side). Guards the crash of issue 24 item 1: Arrow's
+    binary_join_element_wise had no kernel for the `large_string` columns datasets reads from a CSV."""
+    train, valid = pair_rows(30, seed=0), pair_rows(12, seed=1)
+    valid[:3] = train[:3]  # 3 pairs also in training
+    valid[3] = dict(valid[3], premise=train[5]["premise"])  # one side only: not the same pair
+    files = {suffix: write_rows(tmp_path / f"train{suffix}", train) for suffix in (".csv", ".jsonl", ".json", ".parquet")}
+    files[".tsv"] = str(tmp_path / "train.tsv")
+    (tmp_path / "train.tsv").write_text((tmp_path / "train.csv").read_text().replace(",", "\t"))
+    files["large.parquet"] = write_large_string_parquet(tmp_path / "large.parquet", train)
+    evals = {"csv": write_rows(tmp_path / "valid.csv", valid), "jsonl": write_rows(tmp_path / "valid.jsonl", valid)}
+    for kind, train_file in files.items():
+        for eval_kind, eval_file in evals.items():
+            loaded = splits_of(train_file=train_file, validation_file=eval_file, text_column="premise",
+                               text_pair_column="hypothesis")
+            assert (loaded.text_column, loaded.text_pair_column) == ("premise", "hypothesis")
+            got = [(p, h, loaded.label_names[y]) for p, h, y in
+                   zip(loaded.train["premise"], loaded.train["hypothesis"], loaded.train["label"])]
+            assert got == [(r["premise"], r["hypothesis"], r["label"]) for r in train], (kind, eval_kind)
+            assert len(loaded.eval) == 12 and loaded.texts_in_train == {"validation": 3}, (kind, eval_kind)
+
+
+@pytest.mark.trains
+def test_a_sentence_pair_task_trains_from_a_csv(tiny_model_dir, tmp_path):
+    """`--train_file pairs.csv --text_column premise --text_pair_column hypothesis`, as a GLUE-style user runs it:
+    trains, evaluates every pair and counts the pairs shared with training. Guards the start-up crash of issue 24
+    item 1 (ArrowNotImplementedError from the overlap count on the CSV's `large_string` columns)."""
+    train, valid = pair_rows(48, seed=0), pair_rows(10, seed=1)
+    valid[0] = train[0]
+    files = {"train_file": write_rows(tmp_path / "train.csv", train),
+             "validation_file": write_rows(tmp_path / "valid.csv", valid)}
+    results = run_in_process(tiny_args(tiny_model_dir, files, tmp_path / "run", max_steps=4, num_train_epochs=1,
+                                       text_column="premise", text_pair_column="hypothesis"))
+    assert results["eval_samples"] == 10 and results["texts_in_train_and_eval"] == {"validation": 1}
+
+
+def test_drop_bad_rows_that_empties_a_split_names_the_split_and_the_file(tmp_path):
+    """--drop_bad_rows that leaves a split (train, the eval set, one of several, or a train split to hold eval out of)
+    with no row stops in one line: the split, the file, how many rows and why, the fix. Guards issue 24 item 9: the
+    empty split went on into training and ended in a library's ValueError traceback."""
+    good = write_rows(tmp_path / "good.csv", make_rows(20, seed=0))
+    blank = write_rows(tmp_path / "blank.csv", [dict(r, text=" ") for r in make_rows(20, seed=1)])
+    no_labels = tmp_path / "no_labels.jsonl"
+    no_labels.write_text("".join(f'{{"text": "{r["text"]}", "label": null}}\n' for r in make_rows(7, seed=2)))
+    cases = [(dict(train_file=blank, validation_file=good), r"all 20 rows of the train split \('.*blank.csv'\)"),
+             (dict(train_file=blank), r"all 20 rows of the train split \('.*blank.csv'\)"),
+             (dict(train_file=good, validation_file=str(no_labels)), r"all 7 rows of the eval split \('.*no_labels.jsonl'\)"),
+             (dict(train_file=good, validation_file=[f"a={good}", f"b={blank}"]), r"all 20 rows of the b split \('.*blank.csv'\)")]
+    for options, where in cases:
+        with pytest.raises(UserError, match=rf"--drop_bad_rows dropped {where}: every row has an empty text \(text\) "
+                                            r"or missing label \(label\): check --text_column/--label_column") as info:
+            splits_of(drop_bad_rows=True, **options)
+        assert "\n" not in str(info.value)
+
+
+def test_a_text_column_empty_in_every_row_says_so(tmp_path):
+    """A CSV text column with no value in any row is read as numbers: the message says the column is empty, not that it
+    "holds float64" (which sent the user looking for another column type)."""
+    path = tmp_path / "train.csv"
+    path.write_text("text,label\n" + "".join(f",{label}\n" for label in ("a", "b") * 5))
+    with pytest.raises(UserError, match=r"text column 'text' is empty in every row of the train split: fill it"):
+        splits_of(train_file=str(path), drop_bad_rows=True)
+
+
+def test_a_stray_label_id_is_refused_not_made_a_class(tmp_path):
+    """One stray integer label among ids 0..2 (a typo, a sentinel) is refused naming the value, its row and file, and
+    --num_labels; as is an id never used below the largest. Guards issue 24 item 9: the head got largest + 1 classes
+    (10**9 allocated a billion class names), silently. --num_labels N accepts ids 0..N-1 with gaps."""
+    rows = make_rows(30, seed=0, label_as="id")
+    rows[7]["label"] = 100_000  # kept small enough that the old behaviour fails fast instead of eating the memory
+    path = write_rows(tmp_path / "stray.csv", rows)
+    with pytest.raises(UserError, match=r"label 100000 at row 8 \(1-based, not counting the header line\) of "
+                                        r"'.*stray.csv' makes 100001 classes, but only 4 of the ids 0..100000 occur "
+                                        r"\(the first missing is 3\): fix the data, or pass --num_labels 100001"):
+        splits_of(train_file=path)
+    gap = write_rows(tmp_path / "gap.jsonl", [r for r in make_rows(30, seed=0, label_as="id") if r["label"] != 1])
+    with pytest.raises(UserError, match=r"label 2 at row \d+ \(1-based\) of '.*gap.jsonl' makes 3 classes, but only 2"
+                                        r" .*first missing is 1\)"):
+        splits_of(train_file=gap)
+    declared = load_splits(DataArguments(train_file=gap), seed=0, num_labels=3, need_train=True)
+    assert declared.label_names == ["0", "1", "2"]
+    # An eval set may hold the id the training file lacks: together they use every id.
+    rows = make_rows(30, seed=0, label_as="id")
+    eval_only = write_rows(tmp_path / "eval_only.csv", [r for r in rows if r["label"] == 1][:2] + rows[:4])
+    assert splits_of(train_file=gap, validation_file=eval_only).label_names == ["0", "1", "2"]
+
+
+@pytest.mark.parametrize("name, header", [("dup.csv", "text,label,text"), ("dup.tsv.gz", "\ufefftext\ttext\tlabel")])
+def test_a_csv_header_naming_a_column_twice_is_refused(tmp_path, name, header):
+    """Two columns of one name (also after a UTF-8 BOM, in a compressed TSV) stop in one line naming the column and the
+    file. Guards issue 24 item 9: pandas renamed the second to 'text.1', silently, and the run trained on one of them."""
+    body = header + "\n" + "a b\tc d\tx\ne f\tg h\ty\n".replace("\t", "," if name.endswith(".csv") else "\t") * 4
+    path = tmp_path / name
+    if name.endswith(".gz"):
+        with gzip.open(path, "wt", encoding="utf-8") as f:
+            f.write(body)
+    else:
+        path.write_text(body)
+    with pytest.raises(UserError, match=rf"data file '.*{name}' names column 'text' 2 times in its header: rename"):
+        splits_of(train_file=str(path))

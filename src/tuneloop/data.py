@@ -8,8 +8,10 @@ fix (missing column, label out of range, empty split) is raised as a one-line `U
 from __future__ import annotations
 
 import codecs
+import csv
 import importlib
 import importlib.util
+import io
 import json
 import os
 from dataclasses import dataclass, field
@@ -111,6 +113,7 @@ def _load_files(data_files: dict[str, str], d: DataArguments) -> DatasetDict:
         if builder == "csv":
             options = dict(encoding=d.file_encoding,
                            delimiter=d.csv_delimiter or ("\t" if split_extensions(path)[0] == ".tsv" else ","))
+            _check_header(path, **options)
         elif builder == "json":
             options = dict(encoding=d.file_encoding)
         try:
@@ -121,6 +124,21 @@ def _load_files(data_files: dict[str, str], d: DataArguments) -> DatasetDict:
             raise UserError(f"could not read data file {path!r}: {type(e).__name__}: {_reason(e)} (check that it is "
                             f"a valid {builder} file" + (", and --csv_delimiter" if builder == "csv" else "") + ")") from None
     return DatasetDict(loaded)
+
+
+def _check_header(path: str, encoding: str, delimiter: str) -> None:
+    """Refuse a CSV header that names a column twice: pandas would read the second as 'text.1', silently, and the run
+    would train on whichever the name picks. (JSON readers refuse a repeated key themselves.)"""
+    try:
+        with io.TextIOWrapper(_open_data_file(path), encoding=encoding, newline="") as f:
+            header = next(csv.reader(f, delimiter=delimiter), [])
+    except (UnicodeDecodeError, csv.Error, OSError, EOFError, LookupError):
+        return  # the reader's own error, with _undecodable's offset for an encoding, says it better
+    header = [name.removeprefix("\ufeff") for name in header]
+    repeated = next((name for i, name in enumerate(header) if name in header[:i]), None)
+    if repeated is not None:
+        raise UserError(f"data file {path!r} names column {repeated!r} {header.count(repeated)} times in its header: "
+                        "rename the columns so that each name is used once")
 
 
 def _open_data_file(path: str):
@@ -239,7 +257,8 @@ def load_splits(d: DataArguments, seed: int, num_labels: int | None, need_train:
         problem_type, reason = problem.infer(reference.features[d.label_column], lambda: reference.unique(d.label_column),
                                              d.problem_type, d.label_separator)
     label_names = model_classes or _label_names(reference, _label_source(evals, d.label_column), d.label_column,
-                                                num_labels, problem_type, d.label_separator)
+                                                num_labels, problem_type, d.label_separator,
+                                                sources.get("train" if train is not None else next(iter(evals))))
     encode = dict(column=d.label_column, names=label_names, problem_type=problem_type, separator=d.label_separator)
     train = _encode_labels(train, split_name="train", **encode) if train is not None else None
     evals = {name: _encode_labels(split, split_name=shown[name], **encode) for name, split in evals.items()}
@@ -283,6 +302,8 @@ def _bad_rows(split: Dataset, name: str, path: str | None, columns: list[str | N
         missing = pc.is_null(values)
         if column != label or pa.types.is_string(values.type) or pa.types.is_large_string(values.type):
             missing = pc.or_(missing, pc.or_(pc.equal(pc.utf8_length(values), 0), pc.utf8_is_space(values)))
+        elif pa.types.is_floating(values.type):  # NaN: how pandas writes a missing number into Parquet or JSON
+            missing = pc.or_(missing, pc.is_nan(values))
         missing = pc.fill_null(missing, True)
         bad = missing if bad is None else pc.or_(bad, missing)
     bad = bad.to_numpy(zero_copy_only=False)
@@ -290,24 +311,33 @@ def _bad_rows(split: Dataset, name: str, path: str | None, columns: list[str | N
     if not count:
         return split
     where = f"{path!r}" if path else f"the {name} split"
-    rows = np.flatnonzero(bad)
-    # Row numbers as a person counts them in the file: 1-based, the header line of a CSV not counted.
-    first = f"row {rows[0] + 1}" + (" (1-based, not counting the header line)" if path and file_builder(path) == "csv"
-                                     else " (1-based)")
+    first = _row_name(int(np.flatnonzero(bad)[0]), path)
     what = f"empty text ({', '.join(filter(None, texts))})" + (f" or missing label ({label})" if label else "")
     if not drop:
         raise UserError(f"{where} has {count} row(s) with an {what}, the first at {first}: fill or remove them, or "
                         "pass --drop_bad_rows to drop them")
+    if count == len(split):  # nothing left to train on or score: say so here, not as a library's ValueError later
+        raise UserError(f"--drop_bad_rows dropped all {count} rows of the {name} split" + (f" ({path!r})" if path else "")
+                        + f": every row has an {what}: check --text_column/--label_column, or fill the file")
     notes.append(f"tuneloop: dropped {count} of {len(split)} rows of {where} with an {what} (--drop_bad_rows); the "
                  f"first was {first}")
     return split.select(np.flatnonzero(~bad))
 
 
+def _row_name(index: int, path: str | None) -> str:
+    """Row `index` (0-based) as a person counts it in the file: 1-based, the header line of a CSV not counted."""
+    return f"row {index + 1}" + (" (1-based, not counting the header line)" if path and file_builder(path) == "csv"
+                                 else " (1-based)")
+
+
 def _texts_in_train(train: Dataset, evals: dict[str, Dataset], text: str, pair: str | None) -> dict[str, int]:
-    """How many texts (or text pairs) of each eval set are also training texts: Arrow's hash set, not Python's."""
+    """How many texts (or text pairs) of each eval set are also training texts: Arrow's hash set, not Python's.
+    Every column is cast to `large_string` first: files give `large_string` (CSV) or
+    `string` (JSON, in-memory data), and Arrow's kernels take no mix of the two, nor a `string` separator."""
     def texts(split: Dataset) -> pa.Array:
         arrow = split.with_format("arrow")
-        values = arrow[text] if not pair else pc.binary_join_element_wise(arrow[text], arrow[pair], "\x1f")
+        columns = [pc.cast(arrow[column], pa.large_string()) for column in filter(None, (text, pair))]
+        values = columns[0] if not pair else pc.binary_join_element_wise(*columns, pa.scalar("\x1f", pa.large_string()))
         return values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values
 
     seen = texts(train)
@@ -380,14 +410,19 @@ def _check_columns(split: Dataset, name: str, wanted: list[str | None]) -> None:
             raise UserError(f"column {column!r} not in the {name} split (columns: {split.column_names}): fix {option}")
     for column in filter(None, wanted[:-1]):
         dtype = getattr(split.features[column], "dtype", None)
+        if dtype not in ("string", "large_string") and split.with_format("arrow")[column].null_count == len(split):
+            # A CSV column with no value in any row is read as numbers (or null), not text.
+            raise UserError(f"text column {column!r} is empty in every row of the {name} split: fill it, or pick the "
+                            "text column with --text_column/--text_pair_column")
         if dtype not in ("string", "large_string"):
             raise UserError(f"text column {column!r} holds {dtype or split.features[column]}, not text: pick a text column")
 
 
 def _label_names(reference: Dataset, evaluation: Dataset | None, column: str, num_labels: int | None,
-                 problem_type: str = problem.SINGLE, separator: str | None = None) -> list[str]:
-    """Class names, in id order: from a ClassLabel feature, sorted strings, or the ids 0..n-1 themselves. Multi-label:
-    every label seen in either split, sorted; regression: the targets' names (the column's, numbered if several)."""
+                 problem_type: str = problem.SINGLE, separator: str | None = None, path: str | None = None) -> list[str]:
+    """Class names, in id order: from a ClassLabel feature, sorted strings, or the ids 0..n-1 themselves (every one
+    used, or --num_labels given: _check_class_ids). Multi-label: every label seen in either split, sorted; regression:
+    the targets' names (the column's, numbered if several). `path`: the file `reference` came from, for messages."""
     feature = reference.features[column]
     if problem_type == problem.REGRESSION:
         width = _regression_width(reference, column)
@@ -416,6 +451,8 @@ def _label_names(reference: Dataset, evaluation: Dataset | None, column: str, nu
         names = sorted(values)
     elif plain_ids:
         top = int(max(v for v in reference.unique(column) if v is not None))
+        if num_labels is None:
+            _check_class_ids(reference, evaluation, column, top, path)
         names = [str(i) for i in range((num_labels or top + 1))]
     else:
         raise UserError(
@@ -426,6 +463,24 @@ def _label_names(reference: Dataset, evaluation: Dataset | None, column: str, nu
     if len(names) < 2:
         raise UserError(f"label column {column!r} has {len(names)} class(es); classification needs at least 2")
     return names
+
+
+def _check_class_ids(reference: Dataset, evaluation: Dataset | None, column: str, top: int, path: str | None) -> None:
+    """Integer labels are class ids 0..N-1, and without --num_labels N is the largest id + 1: so every id up to the
+    largest must occur in the data (train and eval together), or one stray value (a 10**9 typed into a 0..4 column)
+    would build a head of a billion classes and stall casting the column."""
+    values = set(reference.unique(column))
+    if evaluation is not None and evaluation is not reference and evaluation.features[column] == reference.features[column]:
+        values |= set(evaluation.unique(column))
+    present = {int(v) for v in values if v is not None and v == v and 0 <= v <= top}
+    if len(present) == top + 1:
+        return
+    missing = next(i for i in range(top + 1) if i not in present)  # at most len(present) + 1 steps
+    labels = reference.with_format("arrow")[column]
+    row = _row_name(pc.index(labels, pa.scalar(top).cast(labels.type)).as_py(), path)
+    raise UserError(f"label {top} at {row} of {repr(path) if path else 'the training data'} makes {top + 1} classes, "
+                    f"but only {len(present)} of the ids 0..{top} occur (the first missing is {missing}): fix the "
+                    f"data, or pass --num_labels {top + 1} if the model really has {top + 1} classes")
 
 
 def _multi_label_values(split: Dataset, column: str, separator: str | None) -> set[str]:
