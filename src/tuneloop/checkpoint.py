@@ -187,17 +187,19 @@ def resume_settings(config: Config) -> dict:
     return json.loads(json.dumps(settings, default=str))  # as read back from trainer_state.json
 
 
-def data_settings(train, columns: list[str], label_names: list[str], problem_type: str) -> dict:
-    """What the run trains on, known once the data is loaded: the labels, the problem type, and the training examples
-    themselves: their count and a hash of the used columns' values in order. A hash of the content, not of paths or
-    file times: a copied or moved file resumes, a changed one (or another subset, split, text column) does not."""
+def data_settings(splits, problem_type: str) -> dict:
+    """What the run trains on, known once the data is loaded (`data.Splits`): the labels, the problem type, and the
+    training examples themselves: their count and a hash of the text and label columns' values in order. A hash of the
+    content, not of paths or file times: a copied or moved file resumes, a changed one (or another subset, split, text
+    or label column) does not. A few seconds per million short texts."""
     import hashlib
 
+    columns = [c for c in (splits.text_column, splits.text_pair_column, splits.label_column) if c]
     digest = hashlib.sha256()
-    for batch in train.select_columns(columns).with_format("arrow").iter(batch_size=10_000):
+    for batch in splits.train.select_columns(columns).with_format("arrow").iter(batch_size=10_000):
         digest.update(json.dumps(batch.to_pydict(), ensure_ascii=False, default=str).encode())
-    return {"labels": list(label_names), "problem_type": problem_type,
-            "training data": f"{len(train)} examples, sha256 {digest.hexdigest()[:16]}"}
+    return {"labels": list(splits.label_names), "problem_type": problem_type,
+            "training data": f"{len(splits.train)} examples, sha256 {digest.hexdigest()[:16]}"}
 
 
 def check_settings(saved: TrainerState, current: dict, path: str) -> None:

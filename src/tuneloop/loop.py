@@ -176,8 +176,7 @@ def setup(config: Config) -> Run:
     class_names = splits.label_names if splits else models.class_names(model_config)
     problem = make_problem(accelerator, config, splits, model_config, class_names)
     if t.do_train:  # the data, its labels and problem type: recorded in every checkpoint, checked on resume
-        trained_on = checkpoint.data_settings(splits.train, [c for c in (splits.text_column, splits.text_pair_column,
-                                              splits.label_column) if c], class_names, problem.problem_type)
+        trained_on = checkpoint.data_settings(splits, problem.problem_type)
         if resume_from:
             checkpoint.check_settings(checkpoint.read_state(resume_from), trained_on, resume_from)
         state.settings = {**state.settings, **trained_on}
