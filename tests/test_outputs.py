@@ -291,3 +291,19 @@ def test_the_model_trained_from_or_evaluated_is_never_the_output_dir(trained, ti
                         "--output_dir", str(output_dir)]) == 2
         assert "is (or holds) the model being evaluated" in capsys.readouterr().err
     assert {p.name: p.read_bytes() for p in model_dir.iterdir() if p.is_file()} == before
+
+
+def test_evaluate_and_predict_lock_their_own_output_dir(trained, toy_files, test_files, capsys):
+    """`tuneloop evaluate` and `predict` write MODEL/evaluate and MODEL/predict: a second one into a folder a live
+    run holds stops naming it, instead of both rewriting the same results and report."""
+    from tuneloop.outputs import FolderLock
+
+    model_dir, _ = trained
+    for command, data in (("evaluate", toy_files["validation_file"]), ("predict", test_files["unlabelled"])):
+        (model_dir / command).mkdir(exist_ok=True)
+        held = FolderLock(str(model_dir / command))
+        try:
+            assert console([command, "--model", str(model_dir), "--data", data]) == 2
+            assert f"is in use by another run (pid {os.getpid()}" in capsys.readouterr().err
+        finally:
+            held.release()

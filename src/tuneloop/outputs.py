@@ -149,6 +149,10 @@ def move_aside(output_dir: str, lock: FolderLock) -> FolderLock:
     """--overwrite_output_dir: rename the whole folder to <output_dir>.old-<time> (nothing deleted) and lock a new,
     empty one. The old folder's lock is held until the new one is: no other run can slip in between."""
     folder = os.path.normpath(os.path.abspath(os.path.expanduser(output_dir)))
+    cwd, real = os.path.realpath(os.getcwd()), os.path.realpath(folder)
+    if cwd == real or cwd.startswith(real + os.sep):
+        raise UserError(f"--overwrite_output_dir cannot move {output_dir!r} aside: the run is started from inside it; "
+                        "start it from elsewhere, or choose another --output_dir")
     stamp = time.strftime("%Y%m%d-%H%M%S")
     target = f"{folder}.old-{stamp}"
     for n in range(1, 100):
