@@ -26,7 +26,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType
 from accelerate.utils.constants import RNG_STATE_NAME
 
-from tuneloop import lora, runtime
+from tuneloop import runtime
 from tuneloop.config import Config
 from tuneloop.errors import UserError
 
@@ -55,7 +55,11 @@ class TrainerState:
     best_step: int | None = None
     best_checkpoint: str | None = None
     evals_without_improvement: int = 0
+    # The run's identity: the same in every checkpoint of one run, whatever the sessions; output_dir/run.json names the
+    # run that owns the folder, and `latest` resumes only its checkpoints (outputs.py). Trackers continue this run id.
     tracker_run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+    # What a resumed run must not change, beyond the layout below: resume_settings(), data_settings().
+    settings: dict = field(default_factory=dict)
     # What a resumed run must match for the data order and the maths to continue unchanged.
     num_processes: int = 1
     gradient_accumulation_steps: int = 1
@@ -121,11 +125,13 @@ def torn(path: str) -> str | None:
     return None
 
 
-def find_checkpoint(output_dir: str, spec: str, report=print) -> str | None:
-    """`latest` -> the newest complete checkpoint, or None, passing over (and `report`ing) torn ones; a path -> that
-    checkpoint, which must be complete."""
+def find_checkpoint(output_dir: str, spec: str, report=print, run_id: str | None = None) -> str | None:
+    """`latest` -> the newest complete checkpoint (of run `run_id` only, when given), or None, passing over (and
+    `report`ing) torn ones; a path -> that checkpoint, which must be complete."""
     if spec == "latest":
         for path in reversed(saved_checkpoints(output_dir)):
+            if run_id is not None and read_state(path).tracker_run_id != run_id:
+                continue  # another run's (outputs.choose_run refuses a folder holding one)
             if (problem := torn(path)) is None:
                 return path
             report(f"tuneloop: skipping torn checkpoint {path}: {problem} (a crash while it was written?)")
@@ -154,6 +160,63 @@ def check_resumable(saved: TrainerState, current: TrainerState, path: str,
         raise UserError(f"checkpoint {path} was written with different settings ({', '.join(changed)}): resume with "
                         "the same process count, batch size (or token budget), accumulation and seed, or start a new "
                         "--output_dir")
+
+
+# What a resumed run must keep, besides the layout and seeds (check_resumable): the model, what it trains on, and the
+# maths of every step. Everything else may change on resume: how long (max_steps, num_train_epochs), logging,
+# evaluation (when, which sets, which metrics are reported), checkpointing, predictions, merge_adapter, precision and
+# engine, and the process count (elastic resume). The optimizer's hyperparameters are in the list because loading
+# its state brings back the saved ones: a changed --learning_rate would be ignored without a word.
+RESUME_SETTINGS = {
+    "model": ("model_name_or_path", "dtype", "attention_dropout", "use_peft", "lora_r", "lora_alpha", "lora_dropout",
+              "lora_target_modules"),
+    "data": ("max_length", "train_sampling_strategy", "length_grouping_window"),
+    "train": ("learning_rate", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "max_grad_norm",
+              "lr_scheduler_type", "lr_scheduler_kwargs", "warmup_steps", "class_weights", "label_smoothing_factor",
+              "metric_for_best_model", "greater_is_better"),
+}
+
+
+def resume_settings(config: Config) -> dict:
+    """The settings of RESUME_SETTINGS, as a checkpoint records them: known before anything is loaded."""
+    sections = {"model": config.model, "data": config.data, "train": config.train}
+    settings = {key: getattr(sections[section], key) for section, keys in RESUME_SETTINGS.items() for key in keys}
+    model = os.path.expanduser(config.model.model_name_or_path)
+    if os.path.isdir(model):  # the same folder, whichever way it is named (and wherever the job starts)
+        settings["model_name_or_path"] = os.path.abspath(model)
+    if config.train.max_tokens_per_batch:  # which texts share a batch then depends on the padded lengths
+        settings["pad_to_multiple_of"] = config.data.pad_to_multiple_of
+    return json.loads(json.dumps(settings, default=str))  # as read back from trainer_state.json
+
+
+def data_settings(splits, problem_type: str) -> dict:
+    """What the run trains on, known once the data is loaded (`data.Splits`): the labels, the problem type, and the
+    training examples themselves: their count and a hash of the text and label columns' values in order. A hash of the
+    content, not of paths or file times: a copied or moved file resumes, a changed one (or another subset, split, text
+    or label column) does not. A few seconds per million short texts."""
+    import hashlib
+
+    columns = [c for c in (splits.text_column, splits.text_pair_column, splits.label_column) if c]
+    digest = hashlib.sha256()
+    for batch in splits.train.select_columns(columns).with_format("arrow").iter(batch_size=10_000):
+        digest.update(json.dumps(batch.to_pydict(), ensure_ascii=False, default=str).encode())
+    return {"labels": list(splits.label_names), "problem_type": problem_type,
+            "training data": f"{len(splits.train)} examples, sha256 {digest.hexdigest()[:16]}"}
+
+
+def check_settings(saved: TrainerState, current: dict, path: str) -> None:
+    """Refuse to resume with another value of a recorded setting, naming each (old -> new). A checkpoint written
+    before settings were recorded, or a setting it lacks, is not compared."""
+    def shown(value) -> str:
+        text = repr(value) if not isinstance(value, str) else value
+        return text if len(text) <= 80 else text[:77] + "..."
+
+    changed = [f"{key} {shown(saved.settings[key])} -> {shown(value)}" for key, value in current.items()
+               if key in saved.settings and saved.settings[key] != value]
+    if changed:
+        raise UserError(f"checkpoint {path} was written with other settings ({'; '.join(changed)}): resume with the "
+                        "settings it was written with, or start a new run (another --output_dir, or "
+                        "--overwrite_output_dir without --resume_from_checkpoint)")
 
 
 def trained_weights_only(accelerator: Accelerator, saving: bool) -> dict:
@@ -572,23 +635,6 @@ def check_writable(output_dir: str) -> None:
             pass
     except OSError as e:
         raise UserError(f"output_dir {output_dir!r} is not writable ({e.strerror}): pick another --output_dir") from None
-
-
-def save_final_model(accelerator: Accelerator, model, tokenizer, output_dir: str, merge_adapter: bool = True) -> None:
-    if lora.is_peft(accelerator.unwrap_model(model)):
-        with writing(output_dir, output_dir, together=accelerator):
-            lora.save(accelerator, model, tokenizer, output_dir, merge_adapter, writing)
-        return
-    accelerator.wait_for_everyone()
-    state_dict = accelerator.get_state_dict(model)  # collective: gathers shards to the main process
-    # Under --torch_compile the compiled blocks' keys read `layer.0._orig_mod.…`: plain transformers would load none.
-    state_dict = state_dict and {key.replace("_orig_mod.", ""): value for key, value in state_dict.items()}
-    with writing(output_dir, output_dir, together=accelerator):
-        accelerator.unwrap_model(model, keep_torch_compile=False).save_pretrained(
-            output_dir, is_main_process=accelerator.is_main_process, save_function=accelerator.save, state_dict=state_dict
-        )
-        if accelerator.is_main_process:
-            tokenizer.save_pretrained(output_dir)
 
 
 def save_results(accelerator: Accelerator, config: Config, results: dict, history: list | None = None) -> None:

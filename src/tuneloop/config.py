@@ -455,6 +455,13 @@ class TrainArguments:
         metadata={"help": "'latest' (the newest complete checkpoint in output_dir/checkpoints; a fresh start if there "
                           "is none) or a checkpoint folder. The resumed run continues the same run exactly."},
     )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Start a new run in an output_dir that holds another run's checkpoints or final model: the "
+                          "whole folder is first moved aside to <output_dir>.old-<time> (nothing is deleted). Without "
+                          "it such a start is refused. Ignored with --resume_from_checkpoint (a requeued job never "
+                          "moves its own run aside)."},
+    )
     elastic_resume: bool = field(
         default=True,
         metadata={"help": "Resume a checkpoint written by another number of processes: keep its global batch by "
@@ -579,9 +586,8 @@ ALIASES = {
     "bf16": ("mixed_precision", lambda on: {"mixed_precision": "bf16"} if on else {}),
     # Accepted so that run_classification.py command lines run unchanged; tuneloop does this anyway.
     "shuffle_train_dataset": (None, lambda on: {}),  # the training order is reshuffled every epoch
-    "overwrite_output_dir": (None, lambda on: {}),  # output_dir is always written; resuming is --resume_from_checkpoint
 }
-SWITCHES = ("gradient_checkpointing", "group_by_length", "pad_to_max_length", "fp16", "bf16", "shuffle_train_dataset", "overwrite_output_dir")
+SWITCHES = ("gradient_checkpointing", "group_by_length", "pad_to_max_length", "fp16", "bf16", "shuffle_train_dataset")
 
 
 def canonical(name: str, value) -> dict:

@@ -20,7 +20,7 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 from transformers.utils import logging as hf_logging
 
-from tuneloop import checkpoint, cpu_speedups, data, engines, lora, metrics, model as models, optim, predict, problem as problems, report, runtime, throughput, tracking
+from tuneloop import checkpoint, cpu_speedups, data, engines, lora, metrics, model as models, optim, outputs, predict, problem as problems, report, runtime, throughput, tracking
 from tuneloop.config import Config, TrainArguments, make_scheduler, split_best_metric
 from tuneloop.errors import UserError
 from tuneloop.preemption import Preempted, StopRequest
@@ -84,6 +84,11 @@ def train(config: Config) -> dict:
 
     Raises `Preempted` after saving a checkpoint when a stop signal arrived; the caller exits with REQUEUE_EXIT_CODE.
     """
+    with outputs.claimed(config):  # the output folder is this run's alone until it returns (outputs.py)
+        return _train(config)
+
+
+def _train(config: Config) -> dict:
     run = setup(config)
     config = run.config  # an elastic resume chooses its own batch layout
     t, accelerator = config.train, run.accelerator
@@ -98,7 +103,7 @@ def train(config: Config) -> dict:
         history = run.state.history
         if run.problem.problem_type == problems.MULTI:  # the threshold the final evaluation chose: predictions use it
             accelerator.unwrap_model(run.model).config.multi_label_threshold = run.problem.threshold
-        checkpoint.save_final_model(accelerator, run.model, run.tokenizer, t.output_dir, config.model.merge_adapter)
+        outputs.save_final_model(accelerator, run.model, run.tokenizer, t.output_dir, config.model.merge_adapter)
         checkpoint.save_results(accelerator, config, results, history)
     elif t.do_eval:  # evaluating the model as loaded
         results, eval_outputs = evaluate(run)
@@ -148,6 +153,8 @@ def setup(config: Config) -> Run:
     set_seed(t.seed)
 
     checkpoint.check_writable(t.output_dir)
+    if t.do_train and accelerator.is_main_process:  # the folder's run is this one from now on
+        outputs.record_run(t.output_dir, state.tracker_run_id)
     clean_after_interruption(accelerator, t)
     with checkpoint.writing(t.output_dir, t.output_dir, together=accelerator):  # the trackers start on the main process
         tracking.start(accelerator, config, state.tracker_run_id)
@@ -163,6 +170,11 @@ def setup(config: Config) -> Run:
                                   model_problem_type=None if t.do_train else model_config.problem_type)
     class_names = splits.label_names if splits else models.class_names(model_config)
     problem = make_problem(accelerator, config, splits, model_config, class_names)
+    if t.do_train:  # the data, its labels and problem type: recorded in every checkpoint, checked on resume
+        trained_on = checkpoint.data_settings(splits, problem.problem_type)
+        if resume_from:
+            checkpoint.check_settings(checkpoint.read_state(resume_from), trained_on, resume_from)
+        state.settings = {**state.settings, **trained_on}
     test_split = data.load_test_split(d, class_names, problem.problem_type) if t.do_predict else None
     if t.metric_average == "binary" and len(class_names) != 2 and problem.problem_type == problems.SINGLE:
         raise UserError(f"metric_average=binary needs 2 classes, the data has {len(class_names)}: use macro")
@@ -300,15 +312,20 @@ def resume_plan(config: Config) -> tuple[Config, str | None, checkpoint.TrainerS
                                     length_group_batch_size=t.per_device_train_batch_size,
                                     max_tokens_per_batch=t.max_tokens_per_batch)
     notes = []
-    if not (t.resume_from_checkpoint and t.do_train):
+    if not t.do_train:
         return config, None, state, notes
-    path = checkpoint.find_checkpoint(t.output_dir, t.resume_from_checkpoint, report=notes.append)
+    # Which run this is: a new one, or the one output_dir holds (refusing to mix two runs in one folder).
+    path, state.tracker_run_id = outputs.choose_run(t, report=notes.append)
+    state.settings = checkpoint.resume_settings(config)
     if path is None:
-        notes.append(f"tuneloop: no checkpoint in {os.path.join(t.output_dir, checkpoint.CHECKPOINTS_DIR)}: "
-                     "starting from scratch")
+        if t.resume_from_checkpoint:
+            notes.append(f"tuneloop: no checkpoint of this run in "
+                         f"{os.path.join(t.output_dir, checkpoint.CHECKPOINTS_DIR)}: starting from scratch")
         return config, None, state, notes
     saved = checkpoint.read_state(path)
     resumed = checkpoint.resume_state(saved, state, path, t.elastic_resume)
+    checkpoint.check_settings(saved, state.settings, path)
+    resumed.settings = state.settings
     if resumed.num_processes != saved.num_processes:
         notes.append(f"tuneloop: elastic resume: {checkpoint.layout_of(saved)} -> {checkpoint.layout_of(resumed)} "
                      f"(global batch {checkpoint.layout_of(resumed).global_batch} kept), "
