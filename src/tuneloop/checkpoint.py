@@ -564,7 +564,8 @@ def _load_rng_states(file: str) -> None:
         states = load(file)  # torch.load(weights_only=True), numpy's array types allowed
     except pickle.UnpicklingError as e:
         found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
-        what = f"it pickles {found[1]}, which only a full unpickling could load" if found else " ".join(str(e).split())[:200]
+        what = f"it pickles {found[1]}, which only a full unpickling could load" if found \
+            else " ".join(str(e).split())[:200]
         raise UserError(f"{file} is not an RNG state file that a weights-only load accepts ({what}): resume only from "
                         "checkpoints you trust") from None
     random.setstate(states["random_state"])

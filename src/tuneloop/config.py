@@ -394,8 +394,8 @@ class TrainArguments:
         metadata={"help": "Evaluation metrics, built in and offline: single-label accuracy, f1, precision, recall "
                           "(default accuracy f1); multi-label micro_f1, macro_f1, subset_accuracy, "
                           "mean_average_precision (default all four); regression mse, mae, pearson, spearman (default "
-                          "all four). Any other name (a 🤗 Evaluate Hub metric, a metric .py file) is code that 🤗 Evaluate "
-                          "runs: it needs --trust_remote_code."},
+                          "all four). Any other name (a 🤗 Evaluate Hub metric, a metric .py file) is code that "
+                          "🤗 Evaluate runs: it needs --trust_remote_code."},
     )
     metric_average: Literal["macro", "micro", "weighted", "binary"] = field(
         default="macro", metadata={"help": "Averaging for f1/precision/recall."}
@@ -536,7 +536,7 @@ class Config:
         """to_dict as written where others read it: run_config.json, which goes wherever the model folder goes, and
         the trackers' hyperparameters. Paths stay as given (relative ones are relative to where the run started, as
         in a recipe), except that the user's home directory is written `~`: /home/alice/data/a.csv is
-        ~/data/a.csv. Other absolute paths (a cluster's /data or /scratch) are kept: they are what reproduces the run."""
+        ~/data/a.csv. Other absolute paths (a cluster's /data or /scratch) are kept: they reproduce the run."""
         return {section: {key: without_home(value) for key, value in values.items()}
                 for section, values in self.to_dict().items()}
 
