@@ -52,7 +52,8 @@ def test_a_stop_at_the_last_step_checkpoints_it_and_the_rerun_only_finishes(tiny
     monkeypatch.setattr(optim, "clip_and_step", step_then_signal)
     with pytest.raises(Preempted) as stopped:
         run_in_process(args)
-    assert stopped.value.step == steps and stopped.value.checkpoint_dir == checkpoint.checkpoint_path(str(tmp_path), steps)
+    assert stopped.value.step == steps
+    assert stopped.value.checkpoint_dir == checkpoint.checkpoint_path(str(tmp_path), steps)
     assert read_json(tmp_path / checkpoint.PREEMPTED_FILE)["step"] == steps
     assert not (tmp_path / "model.safetensors").exists()
     reset_accelerate_state()
@@ -74,8 +75,9 @@ EXPLODING = dict(learning_rate=1e9, max_grad_norm=0, adam_epsilon=1e-30, max_ste
 def test_non_finite_final_weights_are_never_saved_as_the_model(tiny_model_dir, toy_files, tmp_path):
     """The last steps' loss was NaN/inf (fewer than --max_nonfinite_steps): the run saved those NaN weights as its
     model. Now it refuses in one line naming the best checkpoint, which stays; no model is written."""
-    with pytest.raises(UserError, match=r"NaN/inf in the last \d+ optimizer step\(s\) .*not saving those weights as the "
-                                        r"model; kept: the best checkpoint .*step_0000001 \(step 1\)"):
+    refused = (r"NaN/inf in the last \d+ optimizer step\(s\) .*not saving those weights as the model; "
+               r"kept: the best checkpoint .*step_0000001 \(step 1\)")
+    with pytest.raises(UserError, match=refused):
         run_in_process(tiny_args(tiny_model_dir, toy_files, tmp_path, **EXPLODING))
     assert not (tmp_path / "model.safetensors").exists()
     best = checkpoint.checkpoint_path(str(tmp_path), 1)
@@ -114,7 +116,8 @@ def test_the_best_checkpoint_is_found_after_the_run_folder_moved(tmp_path):
     run = SimpleNamespace(config=SimpleNamespace(train=SimpleNamespace(output_dir=str(moved))), state=state,
                           accelerator=SimpleNamespace(is_main_process=True))
     assert keep_best_in_reach(run) == state.best_checkpoint == checkpoint.checkpoint_path(str(moved), 2)
-    assert checkpoint.rotate_checkpoints(str(moved), 1, state.best_checkpoint) == [checkpoint.checkpoint_path(str(moved), 4)]
+    deleted = checkpoint.rotate_checkpoints(str(moved), 1, state.best_checkpoint)
+    assert deleted == [checkpoint.checkpoint_path(str(moved), 4)]  # not the best (step 2)
 
     shutil.rmtree(checkpoint.checkpoint_path(str(moved), 2))  # gone (deleted by hand)
     assert keep_best_in_reach(run) is None

@@ -681,7 +681,7 @@ def save_checkpoint(run: Run, session: Session) -> None:
         say(accelerator, f"tuneloop: not saving step {state.step}: its training loss is not finite")
         return
     state.train_runtime = session.earlier_runtime + time.perf_counter() - session.started
-    if state.best_step == state.step:  # the pointer moves with the save (in the state it writes): never to a step unsaved
+    if state.best_step == state.step:  # the pointer moves with the save (in the state it writes), never without one
         state.best_checkpoint = checkpoint.checkpoint_path(t.output_dir, state.step)
     path = checkpoint.save_checkpoint(accelerator, t.output_dir, state, session.meter.state_dict(),
                                       trained_only=run.config.model.use_peft)
