@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import math
 import os
 import re
 import shutil
@@ -72,7 +73,11 @@ class TrainerState:
     max_tokens_per_batch: int = 0  # the token budget of the batches (0: batches of per_device_train_batch_size)
 
     def record_eval(self, value: float, greater_is_better: bool, threshold: float = 0.0) -> bool:
-        """Update the best metric; True when this evaluation is the new best."""
+        """Update the best metric; True when this evaluation is the new best. A NaN/inf never is (a NaN best would
+        make every later comparison false): it counts as an evaluation without improvement."""
+        if not math.isfinite(value):
+            self.evals_without_improvement += 1
+            return False
         gain = None if self.best_metric is None else (value - self.best_metric) * (1 if greater_is_better else -1)
         if gain is None or gain > threshold:
             self.best_metric, self.best_step, self.evals_without_improvement = value, self.step, 0

@@ -6,6 +6,7 @@ optimizer, schedule), the loop, evaluation, the final save. A "step" always mean
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -76,6 +77,8 @@ class Run:
     texts_in_train: dict | None = None  # per eval set: how many of its texts are training texts too
     peak_tflops: float | None = None  # the device's peak for the precision in use, for MFU
     samples: data.SampleIdLog | None = None  # which examples each step used (a debugging aid, off by default)
+    stop: StopRequest | None = None  # a training job's stop signals (None when only evaluating / predicting)
+    session: Session | None = None  # the training session's live counters, once `fit` has begun
 
 
 def train(config: Config) -> dict:
@@ -83,28 +86,41 @@ def train(config: Config) -> dict:
     Returns the final metrics.
 
     Raises `Preempted` after saving a checkpoint when a stop signal arrived; the caller exits with REQUEUE_EXIT_CODE.
+    A training job records stop signals from its first line to its last (the handlers only record them): the ranks
+    agree on one at the end of every optimizer step and after every phase that follows the last step, so a signal
+    during set-up, the final evaluation, the final save or the predictions ends the job like one during training.
     """
-    with outputs.claimed(config):  # the output folder is this run's alone until it returns (outputs.py)
-        return _train(config)
-
-
-def _train(config: Config) -> dict:
-    run = setup(config)
-    config = run.config  # an elastic resume chooses its own batch layout
-    t, accelerator = config.train, run.accelerator
-    results, history, eval_outputs = {}, None, None
-    if t.do_train:
+    stopping = StopRequest() if config.train.do_train else contextlib.nullcontext()
+    with outputs.claimed(config), stopping as stop:  # the output folder is this run's alone until it returns
+        run = setup(config)
+        run.stop = stop
+        accelerator, output_dir = run.accelerator, run.config.train.output_dir
+        if stop:
+            stop.connect(accelerator.num_processes, accelerator.device)
         try:
-            results, eval_outputs = fit(run)
-        except Preempted as stop:
-            checkpoint.write_preempted(accelerator, t.output_dir, stop.checkpoint_dir, stop.step, stop.signal_name)
+            return run_phases(run)
+        except Preempted as stopped:
+            # Every rank waits for the marker (or stops with the main process's failure to write it): a job script
+            # that sees one rank gone must find it.
+            checkpoint.write_preempted(accelerator, output_dir, stopped.checkpoint_dir, stopped.step,
+                                       stopped.signal_name)
             accelerator.end_training()
             raise
+
+
+def run_phases(run: Run) -> dict:
+    """What `train` does once everything is built: train (or only evaluate), save, predict, report."""
+    config, accelerator = run.config, run.accelerator  # an elastic resume chooses its own batch layout
+    t = config.train
+    results, history, eval_outputs = {}, None, None
+    if t.do_train:
+        results, eval_outputs = fit(run)
         history = run.state.history
         if run.problem.problem_type == problems.MULTI:  # the threshold the final evaluation chose: predictions use it
             accelerator.unwrap_model(run.model).config.multi_label_threshold = run.problem.threshold
         outputs.save_final_model(accelerator, run.model, run.tokenizer, t.output_dir, config.model.merge_adapter)
         checkpoint.save_results(accelerator, config, results, history)
+        stop_if_asked(run)
     elif t.do_eval:  # evaluating the model as loaded
         results, eval_outputs = evaluate(run)
         results |= describe(accelerator)
@@ -116,6 +132,8 @@ def _train(config: Config) -> dict:
             test_results = predict.predict_test_split(accelerator, run.model, run.test_dl, run.test_split,
                                                       run.problem, run.metric_modules, t, describe(accelerator),
                                                       config.data.label_separator)
+        if t.do_train:
+            stop_if_asked(run)
     if t.do_train or t.do_eval:  # the confusion matrix and per-class table are the final model's, from its evaluation
         with checkpoint.writing(t.output_dir, t.output_dir, together=accelerator):
             report.write_report(accelerator, config, results, run.problem, history, eval_outputs, test_results,
@@ -407,7 +425,8 @@ def fit(run: Run) -> tuple[dict, predict.Outputs | None]:
 
     Everything needed to continue is in `run.state` (global) and the loss meter (per process), so a checkpoint taken
     at any optimizer step resumes into exactly the same run. Raises `Preempted` once the checkpoint of a stop signal
-    is written.
+    is written. A run resumed at its end (a stop after the last step: the checkpoint is the last step's) trains no
+    further and goes straight to the finish.
     """
     t, plan, accelerator, state = run.config.train, run.plan, run.accelerator, run.state
     model, optimizer, scheduler = run.model, run.optimizer, run.scheduler
@@ -416,14 +435,17 @@ def fit(run: Run) -> tuple[dict, predict.Outputs | None]:
                     mininterval=1.0 if sys.stderr.isatty() else 30.0)
     # The word embedding's gradient kept between steps, only its used rows zeroed (same maths, no vocabulary-sized fill)
     kept_embedding_grad = None if t.torch_compile else optim.KeptEmbeddingGradient.install(accelerator, model)
-    with StopRequest(accelerator.num_processes, accelerator.device) as stop, progress:
-        session = Session(LossMeter(accelerator.device, run.rank_state),
-                          throughput.SpeedMeter(accelerator.unwrap_model(model), accelerator.device, run.started_at),
-                          stop, progress, time.perf_counter(), state.train_runtime)
+    keep_best_in_reach(run)
+    with progress:
+        session = run.session = Session(
+            LossMeter(accelerator.device, run.rank_state),
+            throughput.SpeedMeter(accelerator.unwrap_model(model), accelerator.device, run.started_at),
+            run.stop, progress, time.perf_counter(), state.train_runtime)
         if t.eval_on_start and state.step == 0:  # a baseline to compare with, not a candidate for the best model
             session.eval_outputs = evaluate_and_log(run, best_candidate=False)
-        ended = None
-        for epoch in range(state.epoch, plan.num_epochs):
+        ended = "max steps" if state.step >= plan.total_steps else \
+            "early stopping" if state.patience_exhausted(t.early_stopping_patience) else None
+        for epoch in range(state.epoch, plan.num_epochs) if not ended else ():
             model.train()
             for batch in epoch_batches(run, epoch):
                 run.samples.record(state.step + 1, batch)
@@ -499,18 +521,16 @@ def boundary(run: Run, session: Session, epoch_end: bool) -> str | None:
     if not epoch_end and (state.step % t.logging_steps == 0 or last_step or t.logging_first_step and state.step == 1):
         log_step(run, session)
     evaluated = not last_step and t.do_eval and evaluation_due(t, state.step, epoch_end)
-    if evaluated:
-        session.eval_outputs = evaluate_and_log(run, epoch=state.epoch if epoch_end else None)
+    if evaluated:  # weights whose last step's loss was not finite are never the best: their checkpoint is refused
+        session.eval_outputs = evaluate_and_log(run, epoch=state.epoch if epoch_end else None,
+                                                best_candidate=not check_health(run, session.meter))
     new_best = evaluated and state.best_step == state.step
     signal_name = session.stop.agreed()  # collective: every rank gets the same answer
     stopped_early = evaluated and early_stop(run)
-    saved = None
-    if not last_step and (signal_name or checkpoint_due(t, state.step, new_best, epoch_end)):
-        saved = save_checkpoint(run, session)
-    if signal_name and not last_step:
-        if saved is None:  # the loss was not finite: the newest good one (listed after the save's last agreement)
-            saved = next(reversed(checkpoint.complete_checkpoints(t.output_dir)), None)
-        raise Preempted(signal_name, saved, state.step)
+    if signal_name:  # at the last step too: the requeued job resumes there and only finishes
+        stop_here(run, session, signal_name)
+    if not last_step and checkpoint_due(t, state.step, new_best, epoch_end):
+        save_checkpoint(run, session)
     return "max steps" if last_step else "early stopping" if stopped_early else None
 
 
@@ -530,20 +550,36 @@ def checkpoint_due(t: TrainArguments, step: int, new_best: bool, epoch_end: bool
 
 def finish_training(run: Run, session: Session, stopped_early: bool) -> tuple[dict, predict.Outputs | None]:
     """After the last step: log what is left, evaluate the final (or, with --load_best_model_at_end, the best) weights,
-    and put the run's figures together."""
+    and put the run's figures together. Final weights whose last steps' loss was not finite are refused."""
     t, state, accelerator = run.config.train, run.state, run.accelerator
     runtime_seconds = time.perf_counter() - session.started
     if session.meter.window_count:  # early stopping between logging steps
         log_step(run, session)
     final_learning_rate = run.scheduler.get_last_lr()[0]  # before loading the best state brings back its scheduler
+    # The last steps' loss was NaN/inf, fewer times in a row than --max_nonfinite_steps (which would have stopped the
+    # run): such weights are never saved as the model, nor are they ever the best.
+    nonfinite = check_health(run, session.meter)
+    best = keep_best_in_reach(run) if t.load_best_model_at_end else None
+    if nonfinite and not best:
+        refuse_nonfinite_model(run, nonfinite)
     outputs = session.eval_outputs
     if t.do_eval and state.last_eval.get("step") != state.step:  # the final weights, not evaluated yet
-        outputs = evaluate_and_log(run, epoch=state.epoch if state.batches_in_epoch == 0 else None)
-    if t.load_best_model_at_end and state.best_checkpoint and state.best_step != state.step:
+        outputs = evaluate_and_log(run, epoch=state.epoch if state.batches_in_epoch == 0 else None,
+                                   best_candidate=not nonfinite)
+    stop_if_asked(run)  # a stop during the final evaluation
+    if best and state.best_step != state.step:
+        # Checkpoint the final step before its weights are replaced: a stop from here on resumes into the finish.
+        if not this_step_saved(run):
+            save_checkpoint(run, session)
         say(accelerator, f"tuneloop: loading the best model (step {state.best_step}, "
-                         f"{best_metric_key(run)}={state.best_metric:.4f}) from {state.best_checkpoint}")
-        checkpoint.load_checkpoint(accelerator, state.best_checkpoint, trained_only=run.config.model.use_peft)
+                         f"{best_metric_key(run)}={state.best_metric:.4f}) from {best}")
+        checkpoint.load_checkpoint(accelerator, best, trained_only=run.config.model.use_peft)
         outputs = evaluate_and_log(run)
+        stop_if_asked(run)
+    elif t.do_eval and outputs is None:
+        # Resumed at the end after the final evaluation (it is in the history already): its outputs (the report's
+        # confusion matrix, a tuned multi-label threshold) are computed again, not logged twice.
+        _, outputs = evaluate(run)
 
     speed_figures = session.speed.summary(accelerator, run.peak_tflops, runtime_seconds)
     accelerator.log({f"speed/{k}": v for k, v in speed_figures.items() if v is not None}, step=state.step)
@@ -564,6 +600,61 @@ def finish_training(run: Run, session: Session, stopped_early: bool) -> tuple[di
     }
     say(accelerator, format_metrics("final", final))
     return final, outputs
+
+
+def refuse_nonfinite_model(run: Run, streak: int) -> None:
+    """Stop before NaN/inf weights become the model; name the checkpoint to use instead."""
+    t, state = run.config.train, run.state
+    saved = checkpoint.complete_checkpoints(t.output_dir)
+    kept = f"the best checkpoint {state.best_checkpoint} (step {state.best_step})" \
+        if state.best_checkpoint in saved else f"the last good checkpoint {saved[-1]}" if saved else "no checkpoint"
+    raise TrainingDiverged(
+        f"the training loss was NaN/inf in the last {streak} optimizer step(s) (to step {state.step}; fewer than "
+        f"--max_nonfinite_steps {t.max_nonfinite_steps}): not saving those weights as the model; kept: {kept}. "
+        "Lower --learning_rate, keep --max_grad_norm on, or end on the best weights with --load_best_model_at_end true"
+    )
+
+
+def keep_best_in_reach(run: Run) -> str | None:
+    """The best checkpoint, found under this session's output_dir (the folder may have moved since the checkpoint
+    recorded it), or None. A best whose checkpoint is gone (deleted by hand, torn) is forgotten, with a line: the
+    pointer never names a checkpoint that --load_best_model_at_end could not load."""
+    t, state = run.config.train, run.state
+    if not state.best_checkpoint:
+        return None
+    name = os.path.basename(os.path.normpath(state.best_checkpoint))
+    here = os.path.join(t.output_dir, checkpoint.CHECKPOINTS_DIR, name)
+    if here in checkpoint.complete_checkpoints(t.output_dir):
+        state.best_checkpoint = here
+        return here
+    say(run.accelerator, f"warning: the best checkpoint {state.best_checkpoint} (step {state.best_step}) is gone: "
+                         "the best model is chosen again from the evaluations to come")
+    state.best_checkpoint = state.best_step = state.best_metric = None
+    return None
+
+
+def this_step_saved(run: Run) -> bool:
+    """Whether this step's checkpoint is on disk, complete (saved at this step, or resumed from)."""
+    t = run.config.train
+    return checkpoint.checkpoint_path(t.output_dir, run.state.step) in checkpoint.complete_checkpoints(t.output_dir)
+
+
+def stop_here(run: Run, session: Session, signal_name: str, save: bool = True) -> None:
+    """End the job as a preemption: this step's checkpoint (`save`), then `Preempted`, which the job turns into the
+    requeue marker and exit 75."""
+    saved = save_checkpoint(run, session) if save else None
+    if saved is None:  # saved before, or not saved (its loss was not finite): the newest complete one, listed after
+        # the save's last agreement, so no rank lists while the main process rotates
+        saved = next(reversed(checkpoint.complete_checkpoints(run.config.train.output_dir)), None)
+    raise Preempted(signal_name, saved, run.state.step)
+
+
+def stop_if_asked(run: Run) -> None:
+    """Between the phases after the last step (final evaluation, best-model load, final save, predictions): a stop
+    signal agreed here ends the job as one during training does. Its checkpoint is the last step's, so the requeued
+    job (--resume_from_checkpoint latest) resumes at the end and only finishes what is left."""
+    if signal_name := run.stop.agreed():  # once the best weights are loaded, the last step's checkpoint exists
+        stop_here(run, run.session, signal_name, save=not this_step_saved(run))
 
 
 def log_step(run: Run, session: Session) -> None:
@@ -605,7 +696,7 @@ def save_checkpoint(run: Run, session: Session) -> str | None:
         say(accelerator, f"tuneloop: not saving step {state.step}: its training loss is not finite")
         return None
     state.train_runtime = session.earlier_runtime + time.perf_counter() - session.started
-    if state.best_step == state.step:
+    if state.best_step == state.step:  # the pointer moves with the save (in the state it writes), never without one
         state.best_checkpoint = checkpoint.checkpoint_path(t.output_dir, state.step)
     path = checkpoint.save_checkpoint(accelerator, t.output_dir, state, session.meter.state_dict(),
                                       trained_only=run.config.model.use_peft, keep=t.save_total_limit)

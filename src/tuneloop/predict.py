@@ -12,6 +12,7 @@ through the batch, and the gathered positions must be 0..n-1, each exactly once.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
@@ -107,12 +108,27 @@ def predict_test_split(accelerator: Accelerator, model: torch.nn.Module, dataloa
         else {"test_samples": len(outputs.logits)}
     results |= run_facts
     if accelerator.is_main_process:
+        # Each file is written beside its final name and renamed: a kill mid-write leaves the previous one whole.
         path = os.path.join(t.output_dir, f"predictions.{t.predictions_format}")
-        write_predictions(path, prediction_rows(split, outputs, problem), t.predictions_format, label_separator or ",")
-        with open(os.path.join(t.output_dir, RESULTS_FILE), "w") as f:
+        with replacing(path) as partial:
+            write_predictions(partial, prediction_rows(split, outputs, problem), t.predictions_format,
+                              label_separator or ",")
+        with replacing(os.path.join(t.output_dir, RESULTS_FILE)) as partial, open(partial, "w") as f:
             json.dump(results, f, indent=2)
             f.write("\n")
     return results
+
+
+@contextlib.contextmanager
+def replacing(path: str):
+    """Yields a temporary name beside `path`; what was written there replaces `path` in one rename at the end."""
+    partial = os.path.join(os.path.dirname(path), f".partial-{os.path.basename(path)}")
+    try:
+        yield partial
+        os.replace(partial, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(partial)
 
 
 def prediction_rows(split: data.Splits, outputs: Outputs, problem: Problem) -> list[dict]:

@@ -1,4 +1,5 @@
-"""Stop cleanly when asked: finish the optimizer step, save one checkpoint on every process together, exit 75.
+"""Stop cleanly when asked: finish the optimizer step (or the phase after the last step: final evaluation, best-model
+load, final save, predictions), save one checkpoint on every process together, exit 75.
 
 SLURM sends SIGUSR1 (`--signal=USR1@secs`) before a time limit and SIGTERM on preemption; a user presses Ctrl-C. A
 signal may reach only some processes (one node, or the launcher forwarding it late), so the handler only records it
@@ -29,17 +30,25 @@ class Preempted(Exception):
 
 
 class StopRequest:
-    """Records the first stop signal; `agreed()` is the collective check the loop calls once per optimizer step."""
+    """Records the first stop signal; `agreed()` is the collective check the loop calls once per optimizer step, and
+    the job once after each phase that follows the last step.
 
-    def __init__(self, num_processes: int, device: torch.device):
+    Entered before the Accelerator exists (a signal during set-up is recorded, not fatal); `connect` then tells it the
+    process count once the process group is up."""
+
+    def __init__(self, num_processes: int = 1, device: torch.device | None = None):
         self.signum = 0
         self._received_at = 0.0
         self._previous = {}
+        self._world, self._group = 1, None
+        self.connect(num_processes, device or torch.device("cpu"))
+
+    def connect(self, num_processes: int, device: torch.device) -> None:
+        """Agree over `num_processes` from now on. Collective when it creates a group: every rank calls it."""
         self._world = num_processes
         # The agreement is a CPU all-reduce over gloo, so on GPUs it does not wait for queued kernels: only the
         # ranks themselves are synchronised, and they already meet in every gradient all-reduce.
-        self._group = None
-        if num_processes > 1 and device.type != "cpu":
+        if num_processes > 1 and device.type != "cpu" and self._group is None:
             self._group = dist.new_group(backend="gloo")  # collective: every rank creates it in the same order
 
     def __enter__(self) -> "StopRequest":
