@@ -203,7 +203,8 @@ def fake_checkpoints(output_dir: Path, steps, manifest: bool = True) -> list[Pat
         (path / checkpoint.STATE_FILE).write_text("{}")
         (path / "model.safetensors").write_bytes(b"w" * 64)
         if manifest:
-            (path / checkpoint.MANIFEST_FILE).write_text(json.dumps({checkpoint.STATE_FILE: 2, "model.safetensors": 64}))
+            sizes = {checkpoint.STATE_FILE: 2, "model.safetensors": 64}
+            (path / checkpoint.MANIFEST_FILE).write_text(json.dumps(sizes))
         paths.append(path)
     return paths
 
@@ -241,7 +242,8 @@ def test_rotation_happens_inside_the_save_before_its_last_agreement(tmp_path, mo
     accelerator.prepare(torch.nn.Linear(4, 2), torch.optim.AdamW(torch.nn.Linear(4, 2).parameters()))
     events, agree, rmtree = [], runtime.agree, shutil.rmtree
     monkeypatch.setattr(runtime, "agree", lambda *args: (events.append("agree"), agree(*args)))
-    monkeypatch.setattr(shutil, "rmtree", lambda path, **kw: (events.append(("delete", Path(path).name)), rmtree(path, **kw)))
+    monkeypatch.setattr(shutil, "rmtree",
+                        lambda path, **kw: (events.append(("delete", Path(path).name)), rmtree(path, **kw)))
     checkpoint.save_checkpoint(accelerator, str(tmp_path), checkpoint.TrainerState(step=30), {}, keep=2)
     assert [Path(p).name for p in checkpoint.complete_checkpoints(str(tmp_path))] == ["step_0000020", "step_0000030"]
     assert ("delete", "step_0000010") in events and events[-1] == "agree", events
@@ -259,7 +261,8 @@ def test_rotation_deletes_a_universal_conversion_with_its_checkpoint(tmp_path):
         (universal / "pytorch_model" / "zero").mkdir(parents=True)
         (universal / checkpoint.STATE_FILE).symlink_to(source / checkpoint.STATE_FILE)
     deleted = checkpoint.rotate_checkpoints(str(tmp_path), 1, str(kept_best))
-    assert sorted(Path(p).name for p in deleted) == [".universal-step_0000005", ".universal-step_0000020", "step_0000020"]
+    assert sorted(Path(p).name for p in deleted) == [
+        ".universal-step_0000005", ".universal-step_0000020", "step_0000020"]
     assert sorted(p.name for p in root.iterdir()) == [".universal-step_0000010", "step_0000010", "step_0000030"]
     assert (kept_best / checkpoint.STATE_FILE).is_file() and (newest / checkpoint.STATE_FILE).is_file()
     assert checkpoint.rotate_checkpoints(str(tmp_path), None, None) == []  # no limit: nothing more to delete

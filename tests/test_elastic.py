@@ -242,7 +242,8 @@ def test_a_conversion_cut_short_is_done_again(tmp_path, monkeypatch):
     accelerator, loads = fake_deepspeed()
     commands = converter(monkeypatch)
     link, made, listdir = os.symlink, [], os.listdir
-    monkeypatch.setattr(os, "listdir", lambda path: sorted(listdir(path), key=lambda name: name != checkpoint.STATE_FILE))
+    monkeypatch.setattr(os, "listdir",
+                        lambda path: sorted(listdir(path), key=lambda name: name != checkpoint.STATE_FILE))
 
     def killed_after_the_state(source, target):
         if checkpoint.STATE_FILE in made:
@@ -326,7 +327,8 @@ def test_deepspeed_zero2_two_processes_resume_on_one(tiny_model_dir, toy_files, 
     shutil.copytree(reference / "checkpoints" / "step_0000005", best / "checkpoints" / "step_0000005")
     done = launch([*tiny_args(tiny_model_dir, toy_files, best, **{**args, "eval_strategy": "steps"}),
                    "--eval_steps", "2", "--load_best_model_at_end", "true", "--early_stopping_threshold", "1e9",
-                   "--save_total_limit", "1", "--resume_from_checkpoint", str(best / "checkpoints" / "step_0000005") + "/"],
+                   "--save_total_limit", "1",
+                   "--resume_from_checkpoint", str(best / "checkpoints" / "step_0000005") + "/"],
                   config="deepspeed_zero2_cpu.yaml", launch_flags=("--num_processes", "1"), timeout=600)
     assert f"from {best / 'checkpoints' / 'step_0000005'}" in done.stdout  # the trailing `/` normalised
     assert "loading the best model (step 6" in done.stdout, done.stdout[-2000:]

@@ -690,7 +690,7 @@ def check_health(run: Run, meter: LossMeter) -> int:
 
 
 def save_checkpoint(run: Run, session: Session) -> str | None:
-    """Save this step's checkpoint and rotate the old ones; returns its path (None: not saved, the loss is not finite)."""
+    """Save this step's checkpoint and rotate the old ones; its path (None: not saved, the loss is not finite)."""
     t, state, accelerator = run.config.train, run.state, run.accelerator
     if check_health(run, session.meter):  # never put a state whose loss is NaN/inf next to the good ones
         say(accelerator, f"tuneloop: not saving step {state.step}: its training loss is not finite")
