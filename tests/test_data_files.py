@@ -252,3 +252,51 @@ def test_a_csv_header_naming_a_column_twice_is_refused(tmp_path, name, header):
         path.write_text(body)
     with pytest.raises(UserError, match=rf"data file '.*{name}' names column 'text' 2 times in its header: rename"):
         splits_of(train_file=str(path))
+
+
+def test_csv_cells_that_read_like_missing_values_or_booleans_stay_text(tmp_path):
+    """Texts and label names such as "NA", "None", "null", "nan", "true" and "1" come back as written; only an empty
+    cell is missing. Guards pandas' defaults, which read those cells as missing values (the rows were refused or, with
+    --drop_bad_rows, dropped) and a text column of "true"/"1" as booleans or numbers ("holds bool, not text").
+    Found by tests/test_data_properties.py."""
+    train = [{"text": text, "label": label} for text, label in
+             [("NA", "None"), ("None", "NA"), ("null", "None"), ("nan", "NA"), ("true", "None"), ("1", "NA")]]
+    path = write_rows(tmp_path / "train.csv", train)
+    valid = tmp_path / "valid.tsv"
+    valid.write_text("text\tlabel\nfalse\tNA\n0.5\tNone\n")
+    loaded = splits_of(train_file=path, validation_file=str(valid))
+    assert loaded.label_names == ["NA", "None"]
+    assert rows_of(loaded.train, loaded.label_names) == [(r["text"], r["label"]) for r in train]
+    assert rows_of(loaded.eval, loaded.label_names) == [("false", "NA"), ("0.5", "None")]
+
+
+def test_a_tsv_row_of_empty_cells_is_a_row_not_an_empty_file(tmp_path):
+    """A TSV line of tab delimiters only is a row whose cells are empty (a tab is white space, and TSV's delimiter):
+    it is a bad row (refused, or dropped with --drop_bad_rows), not "the file has no rows". Found by
+    tests/test_data_properties.py."""
+    train = write_rows(tmp_path / "train.csv", make_rows(12, seed=0))
+    valid = tmp_path / "valid.tsv"
+    valid.write_text("text\tlabel\n\t\n")
+    with pytest.raises(UserError, match=r"text column 'text' is empty in every row of the eval split"):
+        splits_of(train_file=train, validation_file=str(valid))
+    valid.write_text("text\tlabel\n\t\nthe goal\tsports\n")
+    with pytest.raises(UserError, match=r"valid.tsv' has 1 row\(s\) with an empty text .* the first at row 1 "):
+        splits_of(train_file=train, validation_file=str(valid))
+    assert list(splits_of(train_file=train, validation_file=str(valid), drop_bad_rows=True).eval["text"]) == ["the goal"]
+
+
+def test_a_nan_label_is_a_missing_label(tmp_path):
+    """Whole-number float labels with a NaN (how pandas writes an integer column with a gap into Parquet or JSON):
+    the NaN row is a missing label, refused naming its row or dropped with --drop_bad_rows, not a class id. Guards
+    int(NaN) raising a ValueError traceback while the classes are counted."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    labels = [0.0, 1.0, float("nan"), 2.0, 1.0, 0.0, 2.0, 1.0]
+    path = tmp_path / "train.parquet"
+    pq.write_table(pa.table({"text": [f"text {i}" for i in range(8)], "label": labels}), str(path))
+    with pytest.raises(UserError, match=r"1 row\(s\) with an empty text \(text\) or missing label \(label\), the "
+                                        r"first at row 3 \(1-based\)"):
+        splits_of(train_file=str(path), validation_split_percentage=25)
+    loaded = splits_of(train_file=str(path), validation_split_percentage=25, drop_bad_rows=True)
+    assert loaded.label_names == ["0", "1", "2"] and len(loaded.train) + len(loaded.eval) == 7
