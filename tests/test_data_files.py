@@ -300,3 +300,14 @@ def test_a_nan_label_is_a_missing_label(tmp_path):
         splits_of(train_file=str(path), validation_split_percentage=25)
     loaded = splits_of(train_file=str(path), validation_split_percentage=25, drop_bad_rows=True)
     assert loaded.label_names == ["0", "1", "2"] and len(loaded.train) + len(loaded.eval) == 7
+
+
+def test_a_held_out_share_that_leaves_no_training_row_is_refused(tmp_path):
+    """--validation_split_percentage 90 of 3 rows would hold out all 3 (the share is rounded up): one line with the
+    count and both fixes, not the ValueError datasets' train_test_split raises. Found by tests/test_data_properties.py."""
+    path = write_rows(tmp_path / "train.csv", make_rows(3, seed=0))
+    with pytest.raises(UserError, match=r"the train split has 3 row\(s\): holding out 90% for evaluation leaves none to "
+                                        r"train on: lower --validation_split_percentage, or pass --validation_file"):
+        splits_of(train_file=path, validation_split_percentage=90)
+    loaded = splits_of(train_file=path, validation_split_percentage=60)
+    assert (len(loaded.train), len(loaded.eval)) == (1, 2)

@@ -129,10 +129,12 @@ def is_blank(text) -> bool:
 
 
 @st.composite
-def tables(draw, encoding: str, ids: bool, max_rows: int, extra_columns: int):
-    """(column names, text column, label column, rows): one text column, one label column, maybe others."""
+def tables(draw, encoding: str, ids: bool, max_rows: int, extra_columns: int, pair: bool = False):
+    """(column names, text columns, label column, rows): a text column (and with `pair` a second one, the pair's other
+    text), a label column, maybe others."""
     names = draw(column_names(encoding, 2 + extra_columns))
     text_column, label_column, *others = names
+    text_columns = [text_column, *others[:1]] if pair else [text_column]
     chars = texts(encoding)
     if ids:
         label = st.integers(0, 2)
@@ -140,12 +142,12 @@ def tables(draw, encoding: str, ids: bool, max_rows: int, extra_columns: int):
         label = st.sampled_from([n for n in LABEL_NAMES if all(_fits(c, encoding) for c in n)][:4])
     # Mostly good rows: a blank text or an empty label now and then (which one bad row decides for the whole file).
     blank, none = st.sampled_from(BLANKS), st.none()
-    row = st.fixed_dictionaries({text_column: sometimes(blank, chars, 12),
+    row = st.fixed_dictionaries({**{c: sometimes(blank, chars, 12) for c in text_columns},
                                  label_column: sometimes(none, label, 16),
-                                 **{c: st.one_of(st.none(), chars) for c in others}})
+                                 **{c: st.one_of(st.none(), chars) for c in others if c not in text_columns}})
     rows = draw(st.lists(row, min_size=2, max_size=max_rows))
     order = draw(st.permutations(names))
-    return list(order), text_column, label_column, rows
+    return list(order), text_columns, label_column, rows
 
 
 def sometimes(rare, usual, one_in: int):
@@ -161,24 +163,26 @@ def _fits(c: str, encoding: str) -> bool:
         return False
 
 
-def kept(rows, text_column, label_column):
-    return [r for r in rows if not is_blank(r[text_column]) and r[label_column] is not None]
+def kept(rows, text_columns: list[str], label_column: str):
+    return [r for r in rows if not any(is_blank(r[c]) for c in text_columns) and r[label_column] is not None]
 
 
 @st.composite
 def cases(draw):
     encoding = draw(st.sampled_from(("utf-8", "latin-1", "cp1252")))
     train_file, eval_file = draw(data_files(encoding)), draw(data_files(encoding))
-    ids = draw(st.booleans())
-    columns, text_column, label_column, train = draw(tables(encoding, ids, max_rows=10, extra_columns=draw(
-        st.integers(0, 2))))
+    ids, pair = draw(st.booleans()), draw(st.booleans())
+    columns, text_columns, label_column, train = draw(tables(encoding, ids, max_rows=10, pair=pair,
+                                                             extra_columns=draw(st.integers(int(pair), 2))))
     evaluation = draw(st.lists(st.fixed_dictionaries({
-        text_column: sometimes(st.sampled_from(BLANKS), texts(encoding), 8),
+        **{c: sometimes(st.sampled_from(BLANKS), texts(encoding), 8) for c in text_columns},
         label_column: st.sampled_from(sorted({r[label_column] for r in train if r[label_column] is not None}) or [None]),
-        **{c: st.none() for c in columns if c not in (text_column, label_column)}}), min_size=1, max_size=5))
-    return dict(train_file=train_file, eval_file=eval_file, columns=columns, text_column=text_column,
-                label_column=label_column, train=train, evaluation=evaluation, ids=ids,
-                drop_bad_rows=draw(st.booleans()))
+        **{c: st.none() for c in columns if c not in (*text_columns, label_column)}}), min_size=1, max_size=5))
+    # Now and then no eval file: a seeded share of train is held out (--validation_split_percentage).
+    held_out = draw(st.sampled_from([None, None, None, 20, 50, 90]))
+    return dict(train_file=train_file, eval_file=eval_file, columns=columns, text_columns=text_columns,
+                label_column=label_column, train=train, evaluation=evaluation if not held_out else [], ids=ids,
+                held_out=held_out, drop_bad_rows=draw(st.booleans()))
 
 
 def json_array_not_utf8(*files: DataFile) -> bool:
@@ -189,33 +193,41 @@ def json_array_not_utf8(*files: DataFile) -> bool:
 
 
 def expected_failure(case) -> str | None:
-    """Why loading `case` must stop with a UserError (a substring of its message), or None when it must load."""
-    text, label = case["text_column"], case["label_column"]
-    train, evaluation = case["train"], case["evaluation"]
-    for rows, file in ((train, case["train_file"]), (evaluation, case["eval_file"])):  # columns first, every split
+    """Why loading `case` must stop with a UserError (a substring of its message), or None when it must load. The
+    checks in the loader's order: columns of every split, bad rows, classes, then the held-out share."""
+    texts_, label = case["text_columns"], case["label_column"]
+    splits = [(case["train"], case["train_file"])] + ([(case["evaluation"], case["eval_file"])]
+                                                      if not case["held_out"] else [])
+    for rows, file in splits:
         csv_like = file.suffix.startswith((".csv", ".tsv"))  # an empty string is an empty cell there
-        if all(r[text] is None or (csv_like and r[text] == "") for r in rows) and (
-                csv_like or file.suffix.startswith(".json")):
-            return "is empty in every row"  # read as a column of numbers (or nulls), not text
-    for rows in (train, evaluation):
-        bad = len(rows) - len(kept(rows, text, label))
+        for text in texts_:
+            if all(r[text] is None or (csv_like and r[text] == "") for r in rows) and (
+                    csv_like or file.suffix.startswith(".json")):
+                return "is empty in every row"  # read as a column of numbers (or nulls), not text
+    for rows, _ in splits:
+        bad = len(rows) - len(kept(rows, texts_, label))
         if bad and not case["drop_bad_rows"]:
             return "pass --drop_bad_rows"
         if bad == len(rows):
             return "--drop_bad_rows dropped all"
-    train_labels = {r[label] for r in kept(train, text, label)}
-    labels = train_labels | {r[label] for r in kept(evaluation, text, label)}
+    train = kept(case["train"], texts_, label)
+    train_labels = {r[label] for r in train}
+    labels = train_labels | {r[label] for r in kept(case["evaluation"], texts_, label)}
     if not case["ids"]:  # the classes: every name in train and eval
-        return "classification needs at least 2" if len(labels) < 2 else None
-    top = max(train_labels)  # the classes: ids 0..the largest training label, each used in train or eval
-    if {v for v in labels if v <= top} != set(range(top + 1)):
-        return "pass --num_labels"
-    if top < 1:
-        return "classification needs at least 2"
-    return "are outside 0.." if max(labels) > top else None
+        why = "classification needs at least 2" if len(labels) < 2 else None
+    else:
+        top = max(train_labels)  # the classes: ids 0..the largest training label, each used in train or eval
+        if {v for v in labels if v <= top} != set(range(top + 1)):
+            return "pass --num_labels"
+        if top < 1:
+            return "classification needs at least 2"
+        why = "are outside 0.." if max(labels) > top else None
+    if why is None and case["held_out"] and -(-len(train) * case["held_out"] // 100) >= len(train):
+        return "leaves none to train on"
+    return why
 
 
-@settings(max_examples=250, **SETTINGS)
+@settings(max_examples=200, **SETTINGS)
 @given(case=cases())
 def test_generated_files_load_with_their_rows_and_labels_or_stop_with_a_user_error(case, tmp_path_factory):
     """Rows in = rows out per split (bad rows dropped only with --drop_bad_rows), in order, every label mapped back to
@@ -224,11 +236,13 @@ def test_generated_files_load_with_their_rows_and_labels_or_stop_with_a_user_err
     (a text read as a missing value or a number, a BOM in a column name, a string type a kernel cannot take) and any
     traceback from inside a library."""
     folder = tmp_path_factory.mktemp("case")
-    text, label = case["text_column"], case["label_column"]
-    paths = {name: write(folder / name, case[split], case["columns"], case[f"{name}_file"], label, [text])
-             for name, split in (("train", "train"), ("eval", "evaluation"))}
-    options = DataArguments(train_file=paths["train"], validation_file=[paths["eval"]], text_column=text,
-                            label_column=label, file_encoding=read_encoding(case["train_file"], case["eval_file"]),
+    texts_, label = case["text_columns"], case["label_column"]
+    paths = {name: write(folder / name, case[split], case["columns"], case[f"{name}_file"], label, texts_)
+             for name, split in (("train", "train"), ("eval", "evaluation")) if case[split]}
+    options = DataArguments(train_file=paths["train"], validation_file=[paths["eval"]] if "eval" in paths else None,
+                            validation_split_percentage=case["held_out"] or 20, text_column=texts_[0],
+                            text_pair_column=texts_[1] if len(texts_) > 1 else None, label_column=label,
+                            file_encoding=read_encoding(case["train_file"], case["eval_file"]),
                             drop_bad_rows=case["drop_bad_rows"])
     why = expected_failure(case)
     event(f"expected: {why or 'loaded'}")  # --hypothesis-show-statistics: how many cases load, how many stop
@@ -241,17 +255,26 @@ def test_generated_files_load_with_their_rows_and_labels_or_stop_with_a_user_err
         assert "\n" not in str(e)
         return
     assert why is None, f"loaded, but should have stopped: {why}"
-    for split, rows in ((loaded.train, case["train"]), (loaded.eval, case["evaluation"])):
-        rows = kept(rows, text, label)
-        assert list(split[text]) == [r[text] for r in rows]
-        assert [loaded.label_names[i] for i in split[label]] == [str(r[label]) for r in rows]
+
+    def rows_of(split):
+        columns = [list(split[c]) for c in texts_] + [list(split[label])]
+        return [(*row[:-1], loaded.label_names[row[-1]]) for row in zip(*columns)]
+
+    def rows_written(rows):
+        return [(*(r[c] for c in texts_), str(r[label])) for r in kept(rows, texts_, label)]
+    if case["held_out"]:  # a seeded shuffle split: every kept row in exactly one of the two
+        assert sorted(rows_of(loaded.train) + rows_of(loaded.eval)) == sorted(rows_written(case["train"]))
+        assert len(loaded.eval) == -(-len(rows_written(case["train"])) * case["held_out"] // 100)
+    else:  # in file order
+        assert rows_of(loaded.train) == rows_written(case["train"])
+        assert rows_of(loaded.eval) == rows_written(case["evaluation"])
 
 
 @st.composite
 def predict_cases(draw):
     encoding = draw(st.sampled_from(("utf-8", "latin-1", "cp1252")))
     file = draw(data_files(encoding))
-    columns, text_column, label_column, rows = draw(tables(encoding, ids=False, max_rows=8, extra_columns=1))
+    columns, (text_column,), label_column, rows = draw(tables(encoding, ids=False, max_rows=8, extra_columns=1))
     rows = [dict(r, **{text_column: r[text_column] if not is_blank(r[text_column]) else "x"}) for r in rows]
     return file, columns, text_column, label_column, rows, draw(st.booleans())
 

@@ -600,6 +600,10 @@ def _encode_values(split: Dataset, column: str, names: list[str], split_name: st
 
 
 def _hold_out(train: Dataset, column: str, percentage: int, seed: int) -> tuple[Dataset, Dataset]:
+    held_out = -(-len(train) * percentage // 100)  # datasets rounds the eval share up
+    if held_out >= len(train):
+        raise UserError(f"the train split has {len(train)} row(s): holding out {percentage}% for evaluation leaves none "
+                        "to train on: lower --validation_split_percentage, or pass --validation_file")
     try:
         parts = train.train_test_split(test_size=percentage / 100, seed=seed, stratify_by_column=column)
     except ValueError:  # a class too small to stratify: fall back to a plain seeded split
