@@ -92,13 +92,15 @@ def data_files(draw, encoding: str):
     return DataFile(fmt + compression, "utf-8" if fmt == ".parquet" else encoding, draw(st.booleans()))
 
 
-def write(path, rows: list[dict], columns: list[str], file: DataFile, label_column: str, text_columns: list[str]) -> str:
+def write(path, rows: list[dict], columns: list[str], file: DataFile, label_column: str,
+          text_columns: list[str]) -> str:
     """`rows` ({column: value}, None for an empty cell) written as `file` says."""
     path = str(path) + file.suffix
     fmt = next(f for f in FORMATS if file.suffix.startswith(f))
     if fmt == ".parquet":
         types = {c: (pa.large_string() if file.large_string else pa.string()) for c in text_columns}
-        types[label_column] = pa.int64() if any(isinstance(r.get(label_column), int) for r in rows) else types[text_columns[0]]
+        ids = any(isinstance(r.get(label_column), int) for r in rows)
+        types[label_column] = pa.int64() if ids else types[text_columns[0]]
         schema = pa.schema([(c, types.get(c, pa.string())) for c in columns])
         pq.write_table(pa.Table.from_pylist(rows, schema=schema), path)
         return path
@@ -152,7 +154,8 @@ def tables(draw, encoding: str, ids: bool, max_rows: int, extra_columns: int, pa
 
 def sometimes(rare, usual, one_in: int):
     """`rare` about once in `one_in` draws, else `usual` (hypothesis favours the ends of a range of numbers)."""
-    return st.tuples(st.sampled_from([False] * (one_in - 1) + [True]), rare, usual).map(lambda t: t[1] if t[0] else t[2])
+    flags = st.sampled_from([False] * (one_in - 1) + [True])
+    return st.tuples(flags, rare, usual).map(lambda t: t[1] if t[0] else t[2])
 
 
 def _fits(c: str, encoding: str) -> bool:
@@ -176,7 +179,8 @@ def cases(draw):
                                                              extra_columns=draw(st.integers(int(pair), 2))))
     evaluation = draw(st.lists(st.fixed_dictionaries({
         **{c: sometimes(st.sampled_from(BLANKS), texts(encoding), 8) for c in text_columns},
-        label_column: st.sampled_from(sorted({r[label_column] for r in train if r[label_column] is not None}) or [None]),
+        label_column: st.sampled_from(sorted({r[label_column] for r in train if r[label_column] is not None})
+                                      or [None]),
         **{c: st.none() for c in columns if c not in (*text_columns, label_column)}}), min_size=1, max_size=5))
     # Now and then no eval file: a seeded share of train is held out (--validation_split_percentage).
     held_out = draw(st.sampled_from([None, None, None, 20, 50, 90]))
@@ -188,8 +192,8 @@ def cases(draw):
 def json_array_not_utf8(*files: DataFile) -> bool:
     """datasets parses a JSON array file (.json) before it decodes --file_encoding (packaged_modules/json): a latin-1
     one with a non-ASCII byte cannot be read. JSON is UTF-8 by its standard (RFC 8259); JSON Lines files decode fine."""
-    return any(f.suffix.startswith(".json") and not f.suffix.startswith(".jsonl") and f.encoding in ("latin-1", "cp1252")
-               for f in files)
+    return any(f.suffix.startswith(".json") and not f.suffix.startswith(".jsonl")
+               and f.encoding in ("latin-1", "cp1252") for f in files)
 
 
 def expected_failure(case) -> str | None:

@@ -201,7 +201,7 @@ def _has_no_rows(path: str, delimiter: str | None = None) -> bool:
         import pyarrow.parquet
 
         return pyarrow.parquet.ParquetFile(path).metadata.num_rows == 0
-    # A blank line is no row; a line of delimiters is a row of empty cells (a tab is both white space and TSV's delimiter).
+    # A blank line is no row; a line of delimiters is a row of empty cells (a tab is white space and TSV's delimiter).
     blank = b" \t\r\n\f\v".replace((delimiter or "").encode(), b"")
     with _open_data_file(path) as f:
         lines = [line for line in f.read(1 << 16).splitlines() if line.strip(blank)][:2]
@@ -334,8 +334,9 @@ def _bad_rows(split: Dataset, name: str, path: str | None, columns: list[str | N
         raise UserError(f"{where} has {count} row(s) with an {what}, the first at {first}: fill or remove them, or "
                         "pass --drop_bad_rows to drop them")
     if count == len(split):  # nothing left to train on or score: say so here, not as a library's ValueError later
-        raise UserError(f"--drop_bad_rows dropped all {count} rows of the {name} split" + (f" ({path!r})" if path else "")
-                        + f": every row has an {what}: check --text_column/--label_column, or fill the file")
+        source = f" ({path!r})" if path else ""
+        raise UserError(f"--drop_bad_rows dropped all {count} rows of the {name} split{source}: every row has an "
+                        f"{what}: check --text_column/--label_column, or fill the file")
     notes.append(f"tuneloop: dropped {count} of {len(split)} rows of {where} with an {what} (--drop_bad_rows); the "
                  f"first was {first}")
     return split.select(np.flatnonzero(~bad))
@@ -436,7 +437,8 @@ def _check_columns(split: Dataset, name: str, wanted: list[str | None]) -> None:
 
 
 def _label_names(reference: Dataset, evaluation: Dataset | None, column: str, num_labels: int | None,
-                 problem_type: str = problem.SINGLE, separator: str | None = None, path: str | None = None) -> list[str]:
+                 problem_type: str = problem.SINGLE, separator: str | None = None,
+                 path: str | None = None) -> list[str]:
     """Class names, in id order: from a ClassLabel feature, sorted strings, or the ids 0..n-1 themselves (every one
     used, or --num_labels given: _check_class_ids). Multi-label: every label seen in either split, sorted; regression:
     the targets' names (the column's, numbered if several). `path`: the file `reference` came from, for messages."""
@@ -488,7 +490,7 @@ def _check_class_ids(reference: Dataset, evaluation: Dataset | None, column: str
     would build a head of a billion classes and stall casting the column."""
     values = set(reference.unique(column))
     if evaluation is not None and evaluation is not reference:
-        values |= set(evaluation.unique(column))  # ints or whole floats (a column with an empty cell), or not ids at all
+        values |= set(evaluation.unique(column))  # ints, whole floats (a column with an empty cell), or not ids
     present = {int(v) for v in values if isinstance(v, (int, float)) and not isinstance(v, bool) and v == v
                and 0 <= v <= top}
     if len(present) == top + 1:
@@ -602,8 +604,8 @@ def _encode_values(split: Dataset, column: str, names: list[str], split_name: st
 def _hold_out(train: Dataset, column: str, percentage: int, seed: int) -> tuple[Dataset, Dataset]:
     held_out = -(-len(train) * percentage // 100)  # datasets rounds the eval share up
     if held_out >= len(train):
-        raise UserError(f"the train split has {len(train)} row(s): holding out {percentage}% for evaluation leaves none "
-                        "to train on: lower --validation_split_percentage, or pass --validation_file")
+        raise UserError(f"the train split has {len(train)} row(s): holding out {percentage}% for evaluation leaves "
+                        "none to train on: lower --validation_split_percentage, or pass --validation_file")
     try:
         parts = train.train_test_split(test_size=percentage / 100, seed=seed, stratify_by_column=column)
     except ValueError:  # a class too small to stratify: fall back to a plain seeded split
