@@ -158,7 +158,8 @@ def test_sentence_pairs_load_from_every_file_format(tmp_path):
     train, valid = pair_rows(30, seed=0), pair_rows(12, seed=1)
     valid[:3] = train[:3]  # 3 pairs also in training
     valid[3] = dict(valid[3], premise=train[5]["premise"])  # one side only: not the same pair
-    files = {suffix: write_rows(tmp_path / f"train{suffix}", train) for suffix in (".csv", ".jsonl", ".json", ".parquet")}
+    files = {suffix: write_rows(tmp_path / f"train{suffix}", train)
+             for suffix in (".csv", ".jsonl", ".json", ".parquet")}
     files[".tsv"] = str(tmp_path / "train.tsv")
     (tmp_path / "train.tsv").write_text((tmp_path / "train.csv").read_text().replace(",", "\t"))
     files["large.parquet"] = write_large_string_parquet(tmp_path / "large.parquet", train)
@@ -198,8 +199,10 @@ def test_drop_bad_rows_that_empties_a_split_names_the_split_and_the_file(tmp_pat
     no_labels.write_text("".join(f'{{"text": "{r["text"]}", "label": null}}\n' for r in make_rows(7, seed=2)))
     cases = [(dict(train_file=blank, validation_file=good), r"all 20 rows of the train split \('.*blank.csv'\)"),
              (dict(train_file=blank), r"all 20 rows of the train split \('.*blank.csv'\)"),
-             (dict(train_file=good, validation_file=str(no_labels)), r"all 7 rows of the eval split \('.*no_labels.jsonl'\)"),
-             (dict(train_file=good, validation_file=[f"a={good}", f"b={blank}"]), r"all 20 rows of the b split \('.*blank.csv'\)")]
+             (dict(train_file=good, validation_file=str(no_labels)),
+              r"all 7 rows of the eval split \('.*no_labels.jsonl'\)"),
+             (dict(train_file=good, validation_file=[f"a={good}", f"b={blank}"]),
+              r"all 20 rows of the b split \('.*blank.csv'\)")]
     for options, where in cases:
         with pytest.raises(UserError, match=rf"--drop_bad_rows dropped {where}: every row has an empty text \(text\) "
                                             r"or missing label \(label\): check --text_column/--label_column") as info:
@@ -242,7 +245,7 @@ def test_a_stray_label_id_is_refused_not_made_a_class(tmp_path):
 @pytest.mark.parametrize("name, header", [("dup.csv", "text,label,text"), ("dup.tsv.gz", "\ufefftext\ttext\tlabel")])
 def test_a_csv_header_naming_a_column_twice_is_refused(tmp_path, name, header):
     """Two columns of one name (also after a UTF-8 BOM, in a compressed TSV) stop in one line naming the column and the
-    file. Guards issue 24 item 9: pandas renamed the second to 'text.1', silently, and the run trained on one of them."""
+    file. Guards issue 24 item 9: pandas renamed the second 'text.1', silently, and the run trained on one of them."""
     body = header + "\n" + "a b\tc d\tx\ne f\tg h\ty\n".replace("\t", "," if name.endswith(".csv") else "\t") * 4
     path = tmp_path / name
     if name.endswith(".gz"):
@@ -252,3 +255,63 @@ def test_a_csv_header_naming_a_column_twice_is_refused(tmp_path, name, header):
         path.write_text(body)
     with pytest.raises(UserError, match=rf"data file '.*{name}' names column 'text' 2 times in its header: rename"):
         splits_of(train_file=str(path))
+
+
+def test_csv_cells_that_read_like_missing_values_or_booleans_stay_text(tmp_path):
+    """Texts and label names such as "NA", "None", "null", "nan", "true" and "1" come back as written; only an empty
+    cell is missing. Guards pandas' defaults, which read those cells as missing values (the rows were refused or, with
+    --drop_bad_rows, dropped) and a text column of "true"/"1" as booleans or numbers ("holds bool, not text").
+    Found by tests/test_data_properties.py."""
+    train = [{"text": text, "label": label} for text, label in
+             [("NA", "None"), ("None", "NA"), ("null", "None"), ("nan", "NA"), ("true", "None"), ("1", "NA")]]
+    path = write_rows(tmp_path / "train.csv", train)
+    valid = tmp_path / "valid.tsv"
+    valid.write_text("text\tlabel\nfalse\tNA\n0.5\tNone\n")
+    loaded = splits_of(train_file=path, validation_file=str(valid))
+    assert loaded.label_names == ["NA", "None"]
+    assert rows_of(loaded.train, loaded.label_names) == [(r["text"], r["label"]) for r in train]
+    assert rows_of(loaded.eval, loaded.label_names) == [("false", "NA"), ("0.5", "None")]
+
+
+def test_a_tsv_row_of_empty_cells_is_a_row_not_an_empty_file(tmp_path):
+    """A TSV line of tab delimiters only is a row whose cells are empty (a tab is white space, and TSV's delimiter):
+    it is a bad row (refused, or dropped with --drop_bad_rows), not "the file has no rows". Found by
+    tests/test_data_properties.py."""
+    train = write_rows(tmp_path / "train.csv", make_rows(12, seed=0))
+    valid = tmp_path / "valid.tsv"
+    valid.write_text("text\tlabel\n\t\n")
+    with pytest.raises(UserError, match=r"text column 'text' is empty in every row of the eval split"):
+        splits_of(train_file=train, validation_file=str(valid))
+    valid.write_text("text\tlabel\n\t\nthe goal\tsports\n")
+    with pytest.raises(UserError, match=r"valid.tsv' has 1 row\(s\) with an empty text .* the first at row 1 "):
+        splits_of(train_file=train, validation_file=str(valid))
+    dropped = splits_of(train_file=train, validation_file=str(valid), drop_bad_rows=True)
+    assert list(dropped.eval["text"]) == ["the goal"]
+
+
+def test_a_nan_label_is_a_missing_label(tmp_path):
+    """Whole-number float labels with a NaN (how pandas writes an integer column with a gap into Parquet or JSON):
+    the NaN row is a missing label, refused naming its row or dropped with --drop_bad_rows, not a class id. Guards
+    int(NaN) raising a ValueError traceback while the classes are counted."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    labels = [0.0, 1.0, float("nan"), 2.0, 1.0, 0.0, 2.0, 1.0]
+    path = tmp_path / "train.parquet"
+    pq.write_table(pa.table({"text": [f"text {i}" for i in range(8)], "label": labels}), str(path))
+    with pytest.raises(UserError, match=r"1 row\(s\) with an empty text \(text\) or missing label \(label\), the "
+                                        r"first at row 3 \(1-based\)"):
+        splits_of(train_file=str(path), validation_split_percentage=25)
+    loaded = splits_of(train_file=str(path), validation_split_percentage=25, drop_bad_rows=True)
+    assert loaded.label_names == ["0", "1", "2"] and len(loaded.train) + len(loaded.eval) == 7
+
+
+def test_a_held_out_share_that_leaves_no_training_row_is_refused(tmp_path):
+    """--validation_split_percentage 90 of 3 rows would hold out all 3 (the share is rounded up): one line with the
+    count and both fixes, not the ValueError datasets' train_test_split raises. Found by test_data_properties.py."""
+    path = write_rows(tmp_path / "train.csv", make_rows(3, seed=0))
+    with pytest.raises(UserError, match=r"the train split has 3 row\(s\): holding out 90% for evaluation leaves none "
+                                        r"to train on: lower --validation_split_percentage, or pass --validation_file"):
+        splits_of(train_file=path, validation_split_percentage=90)
+    loaded = splits_of(train_file=path, validation_split_percentage=60)
+    assert (len(loaded.train), len(loaded.eval)) == (1, 2)

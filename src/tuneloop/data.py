@@ -107,13 +107,20 @@ def _load_files(data_files: dict[str, str], d: DataArguments) -> DatasetDict:
     `datasets` from its extension, read with --file_encoding and --csv_delimiter."""
     loaded = {}
     for name, path in data_files.items():  # datasets' own message for this is "Instruction ... corresponds to no data"
-        if _has_no_rows(path):
-            raise UserError(f"the {name} split is empty: {path!r} has no rows")
         builder, options = file_builder(path), {}
         if builder == "csv":
             options = dict(encoding=d.file_encoding,
                            delimiter=d.csv_delimiter or ("\t" if split_extensions(path)[0] == ".tsv" else ","))
+        if _has_no_rows(path, options.get("delimiter")):
+            raise UserError(f"the {name} split is empty: {path!r} has no rows")
+        if builder == "csv":
             _check_header(path, **options)
+            # Only an empty cell is a missing value: pandas' default list would also read the texts and labels "NA",
+            # "None", "null", "nan", "N/A"... as missing, and so drop or refuse rows that have them.
+            options |= dict(keep_default_na=False, na_values=[""])
+            # Text columns stay text: pandas would read a column of "1"/"0.5" or "true"/"False" texts as numbers or
+            # booleans and the run stop with "holds bool, not text". (Labels keep pandas' types: ids are numbers.)
+            options["converters"] = {column: str for column in _text_column_names(d)}
         elif builder == "json":
             options = dict(encoding=d.file_encoding)
         try:
@@ -124,6 +131,14 @@ def _load_files(data_files: dict[str, str], d: DataArguments) -> DatasetDict:
             raise UserError(f"could not read data file {path!r}: {type(e).__name__}: {_reason(e)} (check that it is "
                             f"a valid {builder} file" + (", and --csv_delimiter" if builder == "csv" else "") + ")") from None
     return DatasetDict(loaded)
+
+
+def _text_column_names(d: DataArguments) -> list[str]:
+    """Every column name that may hold text: the options' (a comma-joined --text_column and its parts), else the
+    names _text_columns looks for."""
+    given = [d.text_column, *(d.text_column or "").split(","), d.text_pair_column]
+    return [name for name in given if name] if d.text_column else ["text", "sentence1", "sentence2", "sentence",
+                                                                   *filter(None, [d.text_pair_column])]
 
 
 def _check_header(path: str, encoding: str, delimiter: str) -> None:
@@ -181,13 +196,15 @@ def _undecodable(path: str, encoding: str, chunk_bytes: int = 1 << 20) -> str | 
             lines += chunk.count(b"\n")
 
 
-def _has_no_rows(path: str) -> bool:
+def _has_no_rows(path: str, delimiter: str | None = None) -> bool:
     if file_builder(path) == "parquet":
         import pyarrow.parquet
 
         return pyarrow.parquet.ParquetFile(path).metadata.num_rows == 0
+    # A blank line is no row; a line of delimiters is a row of empty cells (a tab is white space and TSV's delimiter).
+    blank = b" \t\r\n\f\v".replace((delimiter or "").encode(), b"")
     with _open_data_file(path) as f:
-        lines = [line for line in f.read(1 << 16).splitlines() if line.strip()][:2]
+        lines = [line for line in f.read(1 << 16).splitlines() if line.strip(blank)][:2]
     return len(lines) <= (1 if file_builder(path) == "csv" else 0) or lines[0].strip() == b"[]"
 
 
@@ -317,8 +334,9 @@ def _bad_rows(split: Dataset, name: str, path: str | None, columns: list[str | N
         raise UserError(f"{where} has {count} row(s) with an {what}, the first at {first}: fill or remove them, or "
                         "pass --drop_bad_rows to drop them")
     if count == len(split):  # nothing left to train on or score: say so here, not as a library's ValueError later
-        raise UserError(f"--drop_bad_rows dropped all {count} rows of the {name} split" + (f" ({path!r})" if path else "")
-                        + f": every row has an {what}: check --text_column/--label_column, or fill the file")
+        source = f" ({path!r})" if path else ""
+        raise UserError(f"--drop_bad_rows dropped all {count} rows of the {name} split{source}: every row has an "
+                        f"{what}: check --text_column/--label_column, or fill the file")
     notes.append(f"tuneloop: dropped {count} of {len(split)} rows of {where} with an {what} (--drop_bad_rows); the "
                  f"first was {first}")
     return split.select(np.flatnonzero(~bad))
@@ -419,7 +437,8 @@ def _check_columns(split: Dataset, name: str, wanted: list[str | None]) -> None:
 
 
 def _label_names(reference: Dataset, evaluation: Dataset | None, column: str, num_labels: int | None,
-                 problem_type: str = problem.SINGLE, separator: str | None = None, path: str | None = None) -> list[str]:
+                 problem_type: str = problem.SINGLE, separator: str | None = None,
+                 path: str | None = None) -> list[str]:
     """Class names, in id order: from a ClassLabel feature, sorted strings, or the ids 0..n-1 themselves (every one
     used, or --num_labels given: _check_class_ids). Multi-label: every label seen in either split, sorted; regression:
     the targets' names (the column's, numbered if several). `path`: the file `reference` came from, for messages."""
@@ -470,9 +489,10 @@ def _check_class_ids(reference: Dataset, evaluation: Dataset | None, column: str
     largest must occur in the data (train and eval together), or one stray value (a 10**9 typed into a 0..4 column)
     would build a head of a billion classes and stall casting the column."""
     values = set(reference.unique(column))
-    if evaluation is not None and evaluation is not reference and evaluation.features[column] == reference.features[column]:
-        values |= set(evaluation.unique(column))
-    present = {int(v) for v in values if v is not None and v == v and 0 <= v <= top}
+    if evaluation is not None and evaluation is not reference:
+        values |= set(evaluation.unique(column))  # ints, whole floats (a column with an empty cell), or not ids
+    present = {int(v) for v in values if isinstance(v, (int, float)) and not isinstance(v, bool) and v == v
+               and 0 <= v <= top}
     if len(present) == top + 1:
         return
     missing = next(i for i in range(top + 1) if i not in present)  # at most len(present) + 1 steps
@@ -582,6 +602,10 @@ def _encode_values(split: Dataset, column: str, names: list[str], split_name: st
 
 
 def _hold_out(train: Dataset, column: str, percentage: int, seed: int) -> tuple[Dataset, Dataset]:
+    held_out = -(-len(train) * percentage // 100)  # datasets rounds the eval share up
+    if held_out >= len(train):
+        raise UserError(f"the train split has {len(train)} row(s): holding out {percentage}% for evaluation leaves "
+                        "none to train on: lower --validation_split_percentage, or pass --validation_file")
     try:
         parts = train.train_test_split(test_size=percentage / 100, seed=seed, stratify_by_column=column)
     except ValueError:  # a class too small to stratify: fall back to a plain seeded split
