@@ -187,6 +187,19 @@ def test_resume_refuses_a_changed_setting_naming_it(settings_run, tiny_model_dir
     assert not (out / "checkpoints" / "step_0000004").exists()
 
 
+def test_a_token_budget_run_keeps_its_padding_multiple(tiny_model_dir, toy_files, tmp_path, monkeypatch):
+    """Token-budget batches are cut by padded lengths: another --pad_to_multiple_of puts other texts together, so a
+    budget run refuses it (the budget itself is refused by check_resumable); without a budget it may change."""
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    budget = dict(max_tokens_per_batch=64, resume_from_checkpoint="latest")
+    written = parse_args(tiny_args(tiny_model_dir, toy_files, tmp_path, pad_to_multiple_of=8, **budget))
+    saved_state_only(tmp_path, step=3, batches_in_epoch=3, per_device_train_batch_size=8, max_tokens_per_batch=64,
+                     settings=checkpoint.resume_settings(written))
+    with pytest.raises(UserError, match=r"other settings \(pad_to_multiple_of 8 -> 16\)"):
+        resume_plan(parse_args(tiny_args(tiny_model_dir, toy_files, tmp_path, pad_to_multiple_of=16, **budget)))
+    assert "pad_to_multiple_of" not in checkpoint.resume_settings(parse_args(tiny_args(tiny_model_dir, toy_files, tmp_path)))
+
+
 @pytest.mark.trains
 def test_resume_may_change_length_logging_evaluation_saving_and_the_data_files_path(settings_run, tiny_model_dir,
                                                                                        toy_files, tmp_path):
