@@ -16,7 +16,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, launch, launch_env, make_rows, read_json, run_in_process, saved_state_only, tiny_args, write_rows
+from conftest import (ROOT, launch, launch_env, make_rows, read_json, run_in_process, saved_state_only, tiny_args,
+                      write_rows)
 from tuneloop import checkpoint
 from tuneloop.cli import console
 from tuneloop.config import parse_args
@@ -72,7 +73,7 @@ def test_a_second_run_stops_while_the_first_lives_and_a_killed_holder_never_bloc
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait(timeout=30)
-    assert json.loads((out / ".tuneloop.lock").read_text())["pid"] == holder.pid  # the dead holder's file is still there
+    assert json.loads((out / ".tuneloop.lock").read_text())["pid"] == holder.pid  # the dead holder's file stays
     FolderLock(str(out)).release()  # and does not block: the kernel dropped the lock with its process
 
 
@@ -109,8 +110,8 @@ def test_latest_resumes_only_the_folders_own_run(tiny_model_dir, toy_files, tmp_
     the run in run.json and in each checkpoint; a checkpoint of another run found in the folder later (a higher step
     number) is refused by name, never resumed. Guards `latest` picking the highest step of whatever run."""
     out = tmp_path / "run"
-    args = tiny_args(tiny_model_dir, toy_files, out, save_strategy="steps", save_steps=2, resume_from_checkpoint="latest",
-                     **{**QUICK, "max_steps": 3})
+    args = tiny_args(tiny_model_dir, toy_files, out, save_strategy="steps", save_steps=2,
+                     resume_from_checkpoint="latest", **{**QUICK, "max_steps": 3})
     run_in_process(args)
     run_id = read_json(out / "run.json")["run_id"]
     assert checkpoint.read_state(checkpoint.checkpoint_path(str(out), 2)).tracker_run_id == run_id
@@ -181,10 +182,25 @@ def test_resume_refuses_a_changed_setting_naming_it(settings_run, tiny_model_dir
         Path(model, "config.json").write_text(json.dumps({**config, "hidden_dropout_prob": 0.1}))
     args = tiny_args(model, files, out, save_strategy="steps", save_steps=2, resume_from_checkpoint="latest",
                      **{**QUICK, **options})
-    with pytest.raises(UserError, match=rf"checkpoint .*step_0000002 was written with other settings \(.*{refused}.*\): "
+    with pytest.raises(UserError, match=rf"checkpoint .*step_0000002 was written with other settings "
+                                        rf"\(.*{refused}.*\): "
                                         r"resume with the settings it was written with, or start a new run"):
         run_in_process(args)
     assert not (out / "checkpoints" / "step_0000004").exists()
+
+
+def test_a_token_budget_run_keeps_its_padding_multiple(tiny_model_dir, toy_files, tmp_path, monkeypatch):
+    """Token-budget batches are cut by padded lengths: another --pad_to_multiple_of puts other texts together, so a
+    budget run refuses it (the budget itself is refused by check_resumable); without a budget it may change."""
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    budget = dict(max_tokens_per_batch=64, resume_from_checkpoint="latest")
+    written = parse_args(tiny_args(tiny_model_dir, toy_files, tmp_path, pad_to_multiple_of=8, **budget))
+    saved_state_only(tmp_path, step=3, batches_in_epoch=3, per_device_train_batch_size=8, max_tokens_per_batch=64,
+                     settings=checkpoint.resume_settings(written))
+    with pytest.raises(UserError, match=r"other settings \(pad_to_multiple_of 8 -> 16\)"):
+        resume_plan(parse_args(tiny_args(tiny_model_dir, toy_files, tmp_path, pad_to_multiple_of=16, **budget)))
+    unbudgeted = parse_args(tiny_args(tiny_model_dir, toy_files, tmp_path))
+    assert "pad_to_multiple_of" not in checkpoint.resume_settings(unbudgeted)
 
 
 @pytest.mark.trains

@@ -64,7 +64,8 @@ class FolderLock:
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as e:
-            raise UserError(f"output_dir {output_dir!r} is not writable ({e.strerror}): pick another --output_dir") from None
+            raise UserError(f"output_dir {output_dir!r} is not writable ({e.strerror}): pick another "
+                            "--output_dir") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -131,7 +132,8 @@ def check_not_the_model(m: ModelArguments, t: TrainArguments) -> None:
         inside = os.path.realpath(model) == out or os.path.realpath(model).startswith(out + os.sep)
         if inside and t.do_train:
             raise UserError(f"output_dir {t.output_dir!r} is (or holds) the model being trained from "
-                            f"({m.model_name_or_path!r}): the final save would overwrite it; choose another --output_dir")
+                            f"({m.model_name_or_path!r}): the final save would overwrite it; choose another "
+                            "--output_dir")
         if inside:
             raise UserError(f"output_dir {t.output_dir!r} is (or holds) the model being evaluated "
                             f"({m.model_name_or_path!r}): its results would overwrite the model's own files; choose "
@@ -184,8 +186,8 @@ def folder_run_id(output_dir: str) -> str | None:
     except FileNotFoundError:
         return None
     except (OSError, ValueError, KeyError, TypeError):
-        raise UserError(f"{os.path.join(output_dir, RUN_FILE)} is unreadable: delete it to let --resume_from_checkpoint "
-                        "latest take the newest checkpoint") from None
+        raise UserError(f"{os.path.join(output_dir, RUN_FILE)} is unreadable: delete it to let "
+                        "--resume_from_checkpoint latest take the newest checkpoint") from None
 
 
 def record_run(output_dir: str, run_id: str) -> None:
@@ -261,9 +263,9 @@ def refuse_earlier_work(output_dir: str, run_id: str, resuming: bool) -> None:
         return
     aside = f"{os.path.normpath(output_dir)}.old-<time>"
     if resuming:
-        raise UserError(f"output_dir {output_dir!r} holds work of another run than the one resumed ({'; '.join(work)}): "
-                        f"move it away, or start over with --overwrite_output_dir (without --resume_from_checkpoint: "
-                        f"moves the folder to {aside}), or choose another --output_dir")
+        raise UserError(f"output_dir {output_dir!r} holds work of another run than the one resumed "
+                        f"({'; '.join(work)}): move it away, or start over with --overwrite_output_dir (without "
+                        f"--resume_from_checkpoint: moves the folder to {aside}), or choose another --output_dir")
     raise UserError(f"output_dir {output_dir!r} holds another run's work ({'; '.join(work)}): continue it with "
                     f"--resume_from_checkpoint latest, or start over with --overwrite_output_dir (moves the folder to "
                     f"{aside}, nothing is deleted), or choose another --output_dir")
@@ -329,7 +331,8 @@ def put_in_place(ready: str, output_dir: str) -> None:
     folders = {os.path.dirname(os.path.join(output_dir, name)) for name in files}
     for folder in folders:
         relative = os.path.relpath(folder, output_dir)
-        kept = {os.path.basename(name) for name in files if os.path.dirname(name) == ("" if relative == "." else relative)}
+        here = "" if relative == "." else relative
+        kept = {os.path.basename(name) for name in files if os.path.dirname(name) == here}
         for name in os.listdir(folder):
             if _STALE_MODEL_FILE.match(name) and name not in kept and os.path.isfile(os.path.join(folder, name)):
                 os.remove(os.path.join(folder, name))
