@@ -304,10 +304,13 @@ def _bad_rows(split: Dataset, name: str, path: str | None, columns: list[str | N
 
 
 def _texts_in_train(train: Dataset, evals: dict[str, Dataset], text: str, pair: str | None) -> dict[str, int]:
-    """How many texts (or text pairs) of each eval set are also training texts: Arrow's hash set, not Python's."""
+    """How many texts (or text pairs) of each eval set are also training texts: Arrow's hash set, not Python's.
+    Every column is cast to `large_string` first: files give `large_string` (CSV) or
+    `string` (JSON, in-memory data), and Arrow's kernels take no mix of the two, nor a `string` separator."""
     def texts(split: Dataset) -> pa.Array:
         arrow = split.with_format("arrow")
-        values = arrow[text] if not pair else pc.binary_join_element_wise(arrow[text], arrow[pair], "\x1f")
+        columns = [pc.cast(arrow[column], pa.large_string()) for column in filter(None, (text, pair))]
+        values = columns[0] if not pair else pc.binary_join_element_wise(*columns, pa.scalar("\x1f", pa.large_string()))
         return values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values
 
     seen = texts(train)
