@@ -231,17 +231,17 @@ def test_combination(source, shape, labels, run, after, tiny_model_dir, tmp_path
         launch(args, config=config, timeout=600)
         results = read_json(output_dir / "all_results.json")
         assert (results["distributed_type"], results["num_processes"]) == (kind, 2), results
-    elif run == "resume":  # stopped at step 24 (checkpoint at 12: none is written at the last step), then resumed
-        run_in_process(tiny_args(model_dir, {}, output_dir, **{**options, "max_steps": 24, "do_predict": "false",
-                                                                      "save_strategy": "steps", "save_steps": 12}))
+    elif run == "resume":  # the uninterrupted run, checkpointed at step 12, then resumed from there in another folder
+        whole = tmp_path / "whole"
+        run_in_process(tiny_args(model_dir, {}, whole, **{**options, "do_predict": "false", "save_strategy": "steps",
+                                                          "save_steps": 12}))
         reset_accelerate_state()
         capsys.readouterr()
-        results = run_in_process([*args, "--resume_from_checkpoint", "latest"])
+        step_12 = whole / "checkpoints" / "step_0000012"
+        results = run_in_process([*args, "--resume_from_checkpoint", str(step_12)])
         assert "resuming at step 12" in capsys.readouterr().out
-        reset_accelerate_state()
-        # The resumed run continues the uninterrupted one (the constant learning rate does not depend on max_steps).
-        run_in_process(tiny_args(model_dir, {}, tmp_path / "whole", **{**options, "do_predict": "false"}))
-        assert train_losses(output_dir) == pytest.approx(train_losses(tmp_path / "whole"), rel=1e-5)
+        # The resumed run continues the uninterrupted one, step for step.
+        assert train_losses(output_dir) == pytest.approx(train_losses(whole), rel=1e-5)
     else:
         results = run_in_process(args)
     reset_accelerate_state()
