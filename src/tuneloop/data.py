@@ -137,7 +137,7 @@ def _text_column_names(d: DataArguments) -> list[str]:
     """Every column name that may hold text: the options' (a comma-joined --text_column and its parts), else the
     names _text_columns looks for."""
     given = [d.text_column, *(d.text_column or "").split(","), d.text_pair_column]
-    return [name for name in given if name] if d.text_column else ["text", "sentence1", "sentence2", "sentence",
+    return [name for name in given if name] if d.text_column else [*GUESSED_TEXT_COLUMNS,
                                                                    *filter(None, [d.text_pair_column])]
 
 
@@ -395,6 +395,10 @@ def load_test_split(d: DataArguments, label_names: list[str] | None, problem_typ
         test = _encode_labels(test, label_column, label_names, "test", problem_type, d.label_separator)
     return Splits(None, None, text_column, text_pair_column, label_column, label_names, test=test, id_column=id_column,
                   problem_type=problem_type)
+
+
+# The text columns _text_columns finds without --text_column (run_classification.py's and GLUE's names).
+GUESSED_TEXT_COLUMNS = ("text", "sentence1", "sentence2", "sentence")
 
 
 def _text_columns(d: DataArguments, columns: list[str]) -> tuple[str, str | None]:
