@@ -30,6 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 from tuneloop import data, model as models  # noqa: E402
+from tuneloop.batches import token_lengths  # noqa: E402
 from tuneloop.config import DataArguments, ModelArguments  # noqa: E402
 
 MODEL, DATASET, MAX_LENGTH, SAMPLES = "builtin:all-MiniLM-L6-v2", "builtin:bbc_news", 512, 256
@@ -67,7 +68,7 @@ def run(name: str, seed: int) -> tuple[float, list[tuple[list[int], list[int]]]]
                               seed, None, need_train=True)
     tokenizer = models.load_tokenizer(ModelArguments(model_name_or_path=MODEL), MAX_LENGTH)
     train = data.tokenize(splits.train, splits, tokenizer, DataArguments(dataset_name=DATASET, max_length=MAX_LENGTH))
-    labels, lengths = train["labels"], data.token_lengths(train).tolist()
+    labels, lengths = train["labels"], token_lengths(train).tolist()
     return accuracy, [([labels[i] for i in s["ids"]], [lengths[i] for i in s["ids"]]) for s in steps]
 
 

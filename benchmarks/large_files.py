@@ -147,7 +147,7 @@ def lengths_probe(csv: str, workers: int, how: str) -> None:
     """Open tuneloop's tokenized training set (from the cache of the runs above) and compute its lengths one way."""
     import numpy as np
 
-    from tuneloop import data, model as models
+    from tuneloop import batches, data, model as models
     from tuneloop.config import DataArguments, ModelArguments
 
     # The very options of the runs above: the tokenization cache is keyed on them.
@@ -160,7 +160,7 @@ def lengths_probe(csv: str, workers: int, how: str) -> None:
     if how == "python_list":
         lengths = [len(ids) for ids in train["input_ids"]]
     else:
-        lengths = data.token_lengths(train)
+        lengths = batches.token_lengths(train)
     seconds = time.perf_counter() - start
     after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     print(json.dumps({"how": how, "seconds": round(seconds, 2), "peak_rss_before_gib": round(before, 2),

@@ -108,7 +108,8 @@ def predict_command(argv: list[str] | None) -> int:
 
 def saved_model_config(argv: list[str] | None, command: str):
     """All of train.py's options, plus --model and --data; defaults from the saved run's run_config.json (INHERITED)."""
-    from tuneloop.config import Config, file_builder, make_parser, read_recipe, validate
+    from tuneloop.config import Config, make_parser, read_recipe, validate
+    from tuneloop.sources import file_builder
 
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = make_parser()

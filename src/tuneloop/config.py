@@ -13,9 +13,7 @@ Precision can be set here, but process count, DeepSpeed and FSDP belong to the a
 from __future__ import annotations
 
 import argparse
-import codecs
 import difflib
-import importlib.util
 import json
 import math
 import os
@@ -30,10 +28,9 @@ from transformers.hf_argparser import string_to_bool
 
 from tuneloop.errors import OneLineArgumentErrors, UserError
 from tuneloop.problem import DEFAULT_METRICS, parse_class_weights, untrusted_metrics
+from tuneloop.sources import BUILTIN_DATASET, BUILTIN_HEADLINES, eval_sources, file_problems
 
 BUILTIN_MODEL = "builtin:all-MiniLM-L6-v2"
-BUILTIN_DATASET = "builtin:bbc_news"
-BUILTIN_HEADLINES = "builtin:bbc_news_headlines"
 
 # transformers' SchedulerType less reduce_lr_on_plateau and greedy, which step on an evaluation metric that this loop's
 # scheduler.step() does not pass. A test builds each one through make_scheduler.
@@ -52,44 +49,6 @@ REPORT_TO_CHOICES = ("none", "wandb", "tensorboard", "all")
 # against 1e-5 to 1e-4 for full fine-tuning of the same models.
 FULL_FINETUNING_LEARNING_RATE = 1e-4
 LORA_LEARNING_RATE = 5e-4
-
-# Local data files: extension -> the `datasets` builder that reads them. The one list of file types tuneloop reads;
-# here rather than in data.py because validation checks paths before any data code is imported. Text formats may also
-# be compressed (COMPRESSIONS: `train.csv.gz`, `train.jsonl.xz`): `datasets` decompresses them by their extension.
-FILE_BUILDERS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
-# compression extension -> the Python module that reads it (zstd only where the zstandard package is installed)
-COMPRESSIONS = {".gz": "gzip", ".bz2": "bz2", ".xz": "lzma", ".zst": "zstandard"}
-
-
-def split_extensions(path: str) -> tuple[str, str | None]:
-    """A data file's format and compression extensions: 'a.csv.gz' -> ('.csv', '.gz'), 'a.tsv' -> ('.tsv', None)."""
-    stem, last = os.path.splitext(path)
-    if last in COMPRESSIONS:
-        return os.path.splitext(stem)[1], last
-    return last, None
-
-
-def file_builder(path: str) -> str | None:
-    """The builder for a local data file, or None when its extension is not one of FILE_BUILDERS (compressed or not;
-    parquet compresses itself and is never read from a compressed file)."""
-    kind, compression = split_extensions(path)
-    return None if compression and kind == ".parquet" else FILE_BUILDERS.get(kind)
-
-
-def named_sources(values: list[str] | None) -> dict[str, str]:
-    """--validation_file / --validation_split values as {name: file or split}. One value keeps the plain name
-    'validation' (metrics stay eval_<metric>); several are 'name=path' or bare, named after the file's stem or the
-    split (metrics eval_<name>_<metric>). A value that is an existing file is never cut at '='."""
-    sources = {}
-    for value in values or []:
-        name, _, source = value.partition("=")
-        if not source or os.path.exists(value):
-            name, source = os.path.basename(value).split(".")[0] if file_builder(value) else value, value
-        sources[name] = source
-    if len(values or []) == 1 and "=" not in values[0]:
-        return {"validation": next(iter(sources.values()))}
-    return sources
-
 
 @dataclass
 class ModelArguments:
@@ -277,10 +236,6 @@ class DataArguments:
                 setattr(self, name, [value])
             elif isinstance(value, dict):
                 setattr(self, name, [f"{k}={v}" for k, v in value.items()])
-
-    def eval_sources(self) -> dict[str, str]:
-        """The eval sets asked for, {name: file or split} (see named_sources); empty for the default."""
-        return named_sources(self.validation_file or self.validation_split)
 
 
 @dataclass
@@ -794,21 +749,6 @@ def threshold_problem(value: str | None) -> str | None:
     return None if ok else f"multi_label_threshold must be auto or a number in (0, 1) (got {value!r})"
 
 
-def token_budget_problems(d: DataArguments, t: TrainArguments) -> list[str]:
-    """What --max_tokens_per_batch cannot work with."""
-    if t.max_tokens_per_batch <= 0:
-        return [] if t.max_tokens_per_batch == 0 else [f"max_tokens_per_batch must be >= 0, 0 is off (got {t.max_tokens_per_batch})"]
-    problems = []
-    if d.padding == "max_length":
-        problems.append("max_tokens_per_batch with --padding max_length only counts texts (every text is max_length "
-                        "tokens): use --padding longest, or --per_device_train_batch_size instead of a token budget")
-    if t.gradient_accumulation_steps != 1:
-        problems.append(f"max_tokens_per_batch needs gradient_accumulation_steps 1 (got {t.gradient_accumulation_steps}): "
-                        "the loss weighting must know each step's sample count before backward; raise "
-                        "--max_tokens_per_batch for larger steps instead")
-    return problems
-
-
 def project_problem(project: str) -> str | None:
     """--project names a folder inside output_dir (TensorBoard's logs): a path there could write anywhere."""
     if project and project not in (".", "..") and not any(sep in project for sep in ("/", "\\", "\0")):
@@ -826,6 +766,8 @@ def split_best_metric(name: str | None, eval_names: list[str]) -> tuple[str | No
 
 def validate(config: Config) -> None:
     """Check every option that can be checked without loading anything; report all problems in one line."""
+    from tuneloop.batches import token_budget_problems  # with torch's samplers: imported here, off the --help path
+
     m, d, t = config.model, config.data, config.train
     problems = []
 
@@ -873,26 +815,10 @@ def validate(config: Config) -> None:
         value = getattr(d, name)
         need(value is None or value >= 1, f"{name} must be >= 1 (got {value})")
 
-    files = [("train_file", d.train_file), ("test_file", d.test_file)]
-    files += [("validation_file", path) for path in (d.eval_sources().values() if d.validation_file else ())]
-    for name, path in files:
-        if path is None:
-            continue
-        kind, compression = split_extensions(path)
-        need(file_builder(path) is not None, f"{name} {path!r} must end in one of {', '.join(FILE_BUILDERS)}"
-             + (f" (compressed: {', '.join(COMPRESSIONS)}; parquet files compress themselves)" if compression else ""))
-        need(os.path.isfile(path), f"{name} {path!r} does not exist: check the path")
-        need(compression != ".zst" or importlib.util.find_spec("zstandard") is not None,
-             f"{name} {path!r} is zstd-compressed: pip install zstandard")
-    need(d.csv_delimiter is None or len(d.csv_delimiter) == 1,
-         f"csv_delimiter must be one character, e.g. ';' or '\\t' (got {d.csv_delimiter!r})")
-    try:
-        codecs.lookup(d.file_encoding)
-    except LookupError:
-        problems.append(f"file_encoding {d.file_encoding!r} is not an encoding Python knows: e.g. utf-8, latin-1, cp1252")
+    problems += file_problems(d)
     if d.validation_file and d.validation_split:
         problems.append("validation_file and validation_split both name eval sets: give one of them")
-    eval_names = list(d.eval_sources())
+    eval_names = list(eval_sources(d))
     several = eval_names if len(eval_names) > 1 else []  # one eval set is "eval": its name appears nowhere
     bad_names = [n for n in several if not re.fullmatch(r"\w+", n) or n == d.train_split]
     need(not bad_names, f"eval set name(s) {bad_names} must be letters, digits and _ and not the train split's name: "

@@ -21,7 +21,8 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 from transformers.utils import logging as hf_logging
 
-from tuneloop import checkpoint, cpu_speedups, data, engines, lora, metrics, model as models, optim, outputs, predict, problem as problems, report, runtime, throughput, tracking
+from tuneloop import (batches, checkpoint, cpu_speedups, data, engines, lora, metrics, model as models, optim, outputs,
+                      predict, problem as problems, report, runtime, sources, throughput, tracking)
 from tuneloop.config import Config, TrainArguments, make_scheduler, split_best_metric
 from tuneloop.errors import UserError
 from tuneloop.preemption import Preempted, StopRequest
@@ -76,7 +77,7 @@ class Run:
     started_at: float = 0.0  # perf_counter() when set-up began
     texts_in_train: dict | None = None  # per eval set: how many of its texts are training texts too
     peak_tflops: float | None = None  # the device's peak for the precision in use, for MFU
-    samples: data.SampleIdLog | None = None  # which examples each step used (a debugging aid, off by default)
+    samples: batches.SampleIdLog | None = None  # which examples each step used (a debugging aid, off by default)
     stop: StopRequest | None = None  # a training job's stop signals (None when only evaluating / predicting)
     session: Session | None = None  # the training session's live counters, once `fit` has begun
 
@@ -217,22 +218,22 @@ def setup(config: Config) -> Run:
         if accelerator.is_main_process:
             checkpoint.check_free_space(t.output_dir, model, checkpointing=t.do_train)
 
-    samples = data.SampleIdLog(t.output_dir, accelerator.process_index)
+    samples = batches.SampleIdLog(t.output_dir, accelerator.process_index)
     train_set = samples.tag(train_set) if train_set is not None else None
     pad_to_multiple_of = runtime.pad_to_multiple_of(d, t, accelerator.mixed_precision, accelerator.device)
     pin_memory = accelerator.device.type == "cuda"
-    train_dl, _ = data.make_dataloaders(
+    train_dl, _ = batches.make_dataloaders(
         train_set, None, tokenizer, t, pad_to_multiple_of, pin_memory,
         length_window=d.length_grouping_window if d.train_sampling_strategy == "group_by_length" else None,
         length_group_batch_size=state.length_group_batch_size,
     )
     prefixes = {name: "eval" if len(eval_sets) == 1 else f"eval_{name}" for name in eval_sets}
-    eval_dls = {prefixes[name]: data.make_dataloaders(None, split, tokenizer, t, pad_to_multiple_of, pin_memory)[1]
+    eval_dls = {prefixes[name]: batches.make_dataloaders(None, split, tokenizer, t, pad_to_multiple_of, pin_memory)[1]
                 for name, split in eval_sets.items()}
     test_dl = None
     if test_set is not None:  # each example carries its position, to check that every one comes back once, in order
         test_set = test_set.add_column(predict.INDEX_COLUMN, list(range(len(test_set))))
-        _, test_dl = data.make_dataloaders(None, test_set, tokenizer, t, pad_to_multiple_of, pin_memory)
+        _, test_dl = batches.make_dataloaders(None, test_set, tokenizer, t, pad_to_multiple_of, pin_memory)
         test_dl = accelerator.prepare_data_loader(test_dl)
     for line in splits.notes if splits else ():
         say(accelerator, line)
@@ -291,7 +292,7 @@ def make_problem(accelerator: Accelerator, config: Config, splits: data.Splits |
     if problem_type == problems.REGRESSION and (t.class_weights or t.label_smoothing_factor):
         raise UserError("--class_weights and --label_smoothing_factor are for classification; the problem is regression "
                         f"({reason}): drop them, or pass --problem_type")
-    _, best = split_best_metric(t.metric_for_best_model, list(d.eval_sources()))
+    _, best = split_best_metric(t.metric_for_best_model, list(sources.eval_sources(d)))
     computed = problems.metric_names(problem_type, t.metrics)
     if best and best != "loss" and best not in computed:
         raise UserError(f"metric_for_best_model {t.metric_for_best_model!r} is not computed for {problem_type}: use loss "
