@@ -87,3 +87,33 @@ def test_runtime_is_a_leaf_for_data_model_and_reports():
     code = f"import sys, tuneloop.runtime, tuneloop.doctor; print([m for m in {heavy!r} if m in sys.modules])"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.strip() == "[]", done.stdout + done.stderr[-2000:]
+
+
+def test_the_data_rooms_import_one_way():
+    """data reads its splits from sources; batches batches what data tokenized. Neither room imports data (nor the
+    other): both are leaves that read options and raise UserError, as config's validation imports them."""
+    graph = import_graph()
+    assert {"sources", "batches", "data"} <= graph.keys()
+    assert "sources" in graph["data"]
+    assert reachable(graph, "sources") <= {"errors", "options"}, reachable(graph, "sources")
+    assert reachable(graph, "batches") <= {"errors", "options"}, reachable(graph, "batches")
+
+
+def test_sources_stays_light_for_the_options_check():
+    """config imports sources to check data paths on every start (`--help` included): a top-level `import datasets`
+    (or pandas, pyarrow, torch) there would put seconds on each one."""
+    heavy = ("datasets", "pandas", "pyarrow", "numpy", "torch", "transformers")
+    code = f"import sys, tuneloop.sources; print([m for m in {heavy!r} if m in sys.modules])"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "[]", done.stdout + done.stderr[-2000:]
+
+
+def test_data_file_types_are_named_only_in_sources():
+    """FILE_BUILDERS and COMPRESSIONS are the one list of data-file extensions: a second module comparing a path with
+    '.csv' or '.zst' itself is a second copy that drifts (config's validation compared with '.zst' until the
+    file checks moved into sources)."""
+    extensions = {".csv", ".tsv", ".json", ".jsonl", ".parquet", ".gz", ".bz2", ".xz", ".zst"}
+    found = {path.name: sorted(node.value for node in ast.walk(ast.parse(path.read_text()))
+                               if isinstance(node, ast.Constant) and node.value in extensions)
+             for path in PACKAGE.glob("*.py") if path.name != "sources.py"}
+    assert not {name: values for name, values in found.items() if values}
