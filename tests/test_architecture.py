@@ -87,3 +87,14 @@ def test_runtime_is_a_leaf_for_data_model_and_reports():
     code = f"import sys, tuneloop.runtime, tuneloop.doctor; print([m for m in {heavy!r} if m in sys.modules])"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.strip() == "[]", done.stdout + done.stderr[-2000:]
+
+
+def test_the_checkpoint_rooms_import_one_way():
+    """checkpoint.py (state, discovery, atomic writes) is the base: elastic.py (another layout, universal conversion,
+    RNG) and outputs.py (final model, results, the folder's checks) build on it and not on each other. Guards a helper
+    moved back into checkpoint.py that drags elastic's or outputs' code in with it (a cycle, or one room again)."""
+    graph = import_graph()
+    assert "checkpoint" in graph["elastic"] and "checkpoint" in graph["outputs"]
+    assert reachable(graph, "checkpoint").isdisjoint({"elastic", "outputs"}), graph["checkpoint"]
+    assert "outputs" not in reachable(graph, "elastic") and "elastic" not in reachable(graph, "outputs")
+
