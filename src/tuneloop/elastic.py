@@ -20,6 +20,7 @@ from accelerate.utils import DistributedType
 from accelerate.utils.constants import RNG_STATE_NAME
 
 from tuneloop import checkpoint, runtime
+from tuneloop.config import TrainArguments
 from tuneloop.errors import UserError
 
 # With Accelerate's sharding (split_batches=False, even batches) the loader cuts the epoch's one seeded order into
@@ -34,7 +35,7 @@ class Layout:
 
     @property
     def global_batch(self) -> int:
-        return self.processes * self.per_device_batch * self.accumulation
+        return TrainArguments.global_batch(self.processes, self.per_device_batch, self.accumulation)
 
     def __str__(self) -> str:
         return f"{self.processes} processes x batch {self.per_device_batch} x accumulation {self.accumulation}"
