@@ -17,7 +17,7 @@
   whole new one (loadable as it is); a run that finds a `.new-model` (a crash during the moves) finishes the moves
   first. Checkpoints, results and the report beside the model are not touched.
 - **Before training.** The folder must be writable and have room for the final model (and a checkpoint): both are
-  checked before anything expensive, so a run does not fail at its end.
+  checked before the first step, so a run does not fail at its end.
 - **The results.** `all_results.json`, the run's shareable `run_config.json` and `log_history.json`, written by the
   main process through `checkpoint.writing` (a full disk is one line, on every rank).
 """
