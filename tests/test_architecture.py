@@ -124,3 +124,58 @@ def test_data_file_types_are_named_only_in_sources():
     found = {path.name: extensions_in(path) for path in PACKAGE.glob("*.py") if path.name != "sources.py"}
     assert not {name: values for name, values in found.items() if values}
     assert extensions_in(PACKAGE / "sources.py"), "the check finds nothing: sources.py names them all"
+
+
+def test_the_checkpoint_rooms_import_one_way():
+    """checkpoint.py (state, discovery, atomic writes) is the base: elastic.py (another layout, universal conversion,
+    RNG) and outputs.py (final model, results, the folder's checks) build on it and not on each other. Guards a helper
+    moved back into checkpoint.py that drags elastic's or outputs' code in with it (a cycle, or one room again)."""
+    graph = import_graph()
+    assert "checkpoint" in graph["elastic"] and "checkpoint" in graph["outputs"]
+    assert reachable(graph, "checkpoint").isdisjoint({"elastic", "outputs"}), graph["checkpoint"]
+    assert "outputs" not in reachable(graph, "elastic") and "elastic" not in reachable(graph, "outputs")
+
+
+def global_batch_products(source: str, module: str) -> list[str]:
+    """Where `source` multiplies a batch size, an accumulation and a process count: the global batch, as
+    `module:Class.function`."""
+
+    def factors(node) -> list[str]:
+        if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Mult):
+            return factors(node.left) + factors(node.right)
+        return [node.id if isinstance(node, ast.Name) else node.attr if isinstance(node, ast.Attribute) else ""]
+
+    found, scope = [], []
+
+    def visit(node) -> None:
+        names = [n.lower() for n in factors(node)] if isinstance(node, ast.BinOp) else []
+        if (any("batch" in n and "batches" not in n for n in names) and any("accum" in n for n in names)
+                and any("process" in n for n in names)):
+            found.append(f"{module}:{'.'.join(scope)}")
+            return
+        named = isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
+        if named:
+            scope.append(node.name)
+        for child in ast.iter_child_nodes(node):
+            visit(child)
+        if named:
+            scope.pop()
+
+    visit(ast.parse(source))
+    return found
+
+
+def test_the_global_batch_is_computed_in_one_place():
+    """The global batch (per-device batch x accumulation x processes) had two homes: the options' global_batch_size
+    and the elastic Layout. Guards a second copy of the product anywhere in src/tuneloop."""
+    found = [site for path in PACKAGE.glob("*.py") for site in global_batch_products(path.read_text(), path.stem)]
+    assert len(found) == 1 and found[0].endswith(":TrainArguments.global_batch"), found
+
+
+def test_the_global_batch_finder_finds_a_copy():
+    """Guards the test above: the Layout's own product, as it was, must be found."""
+    old_layout = ("class Layout:\n    def global_batch(self):\n"
+                  "        return self.processes * self.per_device_batch * self.accumulation\n")
+    assert global_batch_products(old_layout, "elastic") == ["elastic:Layout.global_batch"]
+    elastic_position = "samples = saved.batches_in_epoch * before.processes * before.per_device_batch\n"
+    assert global_batch_products(elastic_position, "elastic") == []

@@ -16,7 +16,7 @@ import types
 import pytest
 import torch
 
-from tuneloop import checkpoint
+from tuneloop import elastic, outputs
 from tuneloop.cli import console, inherited_settings
 from tuneloop.config import parse_args
 from tuneloop.errors import UserError
@@ -116,7 +116,7 @@ def test_rng_states_load_weights_only_and_restore_the_streams(tmp_path):
     file = accelerate_rng_file(tmp_path / "state")
     expected = (random.random(), np.random.rand(), torch.rand(1).item())
     random.seed(2), np.random.seed(2), torch.manual_seed(2)
-    checkpoint._load_rng_states(file)
+    elastic._load_rng_states(file)
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
 
 
@@ -137,7 +137,7 @@ def test_a_checkpoints_rng_file_cannot_run_code(tmp_path):
     file = tmp_path / "random_states_0.pkl"
     torch.save({"random_state": Payload(str(marker))}, file)
     with pytest.raises(UserError, match="random_states_0.pkl"):
-        checkpoint._load_rng_states(str(file))
+        elastic._load_rng_states(str(file))
     assert not marker.exists(), "unpickling the checkpoint ran code"
 
 
@@ -190,7 +190,7 @@ def test_run_config_json_and_tracker_hparams_write_home_as_tilde(home):
     config = parse_args(tiny_args(str(home / "models" / "tiny-bert"), {**files, "validation_file": named}, output_dir))
     accelerator = types.SimpleNamespace(is_main_process=True, num_processes=1)
     output_dir.mkdir(parents=True)
-    checkpoint.save_results(accelerator, config, {"eval_accuracy": 0.5})
+    outputs.save_results(accelerator, config, {"eval_accuracy": 0.5})
     text = (output_dir / "run_config.json").read_text()
     assert str(home) not in text
     saved = json.loads(text)

@@ -148,7 +148,7 @@ def saved_model_config(argv: list[str] | None, command: str):
 
 def inherited_settings(model: str) -> dict:
     """INHERITED from the saved run_config.json of `model` (a tuneloop output_dir or its adapter folder), checked."""
-    from tuneloop.checkpoint import CONFIG_FILE
+    from tuneloop.outputs import CONFIG_FILE
     from tuneloop.config import make_parser, option_value
     from tuneloop.problem import BUILTIN_METRIC_NAMES
 

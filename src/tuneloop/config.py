@@ -460,9 +460,13 @@ class TrainArguments:
         """--warmup_steps as TrainingArguments reads it: from 1 up a count of optimizer steps, below 1 a share of all."""
         return int(self.warmup_steps) if self.warmup_steps >= 1 else math.ceil(self.warmup_steps * total_steps)
 
+    @staticmethod
+    def global_batch(num_processes: int, per_device_batch: int, accumulation: int) -> int:
+        """Examples per optimizer step over all processes: the one place this product is taken (elastic.Layout too)."""
+        return per_device_batch * accumulation * num_processes
+
     def global_batch_size(self, num_processes: int) -> int:
-        """Examples per optimizer step over all processes (the one place this product is taken)."""
-        return self.per_device_train_batch_size * self.gradient_accumulation_steps * num_processes
+        return self.global_batch(num_processes, self.per_device_train_batch_size, self.gradient_accumulation_steps)
 
     def describe_batch(self, num_processes: int) -> str:
         """The training batch in words: a global batch of texts, or with a token budget the budget (the number of

@@ -21,8 +21,8 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 from transformers.utils import logging as hf_logging
 
-from tuneloop import (batches, checkpoint, cpu_speedups, data, engines, lora, metrics, model as models, optim, outputs,
-                      predict, problem as problems, report, runtime, sources, throughput, tracking)
+from tuneloop import (batches, checkpoint, cpu_speedups, data, elastic, engines, lora, metrics, model as models, optim,
+                      outputs, predict, problem as problems, report, runtime, sources, throughput, tracking)
 from tuneloop.config import Config, TrainArguments, make_scheduler, split_best_metric
 from tuneloop.errors import UserError
 from tuneloop.preemption import Preempted, StopRequest
@@ -120,13 +120,13 @@ def run_phases(run: Run) -> dict:
         if run.problem.problem_type == problems.MULTI:  # the threshold the final evaluation chose: predictions use it
             accelerator.unwrap_model(run.model).config.multi_label_threshold = run.problem.threshold
         outputs.save_final_model(accelerator, run.model, run.tokenizer, t.output_dir, config.model.merge_adapter)
-        checkpoint.save_results(accelerator, config, results, history)
+        outputs.save_results(accelerator, config, results, history)
         stop_if_asked(run)
     elif t.do_eval:  # evaluating the model as loaded
         results, eval_outputs = evaluate(run)
         results |= describe(accelerator)
         say(accelerator, format_metrics("eval", results))
-        checkpoint.save_results(accelerator, config, results)
+        outputs.save_results(accelerator, config, results)
     test_results = None
     if t.do_predict:
         with checkpoint.writing(t.output_dir, t.output_dir, together=accelerator):
@@ -171,7 +171,7 @@ def setup(config: Config) -> Run:
         say(accelerator, "warning: fp16 on CPU runs in fp32 (no fast fp16 kernels); use --mixed_precision bf16")
     set_seed(t.seed)
 
-    checkpoint.check_writable(t.output_dir)
+    outputs.check_writable(t.output_dir)
     if t.do_train and accelerator.is_main_process:  # the folder's run is this one from now on
         outputs.record_run(t.output_dir, state.tracker_run_id)
     clean_after_interruption(accelerator, t)
@@ -216,7 +216,7 @@ def setup(config: Config) -> Run:
             say(accelerator, line)
     with checkpoint.writing(t.output_dir, t.output_dir, together=accelerator):  # a refusal stops every rank
         if accelerator.is_main_process:
-            checkpoint.check_free_space(t.output_dir, model, checkpointing=t.do_train)
+            outputs.check_free_space(t.output_dir, model, checkpointing=t.do_train)
 
     samples = batches.SampleIdLog(t.output_dir, accelerator.process_index)
     train_set = samples.tag(train_set) if train_set is not None else None
@@ -260,8 +260,8 @@ def setup(config: Config) -> Run:
         accelerator.register_save_state_pre_hook(checkpoint.keep_trained_weights)
     if resume_from:  # Accelerate counts micro-steps from the start of each epoch, and from 0 at its end
         micro_step = state.batches_in_epoch if state.batches_in_epoch < len(run.train_dl) else 0
-        run.rank_state = checkpoint.load_checkpoint(accelerator, resume_from, run.scheduler, micro_step,
-                                                     trained_only=m.use_peft)
+        run.rank_state = elastic.load_checkpoint(accelerator, resume_from, run.scheduler, micro_step,
+                                                  trained_only=m.use_peft)
     run.plan, run.train_size, run.texts_in_train = plan, len(splits.train), splits.texts_in_train
     say(
         accelerator,
@@ -342,12 +342,12 @@ def resume_plan(config: Config) -> tuple[Config, str | None, checkpoint.TrainerS
                          f"{os.path.join(t.output_dir, checkpoint.CHECKPOINTS_DIR)}: starting from scratch")
         return config, None, state, notes
     saved = checkpoint.read_state(path)
-    resumed = checkpoint.resume_state(saved, state, path, t.elastic_resume)
+    resumed = elastic.resume_state(saved, state, path, t.elastic_resume)
     checkpoint.check_settings(saved, state.settings, path)
     resumed.settings = state.settings
     if resumed.num_processes != saved.num_processes:
-        notes.append(f"tuneloop: elastic resume: {checkpoint.layout_of(saved)} -> {checkpoint.layout_of(resumed)} "
-                     f"(global batch {checkpoint.layout_of(resumed).global_batch} kept), "
+        notes.append(f"tuneloop: elastic resume: {elastic.layout_of(saved)} -> {elastic.layout_of(resumed)} "
+                     f"(global batch {elastic.layout_of(resumed).global_batch} kept), "
                      f"step {resumed.step}, epoch {resumed.epoch} at micro-batch {resumed.batches_in_epoch}")
         config = dataclasses.replace(config, train=dataclasses.replace(
             t, per_device_train_batch_size=resumed.per_device_train_batch_size,
@@ -574,7 +574,7 @@ def finish_training(run: Run, session: Session, stopped_early: bool) -> tuple[di
             save_checkpoint(run, session)
         say(accelerator, f"tuneloop: loading the best model (step {state.best_step}, "
                          f"{best_metric_key(run)}={state.best_metric:.4f}) from {best}")
-        checkpoint.load_checkpoint(accelerator, best, trained_only=run.config.model.use_peft)
+        elastic.load_checkpoint(accelerator, best, trained_only=run.config.model.use_peft)
         outputs = evaluate_and_log(run)
         stop_if_asked(run)
     elif t.do_eval and outputs is None:
