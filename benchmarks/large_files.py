@@ -157,10 +157,7 @@ def lengths_probe(csv: str, workers: int, how: str) -> None:
     train = data.tokenize(splits.train, splits, models.load_tokenizer(ModelArguments(), 32), d)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     start = time.perf_counter()
-    if how == "python_list":
-        lengths = [len(ids) for ids in train["input_ids"]]
-    else:
-        lengths = data.token_lengths(train)
+    lengths = [len(ids) for ids in train["input_ids"]] if how == "python_list" else data.token_lengths(train)
     seconds = time.perf_counter() - start
     after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     print(json.dumps({"how": how, "seconds": round(seconds, 2), "peak_rss_before_gib": round(before, 2),
