@@ -119,12 +119,9 @@ def use_all_cpu_cores(accelerator: Accelerator) -> None:
 
 
 def set_up_kernels(t: TrainArguments, device: torch.device) -> None:
-    """Process-wide matmul settings, after the Accelerator and before the model: TF32 for fp32 work, from --tf32,
-    by default on for Ampere or newer GPUs.
-
-    Both switches are set either way: Accelerate turns matmul TF32 on by itself under torch.compile without mixed
-    precision (accelerate/state.py), which made --tf32 false a no-op there.
-    """
+    """TF32 for fp32 matmuls on a GPU, from --tf32 (default: on from Ampere). Both switches are set either way:
+    Accelerate turns matmul TF32 on by itself under torch.compile without mixed precision, which made --tf32 false a
+    no-op there."""
     if device.type == "cuda":
         tf32 = t.tf32 if t.tf32 is not None else torch.cuda.get_device_capability(device)[0] >= 8
         torch.backends.cuda.matmul.allow_tf32 = tf32
@@ -132,12 +129,9 @@ def set_up_kernels(t: TrainArguments, device: torch.device) -> None:
 
 
 def pad_to_multiple_of(d: DataArguments, t: TrainArguments, mixed_precision: str, device: torch.device) -> int | None:
-    """The length every batch is padded up to a multiple of, the same for training, evaluation and prediction.
-
-    Under torch.compile every new batch shape is a new graph: 64-token buckets make that at most max_length / 64.
-    Under fp16/bf16 on a GPU, multiples of 8 keep tensor-core shapes aligned. Not on a CPU: its bf16 kernels gain
-    nothing from it, and a batch of 11-token headlines padded to 16 did 45% more work.
-    """
+    """The multiple every batch's length is padded to (training, evaluation, prediction alike): 64-token buckets under
+    torch.compile (each new shape is a new graph), 8 for fp16/bf16 on a GPU (tensor-core shapes). Not 8 on a CPU:
+    11-token headlines padded to 16 did 45% more work there."""
     compile_bucket = min(COMPILE_LENGTH_BUCKET, d.max_length) if t.torch_compile else None
     tensor_cores = mixed_precision in ("fp16", "bf16") and device.type == "cuda"
     return d.pad_to_multiple_of or compile_bucket or (8 if tensor_cores else None)
