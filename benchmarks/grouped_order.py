@@ -29,7 +29,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
-from tuneloop import data, model as models  # noqa: E402
+from tuneloop import data  # noqa: E402
+from tuneloop import model as models  # noqa: E402
 from tuneloop.config import DataArguments, ModelArguments  # noqa: E402
 
 MODEL, DATASET, MAX_LENGTH, SAMPLES = "builtin:all-MiniLM-L6-v2", "builtin:bbc_news", 512, 256

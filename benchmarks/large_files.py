@@ -1,7 +1,8 @@
 """Large files (issue 17, item 5): a generated 1-million-row CSV of headline-length texts, loaded and tokenized with
 --preprocessing_num_workers, then one optimizer step; against `datasets` + transformers' Trainer doing the same.
 
-    PYTHONPATH=src .venv/bin/python benchmarks/large_files.py [--rows 1000000] [--workers 2] [--work /tmp/tuneloop-large]
+    PYTHONPATH=src .venv/bin/python benchmarks/large_files.py [--rows 1000000] [--workers 2]
+        [--work /tmp/tuneloop-large]
         [--cold_only]   (only tuneloop cold then Trainer cold, one after the other: the fair pair)
 
 Runs, each a fresh process, each with its own empty `datasets` cache unless said:

@@ -212,7 +212,8 @@ def main() -> None:
                 f"activations {c['activations'] / GIB:5.2f}  = {sum(c.values()) / GIB:5.2f} counted, removes "
                 f"{(full_count - sum(c.values())) / GIB:5.2f}")
         if m:
-            line += f"; measured {m['peak_anon'] / GIB:5.2f} (+{(m['peak_anon'] - sum(c.values())) / GIB:.2f} over the count)"
+            over = (m["peak_anon"] - sum(c.values())) / GIB
+            line += f"; measured {m['peak_anon'] / GIB:5.2f} (+{over:.2f} over the count)"
             if full:
                 line += f", removes {(full - m['peak_anon']) / GIB:5.2f}, {m['peak_anon'] / full:.3f} of full's peak"
         print(line)

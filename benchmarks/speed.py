@@ -9,8 +9,9 @@ r"""tuneloop against transformers' Trainer on the same data, model, truncation a
 Settings (issue 9): T1 Trainer with the tutorial's padding to max_length, fp32; T2 Trainer with dynamic padding and
 group_by_length; T2b T2 + bf16; T2b+alloc, T2b given the allocator set-up by environment; "tuneloop plain loop" (its
 CPU switches off); "tuneloop same maths" (its defaults: bf16 and the model's own dropout as T2b, the allocator set-up
-and CPU dropout kernels, which keep the maths); "tuneloop fastest" (attention dropout 0: different maths, own row). Every run is a fresh
-process; settings alternate so that drifts of this noisy machine hit all of them alike. Ratios use medians.
+and CPU dropout kernels, which keep the maths); "tuneloop fastest" (attention dropout 0: different maths, own row).
+Every run is a fresh process; settings alternate so that drifts of this noisy machine hit all of them alike. Ratios
+use medians.
 
 Most settings run in bf16: a fair comparison only where the hardware computes in it (a GPU from Ampere on, a CPU with
 amx_bf16 or avx512_bf16). Elsewhere torch emulates bf16, about 13x slower than fp32, so the report says which
@@ -170,7 +171,8 @@ def main() -> None:
     p.add_argument("--write", metavar="FILE", help="append the tables, command, machine and date to FILE (RESULTS.md)")
     a = p.parse_args()
 
-    # The peaks MFU is measured against: this CPU's matmul rate at the runs' thread count (cached), or a GPU's datasheet.
+    # The peaks MFU is measured against: this CPU's matmul rate at the runs' thread count (cached), or a GPU's
+    # datasheet.
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     peaks = {precision: throughput.peak_tflops(device, precision, None) or float("nan") for precision in ("no", "bf16")}
     report = [f"## {datetime.date.today()}: `{' '.join(['benchmarks/speed.py', *sys.argv[1:]])}`",

@@ -223,7 +223,7 @@ def run_probe(path: str, config, num_processes: int | None = None) -> bool:
     lines = [line for line in result.stdout.splitlines() if line.startswith(PROBE_TAG)]
     if result.returncode != 0 or not lines:
         errors = [line for line in (result.stdout + result.stderr).splitlines() if "tuneloop: error:" in line]
-        print("  FAILED (exit status %d): %s" % (result.returncode, errors[0] if errors else ""))
+        print(f"  FAILED (exit status {result.returncode}): {errors[0] if errors else ''}")
         if not errors:
             print("  " + "\n  ".join(result.stderr.strip().splitlines()[-15:]))
         return False
