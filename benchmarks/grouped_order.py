@@ -29,7 +29,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
-from tuneloop import data, model as models  # noqa: E402
+from tuneloop import data  # noqa: E402
+from tuneloop import model as models  # noqa: E402
 from tuneloop.batches import token_lengths  # noqa: E402
 from tuneloop.config import DataArguments, ModelArguments  # noqa: E402
 
@@ -77,7 +78,7 @@ def describe(batches: list[tuple[list[int], list[int]]]) -> dict:
     quarter = max(1, len(batches) // 4)
     return {
         "majority share": statistics.mean(majority),
-        "mean length by quarter": [round(statistics.mean(l for _, ls in batches[i:i + quarter] for l in ls))
+        "mean length by quarter": [round(statistics.mean(n for _, ls in batches[i:i + quarter] for n in ls))
                                    for i in range(0, len(batches), quarter)],
         "last 4 batches": [dict(sorted(collections.Counter(labels).items())) for labels, _ in batches[-4:]],
         "per batch mean length": [round(statistics.mean(ls)) for _, ls in batches],

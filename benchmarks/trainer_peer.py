@@ -102,7 +102,8 @@ def main() -> None:
         # As tuneloop measures it: the most CUDA memory tensors held, or on CPU the process's peak resident set.
         "peak_memory_gib": throughput.peak_memory_gib(torch.device("cuda" if torch.cuda.is_available() else "cpu")),
         "eval_accuracy": accuracy,
-        # What the run really was: several processes must be real data parallelism (ranks in one gloo/nccl group).
+        # What the run really was: several processes must be real data parallelism (ranks in one gloo/nccl
+        # group).
         "num_processes": trainer.accelerator.num_processes,
         "distributed_type": trainer.accelerator.distributed_type.value,
         "backend": torch.distributed.get_backend() if torch.distributed.is_initialized() else None,

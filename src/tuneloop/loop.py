@@ -169,6 +169,8 @@ def setup(config: Config) -> Run:
         hf_logging.set_verbosity_error()
     if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
         say(accelerator, "warning: fp16 on CPU runs in fp32 (no fast fp16 kernels); use --mixed_precision bf16")
+    if emulated := runtime.emulated_bf16(accelerator.mixed_precision, accelerator.device.type):
+        say(accelerator, f"warning: {emulated}")
     set_seed(t.seed)
 
     outputs.check_writable(t.output_dir)
