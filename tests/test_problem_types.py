@@ -18,10 +18,12 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, pipeline
 
+from tuneloop import metrics, report
 from tuneloop.config import DataArguments, parse_args
 from tuneloop.data import load_splits
 from tuneloop.errors import UserError
-from tuneloop.problem import MULTI, REGRESSION, SINGLE, Problem, best_threshold, class_weights
+from tuneloop.problem import (MULTI, REGRESSION, SINGLE, TYPES, MultiLabel, Regression, SingleLabel, best_threshold,
+                              class_weights)
 
 from conftest import FILLER, KEYWORDS, launch, make_rows, read_json, reset_accelerate_state, run_in_process, tiny_args, write_rows
 
@@ -129,6 +131,23 @@ def test_bad_options_for_the_problem_are_one_line(tmp_path):
         class_weights("1,2,3", SINGLE, None, ["a", "b"])
 
 
+def test_each_problem_type_names_what_exists():
+    """A problem type's class names its report sections and metric module; the options offer exactly the types the
+    classes are. Guards a type added to problem.py that the report, the metrics or the flags do not know (or a choice
+    left in the flags for a type that is gone)."""
+    from typing import get_args, get_type_hints
+
+    for kind in TYPES.values():
+        assert set(kind.report_sections) <= set(report.SECTIONS), kind
+        assert (metrics.MODULES / kind.metric_module).is_file()
+        assert set(kind.default_metrics) <= set(kind.builtin_metrics)
+
+    def choices(options, name: str) -> set[str]:  # Optional[Literal[...]]
+        return set(get_args(get_args(get_type_hints(options)[name])[0]))
+
+    assert choices(DataArguments, "problem_type") == set(TYPES) == {SINGLE, MULTI, REGRESSION}
+
+
 # ---------------------------------------------------------------- the loss, by hand
 
 def test_weighted_smoothed_loss_equals_a_hand_computation():
@@ -149,9 +168,9 @@ def test_weighted_smoothed_loss_equals_a_hand_computation():
         total += (1 - eps) * -w[y] * log_p[y] + eps * sum(-w[c] * log_p[c] for c in range(3)) / 3
         weight_sum += w[y]
     expected = total / weight_sum
-    problem = Problem(SINGLE, ["a", "b", "c"], weights=weights, label_smoothing=eps)
+    problem = SingleLabel(["a", "b", "c"], weights=weights, label_smoothing=eps)
     assert problem.loss(logits, labels).item() == pytest.approx(expected, rel=1e-6)
-    assert Problem(SINGLE, ["a", "b", "c"]).loss(logits, labels).item() == pytest.approx(F.cross_entropy(logits, labels).item())
+    assert SingleLabel(["a", "b", "c"]).loss(logits, labels).item() == pytest.approx(F.cross_entropy(logits, labels).item())
 
     targets = torch.tensor([[1.0, 0.0, 0.0], [1.0, 1.0, 0.0], [0.0, 0.0, 0.0], [1.0, 0.0, 1.0]])
     pos_weight = class_weights("auto", MULTI, targets.numpy(), ["a", "b", "c"])
@@ -162,9 +181,9 @@ def test_weighted_smoothed_loss_equals_a_hand_computation():
             sig = 1 / (1 + math.exp(-x))
             expected += -(pw * y * math.log(sig) + (1 - y) * math.log(1 - sig))
     expected /= targets.numel()
-    assert Problem(MULTI, ["a", "b", "c"], weights=pos_weight).loss(logits, targets).item() == pytest.approx(expected, rel=1e-6)
+    assert MultiLabel(["a", "b", "c"], weights=pos_weight).loss(logits, targets).item() == pytest.approx(expected, rel=1e-6)
     values = torch.tensor([1.0, 2.0, 0.0, -1.0])
-    assert Problem(REGRESSION, ["v"]).loss(logits[:, :1], values).item() == \
+    assert Regression(["v"]).loss(logits[:, :1], values).item() == \
         pytest.approx(((logits[:, 0] - values) ** 2).mean().item())
 
 
@@ -306,3 +325,4 @@ def test_evaluation_on_two_processes_equals_one(run, request, tmp_path):
     for key in scored:
         assert two[key] == pytest.approx(at_training[key], rel=1e-5), key
     assert two["eval_loss"] == pytest.approx(at_training["eval_loss"], rel=1e-5)
+
