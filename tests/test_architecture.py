@@ -141,6 +141,7 @@ RULE_OWNERS = {
     "multi_label_threshold must be": "problem.py",
     "given by --problem_type": "problem.py",  # deciding the problem type
     "the model's saved problem_type": "problem.py",
+    "does not apply to": "problem.py",  # --loss against the problem type
 }
 
 

@@ -412,6 +412,20 @@ class TrainArguments:
         metadata={"help": "Label smoothing, as TrainingArguments: the target puts this share of its mass evenly on "
                           "all classes (multi-label: each 0/1 target moves this share towards 0.5)."},
     )
+    loss: Optional[Literal["cross_entropy", "focal", "mse"]] = field(
+        default=None,
+        metadata={"help": "The loss. Default: the problem type's usual one, cross_entropy (softmax cross-entropy; "
+                          "multi-label: binary cross-entropy on each label) or mse (regression). focal: the focal loss "
+                          "of Lin et al. 2017 for imbalanced classes, cross-entropy times (1 - p_t)^gamma so that easy "
+                          "examples count less (single-label: softmax; multi-label: sigmoid, as torchvision's "
+                          "sigmoid_focal_loss), weighted by --class_weights (alpha per class; multi-label: "
+                          "pos_weight)."},
+    )
+    focal_gamma: float = field(
+        default=2.0,
+        metadata={"help": "--loss focal's focusing parameter gamma: the larger, the less easy examples count (the "
+                          "paper's best: 2; 0 is cross-entropy)."},
+    )
     multi_label_threshold: Optional[str] = field(
         default=None,
         metadata={"help": "Multi-label: a label is predicted when its probability reaches this. A number in (0, 1), or "

@@ -12,6 +12,11 @@ values, its prediction columns, report sections and model-card lines:
 - multi-label: binary cross-entropy on the logits, `pos_weight` from `--class_weights`, targets smoothed towards 0.5;
 - regression: mean squared error over every target.
 
+`--loss focal` (Lin et al. 2017, "Focal Loss for Dense Object Detection") scales each example's cross-entropy by
+(1 - p_t)^gamma, p_t the probability given to the true class (single-label, softmax) or to each label's true value
+(multi-label, sigmoid: torchvision's `sigmoid_focal_loss`): confident, easy examples count less. `--class_weights`
+weigh it as they weigh cross-entropy (the paper's alpha per class; multi-label: pos_weight); gamma 0 is cross-entropy.
+
 torch is imported here; `datasets` and `pyarrow` only where labels are encoded, as config and runtime import this
 module and the doctor's probe must not load the data stack.
 """
@@ -34,7 +39,7 @@ if TYPE_CHECKING:
 
 SINGLE, MULTI, REGRESSION = "single_label_classification", "multi_label_classification", "regression"
 # The options that shape the loss: a resumed run keeps them (checkpoint.RESUME_SETTINGS).
-LOSS_OPTIONS = ("class_weights", "label_smoothing_factor")
+LOSS_OPTIONS = ("class_weights", "label_smoothing_factor", "loss", "focal_gamma")
 # Metrics where a smaller value is better (best model, early stopping): errors and losses.
 LOWER_IS_BETTER = ("loss", "mse", "mae", "rmse")
 
@@ -50,10 +55,13 @@ class Problem:
     label_smoothing: float = 0.0
     threshold: float = 0.5  # multi-label: a label is predicted when its probability is at least this
     tune_threshold: bool = False  # multi-label --multi_label_threshold auto: re-chosen at every evaluation
+    loss_name: str | None = None  # --loss; None: the type's usual loss, losses[0]
+    focal_gamma: float = 2.0
 
     problem_type: ClassVar[str]  # the name: --problem_type, the model config's problem_type
     unit: ClassVar[str]  # what one output of the model is called: a class, a label, a target
     units: ClassVar[str]
+    losses: ClassVar[tuple[str, ...]]  # the --loss values it takes, its usual one first
     builtin_metrics: ClassVar[tuple[str, ...]]  # computed offline by metric_modules/<metric_module>
     default_metrics: ClassVar[tuple[str, ...]]  # computed when --metrics is not given
     metric_module: ClassVar[str]
@@ -69,6 +77,11 @@ class Problem:
     def options_problem(cls, t: TrainArguments, reason: str | None) -> str | None:
         """What is wrong with the loss options for this type, or None. `reason`: why the type, once it is decided;
         None while checking the options before anything is loaded (then the type was given by --problem_type)."""
+        if t.loss and t.loss not in cls.losses:
+            if reason is None:
+                return f"loss {t.loss} does not apply to problem_type {cls.problem_type}: use {' or '.join(cls.losses)}"
+            return (f"--loss {t.loss} does not apply to {cls.problem_type} ({reason}): use {' or '.join(cls.losses)}, "
+                    "or pass --problem_type")
         return None
 
     def average_problem(self, average: str) -> str | None:
@@ -133,6 +146,7 @@ class Problem:
 
 class SingleLabel(Problem):
     problem_type, unit, units = SINGLE, "class", "classes"
+    losses = ("cross_entropy", "focal")
     builtin_metrics = ("accuracy", "f1", "precision", "recall")
     default_metrics = ("accuracy", "f1")
     metric_module = "classification.py"
@@ -210,10 +224,18 @@ class SingleLabel(Problem):
         return split if feature == typed[column] else split.cast(typed)
 
     def loss(self, logits, labels):
-        """Cross-entropy, with the class weights and label smoothing."""
+        """Cross-entropy, or softmax focal loss: each example's cross-entropy times (1 - p_true)^gamma. With class
+        weights both are the weighted mean (sum of w_y x loss over the sum of w_y), as torch's cross_entropy."""
         logits = logits.float()
         weights = None if self.weights is None else self.weights.to(logits.device)
-        return F.cross_entropy(logits, labels.long(), weight=weights, label_smoothing=self.label_smoothing)
+        if self.loss_name != "focal":
+            return F.cross_entropy(logits, labels.long(), weight=weights, label_smoothing=self.label_smoothing)
+        labels = labels.long()
+        cross_entropy = F.cross_entropy(logits, labels, reduction="none")
+        focal = (1 - torch.exp(-cross_entropy)) ** self.focal_gamma * cross_entropy
+        if weights is None:
+            return focal.mean()
+        return (weights[labels] * focal).sum() / weights[labels].sum()
 
     def probabilities(self, logits):
         return torch.softmax(torch.from_numpy(logits).float(), dim=-1).numpy()
@@ -238,6 +260,7 @@ class SingleLabel(Problem):
 
 class MultiLabel(Problem):
     problem_type, unit, units = MULTI, "label", "labels"
+    losses = ("cross_entropy", "focal")
     builtin_metrics = ("micro_f1", "macro_f1", "subset_accuracy", "mean_average_precision")
     default_metrics = builtin_metrics
     metric_module = "multi_label.py"
@@ -292,11 +315,17 @@ class MultiLabel(Problem):
         return split.map(multi_hot, batched=True, features=typed, desc="Encoding labels")
 
     def loss(self, logits, labels):
-        """Binary cross-entropy on each label, `pos_weight` from the class weights, targets smoothed towards 0.5."""
+        """Binary cross-entropy on each label, or sigmoid focal loss (torchvision's `sigmoid_focal_loss` without
+        alpha: each term times (1 - p_t)^gamma); `pos_weight` in both, the mean over every (example, label)."""
         logits = logits.float()
         weights = None if self.weights is None else self.weights.to(logits.device)
         targets = labels.float() * (1 - self.label_smoothing) + 0.5 * self.label_smoothing
-        return F.binary_cross_entropy_with_logits(logits, targets, pos_weight=weights)
+        if self.loss_name != "focal":
+            return F.binary_cross_entropy_with_logits(logits, targets, pos_weight=weights)
+        cross_entropy = F.binary_cross_entropy_with_logits(logits, targets, pos_weight=weights, reduction="none")
+        p = torch.sigmoid(logits)
+        p_true = p * targets + (1 - p) * (1 - targets)
+        return (cross_entropy * (1 - p_true) ** self.focal_gamma).mean()
 
     def probabilities(self, logits):
         return torch.sigmoid(torch.from_numpy(logits).float()).numpy()
@@ -342,6 +371,7 @@ class MultiLabel(Problem):
 
 class Regression(Problem):
     problem_type, unit, units = REGRESSION, "target", "target(s)"
+    losses = ("mse",)
     builtin_metrics = ("mse", "mae", "pearson", "spearman")
     default_metrics = builtin_metrics
     metric_module = "regression.py"
@@ -482,7 +512,8 @@ def make_problem(d: DataArguments, t: TrainArguments, eval_names: list[str], spl
     threshold = t.multi_label_threshold
     problem = kind(names, reason, weights, t.label_smoothing_factor,
                    threshold=float(threshold) if threshold not in (None, "auto") else saved_threshold or 0.5,
-                   tune_threshold=threshold == "auto" and kind.has_threshold)
+                   tune_threshold=threshold == "auto" and kind.has_threshold, loss_name=t.loss,
+                   focal_gamma=t.focal_gamma)
     lines = []
     if problem.tune_threshold and not t.do_eval:
         lines.append("warning: --multi_label_threshold auto is chosen on the eval set, and --do_eval is off: using 0.5")
@@ -562,7 +593,13 @@ def threshold_problem(value: str | None) -> str | None:
 def option_problems(t: TrainArguments) -> list[str]:
     """What is wrong with the options of this module whatever the problem type (the type's own checks:
     `Problem.options_problem`)."""
-    return [problem] if (problem := threshold_problem(t.multi_label_threshold)) else []
+    problems = [problem] if (problem := threshold_problem(t.multi_label_threshold)) else []
+    if t.focal_gamma < 0:
+        problems.append(f"focal_gamma must be >= 0, 0 is cross-entropy (got {t.focal_gamma})")
+    if t.loss == "focal" and t.label_smoothing_factor:
+        problems.append("loss focal with label_smoothing_factor: focal loss already discounts confident predictions; "
+                        "give one of them")
+    return problems
 
 
 def parse_class_weights(option: str | None) -> str | list[float] | None:
