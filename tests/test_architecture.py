@@ -179,3 +179,67 @@ def test_the_global_batch_finder_finds_a_copy():
     assert global_batch_products(old_layout, "elastic") == ["elastic:Layout.global_batch"]
     elastic_position = "samples = saved.batches_in_epoch * before.processes * before.per_device_batch\n"
     assert global_batch_products(elastic_position, "elastic") == []
+
+
+# ---------------------------------------------------------------- rules decided once
+
+PROBLEM_TYPE_NAMES = {"single_label_classification", "multi_label_classification", "regression"}
+
+
+def problem_type_switches(source: str) -> list[str]:
+    """Where code decides by the problem type's name: the constants SINGLE/MULTI/REGRESSION, a comparison with a
+    problem type's name or with a `problem_type`, a table keyed by the names. (A Literal of the choices, a default
+    value or help text decides nothing.)"""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Name) and node.id in ("SINGLE", "MULTI", "REGRESSION") or \
+                isinstance(node, ast.Attribute) and node.attr in ("SINGLE", "MULTI", "REGRESSION"):
+            found.append(f"line {node.lineno}: {ast.unparse(node)}")
+        elif isinstance(node, ast.Compare):
+            operands = [node.left, *node.comparators]
+            names = [o for o in operands if isinstance(o, ast.Constant) and o.value in PROBLEM_TYPE_NAMES
+                     or isinstance(o, ast.Attribute) and o.attr == "problem_type"
+                     or isinstance(o, ast.Name) and o.id == "problem_type"]
+            if names:
+                found.append(f"line {node.lineno}: {ast.unparse(node)}")
+        elif isinstance(node, ast.Dict) and any(isinstance(k, ast.Constant) and k.value in PROBLEM_TYPE_NAMES
+                                                for k in node.keys):
+            found.append(f"line {node.lineno}: a table keyed by problem type")
+    return found
+
+
+def test_only_problem_py_decides_by_the_problem_type():
+    """Each problem type is one class in problem.py that owns its labels, loss, metrics, predictions and report lines;
+    the rest of the code asks the run's problem object. Guards a new `if problem_type == ...` (or a table keyed by
+    the type) elsewhere, which is how adding a type once touched 12 files."""
+    found = {path.name: switches for path in sorted(PACKAGE.glob("*.py")) if path.name != "problem.py"
+             if (switches := problem_type_switches(path.read_text()))}
+    assert not found, f"decided by the problem type outside problem.py: {found}"
+
+
+def test_the_problem_type_switch_finder_finds_switches():
+    """Guards the test above: a finder that never reports anything would pass it too."""
+    assert len(problem_type_switches("if problem.problem_type == problems.MULTI:\n    pass\n")) == 2
+    assert problem_type_switches('kind = "pos_weight" if t == "multi_label_classification" else None\n')
+    assert problem_type_switches('what = {"regression": "target"}\n')
+    assert problem_type_switches('ok = d.problem_type in ("regression",)\n')
+    assert not problem_type_switches('def f(problem_type: str = "regression"):\n    return problem.units\n')
+
+
+# Each rule's message, and the one module that may phrase it: a second copy of the check is a second copy of the text.
+RULE_OWNERS = {
+    "are for classification": "problem.py",  # regression takes no class weights or label smoothing
+    "is not computed": "problem.py",  # metric_for_best_model must be a computed metric
+    "multi_label_threshold must be": "problem.py",
+    "given by --problem_type": "problem.py",  # deciding the problem type
+    "the model's saved problem_type": "problem.py",
+    "does not apply to": "problem.py",  # --loss against the problem type
+}
+
+
+def test_each_rule_is_phrased_in_one_module():
+    """The problem-type rules that were decided twice (config.validate and loop.make_problem; data.load_splits and
+    loop.make_problem) live in problem.py only. Guards a copy of one of them drifting back into another module."""
+    sources = {path.name: path.read_text() for path in PACKAGE.glob("*.py")}
+    for text, owner in RULE_OWNERS.items():
+        assert [name for name, source in sources.items() if text in source] == [owner], text

@@ -20,7 +20,7 @@ from tuneloop import elastic, outputs
 from tuneloop.cli import console, inherited_settings
 from tuneloop.config import parse_args
 from tuneloop.errors import UserError
-from tuneloop.problem import SINGLE, Problem
+from tuneloop.problem import SingleLabel
 from tuneloop.report import model_card
 from tuneloop.tracking import flat_hparams
 
@@ -170,13 +170,13 @@ def test_the_model_card_shows_no_local_paths(home):
     a local model, data file or output folder by its last component."""
     home, files = home
     config = parse_args(tiny_args(str(home / "models" / "tiny-bert"), files, home / "runs" / "bbc"))
-    card = model_card(config, {"global_step": 3, "eval_accuracy": 0.5}, Problem(SINGLE, CLASSES), None, None, 12,
+    card = model_card(config, {"global_step": 3, "eval_accuracy": 0.5}, SingleLabel(CLASSES), None, None, 12,
                       "1 process(es) on cpu")
     assert str(home) not in card and "/alice" not in card
     assert "`tiny-bert` fine-tuned" in card and "source: train.csv, dev.csv" in card and 'model="bbc"' in card
     assert "base_model" not in card  # a local folder means nothing on the Hub
     config.model.model_name_or_path = "google-bert/bert-base-cased"  # a Hub id: shown, and linked, as it is
-    card = model_card(config, {}, Problem(SINGLE, CLASSES), None, None, 12, "cpu")
+    card = model_card(config, {}, SingleLabel(CLASSES), None, None, 12, "cpu")
     assert "base_model: google-bert/bert-base-cased" in card and "`google-bert/bert-base-cased` fine-tuned" in card
 
 

@@ -29,6 +29,7 @@ from accelerate.utils import DistributedType
 from tuneloop import runtime
 from tuneloop.config import Config
 from tuneloop.errors import UserError
+from tuneloop.problem import LOSS_OPTIONS
 
 CHECKPOINTS_DIR = "checkpoints"
 STATE_FILE = "trainer_state.json"  # written last, by the main process: a checkpoint without it is incomplete
@@ -176,8 +177,8 @@ RESUME_SETTINGS = {
               "lora_target_modules"),
     "data": ("max_length", "train_sampling_strategy", "length_grouping_window"),
     "train": ("learning_rate", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "max_grad_norm",
-              "lr_scheduler_type", "lr_scheduler_kwargs", "warmup_steps", "class_weights", "label_smoothing_factor",
-              "metric_for_best_model", "greater_is_better"),
+              "lr_scheduler_type", "lr_scheduler_kwargs", "warmup_steps", *LOSS_OPTIONS, "metric_for_best_model",
+              "greater_is_better"),
 }
 
 

@@ -26,8 +26,9 @@ import yaml
 from transformers import HfArgumentParser, get_scheduler
 from transformers.hf_argparser import string_to_bool
 
+from tuneloop import problem as problem_types
 from tuneloop.errors import OneLineArgumentErrors, UserError
-from tuneloop.problem import DEFAULT_METRICS, parse_class_weights, untrusted_metrics
+from tuneloop.problem import parse_class_weights, untrusted_metrics
 from tuneloop.sources import BUILTIN_DATASET, BUILTIN_HEADLINES, eval_sources, file_problems
 
 BUILTIN_MODEL = "builtin:all-MiniLM-L6-v2"
@@ -365,6 +366,20 @@ class TrainArguments:
         default=0.0,
         metadata={"help": "Label smoothing, as TrainingArguments: the target puts this share of its mass evenly on "
                           "all classes (multi-label: each 0/1 target moves this share towards 0.5)."},
+    )
+    loss: Optional[Literal["cross_entropy", "focal", "mse"]] = field(
+        default=None,
+        metadata={"help": "The loss. Default: the problem type's usual one, cross_entropy (softmax cross-entropy; "
+                          "multi-label: binary cross-entropy on each label) or mse (regression). focal: the focal loss "
+                          "of Lin et al. 2017 for imbalanced classes, cross-entropy times (1 - p_t)^gamma so that easy "
+                          "examples count less (single-label: softmax; multi-label: sigmoid, as torchvision's "
+                          "sigmoid_focal_loss), weighted by --class_weights (alpha per class; multi-label: "
+                          "pos_weight)."},
+    )
+    focal_gamma: float = field(
+        default=2.0,
+        metadata={"help": "--loss focal's focusing parameter gamma: the larger, the less easy examples count (the "
+                          "paper's best: 2; 0 is cross-entropy)."},
     )
     multi_label_threshold: Optional[str] = field(
         default=None,
@@ -742,15 +757,6 @@ def lora_problems(m: ModelArguments) -> list[str]:
     return problems
 
 
-def threshold_problem(value: str | None) -> str | None:
-    """What is wrong with --multi_label_threshold, or None."""
-    if value is None or value == "auto":
-        return None
-    try:
-        ok = 0 < float(value) < 1
-    except ValueError:
-        ok = False
-    return None if ok else f"multi_label_threshold must be auto or a number in (0, 1) (got {value!r})"
 
 
 def project_problem(project: str) -> str | None:
@@ -758,14 +764,6 @@ def project_problem(project: str) -> str | None:
     if project and project not in (".", "..") and not any(sep in project for sep in ("/", "\\", "\0")):
         return None
     return f"project must be a plain name, no path (got {project!r}): e.g. --project my-experiments"
-
-
-def split_best_metric(name: str | None, eval_names: list[str]) -> tuple[str | None, str]:
-    """--metric_for_best_model as (eval set, metric): with several eval sets, 'eval_<set>_<metric>' names one of them;
-    with one set, or none named, the set is None. ('' for no metric.)"""
-    metric = (name or "").removeprefix("eval_")
-    named = next((n for n in eval_names if len(eval_names) > 1 and metric.startswith(n + "_")), None)
-    return named, metric.removeprefix(named + "_") if named else metric
 
 
 def validate(config: Config) -> None:
@@ -798,10 +796,9 @@ def validate(config: Config) -> None:
     except ValueError:
         problems.append(f"class_weights must be auto or positive numbers 'w1,w2,...' (got {t.class_weights!r})")
     need(0 <= t.label_smoothing_factor < 1, f"label_smoothing_factor must be in [0, 1) (got {t.label_smoothing_factor})")
-    need(threshold_problem(t.multi_label_threshold) is None, threshold_problem(t.multi_label_threshold))
-    if d.problem_type == "regression":
-        need(t.class_weights is None and t.label_smoothing_factor == 0,
-             "class_weights and label_smoothing_factor are for classification, the problem_type is regression")
+    problems += problem_types.option_problems(t)
+    if d.problem_type:
+        need(not (problem := problem_types.of(d.problem_type).options_problem(t, reason=None)), problem)
     need(d.label_separator != "", "label_separator must not be empty")
     need(m.attention_dropout is None or 0 <= m.attention_dropout < 1,
          f"attention_dropout must be in [0, 1) (got {m.attention_dropout})")
@@ -841,13 +838,8 @@ def validate(config: Config) -> None:
     need(t.save_total_limit is None or t.save_total_limit >= 1, f"save_total_limit must be >= 1 (got {t.save_total_limit})")
     need(t.early_stopping_patience is None or t.early_stopping_patience >= 1,
          f"early_stopping_patience must be >= 1 (got {t.early_stopping_patience})")
-    _, best_metric = split_best_metric(t.metric_for_best_model, eval_names)
-    # Without --metrics the problem type (read from the labels later) picks them: any type's defaults may be computed.
-    computed = t.metrics or (DEFAULT_METRICS[d.problem_type] if d.problem_type
-                             else list(dict.fromkeys(name for names in DEFAULT_METRICS.values() for name in names)))
-    need(not best_metric or best_metric == "loss" or best_metric in computed,
-         f"metric_for_best_model {t.metric_for_best_model!r} is not computed: use loss or one of --metrics {computed}"
-         + (f", as eval_<set>_<metric> for one of the eval sets {several} (default: the first)" if several else ""))
+    need(not (problem := problem_types.best_metric_problem(t.metric_for_best_model, t.metrics, eval_names,
+                                                           d.problem_type, decided=False)), problem)
     need(t.ddp_timeout >= 1, f"ddp_timeout must be >= 1 second (got {t.ddp_timeout})")
     need(t.max_nonfinite_steps >= 1, f"max_nonfinite_steps must be >= 1 (got {t.max_nonfinite_steps})")
     need(t.do_eval and t.eval_strategy != "no" or not (t.load_best_model_at_end or t.early_stopping_patience

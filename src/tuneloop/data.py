@@ -39,7 +39,7 @@ class Splits:
     eval_sets: dict[str, Dataset] | None = None  # every eval set by name, the first being `eval`
     notes: list[str] = field(default_factory=list)  # what loading did or found (dropped rows, leaks): said at start
     texts_in_train: dict[str, int] = field(default_factory=dict)  # per eval set: texts also in the training data
-    problem_type: str = problem.SINGLE
+    problem_type: str = problem.DEFAULT.problem_type
     problem_reason: str = ""  # why this problem type: printed at start
 
 
@@ -87,17 +87,14 @@ def load_splits(d: DataArguments, seed: int, num_labels: int | None, need_train:
              for name, split in evals.items()}
     reference = train if train is not None else next(iter(evals.values()))
 
-    if model_problem_type and not d.problem_type:
-        problem_type, reason = model_problem_type, "the model's saved problem_type"
-    else:
-        problem_type, reason = problem.infer(reference.features[d.label_column], lambda: reference.unique(d.label_column),
-                                             d.problem_type, d.label_separator)
-    label_names = model_classes or _label_names(reference, _label_source(evals, d.label_column), d.label_column,
-                                                num_labels, problem_type, d.label_separator,
-                                                sources.get("train" if train is not None else next(iter(evals))))
-    encode = dict(column=d.label_column, names=label_names, problem_type=problem_type, separator=d.label_separator)
-    train = _encode_labels(train, split_name="train", **encode) if train is not None else None
-    evals = {name: _encode_labels(split, split_name=shown[name], **encode) for name, split in evals.items()}
+    kind, reason = problem.decide(d.problem_type, model_problem_type, reference.features[d.label_column],
+                                  lambda: reference.unique(d.label_column), d.label_separator)
+    path = sources.get("train" if train is not None else next(iter(evals)))
+    label_names = model_classes or kind.label_names(reference, _label_source(evals, d.label_column), d.label_column,
+                                                    num_labels, d.label_separator, path, lambda i: row_name(i, path))
+    encode = dict(column=d.label_column, names=label_names, separator=d.label_separator)
+    train = kind.encode(train, split_name="train", **encode) if train is not None else None
+    evals = {name: kind.encode(split, split_name=shown[name], **encode) for name, split in evals.items()}
     if not evals:
         train, evals["validation"] = _hold_out(train, d.label_column, d.validation_split_percentage, seed)
 
@@ -113,7 +110,7 @@ def load_splits(d: DataArguments, seed: int, num_labels: int | None, need_train:
             notes.append(f"warning: {count} of {len(evals[name])} texts of the {shown.get(name, 'eval')} set also appear in the "
                          "training data: its scores overstate how the model does on new texts; deduplicate the files")
     return Splits(train, next(iter(evals.values())), text_column, text_pair_column, d.label_column, label_names,
-                  eval_sets=evals, notes=notes, texts_in_train=overlap, problem_type=problem_type,
+                  eval_sets=evals, notes=notes, texts_in_train=overlap, problem_type=kind.problem_type,
                   problem_reason=reason)
 
 
@@ -141,7 +138,8 @@ def _texts_in_train(train: Dataset, evals: dict[str, Dataset], text: str, pair: 
     return {name: int(pc.sum(pc.is_in(texts(split), value_set=seen)).as_py() or 0) for name, split in evals.items()}
 
 
-def load_test_split(d: DataArguments, label_names: list[str] | None, problem_type: str = problem.SINGLE) -> Splits:
+def load_test_split(d: DataArguments, label_names: list[str] | None,
+                    problem_type: str = problem.DEFAULT.problem_type) -> Splits:
     """The split `--do_predict` and `tuneloop predict` run on: `--test_file`, else `--test_split` of the dataset.
 
     Labels are optional. When the label column is there (and not all -1, GLUE's mark for "hidden"), its values must be
@@ -171,7 +169,7 @@ def load_test_split(d: DataArguments, label_names: list[str] | None, problem_typ
     if one_per_row and set(test.unique(label_column)) <= {None, -1}:
         test = test.remove_columns(label_column)  # present but empty: an unlabelled split
     if label_column in test.column_names and label_names is not None:
-        test = _encode_labels(test, label_column, label_names, "test", problem_type, d.label_separator)
+        test = problem.of(problem_type).encode(test, label_column, label_names, "test", d.label_separator)
     return Splits(None, None, text_column, text_pair_column, label_column, label_names, test=test, id_column=id_column,
                   problem_type=problem_type)
 
@@ -225,171 +223,6 @@ def _check_columns(split: Dataset, name: str, wanted: list[str | None]) -> None:
                             "text column with --text_column/--text_pair_column")
         if dtype not in ("string", "large_string"):
             raise UserError(f"text column {column!r} holds {dtype or split.features[column]}, not text: pick a text column")
-
-
-def _label_names(reference: Dataset, evaluation: Dataset | None, column: str, num_labels: int | None,
-                 problem_type: str = problem.SINGLE, separator: str | None = None,
-                 path: str | None = None) -> list[str]:
-    """Class names, in id order: from a ClassLabel feature, sorted strings, or the ids 0..n-1 themselves (every one
-    used, or --num_labels given: _check_class_ids). Multi-label: every label seen in either split, sorted; regression:
-    the targets' names (the column's, numbered if several). `path`: the file `reference` came from, for messages."""
-    feature = reference.features[column]
-    if problem_type == problem.REGRESSION:
-        width = _regression_width(reference, column)
-        return [column] if width is None else [f"{column}_{i}" for i in range(width)]
-    if problem_type == problem.MULTI:
-        names = sorted(_multi_label_values(reference, column, separator)
-                       | (_multi_label_values(evaluation, column, separator) if evaluation is not None else set()))
-        if all(name.isdigit() for name in names):  # label ids: in numeric order
-            names.sort(key=int)
-        if num_labels is not None and num_labels != len(names):
-            raise UserError(f"--num_labels {num_labels} but the data has {len(names)} labels {names[:10]}: drop --num_labels")
-        if len(names) < 2:
-            raise UserError(f"label column {column!r} has {len(names)} label(s); multi-label needs at least 2")
-        return names
-    whole_floats = getattr(feature, "dtype", "").startswith("float")  # an integer column with gaps, as pandas writes it
-    plain_ids = not isinstance(feature, ClassLabel) and (getattr(feature, "dtype", "").startswith(("int", "uint"))
-                                                         or whole_floats)
-    if isinstance(feature, ClassLabel):
-        names = list(feature.names)
-    elif getattr(feature, "dtype", None) in ("string", "large_string"):
-        values = set(reference.unique(column))
-        if evaluation is not None and evaluation is not reference:
-            values |= set(evaluation.unique(column))
-        if None in values:
-            raise UserError(f"label column {column!r} has empty values: drop or fill those rows")
-        names = sorted(values)
-    elif plain_ids:
-        top = int(max(v for v in reference.unique(column) if v is not None))
-        if num_labels is None:
-            _check_class_ids(reference, evaluation, column, top, path)
-        names = [str(i) for i in range((num_labels or top + 1))]
-    else:
-        raise UserError(
-            f"label column {column!r} holds {feature}, not class ids or names: fix --label_column, or pass --problem_type"
-        )
-    if num_labels is not None and num_labels != len(names) and not plain_ids:
-        raise UserError(f"--num_labels {num_labels} but the data has {len(names)} classes {names[:10]}: drop --num_labels")
-    if len(names) < 2:
-        raise UserError(f"label column {column!r} has {len(names)} class(es); classification needs at least 2")
-    return names
-
-
-def _check_class_ids(reference: Dataset, evaluation: Dataset | None, column: str, top: int, path: str | None) -> None:
-    """Integer labels are class ids 0..N-1, and without --num_labels N is the largest id + 1: so every id up to the
-    largest must occur in the data (train and eval together), or one stray value (a 10**9 typed into a 0..4 column)
-    would build a head of a billion classes and stall casting the column."""
-    values = set(reference.unique(column))
-    if evaluation is not None and evaluation is not reference:
-        values |= set(evaluation.unique(column))  # ints, whole floats (a column with an empty cell), or not ids
-    present = {int(v) for v in values if isinstance(v, (int, float)) and not isinstance(v, bool) and v == v
-               and 0 <= v <= top}
-    if len(present) == top + 1:
-        return
-    missing = next(i for i in range(top + 1) if i not in present)  # at most len(present) + 1 steps
-    labels = reference.with_format("arrow")[column]
-    row = row_name(pc.index(labels, pa.scalar(top).cast(labels.type)).as_py(), path)
-    raise UserError(f"label {top} at {row} of {repr(path) if path else 'the training data'} makes {top + 1} classes, "
-                    f"but only {len(present)} of the ids 0..{top} occur (the first missing is {missing}): fix the "
-                    f"data, or pass --num_labels {top + 1} if the model really has {top + 1} classes")
-
-
-def _multi_label_values(split: Dataset, column: str, separator: str | None) -> set[str]:
-    """The distinct labels of a multi-label column: lists of names or ids, or strings cut at `separator`."""
-    values = set()
-    for row in split.unique(column) if separator else split[column]:
-        if row is None and separator is None:
-            raise UserError(f"label column {column!r} has empty values: drop or fill those rows (an empty list means "
-                            "no label)")
-        values.update(_split_labels(row, separator))
-    return values
-
-
-def _split_labels(row, separator: str | None) -> list[str]:
-    """One row's labels. With a separator an empty cell (None, as CSV readers give it) is a row with no label."""
-    if row is None:
-        return []
-    if separator is not None and isinstance(row, str):
-        return [part.strip() for part in row.split(separator) if part.strip()]
-    if isinstance(row, str):
-        return [row]
-    return [str(value) for value in row]
-
-
-def _regression_width(split: Dataset, column: str) -> int | None:
-    """None for one float per row; the number of targets for a list of floats per row (the same in every row)."""
-    if getattr(split.features[column], "feature", None) is None:
-        return None
-    widths = {len(row) for row in split[column] if row is not None}
-    if len(widths) != 1:
-        raise UserError(f"label column {column!r} has lists of {sorted(widths)[:5]} values: every row needs the same "
-                        "number of regression targets")
-    return widths.pop()
-
-
-def _encode_labels(split: Dataset, column: str, names: list[str], split_name: str,
-                   problem_type: str = problem.SINGLE, separator: str | None = None) -> Dataset:
-    """Labels as ids in [0, len(names)), typed ClassLabel so splits can be stratified and names travel with them.
-    Multi-label: a 0/1 float32 vector over `names` per row (what BCE takes); regression: float32 value(s)."""
-    if problem_type == problem.MULTI:
-        return _encode_multi_labels(split, column, names, split_name, separator)
-    if problem_type == problem.REGRESSION:
-        return _encode_values(split, column, names, split_name)
-    feature = split.features[column]
-    typed = split.features.copy()
-    typed[column] = ClassLabel(names=names)
-    if getattr(feature, "dtype", None) in ("string", "large_string"):
-        ids = {name: i for i, name in enumerate(names)}
-        unknown = sorted({v for v in split.unique(column) if v not in ids}, key=str)
-        if unknown:  # only possible for a split scored by an already trained model
-            raise UserError(f"labels {unknown[:5]} in the {split_name} split are not classes of the model "
-                            f"({', '.join(names[:10])}): fix the data or --label_column")
-        return split.map(lambda batch: {column: [ids[v] for v in batch[column]]}, batched=True, features=typed)
-    bad = sorted({v for v in split.unique(column) if v is None or not 0 <= v < len(names)}, key=str)
-    if bad:
-        fix = "; or pass --num_labels above the largest label" if any(v is not None and v > 0 for v in bad) else ""
-        raise UserError(f"labels {bad[:5]} in the {split_name} split are outside 0..{len(names) - 1}: fix the data{fix}")
-    return split if feature == typed[column] else split.cast(typed)
-
-
-def _encode_multi_labels(split: Dataset, column: str, names: list[str], split_name: str, separator: str | None) -> Dataset:
-    ids = {name: i for i, name in enumerate(names)}
-    unknown = sorted(_multi_label_values(split, column, separator) - set(ids))
-    if unknown:
-        raise UserError(f"labels {unknown[:5]} in the {split_name} split are not labels of the model "
-                        f"({', '.join(names[:10])}): fix the data or --label_column")
-
-    def multi_hot(batch):
-        rows = []
-        for row in batch[column]:
-            vector = [0.0] * len(names)
-            for label in _split_labels(row, separator):
-                vector[ids[label]] = 1.0
-            rows.append(vector)
-        return {column: rows}
-
-    typed = split.features.copy()
-    typed[column] = datasets.List(Value("float32"), length=len(names))
-    return split.map(multi_hot, batched=True, features=typed, desc="Encoding labels")
-
-
-def _encode_values(split: Dataset, column: str, names: list[str], split_name: str) -> Dataset:
-    width = _regression_width(split, column)
-    if (width or 1) != len(names):
-        raise UserError(f"the {split_name} split has {width or 1} regression target(s), the model {len(names)} "
-                        f"({', '.join(names)}): fix the data or --label_column")
-    values = split[column]
-    missing = next((i for i, v in enumerate(values) if v is None or (width and any(x is None for x in v))), None)
-    if missing is not None:
-        raise UserError(f"label column {column!r} is empty in row {missing} of the {split_name} split: drop or fill "
-                        "that row")
-    typed = split.features.copy()
-    typed[column] = Value("float32") if width is None else datasets.List(Value("float32"), length=width)
-    try:
-        return split.cast(typed)
-    except (TypeError, ValueError) as e:
-        raise UserError(f"label column {column!r} of the {split_name} split is not numeric ({' '.join(str(e).split())[:200]}): "
-                        "regression needs numbers; fix --label_column or --problem_type") from None
 
 
 def _hold_out(train: Dataset, column: str, percentage: int, seed: int) -> tuple[Dataset, Dataset]:

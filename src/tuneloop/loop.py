@@ -14,7 +14,6 @@ import sys
 import time
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
@@ -23,7 +22,7 @@ from transformers.utils import logging as hf_logging
 
 from tuneloop import (batches, checkpoint, cpu_speedups, data, elastic, engines, lora, metrics, model as models, optim,
                       outputs, predict, problem as problems, report, runtime, sources, throughput, tracking)
-from tuneloop.config import Config, TrainArguments, make_scheduler, split_best_metric
+from tuneloop.config import Config, TrainArguments, make_scheduler
 from tuneloop.errors import UserError
 from tuneloop.preemption import Preempted, StopRequest
 from tuneloop.runtime import describe, say
@@ -117,8 +116,7 @@ def run_phases(run: Run) -> dict:
     if t.do_train:
         results, eval_outputs = fit(run)
         history = run.state.history
-        if run.problem.problem_type == problems.MULTI:  # the threshold the final evaluation chose: predictions use it
-            accelerator.unwrap_model(run.model).config.multi_label_threshold = run.problem.threshold
+        run.problem.record_in(accelerator.unwrap_model(run.model).config)
         outputs.save_final_model(accelerator, run.model, run.tokenizer, t.output_dir, config.model.merge_adapter)
         outputs.save_results(accelerator, config, results, history)
         stop_if_asked(run)
@@ -190,15 +188,17 @@ def setup(config: Config) -> Run:
         splits = data.load_splits(d, t.seed, m.num_labels, need_train=t.do_train, model_classes=trained_classes,
                                   model_problem_type=None if t.do_train else model_config.problem_type)
     class_names = splits.label_names if splits else models.class_names(model_config)
-    problem = make_problem(accelerator, config, splits, model_config, class_names)
+    problem, lines = problems.make_problem(d, t, list(sources.eval_sources(d)), splits, model_config, class_names)
+    for line in lines:
+        say(accelerator, line)
     if t.do_train:  # the data, its labels and problem type: recorded in every checkpoint, checked on resume
         trained_on = checkpoint.data_settings(splits, problem.problem_type)
         if resume_from:
             checkpoint.check_settings(checkpoint.read_state(resume_from), trained_on, resume_from)
         state.settings = {**state.settings, **trained_on}
     test_split = data.load_test_split(d, class_names, problem.problem_type) if t.do_predict else None
-    if t.metric_average == "binary" and len(class_names) != 2 and problem.problem_type == problems.SINGLE:
-        raise UserError(f"metric_average=binary needs 2 classes, the data has {len(class_names)}: use macro")
+    if average_problem := problem.average_problem(t.metric_average):
+        raise UserError(average_problem)
     tokenizer = models.load_tokenizer(m, d.max_length)
     with accelerator.main_process_first():
         train_set = data.tokenize(splits.train, splits, tokenizer, d) if t.do_train else None
@@ -270,54 +270,13 @@ def setup(config: Config) -> Run:
         f"tuneloop: {accelerator.distributed_type.value} x{accelerator.num_processes} on {accelerator.device}, "
         f"mixed_precision={accelerator.mixed_precision}, {len(splits.train)} train / "
         f"{' + '.join(str(len(split)) for split in splits.eval_sets.values())} eval examples, "
-        f"{len(class_names)} {problems.UNITS[problem.problem_type]}, {t.describe_batch(accelerator.num_processes)}, "
+        f"{len(class_names)} {problem.units}, {t.describe_batch(accelerator.num_processes)}, "
         f"{plan.total_steps} steps ({plan.steps_per_epoch}/epoch, {plan.warmup_steps} warmup)"
         + (f", resuming at step {state.step} from {resume_from}" if resume_from else ""),
     )
     # Measured before training (a one-second matmul probe on CPU, cached), so it never eats into the timed loop.
     run.peak_tflops = throughput.peak_tflops(accelerator.device, accelerator.mixed_precision, t.peak_tflops)
     return run
-
-
-def make_problem(accelerator: Accelerator, config: Config, splits: data.Splits | None, model_config,
-                 names: list[str]) -> problems.Problem:
-    """The problem type (inferred by data.load_splits, or the saved model's), the loss weights and the multi-label
-    threshold; says which and why in one line each. Checks what could not be checked before the labels were read."""
-    d, t = config.data, config.train
-    if splits is not None:
-        problem_type, reason = splits.problem_type, splits.problem_reason
-    elif d.problem_type:
-        problem_type, reason = d.problem_type, "given by --problem_type"
-    else:
-        problem_type = getattr(model_config, "problem_type", None) or problems.SINGLE
-        reason = "the model's saved problem_type" if model_config.problem_type else "the default"
-    if problem_type == problems.REGRESSION and (t.class_weights or t.label_smoothing_factor):
-        raise UserError("--class_weights and --label_smoothing_factor are for classification; the problem is regression "
-                        f"({reason}): drop them, or pass --problem_type")
-    _, best = split_best_metric(t.metric_for_best_model, list(sources.eval_sources(d)))
-    computed = problems.metric_names(problem_type, t.metrics)
-    if best and best != "loss" and best not in computed:
-        raise UserError(f"metric_for_best_model {t.metric_for_best_model!r} is not computed for {problem_type}: use loss "
-                        f"or one of {', '.join(computed)}")
-    train_labels = np.asarray(list(splits.train[splits.label_column])) \
-        if splits is not None and splits.train is not None and t.class_weights == "auto" else None
-    weights = problems.class_weights(t.class_weights, problem_type, train_labels, names)
-    saved_threshold = getattr(model_config, "multi_label_threshold", None) if not t.do_train else None
-    threshold = t.multi_label_threshold
-    problem = problems.Problem(problem_type, names, reason, weights, t.label_smoothing_factor,
-                               threshold=float(threshold) if threshold not in (None, "auto") else saved_threshold or 0.5,
-                               tune_threshold=threshold == "auto" and problem_type == problems.MULTI)
-    if problem.tune_threshold and not t.do_eval:
-        say(accelerator, "warning: --multi_label_threshold auto is chosen on the eval set, and --do_eval is off: using 0.5")
-        problem.tune_threshold = False
-    say(accelerator, f"tuneloop: problem type {problem_type} ({reason}); {len(names)} {problems.UNITS[problem_type]}"
-                     + (f"; threshold {'auto (max micro-F1 on the eval set)' if problem.tune_threshold else problem.threshold}"
-                        if problem_type == problems.MULTI else ""))
-    if weights is not None:
-        kind = "class weights" if problem_type == problems.SINGLE else "pos_weight"
-        say(accelerator, f"tuneloop: {kind} ({'auto: inverse frequency of the training labels' if t.class_weights == 'auto' else 'given'}): "
-                         + ", ".join(f"{name}={w:.4g}" for name, w in zip(names, weights.tolist())))
-    return problem
 
 
 def resume_plan(config: Config) -> tuple[Config, str | None, checkpoint.TrainerState, list[str]]:
@@ -710,12 +669,9 @@ def save_checkpoint(run: Run, session: Session) -> str | None:
 def best_metric_key(run: Run) -> str:
     """The metric that picks the best model: --metric_for_best_model, else the first metric computed; with several
     eval sets, of the set it names (eval_<set>_<metric>), else of the first set."""
-    t = run.config.train
-    name = "eval_" + (t.metric_for_best_model or next(iter(run.metric_modules))).removeprefix("eval_")
-    prefixes = list(run.eval_dls or ["eval"])
-    if any(name.startswith(prefix + "_") for prefix in prefixes if prefix != "eval"):
-        return name
-    return prefixes[0] + name.removeprefix("eval")
+    eval_names = [prefix.removeprefix("eval_") for prefix in run.eval_dls or ["eval"]]
+    metric = run.config.train.metric_for_best_model or next(iter(run.metric_modules))
+    return problems.best_metric_key(metric, eval_names)
 
 
 def early_stop(run: Run) -> bool:
@@ -738,8 +694,8 @@ def evaluate(run: Run) -> tuple[dict, predict.Outputs]:
     results, first, problem = {}, None, run.problem
     for prefix, dataloader in run.eval_dls.items():
         outputs = predict.gather(run.accelerator, run.model, dataloader)
-        if problem.tune_threshold and first is None:  # on the first set, gathered: every rank chooses the same
-            problem.threshold = problems.best_threshold(problem.probabilities(outputs.logits), outputs.labels)
+        if first is None:  # on the first set, gathered: every rank chooses the same
+            problem.choose_threshold(outputs.logits, outputs.labels)
         results |= predict.score(outputs, problem, run.metric_modules, run.config.train.metric_average, prefix=prefix)
         first = outputs if first is None else first
     return results, first
