@@ -18,7 +18,7 @@ import torch
 from transformers import DataCollatorWithPadding, Trainer, TrainingArguments, set_seed
 
 from tuneloop import data, model as models, runtime, throughput
-from tuneloop.config import DataArguments, ModelArguments
+from tuneloop.options import DataArguments, ModelArguments
 
 
 def main() -> None:

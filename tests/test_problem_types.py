@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, pipeline
 
-from tuneloop.config import DataArguments, parse_args
+from tuneloop.config import parse_args
+from tuneloop.options import DataArguments
 from tuneloop.data import load_splits
 from tuneloop.errors import UserError
 from tuneloop.problem import MULTI, REGRESSION, SINGLE, Problem, best_threshold, class_weights

@@ -8,7 +8,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, pipe
 
 from tuneloop import runtime
 from tuneloop.cli import main
-from tuneloop.config import TrainArguments
+from tuneloop.options import TrainArguments
 from tuneloop.loop import LossMeter, make_plan
 from tuneloop.optim import make_optimizer
 
@@ -165,7 +165,7 @@ def test_bf16_mixed_precision_learns_and_pads_to_the_longest_on_cpu(tiny_model_d
 def test_the_padding_multiple_rule():
     """8 under fp16/bf16 on a GPU only (no GPU needed: the rule reads the device), 64-token buckets under compile, a
     given --pad_to_multiple_of always wins."""
-    from tuneloop.config import DataArguments, TrainArguments
+    from tuneloop.options import DataArguments, TrainArguments
 
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     d, t = DataArguments(max_length=128), TrainArguments()

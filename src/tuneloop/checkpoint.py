@@ -28,7 +28,7 @@ from accelerate.utils import DistributedType
 from accelerate.utils.constants import RNG_STATE_NAME
 
 from tuneloop import runtime
-from tuneloop.config import Config
+from tuneloop.options import Config
 from tuneloop.errors import UserError
 
 RESULTS_FILE = "all_results.json"

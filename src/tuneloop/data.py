@@ -27,8 +27,8 @@ from torch.utils.data import DataLoader, Sampler
 from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
 
 from tuneloop import problem
-from tuneloop.config import (BUILTIN_DATASET, BUILTIN_HEADLINES, COMPRESSIONS, DataArguments, TrainArguments, file_builder,
-                             split_extensions)
+from tuneloop.config import COMPRESSIONS, eval_sources, file_builder, split_extensions
+from tuneloop.options import BUILTIN_DATASET, BUILTIN_HEADLINES, DataArguments, TrainArguments
 from tuneloop.errors import UserError
 
 EVAL_SPLIT_NAMES = ("validation", "test")
@@ -86,7 +86,7 @@ def load_bbc_news() -> Dataset:
 def _load_source(d: DataArguments) -> DatasetDict:
     if d.train_file or d.validation_file:
         files = {"train": d.train_file} if d.train_file else {}
-        return _load_files(files | (d.eval_sources() if d.validation_file else {}), d)
+        return _load_files(files | (eval_sources(d) if d.validation_file else {}), d)
     if d.dataset_name == BUILTIN_DATASET:
         return DatasetDict(train=load_bbc_news())
     if d.dataset_name == BUILTIN_HEADLINES:  # short texts (median 9 tokens): the regime of tweets and reviews
@@ -233,7 +233,7 @@ def load_splits(d: DataArguments, seed: int, num_labels: int | None, need_train:
     available = ", ".join(raw.keys()) or "none"
     train_name = d.train_split if d.train_split in raw else None
     # The eval sets, {name: split}: the ones named by --validation_file / --validation_split, else the dataset's own.
-    wanted = d.eval_sources()
+    wanted = eval_sources(d)
     if d.validation_split:
         missing = [split for split in wanted.values() if split not in raw]
         if missing:
@@ -256,7 +256,7 @@ def load_splits(d: DataArguments, seed: int, num_labels: int | None, need_train:
     reference = train if train is not None else next(iter(evals.values()))
     text_column, text_pair_column = _text_columns(d, reference.column_names)
     columns = [text_column, text_pair_column, d.label_column]
-    sources = {"train": d.train_file, **(d.eval_sources() if d.validation_file else {})}
+    sources = {"train": d.train_file, **(eval_sources(d) if d.validation_file else {})}
     for name, split in (("train", train), *evals.items()):
         if split is not None:
             _check_columns(split, shown.get(name, name), columns)

@@ -22,7 +22,9 @@ from tqdm.auto import tqdm
 from transformers.utils import logging as hf_logging
 
 from tuneloop import checkpoint, cpu_speedups, data, engines, lora, metrics, model as models, optim, outputs, predict, problem as problems, report, runtime, throughput, tracking
-from tuneloop.config import Config, TrainArguments, make_scheduler, split_best_metric
+from tuneloop.config import eval_sources, split_best_metric
+from tuneloop.optim import make_scheduler
+from tuneloop.options import Config, TrainArguments
 from tuneloop.errors import UserError
 from tuneloop.preemption import Preempted, StopRequest
 from tuneloop.runtime import describe, say
@@ -291,7 +293,7 @@ def make_problem(accelerator: Accelerator, config: Config, splits: data.Splits |
     if problem_type == problems.REGRESSION and (t.class_weights or t.label_smoothing_factor):
         raise UserError("--class_weights and --label_smoothing_factor are for classification; the problem is regression "
                         f"({reason}): drop them, or pass --problem_type")
-    _, best = split_best_metric(t.metric_for_best_model, list(d.eval_sources()))
+    _, best = split_best_metric(t.metric_for_best_model, list(eval_sources(d)))
     computed = problems.metric_names(problem_type, t.metrics)
     if best and best != "loss" and best not in computed:
         raise UserError(f"metric_for_best_model {t.metric_for_best_model!r} is not computed for {problem_type}: use loss "

@@ -33,7 +33,8 @@ from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
 from tuneloop import predict, problem as problems, runtime, throughput, tracking
-from tuneloop.config import BUILTIN_DATASET, BUILTIN_MODEL, Config, named_sources
+from tuneloop.config import named_sources
+from tuneloop.options import BUILTIN_DATASET, BUILTIN_MODEL, Config
 from tuneloop.problem import Problem
 
 REPORT_DIR = "report"
