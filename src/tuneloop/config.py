@@ -415,7 +415,8 @@ def file_problems(d: DataArguments) -> list[str]:
     try:
         codecs.lookup(d.file_encoding)
     except LookupError:
-        problems.append(f"file_encoding {d.file_encoding!r} is not an encoding Python knows: e.g. utf-8, latin-1, cp1252")
+        problems.append(f"file_encoding {d.file_encoding!r} is not an encoding Python knows: "
+                        "e.g. utf-8, latin-1, cp1252")
     return problems
 
 

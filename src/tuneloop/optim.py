@@ -24,7 +24,8 @@ from tuneloop.options import SCHEDULERS, TrainArguments
 ENGINE_OWNED_GRADIENTS = (DistributedType.DEEPSPEED, DistributedType.FSDP, DistributedType.XLA, DistributedType.MEGATRON_LM)
 
 # The schedulers that cannot run without --lr_scheduler_kwargs, and what they need (an example for errors and --help).
-SCHEDULER_KWARGS_NEEDED = {"cosine_with_min_lr": {"min_lr_rate": 0.1}, "cosine_warmup_with_min_lr": {"min_lr_rate": 0.1},
+SCHEDULER_KWARGS_NEEDED = {"cosine_with_min_lr": {"min_lr_rate": 0.1},
+                           "cosine_warmup_with_min_lr": {"min_lr_rate": 0.1},
                            "warmup_stable_decay": {"num_decay_steps": 100}}
 # Keys of --lr_scheduler_kwargs that count optimizer steps: scaled with the warmup and total steps (make_scheduler).
 STEP_COUNT_KWARGS = ("num_stable_steps", "num_decay_steps", "timescale")
@@ -156,7 +157,8 @@ class KeptEmbeddingGradient:
         self.weight.grad = self.buffer
 
 
-def make_scheduler(name: str, kwargs: dict | None, optimizer, warmup_steps: int, total_steps: int, num_processes: int = 1):
+def make_scheduler(name: str, kwargs: dict | None, optimizer, warmup_steps: int, total_steps: int,
+                   num_processes: int = 1):
     """The learning-rate schedule (`transformers.get_scheduler`), for Accelerate's prepared scheduler.
 
     That one steps once per process per optimizer step (unless split_batches), so every step count is multiplied by
@@ -173,7 +175,8 @@ def scheduler_problems(t: TrainArguments) -> list[str]:
     if t.lr_scheduler_type not in SCHEDULERS:  # a Config built in code (the parser checks flags and recipes)
         return [f"lr_scheduler_type {t.lr_scheduler_type!r} is not one of {', '.join(SCHEDULERS)}"]
     if not isinstance(t.lr_scheduler_kwargs, (dict, type(None))):
-        return [f"lr_scheduler_kwargs must be a JSON object, e.g. '{{\"num_cycles\": 2}}' (got {t.lr_scheduler_kwargs!r})"]
+        return [f"lr_scheduler_kwargs must be a JSON object, e.g. '{{\"num_cycles\": 2}}' "
+                f"(got {t.lr_scheduler_kwargs!r})"]
     problem = scheduler_problem(t) if t.learning_rate > 0 else None
     return [problem] if problem else []
 
@@ -187,5 +190,6 @@ def scheduler_problem(t: TrainArguments) -> str | None:
     except (TypeError, ValueError) as e:
         needed = SCHEDULER_KWARGS_NEEDED.get(t.lr_scheduler_type)
         return (f"lr_scheduler_type {t.lr_scheduler_type} cannot run with lr_scheduler_kwargs {t.lr_scheduler_kwargs} "
-                f"({' '.join(str(e).split())})" + (f": e.g. --lr_scheduler_kwargs '{json.dumps(needed)}'" if needed else ""))
+                f"({' '.join(str(e).split())})"
+                + (f": e.g. --lr_scheduler_kwargs '{json.dumps(needed)}'" if needed else ""))
     return None

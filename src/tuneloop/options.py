@@ -25,8 +25,8 @@ BUILTIN_HEADLINES = "builtin:bbc_news_headlines"
 
 # transformers' SchedulerType less reduce_lr_on_plateau and greedy, which step on an evaluation metric that this loop's
 # scheduler.step() does not pass. A test builds each one through make_scheduler.
-SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup", "inverse_sqrt",
-              "cosine_with_min_lr", "cosine_warmup_with_min_lr", "warmup_stable_decay")
+SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+              "inverse_sqrt", "cosine_with_min_lr", "cosine_warmup_with_min_lr", "warmup_stable_decay")
 REPORT_TO_CHOICES = ("none", "wandb", "tensorboard", "all")
 
 # The default peak learning rate, the one place it is set: full fine-tuning, and LoRA (--use_peft). A LoRA adapter
