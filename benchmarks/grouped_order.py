@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT / "src"))
 from tuneloop import data  # noqa: E402
 from tuneloop import model as models  # noqa: E402
 from tuneloop.batches import token_lengths  # noqa: E402
-from tuneloop.config import DataArguments, ModelArguments  # noqa: E402
+from tuneloop.options import DataArguments, ModelArguments  # noqa: E402
 
 MODEL, DATASET, MAX_LENGTH, SAMPLES = "builtin:all-MiniLM-L6-v2", "builtin:bbc_news", 512, 256
 PEER = [sys.executable, str(ROOT / "benchmarks" / "trainer_peer.py"), "--dataset_name", DATASET, "--model_name_or_path",

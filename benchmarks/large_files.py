@@ -149,7 +149,7 @@ def lengths_probe(csv: str, workers: int, how: str) -> None:
     import numpy as np
 
     from tuneloop import batches, data, model as models
-    from tuneloop.config import DataArguments, ModelArguments
+    from tuneloop.options import DataArguments, ModelArguments
 
     # The very options of the runs above: the tokenization cache is keyed on them.
     d = DataArguments(train_file=csv, validation_split_percentage=1, max_length=32, preprocessing_num_workers=workers,

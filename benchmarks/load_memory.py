@@ -43,7 +43,7 @@ def memory() -> dict[str, int]:
 def worker(model_dir: str) -> None:
     """One rank: build the Accelerator and load the model as tuneloop does, sampling memory meanwhile."""
     from tuneloop import model as models, runtime
-    from tuneloop.config import ModelArguments, TrainArguments
+    from tuneloop.options import ModelArguments, TrainArguments
 
     accelerator = runtime.make_accelerator(TrainArguments(output_dir=tempfile.mkdtemp()))
     before, done = memory(), threading.Event()

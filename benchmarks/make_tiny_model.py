@@ -14,7 +14,7 @@ from transformers import AutoTokenizer, BertConfig, BertModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from tuneloop import model as models  # noqa: E402
-from tuneloop.config import BUILTIN_MODEL  # noqa: E402
+from tuneloop.options import BUILTIN_MODEL  # noqa: E402
 
 folder = sys.argv[1]
 tokenizer = AutoTokenizer.from_pretrained(models.resolve_model_path(BUILTIN_MODEL))

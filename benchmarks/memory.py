@@ -101,7 +101,7 @@ def saved_bytes(layers: int, lora: bool, dtype) -> int:
     model = LlamaForSequenceClassification(config).to(dtype)
     if lora:
         from tuneloop import lora as tl_lora
-        from tuneloop.config import ModelArguments
+        from tuneloop.options import ModelArguments
 
         model = tl_lora.add_adapter(model, ModelArguments(model_name_or_path="-", use_peft=True))
     model.train()
@@ -225,7 +225,7 @@ def parameter_counts(layers: int) -> tuple[int, int]:
     from transformers import LlamaForSequenceClassification
 
     from tuneloop import lora as tl_lora
-    from tuneloop.config import ModelArguments
+    from tuneloop.options import ModelArguments
 
     config = llama_config(layers)
     config.num_labels = LABELS

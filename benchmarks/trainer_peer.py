@@ -19,7 +19,7 @@ from transformers import DataCollatorWithPadding, Trainer, TrainingArguments, se
 
 from tuneloop import data, model as models, runtime, throughput
 from tuneloop.batches import LengthGroupedSampler, token_lengths
-from tuneloop.config import DataArguments, ModelArguments
+from tuneloop.options import DataArguments, ModelArguments
 
 
 def main() -> None:

@@ -108,6 +108,40 @@ def test_sources_stays_light_for_the_options_check():
     assert done.returncode == 0 and done.stdout.strip() == "[]", done.stdout + done.stderr[-2000:]
 
 
+def test_options_are_declarations_that_import_nothing_heavy():
+    """options.py is what --help reads and every module imports: a tuneloop import there would bring its checks (and
+    torch) back onto the start-up path, an import of a heavy library would cost seconds per process."""
+    allowed = {"__future__", "dataclasses", "json", "math", "os", "re", "typing", "transformers.hf_argparser"}
+    imported = set()
+    for node in ast.walk(ast.parse((PACKAGE / "options.py").read_text())):
+        if isinstance(node, ast.Import):
+            imported |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            imported.add(node.module or "")
+    assert imported <= allowed, f"options.py imports {sorted(imported - allowed)}"
+
+
+def test_help_and_a_mistyped_flag_load_no_heavy_library():
+    """`train.py --help`, a mistyped flag and `tuneloop predict --help` answer before torch, peft, datasets or the
+    loop load (they cost 4-8 s of start-up here): one of them imported at the top of config, cli, options, errors
+    or preemption would make this fail."""
+    code = """if True:
+        import contextlib, io, sys
+        from tuneloop.cli import console, main
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            for run in (lambda: main(["--help"]), lambda: console(["predict", "--help"])):
+                try:
+                    run()
+                except SystemExit as e:
+                    assert e.code == 0, e.code
+            assert main(["--learning_rte", "3"]) == 2
+        heavy = ("torch", "peft", "datasets", "evaluate", "accelerate", "transformers.trainer_utils", "tuneloop.loop")
+        print([name for name in heavy if name in sys.modules])
+    """
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "[]", done.stdout + done.stderr[-2000:]
+
+
 def test_data_file_types_are_named_only_in_sources():
     """FILE_BUILDERS and COMPRESSIONS are the one list of data-file extensions: a second module comparing a path with
     '.csv' or '.zst' itself is a second copy that drifts (config's validation compared with '.zst' until the
@@ -243,3 +277,20 @@ def test_each_rule_is_phrased_in_one_module():
     sources = {path.name: path.read_text() for path in PACKAGE.glob("*.py")}
     for text, owner in RULE_OWNERS.items():
         assert [name for name, source in sources.items() if text in source] == [owner], text
+
+
+def source_lines_mentioning(text: str) -> dict[str, int]:
+    """{module: number of lines} of src/tuneloop that contain `text`."""
+    counts = {path.stem: sum(text in line for line in path.read_text().splitlines()) for path in PACKAGE.glob("*.py")}
+    return {module: count for module, count in counts.items() if count}
+
+
+def test_each_rule_decided_twice_has_one_owner():
+    """The rules that had two copies each keep one: which launched process is the main one (errors), what makes a
+    folder an adapter folder (lora), and parsing options into a Config (config.parse_args). A second copy is the
+    start of a drift: the CLI once padded differently from the set-up it copied."""
+    assert source_lines_mentioning('environ.get("RANK"') == {"errors": 1}
+    assert source_lines_mentioning('"adapter_config.json"') == {"lora": 1}
+    for parsing_step in ("parse_into_dataclasses(", "read_recipe(", "validate("):
+        outside = {module for module in source_lines_mentioning(parsing_step) if module not in ("config", "options")}
+        assert not outside, f"{parsing_step} outside config.py: {sorted(outside)} (call config.parse_args instead)"

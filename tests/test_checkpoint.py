@@ -385,7 +385,7 @@ def test_ctrl_c_once_requests_a_checkpoint_twice_quits_now(presses):
     ],
 )
 def test_when_checkpoints_are_due(options, step, new_best, epoch_end, due):
-    from tuneloop.config import TrainArguments
+    from tuneloop.options import TrainArguments
     from tuneloop.loop import checkpoint_due
 
     assert checkpoint_due(TrainArguments(**options), step, new_best, epoch_end) is due

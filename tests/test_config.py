@@ -9,9 +9,10 @@ import torch
 
 from tuneloop import tracking
 from tuneloop.cli import main
-from tuneloop.config import ALIASES, SCHEDULER_KWARGS_NEEDED, SECTIONS, make_parser, make_scheduler, parse_args
+from tuneloop.config import ALIASES, SECTIONS, make_parser, parse_args
 from tuneloop.errors import UserError
 from tuneloop.model import load_config, load_tokenizer, resolve_model_path
+from tuneloop.optim import SCHEDULER_KWARGS_NEEDED, make_scheduler
 from tuneloop.problem import SINGLE, metric_names
 
 from conftest import ROOT, make_rows, read_json, run_in_process, write_rows

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from tuneloop.batches import make_dataloaders
-from tuneloop.config import DataArguments
 from tuneloop.data import load_splits, tokenize
+from tuneloop.options import DataArguments
 from tuneloop.errors import UserError
 from tuneloop.sources import load_bbc_news
 
@@ -91,7 +91,7 @@ def test_subsets_are_seeded_shuffles(tmp_path):
 def test_dynamic_padding_pads_to_the_longest_in_batch(tmp_path, tiny_model_dir):
     from transformers import AutoTokenizer
 
-    from tuneloop.config import TrainArguments
+    from tuneloop.options import TrainArguments
 
     train = write_rows(tmp_path / "train.csv", make_rows(40, seed=0))
     d = DataArguments(train_file=train, max_length=64)

@@ -9,7 +9,8 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from tuneloop.config import DataArguments, parse_args
+from tuneloop.config import parse_args
+from tuneloop.options import DataArguments
 from tuneloop.data import load_splits
 from tuneloop.errors import UserError
 

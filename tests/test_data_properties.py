@@ -28,7 +28,7 @@ import pytest
 from hypothesis import HealthCheck, Phase, event, given, settings
 from hypothesis import strategies as st
 
-from tuneloop.config import DataArguments
+from tuneloop.options import DataArguments
 from tuneloop.data import load_splits, load_test_split
 from tuneloop.errors import UserError
 

@@ -20,7 +20,7 @@ from transformers import (AutoModelForSequenceClassification, AutoTokenizer, Dat
 
 from conftest import FILLER, KEYWORDS, make_rows, run_in_process, tiny_args
 from tuneloop import model as models_module
-from tuneloop.config import ModelArguments
+from tuneloop.options import ModelArguments
 from tuneloop.errors import UserError
 
 WORDS = [*FILLER, *(w for ws in KEYWORDS.values() for w in ws)]

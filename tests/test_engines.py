@@ -279,7 +279,7 @@ def fake_deepspeed_accelerator(ds_config: dict, num_processes: int = 2):
 
 
 def train_arguments(**overrides):
-    from tuneloop.config import TrainArguments
+    from tuneloop.options import TrainArguments
 
     return TrainArguments(**{"output_dir": "unused", **overrides})
 

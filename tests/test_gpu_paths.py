@@ -100,7 +100,7 @@ def test_tf32_switches_follow_the_flag(flag, capability, start, expected, tf32_s
     Guards against --tf32 false being ignored: Accelerate sets matmul TF32 on by itself under torch.compile without
     mixed precision (`start` True here stands for that), and set_up_kernels used to only ever switch it on.
     """
-    from tuneloop.config import TrainArguments
+    from tuneloop.options import TrainArguments
 
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = start

@@ -19,7 +19,8 @@ from safetensors.torch import load_file
 from conftest import read_json, reset_accelerate_state, run_in_process, tiny_args
 from test_engines import launched as launched_engine
 from tuneloop import lora
-from tuneloop.config import FULL_FINETUNING_LEARNING_RATE, LORA_LEARNING_RATE, ModelArguments, parse_args
+from tuneloop.config import parse_args
+from tuneloop.options import FULL_FINETUNING_LEARNING_RATE, LORA_LEARNING_RATE, ModelArguments
 from tuneloop.errors import UserError
 
 # The tiny BERT is random: LoRA on a random frozen backbone needs a large step to learn the toy task in a few epochs.

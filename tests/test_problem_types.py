@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, pipeline
 
 from tuneloop import checkpoint, metrics, report
-from tuneloop.config import DataArguments, TrainArguments, parse_args
+from tuneloop.config import parse_args
+from tuneloop.options import DataArguments, TrainArguments
 from tuneloop.data import load_splits
 from tuneloop.errors import UserError
 from tuneloop.problem import (MULTI, REGRESSION, SINGLE, TYPES, MultiLabel, Regression, SingleLabel, best_threshold,

@@ -8,7 +8,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, pipe
 
 from tuneloop import runtime
 from tuneloop.cli import main
-from tuneloop.config import TrainArguments
+from tuneloop.options import TrainArguments
 from tuneloop.loop import LossMeter, make_plan
 from tuneloop.optim import make_optimizer
 
@@ -187,7 +187,7 @@ def test_bf16_on_a_cpu_without_bf16_units_is_called_emulated(flags, emulated):
 def test_the_padding_multiple_rule():
     """8 under fp16/bf16 on a GPU only (no GPU needed: the rule reads the device), 64-token buckets under compile, a
     given --pad_to_multiple_of always wins."""
-    from tuneloop.config import DataArguments, TrainArguments
+    from tuneloop.options import DataArguments, TrainArguments
 
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     d, t = DataArguments(max_length=128), TrainArguments()

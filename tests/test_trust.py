@@ -202,7 +202,7 @@ def test_run_config_json_and_tracker_hparams_write_home_as_tilde(home):
     assert not any(str(home) in str(value) for value in flat_hparams(config).values())
     assert config.data.train_file == files["train_file"]  # the run itself keeps the real paths
     # Only where a path starts, and only the home folder itself: other absolute paths are what reproduces the run.
-    from tuneloop.config import without_home
+    from tuneloop.options import without_home
 
     assert without_home("/data/shared/train.csv") == "/data/shared/train.csv"
     assert without_home(f"{home}x/train.csv") == f"{home}x/train.csv"

@@ -27,7 +27,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType
 
 from tuneloop import runtime
-from tuneloop.config import Config
+from tuneloop.options import Config
 from tuneloop.errors import UserError
 from tuneloop.problem import LOSS_OPTIONS
 

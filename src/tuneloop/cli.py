@@ -13,7 +13,7 @@ import json
 import os
 import sys
 
-from tuneloop.errors import UserError
+from tuneloop.errors import UserError, is_main_launched_process
 from tuneloop.preemption import REQUEUE_EXIT_CODE, Preempted
 
 COMMANDS = {
@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_command(command, argv: list[str] | None) -> int:
-    main_rank = os.environ.get("RANK", "0") == "0"  # every rank reaches the same end; one message is enough
+    main_rank = is_main_launched_process()  # every rank reaches the same end; one message is enough
     try:
         return command(argv) or 0
     except UserError as e:
@@ -108,7 +108,7 @@ def predict_command(argv: list[str] | None) -> int:
 
 def saved_model_config(argv: list[str] | None, command: str):
     """All of train.py's options, plus --model and --data; defaults from the saved run's run_config.json (INHERITED)."""
-    from tuneloop.config import Config, make_parser, read_recipe, validate
+    from tuneloop.config import make_parser, parse_args
     from tuneloop.sources import file_builder
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -122,38 +122,35 @@ def saved_model_config(argv: list[str] | None, command: str):
                         help="A .csv/.json/.jsonl/.parquet file, a dataset folder, a Hub dataset id or builtin:bbc_news. "
                              "evaluate scores its eval split (the split training held out, for the same source); "
                              "predict runs on the file, or on --test_split of a dataset.")
-    known = parser.parse_known_args(argv)[0]
-    defaults = inherited_settings(known.model)
-    if known.config:
-        defaults |= read_recipe(known.config)
-    parser.set_defaults(**defaults, do_train=False, do_eval=command == "evaluate", do_predict=command == "predict",
-                        output_dir=None)
-    model_args, data_args, train_args, extra = parser.parse_into_dataclasses(argv)
-    model_args.model_name_or_path = extra.model
-    if file_builder(extra.data):
-        if command == "evaluate":
-            data_args.validation_file = [extra.data]
+
+    def use_model_and_data(config, extra) -> None:
+        config.model.model_name_or_path = extra.model
+        if file_builder(extra.data):
+            if command == "evaluate":
+                config.data.validation_file = [extra.data]
+            else:
+                config.data.test_file = extra.data
         else:
-            data_args.test_file = extra.data
-    else:
-        data_args.dataset_name = extra.data
-    if train_args.output_dir is None:
-        if not os.path.isdir(os.path.expanduser(extra.model)):
-            raise UserError(f"--model {extra.model!r} is not a local folder: pass --output_dir for the results")
-        train_args.output_dir = os.path.join(extra.model, command)
-    config = Config(model_args, data_args, train_args)
-    validate(config)
-    return config
+            config.data.dataset_name = extra.data
+        if config.train.output_dir is None:
+            if not os.path.isdir(os.path.expanduser(extra.model)):
+                raise UserError(f"--model {extra.model!r} is not a local folder: pass --output_dir for the results")
+            config.train.output_dir = os.path.join(extra.model, command)
+
+    inherited = inherited_settings(parser.parse_known_args(argv)[0].model)
+    fixed = dict(do_train=False, do_eval=command == "evaluate", do_predict=command == "predict", output_dir=None)
+    return parse_args(argv, parser, inherited, fixed, use_model_and_data)
 
 
 def inherited_settings(model: str) -> dict:
     """INHERITED from the saved run_config.json of `model` (a tuneloop output_dir or its adapter folder), checked."""
     from tuneloop.outputs import CONFIG_FILE
     from tuneloop.config import make_parser, option_value
+    from tuneloop.lora import is_adapter
     from tuneloop.problem import BUILTIN_METRIC_NAMES
 
     path = os.path.join(os.path.expanduser(model), CONFIG_FILE)
-    if not os.path.isfile(path) and os.path.isfile(os.path.join(os.path.expanduser(model), "adapter_config.json")):
+    if not os.path.isfile(path) and is_adapter(model):
         path = os.path.join(os.path.expanduser(model), os.pardir, CONFIG_FILE)  # output_dir/adapter (lora.ADAPTER_DIR)
     if not os.path.isfile(path):
         return {}
@@ -172,7 +169,7 @@ def inherited_settings(model: str) -> dict:
             problems.append(f"{key} {e}")
     if problems:
         raise UserError(f"{path}: " + "; ".join(problems) + ": fix the file, or give those options as flags")
-    main_rank = os.environ.get("RANK", "0") == "0"
+    main_rank = is_main_launched_process()
     # A model folder may come from anyone: a metric that is not built in is code (evaluate.load runs it), and only
     # the user's own --metrics (with --trust_remote_code) may name one. Dropped rather than refused: the evaluation
     # still runs, with the built-in metrics, and the note says how to get the other back.

@@ -16,7 +16,7 @@ from datasets import ClassLabel, Dataset, Value
 from transformers import PreTrainedTokenizerBase
 
 from tuneloop import problem
-from tuneloop.config import DataArguments
+from tuneloop.options import DataArguments
 from tuneloop.errors import UserError
 from tuneloop.sources import bad_rows, eval_sources, load_files, load_source, row_name
 

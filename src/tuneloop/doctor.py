@@ -23,7 +23,7 @@ from importlib import metadata
 
 import torch
 
-from tuneloop.errors import OneLineArgumentErrors
+from tuneloop.errors import OneLineArgumentErrors, is_main_launched_process
 from tuneloop.runtime import cpu_cores, emulated_bf16
 
 PROBE_TAG = "tuneloop-doctor-probe:"
@@ -251,7 +251,7 @@ def probe_model() -> torch.nn.Module:
 
 def probe() -> int:
     """Runs in every launched process: tuneloop's Accelerator, two optimizer steps, a gather of the ranks."""
-    from tuneloop.config import TrainArguments
+    from tuneloop.options import TrainArguments
     from tuneloop.engines import describe_deepspeed
     from tuneloop.errors import UserError
     from tuneloop.runtime import make_accelerator
@@ -264,7 +264,7 @@ def probe() -> int:
         try:
             accelerator = make_accelerator(t)
         except UserError as e:
-            if os.environ.get("RANK", "0") == "0":
+            if is_main_launched_process():
                 print(f"tuneloop: error: {e}", file=sys.stderr)
             return 2
         torch.manual_seed(0)

@@ -20,7 +20,7 @@ from accelerate.utils import DistributedType
 from accelerate.utils.constants import RNG_STATE_NAME
 
 from tuneloop import checkpoint, runtime
-from tuneloop.config import TrainArguments
+from tuneloop.options import TrainArguments
 from tuneloop.errors import UserError
 
 # With Accelerate's sharding (split_batches=False, even batches) the loader cuts the epoch's one seeded order into

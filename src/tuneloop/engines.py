@@ -20,7 +20,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
 
-from tuneloop.config import TrainArguments
+from tuneloop.options import TrainArguments
 from tuneloop.errors import UserError
 
 

@@ -7,12 +7,19 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import os
 import re
 from typing import NoReturn
 
 
 class UserError(Exception):
     """A problem with the user's input, phrased as: what is wrong, and how to fix it."""
+
+
+def is_main_launched_process() -> bool:
+    """Whether this is the process that speaks for all (prints, writes shared files) when a launcher started several:
+    read from the launcher's RANK, so that it is known before any process group exists (and costs no import)."""
+    return os.environ.get("RANK", "0") == "0"
 
 
 class RankFailed(UserError):

@@ -22,7 +22,8 @@ from transformers.utils import logging as hf_logging
 
 from tuneloop import (batches, checkpoint, cpu_speedups, data, elastic, engines, lora, metrics, model as models, optim,
                       outputs, predict, problem as problems, report, runtime, sources, throughput, tracking)
-from tuneloop.config import Config, TrainArguments, make_scheduler
+from tuneloop.optim import make_scheduler
+from tuneloop.options import Config, TrainArguments
 from tuneloop.errors import UserError
 from tuneloop.preemption import Preempted, StopRequest
 from tuneloop.runtime import describe, say

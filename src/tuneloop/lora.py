@@ -23,11 +23,30 @@ import torch
 from transformers import AutoConfig, AutoModelForSequenceClassification, PretrainedConfig
 from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING
 
-from tuneloop.config import ModelArguments
 from tuneloop.errors import UserError
+from tuneloop.options import ModelArguments
 
 ADAPTER_DIR = "adapter"  # output_dir/adapter: the adapter, beside the merged model in output_dir
 ADAPTER_CONFIG = "adapter_config.json"  # PEFT's file: what makes a folder an adapter folder
+
+
+def lora_problems(m: ModelArguments) -> list[str]:
+    """LoRA options that cannot work; set without --use_peft they would be silently ignored."""
+    defaults = ModelArguments()
+    names = ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "merge_adapter")
+    if not m.use_peft:
+        changed = [f"--{name}" for name in names if getattr(m, name) != getattr(defaults, name)]
+        return [f"{', '.join(changed)} set without --use_peft: add --use_peft (LoRA) or drop them"] if changed else []
+    problems = []
+    if m.lora_r < 1:
+        problems.append(f"lora_r must be >= 1 (got {m.lora_r})")
+    if m.lora_alpha <= 0:
+        problems.append(f"lora_alpha must be > 0 (got {m.lora_alpha})")
+    if not 0 <= m.lora_dropout < 1:
+        problems.append(f"lora_dropout must be in [0, 1) (got {m.lora_dropout})")
+    if "all-linear" in m.lora_target_modules and len(m.lora_target_modules) > 1:
+        problems.append("lora_target_modules: 'all-linear' stands alone (or name the modules without it)")
+    return problems
 
 
 def head_modules(model: torch.nn.Module) -> list[str]:

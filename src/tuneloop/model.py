@@ -10,7 +10,7 @@ from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTok
 from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING
 
 from tuneloop import lora
-from tuneloop.config import BUILTIN_MODEL, ModelArguments
+from tuneloop.options import BUILTIN_MODEL, ModelArguments
 from tuneloop.errors import UserError
 
 

@@ -10,16 +10,25 @@ arithmetic as clip-then-step (the gradient times min(max_norm / (norm + 1e-6), 1
 
 from __future__ import annotations
 
+import json
 import math
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
+from transformers import get_scheduler
 
-from tuneloop.config import TrainArguments
+from tuneloop.options import SCHEDULERS, TrainArguments
 
 # Engines that own the gradients (sharded, or clipped inside the engine): their own clip and step run unchanged.
 ENGINE_OWNED_GRADIENTS = (DistributedType.DEEPSPEED, DistributedType.FSDP, DistributedType.XLA, DistributedType.MEGATRON_LM)
+
+# The schedulers that cannot run without --lr_scheduler_kwargs, and what they need (an example for errors and --help).
+SCHEDULER_KWARGS_NEEDED = {"cosine_with_min_lr": {"min_lr_rate": 0.1},
+                           "cosine_warmup_with_min_lr": {"min_lr_rate": 0.1},
+                           "warmup_stable_decay": {"num_decay_steps": 100}}
+# Keys of --lr_scheduler_kwargs that count optimizer steps: scaled with the warmup and total steps (make_scheduler).
+STEP_COUNT_KWARGS = ("num_stable_steps", "num_decay_steps", "timescale")
 
 
 def make_optimizer(model: torch.nn.Module, t: TrainArguments, device: torch.device) -> torch.optim.AdamW:
@@ -146,3 +155,41 @@ class KeptEmbeddingGradient:
         self.used_rows.clear()
         self.dense_seen = False
         self.weight.grad = self.buffer
+
+
+def make_scheduler(name: str, kwargs: dict | None, optimizer, warmup_steps: int, total_steps: int,
+                   num_processes: int = 1):
+    """The learning-rate schedule (`transformers.get_scheduler`), for Accelerate's prepared scheduler.
+
+    That one steps once per process per optimizer step (unless split_batches), so every step count is multiplied by
+    `num_processes`, as in run_glue_no_trainer.py: warmup, total, and the step counts in `kwargs` (STEP_COUNT_KWARGS).
+    """
+    scaled = {key: value * num_processes if key in STEP_COUNT_KWARGS and value is not None else value
+              for key, value in (kwargs or {}).items()}
+    return get_scheduler(name, optimizer, num_warmup_steps=warmup_steps * num_processes,
+                         num_training_steps=total_steps * num_processes, scheduler_specific_kwargs=scaled)
+
+
+def scheduler_problems(t: TrainArguments) -> list[str]:
+    """What is wrong with --lr_scheduler_type and --lr_scheduler_kwargs (config.validate reports it)."""
+    if t.lr_scheduler_type not in SCHEDULERS:  # a Config built in code (the parser checks flags and recipes)
+        return [f"lr_scheduler_type {t.lr_scheduler_type!r} is not one of {', '.join(SCHEDULERS)}"]
+    if not isinstance(t.lr_scheduler_kwargs, (dict, type(None))):
+        return [f"lr_scheduler_kwargs must be a JSON object, e.g. '{{\"num_cycles\": 2}}' "
+                f"(got {t.lr_scheduler_kwargs!r})"]
+    problem = scheduler_problem(t) if t.learning_rate > 0 else None
+    return [problem] if problem else []
+
+
+def scheduler_problem(t: TrainArguments) -> str | None:
+    """Build the schedule once on a stand-in optimizer, so that a schedule that cannot run (a missing or misspelt
+    lr_scheduler_kwargs) is reported before any data or model is loaded, not after."""
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=t.learning_rate)
+    try:
+        make_scheduler(t.lr_scheduler_type, t.lr_scheduler_kwargs, optimizer, warmup_steps=1, total_steps=100)
+    except (TypeError, ValueError) as e:
+        needed = SCHEDULER_KWARGS_NEEDED.get(t.lr_scheduler_type)
+        return (f"lr_scheduler_type {t.lr_scheduler_type} cannot run with lr_scheduler_kwargs {t.lr_scheduler_kwargs} "
+                f"({' '.join(str(e).split())})"
+                + (f": e.g. --lr_scheduler_kwargs '{json.dumps(needed)}'" if needed else ""))
+    return None

@@ -40,8 +40,8 @@ import uuid
 from typing import TYPE_CHECKING
 
 from tuneloop import checkpoint, lora
-from tuneloop.config import Config, ModelArguments, TrainArguments
-from tuneloop.errors import UserError
+from tuneloop.options import Config, ModelArguments, TrainArguments
+from tuneloop.errors import UserError, is_main_launched_process
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -59,11 +59,6 @@ MODEL_MARKERS = ("config.json", lora.ADAPTER_CONFIG)
 # instead of (or beside) the new ones, and an adapter config that would make output_dir read as an adapter folder.
 _STALE_MODEL_FILE = re.compile(r"^(model|pytorch_model|adapter_model)(-\d{5}-of-\d{5})?\.(safetensors|bin)$"
                                r"|^(model\.safetensors|pytorch_model\.bin)\.index\.json$|^adapter_config\.json$")
-
-
-def is_main_launched_process() -> bool:
-    """The main process, known before any Accelerator exists: rank 0 of a launch, or a process started alone."""
-    return os.environ.get("RANK", "0") == "0"
 
 
 # ---------------------------------------------------------------------------------------------------------------- lock

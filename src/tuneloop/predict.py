@@ -23,7 +23,7 @@ import torch
 from accelerate import Accelerator
 
 from tuneloop import data, metrics
-from tuneloop.config import TrainArguments
+from tuneloop.options import TrainArguments
 from tuneloop.problem import Problem
 
 INDEX_COLUMN = "example_index"

@@ -5,6 +5,8 @@ SLURM sends SIGUSR1 (`--signal=USR1@secs`) before a time limit and SIGTERM on pr
 signal may reach only some processes (one node, or the launcher forwarding it late), so the handler only records it
 and the ranks agree at the end of every optimizer step, all together, whether any of them got one: a rank that
 stopped alone would leave the others blocked in their next all-reduce.
+
+torch is imported where it is used: the command line imports this module for `Preempted` before it parses a flag.
 """
 
 from __future__ import annotations
@@ -12,9 +14,10 @@ from __future__ import annotations
 import os
 import signal
 import time
+from typing import TYPE_CHECKING
 
-import torch
-import torch.distributed as dist
+if TYPE_CHECKING:
+    import torch
 
 # EX_TEMPFAIL from sysexits.h: "temporary failure, try again later". The SLURM scripts requeue on it.
 REQUEUE_EXIT_CODE = 75
@@ -41,14 +44,17 @@ class StopRequest:
         self._received_at = 0.0
         self._previous = {}
         self._world, self._group = 1, None
-        self.connect(num_processes, device or torch.device("cpu"))
+        self.connect(num_processes, device)
 
-    def connect(self, num_processes: int, device: torch.device) -> None:
-        """Agree over `num_processes` from now on. Collective when it creates a group: every rank calls it."""
+    def connect(self, num_processes: int, device: torch.device | None) -> None:
+        """Agree over `num_processes` from now on (on `device`, None: the CPU). Collective when it creates a group:
+        every rank calls it."""
+        import torch.distributed as dist
+
         self._world = num_processes
         # The agreement is a CPU all-reduce over gloo, so on GPUs it does not wait for queued kernels: only the
         # ranks themselves are synchronised, and they already meet in every gradient all-reduce.
-        if num_processes > 1 and device.type != "cpu" and self._group is None:
+        if num_processes > 1 and device is not None and device.type != "cpu" and self._group is None:
             self._group = dist.new_group(backend="gloo")  # collective: every rank creates it in the same order
 
     def __enter__(self) -> "StopRequest":
@@ -75,6 +81,9 @@ class StopRequest:
         """Name of the signal any process received, the same answer on every process; None when none did."""
         signum = self.signum
         if self._world > 1:
+            import torch
+            import torch.distributed as dist
+
             flag = torch.tensor([signum], dtype=torch.int32)
             dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group)
             signum = int(flag.item())

@@ -593,7 +593,15 @@ def threshold_problem(value: str | None) -> str | None:
 def option_problems(t: TrainArguments) -> list[str]:
     """What is wrong with the options of this module whatever the problem type (the type's own checks:
     `Problem.options_problem`)."""
-    problems = [problem] if (problem := threshold_problem(t.multi_label_threshold)) else []
+    problems = []
+    try:
+        parse_class_weights(t.class_weights)
+    except ValueError:
+        problems.append(f"class_weights must be auto or positive numbers 'w1,w2,...' (got {t.class_weights!r})")
+    if not 0 <= t.label_smoothing_factor < 1:
+        problems.append(f"label_smoothing_factor must be in [0, 1) (got {t.label_smoothing_factor})")
+    if problem := threshold_problem(t.multi_label_threshold):
+        problems.append(problem)
     if t.focal_gamma < 0:
         problems.append(f"focal_gamma must be >= 0, 0 is cross-entropy (got {t.focal_gamma})")
     if t.loss == "focal" and t.label_smoothing_factor:

@@ -33,8 +33,8 @@ from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
 from tuneloop import predict, problem as problems, runtime, throughput, tracking
-from tuneloop.config import BUILTIN_MODEL, Config
-from tuneloop.sources import BUILTIN_DATASET, named_sources
+from tuneloop.options import BUILTIN_DATASET, BUILTIN_MODEL, Config
+from tuneloop.sources import named_sources
 from tuneloop.problem import Problem
 
 REPORT_DIR = "report"

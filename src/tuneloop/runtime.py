@@ -15,7 +15,7 @@ from accelerate.utils import TorchDynamoPlugin
 from tqdm.auto import tqdm
 
 from tuneloop import engines, tracking
-from tuneloop.config import DataArguments, TrainArguments
+from tuneloop.options import DataArguments, TrainArguments
 from tuneloop.errors import RankFailed
 
 COMPILE_LENGTH_BUCKET = 64  # tokens; batch lengths are rounded up to this under --torch_compile

@@ -20,14 +20,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tuneloop.errors import UserError
+from tuneloop.options import BUILTIN_DATASET, BUILTIN_HEADLINES
 
 if TYPE_CHECKING:
     from datasets import Dataset, DatasetDict
 
     from tuneloop.options import DataArguments
 
-BUILTIN_DATASET = "builtin:bbc_news"
-BUILTIN_HEADLINES = "builtin:bbc_news_headlines"
 
 # Local data files: extension -> the `datasets` builder that reads them. The one list of file types tuneloop reads.
 # Text formats may also be compressed (COMPRESSIONS: `train.csv.gz`, `train.jsonl.xz`): `datasets` decompresses them

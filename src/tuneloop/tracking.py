@@ -10,7 +10,7 @@ import os
 
 from accelerate import Accelerator
 
-from tuneloop.config import Config, TrainArguments
+from tuneloop.options import Config, TrainArguments
 from tuneloop.errors import UserError
 
 TRACKERS = {"none": [], "wandb": ["wandb"], "tensorboard": ["tensorboard"], "all": ["wandb", "tensorboard"]}
