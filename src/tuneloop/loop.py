@@ -85,7 +85,7 @@ def run_phases(run: Run) -> dict:
     if t.do_train or t.do_eval:  # the confusion matrix and per-class table are the final model's, from its evaluation
         with checkpoint.writing(t.output_dir, t.output_dir, together=accelerator):
             report.write_report(accelerator, config, results, run.problem, history, eval_outputs, test_results,
-                                run.training.train_size)
+                                run.training.train_size if run.training else None)
     say(accelerator, report.summary_table({**results, **(test_results or {})}, t.output_dir))
     # Every rank's collectives done, and gloo's worker threads idle, before the process group is torn down: a 2-process
     # predict deadlocked at exit when it went while a worker still held a gathered tensor (the worker waiting for the
