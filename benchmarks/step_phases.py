@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from tuneloop import config, loop, optim  # noqa: E402
+from tuneloop import config, optim, setup  # noqa: E402
 
 
 def main() -> None:
@@ -32,11 +32,12 @@ def main() -> None:
     p.add_argument("--keep_embedding_grad", choices=["yes", "no"], default="yes",
                    help="optim.KeptEmbeddingGradient, as the loop installs it (no: the dense zero-filled gradient)")
     own, rest = p.parse_known_args()
-    run = loop.setup(config.parse_args(["--output_dir", "/tmp/tuneloop-step-phases", "--eval_strategy", "no",
+    run = setup.setup(config.parse_args(["--output_dir", "/tmp/tuneloop-step-phases", "--eval_strategy", "no",
                                         "--mixed_precision", "bf16", "--train_sampling_strategy", "group_by_length", *rest]))
-    model, optimizer, scheduler, accelerator = run.model, run.optimizer, run.scheduler, run.accelerator
+    model, accelerator = run.model, run.accelerator
+    optimizer, scheduler = run.training.optimizer, run.training.scheduler
     model.train()
-    batches = iter(run.train_dl)
+    batches = iter(run.training.train_dl)
     kept = optim.KeptEmbeddingGradient.install(accelerator, model) if own.keep_embedding_grad == "yes" else None
     folds = {"yes": [True], "no": [False], "both": [True, False]}[own.fold_clip]
     phases = {fold: collections.defaultdict(float) for fold in folds}

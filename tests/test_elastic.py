@@ -19,7 +19,7 @@ from test_checkpoint import interrupt, weights
 from tuneloop import checkpoint, elastic
 from tuneloop.config import parse_args
 from tuneloop.errors import UserError
-from tuneloop.loop import resume_plan
+from tuneloop.setup import resume_plan
 from tuneloop.preemption import REQUEUE_EXIT_CODE
 
 # 240 rows / global batch 8 = 30 steps per epoch, 60 in all; a linear schedule with warmup, so a scheduler left at

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import read_json, run_in_process, tiny_args
-from tuneloop import loop, optim, runtime
+from tuneloop import model as models, optim, runtime
 from tuneloop.errors import UserError
 
 
@@ -59,7 +59,7 @@ def test_the_loop_counts_overflow_steps_and_holds_the_schedule(tiny_model_dir, t
     Guards against: skipped_steps staying 0, and the learning-rate schedule advancing on steps that updated nothing
     (the linear decay then ends 3 steps early: at 0 instead of 3/10 of the peak).
     """
-    make_accelerator, load_model = runtime.make_accelerator, loop.models.load_model
+    make_accelerator, load_model = runtime.make_accelerator, models.load_model
 
     def with_scaler(t):
         accelerator = make_accelerator(t)
@@ -73,7 +73,7 @@ def test_the_loop_counts_overflow_steps_and_holds_the_schedule(tiny_model_dir, t
         return model
 
     monkeypatch.setattr(runtime, "make_accelerator", with_scaler)
-    monkeypatch.setattr(loop.models, "load_model", with_overflows)
+    monkeypatch.setattr(models, "load_model", with_overflows)
     results = run_in_process(tiny_args(tiny_model_dir, toy_files, tmp_path, max_steps=10, mixed_precision="fp16",
                                        max_grad_norm=0, logging_steps=5, eval_strategy="no"))
     assert results["global_step"] == 10 and results["skipped_steps"] == 3
@@ -160,6 +160,6 @@ def test_float16_on_cpu_stops_before_the_weights_load(bf16_model_dir, toy_files,
     def must_not_load(*args, **kwargs):
         raise AssertionError("the weights were loaded before the dtype was checked")
 
-    monkeypatch.setattr(loop.models, "load_model", must_not_load)
+    monkeypatch.setattr(models, "load_model", must_not_load)
     with pytest.raises(UserError, match=r"^--dtype float16 on CPU: .*use --dtype float32 or bfloat16$"):
         run_in_process(tiny_args(bf16_model_dir, toy_files, tmp_path, dtype="float16"))

@@ -22,7 +22,7 @@ from tuneloop import checkpoint
 from tuneloop.cli import console
 from tuneloop.config import parse_args
 from tuneloop.errors import UserError
-from tuneloop.loop import resume_plan
+from tuneloop.setup import resume_plan
 
 QUICK = dict(max_steps=4, eval_strategy="no", logging_steps=2)
 

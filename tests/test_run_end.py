@@ -113,8 +113,8 @@ def test_the_best_checkpoint_is_found_after_the_run_folder_moved(tmp_path):
         saved_state_only(moved, step=step)
     state = checkpoint.TrainerState(step=6, best_step=2, best_metric=0.5,
                                     best_checkpoint=checkpoint.checkpoint_path(str(old), 2))
-    run = SimpleNamespace(config=SimpleNamespace(train=SimpleNamespace(output_dir=str(moved))), state=state,
-                          accelerator=SimpleNamespace(is_main_process=True))
+    run = SimpleNamespace(config=SimpleNamespace(train=SimpleNamespace(output_dir=str(moved))),
+                          training=SimpleNamespace(state=state), accelerator=SimpleNamespace(is_main_process=True))
     assert keep_best_in_reach(run) == state.best_checkpoint == checkpoint.checkpoint_path(str(moved), 2)
     deleted = checkpoint.rotate_checkpoints(str(moved), 1, state.best_checkpoint)
     assert deleted == [checkpoint.checkpoint_path(str(moved), 4)]  # not the best (step 2)

@@ -18,7 +18,7 @@ from tuneloop import checkpoint
 from tuneloop.batches import TokenBudgetBatchSampler
 from tuneloop.config import parse_args
 from tuneloop.errors import UserError
-from tuneloop.loop import resume_plan
+from tuneloop.setup import resume_plan
 
 
 def padded_cost(batch: list[int], lengths: np.ndarray, multiple: int) -> int:

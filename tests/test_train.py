@@ -8,8 +8,9 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, pipe
 
 from tuneloop import runtime
 from tuneloop.cli import main
+from tuneloop.loop import LossMeter
 from tuneloop.options import TrainArguments
-from tuneloop.loop import LossMeter, make_plan
+from tuneloop.setup import make_plan
 from tuneloop.optim import make_optimizer
 
 from conftest import launch, read_json, reset_accelerate_state, run_in_process, tiny_args

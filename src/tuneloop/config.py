@@ -11,9 +11,7 @@ Precision can be set here, but process count, DeepSpeed and FSDP belong to the a
 from __future__ import annotations
 
 import argparse
-import codecs
 import difflib
-import importlib.util
 import os
 import re
 import sys
@@ -23,7 +21,7 @@ import yaml
 from transformers.hf_argparser import HfArgumentParser, string_to_bool
 
 from tuneloop.errors import OneLineArgumentErrors, UserError
-from tuneloop.options import REPORT_TO_CHOICES, SCHEDULERS, Config, DataArguments, ModelArguments, TrainArguments
+from tuneloop.options import REPORT_TO_CHOICES, Config, DataArguments, ModelArguments, TrainArguments
 from tuneloop.sources import eval_sources, file_problems
 
 SECTIONS = (ModelArguments, DataArguments, TrainArguments)

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import datasets
 import pyarrow as pa
 import pyarrow.compute as pc
-from datasets import ClassLabel, Dataset, Value
+from datasets import Dataset
 from transformers import PreTrainedTokenizerBase
 
 from tuneloop import problem

@@ -1,14 +1,13 @@
-"""The training run: build everything, `accelerator.prepare` once, then one plain loop.
+"""The training run: `train` builds it with `setup.setup`, then runs its phases: the loop (`fit`), evaluation, the
+final save, predictions and the report.
 
-Reads top to bottom like Accelerate's `complete_nlp_example.py`: set-up (cheap checks first, then data, model,
-optimizer, schedule), the loop, evaluation, the final save. A "step" always means an optimizer step.
+Reads top to bottom like the loop of Accelerate's `complete_nlp_example.py`: the entry, the phases, the loop, the
+step/epoch boundary, evaluation. A "step" always means an optimizer step.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import math
 import os
 import sys
 import time
@@ -16,70 +15,18 @@ from dataclasses import dataclass
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
 from tqdm.auto import tqdm
-from transformers.utils import logging as hf_logging
 
-from tuneloop import (batches, checkpoint, cpu_speedups, data, elastic, engines, lora, metrics, model as models, optim,
-                      outputs, predict, problem as problems, report, runtime, sources, throughput, tracking)
-from tuneloop.optim import make_scheduler
+from tuneloop import checkpoint, elastic, optim, outputs, predict, problem as problems, report, throughput
 from tuneloop.options import Config, TrainArguments
 from tuneloop.errors import UserError
 from tuneloop.preemption import Preempted, StopRequest
 from tuneloop.runtime import describe, say
+from tuneloop.setup import Run, setup
 
 
 class TrainingDiverged(UserError):
     """The loss stayed NaN/inf: stopping keeps the last good checkpoint instead of saving a broken model."""
-
-
-@dataclass
-class Plan:
-    """Step counts derived once from the prepared dataloader (per process), never written back into the config."""
-
-    steps_per_epoch: int
-    total_steps: int
-    num_epochs: int
-    warmup_steps: int
-
-
-def make_plan(num_batches: int, t: TrainArguments) -> Plan:
-    steps_per_epoch = math.ceil(num_batches / t.gradient_accumulation_steps)
-    total_steps = t.max_steps if t.max_steps > 0 else math.ceil(t.num_train_epochs * steps_per_epoch)
-    warmup_steps = t.get_warmup_steps(total_steps)
-    return Plan(steps_per_epoch, total_steps, math.ceil(total_steps / steps_per_epoch), warmup_steps)
-
-
-@dataclass
-class Run:
-    """Everything a command works with, built once by `setup` and prepared by Accelerate. Private to this module:
-    the other modules are handed the pieces they use."""
-
-    config: Config
-    accelerator: Accelerator
-    model: torch.nn.Module
-    tokenizer: object
-    class_names: list[str]  # the model's classes, in id order (regression: its targets)
-    metric_modules: dict
-    problem: problems.Problem  # what the labels are: the loss, and how logits are read
-    train_dl: object = None  # None unless training
-    # The eval sets' loaders by metric prefix: {"eval": loader} for one set, {"eval_<name>": loader, ...} for several
-    # (--validation_file / --validation_split naming several); empty when neither training nor evaluating.
-    eval_dls: dict | None = None
-    test_dl: object = None  # with --do_predict: the test split, each example carrying its position
-    test_split: data.Splits | None = None
-    train_size: int | None = None
-    optimizer: torch.optim.Optimizer | None = None
-    scheduler: object = None
-    plan: Plan | None = None
-    state: checkpoint.TrainerState | None = None
-    rank_state: dict | None = None  # this process's running sums, when resuming
-    started_at: float = 0.0  # perf_counter() when set-up began
-    texts_in_train: dict | None = None  # per eval set: how many of its texts are training texts too
-    peak_tflops: float | None = None  # the device's peak for the precision in use, for MFU
-    samples: batches.SampleIdLog | None = None  # which examples each step used (a debugging aid, off by default)
-    stop: StopRequest | None = None  # a training job's stop signals (None when only evaluating / predicting)
-    session: Session | None = None  # the training session's live counters, once `fit` has begun
 
 
 def train(config: Config) -> dict:
@@ -94,9 +41,9 @@ def train(config: Config) -> dict:
     stopping = StopRequest() if config.train.do_train else contextlib.nullcontext()
     with outputs.claimed(config), stopping as stop:  # the output folder is this run's alone until it returns
         run = setup(config)
-        run.stop = stop
         accelerator, output_dir = run.accelerator, run.config.train.output_dir
-        if stop:
+        if stop:  # a training job
+            run.training.stop = stop
             stop.connect(accelerator.num_processes, accelerator.device)
         try:
             return run_phases(run)
@@ -116,7 +63,7 @@ def run_phases(run: Run) -> dict:
     results, history, eval_outputs = {}, None, None
     if t.do_train:
         results, eval_outputs = fit(run)
-        history = run.state.history
+        history = run.training.state.history
         run.problem.record_in(accelerator.unwrap_model(run.model).config)
         outputs.save_final_model(accelerator, run.model, run.tokenizer, t.output_dir, config.model.merge_adapter)
         outputs.save_results(accelerator, config, results, history)
@@ -137,7 +84,7 @@ def run_phases(run: Run) -> dict:
     if t.do_train or t.do_eval:  # the confusion matrix and per-class table are the final model's, from its evaluation
         with checkpoint.writing(t.output_dir, t.output_dir, together=accelerator):
             report.write_report(accelerator, config, results, run.problem, history, eval_outputs, test_results,
-                                run.train_size)
+                                run.training.train_size if run.training else None)
     say(accelerator, report.summary_table({**results, **(test_results or {})}, t.output_dir))
     # Every rank's collectives done, and gloo's worker threads idle, before the process group is torn down: a 2-process
     # predict deadlocked at exit when it went while a worker still held a gathered tensor (the worker waiting for the
@@ -145,184 +92,6 @@ def run_phases(run: Run) -> dict:
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return results
-
-
-def setup(config: Config) -> Run:
-    """Build what the run needs, cheap checks first (output folder, checkpoint, model config, data), weights last, and
-    `accelerator.prepare` it once. What is built follows do_train / do_eval / do_predict, so training, `tuneloop
-    evaluate` and `tuneloop predict` all start here."""
-    started_at = time.perf_counter()
-    # The checkpoint is read before the Accelerator is built: its gradient accumulation is fixed then, and an elastic
-    # resume (another process count) may have to choose a new one.
-    config, resume_from, state, notes = resume_plan(config)
-    m, d, t = config.model, config.data, config.train
-    accelerator = runtime.make_accelerator(t)
-    if resume_from and accelerator.num_processes != state.num_processes:  # the layout was chosen for WORLD_SIZE
-        raise RuntimeError(f"the launcher announced {state.num_processes} processes (WORLD_SIZE), the Accelerator has "
-                           f"{accelerator.num_processes}")
-    for line in notes:
-        say(accelerator, line)
-    runtime.use_all_cpu_cores(accelerator)
-    runtime.set_up_kernels(t, accelerator.device)
-    if not accelerator.is_local_main_process:
-        hf_logging.set_verbosity_error()
-    if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
-        say(accelerator, "warning: fp16 on CPU runs in fp32 (no fast fp16 kernels); use --mixed_precision bf16")
-    if emulated := runtime.emulated_bf16(accelerator.mixed_precision, accelerator.device.type):
-        say(accelerator, f"warning: {emulated}")
-    set_seed(t.seed)
-
-    outputs.check_writable(t.output_dir)
-    if t.do_train and accelerator.is_main_process:  # the folder's run is this one from now on
-        outputs.record_run(t.output_dir, state.tracker_run_id)
-    clean_after_interruption(accelerator, t)
-    with checkpoint.writing(t.output_dir, t.output_dir, together=accelerator):  # the trackers start on the main process
-        tracking.start(accelerator, config, state.tracker_run_id)
-    model_config = models.load_config(m)
-    if dtype_warning := models.check_dtype(m, model_config, accelerator, training=t.do_train):
-        say(accelerator, dtype_warning)
-    if m.use_peft and t.do_train:
-        lora.check(m, model_config)
-    splits = None
-    if t.do_train or t.do_eval:
-        trained_classes = None if t.do_train else models.trained_label_names(model_config)  # a fine-tuned model's
-        splits = data.load_splits(d, t.seed, m.num_labels, need_train=t.do_train, model_classes=trained_classes,
-                                  model_problem_type=None if t.do_train else model_config.problem_type)
-    class_names = splits.label_names if splits else models.class_names(model_config)
-    problem, lines = problems.make_problem(d, t, list(sources.eval_sources(d)), splits, model_config, class_names)
-    for line in lines:
-        say(accelerator, line)
-    if t.do_train:  # the data, its labels and problem type: recorded in every checkpoint, checked on resume
-        trained_on = checkpoint.data_settings(splits, problem.problem_type)
-        if resume_from:
-            checkpoint.check_settings(checkpoint.read_state(resume_from), trained_on, resume_from)
-        state.settings = {**state.settings, **trained_on}
-    test_split = data.load_test_split(d, class_names, problem.problem_type) if t.do_predict else None
-    if average_problem := problem.average_problem(t.metric_average):
-        raise UserError(average_problem)
-    tokenizer = models.load_tokenizer(m, d.max_length)
-    with accelerator.main_process_first():
-        train_set = data.tokenize(splits.train, splits, tokenizer, d) if t.do_train else None
-        eval_sets = {name: data.tokenize(split, splits, tokenizer, d) for name, split in splits.eval_sets.items()} \
-            if splits else {}
-        test_set = data.tokenize(test_split.test, test_split, tokenizer, d) if test_split else None
-        metric_modules = metrics.load_metrics(problems.metric_names(problem.problem_type, t.metrics),
-                                              trust_remote_code=m.trust_remote_code)
-    model = models.load_model(m, class_names, tokenizer.pad_token_id, problem.problem_type)
-    if t.activation_checkpointing and t.do_train:
-        say(accelerator, models.enable_activation_checkpointing(model, accelerator))
-    if m.use_peft and t.do_train:
-        model = lora.add_adapter(model, m)
-        say(accelerator, lora.describe(model, m))
-    if accelerator.device.type == "cpu":
-        for line in cpu_speedups.install(model, allocator=t.tune_cpu_allocator, dropout=t.fast_cpu_dropout and t.do_train):
-            say(accelerator, line)
-    with checkpoint.writing(t.output_dir, t.output_dir, together=accelerator):  # a refusal stops every rank
-        if accelerator.is_main_process:
-            outputs.check_free_space(t.output_dir, model, checkpointing=t.do_train)
-
-    samples = batches.SampleIdLog(t.output_dir, accelerator.process_index)
-    train_set = samples.tag(train_set) if train_set is not None else None
-    pad_to_multiple_of = runtime.pad_to_multiple_of(d, t, accelerator.mixed_precision, accelerator.device)
-    pin_memory = accelerator.device.type == "cuda"
-    train_dl, _ = batches.make_dataloaders(
-        train_set, None, tokenizer, t, pad_to_multiple_of, pin_memory,
-        length_window=d.length_grouping_window if d.train_sampling_strategy == "group_by_length" else None,
-        length_group_batch_size=state.length_group_batch_size,
-    )
-    prefixes = {name: "eval" if len(eval_sets) == 1 else f"eval_{name}" for name in eval_sets}
-    eval_dls = {prefixes[name]: batches.make_dataloaders(None, split, tokenizer, t, pad_to_multiple_of, pin_memory)[1]
-                for name, split in eval_sets.items()}
-    test_dl = None
-    if test_set is not None:  # each example carries its position, to check that every one comes back once, in order
-        test_set = test_set.add_column(predict.INDEX_COLUMN, list(range(len(test_set))))
-        _, test_dl = batches.make_dataloaders(None, test_set, tokenizer, t, pad_to_multiple_of, pin_memory)
-        test_dl = accelerator.prepare_data_loader(test_dl)
-    for line in splits.notes if splits else ():
-        say(accelerator, line)
-    run = Run(config, accelerator, model, tokenizer, class_names, metric_modules, problem, test_dl=test_dl,
-              test_split=test_split, state=state, started_at=started_at, samples=samples)
-    if not t.do_train:
-        run.model, *prepared = engines.prepare_for_evaluation(accelerator, model, *eval_dls.values())
-        run.eval_dls = dict(zip(eval_dls, prepared))
-        return run
-
-    # Accelerate shards batches across processes (even_batches: every rank gets ceil(n / world) of them). The schedule
-    # is sized in this rank's optimizer steps; the prepared scheduler steps once per process per optimizer step, hence
-    # the factor num_processes, as in transformers' run_glue_no_trainer.py.
-    plan = make_plan(math.ceil(len(train_dl) / accelerator.num_processes), t)
-    optimizer = optim.make_optimizer(model, t, accelerator.device)
-    scheduler = make_scheduler(t.lr_scheduler_type, t.lr_scheduler_kwargs, optimizer, plan.warmup_steps, plan.total_steps,
-                               accelerator.num_processes)
-    run.model, run.optimizer, run.train_dl, run.scheduler, *prepared = accelerator.prepare(
-        model, optimizer, train_dl, scheduler, *eval_dls.values())
-    run.eval_dls = dict(zip(eval_dls, prepared))
-    if math.ceil(len(run.train_dl) / t.gradient_accumulation_steps) != plan.steps_per_epoch:
-        raise RuntimeError(f"prepared dataloader has {len(run.train_dl)} batches, planned for {plan.steps_per_epoch} steps")
-    if m.use_peft:  # checkpoints hold what trains (adapter, head) and its optimizer state, not the frozen base
-        accelerator.register_save_state_pre_hook(checkpoint.keep_trained_weights)
-    if resume_from:  # Accelerate counts micro-steps from the start of each epoch, and from 0 at its end
-        micro_step = state.batches_in_epoch if state.batches_in_epoch < len(run.train_dl) else 0
-        run.rank_state = elastic.load_checkpoint(accelerator, resume_from, run.scheduler, micro_step,
-                                                  trained_only=m.use_peft)
-    run.plan, run.train_size, run.texts_in_train = plan, len(splits.train), splits.texts_in_train
-    say(
-        accelerator,
-        f"tuneloop: {accelerator.distributed_type.value} x{accelerator.num_processes} on {accelerator.device}, "
-        f"mixed_precision={accelerator.mixed_precision}, {len(splits.train)} train / "
-        f"{' + '.join(str(len(split)) for split in splits.eval_sets.values())} eval examples, "
-        f"{len(class_names)} {problem.units}, {t.describe_batch(accelerator.num_processes)}, "
-        f"{plan.total_steps} steps ({plan.steps_per_epoch}/epoch, {plan.warmup_steps} warmup)"
-        + (f", resuming at step {state.step} from {resume_from}" if resume_from else ""),
-    )
-    # Measured before training (a one-second matmul probe on CPU, cached), so it never eats into the timed loop.
-    run.peak_tflops = throughput.peak_tflops(accelerator.device, accelerator.mixed_precision, t.peak_tflops)
-    return run
-
-
-def resume_plan(config: Config) -> tuple[Config, str | None, checkpoint.TrainerState, list[str]]:
-    """Before the Accelerator: the checkpoint to resume (if any), the state to continue from, and the config this
-    session trains with. On another process count (--elastic_resume) that config has the per-device batch and
-    accumulation that keep the checkpoint's global batch. Also returns the lines to print once the Accelerator is up.
-
-    Every process reads the same files here; nothing is written until the Accelerator exists."""
-    t = config.train
-    state = checkpoint.TrainerState(num_processes=runtime.launched_processes(), seed=t.seed, data_seed=t.data_seed,
-                                    per_device_train_batch_size=t.per_device_train_batch_size,
-                                    gradient_accumulation_steps=t.gradient_accumulation_steps,
-                                    length_group_batch_size=t.per_device_train_batch_size,
-                                    max_tokens_per_batch=t.max_tokens_per_batch)
-    notes = []
-    if not t.do_train:
-        return config, None, state, notes
-    # Which run this is: a new one, or the one output_dir holds (refusing to mix two runs in one folder).
-    path, state.tracker_run_id = outputs.choose_run(t, report=notes.append)
-    state.settings = checkpoint.resume_settings(config)
-    if path is None:
-        if t.resume_from_checkpoint:
-            notes.append(f"tuneloop: no checkpoint of this run in "
-                         f"{os.path.join(t.output_dir, checkpoint.CHECKPOINTS_DIR)}: starting from scratch")
-        return config, None, state, notes
-    saved = checkpoint.read_state(path)
-    resumed = elastic.resume_state(saved, state, path, t.elastic_resume)
-    checkpoint.check_settings(saved, state.settings, path)
-    resumed.settings = state.settings
-    if resumed.num_processes != saved.num_processes:
-        notes.append(f"tuneloop: elastic resume: {elastic.layout_of(saved)} -> {elastic.layout_of(resumed)} "
-                     f"(global batch {elastic.layout_of(resumed).global_batch} kept), "
-                     f"step {resumed.step}, epoch {resumed.epoch} at micro-batch {resumed.batches_in_epoch}")
-        config = dataclasses.replace(config, train=dataclasses.replace(
-            t, per_device_train_batch_size=resumed.per_device_train_batch_size,
-            gradient_accumulation_steps=resumed.gradient_accumulation_steps))
-    return config, path, resumed, notes
-
-
-def clean_after_interruption(accelerator: Accelerator, t: TrainArguments) -> None:
-    """Clear what an earlier, interrupted session left behind: half-written checkpoints and the requeue marker."""
-    with checkpoint.writing(t.output_dir, t.output_dir, together=accelerator):
-        if accelerator.is_main_process and t.do_train:
-            checkpoint.clean_partial_checkpoints(t.output_dir)
-            checkpoint.clear_preempted(t.output_dir)
 
 
 class LossMeter:
@@ -384,15 +153,15 @@ class Session:
 
 def fit(run: Run) -> tuple[dict, predict.Outputs | None]:
     """The training loop. Returns the final metrics and the final evaluation's gathered outputs; the history of every
-    log and evaluation is in `run.state`.
+    log and evaluation is in the run's `training.state`.
 
-    Everything needed to continue is in `run.state` (global) and the loss meter (per process), so a checkpoint taken
+    Everything needed to continue is in that state (global) and the loss meter (per process), so a checkpoint taken
     at any optimizer step resumes into exactly the same run. Raises `Preempted` once the checkpoint of a stop signal
     is written. A run resumed at its end (a stop after the last step: the checkpoint is the last step's) trains no
     further and goes straight to the finish.
     """
-    t, plan, accelerator, state = run.config.train, run.plan, run.accelerator, run.state
-    model, optimizer, scheduler = run.model, run.optimizer, run.scheduler
+    t, plan, accelerator, state = run.config.train, run.training.plan, run.accelerator, run.training.state
+    model, optimizer, scheduler = run.model, run.training.optimizer, run.training.scheduler
     # In a log file (CI, SLURM) a bar redrawn every second is noise: redraw every 30 s there.
     progress = tqdm(total=plan.total_steps, initial=state.step, desc="training", disable=not accelerator.is_local_main_process,
                     mininterval=1.0 if sys.stderr.isatty() else 30.0)
@@ -400,10 +169,10 @@ def fit(run: Run) -> tuple[dict, predict.Outputs | None]:
     kept_embedding_grad = None if t.torch_compile else optim.KeptEmbeddingGradient.install(accelerator, model)
     keep_best_in_reach(run)
     with progress:
-        session = run.session = Session(
-            LossMeter(accelerator.device, run.rank_state),
+        session = run.training.session = Session(
+            LossMeter(accelerator.device, run.training.rank_state),
             throughput.SpeedMeter(accelerator.unwrap_model(model), accelerator.device, run.started_at),
-            run.stop, progress, time.perf_counter(), state.train_runtime)
+            run.training.stop, progress, time.perf_counter(), state.train_runtime)
         if t.eval_on_start and state.step == 0:  # a baseline to compare with, not a candidate for the best model
             session.eval_outputs = evaluate_and_log(run, best_candidate=False)
         ended = "max steps" if state.step >= plan.total_steps else \
@@ -411,7 +180,7 @@ def fit(run: Run) -> tuple[dict, predict.Outputs | None]:
         for epoch in range(state.epoch, plan.num_epochs) if not ended else ():
             model.train()
             for batch in epoch_batches(run, epoch):
-                run.samples.record(state.step + 1, batch)
+                run.training.samples.record(state.step + 1, batch)
                 with accelerator.accumulate(model):
                     # The loss is the loop's own (problem.py), the same function evaluation uses.
                     labels = batch.pop("labels")  # (the model would compute its own loss from them, and discard it)
@@ -437,7 +206,7 @@ def fit(run: Run) -> tuple[dict, predict.Outputs | None]:
                         break
             if ended == "early stopping":
                 break
-            if state.batches_in_epoch >= len(run.train_dl):  # this epoch's data is used up
+            if state.batches_in_epoch >= len(run.training.train_dl):  # this epoch's data is used up
                 state.epoch, state.batches_in_epoch = epoch + 1, 0
             if ended or (ended := boundary(run, session, epoch_end=True)):
                 break
@@ -464,10 +233,11 @@ def weighted_for_global_mean(accelerator: Accelerator, loss: torch.Tensor, count
 
 def epoch_batches(run: Run, epoch: int):
     """This epoch's batches in their seeded order; resuming mid-epoch, the same order minus what was trained on."""
-    run.train_dl.set_epoch(epoch)
-    if not run.state.batches_in_epoch:
-        return run.train_dl
-    batches = run.accelerator.skip_first_batches(run.train_dl, run.state.batches_in_epoch)
+    training = run.training
+    training.train_dl.set_epoch(epoch)
+    if not training.state.batches_in_epoch:
+        return training.train_dl
+    batches = run.accelerator.skip_first_batches(training.train_dl, training.state.batches_in_epoch)
     batches.set_epoch(epoch)  # a new loader would otherwise replay epoch 0's order
     return batches
 
@@ -479,8 +249,8 @@ def boundary(run: Run, session: Session, epoch_end: bool) -> str | None:
     Returns why training ends here ("max steps" or "early stopping"), or None to go on. The final weights are
     evaluated after the loop (`finish_training`), not here.
     """
-    t, state = run.config.train, run.state
-    last_step = state.step >= run.plan.total_steps
+    t, state = run.config.train, run.training.state
+    last_step = state.step >= run.training.plan.total_steps
     if not epoch_end and (state.step % t.logging_steps == 0 or last_step or t.logging_first_step and state.step == 1):
         log_step(run, session)
     evaluated = not last_step and t.do_eval and evaluation_due(t, state.step, epoch_end)
@@ -514,11 +284,12 @@ def checkpoint_due(t: TrainArguments, step: int, new_best: bool, epoch_end: bool
 def finish_training(run: Run, session: Session, stopped_early: bool) -> tuple[dict, predict.Outputs | None]:
     """After the last step: log what is left, evaluate the final (or, with --load_best_model_at_end, the best) weights,
     and put the run's figures together. Final weights whose last steps' loss was not finite are refused."""
-    t, state, accelerator = run.config.train, run.state, run.accelerator
+    t, state, accelerator = run.config.train, run.training.state, run.accelerator
     runtime_seconds = time.perf_counter() - session.started
     if session.meter.window_count:  # early stopping between logging steps
         log_step(run, session)
-    final_learning_rate = run.scheduler.get_last_lr()[0]  # before loading the best state brings back its scheduler
+    # Read before loading the best state brings back its scheduler.
+    final_learning_rate = run.training.scheduler.get_last_lr()[0]
     # The last steps' loss was NaN/inf, fewer times in a row than --max_nonfinite_steps (which would have stopped the
     # run): such weights are never saved as the model, nor are they ever the best.
     nonfinite = check_health(run, session.meter)
@@ -544,7 +315,7 @@ def finish_training(run: Run, session: Session, stopped_early: bool) -> tuple[di
         # confusion matrix, a tuned multi-label threshold) are computed again, not logged twice.
         _, outputs = evaluate(run)
 
-    speed_figures = session.speed.summary(accelerator, run.peak_tflops, runtime_seconds)
+    speed_figures = session.speed.summary(accelerator, run.training.peak_tflops, runtime_seconds)
     accelerator.log({f"speed/{k}": v for k, v in speed_figures.items() if v is not None}, step=state.step)
     meter = session.meter
     final = {
@@ -553,11 +324,11 @@ def finish_training(run: Run, session: Session, stopped_early: bool) -> tuple[di
         "train_runtime": round(session.earlier_runtime + runtime_seconds, 2),  # all sessions of this run
         **speed_figures,  # this session's own throughput
         "global_step": state.step,
-        "epochs": run.plan.num_epochs,
+        "epochs": run.training.plan.num_epochs,
         "final_learning_rate": final_learning_rate,
         **({"best_step": state.best_step, f"best_{best_metric_key(run)}": state.best_metric} if state.best_step else {}),
         **({"stopped_early": True} if stopped_early else {}),
-        **({"texts_in_train_and_eval": run.texts_in_train} if run.texts_in_train else {}),
+        **({"texts_in_train_and_eval": run.training.texts_in_train} if run.training.texts_in_train else {}),
         **({"skipped_steps": meter.skipped_steps} if accelerator.mixed_precision == "fp16" else {}),
         **describe(accelerator),
     }
@@ -567,7 +338,7 @@ def finish_training(run: Run, session: Session, stopped_early: bool) -> tuple[di
 
 def refuse_nonfinite_model(run: Run, streak: int) -> None:
     """Stop before NaN/inf weights become the model; name the checkpoint to use instead."""
-    t, state = run.config.train, run.state
+    t, state = run.config.train, run.training.state
     saved = checkpoint.complete_checkpoints(t.output_dir)
     kept = f"the best checkpoint {state.best_checkpoint} (step {state.best_step})" \
         if state.best_checkpoint in saved else f"the last good checkpoint {saved[-1]}" if saved else "no checkpoint"
@@ -582,7 +353,7 @@ def keep_best_in_reach(run: Run) -> str | None:
     """The best checkpoint, found under this session's output_dir (the folder may have moved since the checkpoint
     recorded it), or None. A best whose checkpoint is gone (deleted by hand, torn) is forgotten, with a line: the
     pointer never names a checkpoint that --load_best_model_at_end could not load."""
-    t, state = run.config.train, run.state
+    t, state = run.config.train, run.training.state
     if not state.best_checkpoint:
         return None
     name = os.path.basename(os.path.normpath(state.best_checkpoint))
@@ -598,8 +369,8 @@ def keep_best_in_reach(run: Run) -> str | None:
 
 def this_step_saved(run: Run) -> bool:
     """Whether this step's checkpoint is on disk, complete (saved at this step, or resumed from)."""
-    t = run.config.train
-    return checkpoint.checkpoint_path(t.output_dir, run.state.step) in checkpoint.complete_checkpoints(t.output_dir)
+    t, state = run.config.train, run.training.state
+    return checkpoint.checkpoint_path(t.output_dir, state.step) in checkpoint.complete_checkpoints(t.output_dir)
 
 
 def stop_here(run: Run, session: Session, signal_name: str, save: bool = True) -> None:
@@ -609,24 +380,24 @@ def stop_here(run: Run, session: Session, signal_name: str, save: bool = True) -
     if saved is None:  # saved before, or not saved (its loss was not finite): the newest complete one, listed after
         # the save's last agreement, so no rank lists while the main process rotates
         saved = next(reversed(checkpoint.complete_checkpoints(run.config.train.output_dir)), None)
-    raise Preempted(signal_name, saved, run.state.step)
+    raise Preempted(signal_name, saved, run.training.state.step)
 
 
 def stop_if_asked(run: Run) -> None:
     """Between the phases after the last step (final evaluation, best-model load, final save, predictions): a stop
     signal agreed here ends the job as one during training does. Its checkpoint is the last step's, so the requeued
     job (--resume_from_checkpoint latest) resumes at the end and only finishes what is left."""
-    if signal_name := run.stop.agreed():  # once the best weights are loaded, the last step's checkpoint exists
-        stop_here(run, run.session, signal_name, save=not this_step_saved(run))
+    if signal_name := run.training.stop.agreed():  # once the best weights are loaded, the last step's checkpoint exists
+        stop_here(run, run.training.session, signal_name, save=not this_step_saved(run))
 
 
 def log_step(run: Run, session: Session) -> None:
     """Log the loss window; also where a diverged run is caught (a sync point anyway)."""
-    accelerator, state, meter = run.accelerator, run.state, session.meter
+    accelerator, state, meter = run.accelerator, run.training.state, session.meter
     logs = {
         "train/loss": meter.take_window(accelerator),
-        "train/learning_rate": run.scheduler.get_last_lr()[0],
-        "train/epoch": state.step / run.plan.steps_per_epoch,
+        "train/learning_rate": run.training.scheduler.get_last_lr()[0],
+        "train/epoch": state.step / run.training.plan.steps_per_epoch,
     }
     if session.grad_norm is not None:
         logs["train/grad_norm"] = float(session.grad_norm)
@@ -640,12 +411,12 @@ def log_step(run: Run, session: Session) -> None:
 
 def check_health(run: Run, meter: LossMeter) -> int:
     """Stop a diverged run; otherwise return the current streak of non-finite steps (the worst over processes)."""
-    t = run.config.train
+    t, state = run.config.train, run.training.state
     streak = meter.worst_streak(run.accelerator)
     if streak >= t.max_nonfinite_steps:
         found = checkpoint.complete_checkpoints(t.output_dir)
         raise TrainingDiverged(
-            f"the training loss was NaN/inf for {streak} optimizer steps in a row (step {run.state.step}): lower "
+            f"the training loss was NaN/inf for {streak} optimizer steps in a row (step {state.step}): lower "
             "--learning_rate, keep --max_grad_norm on, prefer bf16 to fp16, or check the data; last good checkpoint: "
             + (found[-1] if found else "none (set --save_strategy to keep one)")
         )
@@ -654,7 +425,7 @@ def check_health(run: Run, meter: LossMeter) -> int:
 
 def save_checkpoint(run: Run, session: Session) -> str | None:
     """Save this step's checkpoint and rotate the old ones; its path (None: not saved, the loss is not finite)."""
-    t, state, accelerator = run.config.train, run.state, run.accelerator
+    t, state, accelerator = run.config.train, run.training.state, run.accelerator
     if check_health(run, session.meter):  # never put a state whose loss is NaN/inf next to the good ones
         say(accelerator, f"tuneloop: not saving step {state.step}: its training loss is not finite")
         return None
@@ -676,11 +447,11 @@ def best_metric_key(run: Run) -> str:
 
 
 def early_stop(run: Run) -> bool:
-    patience = run.config.train.early_stopping_patience
-    if not run.state.patience_exhausted(patience):
+    patience, state = run.config.train.early_stopping_patience, run.training.state
+    if not state.patience_exhausted(patience):
         return False
     say(run.accelerator, f"tuneloop: early stopping: no improvement of {best_metric_key(run)} "
-                         f"in {patience} evaluations (best {run.state.best_metric:.4f} at step {run.state.best_step})")
+                         f"in {patience} evaluations (best {state.best_metric:.4f} at step {state.best_step})")
     return True
 
 
@@ -705,7 +476,7 @@ def evaluate(run: Run) -> tuple[dict, predict.Outputs]:
 def evaluate_and_log(run: Run, epoch: int | None = None, best_candidate: bool = True) -> predict.Outputs:
     """Evaluate, log, record in the history and (a `best_candidate`) in the best-model tracker: `state.best_step` is
     this step when it is the new best. Returns the gathered outputs."""
-    t, state = run.config.train, run.state
+    t, state = run.config.train, run.training.state
     results, outputs = evaluate(run)
     run.model.train()
     run.accelerator.log({k.replace("eval_", "eval/", 1): v for k, v in results.items()}, step=state.step)
