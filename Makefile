@@ -13,11 +13,13 @@ TORCH := $(shell grep -m1 '^torch==' constraints.txt)
 # made again from scratch, whatever its stamp says.
 VENV_WORKS := $(shell test -x $(VENV)/bin/python && test -x $(VENV)/bin/pip && echo yes)
 
-.PHONY: help install train test FORCE
+.PHONY: help install train test lint format FORCE
 
 help:
 	@echo 'make train [ARGS="recipe.yaml --flag value"]   install if needed, then accelerate launch train.py ARGS'
 	@echo 'make test  [ARGS="-m unit -x"]                  install if needed, then pytest ARGS'
+	@echo 'make lint                                       ruff check + ruff format --check (what CI runs)'
+	@echo 'make format                                     ruff format + ruff check --fix (rewrites files)'
 	@echo 'make install                                    (re)install .venv if pyproject.toml or constraints.txt'
 	@echo '                                                changed or the last install failed; else nothing'
 	@echo 'PYTHON=python3.12 picks the interpreter the venv is made from.'
@@ -27,6 +29,15 @@ train: install
 
 test: install
 	$(VENV)/bin/python -m pytest $(ARGS)
+
+# ruff's settings (line length 120, the rules) are in pyproject.toml's [tool.ruff].
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: install
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
 
 install: $(VENV)/.installed
 

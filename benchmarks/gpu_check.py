@@ -297,8 +297,9 @@ TF32_DRIVER = """import json, sys, torch
 from tuneloop.config import parse_args
 from tuneloop.loop import train
 results = train(parse_args(sys.argv[1:]))
-print("gpu_check:" + json.dumps({"matmul": torch.backends.cuda.matmul.allow_tf32, "cudnn": torch.backends.cudnn.allow_tf32,
-                                 "global_step": results["global_step"], "time_to_first_step": results["time_to_first_step"]}))
+print("gpu_check:" + json.dumps({"matmul": torch.backends.cuda.matmul.allow_tf32,
+                                 "cudnn": torch.backends.cudnn.allow_tf32, "global_step": results["global_step"],
+                                 "time_to_first_step": results["time_to_first_step"]}))
 """
 
 

@@ -29,7 +29,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
-from tuneloop import data, model as models  # noqa: E402
+from tuneloop import data  # noqa: E402
+from tuneloop import model as models  # noqa: E402
+from tuneloop.batches import token_lengths  # noqa: E402
 from tuneloop.config import DataArguments, ModelArguments  # noqa: E402
 
 MODEL, DATASET, MAX_LENGTH, SAMPLES = "builtin:all-MiniLM-L6-v2", "builtin:bbc_news", 512, 256
@@ -67,7 +69,7 @@ def run(name: str, seed: int) -> tuple[float, list[tuple[list[int], list[int]]]]
                               seed, None, need_train=True)
     tokenizer = models.load_tokenizer(ModelArguments(model_name_or_path=MODEL), MAX_LENGTH)
     train = data.tokenize(splits.train, splits, tokenizer, DataArguments(dataset_name=DATASET, max_length=MAX_LENGTH))
-    labels, lengths = train["labels"], data.token_lengths(train).tolist()
+    labels, lengths = train["labels"], token_lengths(train).tolist()
     return accuracy, [([labels[i] for i in s["ids"]], [lengths[i] for i in s["ids"]]) for s in steps]
 
 
@@ -76,7 +78,7 @@ def describe(batches: list[tuple[list[int], list[int]]]) -> dict:
     quarter = max(1, len(batches) // 4)
     return {
         "majority share": statistics.mean(majority),
-        "mean length by quarter": [round(statistics.mean(l for _, ls in batches[i:i + quarter] for l in ls))
+        "mean length by quarter": [round(statistics.mean(n for _, ls in batches[i:i + quarter] for n in ls))
                                    for i in range(0, len(batches), quarter)],
         "last 4 batches": [dict(sorted(collections.Counter(labels).items())) for labels, _ in batches[-4:]],
         "per batch mean length": [round(statistics.mean(ls)) for _, ls in batches],

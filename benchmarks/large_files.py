@@ -1,7 +1,8 @@
 """Large files (issue 17, item 5): a generated 1-million-row CSV of headline-length texts, loaded and tokenized with
 --preprocessing_num_workers, then one optimizer step; against `datasets` + transformers' Trainer doing the same.
 
-    PYTHONPATH=src .venv/bin/python benchmarks/large_files.py [--rows 1000000] [--workers 2] [--work /tmp/tuneloop-large]
+    PYTHONPATH=src .venv/bin/python benchmarks/large_files.py [--rows 1000000] [--workers 2]
+        [--work /tmp/tuneloop-large]
         [--cold_only]   (only tuneloop cold then Trainer cold, one after the other: the fair pair)
 
 Runs, each a fresh process, each with its own empty `datasets` cache unless said:
@@ -147,7 +148,7 @@ def lengths_probe(csv: str, workers: int, how: str) -> None:
     """Open tuneloop's tokenized training set (from the cache of the runs above) and compute its lengths one way."""
     import numpy as np
 
-    from tuneloop import data, model as models
+    from tuneloop import batches, data, model as models
     from tuneloop.config import DataArguments, ModelArguments
 
     # The very options of the runs above: the tokenization cache is keyed on them.
@@ -157,10 +158,7 @@ def lengths_probe(csv: str, workers: int, how: str) -> None:
     train = data.tokenize(splits.train, splits, models.load_tokenizer(ModelArguments(), 32), d)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     start = time.perf_counter()
-    if how == "python_list":
-        lengths = [len(ids) for ids in train["input_ids"]]
-    else:
-        lengths = data.token_lengths(train)
+    lengths = [len(ids) for ids in train["input_ids"]] if how == "python_list" else batches.token_lengths(train)
     seconds = time.perf_counter() - start
     after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     print(json.dumps({"how": how, "seconds": round(seconds, 2), "peak_rss_before_gib": round(before, 2),

@@ -8,9 +8,9 @@ Builds a BERT from a config (random weights, saved once as safetensors; no downl
 load (/proc/self/smaps_rollup: RSS; PSS, which counts a page shared by both ranks half to each, so a file both map
 is one copy between them; anonymous, private memory) and reports the peak and the level after, above the level just
 before, and the parameter bytes it holds afterwards. transformers 5 maps the safetensors file and reads pages on first
-use, so every tensor the rank holds is read once before the level "after" is taken. Engines: DDP (cpu_2proc.yaml: every rank holds the whole model, the reference), ZeRO-3 with
-`zero3_init_flag: true` (deepspeed_zero3_cpu.yaml: each rank should build only its shard) and the same config with
-the flag off.
+use, so every tensor the rank holds is read once before the level "after" is taken. Engines: DDP (cpu_2proc.yaml:
+every rank holds the whole model, the reference), ZeRO-3 with `zero3_init_flag: true` (deepspeed_zero3_cpu.yaml:
+each rank should build only its shard) and the same config with the flag off.
 
 FSDP's `cpu_ram_efficient_loading` cannot be measured here: Accelerate enables FSDP only on GPUs.
 """

@@ -2,7 +2,8 @@
 arithmetic, so the table compares what each loop costs per step besides the model (Python, bookkeeping, data).
 
     .venv/bin/python benchmarks/make_tiny_model.py /tmp/tiny-minilm
-    .venv/bin/python benchmarks/speed.py --workload short --model /tmp/tiny-minilm --settings "T2b T2 + bf16" "tuneloop same maths"
+    .venv/bin/python benchmarks/speed.py --workload short --model /tmp/tiny-minilm
+        --settings "T2b T2 + bf16" "tuneloop same maths"
 """
 
 import sys

@@ -81,9 +81,10 @@ def make_inputs(work: Path, layers: int, steps: int) -> tuple[str, dict]:
         LlamaModel(llama_config(layers)).to(torch.bfloat16).save_pretrained(model_dir)
         word_tokenizer().save_pretrained(model_dir)
     rng = random.Random(0)
-    rows = lambda n: "".join(json.dumps({"text": " ".join(f"w{rng.randrange(SHAPE['vocab_size'] - 3)}"
-                                                          for _ in range(600)), "label": i % LABELS}) + "\n"
-                             for i in range(n))
+
+    def rows(n: int) -> str:
+        return "".join(json.dumps({"text": " ".join(f"w{rng.randrange(SHAPE['vocab_size'] - 3)}" for _ in range(600)),
+                                   "label": i % LABELS}) + "\n" for i in range(n))
     (work / "train.jsonl").write_text(rows(BATCH * steps))
     (work / "eval.jsonl").write_text(rows(LABELS))
     return str(model_dir), {"train_file": str(work / "train.jsonl"), "validation_file": str(work / "eval.jsonl")}
@@ -114,7 +115,7 @@ def saved_bytes(layers: int, lora: bool, dtype) -> int:
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     ids = torch.randint(3, SHAPE["vocab_size"], (BATCH, SEQ))
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(input_ids=ids, labels=torch.zeros(BATCH, dtype=torch.long)).loss
+        model(input_ids=ids, labels=torch.zeros(BATCH, dtype=torch.long))  # the forward is what saves tensors
     return sum(n for ptr, n in storages.items() if ptr not in params)
 
 
@@ -128,7 +129,10 @@ def expected(layers: int, total: int, trainable: int) -> dict[str, dict[str, flo
         one, two = saved_bytes(1, lora, dtype), saved_bytes(2, lora, dtype)
         act[name] = (two - one, one - (two - one))  # per layer, outside the layers
     hidden = BATCH * SEQ * SHAPE["hidden_size"]
-    ac = lambda name, size: act[name][1] + layers * hidden * size + act[name][0]  # inputs kept + one layer recomputed
+
+    def ac(name: str, size: int) -> int:  # inputs kept + one layer recomputed
+        return act[name][1] + layers * hidden * size + act[name][0]
+
     train_state = trainable * (4 + 4 + 8)
     return {
         "full fp32": dict(weights=4 * total, grads_optimizer=16 * total - 4 * total,
@@ -208,7 +212,8 @@ def main() -> None:
                 f"activations {c['activations'] / GIB:5.2f}  = {sum(c.values()) / GIB:5.2f} counted, removes "
                 f"{(full_count - sum(c.values())) / GIB:5.2f}")
         if m:
-            line += f"; measured {m['peak_anon'] / GIB:5.2f} (+{(m['peak_anon'] - sum(c.values())) / GIB:.2f} over the count)"
+            over = (m["peak_anon"] - sum(c.values())) / GIB
+            line += f"; measured {m['peak_anon'] / GIB:5.2f} (+{over:.2f} over the count)"
             if full:
                 line += f", removes {(full - m['peak_anon']) / GIB:5.2f}, {m['peak_anon'] / full:.3f} of full's peak"
         print(line)

@@ -9,8 +9,13 @@ r"""tuneloop against transformers' Trainer on the same data, model, truncation a
 Settings (issue 9): T1 Trainer with the tutorial's padding to max_length, fp32; T2 Trainer with dynamic padding and
 group_by_length; T2b T2 + bf16; T2b+alloc, T2b given the allocator set-up by environment; "tuneloop plain loop" (its
 CPU switches off); "tuneloop same maths" (its defaults: bf16 and the model's own dropout as T2b, the allocator set-up
-and CPU dropout kernels, which keep the maths); "tuneloop fastest" (attention dropout 0: different maths, own row). Every run is a fresh
-process; settings alternate so that drifts of this noisy machine hit all of them alike. Ratios use medians.
+and CPU dropout kernels, which keep the maths); "tuneloop fastest" (attention dropout 0: different maths, own row).
+Every run is a fresh process; settings alternate so that drifts of this noisy machine hit all of them alike. Ratios
+use medians.
+
+Most settings run in bf16: a fair comparison only where the hardware computes in it (a GPU from Ampere on, a CPU with
+amx_bf16 or avx512_bf16). Elsewhere torch emulates bf16, about 13x slower than fp32, so the report says which
+precisions this host compares fairly (with its CPU flags) and marks the bf16 rows "bf16 emulated".
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
-from tuneloop import throughput  # noqa: E402
+from tuneloop import runtime, throughput  # noqa: E402
 
 WORKLOADS = {
     # Long: BBC articles, median 421 tokens; 256 training articles, the whole held-out split for accuracy.
@@ -114,7 +119,24 @@ def run_once(name: str, workload: dict, model: str, quick: bool, processes: int 
     return result
 
 
-def table(results: dict[str, list[dict]], peaks: dict[str, float]) -> str:
+def fair_precisions(device: torch.device) -> tuple[str, bool]:
+    """A line saying which precisions this host compares fairly, and whether its bf16 is emulated."""
+    if device.type == "cuda":
+        emulated = not runtime.fast_bf16_available()
+        capability = ".".join(map(str, torch.cuda.get_device_capability()))
+        return (f"precision: GPU compute capability {capability}: "
+                + ("bf16 emulated (below 8.0): compare fp32 (or fp16) rows only" if emulated
+                   else "bf16 and fp32 both native: every row compares fairly")), emulated
+    flags = runtime.cpu_flags()
+    shown = " ".join(sorted(f for f in flags if f.startswith(("avx", "amx", "fma")))) or "none read"
+    emulated = not runtime.cpu_has_bf16_units(flags)
+    return (f"precision: CPU flags {shown}: "
+            + ("no amx_bf16 or avx512_bf16, bf16 is emulated (about 13x slower than fp32): only rows of the same "
+               "precision compare fairly, fp32 against fp32 (T1, T2); the bf16 rows are marked" if emulated
+               else "bf16 matrix units present: bf16 and fp32 rows both run natively")), emulated
+
+
+def table(results: dict[str, list[dict]], peaks: dict[str, float], bf16_emulated: bool = False) -> str:
     median = {name: statistics.median(r["train_samples_per_second"] for r in runs) for name, runs in results.items()}
     peers = [n for n in results if SETTINGS[n]["peer"]]
     head = ["setting", "samples/s min / median", "real tokens/s", "model TFLOP/s", "MFU", "peak memory GiB", "eval accuracy mean (per run)",
@@ -124,7 +146,8 @@ def table(results: dict[str, list[dict]], peaks: dict[str, float]) -> str:
         rates = [r["train_samples_per_second"] for r in runs]
         tflops = statistics.median(r["model_tflops_per_second"] for r in runs)
         accuracy = [r["eval_accuracy"] for r in runs if r.get("eval_accuracy") is not None]
-        row = [name, f"{min(rates):.2f} / {median[name]:.2f}",
+        emulated = bf16_emulated and SETTINGS[name]["precision"] == "bf16"
+        row = [name + " (bf16 emulated)" * emulated, f"{min(rates):.2f} / {median[name]:.2f}",
                f"{statistics.median(r['train_tokens_per_second'] for r in runs):.0f}", f"{tflops:.3f}",
                f"{tflops / peaks[SETTINGS[name]['precision']]:.1%}",
                f"{max(r['peak_memory_gib'] for r in runs):.1f}",
@@ -148,13 +171,17 @@ def main() -> None:
     p.add_argument("--write", metavar="FILE", help="append the tables, command, machine and date to FILE (RESULTS.md)")
     a = p.parse_args()
 
-    # The peaks MFU is measured against: this CPU's matmul rate at the runs' thread count (cached), or a GPU's datasheet.
+    # The peaks MFU is measured against: this CPU's matmul rate at the runs' thread count (cached), or a GPU's
+    # datasheet.
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     peaks = {precision: throughput.peak_tflops(device, precision, None) or float("nan") for precision in ("no", "bf16")}
     report = [f"## {datetime.date.today()}: `{' '.join(['benchmarks/speed.py', *sys.argv[1:]])}`",
               f"Machine: {platform.node()}, {os.cpu_count()} CPUs, torch {torch.__version__} "
               f"{torch.cuda.get_device_name() if device.type == 'cuda' else ''}; peak TFLOP/s fp32 {peaks['no']:.3f}, "
               f"bf16 {peaks['bf16']:.3f}; model {a.model}."]
+    precision_line, bf16_emulated = fair_precisions(device)
+    report.append(precision_line)
+    print(precision_line, file=sys.stderr, flush=True)
     for workload in (["long", "short"] if a.workload == "both" else [a.workload]):
         results = {name: [] for name in a.settings}
         for run in range(a.runs):
@@ -166,7 +193,7 @@ def main() -> None:
                       f"accuracy {results[name][-1].get('eval_accuracy')}",
                       file=sys.stderr, flush=True)
         on = f", {a.processes} processes" if a.processes > 1 else ""
-        report += [f"\n### {workload}{on}: {WORKLOADS[workload]}\n", table(results, peaks)]
+        report += [f"\n### {workload}{on}: {WORKLOADS[workload]}\n", table(results, peaks, bf16_emulated)]
     text = "\n".join(report) + "\n"
     print(text)
     if a.write:

@@ -3,12 +3,12 @@
     .venv/bin/python benchmarks/step_phases.py --dataset_name builtin:bbc_news --max_train_samples 256 --max_length 512
     .venv/bin/python benchmarks/step_phases.py --dataset_name builtin:bbc_news_headlines --profile   # + top ops
 
-    .venv/bin/python benchmarks/step_phases.py --dataset_name builtin:bbc_news_headlines --fold_clip both   # A/B, alternating
+    .venv/bin/python benchmarks/step_phases.py --dataset_name builtin:bbc_news_headlines --fold_clip both  # A/B
 
-Any train.py option works (e.g. --fast_cpu_dropout false). bf16 and --train_sampling_strategy group_by_length are preset, as in the
-benchmark's "same maths" row. --steps/--warmup/--profile/--fold_clip are this script's own. The step is the loop's own:
-its loss (problem.py) and `optim.clip_and_step`, the clip folded into fused AdamW unless --fold_clip no; "both"
-runs every batch twice, folded and not (which first alternates), and prints a line for each.
+Any train.py option works (e.g. --fast_cpu_dropout false). bf16 and --train_sampling_strategy group_by_length are
+preset, as in the benchmark's "same maths" row. --steps/--warmup/--profile/--fold_clip are this script's own. The
+step is the loop's own: its loss (problem.py) and `optim.clip_and_step`, the clip folded into fused AdamW unless
+--fold_clip no; "both" runs every batch twice, folded and not (which first alternates), and prints a line for each.
 """
 
 import argparse

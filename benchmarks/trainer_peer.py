@@ -18,6 +18,7 @@ import torch
 from transformers import DataCollatorWithPadding, Trainer, TrainingArguments, set_seed
 
 from tuneloop import data, model as models, runtime, throughput
+from tuneloop.batches import LengthGroupedSampler, token_lengths
 from tuneloop.config import DataArguments, ModelArguments
 
 
@@ -34,7 +35,8 @@ def main() -> None:
     p.add_argument("--padding", choices=["max_length", "longest"], required=True)
     p.add_argument("--group_by_length", action="store_true")
     p.add_argument("--tuneloop_grouping", action="store_true",
-                   help="Trainer's loop with tuneloop's length-grouped order (data.LengthGroupedSampler) instead of its own")
+                   help="Trainer's loop with tuneloop's length-grouped order (batches.LengthGroupedSampler) instead of "
+                        "its own")
     p.add_argument("--log_batches", action="store_true", help="add each training batch's labels and lengths to the output")
     p.add_argument("--bf16", action="store_true")
     p.add_argument("--torch_compile", action="store_true")
@@ -100,7 +102,8 @@ def main() -> None:
         # As tuneloop measures it: the most CUDA memory tensors held, or on CPU the process's peak resident set.
         "peak_memory_gib": throughput.peak_memory_gib(torch.device("cuda" if torch.cuda.is_available() else "cpu")),
         "eval_accuracy": accuracy,
-        # What the run really was: several processes must be real data parallelism (ranks in one gloo/nccl group).
+        # What the run really was: several processes must be real data parallelism (ranks in one gloo/nccl
+        # group).
         "num_processes": trainer.accelerator.num_processes,
         "distributed_type": trainer.accelerator.distributed_type.value,
         "backend": torch.distributed.get_backend() if torch.distributed.is_initialized() else None,
@@ -113,7 +116,7 @@ class TunedOrderTrainer(Trainer):
 
     def _get_train_sampler(self, train_dataset=None):
         dataset = train_dataset if train_dataset is not None else self.train_dataset
-        return data.LengthGroupedSampler(data.token_lengths(dataset), self.args.train_batch_size, 50, self.args.seed)
+        return LengthGroupedSampler(token_lengths(dataset), self.args.train_batch_size, 50, self.args.seed)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ delivered and the phase goes on, as it would for a real one. Phases:
 - tokenize: the first `data.tokenize` call (set-up);
 - first_step: the session's first optimizer step (`optim.clip_and_step`), gradients computed, weights not yet updated;
 - checkpoint: the session's first checkpoint write, once Accelerate's files are in the temporary folder;
-- best_load: `checkpoint.load_checkpoint` of the best model after training (`finish_training`);
+- best_load: `elastic.load_checkpoint` of the best model after training (`finish_training`);
 - final_save: the final model's weights file (`save_pretrained`'s safetensors write);
 - predictions: `predict.write_predictions`;
 - none: no fault (a reference run, or a rerun).
@@ -83,7 +83,7 @@ def arm(phase: str, signal_name: str, output_dir: str) -> None:
     import accelerate
     import transformers.modeling_utils
 
-    from tuneloop import checkpoint, data, optim, predict
+    from tuneloop import data, elastic, optim, predict
 
     if phase == "none":
         return
@@ -143,7 +143,7 @@ def arm(phase: str, signal_name: str, output_dir: str) -> None:
     elif phase == "checkpoint":
         wrap(accelerate.Accelerator, "save_state", after_writing)
     elif phase == "best_load":
-        wrap(checkpoint, "load_checkpoint", best_load)
+        wrap(elastic, "load_checkpoint", best_load)
     elif phase == "final_save":
         wrap(transformers.modeling_utils, "safe_save_file", weights_write)
     elif phase == "predictions":

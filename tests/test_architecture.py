@@ -87,3 +87,159 @@ def test_runtime_is_a_leaf_for_data_model_and_reports():
     code = f"import sys, tuneloop.runtime, tuneloop.doctor; print([m for m in {heavy!r} if m in sys.modules])"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.strip() == "[]", done.stdout + done.stderr[-2000:]
+
+
+def test_the_data_rooms_import_one_way():
+    """data reads its splits from sources; batches batches what data tokenized. Neither room imports data (nor the
+    other): both are leaves that read options and raise UserError, as config's validation imports them."""
+    graph = import_graph()
+    assert {"sources", "batches", "data"} <= graph.keys()
+    assert "sources" in graph["data"]
+    assert reachable(graph, "sources") <= {"errors", "options"}, reachable(graph, "sources")
+    assert reachable(graph, "batches") <= {"errors", "options"}, reachable(graph, "batches")
+
+
+def test_sources_stays_light_for_the_options_check():
+    """config imports sources to check data paths on every start (`--help` included): a top-level `import datasets`
+    (or pandas, pyarrow, torch) there would put seconds on each one."""
+    heavy = ("datasets", "pandas", "pyarrow", "numpy", "torch", "transformers")
+    code = f"import sys, tuneloop.sources; print([m for m in {heavy!r} if m in sys.modules])"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "[]", done.stdout + done.stderr[-2000:]
+
+
+def test_data_file_types_are_named_only_in_sources():
+    """FILE_BUILDERS and COMPRESSIONS are the one list of data-file extensions: a second module comparing a path with
+    '.csv' or '.zst' itself is a second copy that drifts (config's validation compared with '.zst' until the
+    file checks moved into sources)."""
+    extensions = {".csv", ".tsv", ".json", ".jsonl", ".parquet", ".gz", ".bz2", ".xz", ".zst"}
+
+    def extensions_in(path: Path) -> list[str]:
+        """Plain string constants that are an extension; f-string parts (the names of files written) are not."""
+        tree = ast.parse(path.read_text())
+        in_fstrings = {id(part) for node in ast.walk(tree) if isinstance(node, ast.JoinedStr) for part in node.values}
+        return sorted(node.value for node in ast.walk(tree) if isinstance(node, ast.Constant)
+                      and id(node) not in in_fstrings and node.value in extensions)
+
+    found = {path.name: extensions_in(path) for path in PACKAGE.glob("*.py") if path.name != "sources.py"}
+    assert not {name: values for name, values in found.items() if values}
+    assert extensions_in(PACKAGE / "sources.py"), "the check finds nothing: sources.py names them all"
+
+
+def test_the_checkpoint_rooms_import_one_way():
+    """checkpoint.py (state, discovery, atomic writes) is the base: elastic.py (another layout, universal conversion,
+    RNG) and outputs.py (final model, results, the folder's checks) build on it and not on each other. Guards a helper
+    moved back into checkpoint.py that drags elastic's or outputs' code in with it (a cycle, or one room again)."""
+    graph = import_graph()
+    assert "checkpoint" in graph["elastic"] and "checkpoint" in graph["outputs"]
+    assert reachable(graph, "checkpoint").isdisjoint({"elastic", "outputs"}), graph["checkpoint"]
+    assert "outputs" not in reachable(graph, "elastic") and "elastic" not in reachable(graph, "outputs")
+
+
+def global_batch_products(source: str, module: str) -> list[str]:
+    """Where `source` multiplies a batch size, an accumulation and a process count: the global batch, as
+    `module:Class.function`."""
+
+    def factors(node) -> list[str]:
+        if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Mult):
+            return factors(node.left) + factors(node.right)
+        return [node.id if isinstance(node, ast.Name) else node.attr if isinstance(node, ast.Attribute) else ""]
+
+    found, scope = [], []
+
+    def visit(node) -> None:
+        names = [n.lower() for n in factors(node)] if isinstance(node, ast.BinOp) else []
+        if (any("batch" in n and "batches" not in n for n in names) and any("accum" in n for n in names)
+                and any("process" in n for n in names)):
+            found.append(f"{module}:{'.'.join(scope)}")
+            return
+        named = isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
+        if named:
+            scope.append(node.name)
+        for child in ast.iter_child_nodes(node):
+            visit(child)
+        if named:
+            scope.pop()
+
+    visit(ast.parse(source))
+    return found
+
+
+def test_the_global_batch_is_computed_in_one_place():
+    """The global batch (per-device batch x accumulation x processes) had two homes: the options' global_batch_size
+    and the elastic Layout. Guards a second copy of the product anywhere in src/tuneloop."""
+    found = [site for path in PACKAGE.glob("*.py") for site in global_batch_products(path.read_text(), path.stem)]
+    assert len(found) == 1 and found[0].endswith(":TrainArguments.global_batch"), found
+
+
+def test_the_global_batch_finder_finds_a_copy():
+    """Guards the test above: the Layout's own product, as it was, must be found."""
+    old_layout = ("class Layout:\n    def global_batch(self):\n"
+                  "        return self.processes * self.per_device_batch * self.accumulation\n")
+    assert global_batch_products(old_layout, "elastic") == ["elastic:Layout.global_batch"]
+    elastic_position = "samples = saved.batches_in_epoch * before.processes * before.per_device_batch\n"
+    assert global_batch_products(elastic_position, "elastic") == []
+
+
+# ---------------------------------------------------------------- rules decided once
+
+PROBLEM_TYPE_NAMES = {"single_label_classification", "multi_label_classification", "regression"}
+
+
+def problem_type_switches(source: str) -> list[str]:
+    """Where code decides by the problem type's name: the constants SINGLE/MULTI/REGRESSION, a comparison with a
+    problem type's name or with a `problem_type`, a table keyed by the names. (A Literal of the choices, a default
+    value or help text decides nothing.)"""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Name) and node.id in ("SINGLE", "MULTI", "REGRESSION") or \
+                isinstance(node, ast.Attribute) and node.attr in ("SINGLE", "MULTI", "REGRESSION"):
+            found.append(f"line {node.lineno}: {ast.unparse(node)}")
+        elif isinstance(node, ast.Compare):
+            operands = [node.left, *node.comparators]
+            names = [o for o in operands if isinstance(o, ast.Constant) and o.value in PROBLEM_TYPE_NAMES
+                     or isinstance(o, ast.Attribute) and o.attr == "problem_type"
+                     or isinstance(o, ast.Name) and o.id == "problem_type"]
+            if names:
+                found.append(f"line {node.lineno}: {ast.unparse(node)}")
+        elif isinstance(node, ast.Dict) and any(isinstance(k, ast.Constant) and k.value in PROBLEM_TYPE_NAMES
+                                                for k in node.keys):
+            found.append(f"line {node.lineno}: a table keyed by problem type")
+    return found
+
+
+def test_only_problem_py_decides_by_the_problem_type():
+    """Each problem type is one class in problem.py that owns its labels, loss, metrics, predictions and report lines;
+    the rest of the code asks the run's problem object. Guards a new `if problem_type == ...` (or a table keyed by
+    the type) elsewhere, which is how adding a type once touched 12 files."""
+    found = {path.name: switches for path in sorted(PACKAGE.glob("*.py")) if path.name != "problem.py"
+             if (switches := problem_type_switches(path.read_text()))}
+    assert not found, f"decided by the problem type outside problem.py: {found}"
+
+
+def test_the_problem_type_switch_finder_finds_switches():
+    """Guards the test above: a finder that never reports anything would pass it too."""
+    assert len(problem_type_switches("if problem.problem_type == problems.MULTI:\n    pass\n")) == 2
+    assert problem_type_switches('kind = "pos_weight" if t == "multi_label_classification" else None\n')
+    assert problem_type_switches('what = {"regression": "target"}\n')
+    assert problem_type_switches('ok = d.problem_type in ("regression",)\n')
+    assert not problem_type_switches('def f(problem_type: str = "regression"):\n    return problem.units\n')
+
+
+# Each rule's message, and the one module that may phrase it: a second copy of the check is a second copy of the text.
+RULE_OWNERS = {
+    "are for classification": "problem.py",  # regression takes no class weights or label smoothing
+    "is not computed": "problem.py",  # metric_for_best_model must be a computed metric
+    "multi_label_threshold must be": "problem.py",
+    "given by --problem_type": "problem.py",  # deciding the problem type
+    "the model's saved problem_type": "problem.py",
+    "does not apply to": "problem.py",  # --loss against the problem type
+}
+
+
+def test_each_rule_is_phrased_in_one_module():
+    """The problem-type rules that were decided twice (config.validate and loop.make_problem; data.load_splits and
+    loop.make_problem) live in problem.py only. Guards a copy of one of them drifting back into another module."""
+    sources = {path.name: path.read_text() for path in PACKAGE.glob("*.py")}
+    for text, owner in RULE_OWNERS.items():
+        assert [name for name, source in sources.items() if text in source] == [owner], text

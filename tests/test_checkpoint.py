@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import ROOT, launch, launch_command, launch_env, not_in_a_unit_test, read_json, run_in_process, tiny_args
-from tuneloop import checkpoint
+from tuneloop import checkpoint, outputs
 from tuneloop.errors import UserError
 from tuneloop.preemption import REQUEUE_EXIT_CODE
 
@@ -337,9 +337,9 @@ def test_free_space_is_checked_before_training(tiny_model_dir, tmp_path):
     from transformers import AutoModelForSequenceClassification
 
     model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=3)
-    checkpoint.check_free_space(str(tmp_path), model, checkpointing=True)  # this disk has room
+    outputs.check_free_space(str(tmp_path), model, checkpointing=True)  # this disk has room
     with pytest.raises(UserError, match="MiB free, a run of this model needs about"):
-        checkpoint.check_free_space(str(tmp_path), model, checkpointing=True, free_bytes=1000)
+        outputs.check_free_space(str(tmp_path), model, checkpointing=True, free_bytes=1000)
 
 
 STOP_REQUEST_SCRIPT = """
@@ -519,13 +519,13 @@ def test_a_failed_report_or_predictions_write_is_one_line(failing, tiny_model_di
 FAILING_WRITE = """
 import errno, os, sys, time
 from tuneloop import checkpoint, cli
-write, failed = checkpoint._write_json, []
+write, failed = checkpoint.write_json, []
 def full_disk_for_one_file(path, *args, **kwargs):
     if os.path.basename(path) == sys.argv[1]:
         failed.append(path)
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
     return write(path, *args, **kwargs)
-checkpoint._write_json = full_disk_for_one_file
+checkpoint.write_json = full_disk_for_one_file
 code = cli.main(sys.argv[2:])
 if failed:
     sys.stderr.flush()

@@ -4,9 +4,11 @@ import datasets
 import pytest
 import torch
 
+from tuneloop.batches import make_dataloaders
 from tuneloop.config import DataArguments
-from tuneloop.data import load_bbc_news, load_splits, make_dataloaders, tokenize
+from tuneloop.data import load_splits, tokenize
 from tuneloop.errors import UserError
+from tuneloop.sources import load_bbc_news
 
 from conftest import make_rows, write_rows
 
@@ -157,7 +159,7 @@ def test_length_grouped_sampler_gives_every_index_once_per_epoch_across_two_rank
     from accelerate.data_loader import BatchSamplerShard
     from torch.utils.data import BatchSampler
 
-    from tuneloop.data import LengthGroupedSampler
+    from tuneloop.batches import LengthGroupedSampler
 
     rng = random.Random(0)
     lengths = [rng.randint(3, 200) for _ in range(203)]

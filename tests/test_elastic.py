@@ -16,7 +16,7 @@ import torch
 
 from conftest import launch, read_json, run_in_process, saved_state_only, tiny_args
 from test_checkpoint import interrupt, weights
-from tuneloop import checkpoint
+from tuneloop import checkpoint, elastic
 from tuneloop.config import parse_args
 from tuneloop.errors import UserError
 from tuneloop.loop import resume_plan
@@ -138,15 +138,15 @@ def test_one_process_stopped_resumes_on_two(reference, tiny_model_dir, toy_files
     check_same_run(reference, out, 2, stopped_at)
     for saved in checkpoint.complete_checkpoints(str(out)):  # the resumed session's checkpoints record its layout
         state = checkpoint.read_state(saved)
-        expected = checkpoint.Layout(1, 4, 2) if state.step <= stopped_at else checkpoint.Layout(2, 4, 1)
-        assert checkpoint.layout_of(state) == expected and state.length_group_batch_size == 4
+        expected = elastic.Layout(1, 4, 2) if state.step <= stopped_at else elastic.Layout(2, 4, 1)
+        assert elastic.layout_of(state) == expected and state.length_group_batch_size == 4
 
 
 def test_layouts_keep_the_global_batch():
-    assert checkpoint.keep_global_batch(8, 1, 4) == checkpoint.Layout(1, 4, 2)
-    assert checkpoint.keep_global_batch(8, 4, 4) == checkpoint.Layout(4, 2, 1)  # the batch shrinks only when it must
-    assert checkpoint.keep_global_batch(12, 2, 4) == checkpoint.Layout(2, 3, 2)
-    assert checkpoint.keep_global_batch(4, 3, 1) is None  # the issue's 4 x 1 -> 3
+    assert elastic.keep_global_batch(8, 1, 4) == elastic.Layout(1, 4, 2)
+    assert elastic.keep_global_batch(8, 4, 4) == elastic.Layout(4, 2, 1)  # the batch shrinks only when it must
+    assert elastic.keep_global_batch(12, 2, 4) == elastic.Layout(2, 3, 2)
+    assert elastic.keep_global_batch(4, 3, 1) is None  # the issue's 4 x 1 -> 3
 
 
 def test_refusals_name_what_works(tmp_path, tiny_model_dir, toy_files, monkeypatch):
@@ -227,7 +227,7 @@ def test_a_failed_universal_conversion_stops_and_leaves_nothing(returncode, stde
     accelerator, _ = fake_deepspeed()
     converter(monkeypatch, returncode, stderr)
     with pytest.raises(UserError) as raised:
-        checkpoint.universal_checkpoint(accelerator, str(saved))
+        elastic.universal_checkpoint(accelerator, str(saved))
     message = str(raised.value)
     assert said in message and message.endswith("resume on 2 processes") and "\n" not in message, message
     assert sorted(p.name for p in saved.parent.iterdir()) == ["step_0000005"]
@@ -253,10 +253,10 @@ def test_a_conversion_cut_short_is_done_again(tmp_path, monkeypatch):
 
     monkeypatch.setattr(os, "symlink", killed_after_the_state)
     with pytest.raises(KeyboardInterrupt):
-        checkpoint.universal_checkpoint(accelerator, str(saved))
+        elastic.universal_checkpoint(accelerator, str(saved))
     monkeypatch.setattr(os, "symlink", link)
     checkpoint.clean_partial_checkpoints(str(tmp_path))  # what the next run does first
-    universal = Path(checkpoint.universal_checkpoint(accelerator, str(saved)))
+    universal = Path(elastic.universal_checkpoint(accelerator, str(saved)))
     assert len(commands) == 2 and universal.name == ".universal-step_0000005"
     linked = {p.name for p in universal.iterdir() if p.is_symlink()}
     assert linked == {p.name for p in saved.iterdir()} - {"pytorch_model"}, linked
@@ -269,10 +269,10 @@ def test_the_universal_flag_is_set_for_each_load(tmp_path, monkeypatch):
     the flag set once for the resume and left on (the best checkpoint then fails to load: no `zero/` folder)."""
     old, new = zero_checkpoint(tmp_path, 5, processes=2), zero_checkpoint(tmp_path, 8, processes=1)
     accelerator, loads = fake_deepspeed(universal_loaded=True)  # as the resume's universal load left the engine
-    checkpoint.load_checkpoint(accelerator, str(new))  # the best checkpoint, saved by this 1-process session
+    elastic.load_checkpoint(accelerator, str(new))  # the best checkpoint, saved by this 1-process session
     assert loads == [(str(new), False)]
     converter(monkeypatch)
-    checkpoint.load_checkpoint(accelerator, str(old))  # one from before the resume: its universal conversion
+    elastic.load_checkpoint(accelerator, str(old))  # one from before the resume: its universal conversion
     assert loads[1:] == [(str(old.parent / ".universal-step_0000005"), True)]
 
 
@@ -288,7 +288,7 @@ def test_a_resume_path_with_a_trailing_slash(tmp_path, tiny_model_dir, toy_files
     assert path == str(saved)
     accelerator, _ = fake_deepspeed()
     converter(monkeypatch)
-    assert checkpoint.universal_checkpoint(accelerator, path) == str(saved.parent / ".universal-step_0000005")
+    assert elastic.universal_checkpoint(accelerator, path) == str(saved.parent / ".universal-step_0000005")
     assert not any(p.name.startswith(".universal") for p in saved.iterdir())
 
 
@@ -441,7 +441,7 @@ def test_slurm_job_requeued_onto_fewer_nodes_finishes(slurm_conf, tiny_model_dir
     assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "1"), text[-5000:]
     assert (info["NumNodes"], info["NodeList"]) == ("1", "n1")
     saved = checkpoint.read_state(checkpoint.complete_checkpoints(str(out))[0])
-    assert checkpoint.layout_of(saved) == checkpoint.Layout(2, 4, 1)  # the world before the requeue
+    assert elastic.layout_of(saved) == elastic.Layout(2, 4, 1)  # the world before the requeue
     results = read_json(out / "all_results.json")
     assert (results["num_processes"], results["global_step"]) == (1, 100)  # and after it
     assert "2 processes x batch 4 x accumulation 1 -> 1 processes x batch 4 x accumulation 2" in text

@@ -497,6 +497,23 @@ def test_doctor_flags_bf16_on_gpus_that_only_emulate_it(monkeypatch, name, capab
         assert name in bf16[0] and "use fp16" in bf16[0]
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only verdict")
+@pytest.mark.parametrize("flags, flagged", [({"avx2", "avx512f"}, True), ({"avx512f", "amx_bf16"}, False)])
+def test_doctor_flags_bf16_on_cpus_that_only_emulate_it(monkeypatch, tmp_path, flags, flagged):
+    """A CPU config asking for bf16 on a CPU without AMX or AVX-512 bf16 units: a problem, as bf16 on a V100; with
+    the units, no problem. Guards a doctor that passes a config which would train 13x slower than fp32."""
+    from tuneloop import doctor, runtime
+
+    config = tmp_path / "cpu_bf16.yaml"
+    config.write_text((CONFIGS / "cpu.yaml").read_text().replace("mixed_precision: 'no'", "mixed_precision: bf16"))
+    monkeypatch.setattr(runtime, "cpu_flags", lambda: flags)
+    _, problems, _ = doctor.check_config(str(config))
+    bf16 = [p for p in problems if "bf16" in p]
+    assert bool(bf16) == flagged, problems
+    if flagged:
+        assert "emulated" in bf16[0] and "13x slower" in bf16[0]
+
+
 def test_doctor_num_processes_replaces_the_configs(monkeypatch):
     """multi_gpu.yaml and fsdp.yaml say 8 processes; the doctor's advice named a --num_processes it did not have.
     Fakes 2 GPUs; the probe's and `accelerate test`'s launches are captured instead of run."""

@@ -6,7 +6,7 @@ import pytest
 from transformers import pipeline
 
 from conftest import launch, read_json
-from tuneloop.data import load_bbc_news
+from tuneloop.sources import load_bbc_news
 
 pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
 

@@ -15,8 +15,8 @@ from safetensors.torch import load_file
 
 from conftest import launch, read_json, saved_state_only, tiny_args
 from tuneloop import checkpoint
+from tuneloop.batches import TokenBudgetBatchSampler
 from tuneloop.config import parse_args
-from tuneloop.data import TokenBudgetBatchSampler
 from tuneloop.errors import UserError
 from tuneloop.loop import resume_plan
 

@@ -139,7 +139,8 @@ def test_bad_input_from_the_command_line_has_no_traceback(tmp_path):
 
 
 @pytest.mark.trains
-def test_bf16_mixed_precision_learns_and_pads_to_the_longest_on_cpu(tiny_model_dir, toy_files, tmp_path, monkeypatch):
+def test_bf16_mixed_precision_learns_and_pads_to_the_longest_on_cpu(tiny_model_dir, toy_files, tmp_path, monkeypatch,
+                                                                    capsys):
     """Under bf16 on a CPU every batch the loop trains on is padded to its longest text, not rounded up to a multiple
     of 8 (tensor-core shapes, a GPU's concern: on a CPU 11-token headlines padded to 16 were 45% more work), and the
     run still learns. Guards the padding rule not reaching the training dataloader, and a bf16 path that does not
@@ -160,6 +161,27 @@ def test_bf16_mixed_precision_learns_and_pads_to_the_longest_on_cpu(tiny_model_d
     assert len(shapes) == 6 * 30
     assert all(padded == longest for padded, longest in shapes), shapes
     assert any(longest % 8 for _, longest in shapes)  # the rounding would have padded some: the check is not idle
+    # bf16 asked for on this host: emulated (and said so at start) exactly when its CPU lacks bf16 matrix units.
+    emulated = not torch.cuda.is_available() and not runtime.cpu_has_bf16_units(runtime.cpu_flags())
+    assert ("warning: bf16 on this CPU is emulated" in capsys.readouterr().out) == emulated
+
+
+@pytest.mark.parametrize("flags, emulated", [
+    ({"avx2", "fma"}, True),  # the AVX2-only host the slowdown was measured on
+    ({"avx2", "avx512f", "avx512bw"}, True),  # AVX-512 without its bf16 instructions
+    ({"avx512f", "avx512_bf16"}, False),
+    ({"amx_tile", "amx_bf16"}, False),
+])
+def test_bf16_on_a_cpu_without_bf16_units_is_called_emulated(flags, emulated):
+    """The start-up line for explicit bf16 on a CPU that emulates it: there exactly when neither bf16 unit is in the
+    CPU's flags, naming the measured slowdown; never for fp32, fp16 or a GPU. Guards a silent 13x slower run, and a
+    warning on CPUs that do have the units."""
+    line = runtime.emulated_bf16("bf16", "cpu", flags)
+    assert (line is not None) == emulated
+    if emulated:
+        assert "emulated" in line and "13x slower" in line and "5.97 vs 76.8 samples/s" in line
+    assert all(runtime.emulated_bf16(precision, "cpu", flags) is None for precision in ("no", "fp16"))
+    assert runtime.emulated_bf16("bf16", "cuda", flags) is None
 
 
 def test_the_padding_multiple_rule():

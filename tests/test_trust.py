@@ -16,11 +16,11 @@ import types
 import pytest
 import torch
 
-from tuneloop import checkpoint
+from tuneloop import elastic, outputs
 from tuneloop.cli import console, inherited_settings
 from tuneloop.config import parse_args
 from tuneloop.errors import UserError
-from tuneloop.problem import SINGLE, Problem
+from tuneloop.problem import SingleLabel
 from tuneloop.report import model_card
 from tuneloop.tracking import flat_hparams
 
@@ -116,7 +116,7 @@ def test_rng_states_load_weights_only_and_restore_the_streams(tmp_path):
     file = accelerate_rng_file(tmp_path / "state")
     expected = (random.random(), np.random.rand(), torch.rand(1).item())
     random.seed(2), np.random.seed(2), torch.manual_seed(2)
-    checkpoint._load_rng_states(file)
+    elastic._load_rng_states(file)
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
 
 
@@ -137,7 +137,7 @@ def test_a_checkpoints_rng_file_cannot_run_code(tmp_path):
     file = tmp_path / "random_states_0.pkl"
     torch.save({"random_state": Payload(str(marker))}, file)
     with pytest.raises(UserError, match="random_states_0.pkl"):
-        checkpoint._load_rng_states(str(file))
+        elastic._load_rng_states(str(file))
     assert not marker.exists(), "unpickling the checkpoint ran code"
 
 
@@ -170,13 +170,13 @@ def test_the_model_card_shows_no_local_paths(home):
     a local model, data file or output folder by its last component."""
     home, files = home
     config = parse_args(tiny_args(str(home / "models" / "tiny-bert"), files, home / "runs" / "bbc"))
-    card = model_card(config, {"global_step": 3, "eval_accuracy": 0.5}, Problem(SINGLE, CLASSES), None, None, 12,
+    card = model_card(config, {"global_step": 3, "eval_accuracy": 0.5}, SingleLabel(CLASSES), None, None, 12,
                       "1 process(es) on cpu")
     assert str(home) not in card and "/alice" not in card
     assert "`tiny-bert` fine-tuned" in card and "source: train.csv, dev.csv" in card and 'model="bbc"' in card
     assert "base_model" not in card  # a local folder means nothing on the Hub
     config.model.model_name_or_path = "google-bert/bert-base-cased"  # a Hub id: shown, and linked, as it is
-    card = model_card(config, {}, Problem(SINGLE, CLASSES), None, None, 12, "cpu")
+    card = model_card(config, {}, SingleLabel(CLASSES), None, None, 12, "cpu")
     assert "base_model: google-bert/bert-base-cased" in card and "`google-bert/bert-base-cased` fine-tuned" in card
 
 
@@ -190,7 +190,7 @@ def test_run_config_json_and_tracker_hparams_write_home_as_tilde(home):
     config = parse_args(tiny_args(str(home / "models" / "tiny-bert"), {**files, "validation_file": named}, output_dir))
     accelerator = types.SimpleNamespace(is_main_process=True, num_processes=1)
     output_dir.mkdir(parents=True)
-    checkpoint.save_results(accelerator, config, {"eval_accuracy": 0.5})
+    outputs.save_results(accelerator, config, {"eval_accuracy": 0.5})
     text = (output_dir / "run_config.json").read_text()
     assert str(home) not in text
     saved = json.loads(text)

@@ -108,7 +108,8 @@ def predict_command(argv: list[str] | None) -> int:
 
 def saved_model_config(argv: list[str] | None, command: str):
     """All of train.py's options, plus --model and --data; defaults from the saved run's run_config.json (INHERITED)."""
-    from tuneloop.config import Config, file_builder, make_parser, read_recipe, validate
+    from tuneloop.config import Config, make_parser, read_recipe, validate
+    from tuneloop.sources import file_builder
 
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = make_parser()
@@ -147,7 +148,7 @@ def saved_model_config(argv: list[str] | None, command: str):
 
 def inherited_settings(model: str) -> dict:
     """INHERITED from the saved run_config.json of `model` (a tuneloop output_dir or its adapter folder), checked."""
-    from tuneloop.checkpoint import CONFIG_FILE
+    from tuneloop.outputs import CONFIG_FILE
     from tuneloop.config import make_parser, option_value
     from tuneloop.problem import BUILTIN_METRIC_NAMES
 

@@ -13,9 +13,7 @@ Precision can be set here, but process count, DeepSpeed and FSDP belong to the a
 from __future__ import annotations
 
 import argparse
-import codecs
 import difflib
-import importlib.util
 import json
 import math
 import os
@@ -28,12 +26,12 @@ import yaml
 from transformers import HfArgumentParser, get_scheduler
 from transformers.hf_argparser import string_to_bool
 
+from tuneloop import problem as problem_types
 from tuneloop.errors import OneLineArgumentErrors, UserError
-from tuneloop.problem import DEFAULT_METRICS, parse_class_weights, untrusted_metrics
+from tuneloop.problem import parse_class_weights, untrusted_metrics
+from tuneloop.sources import BUILTIN_DATASET, BUILTIN_HEADLINES, eval_sources, file_problems
 
 BUILTIN_MODEL = "builtin:all-MiniLM-L6-v2"
-BUILTIN_DATASET = "builtin:bbc_news"
-BUILTIN_HEADLINES = "builtin:bbc_news_headlines"
 
 # transformers' SchedulerType less reduce_lr_on_plateau and greedy, which step on an evaluation metric that this loop's
 # scheduler.step() does not pass. A test builds each one through make_scheduler.
@@ -52,44 +50,6 @@ REPORT_TO_CHOICES = ("none", "wandb", "tensorboard", "all")
 # against 1e-5 to 1e-4 for full fine-tuning of the same models.
 FULL_FINETUNING_LEARNING_RATE = 1e-4
 LORA_LEARNING_RATE = 5e-4
-
-# Local data files: extension -> the `datasets` builder that reads them. The one list of file types tuneloop reads;
-# here rather than in data.py because validation checks paths before any data code is imported. Text formats may also
-# be compressed (COMPRESSIONS: `train.csv.gz`, `train.jsonl.xz`): `datasets` decompresses them by their extension.
-FILE_BUILDERS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
-# compression extension -> the Python module that reads it (zstd only where the zstandard package is installed)
-COMPRESSIONS = {".gz": "gzip", ".bz2": "bz2", ".xz": "lzma", ".zst": "zstandard"}
-
-
-def split_extensions(path: str) -> tuple[str, str | None]:
-    """A data file's format and compression extensions: 'a.csv.gz' -> ('.csv', '.gz'), 'a.tsv' -> ('.tsv', None)."""
-    stem, last = os.path.splitext(path)
-    if last in COMPRESSIONS:
-        return os.path.splitext(stem)[1], last
-    return last, None
-
-
-def file_builder(path: str) -> str | None:
-    """The builder for a local data file, or None when its extension is not one of FILE_BUILDERS (compressed or not;
-    parquet compresses itself and is never read from a compressed file)."""
-    kind, compression = split_extensions(path)
-    return None if compression and kind == ".parquet" else FILE_BUILDERS.get(kind)
-
-
-def named_sources(values: list[str] | None) -> dict[str, str]:
-    """--validation_file / --validation_split values as {name: file or split}. One value keeps the plain name
-    'validation' (metrics stay eval_<metric>); several are 'name=path' or bare, named after the file's stem or the
-    split (metrics eval_<name>_<metric>). A value that is an existing file is never cut at '='."""
-    sources = {}
-    for value in values or []:
-        name, _, source = value.partition("=")
-        if not source or os.path.exists(value):
-            name, source = os.path.basename(value).split(".")[0] if file_builder(value) else value, value
-        sources[name] = source
-    if len(values or []) == 1 and "=" not in values[0]:
-        return {"validation": next(iter(sources.values()))}
-    return sources
-
 
 @dataclass
 class ModelArguments:
@@ -278,10 +238,6 @@ class DataArguments:
             elif isinstance(value, dict):
                 setattr(self, name, [f"{k}={v}" for k, v in value.items()])
 
-    def eval_sources(self) -> dict[str, str]:
-        """The eval sets asked for, {name: file or split} (see named_sources); empty for the default."""
-        return named_sources(self.validation_file or self.validation_split)
-
 
 @dataclass
 class TrainArguments:
@@ -411,6 +367,20 @@ class TrainArguments:
         metadata={"help": "Label smoothing, as TrainingArguments: the target puts this share of its mass evenly on "
                           "all classes (multi-label: each 0/1 target moves this share towards 0.5)."},
     )
+    loss: Optional[Literal["cross_entropy", "focal", "mse"]] = field(
+        default=None,
+        metadata={"help": "The loss. Default: the problem type's usual one, cross_entropy (softmax cross-entropy; "
+                          "multi-label: binary cross-entropy on each label) or mse (regression). focal: the focal loss "
+                          "of Lin et al. 2017 for imbalanced classes, cross-entropy times (1 - p_t)^gamma so that easy "
+                          "examples count less (single-label: softmax; multi-label: sigmoid, as torchvision's "
+                          "sigmoid_focal_loss), weighted by --class_weights (alpha per class; multi-label: "
+                          "pos_weight)."},
+    )
+    focal_gamma: float = field(
+        default=2.0,
+        metadata={"help": "--loss focal's focusing parameter gamma: the larger, the less easy examples count (the "
+                          "paper's best: 2; 0 is cross-entropy)."},
+    )
     multi_label_threshold: Optional[str] = field(
         default=None,
         metadata={"help": "Multi-label: a label is predicted when its probability reaches this. A number in (0, 1), or "
@@ -505,9 +475,13 @@ class TrainArguments:
         """--warmup_steps as TrainingArguments reads it: from 1 up a count of optimizer steps, below 1 a share of all."""
         return int(self.warmup_steps) if self.warmup_steps >= 1 else math.ceil(self.warmup_steps * total_steps)
 
+    @staticmethod
+    def global_batch(num_processes: int, per_device_batch: int, accumulation: int) -> int:
+        """Examples per optimizer step over all processes: the one place this product is taken (elastic.Layout too)."""
+        return per_device_batch * accumulation * num_processes
+
     def global_batch_size(self, num_processes: int) -> int:
-        """Examples per optimizer step over all processes (the one place this product is taken)."""
-        return self.per_device_train_batch_size * self.gradient_accumulation_steps * num_processes
+        return self.global_batch(num_processes, self.per_device_train_batch_size, self.gradient_accumulation_steps)
 
     def describe_batch(self, num_processes: int) -> str:
         """The training batch in words: a global batch of texts, or with a token budget the budget (the number of
@@ -783,30 +757,6 @@ def lora_problems(m: ModelArguments) -> list[str]:
     return problems
 
 
-def threshold_problem(value: str | None) -> str | None:
-    """What is wrong with --multi_label_threshold, or None."""
-    if value is None or value == "auto":
-        return None
-    try:
-        ok = 0 < float(value) < 1
-    except ValueError:
-        ok = False
-    return None if ok else f"multi_label_threshold must be auto or a number in (0, 1) (got {value!r})"
-
-
-def token_budget_problems(d: DataArguments, t: TrainArguments) -> list[str]:
-    """What --max_tokens_per_batch cannot work with."""
-    if t.max_tokens_per_batch <= 0:
-        return [] if t.max_tokens_per_batch == 0 else [f"max_tokens_per_batch must be >= 0, 0 is off (got {t.max_tokens_per_batch})"]
-    problems = []
-    if d.padding == "max_length":
-        problems.append("max_tokens_per_batch with --padding max_length only counts texts (every text is max_length "
-                        "tokens): use --padding longest, or --per_device_train_batch_size instead of a token budget")
-    if t.gradient_accumulation_steps != 1:
-        problems.append(f"max_tokens_per_batch needs gradient_accumulation_steps 1 (got {t.gradient_accumulation_steps}): "
-                        "the loss weighting must know each step's sample count before backward; raise "
-                        "--max_tokens_per_batch for larger steps instead")
-    return problems
 
 
 def project_problem(project: str) -> str | None:
@@ -816,16 +766,10 @@ def project_problem(project: str) -> str | None:
     return f"project must be a plain name, no path (got {project!r}): e.g. --project my-experiments"
 
 
-def split_best_metric(name: str | None, eval_names: list[str]) -> tuple[str | None, str]:
-    """--metric_for_best_model as (eval set, metric): with several eval sets, 'eval_<set>_<metric>' names one of them;
-    with one set, or none named, the set is None. ('' for no metric.)"""
-    metric = (name or "").removeprefix("eval_")
-    named = next((n for n in eval_names if len(eval_names) > 1 and metric.startswith(n + "_")), None)
-    return named, metric.removeprefix(named + "_") if named else metric
-
-
 def validate(config: Config) -> None:
     """Check every option that can be checked without loading anything; report all problems in one line."""
+    from tuneloop.batches import token_budget_problems  # with torch's samplers: imported here, off the --help path
+
     m, d, t = config.model, config.data, config.train
     problems = []
 
@@ -852,10 +796,9 @@ def validate(config: Config) -> None:
     except ValueError:
         problems.append(f"class_weights must be auto or positive numbers 'w1,w2,...' (got {t.class_weights!r})")
     need(0 <= t.label_smoothing_factor < 1, f"label_smoothing_factor must be in [0, 1) (got {t.label_smoothing_factor})")
-    need(threshold_problem(t.multi_label_threshold) is None, threshold_problem(t.multi_label_threshold))
-    if d.problem_type == "regression":
-        need(t.class_weights is None and t.label_smoothing_factor == 0,
-             "class_weights and label_smoothing_factor are for classification, the problem_type is regression")
+    problems += problem_types.option_problems(t)
+    if d.problem_type:
+        need(not (problem := problem_types.of(d.problem_type).options_problem(t, reason=None)), problem)
     need(d.label_separator != "", "label_separator must not be empty")
     need(m.attention_dropout is None or 0 <= m.attention_dropout < 1,
          f"attention_dropout must be in [0, 1) (got {m.attention_dropout})")
@@ -873,26 +816,10 @@ def validate(config: Config) -> None:
         value = getattr(d, name)
         need(value is None or value >= 1, f"{name} must be >= 1 (got {value})")
 
-    files = [("train_file", d.train_file), ("test_file", d.test_file)]
-    files += [("validation_file", path) for path in (d.eval_sources().values() if d.validation_file else ())]
-    for name, path in files:
-        if path is None:
-            continue
-        kind, compression = split_extensions(path)
-        need(file_builder(path) is not None, f"{name} {path!r} must end in one of {', '.join(FILE_BUILDERS)}"
-             + (f" (compressed: {', '.join(COMPRESSIONS)}; parquet files compress themselves)" if compression else ""))
-        need(os.path.isfile(path), f"{name} {path!r} does not exist: check the path")
-        need(compression != ".zst" or importlib.util.find_spec("zstandard") is not None,
-             f"{name} {path!r} is zstd-compressed: pip install zstandard")
-    need(d.csv_delimiter is None or len(d.csv_delimiter) == 1,
-         f"csv_delimiter must be one character, e.g. ';' or '\\t' (got {d.csv_delimiter!r})")
-    try:
-        codecs.lookup(d.file_encoding)
-    except LookupError:
-        problems.append(f"file_encoding {d.file_encoding!r} is not an encoding Python knows: e.g. utf-8, latin-1, cp1252")
+    problems += file_problems(d)
     if d.validation_file and d.validation_split:
         problems.append("validation_file and validation_split both name eval sets: give one of them")
-    eval_names = list(d.eval_sources())
+    eval_names = list(eval_sources(d))
     several = eval_names if len(eval_names) > 1 else []  # one eval set is "eval": its name appears nowhere
     bad_names = [n for n in several if not re.fullmatch(r"\w+", n) or n == d.train_split]
     need(not bad_names, f"eval set name(s) {bad_names} must be letters, digits and _ and not the train split's name: "
@@ -911,13 +838,8 @@ def validate(config: Config) -> None:
     need(t.save_total_limit is None or t.save_total_limit >= 1, f"save_total_limit must be >= 1 (got {t.save_total_limit})")
     need(t.early_stopping_patience is None or t.early_stopping_patience >= 1,
          f"early_stopping_patience must be >= 1 (got {t.early_stopping_patience})")
-    _, best_metric = split_best_metric(t.metric_for_best_model, eval_names)
-    # Without --metrics the problem type (read from the labels later) picks them: any type's defaults may be computed.
-    computed = t.metrics or (DEFAULT_METRICS[d.problem_type] if d.problem_type
-                             else list(dict.fromkeys(name for names in DEFAULT_METRICS.values() for name in names)))
-    need(not best_metric or best_metric == "loss" or best_metric in computed,
-         f"metric_for_best_model {t.metric_for_best_model!r} is not computed: use loss or one of --metrics {computed}"
-         + (f", as eval_<set>_<metric> for one of the eval sets {several} (default: the first)" if several else ""))
+    need(not (problem := problem_types.best_metric_problem(t.metric_for_best_model, t.metrics, eval_names,
+                                                           d.problem_type, decided=False)), problem)
     need(t.ddp_timeout >= 1, f"ddp_timeout must be >= 1 second (got {t.ddp_timeout})")
     need(t.max_nonfinite_steps >= 1, f"max_nonfinite_steps must be >= 1 (got {t.max_nonfinite_steps})")
     need(t.do_eval and t.eval_strategy != "no" or not (t.load_best_model_at_end or t.early_stopping_patience

@@ -24,7 +24,7 @@ from importlib import metadata
 import torch
 
 from tuneloop.errors import OneLineArgumentErrors
-from tuneloop.runtime import cpu_cores
+from tuneloop.runtime import cpu_cores, emulated_bf16
 
 PROBE_TAG = "tuneloop-doctor-probe:"
 PACKAGES = ("tuneloop", "torch", "transformers", "accelerate", "deepspeed", "datasets", "evaluate")
@@ -143,6 +143,8 @@ def check_config(path: str, num_processes: int | None = None):
         if precision == "fp16":
             (problems if kind == "DEEPSPEED" else warnings).append(
                 "fp16 on CPU: DeepSpeed cannot train in it and Accelerate runs it in fp32; use bf16")
+        if emulated := emulated_bf16(precision, "cpu"):  # as bf16 on a GPU without bf16 units, above
+            problems.append(f"mixed_precision bf16 but {emulated}")
     if kind == "MULTI_CPU":
         warnings.append("distributed_type MULTI_CPU makes `accelerate launch` start ONE process (it is meant for "
                         "MPI/oneCCL launches); for N CPU processes use MULTI_GPU with use_cpu: true, like cpu_2proc.yaml")
@@ -221,7 +223,7 @@ def run_probe(path: str, config, num_processes: int | None = None) -> bool:
     lines = [line for line in result.stdout.splitlines() if line.startswith(PROBE_TAG)]
     if result.returncode != 0 or not lines:
         errors = [line for line in (result.stdout + result.stderr).splitlines() if "tuneloop: error:" in line]
-        print("  FAILED (exit status %d): %s" % (result.returncode, errors[0] if errors else ""))
+        print(f"  FAILED (exit status {result.returncode}): {errors[0] if errors else ''}")
         if not errors:
             print("  " + "\n  ".join(result.stderr.strip().splitlines()[-15:]))
         return False

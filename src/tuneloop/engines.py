@@ -111,17 +111,10 @@ def describe_deepspeed(accelerator: Accelerator) -> str:
 def prepare_for_evaluation(accelerator: Accelerator, model, *dataloaders):
     """`accelerator.prepare` for a run that only evaluates or predicts: returns the model, then the dataloaders.
 
-    Where an engine would shard nothing useful at inference or cannot prepare a model alone, the full model is only
-    placed on the device, in the precision the engine would have computed in, and only the dataloaders are prepared
-    (so evaluation still splits the data across processes and gathers it back exactly):
-    - DeepSpeed ZeRO-1/2 cannot build an engine without an optimizer ("zero stage 2 requires an optimizer",
-      deepspeed/runtime/engine.py `_configure_zero_optimizer`) and keeps full weights on every rank anyway.
-    - FSDP2 refuses a model without its optimizer ("a model and optimizer must be passed together", accelerate's
-      `Accelerator.prepare`). Sharding is there to fit training's gradients and optimizer state; evaluation holds
-      only the weights, and a model trained with FSDP was saved whole at the end, so it fits one device as it was
-      loaded. FSDP1 would accept the model alone, but the same reasoning holds: both versions take this path.
-    ZeRO-3 shards the model as usual (it may be too large for one device, and DeepSpeed prepares it alone).
-    DDP would only add gradient synchronisation: the model is prepared for evaluation alone (below).
+    ZeRO-1/2 and FSDP cannot prepare a model without its optimizer (DeepSpeed's `_configure_zero_optimizer`,
+    `Accelerator.prepare`) and gain nothing at inference (ZeRO-1/2 keep full weights; a model trained with FSDP was
+    saved whole): the model is only placed on the device in the engine's precision, and the dataloaders prepared.
+    ZeRO-3 shards the model as usual (it may not fit one device).
     """
     kind = accelerator.distributed_type
     unsharded = kind == DistributedType.FSDP or (

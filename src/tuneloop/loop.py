@@ -14,15 +14,15 @@ import sys
 import time
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 from transformers.utils import logging as hf_logging
 
-from tuneloop import checkpoint, cpu_speedups, data, engines, lora, metrics, model as models, optim, outputs, predict, problem as problems, report, runtime, throughput, tracking
-from tuneloop.config import Config, TrainArguments, make_scheduler, split_best_metric
+from tuneloop import (batches, checkpoint, cpu_speedups, data, elastic, engines, lora, metrics, model as models, optim,
+                      outputs, predict, problem as problems, report, runtime, sources, throughput, tracking)
+from tuneloop.config import Config, TrainArguments, make_scheduler
 from tuneloop.errors import UserError
 from tuneloop.preemption import Preempted, StopRequest
 from tuneloop.runtime import describe, say
@@ -76,7 +76,7 @@ class Run:
     started_at: float = 0.0  # perf_counter() when set-up began
     texts_in_train: dict | None = None  # per eval set: how many of its texts are training texts too
     peak_tflops: float | None = None  # the device's peak for the precision in use, for MFU
-    samples: data.SampleIdLog | None = None  # which examples each step used (a debugging aid, off by default)
+    samples: batches.SampleIdLog | None = None  # which examples each step used (a debugging aid, off by default)
     stop: StopRequest | None = None  # a training job's stop signals (None when only evaluating / predicting)
     session: Session | None = None  # the training session's live counters, once `fit` has begun
 
@@ -116,16 +116,15 @@ def run_phases(run: Run) -> dict:
     if t.do_train:
         results, eval_outputs = fit(run)
         history = run.state.history
-        if run.problem.problem_type == problems.MULTI:  # the threshold the final evaluation chose: predictions use it
-            accelerator.unwrap_model(run.model).config.multi_label_threshold = run.problem.threshold
+        run.problem.record_in(accelerator.unwrap_model(run.model).config)
         outputs.save_final_model(accelerator, run.model, run.tokenizer, t.output_dir, config.model.merge_adapter)
-        checkpoint.save_results(accelerator, config, results, history)
+        outputs.save_results(accelerator, config, results, history)
         stop_if_asked(run)
     elif t.do_eval:  # evaluating the model as loaded
         results, eval_outputs = evaluate(run)
         results |= describe(accelerator)
         say(accelerator, format_metrics("eval", results))
-        checkpoint.save_results(accelerator, config, results)
+        outputs.save_results(accelerator, config, results)
     test_results = None
     if t.do_predict:
         with checkpoint.writing(t.output_dir, t.output_dir, together=accelerator):
@@ -168,9 +167,11 @@ def setup(config: Config) -> Run:
         hf_logging.set_verbosity_error()
     if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
         say(accelerator, "warning: fp16 on CPU runs in fp32 (no fast fp16 kernels); use --mixed_precision bf16")
+    if emulated := runtime.emulated_bf16(accelerator.mixed_precision, accelerator.device.type):
+        say(accelerator, f"warning: {emulated}")
     set_seed(t.seed)
 
-    checkpoint.check_writable(t.output_dir)
+    outputs.check_writable(t.output_dir)
     if t.do_train and accelerator.is_main_process:  # the folder's run is this one from now on
         outputs.record_run(t.output_dir, state.tracker_run_id)
     clean_after_interruption(accelerator, t)
@@ -187,15 +188,17 @@ def setup(config: Config) -> Run:
         splits = data.load_splits(d, t.seed, m.num_labels, need_train=t.do_train, model_classes=trained_classes,
                                   model_problem_type=None if t.do_train else model_config.problem_type)
     class_names = splits.label_names if splits else models.class_names(model_config)
-    problem = make_problem(accelerator, config, splits, model_config, class_names)
+    problem, lines = problems.make_problem(d, t, list(sources.eval_sources(d)), splits, model_config, class_names)
+    for line in lines:
+        say(accelerator, line)
     if t.do_train:  # the data, its labels and problem type: recorded in every checkpoint, checked on resume
         trained_on = checkpoint.data_settings(splits, problem.problem_type)
         if resume_from:
             checkpoint.check_settings(checkpoint.read_state(resume_from), trained_on, resume_from)
         state.settings = {**state.settings, **trained_on}
     test_split = data.load_test_split(d, class_names, problem.problem_type) if t.do_predict else None
-    if t.metric_average == "binary" and len(class_names) != 2 and problem.problem_type == problems.SINGLE:
-        raise UserError(f"metric_average=binary needs 2 classes, the data has {len(class_names)}: use macro")
+    if average_problem := problem.average_problem(t.metric_average):
+        raise UserError(average_problem)
     tokenizer = models.load_tokenizer(m, d.max_length)
     with accelerator.main_process_first():
         train_set = data.tokenize(splits.train, splits, tokenizer, d) if t.do_train else None
@@ -215,24 +218,24 @@ def setup(config: Config) -> Run:
             say(accelerator, line)
     with checkpoint.writing(t.output_dir, t.output_dir, together=accelerator):  # a refusal stops every rank
         if accelerator.is_main_process:
-            checkpoint.check_free_space(t.output_dir, model, checkpointing=t.do_train)
+            outputs.check_free_space(t.output_dir, model, checkpointing=t.do_train)
 
-    samples = data.SampleIdLog(t.output_dir, accelerator.process_index)
+    samples = batches.SampleIdLog(t.output_dir, accelerator.process_index)
     train_set = samples.tag(train_set) if train_set is not None else None
     pad_to_multiple_of = runtime.pad_to_multiple_of(d, t, accelerator.mixed_precision, accelerator.device)
     pin_memory = accelerator.device.type == "cuda"
-    train_dl, _ = data.make_dataloaders(
+    train_dl, _ = batches.make_dataloaders(
         train_set, None, tokenizer, t, pad_to_multiple_of, pin_memory,
         length_window=d.length_grouping_window if d.train_sampling_strategy == "group_by_length" else None,
         length_group_batch_size=state.length_group_batch_size,
     )
     prefixes = {name: "eval" if len(eval_sets) == 1 else f"eval_{name}" for name in eval_sets}
-    eval_dls = {prefixes[name]: data.make_dataloaders(None, split, tokenizer, t, pad_to_multiple_of, pin_memory)[1]
+    eval_dls = {prefixes[name]: batches.make_dataloaders(None, split, tokenizer, t, pad_to_multiple_of, pin_memory)[1]
                 for name, split in eval_sets.items()}
     test_dl = None
     if test_set is not None:  # each example carries its position, to check that every one comes back once, in order
         test_set = test_set.add_column(predict.INDEX_COLUMN, list(range(len(test_set))))
-        _, test_dl = data.make_dataloaders(None, test_set, tokenizer, t, pad_to_multiple_of, pin_memory)
+        _, test_dl = batches.make_dataloaders(None, test_set, tokenizer, t, pad_to_multiple_of, pin_memory)
         test_dl = accelerator.prepare_data_loader(test_dl)
     for line in splits.notes if splits else ():
         say(accelerator, line)
@@ -259,62 +262,21 @@ def setup(config: Config) -> Run:
         accelerator.register_save_state_pre_hook(checkpoint.keep_trained_weights)
     if resume_from:  # Accelerate counts micro-steps from the start of each epoch, and from 0 at its end
         micro_step = state.batches_in_epoch if state.batches_in_epoch < len(run.train_dl) else 0
-        run.rank_state = checkpoint.load_checkpoint(accelerator, resume_from, run.scheduler, micro_step,
-                                                     trained_only=m.use_peft)
+        run.rank_state = elastic.load_checkpoint(accelerator, resume_from, run.scheduler, micro_step,
+                                                  trained_only=m.use_peft)
     run.plan, run.train_size, run.texts_in_train = plan, len(splits.train), splits.texts_in_train
     say(
         accelerator,
         f"tuneloop: {accelerator.distributed_type.value} x{accelerator.num_processes} on {accelerator.device}, "
         f"mixed_precision={accelerator.mixed_precision}, {len(splits.train)} train / "
         f"{' + '.join(str(len(split)) for split in splits.eval_sets.values())} eval examples, "
-        f"{len(class_names)} {problems.UNITS[problem.problem_type]}, {t.describe_batch(accelerator.num_processes)}, "
+        f"{len(class_names)} {problem.units}, {t.describe_batch(accelerator.num_processes)}, "
         f"{plan.total_steps} steps ({plan.steps_per_epoch}/epoch, {plan.warmup_steps} warmup)"
         + (f", resuming at step {state.step} from {resume_from}" if resume_from else ""),
     )
     # Measured before training (a one-second matmul probe on CPU, cached), so it never eats into the timed loop.
     run.peak_tflops = throughput.peak_tflops(accelerator.device, accelerator.mixed_precision, t.peak_tflops)
     return run
-
-
-def make_problem(accelerator: Accelerator, config: Config, splits: data.Splits | None, model_config,
-                 names: list[str]) -> problems.Problem:
-    """The problem type (inferred by data.load_splits, or the saved model's), the loss weights and the multi-label
-    threshold; says which and why in one line each. Checks what could not be checked before the labels were read."""
-    d, t = config.data, config.train
-    if splits is not None:
-        problem_type, reason = splits.problem_type, splits.problem_reason
-    elif d.problem_type:
-        problem_type, reason = d.problem_type, "given by --problem_type"
-    else:
-        problem_type = getattr(model_config, "problem_type", None) or problems.SINGLE
-        reason = "the model's saved problem_type" if model_config.problem_type else "the default"
-    if problem_type == problems.REGRESSION and (t.class_weights or t.label_smoothing_factor):
-        raise UserError("--class_weights and --label_smoothing_factor are for classification; the problem is regression "
-                        f"({reason}): drop them, or pass --problem_type")
-    _, best = split_best_metric(t.metric_for_best_model, list(d.eval_sources()))
-    computed = problems.metric_names(problem_type, t.metrics)
-    if best and best != "loss" and best not in computed:
-        raise UserError(f"metric_for_best_model {t.metric_for_best_model!r} is not computed for {problem_type}: use loss "
-                        f"or one of {', '.join(computed)}")
-    train_labels = np.asarray(list(splits.train[splits.label_column])) \
-        if splits is not None and splits.train is not None and t.class_weights == "auto" else None
-    weights = problems.class_weights(t.class_weights, problem_type, train_labels, names)
-    saved_threshold = getattr(model_config, "multi_label_threshold", None) if not t.do_train else None
-    threshold = t.multi_label_threshold
-    problem = problems.Problem(problem_type, names, reason, weights, t.label_smoothing_factor,
-                               threshold=float(threshold) if threshold not in (None, "auto") else saved_threshold or 0.5,
-                               tune_threshold=threshold == "auto" and problem_type == problems.MULTI)
-    if problem.tune_threshold and not t.do_eval:
-        say(accelerator, "warning: --multi_label_threshold auto is chosen on the eval set, and --do_eval is off: using 0.5")
-        problem.tune_threshold = False
-    say(accelerator, f"tuneloop: problem type {problem_type} ({reason}); {len(names)} {problems.UNITS[problem_type]}"
-                     + (f"; threshold {'auto (max micro-F1 on the eval set)' if problem.tune_threshold else problem.threshold}"
-                        if problem_type == problems.MULTI else ""))
-    if weights is not None:
-        kind = "class weights" if problem_type == problems.SINGLE else "pos_weight"
-        say(accelerator, f"tuneloop: {kind} ({'auto: inverse frequency of the training labels' if t.class_weights == 'auto' else 'given'}): "
-                         + ", ".join(f"{name}={w:.4g}" for name, w in zip(names, weights.tolist())))
-    return problem
 
 
 def resume_plan(config: Config) -> tuple[Config, str | None, checkpoint.TrainerState, list[str]]:
@@ -341,12 +303,12 @@ def resume_plan(config: Config) -> tuple[Config, str | None, checkpoint.TrainerS
                          f"{os.path.join(t.output_dir, checkpoint.CHECKPOINTS_DIR)}: starting from scratch")
         return config, None, state, notes
     saved = checkpoint.read_state(path)
-    resumed = checkpoint.resume_state(saved, state, path, t.elastic_resume)
+    resumed = elastic.resume_state(saved, state, path, t.elastic_resume)
     checkpoint.check_settings(saved, state.settings, path)
     resumed.settings = state.settings
     if resumed.num_processes != saved.num_processes:
-        notes.append(f"tuneloop: elastic resume: {checkpoint.layout_of(saved)} -> {checkpoint.layout_of(resumed)} "
-                     f"(global batch {checkpoint.layout_of(resumed).global_batch} kept), "
+        notes.append(f"tuneloop: elastic resume: {elastic.layout_of(saved)} -> {elastic.layout_of(resumed)} "
+                     f"(global batch {elastic.layout_of(resumed).global_batch} kept), "
                      f"step {resumed.step}, epoch {resumed.epoch} at micro-batch {resumed.batches_in_epoch}")
         config = dataclasses.replace(config, train=dataclasses.replace(
             t, per_device_train_batch_size=resumed.per_device_train_batch_size,
@@ -573,7 +535,7 @@ def finish_training(run: Run, session: Session, stopped_early: bool) -> tuple[di
             save_checkpoint(run, session)
         say(accelerator, f"tuneloop: loading the best model (step {state.best_step}, "
                          f"{best_metric_key(run)}={state.best_metric:.4f}) from {best}")
-        checkpoint.load_checkpoint(accelerator, best, trained_only=run.config.model.use_peft)
+        elastic.load_checkpoint(accelerator, best, trained_only=run.config.model.use_peft)
         outputs = evaluate_and_log(run)
         stop_if_asked(run)
     elif t.do_eval and outputs is None:
@@ -707,12 +669,9 @@ def save_checkpoint(run: Run, session: Session) -> str | None:
 def best_metric_key(run: Run) -> str:
     """The metric that picks the best model: --metric_for_best_model, else the first metric computed; with several
     eval sets, of the set it names (eval_<set>_<metric>), else of the first set."""
-    t = run.config.train
-    name = "eval_" + (t.metric_for_best_model or next(iter(run.metric_modules))).removeprefix("eval_")
-    prefixes = list(run.eval_dls or ["eval"])
-    if any(name.startswith(prefix + "_") for prefix in prefixes if prefix != "eval"):
-        return name
-    return prefixes[0] + name.removeprefix("eval")
+    eval_names = [prefix.removeprefix("eval_") for prefix in run.eval_dls or ["eval"]]
+    metric = run.config.train.metric_for_best_model or next(iter(run.metric_modules))
+    return problems.best_metric_key(metric, eval_names)
 
 
 def early_stop(run: Run) -> bool:
@@ -735,8 +694,8 @@ def evaluate(run: Run) -> tuple[dict, predict.Outputs]:
     results, first, problem = {}, None, run.problem
     for prefix, dataloader in run.eval_dls.items():
         outputs = predict.gather(run.accelerator, run.model, dataloader)
-        if problem.tune_threshold and first is None:  # on the first set, gathered: every rank chooses the same
-            problem.threshold = problems.best_threshold(problem.probabilities(outputs.logits), outputs.labels)
+        if first is None:  # on the first set, gathered: every rank chooses the same
+            problem.choose_threshold(outputs.logits, outputs.labels)
         results |= predict.score(outputs, problem, run.metric_modules, run.config.train.metric_average, prefix=prefix)
         first = outputs if first is None else first
     return results, first

@@ -17,12 +17,14 @@ from pathlib import Path
 import evaluate
 
 from tuneloop.errors import UserError
-from tuneloop.problem import BUILTIN_METRICS, MULTI, REGRESSION, SINGLE, untrusted_metrics
+from tuneloop.problem import TYPES, untrusted_metrics
 
 MODULES = Path(__file__).parent / "metric_modules"
-MODULE_OF = {SINGLE: "classification.py", MULTI: "multi_label.py", REGRESSION: "regression.py"}
 # Built-in metric name -> the local module that computes it (config name = metric name).
-LOCAL = {name: MODULES / MODULE_OF[kind] for kind, names in BUILTIN_METRICS.items() for name in names}
+LOCAL = {name: MODULES / kind.metric_module for kind in TYPES.values() for name in kind.builtin_metrics}
+# The built-in metrics that score probabilities at a threshold (multi-label's) rather than predictions.
+ON_PROBABILITIES = tuple(name for kind in TYPES.values() if kind.metrics_read_probabilities
+                         for name in kind.builtin_metrics)
 BUILTIN = tuple(LOCAL)
 AVERAGED = ("f1", "precision", "recall")
 
@@ -56,7 +58,7 @@ def compute_metrics(modules: dict[str, evaluate.EvaluationModule], predictions, 
     for name, module in modules.items():
         kwargs = {"average": average} if name in AVERAGED else {}
         given = predictions
-        if probabilities is not None and LOCAL.get(name, Path()).name == "multi_label.py":
+        if probabilities is not None and name in ON_PROBABILITIES:
             given, kwargs = probabilities, {"threshold": threshold}
         for key, value in module.compute(predictions=given, references=references, **kwargs).items():
             results[key] = float(value)

@@ -16,6 +16,10 @@
   `.new-model` goes. At every moment either output_dir holds the old model untouched, or `.new-model` holds the
   whole new one (loadable as it is); a run that finds a `.new-model` (a crash during the moves) finishes the moves
   first. Checkpoints, results and the report beside the model are not touched.
+- **Before training.** The folder must be writable and have room for the final model (and a checkpoint): both are
+  checked before the first step, so a run does not fail at its end.
+- **The results.** `all_results.json`, the run's shareable `run_config.json` and `log_history.json`, written by the
+  main process through `checkpoint.writing` (a full disk is one line, on every rank).
 """
 
 from __future__ import annotations
@@ -30,13 +34,21 @@ import shlex
 import shutil
 import socket
 import sys
+import tempfile
 import time
 import uuid
+from typing import TYPE_CHECKING
 
 from tuneloop import checkpoint, lora
 from tuneloop.config import Config, ModelArguments, TrainArguments
 from tuneloop.errors import UserError
 
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+RESULTS_FILE = "all_results.json"
+CONFIG_FILE = "run_config.json"
+HISTORY_FILE = "log_history.json"
 LOCK_FILE = ".tuneloop.lock"
 RUN_FILE = "run.json"
 STAGING_DIR = ".tmp-model"  # the final model being written: incomplete, deleted when found
@@ -110,7 +122,7 @@ def claimed(config: Config):
     check_not_the_model(m, t)
     lock = None
     if is_main_launched_process():
-        checkpoint.check_writable(t.output_dir)
+        check_writable(t.output_dir)
         lock = FolderLock(t.output_dir)
         finish_interrupted_save(t.output_dir)
         if t.do_train and t.overwrite_output_dir and not t.resume_from_checkpoint and earlier_work(t.output_dir):
@@ -145,6 +157,30 @@ def check_not_the_model(m: ModelArguments, t: TrainArguments) -> None:
 
 def has_model(output_dir: str) -> bool:
     return any(os.path.isfile(os.path.join(output_dir, name)) for name in MODEL_MARKERS)
+
+
+def check_writable(output_dir: str) -> None:
+    """Fail before training, not after it, when the output folder cannot be written."""
+    try:
+        os.makedirs(output_dir, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=output_dir, prefix=".write-probe-"):
+            pass
+    except OSError as e:
+        raise UserError(f"output_dir {output_dir!r} is not writable ({e.strerror}): pick another "
+                        "--output_dir") from None
+
+
+def check_free_space(output_dir: str, model, checkpointing: bool, free_bytes: int | None = None) -> None:
+    """Fail before training when the disk cannot hold the final model (and, with checkpoints, one more checkpoint)."""
+    # DeepSpeed ZeRO-3 creates the model already sharded: numel() is 0 there, ds_numel the full size.
+    sizes = [(getattr(p, "ds_numel", p.numel()) * p.element_size(), p.requires_grad) for p in model.parameters()]
+    # A checkpoint holds the trained weights and their AdamW moments (fp32 in every set-up tuneloop runs); frozen
+    # weights (LoRA's base model) are in the final model only.
+    needed = sum(size for size, _ in sizes) + (3 * sum(size for size, grad in sizes if grad) if checkpointing else 0)
+    free = shutil.disk_usage(output_dir).free if free_bytes is None else free_bytes
+    if free < needed:
+        raise UserError(f"output_dir {output_dir!r} has {free / 2**20:.0f} MiB free, a run of this model needs about "
+                        f"{needed / 2**20:.0f} MiB: free space or choose another --output_dir")
 
 
 def move_aside(output_dir: str, lock: FolderLock) -> FolderLock:
@@ -299,12 +335,12 @@ def save_final_model(accelerator, model, tokenizer, output_dir: str, merge_adapt
     # Every process is done with the staging folder (the agreement above) before the main process renames it.
     with checkpoint.writing(output_dir, output_dir, together=accelerator):
         if accelerator.is_main_process:
-            checkpoint._sync_tree(staging)
-            checkpoint._write_manifest(staging)
-            checkpoint._fsync(staging)
+            checkpoint.sync_tree(staging)
+            checkpoint.write_manifest(staging)
+            checkpoint.fsync(staging)
             ready = os.path.join(output_dir, READY_DIR)
             os.rename(staging, ready)  # from here the new model is complete on disk
-            checkpoint._fsync(output_dir)
+            checkpoint.fsync(output_dir)
             put_in_place(ready, output_dir)
 
 
@@ -326,7 +362,7 @@ def put_in_place(ready: str, output_dir: str) -> None:
             os.link(source, temporary)
         except OSError:  # a file system without hard links: a copy, synced
             shutil.copyfile(source, temporary)
-            checkpoint._fsync(temporary)
+            checkpoint.fsync(temporary)
         os.replace(temporary, target)
     folders = {os.path.dirname(os.path.join(output_dir, name)) for name in files}
     for folder in folders:
@@ -336,9 +372,9 @@ def put_in_place(ready: str, output_dir: str) -> None:
         for name in os.listdir(folder):
             if _STALE_MODEL_FILE.match(name) and name not in kept and os.path.isfile(os.path.join(folder, name)):
                 os.remove(os.path.join(folder, name))
-        checkpoint._fsync(folder)
+        checkpoint.fsync(folder)
     shutil.rmtree(ready)
-    checkpoint._fsync(output_dir)
+    checkpoint.fsync(output_dir)
 
 
 def finish_interrupted_save(output_dir: str) -> None:
@@ -353,3 +389,16 @@ def finish_interrupted_save(output_dir: str) -> None:
         put_in_place(ready, output_dir)
     else:
         shutil.rmtree(ready)
+
+
+# ------------------------------------------------------------------------------------------------------------ results
+def save_results(accelerator: Accelerator, config: Config, results: dict, history: list | None = None) -> None:
+    """Written by the main process; every process calls this (and stops if the write fails)."""
+    out = config.train.output_dir
+    with checkpoint.writing(out, out, together=accelerator):
+        if accelerator.is_main_process:
+            checkpoint.write_json(os.path.join(out, RESULTS_FILE), results)
+            # No home paths in it: it travels.
+            checkpoint.write_json(os.path.join(out, CONFIG_FILE), config.to_shareable_dict())
+            if history is not None:
+                checkpoint.write_json(os.path.join(out, HISTORY_FILE), history)

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 
-from tuneloop import data, metrics, problem as problems
+from tuneloop import data, metrics
 from tuneloop.config import TrainArguments
 from tuneloop.problem import Problem
 
@@ -80,15 +80,11 @@ def gather(accelerator: Accelerator, model: torch.nn.Module, dataloader) -> Outp
 def score(outputs: Outputs, problem: Problem, metric_modules: dict, average: str, prefix: str) -> dict:
     """The metrics of a labelled split, computed once on everything gathered, as `{prefix}_accuracy`, ... . The loss is
     the training loss's function (class weights, smoothing) on the whole split; multi-label adds the threshold used."""
-    predictions, labels = problem.predictions(outputs.logits), outputs.labels
-    if problem.problem_type == problems.REGRESSION:  # one column per target
-        predictions, labels = predictions.reshape(len(labels), -1), labels.reshape(len(labels), -1)
-    scores = metrics.compute_metrics(metric_modules, predictions, labels, average,
-                                     probabilities=problem.probabilities(outputs.logits)
-                                     if problem.problem_type == problems.MULTI else None,
+    predictions, labels, probabilities = problem.metric_inputs(outputs.logits, outputs.labels)
+    scores = metrics.compute_metrics(metric_modules, predictions, labels, average, probabilities=probabilities,
                                      threshold=problem.threshold)
     loss = problem.loss(torch.from_numpy(outputs.logits), torch.from_numpy(outputs.labels)).item()
-    extra = {f"{prefix}_threshold": problem.threshold} if problem.problem_type == problems.MULTI else {}
+    extra = problem.extra_results(prefix)
     return {**{f"{prefix}_{k}": v for k, v in scores.items()}, f"{prefix}_loss": loss, **extra,
             f"{prefix}_samples": len(outputs.labels)}
 
@@ -139,17 +135,7 @@ def prediction_rows(split: data.Splits, outputs: Outputs, problem: Problem) -> l
     `label` and `predicted_value`, a number (several targets: {target: value} each)."""
     columns = _input_columns(split)
     rows = [dict(zip(columns, values)) for values in zip(*columns.values())]
-    if problem.problem_type == problems.MULTI:
-        _add_multi_label(rows, outputs, problem)
-    elif problem.problem_type == problems.REGRESSION:
-        _add_regression(rows, outputs, problem.names)
-    else:
-        names = problem.names
-        for i, (row, predicted, probabilities) in enumerate(zip(rows, outputs.predictions, outputs.probabilities.tolist())):
-            if outputs.labels is not None:
-                row["label"] = names[outputs.labels[i]]
-            row["predicted_label"] = names[predicted]
-            row["probabilities"] = {name: round(p, 6) for name, p in zip(names, probabilities)}
+    problem.add_predictions(rows, outputs.logits, outputs.labels)
     return rows
 
 
@@ -161,27 +147,6 @@ def _input_columns(split: data.Splits) -> dict:
     for column in filter(None, (split.text_column, split.text_pair_column)):
         columns[column] = list(test[column])
     return columns
-
-
-def _add_multi_label(rows: list[dict], outputs: Outputs, problem: Problem) -> None:
-    names, probabilities = problem.names, problem.probabilities(outputs.logits)
-    for i, (row, p) in enumerate(zip(rows, probabilities.tolist())):
-        if outputs.labels is not None:
-            row["labels"] = [name for name, on in zip(names, outputs.labels[i]) if on]
-        ranked = sorted(range(len(names)), key=lambda j: -p[j])
-        row["predicted_labels"] = [names[j] for j in ranked if p[j] >= problem.threshold]
-        row["probabilities"] = {name: round(value, 6) for name, value in zip(names, p)}
-
-
-def _add_regression(rows: list[dict], outputs: Outputs, names: list[str]) -> None:
-    def value(vector):
-        vector = np.asarray(vector, dtype=np.float64).reshape(-1)
-        return round(float(vector[0]), 6) if len(names) == 1 else {n: round(float(v), 6) for n, v in zip(names, vector)}
-
-    for i, row in enumerate(rows):
-        if outputs.labels is not None:
-            row["label"] = value(outputs.labels[i])
-        row["predicted_value"] = value(outputs.logits[i])
 
 
 def write_predictions(path: str, rows: list[dict], fmt: str, label_separator: str = ",") -> None:

