@@ -43,10 +43,20 @@ TRAINING_FIXTURES = {"trained", "tracked", "checkpointed_run", "ddp_run"}
 _unit_test_running = False
 
 
+# pytest-xdist (`-n 2` in pyproject's addopts) hands out tests by group: a whole file to one worker, so its module
+# fixtures (a shared launch, the doctor's waves) run once. Files sharing something that cannot be doubled share a group:
+# the local SLURM cluster (a session fixture: one per worker otherwise), and launches on a config's fixed port 29500
+# (the doctor's, gpu_check's) or the DDP run test_engines and test_multiprocess compare with.
+SHARED_GROUPS = {"test_slurm.py": "slurm", "test_elastic.py": "slurm", "test_engines.py": "port-29500",
+                 "test_gpu_check.py": "port-29500", "test_multiprocess.py": "port-29500"}
+
+
 @pytest.hookimpl(tryfirst=True)  # before pytest's own -m filtering
-def pytest_collection_modifyitems(items):
+def pytest_collection_modifyitems(config, items):
     """`unit`: every test with none of HEAVY_MARKERS, so `pytest -m unit` runs in seconds and needs no marking by hand."""
     for item in items:
+        if config.pluginmanager.hasplugin("xdist"):
+            item.add_marker(pytest.mark.xdist_group(SHARED_GROUPS.get(item.path.name, item.path.name)))
         if TRAINING_FIXTURES & set(item.fixturenames):
             item.add_marker("trains")
         if not any(item.get_closest_marker(name) for name in HEAVY_MARKERS):
