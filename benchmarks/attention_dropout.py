@@ -31,11 +31,13 @@ def tuneloop_form(q, k, v, mask, p):
 
 
 def main() -> None:
-    batch, heads, length, size, rounds = (int(x) for x in (sys.argv[1:6] if len(sys.argv) > 5 else (16, 12, 448, 32, 6)))
+    batch, heads, length, size, rounds = (
+        int(x) for x in (sys.argv[1:6] if len(sys.argv) > 5 else (16, 12, 448, 32, 6))
+    )
     torch.manual_seed(0)
     q, k, v = (torch.randn(batch, heads, length, size, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
     mask = torch.ones(batch, 1, length, length, dtype=torch.bool)
-    mask[0, ..., -length // 8:] = False  # some padding
+    mask[0, ..., -length // 8 :] = False  # some padding
     forms = {"product with the mask": product_form, "tuneloop (where)": tuneloop_form}
     results, times = [], {name: [] for name in forms}
     for form in forms.values():  # the same mask: bitwise the same outputs and gradients
@@ -54,8 +56,10 @@ def main() -> None:
             for t in (q, k, v):
                 t.grad = None
     for name, seconds in times.items():
-        print(f"{name}: {1000 * statistics.median(seconds):.1f} ms (median of {rounds}), forward + backward, "
-              f"{batch} x {heads} x {length} x {size}")
+        print(
+            f"{name}: {1000 * statistics.median(seconds):.1f} ms (median of {rounds}), forward + backward, "
+            f"{batch} x {heads} x {length} x {size}"
+        )
 
 
 if __name__ == "__main__":

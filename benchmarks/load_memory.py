@@ -35,14 +35,18 @@ def memory() -> dict[str, int]:
     """This process's resident memory in bytes: `rss` (what `top` shows), `anon` (private memory) and `pss` (shared
     pages divided among the processes sharing them: two ranks mapping the same safetensors file count half each)."""
     with open("/proc/self/smaps_rollup") as f:
-        fields = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f if line.split(":")[0] in
-                  ("Rss", "Pss", "Anonymous")}
+        fields = {
+            line.split(":")[0]: int(line.split()[1]) * 1024
+            for line in f
+            if line.split(":")[0] in ("Rss", "Pss", "Anonymous")
+        }
     return {"rss": fields["Rss"], "pss": fields["Pss"], "anon": fields["Anonymous"]}
 
 
 def worker(model_dir: str) -> None:
     """One rank: build the Accelerator and load the model as tuneloop does, sampling memory meanwhile."""
-    from tuneloop import model as models, runtime
+    from tuneloop import model as models
+    from tuneloop import runtime
     from tuneloop.options import ModelArguments, TrainArguments
 
     accelerator = runtime.make_accelerator(TrainArguments(output_dir=tempfile.mkdtemp()))
@@ -69,10 +73,20 @@ def worker(model_dir: str) -> None:
     held = sum(getattr(p, "ds_tensor", p).numel() * p.element_size() for p in model.parameters())
     full = sum(getattr(p, "ds_numel", p.numel()) * p.element_size() for p in model.parameters())
     mib = lambda count: round(count / 2**20)  # noqa: E731
-    print("ROW " + json.dumps({"rank": accelerator.process_index, "engine": accelerator.distributed_type.value,
-                               **{f"peak_{k}_mib": mib(max(peak[k], after[k]) - before[k]) for k in before},
-                               **{f"after_{k}_mib": mib(after[k] - before[k]) for k in before},
-                               "held_param_mib": mib(held), "model_param_mib": mib(full)}), flush=True)
+    print(
+        "ROW "
+        + json.dumps(
+            {
+                "rank": accelerator.process_index,
+                "engine": accelerator.distributed_type.value,
+                **{f"peak_{k}_mib": mib(max(peak[k], after[k]) - before[k]) for k in before},
+                **{f"after_{k}_mib": mib(after[k] - before[k]) for k in before},
+                "held_param_mib": mib(held),
+                "model_param_mib": mib(full),
+            }
+        ),
+        flush=True,
+    )
     accelerator.wait_for_everyone()
 
 
@@ -82,8 +96,14 @@ def make_model(folder: Path, hidden: int, layers: int) -> str:
 
     if not (folder / "model.safetensors").is_file():
         torch.manual_seed(0)
-        BertModel(BertConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=hidden // 64,
-                             intermediate_size=4 * hidden)).save_pretrained(folder)
+        BertModel(
+            BertConfig(
+                hidden_size=hidden,
+                num_hidden_layers=layers,
+                num_attention_heads=hidden // 64,
+                intermediate_size=4 * hidden,
+            )
+        ).save_pretrained(folder)
     return str(folder)
 
 
@@ -96,25 +116,44 @@ def main() -> None:
     work = Path(args.workdir)
     model_dir = make_model(work / f"bert-{args.hidden}x{args.layers}", args.hidden, args.layers)
     no_init = work / "deepspeed_zero3_cpu_no_init.yaml"
-    no_init.write_text((CONFIGS / "deepspeed_zero3_cpu.yaml").read_text().replace("zero3_init_flag: true",
-                                                                                   "zero3_init_flag: false"))
+    no_init.write_text(
+        (CONFIGS / "deepspeed_zero3_cpu.yaml").read_text().replace("zero3_init_flag: true", "zero3_init_flag: false")
+    )
     env = {k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "src"), env.get("PYTHONPATH")]))
     env.update(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    for name, config in (("DDP", CONFIGS / "cpu_2proc.yaml"), ("ZeRO-3, zero3_init_flag true",
-                                                              CONFIGS / "deepspeed_zero3_cpu.yaml"),
-                         ("ZeRO-3, zero3_init_flag false", no_init)):
-        done = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
-                               __file__, "--worker", model_dir], capture_output=True, text=True, env=env, timeout=900)
+    for name, config in (
+        ("DDP", CONFIGS / "cpu_2proc.yaml"),
+        ("ZeRO-3, zero3_init_flag true", CONFIGS / "deepspeed_zero3_cpu.yaml"),
+        ("ZeRO-3, zero3_init_flag false", no_init),
+    ):
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "accelerate.commands.launch",
+                "--config_file",
+                str(config),
+                __file__,
+                "--worker",
+                model_dir,
+            ],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=900,
+        )
         rows = [json.loads(line[4:]) for line in done.stdout.splitlines() if line.startswith("ROW ")]
         if done.returncode or len(rows) != 2:
             print(f"{name}: failed ({done.returncode}): {done.stderr[-1500:]}")
             continue
         for row in sorted(rows, key=lambda r: r["rank"]):
-            print(f"{name:30s} rank {row['rank']}: during load, peak +{row['peak_pss_mib']} MiB PSS "
-                  f"(+{row['peak_rss_mib']} RSS, +{row['peak_anon_mib']} anonymous); after, +{row['after_pss_mib']} PSS "
-                  f"(+{row['after_rss_mib']} RSS, +{row['after_anon_mib']} anonymous); parameters held "
-                  f"{row['held_param_mib']} of {row['model_param_mib']} MiB")
+            print(
+                f"{name:30s} rank {row['rank']}: during load, peak +{row['peak_pss_mib']} MiB PSS "
+                f"(+{row['peak_rss_mib']} RSS, +{row['peak_anon_mib']} anonymous); after, +{row['after_pss_mib']} PSS "
+                f"(+{row['after_rss_mib']} RSS, +{row['after_anon_mib']} anonymous); parameters held "
+                f"{row['held_param_mib']} of {row['model_param_mib']} MiB"
+            )
 
 
 if __name__ == "__main__":

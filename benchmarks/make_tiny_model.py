@@ -19,8 +19,15 @@ from tuneloop.options import BUILTIN_MODEL  # noqa: E402
 folder = sys.argv[1]
 tokenizer = AutoTokenizer.from_pretrained(models.resolve_model_path(BUILTIN_MODEL))
 torch.manual_seed(0)
-config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                    intermediate_size=64, max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id)
+config = BertConfig(
+    vocab_size=tokenizer.vocab_size,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    intermediate_size=64,
+    max_position_embeddings=512,
+    pad_token_id=tokenizer.pad_token_id,
+)
 BertModel(config).save_pretrained(folder)  # the encoder only: each run builds its own classifier head
 tokenizer.save_pretrained(folder)
 print(folder)

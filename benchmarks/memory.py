@@ -39,8 +39,14 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SHAPE = dict(hidden_size=1024, num_attention_heads=16, num_key_value_heads=16, intermediate_size=2816,
-             vocab_size=32000, max_position_embeddings=1024)
+SHAPE = dict(
+    hidden_size=1024,
+    num_attention_heads=16,
+    num_key_value_heads=16,
+    intermediate_size=2816,
+    vocab_size=32000,
+    max_position_embeddings=1024,
+)
 SEQ, BATCH, LABELS = 512, 2, 4
 # LoRA runs save the adapter only (--merge_adapter false): merging at the end builds merged weights, a memory cost of
 # the final save, not of training.
@@ -67,8 +73,9 @@ def word_tokenizer():
     words = ["<unk>", "<s>", "</s>", *(f"w{i}" for i in range(SHAPE["vocab_size"] - 3))]
     tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, model_max_length=1024, unk_token="<unk>",
-                                   bos_token="<s>", eos_token="</s>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, model_max_length=1024, unk_token="<unk>", bos_token="<s>", eos_token="</s>"
+    )
 
 
 def make_inputs(work: Path, layers: int, steps: int) -> tuple[str, dict]:
@@ -83,8 +90,17 @@ def make_inputs(work: Path, layers: int, steps: int) -> tuple[str, dict]:
     rng = random.Random(0)
 
     def rows(n: int) -> str:
-        return "".join(json.dumps({"text": " ".join(f"w{rng.randrange(SHAPE['vocab_size'] - 3)}" for _ in range(600)),
-                                   "label": i % LABELS}) + "\n" for i in range(n))
+        return "".join(
+            json.dumps(
+                {
+                    "text": " ".join(f"w{rng.randrange(SHAPE['vocab_size'] - 3)}" for _ in range(600)),
+                    "label": i % LABELS,
+                }
+            )
+            + "\n"
+            for i in range(n)
+        )
+
     (work / "train.jsonl").write_text(rows(BATCH * steps))
     (work / "eval.jsonl").write_text(rows(LABELS))
     return str(model_dir), {"train_file": str(work / "train.jsonl"), "validation_file": str(work / "eval.jsonl")}
@@ -124,8 +140,11 @@ def expected(layers: int, total: int, trainable: int) -> dict[str, dict[str, flo
     import torch
 
     act = {}
-    for name, lora, dtype in (("full fp32", False, torch.float32), ("LoRA fp32", True, torch.float32),
-                              ("LoRA bf16", True, torch.bfloat16)):
+    for name, lora, dtype in (
+        ("full fp32", False, torch.float32),
+        ("LoRA fp32", True, torch.float32),
+        ("LoRA bf16", True, torch.bfloat16),
+    ):
         one, two = saved_bytes(1, lora, dtype), saved_bytes(2, lora, dtype)
         act[name] = (two - one, one - (two - one))  # per layer, outside the layers
     hidden = BATCH * SEQ * SHAPE["hidden_size"]
@@ -135,23 +154,60 @@ def expected(layers: int, total: int, trainable: int) -> dict[str, dict[str, flo
 
     train_state = trainable * (4 + 4 + 8)
     return {
-        "full fp32": dict(weights=4 * total, grads_optimizer=16 * total - 4 * total,
-                          activations=act["full fp32"][1] + layers * act["full fp32"][0]),
-        "LoRA + bf16": dict(weights=2 * total, grads_optimizer=train_state,
-                            activations=act["LoRA bf16"][1] + layers * act["LoRA bf16"][0]),
+        "full fp32": dict(
+            weights=4 * total,
+            grads_optimizer=16 * total - 4 * total,
+            activations=act["full fp32"][1] + layers * act["full fp32"][0],
+        ),
+        "LoRA + bf16": dict(
+            weights=2 * total,
+            grads_optimizer=train_state,
+            activations=act["LoRA bf16"][1] + layers * act["LoRA bf16"][0],
+        ),
         "LoRA + AC": dict(weights=4 * total, grads_optimizer=train_state, activations=ac("LoRA fp32", 4)),
         "LoRA + bf16 + AC": dict(weights=2 * total, grads_optimizer=train_state, activations=ac("LoRA bf16", 2)),
     }
 
 
 def run_setting(flags: list[str], model_dir: str, files: dict, steps: int, out: Path) -> dict:
-    args = [sys.executable, str(ROOT / "train.py"), "--model_name_or_path", model_dir, *sum(([f"--{k}", v] for k, v in
-            files.items()), []), "--output_dir", str(out), "--max_length", str(SEQ), "--per_device_train_batch_size",
-            str(BATCH), "--per_device_eval_batch_size", str(BATCH), "--max_steps", str(steps), "--warmup_steps", "0",
-            "--logging_steps", "1", "--eval_strategy", "no", "--save_strategy", "no", "--report_to", "none",
-            "--tune_cpu_allocator", "false", "--seed", "0", *flags]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")])),
-           "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    args = [
+        sys.executable,
+        str(ROOT / "train.py"),
+        "--model_name_or_path",
+        model_dir,
+        *sum(([f"--{k}", v] for k, v in files.items()), []),
+        "--output_dir",
+        str(out),
+        "--max_length",
+        str(SEQ),
+        "--per_device_train_batch_size",
+        str(BATCH),
+        "--per_device_eval_batch_size",
+        str(BATCH),
+        "--max_steps",
+        str(steps),
+        "--warmup_steps",
+        "0",
+        "--logging_steps",
+        "1",
+        "--eval_strategy",
+        "no",
+        "--save_strategy",
+        "no",
+        "--report_to",
+        "none",
+        "--tune_cpu_allocator",
+        "false",
+        "--seed",
+        "0",
+        *flags,
+    ]
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")])),
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
     log = open(out.with_suffix(".log"), "w")
     child = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env)
     peak, done = [0], threading.Event()
@@ -178,8 +234,13 @@ def run_setting(flags: list[str], model_dir: str, files: dict, steps: int, out: 
     results = json.loads((out / "all_results.json").read_text())
     text = out.with_suffix(".log").read_text()
     counts = next((line for line in text.splitlines() if "trainable parameters" in line), "")
-    return dict(peak_anon=peak[0], maxrss=usage.ru_maxrss * 1024, wall=time.perf_counter() - started,
-                samples_per_second=results.get("train_samples_per_second"), counts=counts)
+    return dict(
+        peak_anon=peak[0],
+        maxrss=usage.ru_maxrss * 1024,
+        wall=time.perf_counter() - started,
+        samples_per_second=results.get("train_samples_per_second"),
+        counts=counts,
+    )
 
 
 def main() -> None:
@@ -195,22 +256,31 @@ def main() -> None:
     model_dir, files = (None, None) if args.count_only else make_inputs(work, args.layers, args.steps)
     measured = {}
     for name in [] if args.count_only else args.only or SETTINGS:
-        measured[name] = run_setting(SETTINGS[name], model_dir, files, args.steps, work / name.replace(" ", "_").replace("+", ""))
+        measured[name] = run_setting(
+            SETTINGS[name], model_dir, files, args.steps, work / name.replace(" ", "_").replace("+", "")
+        )
         m = measured[name]
-        print(f"{name:18s} peak private {m['peak_anon'] / GIB:6.2f} GiB (ru_maxrss {m['maxrss'] / GIB:5.2f} GiB), "
-              f"{m['samples_per_second']} samples/s, {m['wall']:.0f} s  {m['counts']}", flush=True)
+        print(
+            f"{name:18s} peak private {m['peak_anon'] / GIB:6.2f} GiB (ru_maxrss {m['maxrss'] / GIB:5.2f} GiB), "
+            f"{m['samples_per_second']} samples/s, {m['wall']:.0f} s  {m['counts']}",
+            flush=True,
+        )
 
     total, trainable = parameter_counts(args.layers)
     counted = expected(args.layers, total, trainable)
     full_count = sum(counted["full fp32"].values())
     full = measured.get("full fp32", {}).get("peak_anon")
-    print(f"\nparameters {total:,}, LoRA trainable {trainable:,}. Counted GiB per setting (weights, gradients + AdamW "
-          "states, activations), what each removes from full fine-tuning, and the measured peak private memory:")
+    print(
+        f"\nparameters {total:,}, LoRA trainable {trainable:,}. Counted GiB per setting (weights, gradients + AdamW "
+        "states, activations), what each removes from full fine-tuning, and the measured peak private memory:"
+    )
     for name in SETTINGS:
         c, m = counted[name], measured.get(name)
-        line = (f"{name:18s} weights {c['weights'] / GIB:5.2f}  grads+AdamW {c['grads_optimizer'] / GIB:5.2f}  "
-                f"activations {c['activations'] / GIB:5.2f}  = {sum(c.values()) / GIB:5.2f} counted, removes "
-                f"{(full_count - sum(c.values())) / GIB:5.2f}")
+        line = (
+            f"{name:18s} weights {c['weights'] / GIB:5.2f}  grads+AdamW {c['grads_optimizer'] / GIB:5.2f}  "
+            f"activations {c['activations'] / GIB:5.2f}  = {sum(c.values()) / GIB:5.2f} counted, removes "
+            f"{(full_count - sum(c.values())) / GIB:5.2f}"
+        )
         if m:
             over = (m["peak_anon"] - sum(c.values())) / GIB
             line += f"; measured {m['peak_anon'] / GIB:5.2f} (+{over:.2f} over the count)"

@@ -29,11 +29,28 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--profile", action="store_true", help="also print torch.profiler's top operators")
     p.add_argument("--fold_clip", choices=["yes", "no", "both"], default="yes")
-    p.add_argument("--keep_embedding_grad", choices=["yes", "no"], default="yes",
-                   help="optim.KeptEmbeddingGradient, as the loop installs it (no: the dense zero-filled gradient)")
+    p.add_argument(
+        "--keep_embedding_grad",
+        choices=["yes", "no"],
+        default="yes",
+        help="optim.KeptEmbeddingGradient, as the loop installs it (no: the dense zero-filled gradient)",
+    )
     own, rest = p.parse_known_args()
-    run = setup.setup(config.parse_args(["--output_dir", "/tmp/tuneloop-step-phases", "--eval_strategy", "no",
-                                        "--mixed_precision", "bf16", "--train_sampling_strategy", "group_by_length", *rest]))
+    run = setup.setup(
+        config.parse_args(
+            [
+                "--output_dir",
+                "/tmp/tuneloop-step-phases",
+                "--eval_strategy",
+                "no",
+                "--mixed_precision",
+                "bf16",
+                "--train_sampling_strategy",
+                "group_by_length",
+                *rest,
+            ]
+        )
+    )
     model, accelerator = run.model, run.accelerator
     optimizer, scheduler = run.training.optimizer, run.training.scheduler
     model.train()
@@ -70,8 +87,11 @@ def main() -> None:
             step(batch, timed, fold)
     for fold in folds:
         total = sum(phases[fold].values())
-        print(f"clip folded into AdamW: {'yes' if fold else 'no '} |", ", ".join(f"{name} {1000 * t / own.steps:.1f} ms" for name, t in phases[fold].items()),
-              f"| {1000 * total / own.steps:.1f} ms/step, {samples[fold] / total:.1f} samples/s")
+        print(
+            f"clip folded into AdamW: {'yes' if fold else 'no '} |",
+            ", ".join(f"{name} {1000 * t / own.steps:.1f} ms" for name, t in phases[fold].items()),
+            f"| {1000 * total / own.steps:.1f} ms/step, {samples[fold] / total:.1f} samples/s",
+        )
     if own.profile:
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
             for _ in range(min(own.steps, 3)):

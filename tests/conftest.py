@@ -25,14 +25,20 @@ ROOT = Path(__file__).resolve().parents[1]
 # DeepSpeed JIT-builds its CPU communication op (about 45 s) into TORCH_EXTENSIONS_DIR, and ninja rebuilds it whenever
 # the build command changes: it names the venv's path, so checkouts sharing the default folder rebuilt it each time
 # they took turns. One folder per venv path keeps each checkout's build.
-os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(
-    Path.home() / ".cache" / "torch_extensions" / f"tuneloop-{hashlib.sha1(sys.prefix.encode()).hexdigest()[:8]}"))
+os.environ.setdefault(
+    "TORCH_EXTENSIONS_DIR",
+    str(Path.home() / ".cache" / "torch_extensions" / f"tuneloop-{hashlib.sha1(sys.prefix.encode()).hexdigest()[:8]}"),
+)
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 # Three topics, each signalled by one of its keywords hidden among filler words.
-KEYWORDS = {"sports": ["goal", "match", "team"], "tech": ["chip", "software", "robot"], "music": ["song", "album", "band"]}
+KEYWORDS = {
+    "sports": ["goal", "match", "team"],
+    "tech": ["chip", "software", "robot"],
+    "music": ["song", "album", "band"],
+}
 FILLER = "the a of and to in was is on for with that this it at by from new year said people".split()
 
 
@@ -47,8 +53,13 @@ _unit_test_running = False
 # fixtures (a shared launch, the doctor's waves) run once. Files sharing something that cannot be doubled share a group:
 # the local SLURM cluster (a session fixture: one per worker otherwise), and launches on a config's fixed port 29500
 # (the doctor's, gpu_check's) or the DDP run test_engines and test_multiprocess compare with.
-SHARED_GROUPS = {"test_slurm.py": "slurm", "test_elastic.py": "slurm", "test_engines.py": "port-29500",
-                 "test_gpu_check.py": "port-29500", "test_multiprocess.py": "port-29500"}
+SHARED_GROUPS = {
+    "test_slurm.py": "slurm",
+    "test_elastic.py": "slurm",
+    "test_engines.py": "port-29500",
+    "test_gpu_check.py": "port-29500",
+    "test_multiprocess.py": "port-29500",
+}
 
 
 @pytest.hookimpl(tryfirst=True)  # before pytest's own -m filtering
@@ -116,8 +127,14 @@ def tiny_model_dir(tmp_path_factory) -> str:
     BertTokenizer(vocab={word: i for i, word in enumerate(vocab)}, model_max_length=128).save_pretrained(out)
     torch.manual_seed(0)
     config = BertConfig(
-        vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-        max_position_embeddings=128, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+        vocab_size=len(vocab),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
     )
     BertModel(config).save_pretrained(out)
     return str(out)
@@ -139,7 +156,10 @@ def test_files(tmp_path_factory) -> dict[str, str]:
     out = tmp_path_factory.mktemp("test-data")
     labelled = [{"id": f"t{i:03d}", **row} for i, row in enumerate(make_rows(30, seed=3))]
     unlabelled = [{"id": f"u{i:03d}", "text": row["text"]} for i, row in enumerate(make_rows(45, seed=2))]
-    return {"labelled": write_rows(out / "test.jsonl", labelled), "unlabelled": write_rows(out / "unlabelled.csv", unlabelled)}
+    return {
+        "labelled": write_rows(out / "test.jsonl", labelled),
+        "unlabelled": write_rows(out / "unlabelled.csv", unlabelled),
+    }
 
 
 @pytest.fixture(scope="session")
@@ -147,8 +167,9 @@ def trained(tiny_model_dir, toy_files, test_files, tmp_path_factory) -> tuple[Pa
     """The reference tiny run, trained once for every test that reads its outputs: 6 epochs of the toy task, then
     --do_predict on the labelled test file. Returns (output folder, final metrics)."""
     output_dir = tmp_path_factory.mktemp("trained")
-    results = run_in_process(tiny_args(tiny_model_dir, toy_files, output_dir, do_predict="true",
-                                       test_file=test_files["labelled"]))
+    results = run_in_process(
+        tiny_args(tiny_model_dir, toy_files, output_dir, do_predict="true", test_file=test_files["labelled"])
+    )
     reset_accelerate_state()
     return output_dir, results
 
@@ -160,8 +181,17 @@ def tracked(tiny_model_dir, toy_files, tmp_path_factory) -> tuple[Path, dict]:
     output_dir = tmp_path_factory.mktemp("tracked")
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("WANDB_MODE", "offline")
-        results = run_in_process(tiny_args(tiny_model_dir, toy_files, output_dir, num_train_epochs=2, report_to="all",
-                                           logging_steps=2, project="toy"))
+        results = run_in_process(
+            tiny_args(
+                tiny_model_dir,
+                toy_files,
+                output_dir,
+                num_train_epochs=2,
+                report_to="all",
+                logging_steps=2,
+                project="toy",
+            )
+        )
     reset_accelerate_state()
     return output_dir, results
 
@@ -169,8 +199,15 @@ def tracked(tiny_model_dir, toy_files, tmp_path_factory) -> tuple[Path, dict]:
 # The 2-process DDP run that test_engines.py holds DeepSpeed to and test_multiprocess.py holds one process to:
 # accumulation, active clipping (the pre-clip norms here are 0.2-0.3) and warmup, which DeepSpeed takes over from the
 # loop; 8 optimizer steps per epoch (240 rows / (2 ranks x 8 x 2)), and a checkpoint at step 12 of 32 to resume from.
-DDP_RUN = dict(gradient_accumulation_steps=2, max_grad_norm=0.1, warmup_steps=0.1, num_train_epochs=4,
-               eval_strategy="no", save_strategy="steps", save_steps=12)
+DDP_RUN = dict(
+    gradient_accumulation_steps=2,
+    max_grad_norm=0.1,
+    warmup_steps=0.1,
+    num_train_epochs=4,
+    eval_strategy="no",
+    save_strategy="steps",
+    save_steps=12,
+)
 
 
 @pytest.fixture(scope="session")
@@ -186,9 +223,17 @@ def ddp_run(tiny_model_dir, toy_files, tmp_path_factory) -> Path:
 def tiny_args(model_dir: str, files: dict[str, str], output_dir, **overrides) -> list[str]:
     """CLI arguments for a fast run on the toy task; overrides are option=value pairs."""
     options = {
-        "model_name_or_path": model_dir, **files, "output_dir": str(output_dir), "max_length": 32,
-        "per_device_train_batch_size": 8, "per_device_eval_batch_size": 8, "learning_rate": 3e-3,
-        "num_train_epochs": 6, "logging_steps": 5, "warmup_steps": 0, "seed": 0,
+        "model_name_or_path": model_dir,
+        **files,
+        "output_dir": str(output_dir),
+        "max_length": 32,
+        "per_device_train_batch_size": 8,
+        "per_device_eval_batch_size": 8,
+        "learning_rate": 3e-3,
+        "num_train_epochs": 6,
+        "logging_steps": 5,
+        "warmup_steps": 0,
+        "seed": 0,
     }
     options.update(overrides)
     args = []
@@ -220,25 +265,42 @@ def run_in_process(args: list[str]) -> dict:
     return train(parse_args(args))
 
 
-def launch(args: list[str], num_processes: int = 2, *, config: str | None = None, module: bool = False,
-           launcher: bool = True, launch_flags: tuple[str, ...] = (), env: dict[str, str] | None = None,
-           check: bool = True, timeout: int = 300) -> subprocess.CompletedProcess:
+def launch(
+    args: list[str],
+    num_processes: int = 2,
+    *,
+    config: str | None = None,
+    module: bool = False,
+    launcher: bool = True,
+    launch_flags: tuple[str, ...] = (),
+    env: dict[str, str] | None = None,
+    check: bool = True,
+    timeout: int = 300,
+) -> subprocess.CompletedProcess:
     """Run tuneloop in real processes, as a user types it: `accelerate launch --config_file accelerate_configs/<config>
     [launch_flags] train.py ARGS` (`-m tuneloop ARGS` with module=True; plain `python train.py ARGS`, no launcher, with
     launcher=False). The config defaults to the CPU config of `num_processes` (cpu.yaml or cpu_2proc.yaml). `env`
     overrides the environment, which drops ACCELERATE_USE_CPU (it would turn DeepSpeed off). With check, the run
     must exit 0."""
     not_in_a_unit_test("launches processes")
-    command = launch_command(args, num_processes, config=config, module=module, launcher=launcher,
-                             launch_flags=launch_flags)
+    command = launch_command(
+        args, num_processes, config=config, module=module, launcher=launcher, launch_flags=launch_flags
+    )
     result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=launch_env(env), cwd=ROOT)
     if check:
         assert result.returncode == 0, result.stderr[-3000:]
     return result
 
 
-def launch_command(args: list[str], num_processes: int = 2, *, config: str | None = None, module: bool = False,
-                   launcher: bool = True, launch_flags: tuple[str, ...] = ()) -> list[str]:
+def launch_command(
+    args: list[str],
+    num_processes: int = 2,
+    *,
+    config: str | None = None,
+    module: bool = False,
+    launcher: bool = True,
+    launch_flags: tuple[str, ...] = (),
+) -> list[str]:
     """The command line `launch` runs (also for tests that start it with Popen to signal it)."""
     entry = ["-m", "tuneloop"] if module else [str(ROOT / "train.py")]
     if not launcher:
@@ -246,8 +308,17 @@ def launch_command(args: list[str], num_processes: int = 2, *, config: str | Non
     config = config or ("cpu_2proc.yaml" if num_processes == 2 else "cpu.yaml")
     # Its own rendezvous port: launches elsewhere on the machine (another checkout's tests) cannot join its group.
     port = ["--main_process_port", str(free_port())]
-    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "accelerate_configs" / config),
-            *port, *launch_flags, *entry, *args]
+    return [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(ROOT / "accelerate_configs" / config),
+        *port,
+        *launch_flags,
+        *entry,
+        *args,
+    ]
 
 
 def free_port() -> int:
@@ -286,12 +357,16 @@ def slurm_conf():
         pytest.skip("the local SLURM cluster runs slurmd as root (and may need apt-get): run the tests as root")
     # Not under pytest's tmp_path: munged wants every folder above its socket searchable by all, and pytest's are 700.
     directory = tempfile.mkdtemp(prefix="tuneloop-slurm-", dir="/tmp")
-    started = subprocess.run([str(SLURM_CLUSTER_SCRIPT), "start", directory], capture_output=True, text=True, timeout=600)
+    started = subprocess.run(
+        [str(SLURM_CLUSTER_SCRIPT), "start", directory], capture_output=True, text=True, timeout=600
+    )
     try:
         if started.returncode != 0:
             pytest.fail(f"slurm/local_cluster.sh start failed:\n{started.stderr[-3000:]}")
         yield os.path.join(directory, "slurm.conf")
     finally:
-        stopped = subprocess.run([str(SLURM_CLUSTER_SCRIPT), "stop", directory], capture_output=True, text=True, timeout=120)
+        stopped = subprocess.run(
+            [str(SLURM_CLUSTER_SCRIPT), "stop", directory], capture_output=True, text=True, timeout=120
+        )
         if stopped.returncode == 0:
             shutil.rmtree(directory, ignore_errors=True)

@@ -72,8 +72,12 @@ def record(output_dir: str, phase: str, signal_name: str) -> None:
     for name in complete_files(output_dir):
         with open(os.path.join(output_dir, name), "rb") as f:
             files[name] = hashlib.sha256(f.read()).hexdigest()
-    done = {"phase": phase, "signal": signal_name, "files": files,
-            "checkpoints": [os.path.basename(p) for p in checkpoint.complete_checkpoints(output_dir)]}
+    done = {
+        "phase": phase,
+        "signal": signal_name,
+        "files": files,
+        "checkpoints": [os.path.basename(p) for p in checkpoint.complete_checkpoints(output_dir)],
+    }
     with open(os.path.normpath(output_dir) + ".fault.json", "w") as f:
         json.dump(done, f)
 
@@ -128,6 +132,7 @@ def arm(phase: str, signal_name: str, output_dir: str) -> None:
         def half_write():
             original(tensors, filename, *args, **kwargs)
             os.truncate(filename, os.path.getsize(filename) // 2)
+
         fault(half_write)
         return original(tensors, filename, *args, **kwargs)
 

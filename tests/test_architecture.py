@@ -46,7 +46,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
         state[node] = "open"
         for target in sorted(graph.get(node, ())):
             if state.get(target) == "open":
-                return path[path.index(target):] + [target] if target in path else [node, target]
+                return path[path.index(target) :] + [target] if target in path else [node, target]
             if target not in state and (cycle := visit(target, [*path, target])):
                 return cycle
         state[node] = "done"
@@ -76,13 +76,20 @@ def test_no_import_cycle_among_tuneloop_modules():
 
 def test_the_cycle_finder_finds_a_cycle():
     """Guards the test above: a checker that never reports anything would pass it too."""
-    assert find_cycle({"loop": {"predict"}, "predict": {"report"}, "report": {"loop"}}) == ["loop", "predict", "report", "loop"]
+    assert find_cycle({"loop": {"predict"}, "predict": {"report"}, "report": {"loop"}}) == [
+        "loop",
+        "predict",
+        "report",
+        "loop",
+    ]
     assert find_cycle({"loop": {"predict", "report"}, "predict": {"report"}, "report": set()}) is None
 
 
 def test_runtime_is_a_leaf_for_data_model_and_reports():
     """The doctor's probe builds an Accelerator through runtime: it must not drag in the data and report stack."""
-    assert reachable(import_graph(), "runtime").isdisjoint({"data", "model", "metrics", "predict", "report", "loop", "cli"})
+    assert reachable(import_graph(), "runtime").isdisjoint(
+        {"data", "model", "metrics", "predict", "report", "loop", "cli"}
+    )
     heavy = ("datasets", "evaluate", "matplotlib", "sklearn")
     code = f"import sys, tuneloop.runtime, tuneloop.doctor; print([m for m in {heavy!r} if m in sys.modules])"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
@@ -152,8 +159,11 @@ def test_data_file_types_are_named_only_in_sources():
         """Plain string constants that are an extension; f-string parts (the names of files written) are not."""
         tree = ast.parse(path.read_text())
         in_fstrings = {id(part) for node in ast.walk(tree) if isinstance(node, ast.JoinedStr) for part in node.values}
-        return sorted(node.value for node in ast.walk(tree) if isinstance(node, ast.Constant)
-                      and id(node) not in in_fstrings and node.value in extensions)
+        return sorted(
+            node.value
+            for node in ast.walk(tree)
+            if isinstance(node, ast.Constant) and id(node) not in in_fstrings and node.value in extensions
+        )
 
     found = {path.name: extensions_in(path) for path in PACKAGE.glob("*.py") if path.name != "sources.py"}
     assert not {name: values for name, values in found.items() if values}
@@ -183,8 +193,11 @@ def global_batch_products(source: str, module: str) -> list[str]:
 
     def visit(node) -> None:
         names = [n.lower() for n in factors(node)] if isinstance(node, ast.BinOp) else []
-        if (any("batch" in n and "batches" not in n for n in names) and any("accum" in n for n in names)
-                and any("process" in n for n in names)):
+        if (
+            any("batch" in n and "batches" not in n for n in names)
+            and any("accum" in n for n in names)
+            and any("process" in n for n in names)
+        ):
             found.append(f"{module}:{'.'.join(scope)}")
             return
         named = isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
@@ -208,8 +221,10 @@ def test_the_global_batch_is_computed_in_one_place():
 
 def test_the_global_batch_finder_finds_a_copy():
     """Guards the test above: the Layout's own product, as it was, must be found."""
-    old_layout = ("class Layout:\n    def global_batch(self):\n"
-                  "        return self.processes * self.per_device_batch * self.accumulation\n")
+    old_layout = (
+        "class Layout:\n    def global_batch(self):\n"
+        "        return self.processes * self.per_device_batch * self.accumulation\n"
+    )
     assert global_batch_products(old_layout, "elastic") == ["elastic:Layout.global_batch"]
     elastic_position = "samples = saved.batches_in_epoch * before.processes * before.per_device_batch\n"
     assert global_batch_products(elastic_position, "elastic") == []
@@ -226,18 +241,30 @@ def problem_type_switches(source: str) -> list[str]:
     value or help text decides nothing.)"""
     found = []
     for node in ast.walk(ast.parse(source)):
-        if isinstance(node, ast.Name) and node.id in ("SINGLE", "MULTI", "REGRESSION") or \
-                isinstance(node, ast.Attribute) and node.attr in ("SINGLE", "MULTI", "REGRESSION"):
+        if (
+            isinstance(node, ast.Name)
+            and node.id in ("SINGLE", "MULTI", "REGRESSION")
+            or isinstance(node, ast.Attribute)
+            and node.attr in ("SINGLE", "MULTI", "REGRESSION")
+        ):
             found.append(f"line {node.lineno}: {ast.unparse(node)}")
         elif isinstance(node, ast.Compare):
             operands = [node.left, *node.comparators]
-            names = [o for o in operands if isinstance(o, ast.Constant) and o.value in PROBLEM_TYPE_NAMES
-                     or isinstance(o, ast.Attribute) and o.attr == "problem_type"
-                     or isinstance(o, ast.Name) and o.id == "problem_type"]
+            names = [
+                o
+                for o in operands
+                if isinstance(o, ast.Constant)
+                and o.value in PROBLEM_TYPE_NAMES
+                or isinstance(o, ast.Attribute)
+                and o.attr == "problem_type"
+                or isinstance(o, ast.Name)
+                and o.id == "problem_type"
+            ]
             if names:
                 found.append(f"line {node.lineno}: {ast.unparse(node)}")
-        elif isinstance(node, ast.Dict) and any(isinstance(k, ast.Constant) and k.value in PROBLEM_TYPE_NAMES
-                                                for k in node.keys):
+        elif isinstance(node, ast.Dict) and any(
+            isinstance(k, ast.Constant) and k.value in PROBLEM_TYPE_NAMES for k in node.keys
+        ):
             found.append(f"line {node.lineno}: a table keyed by problem type")
     return found
 
@@ -246,8 +273,12 @@ def test_only_problem_py_decides_by_the_problem_type():
     """Each problem type is one class in problem.py that owns its labels, loss, metrics, predictions and report lines;
     the rest of the code asks the run's problem object. Guards a new `if problem_type == ...` (or a table keyed by
     the type) elsewhere, which is how adding a type once touched 12 files."""
-    found = {path.name: switches for path in sorted(PACKAGE.glob("*.py")) if path.name != "problem.py"
-             if (switches := problem_type_switches(path.read_text()))}
+    found = {
+        path.name: switches
+        for path in sorted(PACKAGE.glob("*.py"))
+        if path.name != "problem.py"
+        if (switches := problem_type_switches(path.read_text()))
+    }
     assert not found, f"decided by the problem type outside problem.py: {found}"
 
 

@@ -48,8 +48,15 @@ def interrupt(args: list[str], output_dir: Path, sig: signal.Signals, num_proces
     One process: the signal goes to the trainer itself. Two: to rank 1 only, so rank 0 must learn of it through
     the ranks' agreement; a rank that stopped alone would leave the other blocked (the timeout would catch it).
     """
-    proc = subprocess.Popen(launch_command(args, num_processes, launcher=num_processes > 1), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=launch_env(), cwd=ROOT, start_new_session=True)
+    proc = subprocess.Popen(
+        launch_command(args, num_processes, launcher=num_processes > 1),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=launch_env(),
+        cwd=ROOT,
+        start_new_session=True,
+    )
     deadline = time.monotonic() + 240
     while not checkpoint.complete_checkpoints(str(output_dir)):
         assert proc.poll() is None, f"the run ended before its first checkpoint: {proc.communicate()[1][-3000:]}"
@@ -88,8 +95,13 @@ def test_sigterm_then_resume_replays_the_uninterrupted_run_bitwise(dropout_model
     reference = tmp_path / "reference"
     # The uninterrupted run goes alongside the one to interrupt: one process each, no port to share, one core each.
     with open(tmp_path / "reference.log", "w") as log:
-        uninterrupted = subprocess.Popen(launch_command(tiny_args(dropout_model_dir, toy_files, reference, **common), 1,
-                                                        launcher=False), stdout=log, stderr=log, env=launch_env(), cwd=ROOT)
+        uninterrupted = subprocess.Popen(
+            launch_command(tiny_args(dropout_model_dir, toy_files, reference, **common), 1, launcher=False),
+            stdout=log,
+            stderr=log,
+            env=launch_env(),
+            cwd=ROOT,
+        )
         interrupted = tmp_path / "interrupted"
         args = tiny_args(dropout_model_dir, toy_files, interrupted, **common)
         code, stderr = interrupt(args, interrupted, signal.SIGTERM, 1)
@@ -107,7 +119,9 @@ def test_sigterm_then_resume_replays_the_uninterrupted_run_bitwise(dropout_model
     expected, got = weights(reference), weights(interrupted)
     assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
     ref_results, results = read_json(reference / "all_results.json"), read_json(interrupted / "all_results.json")
-    assert results["eval_accuracy"] == ref_results["eval_accuracy"] and results["train_loss"] == ref_results["train_loss"]
+    assert (
+        results["eval_accuracy"] == ref_results["eval_accuracy"] and results["train_loss"] == ref_results["train_loss"]
+    )
 
 
 @pytest.mark.multiprocess
@@ -115,7 +129,9 @@ def test_sigusr1_on_one_rank_stops_both_together_and_resumes(dropout_model_dir, 
     """Two real processes; SIGUSR1 reaches rank 1 only. Both stop at the same step with one checkpoint holding both
     ranks' parts, and the resumed run replays the uninterrupted one. Guards a rank that stops alone (the other would
     hang in a collective) and a checkpoint missing a rank's RNG or loss sums."""
-    common = dict(logging_steps=1, save_strategy="steps", save_steps=8, num_train_epochs=5, per_device_train_batch_size=4)
+    common = dict(
+        logging_steps=1, save_strategy="steps", save_steps=8, num_train_epochs=5, per_device_train_batch_size=4
+    )
     reference = tmp_path / "reference"
     run_to_end(tiny_args(dropout_model_dir, toy_files, reference, **common), 2)
 
@@ -178,8 +194,9 @@ def test_resume_refuses_a_changed_batch_layout(checkpointed_run, tiny_model_dir,
 
 @pytest.mark.trains
 def test_latest_without_checkpoints_starts_fresh(tiny_model_dir, toy_files, tmp_path, capsys):
-    results = run_in_process(tiny_args(tiny_model_dir, toy_files, tmp_path, num_train_epochs=1,
-                                       resume_from_checkpoint="latest"))
+    results = run_in_process(
+        tiny_args(tiny_model_dir, toy_files, tmp_path, num_train_epochs=1, resume_from_checkpoint="latest")
+    )
     assert results["global_step"] == 30 and "starting from scratch" in capsys.readouterr().out
 
 
@@ -191,7 +208,11 @@ def test_rotation_keeps_the_newest_and_the_best(tmp_path):
     best = checkpoint.checkpoint_path(str(tmp_path), 10)
     deleted = checkpoint.rotate_checkpoints(str(tmp_path), 2, best)
     assert [Path(p).name for p in deleted] == ["step_0000020"]
-    assert [Path(p).name for p in checkpoint.complete_checkpoints(str(tmp_path))] == ["step_0000010", "step_0000030", "step_0000040"]
+    assert [Path(p).name for p in checkpoint.complete_checkpoints(str(tmp_path))] == [
+        "step_0000010",
+        "step_0000030",
+        "step_0000040",
+    ]
 
 
 def fake_checkpoints(output_dir: Path, steps, manifest: bool = True) -> list[Path]:
@@ -242,8 +263,9 @@ def test_rotation_happens_inside_the_save_before_its_last_agreement(tmp_path, mo
     accelerator.prepare(torch.nn.Linear(4, 2), torch.optim.AdamW(torch.nn.Linear(4, 2).parameters()))
     events, agree, rmtree = [], runtime.agree, shutil.rmtree
     monkeypatch.setattr(runtime, "agree", lambda *args: (events.append("agree"), agree(*args)))
-    monkeypatch.setattr(shutil, "rmtree",
-                        lambda path, **kw: (events.append(("delete", Path(path).name)), rmtree(path, **kw)))
+    monkeypatch.setattr(
+        shutil, "rmtree", lambda path, **kw: (events.append(("delete", Path(path).name)), rmtree(path, **kw))
+    )
     checkpoint.save_checkpoint(accelerator, str(tmp_path), checkpoint.TrainerState(step=30), {}, keep=2)
     assert [Path(p).name for p in checkpoint.complete_checkpoints(str(tmp_path))] == ["step_0000020", "step_0000030"]
     assert ("delete", "step_0000010") in events and events[-1] == "agree", events
@@ -262,7 +284,10 @@ def test_rotation_deletes_a_universal_conversion_with_its_checkpoint(tmp_path):
         (universal / checkpoint.STATE_FILE).symlink_to(source / checkpoint.STATE_FILE)
     deleted = checkpoint.rotate_checkpoints(str(tmp_path), 1, str(kept_best))
     assert sorted(Path(p).name for p in deleted) == [
-        ".universal-step_0000005", ".universal-step_0000020", "step_0000020"]
+        ".universal-step_0000005",
+        ".universal-step_0000020",
+        "step_0000020",
+    ]
     assert sorted(p.name for p in root.iterdir()) == [".universal-step_0000010", "step_0000010", "step_0000030"]
     assert (kept_best / checkpoint.STATE_FILE).is_file() and (newest / checkpoint.STATE_FILE).is_file()
     assert checkpoint.rotate_checkpoints(str(tmp_path), None, None) == []  # no limit: nothing more to delete
@@ -293,9 +318,19 @@ def test_early_stopping_on_a_scripted_metric_sequence(sequence, greater, patienc
 def test_load_best_model_at_end_with_rotation_and_early_stopping(tiny_model_dir, toy_files, tmp_path):
     # eval_loss keeps falling on this task for a while, then rises as the model over-fits at a high learning rate:
     # "best" is a middle epoch, early stopping ends the run after it, and the final model must be that epoch's.
-    args = tiny_args(tiny_model_dir, toy_files, tmp_path, num_train_epochs=12, learning_rate=1e-2,
-                     metric_for_best_model="loss", load_best_model_at_end="true", early_stopping_patience=2,
-                     save_strategy="steps", save_steps=7, save_total_limit=1)
+    args = tiny_args(
+        tiny_model_dir,
+        toy_files,
+        tmp_path,
+        num_train_epochs=12,
+        learning_rate=1e-2,
+        metric_for_best_model="loss",
+        load_best_model_at_end="true",
+        early_stopping_patience=2,
+        save_strategy="steps",
+        save_steps=7,
+        save_total_limit=1,
+    )
     results = run_in_process(args)
     history = read_json(tmp_path / "log_history.json")
     evals = [e for e in history if "epoch" in e and "eval_loss" in e]
@@ -312,8 +347,18 @@ def test_load_best_model_at_end_with_rotation_and_early_stopping(tiny_model_dir,
 
 @pytest.mark.trains
 def test_a_diverging_run_stops_and_keeps_the_last_good_checkpoint(tiny_model_dir, toy_files, tmp_path):
-    args = tiny_args(tiny_model_dir, toy_files, tmp_path, learning_rate=1e9, max_grad_norm=0, logging_steps=1,
-                     save_strategy="steps", save_steps=1, max_nonfinite_steps=2, adam_epsilon=1e-30)
+    args = tiny_args(
+        tiny_model_dir,
+        toy_files,
+        tmp_path,
+        learning_rate=1e9,
+        max_grad_norm=0,
+        logging_steps=1,
+        save_strategy="steps",
+        save_steps=1,
+        max_nonfinite_steps=2,
+        adam_epsilon=1e-30,
+    )
     with pytest.raises(UserError, match=r"NaN/inf for 2 optimizer steps in a row .* last good checkpoint: .*step_"):
         run_in_process(args)
     assert not (tmp_path / "model.safetensors").exists()
@@ -362,7 +407,9 @@ print("still running", flush=True)
 @pytest.mark.parametrize("presses", ["once", "twice"])
 def test_ctrl_c_once_requests_a_checkpoint_twice_quits_now(presses):
     not_in_a_unit_test("starts a process")
-    done = subprocess.run([sys.executable, "-c", STOP_REQUEST_SCRIPT, presses], capture_output=True, text=True, timeout=20)
+    done = subprocess.run(
+        [sys.executable, "-c", STOP_REQUEST_SCRIPT, presses], capture_output=True, text=True, timeout=20
+    )
     if presses == "once":
         assert done.returncode == 0 and done.stdout.split() == ["SIGINT", "still", "running"], done
         assert "saving a checkpoint after this step" in done.stderr
@@ -385,14 +432,15 @@ def test_ctrl_c_once_requests_a_checkpoint_twice_quits_now(presses):
     ],
 )
 def test_when_checkpoints_are_due(options, step, new_best, epoch_end, due):
-    from tuneloop.options import TrainArguments
     from tuneloop.loop import checkpoint_due
+    from tuneloop.options import TrainArguments
 
     assert checkpoint_due(TrainArguments(**options), step, new_best, epoch_end) is due
 
 
-def test_a_torn_checkpoint_is_skipped_and_one_without_a_manifest_still_resumes(checkpointed_run, tiny_model_dir,
-                                                                             toy_files, tmp_path, capsys):
+def test_a_torn_checkpoint_is_skipped_and_one_without_a_manifest_still_resumes(
+    checkpointed_run, tiny_model_dir, toy_files, tmp_path, capsys
+):
     """Guards against `latest` picking a checkpoint whose weights a crash cut short (a SafetensorError traceback on
     resume), and against the manifest check refusing checkpoints written before manifests existed."""
     out = tmp_path / "run"
@@ -411,12 +459,23 @@ def test_a_torn_checkpoint_is_skipped_and_one_without_a_manifest_still_resumes(c
     assert checkpoint.complete_checkpoints(str(out)) == [first]
     with pytest.raises(UserError, match=r"is torn \(model\.safetensors has \d+ of its \d+ bytes\)"):
         checkpoint.find_checkpoint(str(out), second)
-    results = run_in_process(tiny_args(tiny_model_dir, toy_files, out, save_strategy="steps", save_steps=20, num_train_epochs=2,
-                                       resume_from_checkpoint="latest"))
+    results = run_in_process(
+        tiny_args(
+            tiny_model_dir,
+            toy_files,
+            out,
+            save_strategy="steps",
+            save_steps=20,
+            num_train_epochs=2,
+            resume_from_checkpoint="latest",
+        )
+    )
     printed = capsys.readouterr().out
     skipped = [line for line in printed.splitlines() if "skipping torn checkpoint" in line]
-    assert skipped == [f"tuneloop: skipping torn checkpoint {second}: model.safetensors has {size // 2} of its {size} "
-                       "bytes (a crash while it was written?)"], printed
+    assert skipped == [
+        f"tuneloop: skipping torn checkpoint {second}: model.safetensors has {size // 2} of its {size} "
+        "bytes (a crash while it was written?)"
+    ], printed
     assert "resuming at step 20" in printed and results["global_step"] == 60
     assert checkpoint.complete_checkpoints(str(out)) == [first, second]  # step 40 saved again, whole this time
 
@@ -429,7 +488,9 @@ def test_every_file_is_on_disk_before_the_rename(tmp_path, monkeypatch):
     accelerator = Accelerator(cpu=True, project_dir=str(tmp_path))
     accelerator.prepare(torch.nn.Linear(4, 2), torch.optim.AdamW(torch.nn.Linear(4, 2).parameters()))
     events, fsync, rename = [], os.fsync, os.rename
-    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))), fsync(fd)))
+    monkeypatch.setattr(
+        os, "fsync", lambda fd: (events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))), fsync(fd))
+    )
     monkeypatch.setattr(os, "rename", lambda a, b: (events.append(("rename", a)), rename(a, b)))
     final = Path(checkpoint.save_checkpoint(accelerator, str(tmp_path), checkpoint.TrainerState(step=7), {"sums": 1}))
     renamed = events.index(("rename", str(final.parent / ".tmp-step_0000007")))
@@ -442,10 +503,18 @@ def test_every_file_is_on_disk_before_the_rename(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize(
     "error, reason",
-    [(OSError(28, os.strerror(28), "/out/x.json"), "No space left on device"),
-     (RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534"), "cut short (torch.save)"),
-     (Exception("Error while serializing: I/O error: No space left on device (os error 28)"), "No space left on device"),
-     (RuntimeError("Gloo connectFullMesh failed"), None)],
+    [
+        (OSError(28, os.strerror(28), "/out/x.json"), "No space left on device"),
+        (
+            RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534"),
+            "cut short (torch.save)",
+        ),
+        (
+            Exception("Error while serializing: I/O error: No space left on device (os error 28)"),
+            "No space left on device",
+        ),
+        (RuntimeError("Gloo connectFullMesh failed"), None),
+    ],
 )
 def test_write_failures_become_one_line(error, reason, tmp_path):
     """Each failure as torch.save, safetensors and plain file writes report a full disk (seen on a full tmpfs); any
@@ -454,7 +523,9 @@ def test_write_failures_become_one_line(error, reason, tmp_path):
         with checkpoint.writing(str(tmp_path / "x"), str(tmp_path)):
             raise error
     if reason:
-        assert reason in str(raised.value) and re.search(r"\d [KMG]iB left there; no checkpoint saved", str(raised.value))
+        assert reason in str(raised.value) and re.search(
+            r"\d [KMG]iB left there; no checkpoint saved", str(raised.value)
+        )
         assert "\n" not in str(raised.value)
 
 
@@ -463,8 +534,9 @@ def small_disk(tmp_path):
     """A 512 KiB tmpfs: room for one checkpoint of the tiny model (about 340 KB), not two."""
     mount_point = tmp_path / "disk"
     mount_point.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(mount_point)], capture_output=True,
-                             text=True)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(mount_point)], capture_output=True, text=True
+    )
     if mounted.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.strip() or 'mount failed'}): needs root")
     yield mount_point
@@ -477,14 +549,18 @@ def test_a_full_disk_stops_with_one_line_and_keeps_the_last_checkpoint(small_dis
     """A real full disk: the second checkpoint's torch.save fails mid-file (a RuntimeError, not an OSError)."""
     out = small_disk / "run"
     with pytest.raises(UserError) as raised:
-        run_in_process(tiny_args(tiny_model_dir, toy_files, out, max_steps=5, save_strategy="steps", save_steps=2,
-                                 eval_strategy="no"))
+        run_in_process(
+            tiny_args(
+                tiny_model_dir, toy_files, out, max_steps=5, save_strategy="steps", save_steps=2, eval_strategy="no"
+            )
+        )
     message, first = str(raised.value), checkpoint.checkpoint_path(str(out), 2)
     assert "\n" not in message
     assert message.startswith(f"could not write {checkpoint.checkpoint_path(str(out), 4)}"), message
     assert re.search(r", [\d.]+ (bytes|KiB) left there; ", message), message  # what the disk has left, in its unit
-    assert message.endswith(f"last good checkpoint: {first}: free space there, then resume with "
-                            "--resume_from_checkpoint latest")
+    assert message.endswith(
+        f"last good checkpoint: {first}: free space there, then resume with --resume_from_checkpoint latest"
+    )
     assert checkpoint.complete_checkpoints(str(out)) == [first]  # whole, by its manifest
     assert all(torch.isfinite(t).all() for t in load_file(os.path.join(first, "model.safetensors")).values())
 
@@ -505,10 +581,14 @@ def test_a_failed_report_or_predictions_write_is_one_line(failing, tiny_model_di
         raise OSError(code, os.strerror(code), path)
 
     monkeypatch.setattr(target, name, fail)
-    args = tiny_args(tiny_model_dir, toy_files, tmp_path, do_train="false", do_predict="true",
-                     test_file=toy_files["validation_file"])
-    with pytest.raises(UserError, match=rf"^could not write {path}: {os.strerror(code)}, [\d.]+ [KMG]iB left there; "
-                                        "no checkpoint saved: free space"):
+    args = tiny_args(
+        tiny_model_dir, toy_files, tmp_path, do_train="false", do_predict="true", test_file=toy_files["validation_file"]
+    )
+    with pytest.raises(
+        UserError,
+        match=rf"^could not write {path}: {os.strerror(code)}, [\d.]+ [KMG]iB left there; "
+        "no checkpoint saved: free space",
+    ):
         run_in_process(args)
 
 
@@ -536,8 +616,7 @@ sys.exit(code)
 
 @pytest.mark.multiprocess
 @pytest.mark.parametrize("failing, rank", [("all_results.json", 0), ("loop_state_1.json", 1)])
-def test_a_write_failing_on_one_rank_stops_every_rank_with_one_line(failing, rank, tiny_model_dir, toy_files,
-                                                                    tmp_path):
+def test_a_write_failing_on_one_rank_stops_every_rank_with_one_line(failing, rank, tiny_model_dir, toy_files, tmp_path):
     """Two real processes; one file cannot be written: the results (rank 0 alone writes them, after training) or rank
     1's part of a checkpoint (inside the loop). The other rank must stop at once, not wait in its next barrier for
     the failed one (until --ddp_timeout, 30 minutes), and each says at most one line: the failing rank its own
@@ -548,13 +627,27 @@ def test_a_write_failing_on_one_rank_stops_every_rank_with_one_line(failing, ran
     not_in_a_unit_test("launches processes")
     wrapper = tmp_path / "train_failing_write.py"
     wrapper.write_text(FAILING_WRITE)
-    args = tiny_args(tiny_model_dir, toy_files, tmp_path / "out", max_steps=3, save_strategy="steps", save_steps=2,
-                     eval_strategy="no")
+    args = tiny_args(
+        tiny_model_dir,
+        toy_files,
+        tmp_path / "out",
+        max_steps=3,
+        save_strategy="steps",
+        save_steps=2,
+        eval_strategy="no",
+    )
     command = launch_command([failing, *args], 2)
     command[command.index(str(ROOT / "train.py"))] = str(wrapper)
     started = time.monotonic()
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=launch_env(),
-                            cwd=ROOT, start_new_session=True)
+    proc = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=launch_env(),
+        cwd=ROOT,
+        start_new_session=True,
+    )
     try:
         _, stderr = proc.communicate(timeout=180)  # about 35 s on a loaded 2-core machine
     except subprocess.TimeoutExpired:

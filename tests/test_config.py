@@ -7,6 +7,7 @@ from dataclasses import fields
 import pytest
 import torch
 
+from conftest import ROOT, make_rows, read_json, run_in_process, write_rows
 from tuneloop import tracking
 from tuneloop.cli import main
 from tuneloop.config import ALIASES, SECTIONS, make_parser, parse_args
@@ -14,8 +15,6 @@ from tuneloop.errors import UserError
 from tuneloop.model import load_config, load_tokenizer, resolve_model_path
 from tuneloop.optim import SCHEDULER_KWARGS_NEEDED, make_scheduler
 from tuneloop.problem import SINGLE, metric_names
-
-from conftest import ROOT, make_rows, read_json, run_in_process, write_rows
 
 
 def test_no_arguments_is_the_offline_default():
@@ -107,10 +106,24 @@ def test_help_explains_every_option():
 def test_help_lists_canonical_options_and_names_their_aliases():
     """Each canonical option has an entry of its own; an alias has none (it is named in its option's help)."""
     text = make_parser().format_help()
-    for option in ("--model_name_or_path", "--dataset_name", "--text_pair_column", "--per_device_train_batch_size",
-                   "--gradient_accumulation_steps", "--lr_scheduler_type", "--lr_scheduler_kwargs", "--warmup_steps",
-                   "--eval_strategy", "--report_to", "--max_train_samples", "--save_strategy", "--data_seed",
-                   "--eval_on_start", "--logging_first_step", "--config"):
+    for option in (
+        "--model_name_or_path",
+        "--dataset_name",
+        "--text_pair_column",
+        "--per_device_train_batch_size",
+        "--gradient_accumulation_steps",
+        "--lr_scheduler_type",
+        "--lr_scheduler_kwargs",
+        "--warmup_steps",
+        "--eval_strategy",
+        "--report_to",
+        "--max_train_samples",
+        "--save_strategy",
+        "--data_seed",
+        "--eval_on_start",
+        "--logging_first_step",
+        "--config",
+    ):
         assert f"\n  {option} " in text, option  # an entry of its own
     assert "Hub dataset id" in text and "pad each batch" in text
     # Aliases have no entry of their own: the canonical option's help names them.
@@ -121,8 +134,19 @@ def test_help_lists_canonical_options_and_names_their_aliases():
 def test_trainer_names_are_canonical_and_the_old_names_are_aliases(tmp_path):
     """The old run_glue_no_trainer-style names still work, on the command line and in recipes, and land on the
     canonical fields; where an alias and its canonical option are both given, the later one wins."""
-    t = parse_args(["--max_train_steps", "5", "--checkpointing_steps", "10", "--project_name", "p",
-                    "--group_by_length", "--num_warmup_steps", "3"]).train
+    t = parse_args(
+        [
+            "--max_train_steps",
+            "5",
+            "--checkpointing_steps",
+            "10",
+            "--project_name",
+            "p",
+            "--group_by_length",
+            "--num_warmup_steps",
+            "3",
+        ]
+    ).train
     d = parse_args(["--group_by_length", "--max_seq_length", "64", "--pad_to_max_length", "true"]).data
     assert (t.max_steps, t.save_strategy, t.save_steps, t.project, t.warmup_steps) == (5, "steps", 10, "p", 3)
     assert (d.train_sampling_strategy, d.max_length, d.padding) == ("group_by_length", 64, "max_length")
@@ -134,7 +158,12 @@ def test_trainer_names_are_canonical_and_the_old_names_are_aliases(tmp_path):
     recipe = tmp_path / "old.yaml"
     recipe.write_text("warmup_ratio: 0.2\ncheckpointing_steps: 7\nmax_train_steps: 9\ngroup_by_length: true\n")
     old = parse_args([str(recipe)])
-    assert (old.train.warmup_steps, old.train.save_strategy, old.train.save_steps, old.train.max_steps) == (0.2, "steps", 7, 9)
+    assert (old.train.warmup_steps, old.train.save_strategy, old.train.save_steps, old.train.max_steps) == (
+        0.2,
+        "steps",
+        7,
+        9,
+    )
     assert old.data.train_sampling_strategy == "group_by_length"
     assert parse_args([str(recipe), "--save_strategy", "epoch"]).train.save_strategy == "epoch"  # the flag wins
     written = parse_args([str(recipe)]).to_dict()  # what run_config.json holds: canonical names only
@@ -151,15 +180,33 @@ def test_an_explicit_value_wins_over_the_recipe_default():
 
 
 def test_new_trainer_options_and_their_checks():
-    t = parse_args(["--data_seed", "3", "--logging_first_step", "--eval_on_start", "true",
-                    "--report_to", "wandb", "tensorboard"]).train
-    assert (t.data_seed, t.logging_first_step, t.eval_on_start, t.report_to) == (3, True, True, ["wandb", "tensorboard"])
+    t = parse_args(
+        ["--data_seed", "3", "--logging_first_step", "--eval_on_start", "true", "--report_to", "wandb", "tensorboard"]
+    ).train
+    assert (t.data_seed, t.logging_first_step, t.eval_on_start, t.report_to) == (
+        3,
+        True,
+        True,
+        ["wandb", "tensorboard"],
+    )
     assert tracking.log_with(t) == ["tensorboard", "wandb"]
     assert tracking.log_with(parse_args(["--report_to", "all"]).train) == ["tensorboard", "wandb"]
     assert tracking.log_with(parse_args([]).train) is None and parse_args([]).train.data_seed is None
     with pytest.raises(UserError) as info:
-        parse_args(["--eval_on_start", "--do_eval", "false", "--save_steps", "10", "--warmup_steps", "2.5",
-                    "--report_to", "none", "wandb"])
+        parse_args(
+            [
+                "--eval_on_start",
+                "--do_eval",
+                "false",
+                "--save_steps",
+                "10",
+                "--warmup_steps",
+                "2.5",
+                "--report_to",
+                "none",
+                "wandb",
+            ]
+        )
     message = str(info.value)
     assert "eval_on_start needs --do_train and --do_eval" in message
     assert "save_steps is set but save_strategy is 'no': add --save_strategy steps" in message
@@ -176,14 +223,20 @@ def test_every_offered_scheduler_builds_and_follows_optimizer_steps_on_any_proce
     inverse_sqrt's timescale) would shift the schedule."""
     offered = make_parser()._option_string_actions["--lr_scheduler_type"].choices
     assert "reduce_lr_on_plateau" not in offered and "greedy" not in offered  # they need a metric every step
-    extra = {"polynomial": {"lr_end": 1e-5, "power": 2.0}, "cosine_with_restarts": {"num_cycles": 2},
-             "inverse_sqrt": {"timescale": 20}, "warmup_stable_decay": {"num_decay_steps": 40}}
+    extra = {
+        "polynomial": {"lr_end": 1e-5, "power": 2.0},
+        "cosine_with_restarts": {"num_cycles": 2},
+        "inverse_sqrt": {"timescale": 20},
+        "warmup_stable_decay": {"num_decay_steps": 40},
+    }
     for name in offered:
         kwargs = extra.get(name, SCHEDULER_KWARGS_NEEDED.get(name))
 
         def learning_rates(processes: int) -> list[float]:
             optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1e-3)
-            scheduler = make_scheduler(name, kwargs, optimizer, warmup_steps=10, total_steps=100, num_processes=processes)
+            scheduler = make_scheduler(
+                name, kwargs, optimizer, warmup_steps=10, total_steps=100, num_processes=processes
+            )
             rates = []
             for _ in range(100):  # optimizer steps
                 rates.append(scheduler.get_last_lr()[0])
@@ -218,15 +271,18 @@ def test_schedules_are_checked_before_anything_loads(tmp_path):
     assert parse_args([str(recipe)]).train.lr_scheduler_kwargs == {"num_decay_steps": 10}
 
 
-@pytest.mark.parametrize("argv, expected", [
-    (["--max_stepz", "5"], "unknown option --max_stepz (did you mean --max_steps"),
-    (["--max_steps", "5", "--learnin_rate=1e-4"], "unknown option --learnin_rate (did you mean --learning_rate"),
-    (["--max", "5"], "ambiguous option: --max could match --max_length, --max_train_samples"),
-    (["--learning_rate", "fast"], "argument --learning_rate: invalid float value: 'fast'"),
-    (["--lr_scheduler_type", "cosin"], "invalid choice: 'cosin' (choose from 'linear'"),
-    (["--lr_scheduler_type", "cosin"], "(did you mean 'cosine'?)"),
-    (["--checkpointing_steps", "often"], "argument --checkpointing_steps: invalid value 'often'"),
-])
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["--max_stepz", "5"], "unknown option --max_stepz (did you mean --max_steps"),
+        (["--max_steps", "5", "--learnin_rate=1e-4"], "unknown option --learnin_rate (did you mean --learning_rate"),
+        (["--max", "5"], "ambiguous option: --max could match --max_length, --max_train_samples"),
+        (["--learning_rate", "fast"], "argument --learning_rate: invalid float value: 'fast'"),
+        (["--lr_scheduler_type", "cosin"], "invalid choice: 'cosin' (choose from 'linear'"),
+        (["--lr_scheduler_type", "cosin"], "(did you mean 'cosine'?)"),
+        (["--checkpointing_steps", "often"], "argument --checkpointing_steps: invalid value 'often'"),
+    ],
+)
 def test_command_line_mistakes_are_one_line_with_the_closest_names(argv, expected, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
@@ -235,20 +291,35 @@ def test_command_line_mistakes_are_one_line_with_the_closest_names(argv, expecte
 
 
 def tuneloop(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=120, cwd=ROOT,
-                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    return subprocess.run(
+        [sys.executable, *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )
 
 
 @pytest.mark.multiprocess
-@pytest.mark.parametrize("command, suggestion", [
-    (["train.py", "--max_stepz", "5"], "unknown option --max_stepz (did you mean --max_steps"),
-    (["-m", "tuneloop", "evaluate", "--model", "no/such", "--data", "x.csv", "--metric_averge", "micro"],
-     "unknown option --metric_averge (did you mean --metric_average"),
-    (["-m", "tuneloop", "predict", "--model", "no/such", "--data", "x.csv", "--predictions_format", "tsv"],
-     "invalid choice: 'tsv' (choose from 'jsonl', 'csv')"),
-    (["-m", "tuneloop", "doctor", "--skip_accelerate_tests"],
-     "unknown option --skip_accelerate_tests (did you mean --skip_accelerate_test"),
-])
+@pytest.mark.parametrize(
+    "command, suggestion",
+    [
+        (["train.py", "--max_stepz", "5"], "unknown option --max_stepz (did you mean --max_steps"),
+        (
+            ["-m", "tuneloop", "evaluate", "--model", "no/such", "--data", "x.csv", "--metric_averge", "micro"],
+            "unknown option --metric_averge (did you mean --metric_average",
+        ),
+        (
+            ["-m", "tuneloop", "predict", "--model", "no/such", "--data", "x.csv", "--predictions_format", "tsv"],
+            "invalid choice: 'tsv' (choose from 'jsonl', 'csv')",
+        ),
+        (
+            ["-m", "tuneloop", "doctor", "--skip_accelerate_tests"],
+            "unknown option --skip_accelerate_tests (did you mean --skip_accelerate_test",
+        ),
+    ],
+)
 def test_every_command_answers_a_mistyped_flag_in_one_line(command, suggestion):
     """A real process per command: exit status 2, one line on stderr, no traceback (HfArgumentParser's own answer to
     an unknown flag was a ValueError traceback; argparse's a usage block)."""
@@ -265,11 +336,20 @@ def test_a_run_classification_command_from_its_readme_runs_unchanged(tiny_model_
     else as printed there, plus --do_predict on a test file with --max_predict_samples."""
 
     def rows(n: int, seed: int) -> list[dict]:  # the dataset's three text columns and its label column
-        return [{"review_title": row["text"].split()[0], "review_body": row["text"], "product_category": "toys",
-                 "stars": row["label"]} for row in make_rows(n, seed)]
+        return [
+            {
+                "review_title": row["text"].split()[0],
+                "review_body": row["text"],
+                "product_category": "toys",
+                "stars": row["label"],
+            }
+            for row in make_rows(n, seed)
+        ]
 
-    files = {name: write_rows(tmp_path / f"{name}.csv", rows(n, seed))
-             for name, n, seed in (("train", 64, 1), ("validation", 20, 2), ("test", 20, 3))}
+    files = {
+        name: write_rows(tmp_path / f"{name}.csv", rows(n, seed))
+        for name, n, seed in (("train", 64, 1), ("validation", 20, 2), ("test", 20, 3))
+    }
     output_dir = tmp_path / "amazon_reviews_multi_en"
     readme_command = f"""
         --model_name_or_path {tiny_model_dir}
@@ -293,24 +373,34 @@ def test_a_run_classification_command_from_its_readme_runs_unchanged(tiny_model_
     assert "eval_accuracy" in results and "eval_f1" not in results  # --metric_name accuracy: that metric alone
     saved = read_json(output_dir / "run_config.json")["data"]
     assert (saved["text_column"], saved["label_column"], saved["max_length"]) == (
-        "review_title,review_body,product_category", "stars", 128)
+        "review_title,review_body,product_category",
+        "stars",
+        128,
+    )
     predictions = [json.loads(line) for line in open(output_dir / "predictions.jsonl")]
     source = rows(20, 3)[:5]
     assert len(predictions) == 5  # --max_predict_samples: the first 5 rows
     assert [p["review_title,review_body,product_category"] for p in predictions] == [
-        "\\n".join((r["review_title"], r["review_body"], "toys")) for r in source]  # bash passes "\n" as 2 characters
+        "\\n".join((r["review_title"], r["review_body"], "toys")) for r in source
+    ]  # bash passes "\n" as 2 characters
 
 
-@pytest.mark.parametrize("line, message", [
-    ("save_strategy: epochs", "save_strategy 'epochs' is not one of no, steps, epoch, best (did you mean 'epoch'?)"),
-    ("eval_strategy: step", "eval_strategy 'step' is not one of no, steps, epoch (did you mean 'steps'?)"),
-    ("predictions_format: json", "predictions_format 'json' is not one of jsonl, csv (did you mean 'jsonl'?)"),
-    ("report_to: [wandb, tensorbord]", "report_to 'tensorbord' is not one of none, wandb, tensorboard, all"),
-    ("max_length: 12.5", "max_length 12.5 is not a whole number"),
-    ("do_train: maybe", "do_train 'maybe' is not true or false"),
-    ("text_column: [title, body]", "text_column ['title', 'body'] is a list: the option takes one value"),
-    ("max_seq_length: 12.5", "max_seq_length (as max_length) 12.5 is not a whole number"),  # an alias
-])
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        (
+            "save_strategy: epochs",
+            "save_strategy 'epochs' is not one of no, steps, epoch, best (did you mean 'epoch'?)",
+        ),
+        ("eval_strategy: step", "eval_strategy 'step' is not one of no, steps, epoch (did you mean 'steps'?)"),
+        ("predictions_format: json", "predictions_format 'json' is not one of jsonl, csv (did you mean 'jsonl'?)"),
+        ("report_to: [wandb, tensorbord]", "report_to 'tensorbord' is not one of none, wandb, tensorboard, all"),
+        ("max_length: 12.5", "max_length 12.5 is not a whole number"),
+        ("do_train: maybe", "do_train 'maybe' is not true or false"),
+        ("text_column: [title, body]", "text_column ['title', 'body'] is a list: the option takes one value"),
+        ("max_seq_length: 12.5", "max_seq_length (as max_length) 12.5 is not a whole number"),  # an alias
+    ],
+)
 def test_a_recipe_value_gets_the_checks_its_flag_gets(tmp_path, line, message):
     """Guards recipe values skipping the parser's checks (argparse checks no choices of a default, and converts only
     a string one): `save_strategy: epochs` never saved, `eval_strategy: step` never evaluated, `predictions_format:
@@ -322,26 +412,30 @@ def test_a_recipe_value_gets_the_checks_its_flag_gets(tmp_path, line, message):
     assert message in str(raised.value) and "\n" not in str(raised.value)
 
 
-@pytest.mark.parametrize("line, option, value", [
-    ("metrics: accuracy", "metrics", ["accuracy"]),  # was a list of characters
-    ("lora_target_modules: query\nuse_peft: true", "lora_target_modules", ["query"]),
-    ("report_to: tensorboard", "report_to", ["tensorboard"]),
-    ("validation_split: dev", "validation_split", ["dev"]),
-    ("save_strategy: no", "save_strategy", "no"),  # YAML 1.1 reads `no` as false
-    ("mixed_precision: off", "mixed_precision", "no"),
-    ("num_train_epochs: 3", "num_train_epochs", 3.0),
-    ("run_name: 2024", "run_name", "2024"),
-    ("multi_label_threshold: 0.3", "multi_label_threshold", "0.3"),
-    ("metric_name: f1", "metrics", ["f1"]),  # an alias
-])
+@pytest.mark.parametrize(
+    "line, option, value",
+    [
+        ("metrics: accuracy", "metrics", ["accuracy"]),  # was a list of characters
+        ("lora_target_modules: query\nuse_peft: true", "lora_target_modules", ["query"]),
+        ("report_to: tensorboard", "report_to", ["tensorboard"]),
+        ("validation_split: dev", "validation_split", ["dev"]),
+        ("save_strategy: no", "save_strategy", "no"),  # YAML 1.1 reads `no` as false
+        ("mixed_precision: off", "mixed_precision", "no"),
+        ("num_train_epochs: 3", "num_train_epochs", 3.0),
+        ("run_name: 2024", "run_name", "2024"),
+        ("multi_label_threshold: 0.3", "multi_label_threshold", "0.3"),
+        ("metric_name: f1", "metrics", ["f1"]),  # an alias
+    ],
+)
 def test_a_recipe_value_becomes_what_its_flag_gives(tmp_path, line, option, value):
     """Guards a recipe value reaching the run in another shape than the flag's: one value where the option takes a
     list is a one-item list, a number is converted as its text would be, and YAML's `no`/`off` is the choice 'no'."""
     recipe = tmp_path / "r.yaml"
     recipe.write_text(line + "\n")
     config = parse_args([str(recipe)])
-    found = next(getattr(section, option) for section in (config.model, config.data, config.train)
-                 if hasattr(section, option))
+    found = next(
+        getattr(section, option) for section in (config.model, config.data, config.train) if hasattr(section, option)
+    )
     assert found == value and type(found) is type(value)
 
 

@@ -17,7 +17,7 @@ def test_keep_mask_is_bernoulli_at_the_rate(size):
         assert mask.float().mean().item() == pytest.approx(1 - p, abs=5 * (p * (1 - p) / size) ** 0.5)
         # Neighbouring pieces are not copies of each other (each has its own seed).
         piece = size // cpu_dropout.PIECES
-        assert not torch.equal(mask[:piece], mask[piece:2 * piece])
+        assert not torch.equal(mask[:piece], mask[piece : 2 * piece])
 
 
 def test_keep_mask_repeats_with_the_seed_whatever_the_thread_count():
@@ -79,8 +79,9 @@ def test_attention_drops_at_the_rate():
 
 
 def test_install_swaps_dropout_and_attention_but_not_what_is_saved(tmp_path):
-    config = BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, num_labels=3)
+    config = BertConfig(
+        vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, num_labels=3
+    )
     torch.manual_seed(0)
     model = AutoModelForSequenceClassification.from_config(config)
     reference = AutoModelForSequenceClassification.from_config(config)
@@ -91,8 +92,12 @@ def test_install_swaps_dropout_and_attention_but_not_what_is_saved(tmp_path):
     mask = torch.ones(3, 10, dtype=torch.long)
     mask[0, 7:] = 0
     with torch.no_grad():  # evaluation goes through transformers' own SDPA: identical logits
-        torch.testing.assert_close(model.eval()(input_ids=ids, attention_mask=mask).logits,
-                                   reference.eval()(input_ids=ids, attention_mask=mask).logits, atol=0, rtol=0)
+        torch.testing.assert_close(
+            model.eval()(input_ids=ids, attention_mask=mask).logits,
+            reference.eval()(input_ids=ids, attention_mask=mask).logits,
+            atol=0,
+            rtol=0,
+        )
     model.train()(input_ids=ids, attention_mask=mask, labels=torch.tensor([0, 1, 2])).loss.backward()
     assert all(p.grad is not None and p.grad.isfinite().all() for p in model.parameters())
     model.save_pretrained(tmp_path)
@@ -101,7 +106,9 @@ def test_install_swaps_dropout_and_attention_but_not_what_is_saved(tmp_path):
 
 
 @pytest.mark.trains
-def test_moved_transformers_internals_fall_back_to_the_plain_path(monkeypatch, tiny_model_dir, toy_files, tmp_path, capsys):
+def test_moved_transformers_internals_fall_back_to_the_plain_path(
+    monkeypatch, tiny_model_dir, toy_files, tmp_path, capsys
+):
     """A transformers release that moves the attention internals cpu_dropout uses must cost speed, never the run:
     install says so in one line and leaves the model on torch's dropout and transformers' SDPA."""
     import sys
@@ -112,8 +119,9 @@ def test_moved_transformers_internals_fall_back_to_the_plain_path(monkeypatch, t
     monkeypatch.setitem(sys.modules, "transformers.integrations.sdpa_attention", None)  # its import now fails
     monkeypatch.delitem(sys.modules, "tuneloop.cpu_dropout")  # imported afresh by install, as in a new process
     monkeypatch.delattr(sys.modules["tuneloop"], "cpu_dropout")
-    config = BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, num_labels=3)
+    config = BertConfig(
+        vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, num_labels=3
+    )
     model = AutoModelForSequenceClassification.from_config(config, attn_implementation="sdpa")
     (line,) = cpu_speedups.install(model, allocator=False, dropout=True)
     assert line.startswith("tuneloop: --fast_cpu_dropout unavailable") and "sdpa_attention" in line, line
@@ -140,6 +148,7 @@ def test_an_allocator_without_mallopt_is_one_line(monkeypatch):
 def test_attention_dropout_is_bitwise_the_masked_product():
     """The attention drops with where(), not a product with the mask cast to fp32 (a copy the size of the scores):
     outputs and gradients are bitwise those of probs x mask / (1 - p) with the same mask."""
+
     def product_form(q, k, v, mask, p):
         scores = (q.float() * q.size(-1) ** -0.5) @ k.float().transpose(-1, -2)
         scores = scores.masked_fill_(~mask, torch.finfo(scores.dtype).min)

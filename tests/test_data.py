@@ -4,13 +4,12 @@ import datasets
 import pytest
 import torch
 
+from conftest import make_rows, write_rows
 from tuneloop.batches import make_dataloaders
 from tuneloop.data import load_splits, tokenize
-from tuneloop.options import DataArguments
 from tuneloop.errors import UserError
+from tuneloop.options import DataArguments
 from tuneloop.sources import load_bbc_news
-
-from conftest import make_rows, write_rows
 
 
 def splits_of(**options):
@@ -59,11 +58,15 @@ def test_dataset_folder_goes_through_load_dataset(tmp_path):
 
 
 def test_saved_to_disk_dataset_with_sentence_pairs(tmp_path):
-    pairs = datasets.Dataset.from_dict({
-        "sentence1": ["a b", "c d", "e f", "g h"] * 3,
-        "sentence2": ["b a", "x y", "f e", "z w"] * 3,
-        "label": datasets.ClassLabel(names=["not_equivalent", "equivalent"]).str2int(["equivalent", "not_equivalent"] * 6),
-    }).cast_column("label", datasets.ClassLabel(names=["not_equivalent", "equivalent"]))
+    pairs = datasets.Dataset.from_dict(
+        {
+            "sentence1": ["a b", "c d", "e f", "g h"] * 3,
+            "sentence2": ["b a", "x y", "f e", "z w"] * 3,
+            "label": datasets.ClassLabel(names=["not_equivalent", "equivalent"]).str2int(
+                ["equivalent", "not_equivalent"] * 6
+            ),
+        }
+    ).cast_column("label", datasets.ClassLabel(names=["not_equivalent", "equivalent"]))
     datasets.DatasetDict(train=pairs, validation=pairs.select(range(4))).save_to_disk(str(tmp_path / "mrpc"))
     splits = splits_of(dataset_name=str(tmp_path / "mrpc"))
     assert (splits.text_column, splits.text_pair_column) == ("sentence1", "sentence2")
@@ -102,7 +105,9 @@ def test_dynamic_padding_pads_to_the_longest_in_batch(tmp_path, tiny_model_dir):
     for batch in eval_dl:
         longest = int(batch["attention_mask"].sum(dim=1).max())
         assert batch["input_ids"].shape[1] == -(-longest // 8) * 8  # longest in the batch, rounded up to 8
-    padded = tokenize(splits.train, splits, tokenizer, DataArguments(train_file=train, max_length=64, padding="max_length"))
+    padded = tokenize(
+        splits.train, splits, tokenizer, DataArguments(train_file=train, max_length=64, padding="max_length")
+    )
     assert {len(ids) for ids in padded["input_ids"]} == {64}
 
 
@@ -117,8 +122,9 @@ def test_comma_joined_text_columns_become_one_text(tmp_path):
     rows = [{"title": f"t{i}", "body": f"b{i}", "label": i % 2} for i in range(10)]
     train = write_rows(tmp_path / "train.csv", rows)
     splits = splits_of(train_file=train, text_column="title,body", text_column_delimiter=" | ")
-    joined = dict(zip(splits.train["title,body"], splits.train["label"])) | dict(zip(splits.eval["title,body"],
-                                                                                    splits.eval["label"]))
+    joined = dict(zip(splits.train["title,body"], splits.train["label"])) | dict(
+        zip(splits.eval["title,body"], splits.eval["label"])
+    )
     assert joined == {f"t{i} | b{i}": i % 2 for i in range(10)}
     with pytest.raises(UserError, match=r"column 'summary' not in the train split .*fix --text_column"):
         splits_of(train_file=train, text_column="title,summary")
@@ -166,8 +172,14 @@ def test_length_grouped_sampler_gives_every_index_once_per_epoch_across_two_rank
     sampler = LengthGroupedSampler(lengths, batch_size=8, window=4, seed=7)
     for epoch in (0, 1):
         sampler.set_epoch(epoch)
-        ranks = [list(BatchSamplerShard(BatchSampler(sampler, 8, drop_last=False), num_processes=2, process_index=r,
-                                        even_batches=False)) for r in (0, 1)]
+        ranks = [
+            list(
+                BatchSamplerShard(
+                    BatchSampler(sampler, 8, drop_last=False), num_processes=2, process_index=r, even_batches=False
+                )
+            )
+            for r in (0, 1)
+        ]
         seen = [i for rank in ranks for batch in rank for i in batch]
         assert sorted(seen) == list(range(203))  # every index exactly once over both ranks together
     # Deterministic in (seed, epoch), different across epochs and seeds.
@@ -175,10 +187,12 @@ def test_length_grouped_sampler_gives_every_index_once_per_epoch_across_two_rank
     assert first == list(LengthGroupedSampler(lengths, 8, 4, seed=7))
     sampler.set_epoch(1)
     assert first != list(sampler) and first != list(LengthGroupedSampler(lengths, 8, 4, seed=8))
+
     # Batches are of similar length: far less padding than random batches.
     def padding(order):
-        batches = [order[i:i + 8] for i in range(0, len(order), 8)]
+        batches = [order[i : i + 8] for i in range(0, len(order), 8)]
         return sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in batches)
+
     assert padding(first) < 0.3 * padding(list(range(203)))
 
 
@@ -194,8 +208,14 @@ def test_group_by_length_trains_as_well_and_resumes_exactly(tiny_model_dir, toy_
     # In 6 epochs this toy task sometimes settles on two of its three classes, for either order (seed 0: grouped,
     # seed 2: shuffled; both learn it with seed 1): the seed is fixed to one where neither order plateaus.
     plain = run_in_process(tiny_args(tiny_model_dir, toy_files, tmp_path / "plain", seed=1))
-    options = dict(train_sampling_strategy="group_by_length", length_grouping_window=3, save_strategy="steps", save_steps=50,
-                   logging_steps=1, seed=1)
+    options = dict(
+        train_sampling_strategy="group_by_length",
+        length_grouping_window=3,
+        save_strategy="steps",
+        save_steps=50,
+        logging_steps=1,
+        seed=1,
+    )
     grouped = run_in_process(tiny_args(tiny_model_dir, toy_files, tmp_path / "grouped", **options))
     assert grouped["padding_fraction"] < plain["padding_fraction"]
     assert abs(grouped["eval_accuracy"] - plain["eval_accuracy"]) <= 0.05 and grouped["eval_accuracy"] > 0.9
@@ -203,8 +223,10 @@ def test_group_by_length_trains_as_well_and_resumes_exactly(tiny_model_dir, toy_
     resumed = tmp_path / "resumed"  # from step 50: mid-epoch 2 (30 steps per epoch)
     shutil.copytree(tmp_path / "grouped" / "checkpoints" / "step_0000050", resumed / "checkpoints" / "step_0000050")
     run_in_process(tiny_args(tiny_model_dir, toy_files, resumed, resume_from_checkpoint="latest", **options))
-    losses = [[e["train/loss"] for e in read_json(d / "log_history.json") if "train/loss" in e]
-              for d in (tmp_path / "grouped", resumed)]
+    losses = [
+        [e["train/loss"] for e in read_json(d / "log_history.json") if "train/loss" in e]
+        for d in (tmp_path / "grouped", resumed)
+    ]
     assert losses[0] == losses[1]
     a, b = load_file(str(tmp_path / "grouped" / "model.safetensors")), load_file(str(resumed / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)

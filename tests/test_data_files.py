@@ -9,12 +9,11 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+from conftest import make_rows, read_json, run_in_process, tiny_args, write_rows
 from tuneloop.config import parse_args
-from tuneloop.options import DataArguments
 from tuneloop.data import load_splits
 from tuneloop.errors import UserError
-
-from conftest import make_rows, read_json, run_in_process, tiny_args, write_rows
+from tuneloop.options import DataArguments
 
 
 def splits_of(**options):
@@ -37,20 +36,33 @@ def test_several_eval_sets_are_scored_apart(tiny_model_dir, toy_files, tmp_path)
     shifted = [{"text": r["text"], "label": names[(names.index(r["label"]) + 1) % 3]} for r in in_domain[:30]]
     train_rows = make_rows(240, seed=1)
     sets = {"in_domain": in_domain[:40] + train_rows[:5], "out_of_domain": shifted}  # 5 training texts in in_domain
-    files = {"in_domain": write_rows(tmp_path / "in_domain.csv", sets["in_domain"]),
-             "out_of_domain": write_rows(tmp_path / "out.jsonl", sets["out_of_domain"])}
+    files = {
+        "in_domain": write_rows(tmp_path / "in_domain.csv", sets["in_domain"]),
+        "out_of_domain": write_rows(tmp_path / "out.jsonl", sets["out_of_domain"]),
+    }
     output_dir = tmp_path / "run"
-    results = run_in_process(tiny_args(
-        tiny_model_dir, {"train_file": toy_files["train_file"]}, output_dir, max_steps=30, eval_strategy="steps",
-        eval_steps=10, validation_file=[f"{name}={path}" for name, path in files.items()],
-        metric_for_best_model="eval_out_of_domain_accuracy"))
+    results = run_in_process(
+        tiny_args(
+            tiny_model_dir,
+            {"train_file": toy_files["train_file"]},
+            output_dir,
+            max_steps=30,
+            eval_strategy="steps",
+            eval_steps=10,
+            validation_file=[f"{name}={path}" for name, path in files.items()],
+            metric_for_best_model="eval_out_of_domain_accuracy",
+        )
+    )
     assert "eval_accuracy" not in results
     model = AutoModelForSequenceClassification.from_pretrained(output_dir).eval()
     tokenizer = AutoTokenizer.from_pretrained(output_dir)
     for name, rows in sets.items():
         with torch.no_grad():
-            logits = model(**tokenizer([r["text"] for r in rows], truncation=True, max_length=32, padding=True,
-                                       return_tensors="pt")).logits
+            logits = model(
+                **tokenizer(
+                    [r["text"] for r in rows], truncation=True, max_length=32, padding=True, return_tensors="pt"
+                )
+            ).logits
         predicted = [model.config.id2label[i] for i in logits.argmax(-1).tolist()]
         accuracy = sum(p == r["label"] for p, r in zip(predicted, rows)) / len(rows)
         assert results[f"eval_{name}_samples"] == len(rows)
@@ -63,19 +75,30 @@ def test_several_eval_sets_are_scored_apart(tiny_model_dir, toy_files, tmp_path)
     card = (output_dir / "report" / "README.md").read_text()
     assert "| eval_in_domain_accuracy |" in card and "| eval_out_of_domain_f1 |" in card
     assert "5 texts of the in_domain set also appear in the training data" in card
-    with pytest.raises(UserError, match=r"metric_for_best_model 'eval_elsewhere_accuracy' is not computed.*"
-                                        r"eval_<set>_<metric>.*\['in_domain', 'out_of_domain'\]"):
-        parse_args(["--train_file", toy_files["train_file"], "--validation_file",
-                    *(f"{name}={path}" for name, path in files.items()), "--metric_for_best_model",
-                    "eval_elsewhere_accuracy"])
+    with pytest.raises(
+        UserError,
+        match=r"metric_for_best_model 'eval_elsewhere_accuracy' is not computed.*"
+        r"eval_<set>_<metric>.*\['in_domain', 'out_of_domain'\]",
+    ):
+        parse_args(
+            [
+                "--train_file",
+                toy_files["train_file"],
+                "--validation_file",
+                *(f"{name}={path}" for name, path in files.items()),
+                "--metric_for_best_model",
+                "eval_elsewhere_accuracy",
+            ]
+        )
 
 
 def test_compressed_and_tab_separated_files_read_like_plain_ones(tmp_path):
     """.csv.gz, .jsonl.xz, .tsv.bz2 and a ;-separated .csv give the rows of the plain files, in order. Guards a
     compressed file read as raw bytes (or refused by extension) and a delimiter that is not passed on."""
     train, valid = make_rows(30, seed=0), make_rows(12, seed=1)
-    plain = splits_of(train_file=write_rows(tmp_path / "train.csv", train),
-                      validation_file=write_rows(tmp_path / "valid.csv", valid))
+    plain = splits_of(
+        train_file=write_rows(tmp_path / "train.csv", train), validation_file=write_rows(tmp_path / "valid.csv", valid)
+    )
     csv_text = (tmp_path / "train.csv").read_text()
     with gzip.open(tmp_path / "train.csv.gz", "wt") as f:
         f.write(csv_text)
@@ -88,8 +111,9 @@ def test_compressed_and_tab_separated_files_read_like_plain_ones(tmp_path):
         loaded = splits_of(train_file=str(tmp_path / train_file), validation_file=str(tmp_path / "valid.jsonl.xz"))
         assert rows_of(loaded.train, loaded.label_names) == rows_of(plain.train, plain.label_names)
         assert rows_of(loaded.eval, loaded.label_names) == rows_of(plain.eval, plain.label_names)
-    loaded = splits_of(train_file=str(tmp_path / "semicolons.csv"), validation_file=str(tmp_path / "valid.jsonl.xz"),
-                       csv_delimiter=";")
+    loaded = splits_of(
+        train_file=str(tmp_path / "semicolons.csv"), validation_file=str(tmp_path / "valid.jsonl.xz"), csv_delimiter=";"
+    )
     assert rows_of(loaded.train, loaded.label_names) == rows_of(plain.train, plain.label_names)
     with pytest.raises(UserError, match=r"train_file '.*train.parquet.gz' must end in one of .*parquet files compress"):
         parse_args(["--train_file", str(tmp_path / "train.parquet.gz")])
@@ -125,9 +149,12 @@ def test_rows_with_an_empty_text_or_a_missing_label_are_refused_or_dropped(tmp_p
     rows[11]["label"] = ""  # file row 12
     rows[15]["text"] = "   "  # whitespace only: no text either
     path = write_rows(tmp_path / "train.csv", rows)
-    with pytest.raises(UserError, match=r"train.csv' has 3 row\(s\) with an empty text \(text\) or missing label "
-                                        r"\(label\), the first at row 7 \(1-based, not counting the header line\).*"
-                                        r"--drop_bad_rows"):
+    with pytest.raises(
+        UserError,
+        match=r"train.csv' has 3 row\(s\) with an empty text \(text\) or missing label "
+        r"\(label\), the first at row 7 \(1-based, not counting the header line\).*"
+        r"--drop_bad_rows",
+    ):
         splits_of(train_file=path)
     loaded = splits_of(train_file=path, drop_bad_rows=True, validation_split_percentage=25)
     assert len(loaded.train) + len(loaded.eval) == 17
@@ -138,8 +165,10 @@ def test_rows_with_an_empty_text_or_a_missing_label_are_refused_or_dropped(tmp_p
 
 def pair_rows(n: int, seed: int) -> list[dict]:
     """Sentence pairs of the toy task: the premise is a toy text, the hypothesis the same words in reverse order."""
-    return [{"premise": r["text"], "hypothesis": " ".join(reversed(r["text"].split())), "label": r["label"]}
-            for r in make_rows(n, seed=seed)]
+    return [
+        {"premise": r["text"], "hypothesis": " ".join(reversed(r["text"].split())), "label": r["label"]}
+        for r in make_rows(n, seed=seed)
+    ]
 
 
 def write_large_string_parquet(path, rows: list[dict]) -> str:
@@ -159,19 +188,23 @@ def test_sentence_pairs_load_from_every_file_format(tmp_path):
     train, valid = pair_rows(30, seed=0), pair_rows(12, seed=1)
     valid[:3] = train[:3]  # 3 pairs also in training
     valid[3] = dict(valid[3], premise=train[5]["premise"])  # one side only: not the same pair
-    files = {suffix: write_rows(tmp_path / f"train{suffix}", train)
-             for suffix in (".csv", ".jsonl", ".json", ".parquet")}
+    files = {
+        suffix: write_rows(tmp_path / f"train{suffix}", train) for suffix in (".csv", ".jsonl", ".json", ".parquet")
+    }
     files[".tsv"] = str(tmp_path / "train.tsv")
     (tmp_path / "train.tsv").write_text((tmp_path / "train.csv").read_text().replace(",", "\t"))
     files["large.parquet"] = write_large_string_parquet(tmp_path / "large.parquet", train)
     evals = {"csv": write_rows(tmp_path / "valid.csv", valid), "jsonl": write_rows(tmp_path / "valid.jsonl", valid)}
     for kind, train_file in files.items():
         for eval_kind, eval_file in evals.items():
-            loaded = splits_of(train_file=train_file, validation_file=eval_file, text_column="premise",
-                               text_pair_column="hypothesis")
+            loaded = splits_of(
+                train_file=train_file, validation_file=eval_file, text_column="premise", text_pair_column="hypothesis"
+            )
             assert (loaded.text_column, loaded.text_pair_column) == ("premise", "hypothesis")
-            got = [(p, h, loaded.label_names[y]) for p, h, y in
-                   zip(loaded.train["premise"], loaded.train["hypothesis"], loaded.train["label"])]
+            got = [
+                (p, h, loaded.label_names[y])
+                for p, h, y in zip(loaded.train["premise"], loaded.train["hypothesis"], loaded.train["label"])
+            ]
             assert got == [(r["premise"], r["hypothesis"], r["label"]) for r in train], (kind, eval_kind)
             assert len(loaded.eval) == 12 and loaded.texts_in_train == {"validation": 3}, (kind, eval_kind)
 
@@ -183,10 +216,21 @@ def test_a_sentence_pair_task_trains_from_a_csv(tiny_model_dir, tmp_path):
     item 1 (ArrowNotImplementedError from the overlap count on the CSV's `large_string` columns)."""
     train, valid = pair_rows(48, seed=0), pair_rows(10, seed=1)
     valid[0] = train[0]
-    files = {"train_file": write_rows(tmp_path / "train.csv", train),
-             "validation_file": write_rows(tmp_path / "valid.csv", valid)}
-    results = run_in_process(tiny_args(tiny_model_dir, files, tmp_path / "run", max_steps=4, num_train_epochs=1,
-                                       text_column="premise", text_pair_column="hypothesis"))
+    files = {
+        "train_file": write_rows(tmp_path / "train.csv", train),
+        "validation_file": write_rows(tmp_path / "valid.csv", valid),
+    }
+    results = run_in_process(
+        tiny_args(
+            tiny_model_dir,
+            files,
+            tmp_path / "run",
+            max_steps=4,
+            num_train_epochs=1,
+            text_column="premise",
+            text_pair_column="hypothesis",
+        )
+    )
     assert results["eval_samples"] == 10 and results["texts_in_train_and_eval"] == {"validation": 1}
 
 
@@ -198,15 +242,24 @@ def test_drop_bad_rows_that_empties_a_split_names_the_split_and_the_file(tmp_pat
     blank = write_rows(tmp_path / "blank.csv", [dict(r, text=" ") for r in make_rows(20, seed=1)])
     no_labels = tmp_path / "no_labels.jsonl"
     no_labels.write_text("".join(f'{{"text": "{r["text"]}", "label": null}}\n' for r in make_rows(7, seed=2)))
-    cases = [(dict(train_file=blank, validation_file=good), r"all 20 rows of the train split \('.*blank.csv'\)"),
-             (dict(train_file=blank), r"all 20 rows of the train split \('.*blank.csv'\)"),
-             (dict(train_file=good, validation_file=str(no_labels)),
-              r"all 7 rows of the eval split \('.*no_labels.jsonl'\)"),
-             (dict(train_file=good, validation_file=[f"a={good}", f"b={blank}"]),
-              r"all 20 rows of the b split \('.*blank.csv'\)")]
+    cases = [
+        (dict(train_file=blank, validation_file=good), r"all 20 rows of the train split \('.*blank.csv'\)"),
+        (dict(train_file=blank), r"all 20 rows of the train split \('.*blank.csv'\)"),
+        (
+            dict(train_file=good, validation_file=str(no_labels)),
+            r"all 7 rows of the eval split \('.*no_labels.jsonl'\)",
+        ),
+        (
+            dict(train_file=good, validation_file=[f"a={good}", f"b={blank}"]),
+            r"all 20 rows of the b split \('.*blank.csv'\)",
+        ),
+    ]
     for options, where in cases:
-        with pytest.raises(UserError, match=rf"--drop_bad_rows dropped {where}: every row has an empty text \(text\) "
-                                            r"or missing label \(label\): check --text_column/--label_column") as info:
+        with pytest.raises(
+            UserError,
+            match=rf"--drop_bad_rows dropped {where}: every row has an empty text \(text\) "
+            r"or missing label \(label\): check --text_column/--label_column",
+        ) as info:
             splits_of(drop_bad_rows=True, **options)
         assert "\n" not in str(info.value)
 
@@ -227,13 +280,19 @@ def test_a_stray_label_id_is_refused_not_made_a_class(tmp_path):
     rows = make_rows(30, seed=0, label_as="id")
     rows[7]["label"] = 100_000  # kept small enough that the old behaviour fails fast instead of eating the memory
     path = write_rows(tmp_path / "stray.csv", rows)
-    with pytest.raises(UserError, match=r"label 100000 at row 8 \(1-based, not counting the header line\) of "
-                                        r"'.*stray.csv' makes 100001 classes, but only 4 of the ids 0..100000 occur "
-                                        r"\(the first missing is 3\): fix the data, or pass --num_labels 100001"):
+    with pytest.raises(
+        UserError,
+        match=r"label 100000 at row 8 \(1-based, not counting the header line\) of "
+        r"'.*stray.csv' makes 100001 classes, but only 4 of the ids 0..100000 occur "
+        r"\(the first missing is 3\): fix the data, or pass --num_labels 100001",
+    ):
         splits_of(train_file=path)
     gap = write_rows(tmp_path / "gap.jsonl", [r for r in make_rows(30, seed=0, label_as="id") if r["label"] != 1])
-    with pytest.raises(UserError, match=r"label 2 at row \d+ \(1-based\) of '.*gap.jsonl' makes 3 classes, but only 2"
-                                        r" .*first missing is 1\)"):
+    with pytest.raises(
+        UserError,
+        match=r"label 2 at row \d+ \(1-based\) of '.*gap.jsonl' makes 3 classes, but only 2"
+        r" .*first missing is 1\)",
+    ):
         splits_of(train_file=gap)
     declared = load_splits(DataArguments(train_file=gap), seed=0, num_labels=3, need_train=True)
     assert declared.label_names == ["0", "1", "2"]
@@ -263,8 +322,17 @@ def test_csv_cells_that_read_like_missing_values_or_booleans_stay_text(tmp_path)
     cell is missing. Guards pandas' defaults, which read those cells as missing values (the rows were refused or, with
     --drop_bad_rows, dropped) and a text column of "true"/"1" as booleans or numbers ("holds bool, not text").
     Found by tests/test_data_properties.py."""
-    train = [{"text": text, "label": label} for text, label in
-             [("NA", "None"), ("None", "NA"), ("null", "None"), ("nan", "NA"), ("true", "None"), ("1", "NA")]]
+    train = [
+        {"text": text, "label": label}
+        for text, label in [
+            ("NA", "None"),
+            ("None", "NA"),
+            ("null", "None"),
+            ("nan", "NA"),
+            ("true", "None"),
+            ("1", "NA"),
+        ]
+    ]
     path = write_rows(tmp_path / "train.csv", train)
     valid = tmp_path / "valid.tsv"
     valid.write_text("text\tlabel\nfalse\tNA\n0.5\tNone\n")
@@ -300,8 +368,11 @@ def test_a_nan_label_is_a_missing_label(tmp_path):
     labels = [0.0, 1.0, float("nan"), 2.0, 1.0, 0.0, 2.0, 1.0]
     path = tmp_path / "train.parquet"
     pq.write_table(pa.table({"text": [f"text {i}" for i in range(8)], "label": labels}), str(path))
-    with pytest.raises(UserError, match=r"1 row\(s\) with an empty text \(text\) or missing label \(label\), the "
-                                        r"first at row 3 \(1-based\)"):
+    with pytest.raises(
+        UserError,
+        match=r"1 row\(s\) with an empty text \(text\) or missing label \(label\), the "
+        r"first at row 3 \(1-based\)",
+    ):
         splits_of(train_file=str(path), validation_split_percentage=25)
     loaded = splits_of(train_file=str(path), validation_split_percentage=25, drop_bad_rows=True)
     assert loaded.label_names == ["0", "1", "2"] and len(loaded.train) + len(loaded.eval) == 7
@@ -311,8 +382,11 @@ def test_a_held_out_share_that_leaves_no_training_row_is_refused(tmp_path):
     """--validation_split_percentage 90 of 3 rows would hold out all 3 (the share is rounded up): one line with the
     count and both fixes, not the ValueError datasets' train_test_split raises. Found by test_data_properties.py."""
     path = write_rows(tmp_path / "train.csv", make_rows(3, seed=0))
-    with pytest.raises(UserError, match=r"the train split has 3 row\(s\): holding out 90% for evaluation leaves none "
-                                        r"to train on: lower --validation_split_percentage, or pass --validation_file"):
+    with pytest.raises(
+        UserError,
+        match=r"the train split has 3 row\(s\): holding out 90% for evaluation leaves none "
+        r"to train on: lower --validation_split_percentage, or pass --validation_file",
+    ):
         splits_of(train_file=path, validation_split_percentage=90)
     loaded = splits_of(train_file=path, validation_split_percentage=60)
     assert (len(loaded.train), len(loaded.eval)) == (1, 2)

@@ -28,22 +28,26 @@ import pytest
 from hypothesis import HealthCheck, Phase, event, given, settings
 from hypothesis import strategies as st
 
-from tuneloop.options import DataArguments
 from tuneloop.data import load_splits, load_test_split
 from tuneloop.errors import UserError
+from tuneloop.options import DataArguments
 
 pytestmark = pytest.mark.properties
 
-SETTINGS = dict(deadline=None, derandomize=True, database=None, phases=[Phase.explicit, Phase.generate],
-                suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
-                                       HealthCheck.data_too_large])
+SETTINGS = dict(
+    deadline=None,
+    derandomize=True,
+    database=None,
+    phases=[Phase.explicit, Phase.generate],
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 
 FORMATS = (".csv", ".tsv", ".jsonl", ".json", ".parquet")
 COMPRESSORS = {"": None, ".gz": gzip, ".bz2": bz2, ".xz": lzma}
 # Texts that CSV readers are known to turn into something else (missing values, booleans, numbers).
-TRICKY_WORDS = ["NA", "N/A", "null", "None", "nan", "NaN", "#N/A", "True", "false", "1", "0.5", "-", "\"quoted\""]
+TRICKY_WORDS = ["NA", "N/A", "null", "None", "nan", "NaN", "#N/A", "True", "false", "1", "0.5", "-", '"quoted"']
 BLANKS = [None, "", " ", "\t "]
-LABEL_NAMES = ["pos", "neg", "ñeutral", "日本語", "emoji 🙂", "NA", "None", "a,b", "x\"y"]
+LABEL_NAMES = ["pos", "neg", "ñeutral", "日本語", "emoji 🙂", "NA", "None", "a,b", 'x"y']
 
 
 @pytest.fixture(autouse=True)
@@ -63,8 +67,9 @@ def texts(encoding: str):
     """Texts that are not blank (a letter or digit in them somewhere), or one of the tricky words."""
     chars = encodable(encoding)
     letter = st.sampled_from("abcxyzé09" if encoding != "ascii" else "abcxyz09")
-    word = st.builds(lambda head, core, tail: head + core + tail, st.text(chars, max_size=8), letter,
-                     st.text(chars, max_size=8))
+    word = st.builds(
+        lambda head, core, tail: head + core + tail, st.text(chars, max_size=8), letter, st.text(chars, max_size=8)
+    )
     return st.one_of(word, st.sampled_from(TRICKY_WORDS))
 
 
@@ -92,8 +97,9 @@ def data_files(draw, encoding: str):
     return DataFile(fmt + compression, "utf-8" if fmt == ".parquet" else encoding, draw(st.booleans()))
 
 
-def write(path, rows: list[dict], columns: list[str], file: DataFile, label_column: str,
-          text_columns: list[str]) -> str:
+def write(
+    path, rows: list[dict], columns: list[str], file: DataFile, label_column: str, text_columns: list[str]
+) -> str:
     """`rows` ({column: value}, None for an empty cell) written as `file` says."""
     path = str(path) + file.suffix
     fmt = next(f for f in FORMATS if file.suffix.startswith(f))
@@ -115,8 +121,8 @@ def write(path, rows: list[dict], columns: list[str], file: DataFile, label_colu
     else:
         out.write(json.dumps(rows, ensure_ascii=False))
     data = out.getvalue().encode(file.encoding)
-    compressor = COMPRESSORS[file.suffix[len(fmt):]]
-    with (compressor.open(path, "wb") if compressor else open(path, "wb")) as f:
+    compressor = COMPRESSORS[file.suffix[len(fmt) :]]
+    with compressor.open(path, "wb") if compressor else open(path, "wb") as f:
         f.write(data)
     return path
 
@@ -144,9 +150,13 @@ def tables(draw, encoding: str, ids: bool, max_rows: int, extra_columns: int, pa
         label = st.sampled_from([n for n in LABEL_NAMES if all(_fits(c, encoding) for c in n)][:4])
     # Mostly good rows: a blank text or an empty label now and then (which one bad row decides for the whole file).
     blank, none = st.sampled_from(BLANKS), st.none()
-    row = st.fixed_dictionaries({**{c: sometimes(blank, chars, 12) for c in text_columns},
-                                 label_column: sometimes(none, label, 16),
-                                 **{c: st.one_of(st.none(), chars) for c in others if c not in text_columns}})
+    row = st.fixed_dictionaries(
+        {
+            **{c: sometimes(blank, chars, 12) for c in text_columns},
+            label_column: sometimes(none, label, 16),
+            **{c: st.one_of(st.none(), chars) for c in others if c not in text_columns},
+        }
+    )
     rows = draw(st.lists(row, min_size=2, max_size=max_rows))
     order = draw(st.permutations(names))
     return list(order), text_columns, label_column, rows
@@ -175,38 +185,62 @@ def cases(draw):
     encoding = draw(st.sampled_from(("utf-8", "latin-1", "cp1252")))
     train_file, eval_file = draw(data_files(encoding)), draw(data_files(encoding))
     ids, pair = draw(st.booleans()), draw(st.booleans())
-    columns, text_columns, label_column, train = draw(tables(encoding, ids, max_rows=10, pair=pair,
-                                                             extra_columns=draw(st.integers(int(pair), 2))))
-    evaluation = draw(st.lists(st.fixed_dictionaries({
-        **{c: sometimes(st.sampled_from(BLANKS), texts(encoding), 8) for c in text_columns},
-        label_column: st.sampled_from(sorted({r[label_column] for r in train if r[label_column] is not None})
-                                      or [None]),
-        **{c: st.none() for c in columns if c not in (*text_columns, label_column)}}), min_size=1, max_size=5))
+    columns, text_columns, label_column, train = draw(
+        tables(encoding, ids, max_rows=10, pair=pair, extra_columns=draw(st.integers(int(pair), 2)))
+    )
+    evaluation = draw(
+        st.lists(
+            st.fixed_dictionaries(
+                {
+                    **{c: sometimes(st.sampled_from(BLANKS), texts(encoding), 8) for c in text_columns},
+                    label_column: st.sampled_from(
+                        sorted({r[label_column] for r in train if r[label_column] is not None}) or [None]
+                    ),
+                    **{c: st.none() for c in columns if c not in (*text_columns, label_column)},
+                }
+            ),
+            min_size=1,
+            max_size=5,
+        )
+    )
     # Now and then no eval file: a seeded share of train is held out (--validation_split_percentage).
     held_out = draw(st.sampled_from([None, None, None, 20, 50, 90]))
-    return dict(train_file=train_file, eval_file=eval_file, columns=columns, text_columns=text_columns,
-                label_column=label_column, train=train, evaluation=evaluation if not held_out else [], ids=ids,
-                held_out=held_out, drop_bad_rows=draw(st.booleans()))
+    return dict(
+        train_file=train_file,
+        eval_file=eval_file,
+        columns=columns,
+        text_columns=text_columns,
+        label_column=label_column,
+        train=train,
+        evaluation=evaluation if not held_out else [],
+        ids=ids,
+        held_out=held_out,
+        drop_bad_rows=draw(st.booleans()),
+    )
 
 
 def json_array_not_utf8(*files: DataFile) -> bool:
     """datasets parses a JSON array file (.json) before it decodes --file_encoding (packaged_modules/json): a latin-1
     one with a non-ASCII byte cannot be read. JSON is UTF-8 by its standard (RFC 8259); JSON Lines files decode fine."""
-    return any(f.suffix.startswith(".json") and not f.suffix.startswith(".jsonl")
-               and f.encoding in ("latin-1", "cp1252") for f in files)
+    return any(
+        f.suffix.startswith(".json") and not f.suffix.startswith(".jsonl") and f.encoding in ("latin-1", "cp1252")
+        for f in files
+    )
 
 
 def expected_failure(case) -> str | None:
     """Why loading `case` must stop with a UserError (a substring of its message), or None when it must load. The
     checks in the loader's order: columns of every split, bad rows, classes, then the held-out share."""
     texts_, label = case["text_columns"], case["label_column"]
-    splits = [(case["train"], case["train_file"])] + ([(case["evaluation"], case["eval_file"])]
-                                                      if not case["held_out"] else [])
+    splits = [(case["train"], case["train_file"])] + (
+        [(case["evaluation"], case["eval_file"])] if not case["held_out"] else []
+    )
     for rows, file in splits:
         csv_like = file.suffix.startswith((".csv", ".tsv"))  # an empty string is an empty cell there
         for text in texts_:
             if all(r[text] is None or (csv_like and r[text] == "") for r in rows) and (
-                    csv_like or file.suffix.startswith(".json")):
+                csv_like or file.suffix.startswith(".json")
+            ):
                 return "is empty in every row"  # read as a column of numbers (or nulls), not text
     for rows, _ in splits:
         bad = len(rows) - len(kept(rows, texts_, label))
@@ -241,13 +275,21 @@ def test_generated_files_load_with_their_rows_and_labels_or_stop_with_a_user_err
     traceback from inside a library."""
     folder = tmp_path_factory.mktemp("case")
     texts_, label = case["text_columns"], case["label_column"]
-    paths = {name: write(folder / name, case[split], case["columns"], case[f"{name}_file"], label, texts_)
-             for name, split in (("train", "train"), ("eval", "evaluation")) if case[split]}
-    options = DataArguments(train_file=paths["train"], validation_file=[paths["eval"]] if "eval" in paths else None,
-                            validation_split_percentage=case["held_out"] or 20, text_column=texts_[0],
-                            text_pair_column=texts_[1] if len(texts_) > 1 else None, label_column=label,
-                            file_encoding=read_encoding(case["train_file"], case["eval_file"]),
-                            drop_bad_rows=case["drop_bad_rows"])
+    paths = {
+        name: write(folder / name, case[split], case["columns"], case[f"{name}_file"], label, texts_)
+        for name, split in (("train", "train"), ("eval", "evaluation"))
+        if case[split]
+    }
+    options = DataArguments(
+        train_file=paths["train"],
+        validation_file=[paths["eval"]] if "eval" in paths else None,
+        validation_split_percentage=case["held_out"] or 20,
+        text_column=texts_[0],
+        text_pair_column=texts_[1] if len(texts_) > 1 else None,
+        label_column=label,
+        file_encoding=read_encoding(case["train_file"], case["eval_file"]),
+        drop_bad_rows=case["drop_bad_rows"],
+    )
     why = expected_failure(case)
     event(f"expected: {why or 'loaded'}")  # --hypothesis-show-statistics: how many cases load, how many stop
     try:
@@ -266,6 +308,7 @@ def test_generated_files_load_with_their_rows_and_labels_or_stop_with_a_user_err
 
     def rows_written(rows):
         return [(*(r[c] for c in texts_), str(r[label])) for r in kept(rows, texts_, label)]
+
     if case["held_out"]:  # a seeded shuffle split: every kept row in exactly one of the two
         assert sorted(rows_of(loaded.train) + rows_of(loaded.eval)) == sorted(rows_written(case["train"]))
         assert len(loaded.eval) == -(-len(rows_written(case["train"])) * case["held_out"] // 100)

@@ -14,17 +14,31 @@ from pathlib import Path
 import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import (AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, GPT2Config,
-                          GPT2Model, LlamaConfig, LlamaModel, ModernBertConfig, ModernBertModel,
-                          PreTrainedTokenizerFast, Qwen2Config, Qwen2Model, pipeline)
+from transformers import (
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    DataCollatorWithPadding,
+    GPT2Config,
+    GPT2Model,
+    LlamaConfig,
+    LlamaModel,
+    ModernBertConfig,
+    ModernBertModel,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2Model,
+    pipeline,
+)
 
 from conftest import FILLER, KEYWORDS, make_rows, run_in_process, tiny_args
 from tuneloop import model as models_module
-from tuneloop.options import ModelArguments
 from tuneloop.errors import UserError
+from tuneloop.options import ModelArguments
 
 WORDS = [*FILLER, *(w for ws in KEYWORDS.values() for w in ws)]
-SIZE = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, max_position_embeddings=128)
+SIZE = dict(
+    hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, max_position_embeddings=128
+)
 # Texts of different lengths (so a batch pads all but the longest), one with a word outside the vocabulary.
 TEXTS = ["the goal", "a new chip was said to be in the year of the robot", "song", "people at the match zebra"]
 
@@ -37,7 +51,8 @@ def word_tokenizer(specials: list[str], template: str | None = None, **tokens) -
     if template:
         used = [t for t in specials if t in template]
         tokenizer.post_processor = processors.TemplateProcessing(
-            single=template, pair=template.replace("$A", "$A $B:1"), special_tokens=[(t, vocab[t]) for t in used])
+            single=template, pair=template.replace("$A", "$A $B:1"), special_tokens=[(t, vocab[t]) for t in used]
+        )
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, model_max_length=128, **tokens)
 
 
@@ -48,8 +63,9 @@ def byte_bpe_tokenizer(**tokens) -> PreTrainedTokenizerFast:
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=[tokens["eos_token"]],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=320, special_tokens=[tokens["eos_token"]], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
     tokenizer.train_from_iterator([row["text"] for row in make_rows(300, seed=0)], trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, model_max_length=128, **tokens)
 
@@ -66,18 +82,61 @@ def model_dirs(tmp_path_factory) -> dict[str, str]:
     torch.manual_seed(0)
     llama_tok = word_tokenizer(["<unk>", "<s>", "</s>"], "<s> $A", unk_token="<unk>", bos_token="<s>", eos_token="</s>")
     qwen_tok = byte_bpe_tokenizer(eos_token="<|endoftext|>", padding_side="left")
-    bert_tok = word_tokenizer(["[UNK]", "[PAD]", "[CLS]", "[SEP]", "[MASK]"], "[CLS] $A [SEP]", unk_token="[UNK]",
-                              pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
+    bert_tok = word_tokenizer(
+        ["[UNK]", "[PAD]", "[CLS]", "[SEP]", "[MASK]"],
+        "[CLS] $A [SEP]",
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+    )
     return {
         # pad_token_id 0 is <unk>, a real token: the head must not be left looking for it.
-        "llama": build(out / "llama", llama_tok, LlamaModel(LlamaConfig(
-            vocab_size=len(llama_tok), num_key_value_heads=1, bos_token_id=1, eos_token_id=2, pad_token_id=0, **SIZE))),
-        "qwen2": build(out / "qwen2", qwen_tok, Qwen2Model(Qwen2Config(
-            vocab_size=len(qwen_tok), num_key_value_heads=1, eos_token_id=qwen_tok.eos_token_id, bos_token_id=None, pad_token_id=None,
-            **SIZE))),
-        "modernbert": build(out / "modernbert", bert_tok, ModernBertModel(ModernBertConfig(
-            vocab_size=len(bert_tok), local_attention=16, pad_token_id=1, cls_token_id=2, sep_token_id=3,
-            bos_token_id=2, eos_token_id=3, **SIZE))),
+        "llama": build(
+            out / "llama",
+            llama_tok,
+            LlamaModel(
+                LlamaConfig(
+                    vocab_size=len(llama_tok),
+                    num_key_value_heads=1,
+                    bos_token_id=1,
+                    eos_token_id=2,
+                    pad_token_id=0,
+                    **SIZE,
+                )
+            ),
+        ),
+        "qwen2": build(
+            out / "qwen2",
+            qwen_tok,
+            Qwen2Model(
+                Qwen2Config(
+                    vocab_size=len(qwen_tok),
+                    num_key_value_heads=1,
+                    eos_token_id=qwen_tok.eos_token_id,
+                    bos_token_id=None,
+                    pad_token_id=None,
+                    **SIZE,
+                )
+            ),
+        ),
+        "modernbert": build(
+            out / "modernbert",
+            bert_tok,
+            ModernBertModel(
+                ModernBertConfig(
+                    vocab_size=len(bert_tok),
+                    local_attention=16,
+                    pad_token_id=1,
+                    cls_token_id=2,
+                    sep_token_id=3,
+                    bos_token_id=2,
+                    eos_token_id=3,
+                    **SIZE,
+                )
+            ),
+        ),
     }
 
 
@@ -124,11 +183,15 @@ def test_left_padding_tokenizer_pads_right_so_absolute_positions_stay(tmp_path):
     """A GPT-2 (absolute position embeddings) whose tokenizer is saved left-padding, loaded the way a run loads it.
     Guards tuneloop keeping left padding: the short texts' tokens would sit at shifted positions, and a batch would
     score them differently from each text alone (measured: logits off by about 0.17 on this model)."""
-    tokenizer = word_tokenizer(["<unk>", "<|endoftext|>"], unk_token="<unk>", eos_token="<|endoftext|>",
-                               padding_side="left")
+    tokenizer = word_tokenizer(
+        ["<unk>", "<|endoftext|>"], unk_token="<unk>", eos_token="<|endoftext|>", padding_side="left"
+    )
     torch.manual_seed(0)
-    path = build(tmp_path, tokenizer, GPT2Model(GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=2,
-                                                           n_positions=128)))
+    path = build(
+        tmp_path,
+        tokenizer,
+        GPT2Model(GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=2, n_positions=128)),
+    )
     m = ModelArguments(model_name_or_path=path)
     loaded = models_module.load_tokenizer(m, max_length=64)
     assert (loaded.padding_side, loaded.pad_token) == ("right", "<|endoftext|>")

@@ -19,13 +19,19 @@ from test_checkpoint import interrupt, weights
 from tuneloop import checkpoint, elastic
 from tuneloop.config import parse_args
 from tuneloop.errors import UserError
-from tuneloop.setup import resume_plan
 from tuneloop.preemption import REQUEUE_EXIT_CODE
+from tuneloop.setup import resume_plan
 
 # 240 rows / global batch 8 = 30 steps per epoch, 60 in all; a linear schedule with warmup, so a scheduler left at
 # the wrong position changes every later learning rate. The tiny model has no dropout.
-RUN = dict(per_device_train_batch_size=4, gradient_accumulation_steps=1, num_train_epochs=2, logging_steps=1,
-           warmup_steps=0.1, eval_strategy="no")
+RUN = dict(
+    per_device_train_batch_size=4,
+    gradient_accumulation_steps=1,
+    num_train_epochs=2,
+    logging_steps=1,
+    warmup_steps=0.1,
+    eval_strategy="no",
+)
 STOPPABLE = dict(save_strategy="steps", save_steps=7)  # the first checkpoint tells `interrupt` that training is on
 LOG_SAMPLES = {"TUNELOOP_LOG_SAMPLE_IDS": "1"}
 
@@ -75,8 +81,11 @@ def relative_error(expected: dict[str, torch.Tensor], got: dict[str, torch.Tenso
 
 
 def learning_rates(output_dir: Path) -> dict[int, float]:
-    return {e["step"]: e["train/learning_rate"] for e in read_json(output_dir / "log_history.json")
-            if "train/learning_rate" in e}
+    return {
+        e["step"]: e["train/learning_rate"]
+        for e in read_json(output_dir / "log_history.json")
+        if "train/learning_rate" in e
+    }
 
 
 def check_same_run(reference: Path, resumed: Path, processes: int, stopped_at: int) -> None:
@@ -107,8 +116,10 @@ def test_two_processes_stopped_mid_epoch_resume_on_one(reference, tiny_model_dir
 
     done = launch([*args, "--resume_from_checkpoint", "latest"], 1, launcher=False)
     layout = [line for line in done.stdout.splitlines() if "elastic resume" in line]
-    assert len(layout) == 1 and "2 processes x batch 4 x accumulation 1 -> 1 processes x batch 4 x accumulation 2" \
-        in layout[0], done.stdout[-2000:]
+    assert (
+        len(layout) == 1
+        and "2 processes x batch 4 x accumulation 1 -> 1 processes x batch 4 x accumulation 2" in layout[0]
+    ), done.stdout[-2000:]
     check_same_run(reference, out, 1, stopped_at)
 
     # Where the signal lands is chance; an odd step matters here (Accelerate's micro-step counter comes back in the
@@ -154,21 +165,27 @@ def test_refusals_name_what_works(tmp_path, tiny_model_dir, toy_files, monkeypat
     the layouts that can. Both before the Accelerator or any weights (the checkpoint's state file is all they read), so
     the process count a launcher announces is set here as the launcher sets it."""
     out = tmp_path / "run"
-    saved = saved_state_only(out, step=12, batches_in_epoch=12, num_processes=4, per_device_train_batch_size=1,
-                             gradient_accumulation_steps=1)
+    saved = saved_state_only(
+        out, step=12, batches_in_epoch=12, num_processes=4, per_device_train_batch_size=1, gradient_accumulation_steps=1
+    )
     args = tiny_args(tiny_model_dir, toy_files, out, per_device_train_batch_size=1, resume_from_checkpoint="latest")
     with pytest.raises(UserError, match=r"num_processes 4 -> 1.*same process count"):
         resume_plan(parse_args([*args, "--elastic_resume", "false"]))
     monkeypatch.setenv("WORLD_SIZE", "3")  # what the launcher tells a process of a 3-process run
-    with pytest.raises(UserError, match=r"global batch 4\), which 3 processes cannot keep: resume on 1 processes x "
-                                        r"batch 1 x accumulation 4; 2 processes x batch 1 x accumulation 2; 4 processes"):
+    with pytest.raises(
+        UserError,
+        match=r"global batch 4\), which 3 processes cannot keep: resume on 1 processes x "
+        r"batch 1 x accumulation 4; 2 processes x batch 1 x accumulation 2; 4 processes",
+    ):
         resume_plan(parse_args(args))
     monkeypatch.setenv("WORLD_SIZE", "2")
     config, path, resumed, notes = resume_plan(parse_args(args))
     assert (config.train.per_device_train_batch_size, config.train.gradient_accumulation_steps) == (1, 2)
     assert path == str(saved) and resumed.step == 12 and resumed.batches_in_epoch == 24  # 48 samples in: 24 per rank
-    assert notes == ["tuneloop: elastic resume: 4 processes x batch 1 x accumulation 1 -> 2 processes x batch 1 x "
-                     "accumulation 2 (global batch 4 kept), step 12, epoch 0 at micro-batch 24"]
+    assert notes == [
+        "tuneloop: elastic resume: 4 processes x batch 1 x accumulation 1 -> 2 processes x batch 1 x "
+        "accumulation 2 (global batch 4 kept), step 12, epoch 0 at micro-batch 24"
+    ]
 
 
 def fake_deepspeed(processes: int = 1, universal_loaded: bool = False):
@@ -182,10 +199,17 @@ def fake_deepspeed(processes: int = 1, universal_loaded: bool = False):
     engine = SimpleNamespace(_config=SimpleNamespace(load_universal_checkpoint=universal_loaded))
     loads = []
     accelerator = SimpleNamespace(
-        is_main_process=True, process_index=0, num_processes=processes, device=torch.device("cpu"),
-        distributed_type=DistributedType.DEEPSPEED, _models=[engine], step=0, wait_for_everyone=lambda: None,
+        is_main_process=True,
+        process_index=0,
+        num_processes=processes,
+        device=torch.device("cpu"),
+        distributed_type=DistributedType.DEEPSPEED,
+        _models=[engine],
+        step=0,
+        wait_for_everyone=lambda: None,
         state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(deepspeed_config={})),
-        load_state=lambda path, **kwargs: loads.append((path, engine._config.load_universal_checkpoint)))
+        load_state=lambda path, **kwargs: loads.append((path, engine._config.load_universal_checkpoint)),
+    )
     return accelerator, loads
 
 
@@ -215,10 +239,17 @@ def converter(monkeypatch, returncode: int = 0, stderr: str = "") -> list[list[s
     return commands
 
 
-@pytest.mark.parametrize("returncode, stderr, said", [
-    (-9, "", "killed by SIGKILL (out of memory?)"),  # the OOM killer: no message at all
-    (1, "Traceback (most recent call last):\nKeyError: 'param_shapes'\n", "exit status 1: KeyError: 'param_shapes'"),
-])
+@pytest.mark.parametrize(
+    "returncode, stderr, said",
+    [
+        (-9, "", "killed by SIGKILL (out of memory?)"),  # the OOM killer: no message at all
+        (
+            1,
+            "Traceback (most recent call last):\nKeyError: 'param_shapes'\n",
+            "exit status 1: KeyError: 'param_shapes'",
+        ),
+    ],
+)
 def test_a_failed_universal_conversion_stops_and_leaves_nothing(returncode, stderr, said, tmp_path, monkeypatch):
     """DeepSpeed's converter runs in a subprocess (faked: `converter`). Any non-zero exit stops with one line naming
     the exit status or signal, and leaves no folder a later run would take as converted. Guards an OOM-killed
@@ -242,8 +273,9 @@ def test_a_conversion_cut_short_is_done_again(tmp_path, monkeypatch):
     accelerator, loads = fake_deepspeed()
     commands = converter(monkeypatch)
     link, made, listdir = os.symlink, [], os.listdir
-    monkeypatch.setattr(os, "listdir",
-                        lambda path: sorted(listdir(path), key=lambda name: name != checkpoint.STATE_FILE))
+    monkeypatch.setattr(
+        os, "listdir", lambda path: sorted(listdir(path), key=lambda name: name != checkpoint.STATE_FILE)
+    )
 
     def killed_after_the_state(source, target):
         if checkpoint.STATE_FILE in made:
@@ -282,9 +314,17 @@ def test_a_resume_path_with_a_trailing_slash(tmp_path, tiny_model_dir, toy_files
     basename of a path ending in `/`). Guards `.universal-` folders made inside checkpoints."""
     saved = zero_checkpoint(tmp_path / "run", 5, processes=2)
     monkeypatch.setenv("WORLD_SIZE", "1")
-    _, path, _, _ = resume_plan(parse_args(tiny_args(tiny_model_dir, toy_files, tmp_path / "run",
-                                                     per_device_train_batch_size=4,
-                                                     resume_from_checkpoint=str(saved) + "/")))
+    _, path, _, _ = resume_plan(
+        parse_args(
+            tiny_args(
+                tiny_model_dir,
+                toy_files,
+                tmp_path / "run",
+                per_device_train_batch_size=4,
+                resume_from_checkpoint=str(saved) + "/",
+            )
+        )
+    )
     assert path == str(saved)
     accelerator, _ = fake_deepspeed()
     converter(monkeypatch)
@@ -301,14 +341,24 @@ def test_deepspeed_zero2_two_processes_resume_on_one(tiny_model_dir, toy_files, 
     ZeRO-2 that issue 16 asks for (tests/test_peft.py holds ZeRO-3 to DDP). Guards optimizer shards of the old rank count loaded as they are, and a conversion that loses
     state (its first version, without the micro-step fix, already differed at the first step after resuming)."""
     reference = tmp_path / "reference"
-    args = dict(**{**RUN, "max_steps": 10}, save_strategy="steps", save_steps=5, use_peft="true", lora_dropout=0,
-                activation_checkpointing="true")
+    args = dict(
+        **{**RUN, "max_steps": 10},
+        save_strategy="steps",
+        save_steps=5,
+        use_peft="true",
+        lora_dropout=0,
+        activation_checkpointing="true",
+    )
     launch(tiny_args(tiny_model_dir, toy_files, reference, **args), config="deepspeed_zero2_cpu.yaml", timeout=600)
     assert read_json(reference / "all_results.json")["num_processes"] == 2
     resumed = tmp_path / "resumed"
     shutil.copytree(reference / "checkpoints" / "step_0000005", resumed / "checkpoints" / "step_0000005")
-    done = launch([*tiny_args(tiny_model_dir, toy_files, resumed, **args), "--resume_from_checkpoint", "latest"],
-                  config="deepspeed_zero2_cpu.yaml", launch_flags=("--num_processes", "1"), timeout=600)
+    done = launch(
+        [*tiny_args(tiny_model_dir, toy_files, resumed, **args), "--resume_from_checkpoint", "latest"],
+        config="deepspeed_zero2_cpu.yaml",
+        launch_flags=("--num_processes", "1"),
+        timeout=600,
+    )
     assert "2 processes x batch 4 x accumulation 1 -> 1 processes x batch 4 x accumulation 2" in done.stdout
     results = read_json(resumed / "all_results.json")
     assert (results["num_processes"], results["distributed_type"], results["global_step"]) == (1, "DEEPSPEED", 10)
@@ -325,11 +375,24 @@ def test_deepspeed_zero2_two_processes_resume_on_one(tiny_model_dir, toy_files, 
     # (--save_total_limit 1) deletes step 5 and its universal conversion once step 6 is saved.
     best = tmp_path / "best"
     shutil.copytree(reference / "checkpoints" / "step_0000005", best / "checkpoints" / "step_0000005")
-    done = launch([*tiny_args(tiny_model_dir, toy_files, best, **{**args, "eval_strategy": "steps"}),
-                   "--eval_steps", "2", "--load_best_model_at_end", "true", "--early_stopping_threshold", "1e9",
-                   "--save_total_limit", "1",
-                   "--resume_from_checkpoint", str(best / "checkpoints" / "step_0000005") + "/"],
-                  config="deepspeed_zero2_cpu.yaml", launch_flags=("--num_processes", "1"), timeout=600)
+    done = launch(
+        [
+            *tiny_args(tiny_model_dir, toy_files, best, **{**args, "eval_strategy": "steps"}),
+            "--eval_steps",
+            "2",
+            "--load_best_model_at_end",
+            "true",
+            "--early_stopping_threshold",
+            "1e9",
+            "--save_total_limit",
+            "1",
+            "--resume_from_checkpoint",
+            str(best / "checkpoints" / "step_0000005") + "/",
+        ],
+        config="deepspeed_zero2_cpu.yaml",
+        launch_flags=("--num_processes", "1"),
+        timeout=600,
+    )
     assert f"from {best / 'checkpoints' / 'step_0000005'}" in done.stdout  # the trailing `/` normalised
     assert "loading the best model (step 6" in done.stdout, done.stdout[-2000:]
     results, history = read_json(best / "all_results.json"), read_json(best / "log_history.json")
@@ -396,13 +459,33 @@ def test_sharded_checkpoint_of_two_processes_loads_into_one(tmp_path):
     (tmp_path / "save.py").write_text(FSDP_SAVE)
     (tmp_path / "load.py").write_text(FSDP_LOAD)
     saved, expected = str(tmp_path / "sharded"), str(tmp_path / "expected.pt")
-    save = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                           str(free_port()), str(tmp_path / "save.py"), saved, expected],
-                          capture_output=True, text=True, timeout=300, env=launch_env())
+    save = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            str(free_port()),
+            str(tmp_path / "save.py"),
+            saved,
+            expected,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=launch_env(),
+    )
     assert save.returncode == 0, save.stderr[-3000:]
     assert sorted(p.name for p in Path(saved).glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
-    load = subprocess.run([sys.executable, str(tmp_path / "load.py"), saved, expected], capture_output=True, text=True,
-                          timeout=300, env=launch_env())
+    load = subprocess.run(
+        [sys.executable, str(tmp_path / "load.py"), saved, expected],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=launch_env(),
+    )
     assert load.returncode == 0 and "resharded 4 tensors and 4 optimizer states" in load.stdout, load.stderr[-3000:]
 
 
@@ -414,12 +497,19 @@ def test_slurm_job_requeued_onto_fewer_nodes_finishes(slurm_conf, tiny_model_dir
     from test_slurm import FINAL_STATES, job_info, read_log, slurm, submit, wait_for_job, wait_for_line
 
     out = tmp_path / "out"
-    args = tiny_args(tiny_model_dir, toy_files, out, **{**RUN, "max_steps": 100,
-                                                        "logging_steps": 25})
+    args = tiny_args(tiny_model_dir, toy_files, out, **{**RUN, "max_steps": 100, "logging_steps": 25})
     # With a range SLURM allocates the fewest nodes that hold the job's tasks (Slurm 22.05): 2 tasks, up to 2 a node,
     # take both nodes when both are free and fit on one when only one is.
-    job = submit(slurm_conf, "train_multi_node.sbatch", args, tmp_path, "--nodes=1-2", "--ntasks=2",
-                 "--ntasks-per-node=2", TUNELOOP_PROCS_PER_NODE="1")
+    job = submit(
+        slurm_conf,
+        "train_multi_node.sbatch",
+        args,
+        tmp_path,
+        "--nodes=1-2",
+        "--ntasks=2",
+        "--ntasks-per-node=2",
+        TUNELOOP_PROCS_PER_NODE="1",
+    )
     log = tmp_path / f"tuneloop-multi-{job}.out"
     try:
         wait_for_line(log, r"\b25/100 ")  # training is under way on both nodes
@@ -435,8 +525,12 @@ def test_slurm_job_requeued_onto_fewer_nodes_finishes(slurm_conf, tiny_model_dir
         slurm(slurm_conf, "scontrol", "update", f"jobid={job}", "NumNodes=1-2", "NumTasks=2")
         info = wait_for_job(slurm_conf, job, log)
     finally:  # the cluster is shared by the session: n2 back in service (an error if it was never drained)
-        subprocess.run(["scontrol", "update", "nodename=n2", "state=resume"], capture_output=True,
-                       env={**os.environ, "SLURM_CONF": slurm_conf}, timeout=60)
+        subprocess.run(
+            ["scontrol", "update", "nodename=n2", "state=resume"],
+            capture_output=True,
+            env={**os.environ, "SLURM_CONF": slurm_conf},
+            timeout=60,
+        )
     text = read_log(log)
     assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "1"), text[-5000:]
     assert (info["NumNodes"], info["NodeList"]) == ("1", "n1")
@@ -446,4 +540,3 @@ def test_slurm_job_requeued_onto_fewer_nodes_finishes(slurm_conf, tiny_model_dir
     assert (results["num_processes"], results["global_step"]) == (1, 100)  # and after it
     assert "2 processes x batch 4 x accumulation 1 -> 1 processes x batch 4 x accumulation 2" in text
     assert "--num_machines 2 --num_processes 2" in text and "--num_machines 1 --num_processes 1" in text
-

@@ -101,8 +101,10 @@ def test_deepspeed_trains_exactly_like_ddp(engine, engine_run, toy_files):
     """
     ddp, ds = engine_run("ddp"), engine_run(engine)
     # What MFU counts: ZeRO-3 partitions every parameter (numel() 0), and the count must still be the full model's.
-    figures = [{k: read_json(out / "all_results.json")[k] for k in ("non_embedding_parameters", "model_flops")}
-               for out in (ddp, ds)]
+    figures = [
+        {k: read_json(out / "all_results.json")[k] for k in ("non_embedding_parameters", "model_flops")}
+        for out in (ddp, ds)
+    ]
     assert figures[1] == figures[0] and figures[0]["non_embedding_parameters"] == 18307, figures
     history = {name: read_json(out / "log_history.json") for name, out in (("ddp", ddp), (engine, ds))}
     for key in ("train/learning_rate", "train/loss", "train/grad_norm"):
@@ -130,7 +132,9 @@ def test_deepspeed_checkpoint_resumes_into_the_same_run(engine, engine_run, tiny
     resumed = tmp_path / "resumed"
     args = [*tiny_args(tiny_model_dir, toy_files, resumed, **TRAIN), "--resume_from_checkpoint", str(saved)]
     assert launched(engine, args)["global_step"] == 32
-    losses = [[h["train/loss"] for h in read_json(out / "log_history.json") if "train/loss" in h] for out in (first, resumed)]
+    losses = [
+        [h["train/loss"] for h in read_json(out / "log_history.json") if "train/loss" in h] for out in (first, resumed)
+    ]
     assert losses[1] == pytest.approx(losses[0], rel=1e-6)
     expected, got = load_file(first / "model.safetensors"), load_file(resumed / "model.safetensors")
     assert expected.keys() == got.keys()
@@ -196,8 +200,9 @@ def test_fsdp_config_is_full_shard_and_wraps_each_models_own_layers(monkeypatch,
     policy = fsdp2_prepare_auto_wrap_policy(plugin, bert)  # what decides each `fully_shard` unit
     assert sum(map(policy, bert.modules())) == 2 + 1  # the 2 layers and the embeddings
 
-    tiny_roberta = RobertaConfig(vocab_size=50, hidden_size=16, num_hidden_layers=3, num_attention_heads=2,
-                                 intermediate_size=32, num_labels=3)
+    tiny_roberta = RobertaConfig(
+        vocab_size=50, hidden_size=16, num_hidden_layers=3, num_attention_heads=2, intermediate_size=32, num_labels=3
+    )
     roberta = RobertaForSequenceClassification(tiny_roberta)
     plugin = FullyShardedDataParallelPlugin()
     plugin.set_auto_wrap_policy(roberta)
@@ -211,8 +216,13 @@ def test_fsdp_config_is_full_shard_and_wraps_each_models_own_layers(monkeypatch,
 def test_fsdp_launch_on_cpu_stops_with_one_clear_line(tiny_model_dir, toy_files, tmp_path):
     """Accelerate would silently run an FSDP launch on CPU as MULTI_CPU data parallelism; tuneloop refuses it."""
     args = tiny_args(tiny_model_dir, toy_files, tmp_path, max_steps=1)
-    result = launch(args, config="fsdp.yaml", launch_flags=("--num_processes", "2", "--mixed_precision", "no"),
-                    check=False, timeout=600)
+    result = launch(
+        args,
+        config="fsdp.yaml",
+        launch_flags=("--num_processes", "2", "--mixed_precision", "no"),
+        check=False,
+        timeout=600,
+    )
     assert result.returncode != 0
     errors = [line for line in result.stderr.splitlines() if line.startswith("tuneloop: error:")]
     assert len(errors) == 1, result.stderr[-3000:]
@@ -274,8 +284,12 @@ def fake_deepspeed_accelerator(ds_config: dict, num_processes: int = 2):
     from accelerate.utils import DeepSpeedPlugin
 
     plugin = DeepSpeedPlugin(hf_ds_config=ds_config)
-    return SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=plugin), num_processes=num_processes,
-                           mixed_precision="no", device=torch.device("cpu"))
+    return SimpleNamespace(
+        state=SimpleNamespace(deepspeed_plugin=plugin),
+        num_processes=num_processes,
+        mixed_precision="no",
+        device=torch.device("cpu"),
+    )
 
 
 def train_arguments(**overrides):
@@ -287,14 +301,23 @@ def train_arguments(**overrides):
 def test_deepspeed_auto_values_come_from_the_trainer():
     from tuneloop.engines import fill_deepspeed_config
 
-    accelerator = fake_deepspeed_accelerator({
-        "train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
-        "gradient_clipping": "auto", "zero_optimization": {"stage": 2},
-    })
+    accelerator = fake_deepspeed_accelerator(
+        {
+            "train_batch_size": "auto",
+            "train_micro_batch_size_per_gpu": "auto",
+            "gradient_accumulation_steps": "auto",
+            "gradient_clipping": "auto",
+            "zero_optimization": {"stage": 2},
+        }
+    )
     t = train_arguments(per_device_train_batch_size=6, gradient_accumulation_steps=3, max_grad_norm=0.25)
     assert fill_deepspeed_config(accelerator, t) == []
     ds = accelerator.state.deepspeed_plugin.deepspeed_config
-    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["gradient_clipping"]) == (6, 3, 0.25)
+    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["gradient_clipping"]) == (
+        6,
+        3,
+        0.25,
+    )
     # A DeepSpeed file that leaves clipping out would otherwise mean "no clipping" (DeepSpeed's default).
     accelerator = fake_deepspeed_accelerator({"zero_optimization": {"stage": 2}})
     assert fill_deepspeed_config(accelerator, train_arguments(max_grad_norm=0.5)) == []
@@ -304,15 +327,23 @@ def test_deepspeed_auto_values_come_from_the_trainer():
 def test_deepspeed_settings_that_disagree_are_reported_together():
     from tuneloop.engines import fill_deepspeed_config
 
-    accelerator = fake_deepspeed_accelerator({
-        "train_batch_size": 999, "gradient_clipping": 0.5, "optimizer": {"type": "AdamW", "params": {}},
-        "zero_optimization": {"stage": 3, "stage3_gather_16bit_weights_on_model_save": False},
-    })
+    accelerator = fake_deepspeed_accelerator(
+        {
+            "train_batch_size": 999,
+            "gradient_clipping": 0.5,
+            "optimizer": {"type": "AdamW", "params": {}},
+            "zero_optimization": {"stage": 3, "stage3_gather_16bit_weights_on_model_save": False},
+        }
+    )
     problems = fill_deepspeed_config(accelerator, train_arguments(max_grad_norm=1.0))
     assert len(problems) == 4, problems
     text = " ".join(problems)
-    for expected in ("gradient_clipping=0.5 but --max_grad_norm is 1.0", "train_batch_size=999", "'optimizer' section",
-                     "zero3_save_16bit_model: true"):
+    for expected in (
+        "gradient_clipping=0.5 but --max_grad_norm is 1.0",
+        "train_batch_size=999",
+        "'optimizer' section",
+        "zero3_save_16bit_model: true",
+    ):
         assert expected in text
 
 
@@ -340,8 +371,19 @@ def test_launcher_accumulation_that_overrides_the_trainer_is_refused(monkeypatch
 def test_every_config_is_documented_and_parses():
     from accelerate.commands.config.config_args import load_config_from_file
 
-    expected = {"cpu", "cpu_2proc", "gpu", "multi_gpu", "multi_node", "deepspeed_zero2", "deepspeed_zero3",
-                "deepspeed_zero3_offload", "fsdp", "deepspeed_zero2_cpu", "deepspeed_zero3_cpu"}
+    expected = {
+        "cpu",
+        "cpu_2proc",
+        "gpu",
+        "multi_gpu",
+        "multi_node",
+        "deepspeed_zero2",
+        "deepspeed_zero3",
+        "deepspeed_zero3_offload",
+        "fsdp",
+        "deepspeed_zero2_cpu",
+        "deepspeed_zero3_cpu",
+    }
     files = {p.stem: p for p in CONFIGS.glob("*.yaml")}
     assert expected <= files.keys()
     for name, path in files.items():
@@ -383,9 +425,18 @@ def doctors(*runs: tuple[str, ...]) -> list[subprocess.CompletedProcess]:
     started = []
     for args in runs:
         command = [sys.executable, "-m", "tuneloop.doctor", *args]
-        out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")  # no pipe to fill while we wait on another
-        started.append((command, subprocess.Popen(command, stdout=out, stderr=err, text=True, env=launch_env(), cwd=ROOT),
-                        out, err))
+        out, err = (
+            tempfile.TemporaryFile("w+"),
+            tempfile.TemporaryFile("w+"),
+        )  # no pipe to fill while we wait on another
+        started.append(
+            (
+                command,
+                subprocess.Popen(command, stdout=out, stderr=err, text=True, env=launch_env(), cwd=ROOT),
+                out,
+                err,
+            )
+        )
     results = []
     for command, process, out, err in started:
         process.wait(timeout=900)
@@ -395,8 +446,10 @@ def doctors(*runs: tuple[str, ...]) -> list[subprocess.CompletedProcess]:
 
 
 # A config that asks for 2 processes with `distributed_type: MULTI_CPU`, which starts one.
-MULTI_CPU = ("compute_environment: LOCAL_MACHINE\ndistributed_type: MULTI_CPU\nnum_processes: 2\nnum_machines: 1\n"
-             "use_cpu: true\nmixed_precision: 'no'\n")
+MULTI_CPU = (
+    "compute_environment: LOCAL_MACHINE\ndistributed_type: MULTI_CPU\nnum_processes: 2\nnum_machines: 1\n"
+    "use_cpu: true\nmixed_precision: 'no'\n"
+)
 # The doctor runs of this module, in waves run side by side. The doctor's launches meet on the config's port (29500),
 # so a wave holds at most one config of two processes; one-process configs bind no port.
 DOCTOR_WAVES = (("cpu.yaml", "multi_cpu.yaml", "deepspeed_zero3_cpu.yaml"), ("cpu_2proc.yaml",))
@@ -448,11 +501,14 @@ def test_doctor_rejects_gpu_configs_on_this_machine(config, capsys):
 
 
 @pytest.mark.engines
-@pytest.mark.parametrize("config, seen", [
-    ("cpu.yaml", "NO x1 on cpu"),
-    ("cpu_2proc.yaml", "MULTI_CPU x2 on cpu"),
-    ("deepspeed_zero3_cpu.yaml", "DEEPSPEED x2 on cpu"),  # ZeRO-2's config is exercised by the training tests
-])
+@pytest.mark.parametrize(
+    "config, seen",
+    [
+        ("cpu.yaml", "NO x1 on cpu"),
+        ("cpu_2proc.yaml", "MULTI_CPU x2 on cpu"),
+        ("deepspeed_zero3_cpu.yaml", "DEEPSPEED x2 on cpu"),  # ZeRO-2's config is exercised by the training tests
+    ],
+)
 def test_doctor_and_accelerate_test_pass_on_cpu_configs(config, seen, doctor_report):
     """The probe gets the engine and process count the config asks for, and `accelerate test` passes. Guards a doctor
     that passes a config a training run would not get."""
@@ -481,8 +537,10 @@ def fake_gpus(monkeypatch, name: str, capability: tuple[int, int], count: int = 
     monkeypatch.setattr(torch.cuda, "_check_bf16_tensor_supported", lambda device: True)
 
 
-@pytest.mark.parametrize("name, capability, flagged", [
-    ("Tesla V100-SXM2-32GB", (7, 0), True), ("Tesla T4", (7, 5), True), ("NVIDIA A100-SXM4-80GB", (8, 0), False)])
+@pytest.mark.parametrize(
+    "name, capability, flagged",
+    [("Tesla V100-SXM2-32GB", (7, 0), True), ("Tesla T4", (7, 5), True), ("NVIDIA A100-SXM4-80GB", (8, 0), False)],
+)
 def test_doctor_flags_bf16_on_gpus_that_only_emulate_it(monkeypatch, name, capability, flagged):
     """torch.cuda.is_bf16_supported() counts emulation and says yes on V100/T4, where bf16 crawls: gpu.yaml's bf16
     passed there. Fakes the GPU (`fake_gpus`); the doctor's static check runs as on that machine."""
@@ -521,8 +579,10 @@ def test_doctor_num_processes_replaces_the_configs(monkeypatch):
 
     fake_gpus(monkeypatch, "NVIDIA H100 80GB HBM3", (9, 0), count=2)
     _, problems, _ = doctor.check_config(str(CONFIGS / "multi_gpu.yaml"))
-    assert problems == ["8 processes per machine but this machine has 2 GPU(s): set num_processes to 2 in the config, "
-                        "or pass --num_processes 2 to both the doctor and `accelerate launch`"]
+    assert problems == [
+        "8 processes per machine but this machine has 2 GPU(s): set num_processes to 2 in the config, "
+        "or pass --num_processes 2 to both the doctor and `accelerate launch`"
+    ]
     config, problems, _ = doctor.check_config(str(CONFIGS / "fsdp.yaml"), num_processes=2)
     assert problems == [] and config.num_processes == 2
 
@@ -531,8 +591,14 @@ def test_doctor_num_processes_replaces_the_configs(monkeypatch):
     def fake_run(command, **kwargs):
         if "--config_file" in command:  # what `accelerate test` is given is a file: read it while it exists
             launched.append((command, read_yaml(command[command.index("--config_file") + 1])))
-        seen = {"distributed_type": "FSDP", "num_processes": 2, "device": "cuda", "mixed_precision": "bf16",
-                "ranks": [0, 1], "steps": 4}
+        seen = {
+            "distributed_type": "FSDP",
+            "num_processes": 2,
+            "device": "cuda",
+            "mixed_precision": "bf16",
+            "ranks": [0, 1],
+            "steps": 4,
+        }
         stdout = doctor.PROBE_TAG + json.dumps(seen) + "\nTest is a success! :)\n"
         return subprocess.CompletedProcess(command, 0, stdout, "")
 
@@ -543,7 +609,8 @@ def test_doctor_num_processes_replaces_the_configs(monkeypatch):
     assert probe[probe.index("--num_processes") + 1] == "2" and probe[-3:] == ["-m", "tuneloop.doctor", "--probe"]
     assert "test" in test and test_file["num_processes"] == 2
     assert {k: v for k, v in test_file.items() if k != "num_processes"} == {
-        k: v for k, v in probe_file.items() if k != "num_processes"}  # the copy changes nothing else
+        k: v for k, v in probe_file.items() if k != "num_processes"
+    }  # the copy changes nothing else
 
 
 def read_yaml(path: str) -> dict:

@@ -31,14 +31,35 @@ pytestmark = pytest.mark.faults
 
 # 12 steps; evaluations and checkpoints every 4; the best model is an earlier step's (greater_is_better on the loss:
 # the highest eval loss, here step 8's; the final one is lower), so the run ends by loading an earlier checkpoint.
-RUN = dict(max_steps=12, logging_steps=4, eval_strategy="steps", eval_steps=4, save_strategy="steps", save_steps=4,
-           load_best_model_at_end="true", metric_for_best_model="loss", greater_is_better="true", do_predict="true")
+RUN = dict(
+    max_steps=12,
+    logging_steps=4,
+    eval_strategy="steps",
+    eval_steps=4,
+    save_strategy="steps",
+    save_steps=4,
+    load_best_model_at_end="true",
+    metric_for_best_model="loss",
+    greater_is_better="true",
+    do_predict="true",
+)
 TOTAL_STEPS = 12
 # (phase, signal) in the order the run meets them. SIGTERM at the first step comes before SIGTERM at tokenizing so
 # that the first step is the run's own first step, tokenizing then being a resumed session's.
-CHAIN = [("tokenize", "SIGKILL"), ("first_step", "SIGKILL"), ("first_step", "SIGTERM"), ("tokenize", "SIGTERM"),
-         ("checkpoint", "SIGKILL"), ("checkpoint", "SIGTERM"), ("best_load", "SIGKILL"), ("best_load", "SIGTERM"),
-         ("predictions", "SIGTERM"), ("predictions", "SIGKILL"), ("final_save", "SIGKILL"), ("final_save", "SIGTERM")]
+CHAIN = [
+    ("tokenize", "SIGKILL"),
+    ("first_step", "SIGKILL"),
+    ("first_step", "SIGTERM"),
+    ("tokenize", "SIGTERM"),
+    ("checkpoint", "SIGKILL"),
+    ("checkpoint", "SIGTERM"),
+    ("best_load", "SIGKILL"),
+    ("best_load", "SIGTERM"),
+    ("predictions", "SIGTERM"),
+    ("predictions", "SIGKILL"),
+    ("final_save", "SIGKILL"),
+    ("final_save", "SIGTERM"),
+]
 AFTER_TRAINING = ("best_load", "final_save", "predictions")
 
 
@@ -48,9 +69,14 @@ class Runner:
     def __init__(self, workdir: Path):
         not_in_a_unit_test("launches processes")
         self.workdir = workdir
-        self.proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "fault_runner.py"), "--serve"],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=launch_env(),
-                                     cwd=ROOT)
+        self.proc = subprocess.Popen(
+            [sys.executable, str(ROOT / "tests" / "fault_runner.py"), "--serve"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env=launch_env(),
+            cwd=ROOT,
+        )
         assert json.loads(self.proc.stdout.readline()) == {"ready": True}
 
     def run(self, phase: str, signal_name: str, args: list[str], name: str) -> tuple[int, str]:
@@ -106,8 +132,11 @@ def chain(tiny_model_dir, toy_files, test_files, tmp_path_factory) -> dict:
         assert code == 0, log[-3000:]
         out = workdir / "faulted"
         # Every session is started alike, as a requeued job is: the first one finds no checkpoint and starts fresh.
-        args = [*tiny_args(tiny_model_dir, toy_files, out, test_file=test_files["labelled"], **RUN),
-                "--resume_from_checkpoint", "latest"]
+        args = [
+            *tiny_args(tiny_model_dir, toy_files, out, test_file=test_files["labelled"], **RUN),
+            "--resume_from_checkpoint",
+            "latest",
+        ]
         links = {}
         for phase, signal_name in CHAIN:
             name = f"{phase}-{signal_name}"
@@ -168,8 +197,15 @@ def test_the_interrupted_run_ends_as_the_uninterrupted_one(chain):
     expected, got = load_file(str(reference / "model.safetensors")), load_file(str(out / "model.safetensors"))
     assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
     ref_results, results = read_json(reference / "all_results.json"), read_json(out / "all_results.json")
-    for key in ("eval_loss", "eval_accuracy", "train_loss", "global_step", "best_step", "best_eval_loss",
-                "final_learning_rate"):
+    for key in (
+        "eval_loss",
+        "eval_accuracy",
+        "train_loss",
+        "global_step",
+        "best_step",
+        "best_eval_loss",
+        "final_learning_rate",
+    ):
         assert results[key] == ref_results[key], key
     assert results["best_step"] < TOTAL_STEPS, "the run must end by loading an earlier best checkpoint"
 

@@ -22,8 +22,14 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 def test_gpu_check_passes_on_this_gpu(tmp_path):
     out = tmp_path / "gpu_check.jsonl"
     env = {k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"}
-    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--out", str(out)],
-                          capture_output=True, text=True, timeout=900, env=env, cwd=ROOT)
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=env,
+        cwd=ROOT,
+    )
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     print(out.read_text())  # the figures, in the test log
     assert rows and rows[0]["name"] == "environment" and rows[0]["details"]["mode"] == "gpu"

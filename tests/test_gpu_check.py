@@ -21,8 +21,20 @@ pytestmark = pytest.mark.multiprocess  # it launches training runs, the doctor a
 
 SCRIPT = ROOT / "benchmarks" / "gpu_check.py"
 NEED_CUDA = {"fp16_overflow_skips", "compile_tf32_false", "fsdp_x1", "zero3_x1", "lora_fsdp_x1"}
-ROWS = ["environment", "one_device_bf16_reload", "fp16_overflow_skips", "compile_tf32_false", "preempt_resume",
-        "fsdp_x1", "zero3_x1", "lora_fsdp_x1", "doctor_one_device", "doctor_sharded", "throughput_tuneloop_64", "throughput_trainer_64"]
+ROWS = [
+    "environment",
+    "one_device_bf16_reload",
+    "fp16_overflow_skips",
+    "compile_tf32_false",
+    "preempt_resume",
+    "fsdp_x1",
+    "zero3_x1",
+    "lora_fsdp_x1",
+    "doctor_one_device",
+    "doctor_sharded",
+    "throughput_tuneloop_64",
+    "throughput_trainer_64",
+]
 
 
 def read_rows(path) -> list[dict]:
@@ -32,8 +44,14 @@ def read_rows(path) -> list[dict]:
 def test_cpu_mode_runs_every_row_or_says_why_not(tmp_path):
     out = tmp_path / "rows.jsonl"
     env = {k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"}
-    done = subprocess.run([sys.executable, str(SCRIPT), "--cpu", "--out", str(out)], capture_output=True, text=True,
-                          timeout=600, env=env, cwd=ROOT)
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), "--cpu", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+        cwd=ROOT,
+    )
     rows = read_rows(out)
     assert [r["name"] for r in rows] == ROWS, done.stdout[-3000:]
     for row in rows:
@@ -59,8 +77,9 @@ def test_rows_already_written_survive_a_kill(tmp_path):
     disk, whole. A row written only at exit, or left in a buffer, would be lost."""
     out = tmp_path / "rows.jsonl"
     command = [sys.executable, str(SCRIPT), "--cpu", "--out", str(out), "--workdir", str(tmp_path / "work")]
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, cwd=ROOT, start_new_session=True)
+    proc = subprocess.Popen(
+        command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT, start_new_session=True
+    )
     try:
         deadline = time.monotonic() + 120
         while not (out.is_file() and out.read_text().endswith("\n")):

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from safetensors.torch import load_file
 
 from conftest import read_json, run_in_process, tiny_args
-from tuneloop import model as models, optim, runtime
+from tuneloop import model as models
+from tuneloop import optim, runtime
 from tuneloop.errors import UserError
 
 
@@ -74,11 +74,23 @@ def test_the_loop_counts_overflow_steps_and_holds_the_schedule(tiny_model_dir, t
 
     monkeypatch.setattr(runtime, "make_accelerator", with_scaler)
     monkeypatch.setattr(models, "load_model", with_overflows)
-    results = run_in_process(tiny_args(tiny_model_dir, toy_files, tmp_path, max_steps=10, mixed_precision="fp16",
-                                       max_grad_norm=0, logging_steps=5, eval_strategy="no"))
+    results = run_in_process(
+        tiny_args(
+            tiny_model_dir,
+            toy_files,
+            tmp_path,
+            max_steps=10,
+            mixed_precision="fp16",
+            max_grad_norm=0,
+            logging_steps=5,
+            eval_strategy="no",
+        )
+    )
     assert results["global_step"] == 10 and results["skipped_steps"] == 3
     assert results["final_learning_rate"] == pytest.approx(3e-3 * 3 / 10)  # 7 scheduler steps of a 10-step decay
-    logged = {e["step"]: e["train/skipped_steps"] for e in read_json(tmp_path / "log_history.json") if "train/loss" in e}
+    logged = {
+        e["step"]: e["train/skipped_steps"] for e in read_json(tmp_path / "log_history.json") if "train/loss" in e
+    }
     assert logged == {5: 1, 10: 3}
 
 
@@ -92,7 +104,12 @@ def tf32_switches():
 
 @pytest.mark.parametrize(
     "flag, capability, start, expected",
-    [(None, (8, 0), False, True), (None, (7, 0), True, False), (False, (9, 0), True, False), (True, (7, 5), False, True)],
+    [
+        (None, (8, 0), False, True),
+        (None, (7, 0), True, False),
+        (False, (9, 0), True, False),
+        (True, (7, 5), False, True),
+    ],
 )
 def test_tf32_switches_follow_the_flag(flag, capability, start, expected, tf32_switches, monkeypatch):
     """Fakes: a CUDA device (`torch.device("cuda")` needs no GPU) and its compute capability.

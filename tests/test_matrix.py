@@ -47,11 +47,24 @@ LAUNCHED = {"ddp": ("cpu_2proc.yaml", "MULTI_CPU"), "zero2": ("deepspeed_zero2_c
 # 12 optimizer steps an epoch at batch 8. The random tiny BERT stays at chance for a few dozen steps before it picks
 # up the keywords; a constant learning rate over 48 steps gets every problem type's loss down (measured: by a fifth
 # for multi-label, whose loss starts near its floor, by a third or more for the others).
-TRAIN = dict(per_device_train_batch_size=8, learning_rate=5e-3, lr_scheduler_type="constant", max_steps=48,
-             logging_steps=4, eval_strategy="no", save_strategy="no")
+TRAIN = dict(
+    per_device_train_batch_size=8,
+    learning_rate=5e-3,
+    lr_scheduler_type="constant",
+    max_steps=48,
+    logging_steps=4,
+    eval_strategy="no",
+    save_strategy="no",
+)
 # LoRA trains on the backbone of `pretrained_dir` (a random frozen backbone barely moves in 48 steps: test_peft.py).
-RUNS = {"single": {}, "ddp": {}, "zero2": {}, "lora": dict(use_peft="true", learning_rate=3e-3, lora_dropout=0.0),
-        "budget": dict(max_tokens_per_batch=96), "resume": {}}
+RUNS = {
+    "single": {},
+    "ddp": {},
+    "zero2": {},
+    "lora": dict(use_peft="true", learning_rate=3e-3, lora_dropout=0.0),
+    "budget": dict(max_tokens_per_batch=96),
+    "resume": {},
+}
 
 
 # allpairspy's order of generation: with the filter, other orders leave pairs uncovered (source=jsonl.gz with
@@ -66,8 +79,9 @@ def meaningful(values: list, order: list[str] = list(PARAMETERS)) -> bool:
 
 def cases() -> list[tuple]:
     """The all-pairs design, each case as (source, shape, labels, run, after)."""
-    design = AllPairs([PARAMETERS[name] for name in GENERATION_ORDER],
-                      filter_func=lambda values: meaningful(values, GENERATION_ORDER))
+    design = AllPairs(
+        [PARAMETERS[name] for name in GENERATION_ORDER], filter_func=lambda values: meaningful(values, GENERATION_ORDER)
+    )
     return [tuple(dict(zip(GENERATION_ORDER, case))[name] for name in PARAMETERS) for case in design]
 
 
@@ -76,6 +90,7 @@ CASES = cases()
 
 # ---------------------------------------------------------------- the data, in every shape and source
 
+
 def topics_of(rng: random.Random, labels: str) -> list[str]:
     if labels in ("lists", "sep"):
         return sorted(rng.sample(TOPICS, rng.choice([0, 1, 1, 2])))
@@ -83,9 +98,13 @@ def topics_of(rng: random.Random, labels: str) -> list[str]:
 
 
 def label_of(topics: list[str], labels: str, rng: random.Random):
-    return {"ids": lambda: TOPICS.index(topics[0]), "names": lambda: topics[0],
-            "floats": lambda: round(VALUES[topics[0]] + rng.gauss(0, 0.1), 4), "lists": lambda: topics,
-            "sep": lambda: "|".join(topics)}[labels]()
+    return {
+        "ids": lambda: TOPICS.index(topics[0]),
+        "names": lambda: topics[0],
+        "floats": lambda: round(VALUES[topics[0]] + rng.gauss(0, 0.1), 4),
+        "lists": lambda: topics,
+        "sep": lambda: "|".join(topics),
+    }[labels]()
 
 
 def make_split(n: int, seed: int, shape: str, labels: str, prefix: str) -> list[dict]:
@@ -100,8 +119,11 @@ def make_split(n: int, seed: int, shape: str, labels: str, prefix: str) -> list[
             words.insert(rng.randint(0, len(words)), rng.choice(KEYWORDS[topic]))
         cut = len(words) // 2  # at least one word each side
         first, second = " ".join(words[:cut]), " ".join(words[cut:])
-        text = {"one": {"text": " ".join(words)}, "joined": {"title": first, "body": second},
-                "pair": {"premise": first, "hypothesis": second}}[shape]
+        text = {
+            "one": {"text": " ".join(words)},
+            "joined": {"title": first, "body": second},
+            "pair": {"premise": first, "hypothesis": second},
+        }[shape]
         rows.append({"id": f"{prefix}{i:03d}", **text, "label": label_of(topics, labels, rng)})
     return rows
 
@@ -133,7 +155,8 @@ def write_source(folder: Path, source: str, splits: dict[str, list[dict]]) -> di
     if source == "saved":
         path = folder / "saved"
         datasets.DatasetDict({name: datasets.Dataset.from_list(rows) for name, rows in splits.items()}).save_to_disk(
-            str(path))
+            str(path)
+        )
         return {"options": {"dataset_name": str(path)}, "eval_data": str(path), "test_data": str(path)}
     if source == "folder":
         path = folder / "dataset"
@@ -142,12 +165,19 @@ def write_source(folder: Path, source: str, splits: dict[str, list[dict]]) -> di
             write(path / f"{name}.jsonl", rows)
         return {"options": {"dataset_name": str(path)}, "eval_data": str(path), "test_data": str(path)}
     paths = {name: write(folder / f"{name}.{source}", rows) for name, rows in splits.items()}
-    return {"options": {"train_file": paths["train"], "validation_file": paths["validation"]},
-            "test_file": paths.get("test"), "eval_data": paths["validation"], "test_data": paths.get("test")}
+    return {
+        "options": {"train_file": paths["train"], "validation_file": paths["validation"]},
+        "test_file": paths.get("test"),
+        "eval_data": paths["validation"],
+        "test_data": paths.get("test"),
+    }
 
 
-SHAPE_OPTIONS = {"one": {}, "joined": dict(text_column="title,body"),
-                 "pair": dict(text_column="premise", text_pair_column="hypothesis")}
+SHAPE_OPTIONS = {
+    "one": {},
+    "joined": dict(text_column="title,body"),
+    "pair": dict(text_column="premise", text_pair_column="hypothesis"),
+}
 LABEL_OPTIONS = {"ids": {}, "names": {}, "floats": {}, "lists": {}, "sep": dict(label_separator="|")}
 
 
@@ -177,8 +207,11 @@ def pretrained_dir(tiny_model_dir, tmp_path_factory) -> str:
     backbone whose features already tell the topics apart. Without it the frozen random backbone keeps LoRA's loss
     near chance, and a LoRA case could not show that it trains."""
     folder = tmp_path_factory.mktemp("pretrained")
-    data = write_source(folder, "jsonl.gz", {"train": make_split(96, 7, "one", "names", "p"),
-                                             "validation": make_split(9, 8, "one", "names", "q")})
+    data = write_source(
+        folder,
+        "jsonl.gz",
+        {"train": make_split(96, 7, "one", "names", "p"), "validation": make_split(9, 8, "one", "names", "q")},
+    )
     run_in_process(tiny_args(tiny_model_dir, {}, folder / "run", **data["options"], **TRAIN))
     reset_accelerate_state()
     from transformers import AutoModel, AutoTokenizer
@@ -190,14 +223,20 @@ def pretrained_dir(tiny_model_dir, tmp_path_factory) -> str:
 
 # ---------------------------------------------------------------- the matrix
 
+
 def test_the_design_covers_every_pair(capsys):
     """The generated design holds every pair of values of two parameters (bar lists of labels in CSV/TSV), and is the
     same at every collection. Guards a filter or library change that silently drops pairs."""
     names = list(PARAMETERS)
-    seen = {(a, b, x, y) for case in CASES for i, a in enumerate(names) for b in names[i + 1:]
-            for x, y in [(case[i], case[names.index(b)])]}
+    seen = {
+        (a, b, x, y)
+        for case in CASES
+        for i, a in enumerate(names)
+        for b in names[i + 1 :]
+        for x, y in [(case[i], case[names.index(b)])]
+    }
     for i, a in enumerate(names):
-        for b in names[i + 1:]:
+        for b in names[i + 1 :]:
             for x in PARAMETERS[a]:
                 for y in PARAMETERS[b]:
                     if meaningful([x if n == a else y if n == b else None for n in names]):
@@ -233,8 +272,11 @@ def test_combination(source, shape, labels, run, after, tiny_model_dir, tmp_path
         assert (results["distributed_type"], results["num_processes"]) == (kind, 2), results
     elif run == "resume":  # the uninterrupted run, checkpointed at step 12, then resumed from there in another folder
         whole = tmp_path / "whole"
-        run_in_process(tiny_args(model_dir, {}, whole, **{**options, "do_predict": "false", "save_strategy": "steps",
-                                                          "save_steps": 12}))
+        run_in_process(
+            tiny_args(
+                model_dir, {}, whole, **{**options, "do_predict": "false", "save_strategy": "steps", "save_steps": 12}
+            )
+        )
         reset_accelerate_state()
         capsys.readouterr()
         step_12 = whole / "checkpoints" / "step_0000012"
@@ -254,17 +296,43 @@ def test_combination(source, shape, labels, run, after, tiny_model_dir, tmp_path
     assert results["eval_samples"] == SIZES["validation"], results
 
     if after == "evaluate":  # the saved model, scored again by `tuneloop evaluate` in this process
-        assert console(["evaluate", "--model", str(output_dir), "--data", data["eval_data"],
-                        "--output_dir", str(tmp_path / "evaluated")]) == 0
+        assert (
+            console(
+                [
+                    "evaluate",
+                    "--model",
+                    str(output_dir),
+                    "--data",
+                    data["eval_data"],
+                    "--output_dir",
+                    str(tmp_path / "evaluated"),
+                ]
+            )
+            == 0
+        )
         again = read_json(tmp_path / "evaluated" / "all_results.json")
         scores = [key for key in results if key.startswith("eval_") and isinstance(results[key], (int, float))]
         assert len(scores) >= 4 and {key: again[key] for key in scores} == pytest.approx(
-            {key: results[key] for key in scores}, rel=1e-4, abs=1e-6)
+            {key: results[key] for key in scores}, rel=1e-4, abs=1e-6
+        )
     if after == "predict":
         predicted_in = tmp_path / "predicted"
         flags = ["--test_split", "test"] if "test_file" not in data else []
-        assert console(["predict", "--model", str(output_dir), "--data", data["test_data"], *flags,
-                        "--output_dir", str(predicted_in)]) == 0
+        assert (
+            console(
+                [
+                    "predict",
+                    "--model",
+                    str(output_dir),
+                    "--data",
+                    data["test_data"],
+                    *flags,
+                    "--output_dir",
+                    str(predicted_in),
+                ]
+            )
+            == 0
+        )
     else:
         predicted_in = output_dir
     reset_accelerate_state()

@@ -22,7 +22,9 @@ def test_builtin_metrics_offline_match_a_hand_count():
 
 
 def test_unknown_metric_is_a_clear_error():
-    with pytest.raises(UserError, match=r"metric 'no_such_metric_xyz' could not be loaded .*accuracy, f1, precision, recall"):
+    with pytest.raises(
+        UserError, match=r"metric 'no_such_metric_xyz' could not be loaded .*accuracy, f1, precision, recall"
+    ):
         load_metrics(["no_such_metric_xyz"], trust_remote_code=True)
 
 

@@ -19,8 +19,9 @@ def test_two_ranks_equal_one_rank_with_accumulation(ddp_run, tiny_model_dir, toy
     """2 ranks x batch 8 x accumulation 2 make the same optimizer steps as 1 rank x batch 8 x accumulation 4 (same data
     order, same clipping of the averaged gradient, the same short last step of each epoch). Guards gradients that are
     not averaged across ranks, a schedule sized for one rank, and a data order that depends on the process count."""
-    one = run_in_process(tiny_args(tiny_model_dir, toy_files, tmp_path / "one",
-                                   **{**DDP_RUN, "gradient_accumulation_steps": 4}))
+    one = run_in_process(
+        tiny_args(tiny_model_dir, toy_files, tmp_path / "one", **{**DDP_RUN, "gradient_accumulation_steps": 4})
+    )
     two = read_json(ddp_run / "all_results.json")
     assert (two["num_processes"], two["distributed_type"]) == (2, "MULTI_CPU")
     assert two["global_step"] == one["global_step"] == 4 * 8  # 30 batches per epoch / 4 per step, rounded up
@@ -51,11 +52,13 @@ def test_the_stop_agreement_group_binds_to_gloo_socket_ifname(ifname, forms):
     import subprocess
     import sys
 
-    code = ("import datetime, torch, torch.distributed as dist\n"
-            "from tuneloop.preemption import StopRequest\n"
-            "dist.init_process_group('gloo', init_method='tcp://127.0.0.1:0', rank=0, world_size=1, "
-            "timeout=datetime.timedelta(seconds=30))\n"
-            "StopRequest(2, torch.device('cuda'))\n")
+    code = (
+        "import datetime, torch, torch.distributed as dist\n"
+        "from tuneloop.preemption import StopRequest\n"
+        "dist.init_process_group('gloo', init_method='tcp://127.0.0.1:0', rank=0, world_size=1, "
+        "timeout=datetime.timedelta(seconds=30))\n"
+        "StopRequest(2, torch.device('cuda'))\n"
+    )
     env = {**os.environ, "GLOO_SOCKET_IFNAME": ifname}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
     assert (done.returncode == 0) == forms, done.stderr[-2000:]

@@ -83,8 +83,15 @@ def tiny_classifier():
     from transformers import BertConfig, BertForSequenceClassification
 
     torch.manual_seed(0)
-    config = BertConfig(vocab_size=500, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                        num_labels=3, pad_token_id=0)
+    config = BertConfig(
+        vocab_size=500,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        num_labels=3,
+        pad_token_id=0,
+    )
     return BertForSequenceClassification(config)
 
 

@@ -16,8 +16,17 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import (ROOT, launch, launch_env, make_rows, read_json, run_in_process, saved_state_only, tiny_args,
-                      write_rows)
+from conftest import (
+    ROOT,
+    launch,
+    launch_env,
+    make_rows,
+    read_json,
+    run_in_process,
+    saved_state_only,
+    tiny_args,
+    write_rows,
+)
 from tuneloop import checkpoint
 from tuneloop.cli import console
 from tuneloop.config import parse_args
@@ -42,16 +51,18 @@ def test_a_held_lock_refuses_a_second_holder_naming_the_first(tmp_path):
     from tuneloop.outputs import FolderLock
 
     first = FolderLock(str(tmp_path))
-    with pytest.raises(UserError, match=rf"in use by another run \(pid {os.getpid()} on {socket.gethostname()}, "
-                                        r"started .* UTC: .*\): wait for it to end"):
+    with pytest.raises(
+        UserError,
+        match=rf"in use by another run \(pid {os.getpid()} on {socket.gethostname()}, "
+        r"started .* UTC: .*\): wait for it to end",
+    ):
         FolderLock(str(tmp_path))
     first.release()
     FolderLock(str(tmp_path)).release()
 
 
 @pytest.mark.multiprocess
-def test_a_second_run_stops_while_the_first_lives_and_a_killed_holder_never_blocks(tiny_model_dir, toy_files,
-                                                                                     tmp_path):
+def test_a_second_run_stops_while_the_first_lives_and_a_killed_holder_never_blocks(tiny_model_dir, toy_files, tmp_path):
     """A real second `python train.py` into a folder another live process holds stops with one line naming the
     holder's pid; once that holder is SIGKILLed (no clean-up runs), its lock file no longer blocks. Guards a second run
     deleting the first's checkpoints, and a lock file that outlives its process."""
@@ -60,9 +71,18 @@ def test_a_second_run_stops_while_the_first_lives_and_a_killed_holder_never_bloc
     out = tmp_path / "run"
     out.mkdir()
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from tuneloop.outputs import FolderLock; FolderLock(sys.argv[1]); "
-                               "print('locked', flush=True); time.sleep(600)", str(out)],
-        stdout=subprocess.PIPE, text=True, env=launch_env(), cwd=ROOT)
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from tuneloop.outputs import FolderLock; FolderLock(sys.argv[1]); "
+            "print('locked', flush=True); time.sleep(600)",
+            str(out),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=launch_env(),
+        cwd=ROOT,
+    )
     try:
         assert holder.stdout.readline().strip() == "locked"
         args = tiny_args(tiny_model_dir, toy_files, out, **QUICK)
@@ -79,8 +99,9 @@ def test_a_second_run_stops_while_the_first_lives_and_a_killed_holder_never_bloc
 
 # ------------------------------------------------------------------------------------ item 3: one run per folder
 @pytest.mark.trains
-def test_a_fresh_start_into_another_runs_folder_is_refused_and_overwrite_moves_it_aside(tiny_model_dir, toy_files,
-                                                                                          tmp_path):
+def test_a_fresh_start_into_another_runs_folder_is_refused_and_overwrite_moves_it_aside(
+    tiny_model_dir, toy_files, tmp_path
+):
     """A fresh start into a folder holding another run's checkpoint stops in one line naming both ways on (before
     training); --overwrite_output_dir moves the whole earlier run aside, untouched, and trains in an empty folder.
     Guards the new run's checkpoints rotated away in favour of the old run's, and `latest` resuming the old run."""
@@ -88,9 +109,12 @@ def test_a_fresh_start_into_another_runs_folder_is_refused_and_overwrite_moves_i
     old = saved_state_only(out, step=90)
     (out / "config.json").write_text("{}")  # and the earlier run's final model
     args = tiny_args(tiny_model_dir, toy_files, out, save_strategy="steps", save_steps=2, **QUICK)
-    with pytest.raises(UserError, match=r"holds another run's work \(1 checkpoint of run \w+ up to step_0000090; a "
-                                        r"final model\): continue it with --resume_from_checkpoint latest, or start "
-                                        r"over with --overwrite_output_dir \(moves the folder to .*run\.old-<time>"):
+    with pytest.raises(
+        UserError,
+        match=r"holds another run's work \(1 checkpoint of run \w+ up to step_0000090; a "
+        r"final model\): continue it with --resume_from_checkpoint latest, or start "
+        r"over with --overwrite_output_dir \(moves the folder to .*run\.old-<time>",
+    ):
         run_in_process(args)
     assert old.is_dir()
 
@@ -110,14 +134,24 @@ def test_latest_resumes_only_the_folders_own_run(tiny_model_dir, toy_files, tmp_
     the run in run.json and in each checkpoint; a checkpoint of another run found in the folder later (a higher step
     number) is refused by name, never resumed. Guards `latest` picking the highest step of whatever run."""
     out = tmp_path / "run"
-    args = tiny_args(tiny_model_dir, toy_files, out, save_strategy="steps", save_steps=2,
-                     resume_from_checkpoint="latest", **{**QUICK, "max_steps": 3})
+    args = tiny_args(
+        tiny_model_dir,
+        toy_files,
+        out,
+        save_strategy="steps",
+        save_steps=2,
+        resume_from_checkpoint="latest",
+        **{**QUICK, "max_steps": 3},
+    )
     run_in_process(args)
     run_id = read_json(out / "run.json")["run_id"]
     assert checkpoint.read_state(checkpoint.checkpoint_path(str(out), 2)).tracker_run_id == run_id
     foreign = saved_state_only(out, step=90, tracker_run_id="0therrun0000")
-    with pytest.raises(UserError, match=r"holds work of another run than the one resumed \(1 checkpoint of run "
-                                        r"0therrun0000 up to step_0000090\)"):
+    with pytest.raises(
+        UserError,
+        match=r"holds work of another run than the one resumed \(1 checkpoint of run "
+        r"0therrun0000 up to step_0000090\)",
+    ):
         resume_plan(parse_args(args))
     shutil.rmtree(foreign)
     _, resumed, state, _ = resume_plan(parse_args(args))
@@ -131,8 +165,11 @@ def test_latest_in_a_folder_of_an_earlier_tuneloop_adopts_its_one_run_or_asks_wh
     args = ["--output_dir", str(tmp_path), "--resume_from_checkpoint", "latest", "--seed", "0"]
     assert resume_plan(parse_args(args))[1] == str(first)
     saved_state_only(tmp_path, step=8, tracker_run_id="bbbbbbbbbbbb", per_device_train_batch_size=16)
-    with pytest.raises(UserError, match=r"checkpoints of 2 runs and no run.json .*: pass one with "
-                                        r"--resume_from_checkpoint PATH"):
+    with pytest.raises(
+        UserError,
+        match=r"checkpoints of 2 runs and no run.json .*: pass one with "
+        r"--resume_from_checkpoint PATH",
+    ):
         resume_plan(parse_args(args))
 
 
@@ -155,16 +192,19 @@ def changed_data(toy_files, folder: Path, kind: str) -> dict:
 
 
 @pytest.mark.trains
-@pytest.mark.parametrize("change, refused", [
-    ({"model": "dropout"}, r"model_name_or_path .* -> .*"),
-    ({"data": "one row"}, r"training data 240 examples, sha256 \w+ -> 240 examples, sha256 \w+"),
-    ({"data": "fourth class"}, r"labels \['music', 'sports', 'tech'\] -> \['music', 'sports', 'tech', 'weather'\]"),
-    ({"max_length": 64}, r"max_length 32 -> 64"),
-    ({"label_separator": ";"}, r"problem_type single_label_classification -> multi_label_classification"),
-    ({"use_peft": "true"}, r"use_peft False -> True"),
-    ({"learning_rate": 1e-3}, r"learning_rate 0.003 -> 0.001"),
-    ({"train_sampling_strategy": "group_by_length"}, r"train_sampling_strategy random -> group_by_length"),
-])
+@pytest.mark.parametrize(
+    "change, refused",
+    [
+        ({"model": "dropout"}, r"model_name_or_path .* -> .*"),
+        ({"data": "one row"}, r"training data 240 examples, sha256 \w+ -> 240 examples, sha256 \w+"),
+        ({"data": "fourth class"}, r"labels \['music', 'sports', 'tech'\] -> \['music', 'sports', 'tech', 'weather'\]"),
+        ({"max_length": 64}, r"max_length 32 -> 64"),
+        ({"label_separator": ";"}, r"problem_type single_label_classification -> multi_label_classification"),
+        ({"use_peft": "true"}, r"use_peft False -> True"),
+        ({"learning_rate": 1e-3}, r"learning_rate 0.003 -> 0.001"),
+        ({"train_sampling_strategy": "group_by_length"}, r"train_sampling_strategy random -> group_by_length"),
+    ],
+)
 def test_resume_refuses_a_changed_setting_naming_it(settings_run, tiny_model_dir, toy_files, tmp_path, change, refused):
     """Each family of what must not change on resume (model, training data, label set, tokenization, problem type,
     LoRA, optimizer, data order) is refused in one line naming the setting old -> new, before training. Guards a
@@ -180,11 +220,15 @@ def test_resume_refuses_a_changed_setting_naming_it(settings_run, tiny_model_dir
         shutil.copytree(tiny_model_dir, model)
         config = json.loads(Path(model, "config.json").read_text())
         Path(model, "config.json").write_text(json.dumps({**config, "hidden_dropout_prob": 0.1}))
-    args = tiny_args(model, files, out, save_strategy="steps", save_steps=2, resume_from_checkpoint="latest",
-                     **{**QUICK, **options})
-    with pytest.raises(UserError, match=rf"checkpoint .*step_0000002 was written with other settings "
-                                        rf"\(.*{refused}.*\): "
-                                        r"resume with the settings it was written with, or start a new run"):
+    args = tiny_args(
+        model, files, out, save_strategy="steps", save_steps=2, resume_from_checkpoint="latest", **{**QUICK, **options}
+    )
+    with pytest.raises(
+        UserError,
+        match=rf"checkpoint .*step_0000002 was written with other settings "
+        rf"\(.*{refused}.*\): "
+        r"resume with the settings it was written with, or start a new run",
+    ):
         run_in_process(args)
     assert not (out / "checkpoints" / "step_0000004").exists()
 
@@ -195,8 +239,14 @@ def test_a_token_budget_run_keeps_its_padding_multiple(tiny_model_dir, toy_files
     monkeypatch.setenv("WORLD_SIZE", "1")
     budget = dict(max_tokens_per_batch=64, resume_from_checkpoint="latest")
     written = parse_args(tiny_args(tiny_model_dir, toy_files, tmp_path, pad_to_multiple_of=8, **budget))
-    saved_state_only(tmp_path, step=3, batches_in_epoch=3, per_device_train_batch_size=8, max_tokens_per_batch=64,
-                     settings=checkpoint.resume_settings(written))
+    saved_state_only(
+        tmp_path,
+        step=3,
+        batches_in_epoch=3,
+        per_device_train_batch_size=8,
+        max_tokens_per_batch=64,
+        settings=checkpoint.resume_settings(written),
+    )
     with pytest.raises(UserError, match=r"other settings \(pad_to_multiple_of 8 -> 16\)"):
         resume_plan(parse_args(tiny_args(tiny_model_dir, toy_files, tmp_path, pad_to_multiple_of=16, **budget)))
     unbudgeted = parse_args(tiny_args(tiny_model_dir, toy_files, tmp_path))
@@ -204,16 +254,29 @@ def test_a_token_budget_run_keeps_its_padding_multiple(tiny_model_dir, toy_files
 
 
 @pytest.mark.trains
-def test_resume_may_change_length_logging_evaluation_saving_and_the_data_files_path(settings_run, tiny_model_dir,
-                                                                                       toy_files, tmp_path):
+def test_resume_may_change_length_logging_evaluation_saving_and_the_data_files_path(
+    settings_run, tiny_model_dir, toy_files, tmp_path
+):
     """What README says may change on resume does: more steps, other logging, evaluation and save settings, and the
     same training file under another path (its content is what is recorded)."""
     out = tmp_path / "run"
     shutil.copytree(settings_run, out)
     moved = {**toy_files, "train_file": str(shutil.copy(toy_files["train_file"], tmp_path / "moved.csv"))}
-    results = run_in_process(tiny_args(tiny_model_dir, moved, out, max_steps=6, logging_steps=1, eval_strategy="steps",
-                                       eval_steps=3, save_strategy="steps", save_steps=3, save_total_limit=1,
-                                       resume_from_checkpoint=str(out / "checkpoints" / "step_0000002")))
+    results = run_in_process(
+        tiny_args(
+            tiny_model_dir,
+            moved,
+            out,
+            max_steps=6,
+            logging_steps=1,
+            eval_strategy="steps",
+            eval_steps=3,
+            save_strategy="steps",
+            save_steps=3,
+            save_total_limit=1,
+            resume_from_checkpoint=str(out / "checkpoints" / "step_0000002"),
+        )
+    )
     assert results["global_step"] == 6 and "eval_accuracy" in results
 
 
@@ -293,8 +356,9 @@ def test_a_crash_between_the_moves_is_finished_by_the_next_run(tiny_classifier, 
     assert not list(tmp_path.glob(".*.incoming"))
 
 
-def test_the_model_trained_from_or_evaluated_is_never_the_output_dir(trained, tiny_model_dir, toy_files, tmp_path,
-                                                                     capsys):
+def test_the_model_trained_from_or_evaluated_is_never_the_output_dir(
+    trained, tiny_model_dir, toy_files, tmp_path, capsys
+):
     """`--model_name_or_path X --output_dir X` would overwrite the model it trains from; `tuneloop evaluate --model M
     --output_dir M` the evaluated model's run_config.json and results. Both stop in one line, M untouched."""
     model = shutil.copytree(tiny_model_dir, tmp_path / "model")
@@ -303,8 +367,20 @@ def test_the_model_trained_from_or_evaluated_is_never_the_output_dir(trained, ti
     model_dir, _ = trained
     before = {p.name: p.read_bytes() for p in model_dir.iterdir() if p.is_file()}
     for output_dir in (model_dir, model_dir / ".." / model_dir.name):
-        assert console(["evaluate", "--model", str(model_dir), "--data", toy_files["validation_file"],
-                        "--output_dir", str(output_dir)]) == 2
+        assert (
+            console(
+                [
+                    "evaluate",
+                    "--model",
+                    str(model_dir),
+                    "--data",
+                    toy_files["validation_file"],
+                    "--output_dir",
+                    str(output_dir),
+                ]
+            )
+            == 2
+        )
         assert "is (or holds) the model being evaluated" in capsys.readouterr().err
     assert {p.name: p.read_bytes() for p in model_dir.iterdir() if p.is_file()} == before
 

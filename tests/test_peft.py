@@ -20,8 +20,8 @@ from conftest import read_json, reset_accelerate_state, run_in_process, tiny_arg
 from test_engines import launched as launched_engine
 from tuneloop import lora
 from tuneloop.config import parse_args
-from tuneloop.options import FULL_FINETUNING_LEARNING_RATE, LORA_LEARNING_RATE, ModelArguments
 from tuneloop.errors import UserError
+from tuneloop.options import FULL_FINETUNING_LEARNING_RATE, LORA_LEARNING_RATE, ModelArguments
 
 # The tiny BERT is random: LoRA on a random frozen backbone needs a large step to learn the toy task in a few epochs.
 LORA = dict(use_peft="true", learning_rate=1e-2, lora_dropout=0.0)
@@ -49,21 +49,27 @@ def test_gradient_checkpointing_is_an_alias_of_activation_checkpointing():
     assert parse_args([]).train.activation_checkpointing is False
 
 
-@pytest.mark.parametrize("argv, line", [
-    (["--lora_r", "8", "--merge_adapter", "false"], "--lora_r, --merge_adapter set without --use_peft"),
-    (["--use_peft", "--lora_dropout", "1.5"], "lora_dropout must be in [0, 1)"),
-    (["--use_peft", "--lora_r", "0"], "lora_r must be >= 1"),
-    (["--use_peft", "--lora_target_modules", "all-linear", "query"], "'all-linear' stands alone"),
-])
+@pytest.mark.parametrize(
+    "argv, line",
+    [
+        (["--lora_r", "8", "--merge_adapter", "false"], "--lora_r, --merge_adapter set without --use_peft"),
+        (["--use_peft", "--lora_dropout", "1.5"], "lora_dropout must be in [0, 1)"),
+        (["--use_peft", "--lora_r", "0"], "lora_r must be >= 1"),
+        (["--use_peft", "--lora_target_modules", "all-linear", "query"], "'all-linear' stands alone"),
+    ],
+)
 def test_lora_options_that_cannot_work_are_one_line(argv, line):
     with pytest.raises(UserError, match=line.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
         parse_args(argv)
 
 
-@pytest.mark.parametrize("options, line", [
-    (dict(lora_target_modules="nothing_here"), "--lora_target_modules nothing_here does not work with"),
-    (dict(dtype="float16"), "--dtype float16 on CPU"),
-])
+@pytest.mark.parametrize(
+    "options, line",
+    [
+        (dict(lora_target_modules="nothing_here"), "--lora_target_modules nothing_here does not work with"),
+        (dict(dtype="float16"), "--dtype float16 on CPU"),
+    ],
+)
 def test_bad_lora_input_stops_before_the_weights_load(weightless_model_dir, toy_files, tmp_path, options, line):
     """With no weights file at all, the run must stop on the bad option, not on the missing weights."""
     from tuneloop.loop import train
@@ -86,30 +92,57 @@ def test_a_model_whose_head_cannot_be_found_is_one_line():
 
 
 def _tiny(config_class, **extra):
-    return config_class(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
-                        num_labels=3, **extra)
+    return config_class(
+        vocab_size=64,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        num_labels=3,
+        **extra,
+    )
 
 
-@pytest.mark.parametrize("architecture, heads", [
-    ("bert", ["classifier"]),
-    ("roberta", ["classifier"]),  # a module with its own dense + out_proj
-    ("distilbert", ["pre_classifier", "classifier"]),  # both new in DistilBERT's classifier
-    ("deberta-v2", ["pooler", "classifier"]),  # DeBERTa's ContextPooler is new too
-    ("llama", ["score"]),
-])
+@pytest.mark.parametrize(
+    "architecture, heads",
+    [
+        ("bert", ["classifier"]),
+        ("roberta", ["classifier"]),  # a module with its own dense + out_proj
+        ("distilbert", ["pre_classifier", "classifier"]),  # both new in DistilBERT's classifier
+        ("deberta-v2", ["pooler", "classifier"]),  # DeBERTa's ContextPooler is new too
+        ("llama", ["score"]),
+    ],
+)
 def test_the_head_is_trained_in_full_and_gets_no_lora(architecture, heads):
     """Guards a head left frozen or given LoRA instead of full training (PEFT's own guess, `classifier` or `score`,
     gave DeBERTa's new pooler LoRA on frozen random weights and failed on DistilBERT), and a backbone left without
     adapters."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
-    config = AutoConfig.for_model(architecture, vocab_size=64, num_labels=3, **(
-        dict(dim=32, n_layers=1, n_heads=2, hidden_dim=64) if architecture == "distilbert" else
-        dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, pooler_hidden_size=32,
-             num_key_value_heads=2, pad_token_id=0)))
+    config = AutoConfig.for_model(
+        architecture,
+        vocab_size=64,
+        num_labels=3,
+        **(
+            dict(dim=32, n_layers=1, n_heads=2, hidden_dim=64)
+            if architecture == "distilbert"
+            else dict(
+                hidden_size=32,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                intermediate_size=64,
+                pooler_hidden_size=32,
+                num_key_value_heads=2,
+                pad_token_id=0,
+            )
+        ),
+    )
     with torch.device("meta"):
-        model = lora.add_adapter(AutoModelForSequenceClassification.from_config(config), ModelArguments(use_peft=True),
-                                 low_cpu_mem_usage=True)
+        model = lora.add_adapter(
+            AutoModelForSequenceClassification.from_config(config),
+            ModelArguments(use_peft=True),
+            low_cpu_mem_usage=True,
+        )
     trainable = [name for name, p in model.named_parameters() if p.requires_grad]
     in_full = {name.split(".")[2] for name in trainable if ".modules_to_save." in name}
     assert in_full == set(heads), trainable
@@ -122,8 +155,20 @@ def test_the_head_is_trained_in_full_and_gets_no_lora(architecture, heads):
 def lora_run(tiny_model_dir, toy_files, tmp_path_factory) -> Path:
     """LoRA + activation checkpointing on the toy task in this process: 40 steps (30 per epoch), a checkpoint at step 20."""
     out = tmp_path_factory.mktemp("lora")
-    run_in_process(tiny_args(tiny_model_dir, toy_files, out, **LORA, activation_checkpointing="true", max_steps=40,
-                             eval_strategy="no", save_strategy="steps", save_steps=20, logging_steps=1))
+    run_in_process(
+        tiny_args(
+            tiny_model_dir,
+            toy_files,
+            out,
+            **LORA,
+            activation_checkpointing="true",
+            max_steps=40,
+            eval_strategy="no",
+            save_strategy="steps",
+            save_steps=20,
+            logging_steps=1,
+        )
+    )
     reset_accelerate_state()
     return out
 
@@ -169,11 +214,28 @@ def test_lora_checkpoint_holds_only_what_trains_and_resumes_bitwise(lora_run, ti
     assert sum(t.numel() for t in weights.values()) < sum(t.numel() for t in base.values())
 
     resumed = tmp_path / "resumed"
-    run_in_process([*tiny_args(tiny_model_dir, toy_files, resumed, **LORA, activation_checkpointing="true",
-                               max_steps=40, eval_strategy="no", save_strategy="steps", save_steps=20,
-                               logging_steps=1), "--resume_from_checkpoint", str(saved)])
-    losses = [{h["step"]: h["train/loss"] for h in read_json(out / "log_history.json") if "train/loss" in h}
-              for out in (lora_run, resumed)]
+    run_in_process(
+        [
+            *tiny_args(
+                tiny_model_dir,
+                toy_files,
+                resumed,
+                **LORA,
+                activation_checkpointing="true",
+                max_steps=40,
+                eval_strategy="no",
+                save_strategy="steps",
+                save_steps=20,
+                logging_steps=1,
+            ),
+            "--resume_from_checkpoint",
+            str(saved),
+        ]
+    )
+    losses = [
+        {h["step"]: h["train/loss"] for h in read_json(out / "log_history.json") if "train/loss" in h}
+        for out in (lora_run, resumed)
+    ]
     assert losses[1] == losses[0] and len(losses[0]) == 40
     expected, got = (load_file(out / "adapter" / "adapter_model.safetensors") for out in (lora_run, resumed))
     assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
@@ -184,34 +246,69 @@ def test_evaluate_and_predict_accept_the_adapter_folder(lora_run, toy_files, tes
     """`tuneloop evaluate --model output_dir/adapter` scores what training scored; predict writes class names."""
     from tuneloop import cli
 
-    assert cli.console(["evaluate", "--model", str(lora_run / "adapter"), "--data", toy_files["validation_file"],
-                        "--output_dir", str(tmp_path / "evaluate")]) == 0
+    assert (
+        cli.console(
+            [
+                "evaluate",
+                "--model",
+                str(lora_run / "adapter"),
+                "--data",
+                toy_files["validation_file"],
+                "--output_dir",
+                str(tmp_path / "evaluate"),
+            ]
+        )
+        == 0
+    )
     trained, evaluated = read_json(lora_run / "all_results.json"), read_json(tmp_path / "evaluate" / "all_results.json")
     assert evaluated["eval_accuracy"] == trained["eval_accuracy"]
     assert evaluated["eval_loss"] == pytest.approx(trained["eval_loss"], rel=1e-5)
-    assert cli.console(["predict", "--model", str(lora_run / "adapter"), "--data", test_files["unlabelled"],
-                        "--output_dir", str(tmp_path / "predict")]) == 0
+    assert (
+        cli.console(
+            [
+                "predict",
+                "--model",
+                str(lora_run / "adapter"),
+                "--data",
+                test_files["unlabelled"],
+                "--output_dir",
+                str(tmp_path / "predict"),
+            ]
+        )
+        == 0
+    )
     rows = [json.loads(line) for line in open(tmp_path / "predict" / "predictions.jsonl")]
     assert len(rows) == 45 and all(set(row["probabilities"]) == {"music", "sports", "tech"} for row in rows)
 
 
-
 @pytest.mark.trains
-def test_bf16_lora_without_merge_saves_the_adapter_and_evaluates_in_its_dtype(tiny_model_dir, toy_files, tmp_path,
-                                                                               capsys):
+def test_bf16_lora_without_merge_saves_the_adapter_and_evaluates_in_its_dtype(
+    tiny_model_dir, toy_files, tmp_path, capsys
+):
     """The low-memory setting: the frozen base in bfloat16, the adapters in float32 (PEFT's), no warning about a
     missing master copy; --merge_adapter false leaves only the adapter in output_dir, and `tuneloop evaluate` of it
     runs in the dtype trained. Guards a merge done anyway, and evaluation falling back to float32."""
     from tuneloop import cli
 
     out = tmp_path / "bf16"
-    run_in_process(tiny_args(tiny_model_dir, toy_files, out, **LORA, dtype="bfloat16", merge_adapter="false",
-                             max_steps=3, eval_strategy="no"))
+    run_in_process(
+        tiny_args(
+            tiny_model_dir,
+            toy_files,
+            out,
+            **LORA,
+            dtype="bfloat16",
+            merge_adapter="false",
+            max_steps=3,
+            eval_strategy="no",
+        )
+    )
     reset_accelerate_state()
     printed = capsys.readouterr().out
     assert "no fp32 master copy" not in printed
-    trainable, total = (int(n.replace(",", "")) for n in
-                        re.search(r"trainable parameters ([\d,]+) of ([\d,]+)", printed).groups())
+    trainable, total = (
+        int(n.replace(",", "")) for n in re.search(r"trainable parameters ([\d,]+) of ([\d,]+)", printed).groups()
+    )
     assert 0 < trainable < total
     assert (out / "adapter_config.json").is_file() and not (out / "model.safetensors").exists()
     adapter = load_file(out / "adapter_model.safetensors")
@@ -224,8 +321,16 @@ def test_bf16_lora_without_merge_saves_the_adapter_and_evaluates_in_its_dtype(ti
 
 
 # LoRA + activation checkpointing on each engine: accumulation 2 on 2 ranks, 8 steps, a checkpoint at step 4.
-ENGINE_RUN = dict(**LORA, activation_checkpointing="true", gradient_accumulation_steps=2, max_steps=8,
-                  eval_strategy="no", save_strategy="steps", save_steps=4, logging_steps=1)
+ENGINE_RUN = dict(
+    **LORA,
+    activation_checkpointing="true",
+    gradient_accumulation_steps=2,
+    max_steps=8,
+    eval_strategy="no",
+    save_strategy="steps",
+    save_steps=4,
+    logging_steps=1,
+)
 
 
 def launched(engine: str, args: list[str]) -> Path:
@@ -240,8 +345,9 @@ def lora_engine_run(tiny_model_dir, toy_files, tmp_path_factory):
 
     def get(engine: str) -> Path:
         if engine not in runs:
-            runs[engine] = launched(engine, tiny_args(tiny_model_dir, toy_files, tmp_path_factory.mktemp(f"lora-{engine}"),
-                                                      **ENGINE_RUN))
+            runs[engine] = launched(
+                engine, tiny_args(tiny_model_dir, toy_files, tmp_path_factory.mktemp(f"lora-{engine}"), **ENGINE_RUN)
+            )
         return runs[engine]
 
     return get
@@ -268,16 +374,25 @@ def test_lora_on_deepspeed_trains_and_merges_exactly_like_ddp(engine, lora_engin
 
 
 @pytest.mark.engines
-def test_lora_zero3_checkpoint_leaves_out_the_frozen_base_and_resumes(lora_engine_run, tiny_model_dir, toy_files,
-                                                                      tmp_path):
+def test_lora_zero3_checkpoint_leaves_out_the_frozen_base_and_resumes(
+    lora_engine_run, tiny_model_dir, toy_files, tmp_path
+):
     """DeepSpeed saves only the trained parameters (exclude_frozen_parameters) and loads them non-strictly; the resumed
     run ends where the uninterrupted one did."""
     first = lora_engine_run("zero3")
     saved = first / "checkpoints" / "step_0000004"
-    module = torch.load(saved / "pytorch_model" / "zero_pp_rank_0_mp_rank_00_model_states.pt", weights_only=False)["module"]
+    module = torch.load(saved / "pytorch_model" / "zero_pp_rank_0_mp_rank_00_model_states.pt", weights_only=False)[
+        "module"
+    ]
     assert not any("word_embeddings" in key for key in module), sorted(module)
-    resumed = launched("zero3", [*tiny_args(tiny_model_dir, toy_files, tmp_path / "resumed", **ENGINE_RUN),
-                                 "--resume_from_checkpoint", str(saved)])
+    resumed = launched(
+        "zero3",
+        [
+            *tiny_args(tiny_model_dir, toy_files, tmp_path / "resumed", **ENGINE_RUN),
+            "--resume_from_checkpoint",
+            str(saved),
+        ],
+    )
     assert logged_losses(resumed) == pytest.approx(logged_losses(first), rel=1e-6)
     expected, got = load_file(first / "model.safetensors"), load_file(resumed / "model.safetensors")
     for name in expected:

@@ -12,9 +12,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tuneloop.cli import COMMANDS, console
-
 from conftest import ROOT, launch, make_rows, read_json, run_in_process, tiny_args, write_rows
+from tuneloop.cli import COMMANDS, console
 
 
 def read_jsonl(path) -> list[dict]:
@@ -43,8 +42,17 @@ def test_do_predict_writes_every_test_row_in_order_with_probabilities(trained, t
 def test_predictions_on_two_processes_equal_one_process(trained, test_files, tmp_path):
     """Unlabelled data, CSV output: same rows, same order, no duplicates, on 1 and on 2 real processes."""
     model_dir, _ = trained
-    common = ["predict", "--model", str(model_dir), "--data", test_files["unlabelled"], "--predictions_format", "csv",
-              "--per_device_eval_batch_size", "8"]
+    common = [
+        "predict",
+        "--model",
+        str(model_dir),
+        "--data",
+        test_files["unlabelled"],
+        "--predictions_format",
+        "csv",
+        "--per_device_eval_batch_size",
+        "8",
+    ]
     assert console([*common, "--output_dir", str(tmp_path / "one")]) == 0
     launch([*common, "--output_dir", str(tmp_path / "two")], module=True)
     one, two = pd.read_csv(tmp_path / "one" / "predictions.csv"), pd.read_csv(tmp_path / "two" / "predictions.csv")
@@ -68,8 +76,20 @@ def test_evaluate_a_saved_model_reproduces_the_training_metrics(trained, toy_fil
     out = capsys.readouterr().out
     assert "max_length=32" in out and "tuneloop summary" in out and f"{at_training['eval_accuracy']:.4f}" in out
     one = read_json(model_dir / "evaluate" / "all_results.json")
-    launch(["evaluate", "--model", str(model_dir), "--data", toy_files["validation_file"],
-            "--output_dir", str(tmp_path / "two"), "--per_device_eval_batch_size", "8"], module=True)
+    launch(
+        [
+            "evaluate",
+            "--model",
+            str(model_dir),
+            "--data",
+            toy_files["validation_file"],
+            "--output_dir",
+            str(tmp_path / "two"),
+            "--per_device_eval_batch_size",
+            "8",
+        ],
+        module=True,
+    )
     two = read_json(tmp_path / "two" / "all_results.json")
     assert (two["num_processes"], two["distributed_type"]) == (2, "MULTI_CPU")
     for results in (one, two):
@@ -83,11 +103,31 @@ def test_evaluate_a_saved_model_reproduces_the_training_metrics(trained, toy_fil
 
 def test_train_py_with_only_do_predict_uses_the_model_as_loaded(trained, test_files, tmp_path):
     model_dir, _ = trained
-    assert console(["train", "--model_name_or_path", str(model_dir), "--do_train", "false", "--do_eval", "false",
-                    "--do_predict", "--test_file", test_files["labelled"], "--max_length", "32",
-                    "--output_dir", str(tmp_path)]) == 0
-    assert read_json(tmp_path / "predict_results.json")["test_accuracy"] == \
-        read_json(model_dir / "predict_results.json")["test_accuracy"]
+    assert (
+        console(
+            [
+                "train",
+                "--model_name_or_path",
+                str(model_dir),
+                "--do_train",
+                "false",
+                "--do_eval",
+                "false",
+                "--do_predict",
+                "--test_file",
+                test_files["labelled"],
+                "--max_length",
+                "32",
+                "--output_dir",
+                str(tmp_path),
+            ]
+        )
+        == 0
+    )
+    assert (
+        read_json(tmp_path / "predict_results.json")["test_accuracy"]
+        == read_json(model_dir / "predict_results.json")["test_accuracy"]
+    )
     assert not (tmp_path / "model.safetensors").exists()
 
 
@@ -101,15 +141,25 @@ def test_the_command_table(capsys):
         assert callable(getattr(__import__(module, fromlist=[function]), function))
 
 
-@pytest.mark.parametrize("rows, flags, message", [
-    ([{"text": "a goal", "label": "politics"}], [], "labels ['politics'] in the test split are not classes of the model"),
-    ([{"body": "a goal"}], [], "no text column found among ['body']"),
-    ([{"text": "a goal", "ref": 1}], ["--id_column", "key"], "column 'key' not in the test split"),
-])
+@pytest.mark.parametrize(
+    "rows, flags, message",
+    [
+        (
+            [{"text": "a goal", "label": "politics"}],
+            [],
+            "labels ['politics'] in the test split are not classes of the model",
+        ),
+        ([{"body": "a goal"}], [], "no text column found among ['body']"),
+        ([{"text": "a goal", "ref": 1}], ["--id_column", "key"], "column 'key' not in the test split"),
+    ],
+)
 def test_bad_test_data_is_one_line(trained, tmp_path, capsys, rows, flags, message):
     model_dir, _ = trained
     path = write_rows(tmp_path / "bad.csv", rows)
-    assert console(["predict", "--model", str(model_dir), "--data", path, "--output_dir", str(tmp_path / "out"), *flags]) == 2
+    assert (
+        console(["predict", "--model", str(model_dir), "--data", path, "--output_dir", str(tmp_path / "out"), *flags])
+        == 2
+    )
     err = capsys.readouterr().err
     errors = [line for line in err.splitlines() if "error" in line.lower()]  # progress bars may precede it
     assert len(errors) == 1 and errors[0].startswith("tuneloop: error: ") and message in errors[0], err
@@ -121,7 +171,10 @@ def test_evaluate_refuses_data_with_other_classes(trained, tmp_path, capsys):
     rows = [{"text": r["text"], "label": {"music": "jazz"}.get(r["label"], r["label"])} for r in make_rows(12, seed=5)]
     path = write_rows(tmp_path / "other.csv", rows)
     assert console(["evaluate", "--model", str(model_dir), "--data", path, "--output_dir", str(tmp_path / "out")]) == 2
-    assert "labels ['jazz'] in the eval split are not classes of the model (music, sports, tech)" in capsys.readouterr().err
+    assert (
+        "labels ['jazz'] in the eval split are not classes of the model (music, sports, tech)"
+        in capsys.readouterr().err
+    )
 
 
 def test_evaluate_on_data_with_some_of_the_model_classes(trained, tmp_path):
@@ -137,7 +190,10 @@ def test_evaluate_on_data_with_some_of_the_model_classes(trained, tmp_path):
 
 def test_do_predict_checks_the_test_split_before_training(tiny_model_dir, toy_files, tmp_path, capsys):
     path = write_rows(tmp_path / "bad.csv", [{"body": "a goal"}])
-    assert console(["train", *tiny_args(tiny_model_dir, toy_files, tmp_path / "out", do_predict="true", test_file=path)]) == 2
+    assert (
+        console(["train", *tiny_args(tiny_model_dir, toy_files, tmp_path / "out", do_predict="true", test_file=path)])
+        == 2
+    )
     assert "no text column found among ['body']" in capsys.readouterr().err
     assert not (tmp_path / "out" / "model.safetensors").exists()
 
@@ -177,8 +233,9 @@ def test_evaluate_rescores_the_examples_training_held_out(tiny_model_dir, tmp_pa
     folder = str(tmp_path / "dataset")
     datasets.DatasetDict(train=datasets.Dataset.from_list(make_rows(200, seed=4))).save_to_disk(folder)
     files = {"dataset_name": folder}
-    run_in_process(tiny_args(tiny_model_dir, files, tmp_path / "run", num_train_epochs=4, seed=7,
-                             validation_split_percentage=30))
+    run_in_process(
+        tiny_args(tiny_model_dir, files, tmp_path / "run", num_train_epochs=4, seed=7, validation_split_percentage=30)
+    )
     at_training = read_json(tmp_path / "run" / "all_results.json")
     assert console(["evaluate", "--model", str(tmp_path / "run"), "--data", folder]) == 0
     again = read_json(tmp_path / "run" / "evaluate" / "all_results.json")
@@ -194,8 +251,9 @@ def test_predict_on_a_named_split_of_a_dataset(trained, tmp_path, capsys):
     model_dir, _ = trained
     folder = str(tmp_path / "dataset")
     rows = [{"text": r["text"], "label": -1} for r in make_rows(20, seed=6)]  # GLUE's way of hiding test labels
-    datasets.DatasetDict(train=datasets.Dataset.from_list(make_rows(10, seed=5)),
-                         heldout=datasets.Dataset.from_list(rows)).save_to_disk(folder)
+    datasets.DatasetDict(
+        train=datasets.Dataset.from_list(make_rows(10, seed=5)), heldout=datasets.Dataset.from_list(rows)
+    ).save_to_disk(folder)
     common = ["predict", "--model", str(model_dir), "--data", folder, "--output_dir", str(tmp_path / "out")]
     assert console([*common, "--test_split", "heldout"]) == 0
     predictions = read_jsonl(tmp_path / "out" / "predictions.jsonl")
@@ -206,6 +264,11 @@ def test_predict_on_a_named_split_of_a_dataset(trained, tmp_path, capsys):
 
 
 def test_doctor_is_a_tuneloop_command(capsys):
-    assert console(["doctor", "--config_file", str(ROOT / "accelerate_configs" / "gpu.yaml"), "--skip_accelerate_test"]) != 0
+    assert (
+        console(["doctor", "--config_file", str(ROOT / "accelerate_configs" / "gpu.yaml"), "--skip_accelerate_test"])
+        != 0
+    )
     out = capsys.readouterr()
-    assert "torch" in out.out and "needs GPUs and this machine has none" in out.out + out.err  # environment, then refusal
+    assert (
+        "torch" in out.out and "needs GPUs and this machine has none" in out.out + out.err
+    )  # environment, then refusal

@@ -15,8 +15,23 @@ def test_minilm_on_bbc_through_accelerate_launch(tmp_path):
     """The default model and data train through the launcher, and the saved model answers with the corpus's topic
     names in the corpus's own order. Guards a model saved without its class names (a pipeline answering LABEL_3)
     or with them permuted (every answer named after the wrong topic)."""
-    result = launch(["--output_dir", str(tmp_path), "--max_train_samples", "96", "--max_eval_samples", "40",
-                     "--max_length", "64", "--max_steps", "6", "--logging_steps", "2"], num_processes=1)
+    result = launch(
+        [
+            "--output_dir",
+            str(tmp_path),
+            "--max_train_samples",
+            "96",
+            "--max_eval_samples",
+            "40",
+            "--max_length",
+            "64",
+            "--max_steps",
+            "6",
+            "--logging_steps",
+            "2",
+        ],
+        num_processes=1,
+    )
     results = read_json(tmp_path / "all_results.json")
     assert results["global_step"] == 6 and results["eval_samples"] == 40
     assert math.isfinite(results["train_loss"])

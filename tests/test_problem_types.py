@@ -18,15 +18,34 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, pipeline
 
+from conftest import (
+    FILLER,
+    KEYWORDS,
+    launch,
+    make_rows,
+    read_json,
+    reset_accelerate_state,
+    run_in_process,
+    tiny_args,
+    write_rows,
+)
 from tuneloop import checkpoint, metrics, report
 from tuneloop.config import parse_args
-from tuneloop.options import DataArguments, TrainArguments
 from tuneloop.data import load_splits
 from tuneloop.errors import UserError
-from tuneloop.problem import (MULTI, REGRESSION, SINGLE, TYPES, MultiLabel, Regression, SingleLabel, best_threshold,
-                              class_weights, make_problem)
-
-from conftest import FILLER, KEYWORDS, launch, make_rows, read_json, reset_accelerate_state, run_in_process, tiny_args, write_rows
+from tuneloop.options import DataArguments, TrainArguments
+from tuneloop.problem import (
+    MULTI,
+    REGRESSION,
+    SINGLE,
+    TYPES,
+    MultiLabel,
+    Regression,
+    SingleLabel,
+    best_threshold,
+    class_weights,
+    make_problem,
+)
 
 TOPICS = sorted(KEYWORDS)  # music, sports, tech
 VALUES = {"music": 2.0, "sports": -1.0, "tech": 0.5}  # the regression task's value of each topic
@@ -46,8 +65,9 @@ def multi_label_rows(n: int, seed: int) -> list[dict]:
 
 def regression_rows(n: int, seed: int) -> list[dict]:
     rng = random.Random(seed)
-    return [{"text": row["text"], "label": round(VALUES[row["label"]] + rng.gauss(0, 0.1), 4)}
-            for row in make_rows(n, seed)]
+    return [
+        {"text": row["text"], "label": round(VALUES[row["label"]] + rng.gauss(0, 0.1), 4)} for row in make_rows(n, seed)
+    ]
 
 
 # 90 optimizer steps: the tiny model learns each task well beyond chance (multi-label micro-F1 about 0.85).
@@ -60,12 +80,15 @@ def read_jsonl(path) -> list[dict]:
 
 def train_problem(tiny_model_dir, folder, rows, suffix: str, **options):
     """Train on generated rows (240 train, 45 eval, 30 labelled test), then --do_predict; returns (dir, results)."""
-    files = {"train_file": write_rows(folder / f"train{suffix}", rows(240, 11)),
-             "validation_file": write_rows(folder / f"validation{suffix}", rows(45, 12))}
+    files = {
+        "train_file": write_rows(folder / f"train{suffix}", rows(240, 11)),
+        "validation_file": write_rows(folder / f"validation{suffix}", rows(45, 12)),
+    }
     test_file = write_rows(folder / f"test{suffix}", rows(30, 13))
     output_dir = folder / "run"
-    results = run_in_process(tiny_args(tiny_model_dir, files, output_dir, do_predict="true", test_file=test_file,
-                                       **{**FAST, **options}))
+    results = run_in_process(
+        tiny_args(tiny_model_dir, files, output_dir, do_predict="true", test_file=test_file, **{**FAST, **options})
+    )
     reset_accelerate_state()
     return output_dir, results, files, test_file
 
@@ -73,15 +96,22 @@ def train_problem(tiny_model_dir, folder, rows, suffix: str, **options):
 @pytest.fixture(scope="module")
 def multi_label_run(tiny_model_dir, tmp_path_factory):
     """Lists of labels in JSONL (inferred multi-label), the threshold chosen on the eval set."""
-    return train_problem(tiny_model_dir, tmp_path_factory.mktemp("multi-label"), multi_label_rows, ".jsonl",
-                         multi_label_threshold="auto")
+    return train_problem(
+        tiny_model_dir, tmp_path_factory.mktemp("multi-label"), multi_label_rows, ".jsonl", multi_label_threshold="auto"
+    )
 
 
 @pytest.fixture(scope="module")
 def regression_run(tiny_model_dir, tmp_path_factory):
     """Float labels in CSV (inferred regression); the best model by the lowest eval MSE."""
-    return train_problem(tiny_model_dir, tmp_path_factory.mktemp("regression"), regression_rows, ".csv",
-                         metric_for_best_model="mse", load_best_model_at_end="true")
+    return train_problem(
+        tiny_model_dir,
+        tmp_path_factory.mktemp("regression"),
+        regression_rows,
+        ".csv",
+        metric_for_best_model="mse",
+        load_best_model_at_end="true",
+    )
 
 
 def losses(output_dir) -> list[float]:
@@ -90,19 +120,48 @@ def losses(output_dir) -> list[float]:
 
 # ---------------------------------------------------------------- inference and encoding (no training)
 
-@pytest.mark.parametrize("suffix, rows, flags, problem_type, names", [
-    (".csv", [{"text": "a", "label": 1.0}, {"text": "b", "label": 2.0}, {"text": "c", "label": 0.0}], {}, SINGLE,
-     ["0", "1", "2"]),  # whole-number floats: class ids, as pandas writes an integer column with a gap
-    (".csv", [{"text": "a", "label": 1.5}, {"text": "b", "label": 2.0}], {}, REGRESSION, ["label"]),
-    (".jsonl", [{"text": "a", "label": ["x", "y"]}, {"text": "b", "label": []}, {"text": "c", "label": ["z"]}], {},
-     MULTI, ["x", "y", "z"]),
-    (".csv", [{"text": "a", "label": "x|y"}, {"text": "b", "label": ""}, {"text": "c", "label": "z"}],
-     {"label_separator": "|"}, MULTI, ["x", "y", "z"]),
-    (".jsonl", [{"text": "a", "label": [0.5, 1.0]}, {"text": "b", "label": [1.5, 2.0]}], {}, REGRESSION,
-     ["label_0", "label_1"]),
-    (".csv", [{"text": "a", "label": 1.0}, {"text": "b", "label": 2.0}], {"problem_type": REGRESSION}, REGRESSION,
-     ["label"]),
-])
+
+@pytest.mark.parametrize(
+    "suffix, rows, flags, problem_type, names",
+    [
+        (
+            ".csv",
+            [{"text": "a", "label": 1.0}, {"text": "b", "label": 2.0}, {"text": "c", "label": 0.0}],
+            {},
+            SINGLE,
+            ["0", "1", "2"],
+        ),  # whole-number floats: class ids, as pandas writes an integer column with a gap
+        (".csv", [{"text": "a", "label": 1.5}, {"text": "b", "label": 2.0}], {}, REGRESSION, ["label"]),
+        (
+            ".jsonl",
+            [{"text": "a", "label": ["x", "y"]}, {"text": "b", "label": []}, {"text": "c", "label": ["z"]}],
+            {},
+            MULTI,
+            ["x", "y", "z"],
+        ),
+        (
+            ".csv",
+            [{"text": "a", "label": "x|y"}, {"text": "b", "label": ""}, {"text": "c", "label": "z"}],
+            {"label_separator": "|"},
+            MULTI,
+            ["x", "y", "z"],
+        ),
+        (
+            ".jsonl",
+            [{"text": "a", "label": [0.5, 1.0]}, {"text": "b", "label": [1.5, 2.0]}],
+            {},
+            REGRESSION,
+            ["label_0", "label_1"],
+        ),
+        (
+            ".csv",
+            [{"text": "a", "label": 1.0}, {"text": "b", "label": 2.0}],
+            {"problem_type": REGRESSION},
+            REGRESSION,
+            ["label"],
+        ),
+    ],
+)
 def test_problem_type_is_inferred_from_the_labels_or_given(tmp_path, suffix, rows, flags, problem_type, names):
     """run_classification.py's rules, plus whole-number floats staying classes. Guards a float id column trained as
     regression, multi-label rows encoded as one class, and a --problem_type that is not obeyed."""
@@ -113,8 +172,10 @@ def test_problem_type_is_inferred_from_the_labels_or_given(tmp_path, suffix, row
     if problem_type == MULTI:  # multi-hot over the sorted labels; an empty cell is a row with no label
         assert labels == [[1.0, 1.0, 0.0], [0.0, 0.0, 0.0], [0.0, 0.0, 1.0]]
     elif problem_type == REGRESSION:
-        np.testing.assert_allclose(np.asarray(labels, dtype=np.float32).ravel(),
-                                   np.asarray([r["label"] for r in rows], dtype=np.float32).ravel())
+        np.testing.assert_allclose(
+            np.asarray(labels, dtype=np.float32).ravel(),
+            np.asarray([r["label"] for r in rows], dtype=np.float32).ravel(),
+        )
     else:
         assert labels == [1, 2, 0]
 
@@ -152,6 +213,7 @@ def test_each_problem_type_names_what_exists():
 
 # ---------------------------------------------------------------- the loss, by hand
 
+
 def test_weighted_smoothed_loss_equals_a_hand_computation():
     """Cross-entropy with auto class weights and label smoothing, and BCE with auto pos_weight, against the formulas
     written out on a fixed batch. Guards weights in the wrong order, a plain mean instead of the weighted one, and
@@ -172,7 +234,9 @@ def test_weighted_smoothed_loss_equals_a_hand_computation():
     expected = total / weight_sum
     problem = SingleLabel(["a", "b", "c"], weights=weights, label_smoothing=eps)
     assert problem.loss(logits, labels).item() == pytest.approx(expected, rel=1e-6)
-    assert SingleLabel(["a", "b", "c"]).loss(logits, labels).item() == pytest.approx(F.cross_entropy(logits, labels).item())
+    assert SingleLabel(["a", "b", "c"]).loss(logits, labels).item() == pytest.approx(
+        F.cross_entropy(logits, labels).item()
+    )
 
     targets = torch.tensor([[1.0, 0.0, 0.0], [1.0, 1.0, 0.0], [0.0, 0.0, 0.0], [1.0, 0.0, 1.0]])
     pos_weight = class_weights("auto", MULTI, targets.numpy(), ["a", "b", "c"])
@@ -183,10 +247,13 @@ def test_weighted_smoothed_loss_equals_a_hand_computation():
             sig = 1 / (1 + math.exp(-x))
             expected += -(pw * y * math.log(sig) + (1 - y) * math.log(1 - sig))
     expected /= targets.numel()
-    assert MultiLabel(["a", "b", "c"], weights=pos_weight).loss(logits, targets).item() == pytest.approx(expected, rel=1e-6)
+    assert MultiLabel(["a", "b", "c"], weights=pos_weight).loss(logits, targets).item() == pytest.approx(
+        expected, rel=1e-6
+    )
     values = torch.tensor([1.0, 2.0, 0.0, -1.0])
-    assert Regression(["v"]).loss(logits[:, :1], values).item() == \
-        pytest.approx(((logits[:, 0] - values) ** 2).mean().item())
+    assert Regression(["v"]).loss(logits[:, :1], values).item() == pytest.approx(
+        ((logits[:, 0] - values) ** 2).mean().item()
+    )
 
 
 def test_best_threshold_maximises_micro_f1():
@@ -207,6 +274,7 @@ def test_best_threshold_maximises_micro_f1():
 
 # ---------------------------------------------------------------- multi-label, trained
 
+
 @pytest.mark.trains
 def test_multi_label_learns_and_predicts_every_label_above_the_threshold(multi_label_run):
     """Loss falls, micro-F1 beats predicting every label (the best constant guess for micro-F1 here), the threshold
@@ -223,7 +291,9 @@ def test_multi_label_learns_and_predicts_every_label_above_the_threshold(multi_l
 
     rows = read_jsonl(output_dir / "predictions.jsonl")
     source = read_jsonl(test_file)
-    assert [(r["index"], r["text"], r["labels"]) for r in rows] == [(i, s["text"], s["label"]) for i, s in enumerate(source)]
+    assert [(r["index"], r["text"], r["labels"]) for r in rows] == [
+        (i, s["text"], s["label"]) for i, s in enumerate(source)
+    ]
     for row in rows:
         assert set(row["probabilities"]) == set(TOPICS)
         assert set(row["predicted_labels"]) == {t for t, q in row["probabilities"].items() if q >= threshold}
@@ -244,6 +314,7 @@ def test_multi_label_learns_and_predicts_every_label_above_the_threshold(multi_l
 
 # ---------------------------------------------------------------- regression, trained
 
+
 @pytest.mark.trains
 def test_regression_learns_and_predicts_values(regression_run):
     """Loss falls, the eval MSE beats predicting the mean (the labels' variance), Pearson and Spearman are high; the
@@ -263,9 +334,12 @@ def test_regression_learns_and_predicts_values(regression_run):
     assert [r["text"] for r in rows] == list(source["text"])
     assert [r["label"] for r in rows] == pytest.approx(list(source["label"]), abs=1e-4)
     test = read_json(output_dir / "predict_results.json")
-    assert test["test_mse"] == pytest.approx(np.mean([(r["predicted_value"] - r["label"]) ** 2 for r in rows]), rel=1e-3)
-    value = pipeline("text-classification", model=str(output_dir), device="cpu",
-                     function_to_apply="none")(rows[0]["text"])[0]
+    assert test["test_mse"] == pytest.approx(
+        np.mean([(r["predicted_value"] - r["label"]) ** 2 for r in rows]), rel=1e-3
+    )
+    value = pipeline("text-classification", model=str(output_dir), device="cpu", function_to_apply="none")(
+        rows[0]["text"]
+    )[0]
     assert (value["label"], value["score"]) == ("label", pytest.approx(rows[0]["predicted_value"], abs=1e-5))
 
     report = output_dir / "report"
@@ -278,16 +352,20 @@ def test_regression_learns_and_predicts_values(regression_run):
 
 # ---------------------------------------------------------------- single-label with class weights, trained
 
+
 @pytest.mark.trains
 def test_class_weights_train_and_score_with_the_same_loss(tiny_model_dir, tmp_path, capsys):
     """Imbalanced data (music is a fifth of the others) with --class_weights auto and smoothing: the weights are
     printed, the model learns, and the eval loss is the weighted, smoothed loss of the saved model's logits (the
     function training used), not the plain cross-entropy."""
     rows = [r for r in make_rows(300, seed=21) if r["label"] != "music" or random.Random(r["text"]).random() < 0.2]
-    files = {"train_file": write_rows(tmp_path / "train.csv", rows),
-             "validation_file": write_rows(tmp_path / "validation.csv", make_rows(45, seed=2))}
-    results = run_in_process(tiny_args(tiny_model_dir, files, tmp_path / "run", class_weights="auto",
-                                       label_smoothing_factor=0.1, **FAST))
+    files = {
+        "train_file": write_rows(tmp_path / "train.csv", rows),
+        "validation_file": write_rows(tmp_path / "validation.csv", make_rows(45, seed=2)),
+    }
+    results = run_in_process(
+        tiny_args(tiny_model_dir, files, tmp_path / "run", class_weights="auto", label_smoothing_factor=0.1, **FAST)
+    )
     out = capsys.readouterr().out
     assert "single_label_classification (the label column holds one class per row)" in out
     counts = pd.Series([r["label"] for r in rows]).value_counts()
@@ -302,15 +380,19 @@ def test_class_weights_train_and_score_with_the_same_loss(tiny_model_dir, tmp_pa
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "run")
     validation = pd.read_csv(files["validation_file"])
     with torch.no_grad():
-        logits = model(**tokenizer(list(validation["text"]), truncation=True, max_length=32, padding=True,
-                                   return_tensors="pt")).logits
+        logits = model(
+            **tokenizer(list(validation["text"]), truncation=True, max_length=32, padding=True, return_tensors="pt")
+        ).logits
     labels = torch.tensor([TOPICS.index(name) for name in validation["label"]])
-    weighted = F.cross_entropy(logits, labels, weight=torch.tensor([expected[t] for t in TOPICS], dtype=torch.float32), label_smoothing=0.1)
+    weighted = F.cross_entropy(
+        logits, labels, weight=torch.tensor([expected[t] for t in TOPICS], dtype=torch.float32), label_smoothing=0.1
+    )
     assert results["eval_loss"] == pytest.approx(weighted.item(), rel=1e-4)
     assert results["eval_loss"] != pytest.approx(F.cross_entropy(logits, labels).item(), rel=1e-3)
 
 
 # ---------------------------------------------------------------- 1 process against 2
+
 
 @pytest.mark.multiprocess
 @pytest.mark.parametrize("run", ["multi_label_run", "regression_run"])
@@ -318,8 +400,20 @@ def test_evaluation_on_two_processes_equals_one(run, request, tmp_path):
     """`tuneloop evaluate` of the saved model on 2 real processes (45 examples: Accelerate repeats some to even the
     last batches) gives the 1-process figures of the training run's final evaluation. (Single-label: test_predict.py.)"""
     output_dir, at_training, files, _ = request.getfixturevalue(run)
-    launch(["evaluate", "--model", str(output_dir), "--data", files["validation_file"],
-            "--output_dir", str(tmp_path / "two"), "--per_device_eval_batch_size", "8"], module=True)
+    launch(
+        [
+            "evaluate",
+            "--model",
+            str(output_dir),
+            "--data",
+            files["validation_file"],
+            "--output_dir",
+            str(tmp_path / "two"),
+            "--per_device_eval_batch_size",
+            "8",
+        ],
+        module=True,
+    )
     two = read_json(tmp_path / "two" / "all_results.json")
     assert (two["num_processes"], two["distributed_type"]) == (2, "MULTI_CPU")
     scored = [k for k in at_training if k.startswith("eval_") and k not in ("eval_loss",)]
@@ -330,6 +424,7 @@ def test_evaluation_on_two_processes_equals_one(run, request, tmp_path):
 
 
 # ---------------------------------------------------------------- focal loss (--loss focal)
+
 
 def test_focal_loss_equals_the_papers_formula():
     """Softmax focal loss -(1 - p_y)^gamma log p_y (alpha: the class weights, a weighted mean as cross-entropy's) and
@@ -344,8 +439,9 @@ def test_focal_loss_equals_the_papers_formula():
     names = ["a", "b", "c", "d"]
     for w in (None, weights):
         plain = F.cross_entropy(logits, labels, weight=w)
-        assert SingleLabel(names, weights=w, loss_name="focal", focal_gamma=0.0).loss(logits, labels).item() == \
-            pytest.approx(plain.item(), rel=1e-6)
+        assert SingleLabel(names, weights=w, loss_name="focal", focal_gamma=0.0).loss(
+            logits, labels
+        ).item() == pytest.approx(plain.item(), rel=1e-6)
         total, weight_sum = 0.0, 0.0
         for row, y in zip(logits.double().tolist(), labels.tolist()):
             p_y = math.exp(row[y]) / sum(math.exp(v) for v in row)
@@ -360,8 +456,9 @@ def test_focal_loss_equals_the_papers_formula():
     pos_weight = torch.tensor([1.0, 3.0, 0.5, 2.0])
     for pw in (None, pos_weight):
         plain = F.binary_cross_entropy_with_logits(logits, targets, pos_weight=pw)
-        assert MultiLabel(names, weights=pw, loss_name="focal", focal_gamma=0.0).loss(logits, targets).item() == \
-            pytest.approx(plain.item(), rel=1e-6)
+        assert MultiLabel(names, weights=pw, loss_name="focal", focal_gamma=0.0).loss(
+            logits, targets
+        ).item() == pytest.approx(plain.item(), rel=1e-6)
         expected = 0.0
         for row, t_row in zip(logits.double().tolist(), targets.tolist()):
             for j, (x, t) in enumerate(zip(row, t_row)):
@@ -395,11 +492,14 @@ def test_the_loss_options_are_kept_on_resume():
     """--loss and --focal_gamma are recorded in each checkpoint like --class_weights: resuming with another is refused
     (the optimizer state was shaped by the old loss). Guards a loss option left out of the resume record."""
     written = checkpoint.resume_settings(parse_args(["--loss", "focal", "--focal_gamma", "1"]))
-    for flags, refused in ((["--loss", "focal", "--focal_gamma", "3"], "focal_gamma 1.0 -> 3.0"),
-                           (["--focal_gamma", "1"], "loss focal -> None")):
+    for flags, refused in (
+        (["--loss", "focal", "--focal_gamma", "3"], "focal_gamma 1.0 -> 3.0"),
+        (["--focal_gamma", "1"], "loss focal -> None"),
+    ):
         with pytest.raises(UserError, match=rf"other settings \({refused}\)"):
-            checkpoint.check_settings(checkpoint.TrainerState(settings=written),
-                                      checkpoint.resume_settings(parse_args(flags)), "step_1")
+            checkpoint.check_settings(
+                checkpoint.TrainerState(settings=written), checkpoint.resume_settings(parse_args(flags)), "step_1"
+            )
 
 
 @pytest.mark.trains
@@ -408,10 +508,20 @@ def test_focal_loss_trains_and_scores_with_the_same_loss(tiny_model_dir, tmp_pat
     focal loss of the saved model's logits (the function training used), below the weighted cross-entropy. 10 epochs:
     focal loss shrinks the easy examples' gradients, and 6 left the model at 0.67 accuracy."""
     rows = [r for r in make_rows(300, seed=21) if r["label"] != "music" or random.Random(r["text"]).random() < 0.2]
-    files = {"train_file": write_rows(tmp_path / "train.csv", rows),
-             "validation_file": write_rows(tmp_path / "validation.csv", make_rows(45, seed=2))}
-    results = run_in_process(tiny_args(tiny_model_dir, files, tmp_path / "run", class_weights="auto", loss="focal",
-                                       **{**FAST, "num_train_epochs": 10}))
+    files = {
+        "train_file": write_rows(tmp_path / "train.csv", rows),
+        "validation_file": write_rows(tmp_path / "validation.csv", make_rows(45, seed=2)),
+    }
+    results = run_in_process(
+        tiny_args(
+            tiny_model_dir,
+            files,
+            tmp_path / "run",
+            class_weights="auto",
+            loss="focal",
+            **{**FAST, "num_train_epochs": 10},
+        )
+    )
     assert losses(tmp_path / "run")[-1] < 0.5 * losses(tmp_path / "run")[0]
     assert results["eval_accuracy"] >= 0.7  # chance: 1/3
     assert read_json(tmp_path / "run" / "run_config.json")["train"]["loss"] == "focal"
@@ -420,8 +530,9 @@ def test_focal_loss_trains_and_scores_with_the_same_loss(tiny_model_dir, tmp_pat
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "run")
     validation = pd.read_csv(files["validation_file"])
     with torch.no_grad():
-        logits = model(**tokenizer(list(validation["text"]), truncation=True, max_length=32, padding=True,
-                                   return_tensors="pt")).logits
+        logits = model(
+            **tokenizer(list(validation["text"]), truncation=True, max_length=32, padding=True, return_tensors="pt")
+        ).logits
     labels = torch.tensor([TOPICS.index(name) for name in validation["label"]])
     counts = pd.Series([r["label"] for r in rows]).value_counts()
     weights = torch.tensor([len(rows) / (3 * counts[t]) for t in TOPICS], dtype=torch.float32)

@@ -8,9 +8,8 @@ import numpy as np
 import pytest
 from matplotlib.image import imread
 
-from tuneloop.report import confusion_figure, summary_table
-
 from conftest import read_json
+from tuneloop.report import confusion_figure, summary_table
 
 FIGURES = ("loss", "learning_rate", "eval_metrics", "confusion_matrix")
 
@@ -65,10 +64,16 @@ def test_model_card(tracked):
     card = (output_dir / "report" / "README.md").read_text()
     front = card.split("---")[1]
     assert "library_name: transformers" in front and "pipeline_tag: text-classification" in front
-    for fact in ("3 classes (music, sports, tech)", "240 training examples, 45 evaluation examples",
-                 f"| eval_accuracy | {results['eval_accuracy']:.4f} |", "- learning rate: 0.003",
-                 f"- optimizer steps: {results['global_step']}", "1 process(es) on cpu",
-                 f"{results['train_samples_per_second']} samples/s", f'model="{output_dir.name}"'):
+    for fact in (
+        "3 classes (music, sports, tech)",
+        "240 training examples, 45 evaluation examples",
+        f"| eval_accuracy | {results['eval_accuracy']:.4f} |",
+        "- learning rate: 0.003",
+        f"- optimizer steps: {results['global_step']}",
+        "1 process(es) on cpu",
+        f"{results['train_samples_per_second']} samples/s",
+        f'model="{output_dir.name}"',
+    ):
         assert fact in card, fact
 
 
@@ -93,9 +98,19 @@ def test_figures_are_logged_to_the_trackers(tracked):
 
 
 def test_summary_table():
-    results = {"eval_accuracy": 0.9111, "eval_f1": 0.9, "train_loss": 0.25, "global_step": 180,
-               "train_runtime": 12.5, "train_samples_per_second": 115.2, "num_processes": 2, "device": "cpu",
-               "distributed_type": "MULTI_CPU", "mixed_precision": "no", "final_learning_rate": 0.0}
+    results = {
+        "eval_accuracy": 0.9111,
+        "eval_f1": 0.9,
+        "train_loss": 0.25,
+        "global_step": 180,
+        "train_runtime": 12.5,
+        "train_samples_per_second": 115.2,
+        "num_processes": 2,
+        "device": "cpu",
+        "distributed_type": "MULTI_CPU",
+        "mixed_precision": "no",
+        "final_learning_rate": 0.0,
+    }
     table = summary_table(results, "outputs/x")
     lines = table.splitlines()
     assert len({len(line) for line in lines}) == 1  # a box: every line the same width

@@ -33,8 +33,9 @@ def test_a_nan_evaluation_is_never_the_best():
 
 
 @pytest.mark.trains
-def test_a_stop_at_the_last_step_checkpoints_it_and_the_rerun_only_finishes(tiny_model_dir, toy_files, tmp_path,
-                                                                             monkeypatch):
+def test_a_stop_at_the_last_step_checkpoints_it_and_the_rerun_only_finishes(
+    tiny_model_dir, toy_files, tmp_path, monkeypatch
+):
     """SIGTERM during the last optimizer step: the run saved no checkpoint and went on to the end as if nothing had
     come (the signal was agreed and dropped). Now it checkpoints the last step and stops (Preempted: exit 75), and the
     requeued run resumes there and only finishes: final evaluation, model, results, without one training step."""
@@ -67,16 +68,28 @@ def test_a_stop_at_the_last_step_checkpoints_it_and_the_rerun_only_finishes(tiny
 
 # A learning rate that makes the loss NaN/inf after the first step, but fewer times in a row than
 # --max_nonfinite_steps by the end: the run is not stopped as diverged.
-EXPLODING = dict(learning_rate=1e9, max_grad_norm=0, adam_epsilon=1e-30, max_steps=4, logging_steps=1,
-                 max_nonfinite_steps=100, eval_strategy="steps", eval_steps=1, save_strategy="steps", save_steps=1)
+EXPLODING = dict(
+    learning_rate=1e9,
+    max_grad_norm=0,
+    adam_epsilon=1e-30,
+    max_steps=4,
+    logging_steps=1,
+    max_nonfinite_steps=100,
+    eval_strategy="steps",
+    eval_steps=1,
+    save_strategy="steps",
+    save_steps=1,
+)
 
 
 @pytest.mark.trains
 def test_non_finite_final_weights_are_never_saved_as_the_model(tiny_model_dir, toy_files, tmp_path):
     """The last steps' loss was NaN/inf (fewer than --max_nonfinite_steps): the run saved those NaN weights as its
     model. Now it refuses in one line naming the best checkpoint, which stays; no model is written."""
-    refused = (r"NaN/inf in the last \d+ optimizer step\(s\) .*not saving those weights as the model; "
-               r"kept: the best checkpoint .*step_0000001 \(step 1\)")
+    refused = (
+        r"NaN/inf in the last \d+ optimizer step\(s\) .*not saving those weights as the model; "
+        r"kept: the best checkpoint .*step_0000001 \(step 1\)"
+    )
     with pytest.raises(UserError, match=refused):
         run_in_process(tiny_args(tiny_model_dir, toy_files, tmp_path, **EXPLODING))
     assert not (tmp_path / "model.safetensors").exists()
@@ -111,10 +124,14 @@ def test_the_best_checkpoint_is_found_after_the_run_folder_moved(tmp_path):
     old, moved = tmp_path / "old", tmp_path / "moved"
     for step in (2, 4, 6):
         saved_state_only(moved, step=step)
-    state = checkpoint.TrainerState(step=6, best_step=2, best_metric=0.5,
-                                    best_checkpoint=checkpoint.checkpoint_path(str(old), 2))
-    run = SimpleNamespace(config=SimpleNamespace(train=SimpleNamespace(output_dir=str(moved))),
-                          training=SimpleNamespace(state=state), accelerator=SimpleNamespace(is_main_process=True))
+    state = checkpoint.TrainerState(
+        step=6, best_step=2, best_metric=0.5, best_checkpoint=checkpoint.checkpoint_path(str(old), 2)
+    )
+    run = SimpleNamespace(
+        config=SimpleNamespace(train=SimpleNamespace(output_dir=str(moved))),
+        training=SimpleNamespace(state=state),
+        accelerator=SimpleNamespace(is_main_process=True),
+    )
     assert keep_best_in_reach(run) == state.best_checkpoint == checkpoint.checkpoint_path(str(moved), 2)
     deleted = checkpoint.rotate_checkpoints(str(moved), 1, state.best_checkpoint)
     assert deleted == [checkpoint.checkpoint_path(str(moved), 4)]  # not the best (step 2)

@@ -36,12 +36,23 @@ def slurm(conf: str, *command: str) -> str:
 def submit(conf: str, script: str, args: list[str], logs: Path, *sbatch_options: str, **env: str) -> str:
     """`sbatch slurm/<script> ARGS` from the repository root, on CPU; returns the job id."""
     env = {
-        **os.environ, "SLURM_CONF": conf, "TUNELOOP_VENV": sys.prefix, "TUNELOOP_ACCELERATE_CONFIG": str(CPU_2PROC),
-        "OMP_NUM_THREADS": "1", **env,
+        **os.environ,
+        "SLURM_CONF": conf,
+        "TUNELOOP_VENV": sys.prefix,
+        "TUNELOOP_ACCELERATE_CONFIG": str(CPU_2PROC),
+        "OMP_NUM_THREADS": "1",
+        **env,
     }
     command = [
-        "sbatch", "--parsable", "--gpus-per-node=0", "--cpus-per-task=1", "--time=10", f"--output={logs}/%x-%j.out",
-        *sbatch_options, f"slurm/{script}", *args,
+        "sbatch",
+        "--parsable",
+        "--gpus-per-node=0",
+        "--cpus-per-task=1",
+        "--time=10",
+        f"--output={logs}/%x-%j.out",
+        *sbatch_options,
+        f"slurm/{script}",
+        *args,
     ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=60, env=env, cwd=ROOT)
     assert result.returncode == 0, result.stderr
@@ -106,8 +117,12 @@ def test_multi_node_job_spans_both_nodes(slurm_conf, tiny_model_dir, toy_files, 
     """2 nodes x 2 processes: one srun task per node, each an `accelerate launch` with its machine rank."""
     out = tmp_path / "out"
     job = submit(
-        slurm_conf, "train_multi_node.sbatch", tiny_args(tiny_model_dir, toy_files, out, num_train_epochs=2), tmp_path,
-        "--nodes=2", TUNELOOP_PROCS_PER_NODE="2",
+        slurm_conf,
+        "train_multi_node.sbatch",
+        tiny_args(tiny_model_dir, toy_files, out, num_train_epochs=2),
+        tmp_path,
+        "--nodes=2",
+        TUNELOOP_PROCS_PER_NODE="2",
     )
     log = tmp_path / f"tuneloop-multi-{job}.out"
     info = wait_for_job(slurm_conf, job, log)
@@ -125,7 +140,10 @@ def test_failed_job_is_not_requeued(slurm_conf, tiny_model_dir, toy_files, tmp_p
     """A real error inside the trainer (a missing label column) ends the job as failed, once."""
     out = tmp_path / "out"
     job = submit(
-        slurm_conf, "train_single_node.sbatch", tiny_args(tiny_model_dir, toy_files, out, label_column="topic"), tmp_path
+        slurm_conf,
+        "train_single_node.sbatch",
+        tiny_args(tiny_model_dir, toy_files, out, label_column="topic"),
+        tmp_path,
     )
     log = tmp_path / f"tuneloop-{job}.out"
     info = wait_for_job(slurm_conf, job, log)
@@ -134,12 +152,15 @@ def test_failed_job_is_not_requeued(slurm_conf, tiny_model_dir, toy_files, tmp_p
     assert "not requeuing" in read_log(log)
 
 
-def test_preempted_job_checkpoints_requeues_and_resumes(slurm_conf, uninterrupted_job, tiny_model_dir, toy_files,
-                                                        tmp_path):
+def test_preempted_job_checkpoints_requeues_and_resumes(
+    slurm_conf, uninterrupted_job, tiny_model_dir, toy_files, tmp_path
+):
     """USR1 to the batch shell (what --signal=B:USR1@N sends before the time limit): checkpoint, requeue, resume, and
     the same final weights, bit for bit, as the same job never interrupted."""
     out = tmp_path / "out"
-    job = submit(slurm_conf, "train_single_node.sbatch", tiny_args(tiny_model_dir, toy_files, out, **LONG_RUN), tmp_path)
+    job = submit(
+        slurm_conf, "train_single_node.sbatch", tiny_args(tiny_model_dir, toy_files, out, **LONG_RUN), tmp_path
+    )
     log = tmp_path / f"tuneloop-{job}.out"
     wait_for_line(log, r"\b25/300 ")  # the progress bar, redrawn at each logging step: training is under way
     slurm(slurm_conf, "scancel", "--signal=USR1", "--batch", job)

@@ -18,7 +18,9 @@ def test_non_embedding_parameters_match_a_hand_count(tiny_model_dir):
     hand = 64 + 2 * per_layer + (32 * 32 + 32) + (32 * 3 + 3)  # embedding LayerNorm, layers, pooler, classifier
     assert throughput.non_embedding_parameters(model) == hand == 18307
     # Two sequences of 3 and 7 real tokens: 6 N per token, plus attention's 12 * layers * width * length^2.
-    assert throughput.training_flops(hand, 2, 32, tokens=3 + 7, squared_lengths=9 + 49) == 6 * hand * 10 + 12 * 2 * 32 * 58
+    assert (
+        throughput.training_flops(hand, 2, 32, tokens=3 + 7, squared_lengths=9 + 49) == 6 * hand * 10 + 12 * 2 * 32 * 58
+    )
 
 
 # The real `torch.cuda.get_device_name()` strings with their compute capability, and the dense datasheet peak
@@ -53,8 +55,10 @@ GPUS = [
 
 @pytest.mark.parametrize("name, capability, peaks", GPUS)
 def test_gpu_peak_lookup(name, capability, peaks):
-    got = tuple(throughput.gpu_peak_tflops(name, capability, precision, tf32)
-                for precision, tf32 in (("bf16", True), ("fp16", True), ("no", True), ("no", False)))
+    got = tuple(
+        throughput.gpu_peak_tflops(name, capability, precision, tf32)
+        for precision, tf32 in (("bf16", True), ("fp16", True), ("no", True), ("no", False))
+    )
     assert got == peaks
 
 
@@ -117,8 +121,11 @@ def test_speed_switches_keep_the_loss_curve(tiny_model_dir, toy_files, tmp_path)
     from tuneloop.runtime import fast_bf16_available
 
     def curve(name, **options):
-        results = run_in_process(tiny_args(tiny_model_dir, toy_files, tmp_path / name, logging_steps=1, seed=1,
-                                           num_train_epochs=2, **options))
+        results = run_in_process(
+            tiny_args(
+                tiny_model_dir, toy_files, tmp_path / name, logging_steps=1, seed=1, num_train_epochs=2, **options
+            )
+        )
         reset_accelerate_state()
         losses = [e["train/loss"] for e in read_json(tmp_path / name / "log_history.json") if "train/loss" in e]
         return results, torch.tensor(losses)
@@ -147,15 +154,28 @@ def test_speed_switches_keep_the_loss_curve(tiny_model_dir, toy_files, tmp_path)
 def test_torch_compile_keeps_the_loss_curve_and_saves_a_plain_model(tiny_model_dir, toy_files, tmp_path):
     """--torch_compile: Accelerate's regional compilation on padded-length buckets. Same curve as eager (inductor
     reorders float sums), checkpoints written, and the final model loads in plain transformers with every weight."""
-    from conftest import read_json, reset_accelerate_state
     from transformers import AutoModelForSequenceClassification
+
+    from conftest import read_json, reset_accelerate_state
 
     def curve(name, **options):
         # Eval batches of 15 split the 45 examples evenly: one evaluation graph to compile, not one per batch shape.
-        run_in_process(tiny_args(tiny_model_dir, toy_files, tmp_path / name, logging_steps=1, seed=1, num_train_epochs=1,
-                                 per_device_eval_batch_size=15, **options))
+        run_in_process(
+            tiny_args(
+                tiny_model_dir,
+                toy_files,
+                tmp_path / name,
+                logging_steps=1,
+                seed=1,
+                num_train_epochs=1,
+                per_device_eval_batch_size=15,
+                **options,
+            )
+        )
         reset_accelerate_state()
-        return torch.tensor([e["train/loss"] for e in read_json(tmp_path / name / "log_history.json") if "train/loss" in e])
+        return torch.tensor(
+            [e["train/loss"] for e in read_json(tmp_path / name / "log_history.json") if "train/loss" in e]
+        )
 
     eager = curve("eager", pad_to_multiple_of=32)
     compiled = curve("compiled", torch_compile="true", save_strategy="steps", save_steps=10)

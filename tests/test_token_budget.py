@@ -83,15 +83,19 @@ def test_accelerate_deals_whole_batches_sets_the_epoch_and_skips_exactly(world):
     sampler = TokenBudgetBatchSampler(lengths, 64, seed=3)
     expected = epochs_of(TokenBudgetBatchSampler(lengths, 64, seed=3), 2)[1]
     for rank in range(world):
-        loader = prepare_data_loader(DataLoader(list(range(len(lengths))), batch_sampler=sampler),
-                                     num_processes=world, process_index=rank, put_on_device=False)
+        loader = prepare_data_loader(
+            DataLoader(list(range(len(lengths))), batch_sampler=sampler),
+            num_processes=world,
+            process_index=rank,
+            put_on_device=False,
+        )
         assert len(loader) == -(-len(sampler) // world)
         loader.set_epoch(1)
         got = [batch.tolist() for batch in loader]
         mine = expected[rank::world]
-        assert got[:len(mine)] == mine
+        assert got[: len(mine)] == mine
         # even_batches: a rank left without a last batch gets the epoch's first batch again (one repeated batch).
-        assert got[len(mine):] == ([expected[0]] if len(got) > len(mine) else [])
+        assert got[len(mine) :] == ([expected[0]] if len(got) > len(mine) else [])
         resumed = skip_first_batches(loader, 2)
         resumed.set_epoch(1)
         assert [batch.tolist() for batch in resumed] == got[2:]
@@ -101,8 +105,12 @@ def test_bad_combinations_are_one_line_each(tmp_path, tiny_model_dir, toy_files)
     args = tiny_args(tiny_model_dir, toy_files, tmp_path, max_length=32)
     cases = {
         ("--max_tokens_per_batch", "64", "--padding", "max_length"): r"with --padding max_length only counts texts",
-        ("--max_tokens_per_batch", "64", "--gradient_accumulation_steps", "2"):
-            r"needs gradient_accumulation_steps 1 \(got 2\).*raise --max_tokens_per_batch",
+        (
+            "--max_tokens_per_batch",
+            "64",
+            "--gradient_accumulation_steps",
+            "2",
+        ): r"needs gradient_accumulation_steps 1 \(got 2\).*raise --max_tokens_per_batch",
         ("--max_tokens_per_batch", "-1"): r"max_tokens_per_batch must be >= 0",
     }
     for flags, message in cases.items():
@@ -119,12 +127,16 @@ def test_resume_on_another_process_count_is_refused(tmp_path, tiny_model_dir, to
     elastic resume is refused (one line, before anything loads); the same count resumes as ever, and a changed budget
     on the same count is another run."""
     out = tmp_path / "run"
-    saved = saved_state_only(out, step=3, batches_in_epoch=3, num_processes=2, per_device_train_batch_size=8,
-                             max_tokens_per_batch=64)
+    saved = saved_state_only(
+        out, step=3, batches_in_epoch=3, num_processes=2, per_device_train_batch_size=8, max_tokens_per_batch=64
+    )
     args = tiny_args(tiny_model_dir, toy_files, out, max_tokens_per_batch=64, resume_from_checkpoint="latest")
     monkeypatch.setenv("WORLD_SIZE", "1")
-    with pytest.raises(UserError, match=r"written by 2 processes with --max_tokens_per_batch 64, whose batches another "
-                                        r"process count cannot keep: resume on 2 processes"):
+    with pytest.raises(
+        UserError,
+        match=r"written by 2 processes with --max_tokens_per_batch 64, whose batches another "
+        r"process count cannot keep: resume on 2 processes",
+    ):
         resume_plan(parse_args(args))
     monkeypatch.setenv("WORLD_SIZE", "2")
     _, path, resumed, _ = resume_plan(parse_args(args))
@@ -137,9 +149,22 @@ def test_resume_on_another_process_count_is_refused(tmp_path, tiny_model_dir, to
 # at step 1, hold 7 and 4): 5 steps per epoch on 2 processes, 2 epochs.
 # AdamW's first step is lr * g / (|g| + eps), with the usual eps about lr * sign(g) whatever the weighting: eps 1 makes
 # the update follow the gradient itself. Clipping is on (the pre-clip norm at step 1 is about 0.3).
-BUDGET_RUN = dict(max_tokens_per_batch=64, max_train_samples=40, num_train_epochs=2, learning_rate=1e-2,
-                  adam_epsilon=1.0, weight_decay=0.0, max_grad_norm=0.1, warmup_steps=0, logging_steps=1,
-                  do_eval="false", eval_strategy="no", save_strategy="steps", save_steps=1, mixed_precision="no")
+BUDGET_RUN = dict(
+    max_tokens_per_batch=64,
+    max_train_samples=40,
+    num_train_epochs=2,
+    learning_rate=1e-2,
+    adam_epsilon=1.0,
+    weight_decay=0.0,
+    max_grad_norm=0.1,
+    warmup_steps=0,
+    logging_steps=1,
+    do_eval="false",
+    eval_strategy="no",
+    save_strategy="steps",
+    save_steps=1,
+    mixed_precision="no",
+)
 LOG_SAMPLES = {"TUNELOOP_LOG_SAMPLE_IDS": "1"}
 
 
@@ -183,7 +208,8 @@ def one_process_step(classifier_dir: str, args: list[str], ranks_ids: list[list[
     step. Returns the updated weights of each and the pre-clip norms."""
     from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding
 
-    from tuneloop import data, model as models
+    from tuneloop import data
+    from tuneloop import model as models
 
     config = parse_args(args)
     d, t = config.data, config.train
@@ -202,8 +228,14 @@ def one_process_step(classifier_dir: str, args: list[str], ranks_ids: list[list[
         loss = losses.mean() if name == "mean over samples" else (losses[:n0].mean() + losses[n0:].mean()) / 2
         loss.backward()
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.max_grad_norm)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2),
-                                      eps=t.adam_epsilon, weight_decay=0.0, fused=True)
+        optimizer = torch.optim.AdamW(
+            model.parameters(),
+            lr=t.learning_rate,
+            betas=(t.adam_beta1, t.adam_beta2),
+            eps=t.adam_epsilon,
+            weight_decay=0.0,
+            fused=True,
+        )
         optimizer.step()
         out[name] = ({k: v.detach().clone() for k, v in model.named_parameters()}, norm.item())
     return out
@@ -232,13 +264,17 @@ def test_two_ranks_of_unequal_batches_train_on_the_mean_over_all_samples(budget_
     got = load_file(str(Path(checkpoint.checkpoint_path(str(budget_run), 1)) / "model.safetensors"))
     from transformers import AutoModelForSequenceClassification
 
-    initial = {k: v.detach() for k, v in AutoModelForSequenceClassification.from_pretrained(classifier_dir).named_parameters()}
+    initial = {
+        k: v.detach() for k, v in AutoModelForSequenceClassification.from_pretrained(classifier_dir).named_parameters()
+    }
     expected, expected_norm = computed["mean over samples"]
     unweighted, unweighted_norm = computed["mean of rank means"]
     got = {k: got[k] for k in expected}
     error, wrong = update_error(initial, expected, got), update_error(initial, expected, unweighted)
-    print(f"first batches {len(first[0])} + {len(first[1])} texts; error of the run's update {error:.2e}, "
-          f"of the mean of means {wrong:.2e}")
+    print(
+        f"first batches {len(first[0])} + {len(first[1])} texts; error of the run's update {error:.2e}, "
+        f"of the mean of means {wrong:.2e}"
+    )
     assert error <= 1e-5
     assert wrong >= 100 * 1e-5  # the tolerance tells the two weightings apart
     logged_norm = next(e["train/grad_norm"] for e in read_json(budget_run / "log_history.json") if e["step"] == 1)
@@ -247,9 +283,16 @@ def test_two_ranks_of_unequal_batches_train_on_the_mean_over_all_samples(budget_
 
     steps_per_epoch = read_json(budget_run / "all_results.json")["global_step"] // 2
     for epoch in range(2):
-        used = [i for rank in ranks for step in range(epoch * steps_per_epoch + 1, (epoch + 1) * steps_per_epoch + 1)
-                for batch in rank[step] for i in batch]
-        assert set(used) == set(range(40)) and len(used) - 40 <= max(len(b) for r in ranks for s in r.values() for b in s)
+        used = [
+            i
+            for rank in ranks
+            for step in range(epoch * steps_per_epoch + 1, (epoch + 1) * steps_per_epoch + 1)
+            for batch in rank[step]
+            for i in batch
+        ]
+        assert set(used) == set(range(40)) and len(used) - 40 <= max(
+            len(b) for r in ranks for s in r.values() for b in s
+        )
     assert ranks[0][1] != ranks[0][steps_per_epoch + 1]
 
 
@@ -274,14 +317,16 @@ def test_resumed_mid_epoch_on_two_processes_is_bitwise_the_same_run(budget_run, 
 
 
 @pytest.mark.trains
-def test_one_process_run_keeps_the_budget_and_covers_every_text_each_epoch(classifier_dir, toy_files, tmp_path,
-                                                                            monkeypatch):
+def test_one_process_run_keeps_the_budget_and_covers_every_text_each_epoch(
+    classifier_dir, toy_files, tmp_path, monkeypatch
+):
     """One process, in this process, through tuneloop's own set-up (the prepared loader, the plan, the single-process
     optimizer path): every batch within the budget as the collator padded it, every text once per epoch, the planned
     steps per epoch, another order in epoch 2. Guards the batch sampler lost between make_dataloaders and
     `prepare` (batches of --per_device_train_batch_size) and an epoch that does not reach it on one process."""
     from conftest import run_in_process
-    from tuneloop import data, model as models
+    from tuneloop import data
+    from tuneloop import model as models
 
     monkeypatch.setenv("TUNELOOP_LOG_SAMPLE_IDS", "1")
     run = {**BUDGET_RUN, "save_strategy": "no", "per_device_train_batch_size": 2}

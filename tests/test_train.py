@@ -6,14 +6,13 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, pipeline
 
+from conftest import launch, read_json, reset_accelerate_state, run_in_process, tiny_args
 from tuneloop import runtime
 from tuneloop.cli import main
 from tuneloop.loop import LossMeter
+from tuneloop.optim import make_optimizer
 from tuneloop.options import TrainArguments
 from tuneloop.setup import make_plan
-from tuneloop.optim import make_optimizer
-
-from conftest import launch, read_json, reset_accelerate_state, run_in_process, tiny_args
 
 
 def test_the_loop_learns(trained):
@@ -59,8 +58,16 @@ def test_gradient_accumulation_equals_the_larger_batch(tiny_model_dir, toy_files
     common = dict(max_steps=3, num_train_epochs=1, eval_strategy="no", do_eval="false", max_grad_norm=0)
     run_in_process(tiny_args(tiny_model_dir, toy_files, tmp_path / "big", per_device_train_batch_size=16, **common))
     reset_accelerate_state()
-    run_in_process(tiny_args(tiny_model_dir, toy_files, tmp_path / "acc", per_device_train_batch_size=8,
-                             gradient_accumulation_steps=2, **common))
+    run_in_process(
+        tiny_args(
+            tiny_model_dir,
+            toy_files,
+            tmp_path / "acc",
+            per_device_train_batch_size=8,
+            gradient_accumulation_steps=2,
+            **common,
+        )
+    )
     big, acc = load_file(tmp_path / "big" / "model.safetensors"), load_file(tmp_path / "acc" / "model.safetensors")
     initial = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=3).state_dict()
     moved = max((big[k] - initial[k]).abs().max().item() for k in big if k in initial)
@@ -111,17 +118,22 @@ def test_plan_counts_optimizer_steps():
     assert (plan.total_steps, plan.num_epochs, plan.warmup_steps) == (7, 1, 2)
 
 
-@pytest.mark.parametrize("override, message", [
-    ({"model_name_or_path": "./no/such/model"}, "model_name_or_path './no/such/model' does not exist"),
-    ({"model_name_or_path": "no-such-org/no-such-model"}, "could not load model 'no-such-org/no-such-model'"),
-    ({"label_column": "topic"}, "column 'topic' not in the train split"),
-    ({"text_column": "body"}, "column 'body' not in the train split"),
-    ({"num_labels": 2}, "--num_labels 2 but the data has 3 classes"),
-    ({"max_length": 4096}, "max_length 4096 exceeds the model's limit of 128"),
-    ({"metrics": ["accuracy", "no_such_metric_xyz"]}, "metrics no_such_metric_xyz: not built in"),
-    ({"metrics": ["accuracy", "no_such_metric_xyz"], "trust_remote_code": "true"},
-     "metric 'no_such_metric_xyz' could not be loaded"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ({"model_name_or_path": "./no/such/model"}, "model_name_or_path './no/such/model' does not exist"),
+        ({"model_name_or_path": "no-such-org/no-such-model"}, "could not load model 'no-such-org/no-such-model'"),
+        ({"label_column": "topic"}, "column 'topic' not in the train split"),
+        ({"text_column": "body"}, "column 'body' not in the train split"),
+        ({"num_labels": 2}, "--num_labels 2 but the data has 3 classes"),
+        ({"max_length": 4096}, "max_length 4096 exceeds the model's limit of 128"),
+        ({"metrics": ["accuracy", "no_such_metric_xyz"]}, "metrics no_such_metric_xyz: not built in"),
+        (
+            {"metrics": ["accuracy", "no_such_metric_xyz"], "trust_remote_code": "true"},
+            "metric 'no_such_metric_xyz' could not be loaded",
+        ),
+    ],
+)
 def test_bad_input_is_one_line_before_training(tiny_model_dir, toy_files, tmp_path, capsys, override, message):
     assert main(tiny_args(tiny_model_dir, toy_files, tmp_path, **override)) == 2
     err = capsys.readouterr().err
@@ -140,8 +152,9 @@ def test_bad_input_from_the_command_line_has_no_traceback(tmp_path):
 
 
 @pytest.mark.trains
-def test_bf16_mixed_precision_learns_and_pads_to_the_longest_on_cpu(tiny_model_dir, toy_files, tmp_path, monkeypatch,
-                                                                    capsys):
+def test_bf16_mixed_precision_learns_and_pads_to_the_longest_on_cpu(
+    tiny_model_dir, toy_files, tmp_path, monkeypatch, capsys
+):
     """Under bf16 on a CPU every batch the loop trains on is padded to its longest text, not rounded up to a multiple
     of 8 (tensor-core shapes, a GPU's concern: on a CPU 11-token headlines padded to 16 were 45% more work), and the
     run still learns. Guards the padding rule not reaching the training dataloader, and a bf16 path that does not
@@ -167,12 +180,15 @@ def test_bf16_mixed_precision_learns_and_pads_to_the_longest_on_cpu(tiny_model_d
     assert ("warning: bf16 on this CPU is emulated" in capsys.readouterr().out) == emulated
 
 
-@pytest.mark.parametrize("flags, emulated", [
-    ({"avx2", "fma"}, True),  # the AVX2-only host the slowdown was measured on
-    ({"avx2", "avx512f", "avx512bw"}, True),  # AVX-512 without its bf16 instructions
-    ({"avx512f", "avx512_bf16"}, False),
-    ({"amx_tile", "amx_bf16"}, False),
-])
+@pytest.mark.parametrize(
+    "flags, emulated",
+    [
+        ({"avx2", "fma"}, True),  # the AVX2-only host the slowdown was measured on
+        ({"avx2", "avx512f", "avx512bw"}, True),  # AVX-512 without its bf16 instructions
+        ({"avx512f", "avx512_bf16"}, False),
+        ({"amx_tile", "amx_bf16"}, False),
+    ],
+)
 def test_bf16_on_a_cpu_without_bf16_units_is_called_emulated(flags, emulated):
     """The start-up line for explicit bf16 on a CPU that emulates it: there exactly when neither bf16 unit is in the
     CPU's flags, naming the measured slowdown; never for fp32, fp16 or a GPU. Guards a silent 13x slower run, and a
@@ -193,21 +209,33 @@ def test_the_padding_multiple_rule():
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     d, t = DataArguments(max_length=128), TrainArguments()
     assert runtime.pad_to_multiple_of(d, t, "bf16", cuda) == 8 and runtime.pad_to_multiple_of(d, t, "fp16", cuda) == 8
-    assert runtime.pad_to_multiple_of(d, t, "bf16", cpu) is None and runtime.pad_to_multiple_of(d, t, "no", cuda) is None
+    assert (
+        runtime.pad_to_multiple_of(d, t, "bf16", cpu) is None and runtime.pad_to_multiple_of(d, t, "no", cuda) is None
+    )
     assert runtime.pad_to_multiple_of(d, TrainArguments(torch_compile=True), "no", cpu) == 64
     assert runtime.pad_to_multiple_of(DataArguments(max_length=128, pad_to_multiple_of=4), t, "bf16", cuda) == 4
 
 
 @pytest.mark.trains
 @pytest.mark.parametrize("max_steps, evaluated_at", [(34, [10, 20, 30, 34]), (40, [10, 20, 30, 40])])
-def test_eval_strategy_steps_evaluates_at_each_multiple_and_at_the_end(tiny_model_dir, toy_files, tmp_path,
-                                                                       max_steps, evaluated_at):
+def test_eval_strategy_steps_evaluates_at_each_multiple_and_at_the_end(
+    tiny_model_dir, toy_files, tmp_path, max_steps, evaluated_at
+):
     """--eval_strategy steps --eval_steps 10 over an epoch boundary (30 steps per epoch): evaluations land exactly at
     the multiples of 10, plus one of the final weights when the last step is not a multiple, once when it is, and
     none for the epoch. Guards an off-by-one in the step test, a missing or doubled final evaluation, and epoch
     evaluations leaking into the steps strategy (step 30 is both)."""
-    results = run_in_process(tiny_args(tiny_model_dir, toy_files, tmp_path, eval_strategy="steps", eval_steps=10,
-                                       max_steps=max_steps, logging_steps=1))
+    results = run_in_process(
+        tiny_args(
+            tiny_model_dir,
+            toy_files,
+            tmp_path,
+            eval_strategy="steps",
+            eval_steps=10,
+            max_steps=max_steps,
+            logging_steps=1,
+        )
+    )
     evaluations = [h for h in read_json(tmp_path / "log_history.json") if "eval_accuracy" in h]
     assert [e["step"] for e in evaluations] == evaluated_at
     assert not any("epoch" in e for e in evaluations)
@@ -244,9 +272,18 @@ def test_loss_meter_windows_totals_streak_and_resume():
     meter.add(torch.tensor(2.0))
     meter.end_step(skipped=False)  # a checkpoint mid-window
     resumed = LossMeter(cpu, meter.state_dict())
-    assert resumed.state_dict() == meter.state_dict() == {
-        "window_loss": 2.0, "window_count": 1, "total_loss": 16.0, "total_count": 4, "nonfinite_streak": 0,
-        "skipped_steps": 1}
+    assert (
+        resumed.state_dict()
+        == meter.state_dict()
+        == {
+            "window_loss": 2.0,
+            "window_count": 1,
+            "total_loss": 16.0,
+            "total_count": 4,
+            "nonfinite_streak": 0,
+            "skipped_steps": 1,
+        }
+    )
     assert resumed.take_window(OneProcess()) == 2.0 and resumed.total.item() == 18.0
 
     health = LossMeter(cpu)
@@ -267,16 +304,22 @@ def test_weight_decay_skips_biases_and_layer_norms():
     transformers' Trainer. Guards decay on LayerNorm/bias (it pulls them towards 0) or none at all."""
     from transformers import BertConfig, BertForSequenceClassification
 
-    model = BertForSequenceClassification(BertConfig(vocab_size=30, hidden_size=8, num_hidden_layers=1,
-                                                     num_attention_heads=2, intermediate_size=16, num_labels=3))
+    model = BertForSequenceClassification(
+        BertConfig(
+            vocab_size=30, hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16, num_labels=3
+        )
+    )
     optimizer = make_optimizer(model, TrainArguments(weight_decay=0.05, learning_rate=1e-4), torch.device("cpu"))
     names = {id(p): n for n, p in model.named_parameters()}
     decayed = {names[id(p)] for g in optimizer.param_groups if g["weight_decay"] == 0.05 for p in g["params"]}
     kept = {names[id(p)] for g in optimizer.param_groups if g["weight_decay"] == 0.0 for p in g["params"]}
     assert decayed | kept == set(names.values()) and not decayed & kept  # every parameter, once
     assert kept == {n for n in names.values() if n.endswith(".bias") or "LayerNorm" in n}
-    assert {"bert.embeddings.word_embeddings.weight", "classifier.weight",
-            "bert.encoder.layer.0.attention.self.query.weight"} <= decayed
+    assert {
+        "bert.embeddings.word_embeddings.weight",
+        "classifier.weight",
+        "bert.encoder.layer.0.attention.self.query.weight",
+    } <= decayed
 
 
 def test_weight_decay_groups_under_zero3_follow_the_true_shape():
@@ -316,8 +359,11 @@ def test_data_seed_moves_the_data_order_alone(tiny_model_dir, toy_files, tmp_pat
 def test_logging_first_step_and_eval_on_start(tiny_model_dir, toy_files, tmp_path):
     """Trainer's two switches: a log at step 1 (logging_steps 5 would start at 5) and an evaluation at step 0 that is
     a baseline, not a best-model candidate."""
-    run_in_process(tiny_args(tiny_model_dir, toy_files, tmp_path, num_train_epochs=1, logging_first_step="true",
-                             eval_on_start="true"))
+    run_in_process(
+        tiny_args(
+            tiny_model_dir, toy_files, tmp_path, num_train_epochs=1, logging_first_step="true", eval_on_start="true"
+        )
+    )
     history = read_json(tmp_path / "log_history.json")
     assert [h["step"] for h in history if "train/loss" in h][:2] == [1, 5]
     evaluations = [h for h in history if "eval_accuracy" in h]

@@ -16,6 +16,7 @@ import types
 import pytest
 import torch
 
+from conftest import make_rows, read_json, tiny_args, write_rows
 from tuneloop import elastic, outputs
 from tuneloop.cli import console, inherited_settings
 from tuneloop.config import parse_args
@@ -23,8 +24,6 @@ from tuneloop.errors import UserError
 from tuneloop.problem import SingleLabel
 from tuneloop.report import model_card
 from tuneloop.tracking import flat_hparams
-
-from conftest import read_json, tiny_args, write_rows, make_rows
 
 CLASSES = ["music", "sports", "tech"]  # conftest's topics, in id order
 
@@ -41,7 +40,8 @@ def saved_classifier(tiny_model_dir, folder):
     from transformers import AutoTokenizer, BertForSequenceClassification
 
     model = BertForSequenceClassification.from_pretrained(
-        tiny_model_dir, num_labels=3, id2label=dict(enumerate(CLASSES)), label2id={n: i for i, n in enumerate(CLASSES)})
+        tiny_model_dir, num_labels=3, id2label=dict(enumerate(CLASSES)), label2id={n: i for i, n in enumerate(CLASSES)}
+    )
     model.save_pretrained(folder)
     AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(folder)
     return folder
@@ -55,8 +55,9 @@ def test_evaluate_never_runs_a_metric_named_by_the_model_folder(tiny_model_dir, 
     model_dir = saved_classifier(tiny_model_dir, tmp_path / "downloaded")
     marker = tmp_path / "the-metric-ran"
     script = marker_metric(tmp_path, marker)
-    (model_dir / "run_config.json").write_text(json.dumps(
-        {"model": {}, "data": {"max_length": 32}, "train": {"metrics": ["accuracy", script], "seed": 0}}))
+    (model_dir / "run_config.json").write_text(
+        json.dumps({"model": {}, "data": {"max_length": 32}, "train": {"metrics": ["accuracy", script], "seed": 0}})
+    )
     status = console(["evaluate", "--model", str(model_dir), "--data", toy_files["validation_file"]])
     assert not marker.exists(), "the model folder's metric script was executed"
     out = capsys.readouterr().out
@@ -88,8 +89,9 @@ def test_inherited_settings_are_checked_like_flags(tmp_path):
         inherited_settings(str(tmp_path))
     (tmp_path / "run_config.json").write_text(json.dumps({"train": {"metrics": "f1"}}))
     assert inherited_settings(str(tmp_path))["metrics"] == ["f1"]
-    (tmp_path / "run_config.json").write_text(json.dumps({"model": {"trust_remote_code": True},
-                                                          "train": {"metrics": ["glue"]}}))
+    (tmp_path / "run_config.json").write_text(
+        json.dumps({"model": {"trust_remote_code": True}, "train": {"metrics": ["glue"]}})
+    )
     assert inherited_settings(str(tmp_path)) == {"metrics": None}  # neither the opt-in nor the name is inherited
     (tmp_path / "run_config.json").write_text("{not json")
     with pytest.raises(UserError, match="is not a tuneloop run_config.json"):
@@ -159,8 +161,10 @@ def home(tmp_path, monkeypatch):
     """A home directory holding the model, the data and the output folder, as on a user's machine."""
     home = tmp_path / "home" / "alice"
     monkeypatch.setenv("HOME", str(home))
-    files = {"train_file": write_rows(home / "data" / "train.csv", make_rows(12, seed=1)),
-             "validation_file": write_rows(home / "data" / "dev.csv", make_rows(6, seed=2))}
+    files = {
+        "train_file": write_rows(home / "data" / "train.csv", make_rows(12, seed=1)),
+        "validation_file": write_rows(home / "data" / "dev.csv", make_rows(6, seed=2)),
+    }
     (home / "models" / "tiny-bert").mkdir(parents=True)
     return home, files
 
@@ -170,8 +174,9 @@ def test_the_model_card_shows_no_local_paths(home):
     a local model, data file or output folder by its last component."""
     home, files = home
     config = parse_args(tiny_args(str(home / "models" / "tiny-bert"), files, home / "runs" / "bbc"))
-    card = model_card(config, {"global_step": 3, "eval_accuracy": 0.5}, SingleLabel(CLASSES), None, None, 12,
-                      "1 process(es) on cpu")
+    card = model_card(
+        config, {"global_step": 3, "eval_accuracy": 0.5}, SingleLabel(CLASSES), None, None, 12, "1 process(es) on cpu"
+    )
     assert str(home) not in card and "/alice" not in card
     assert "`tiny-bert` fine-tuned" in card and "source: train.csv, dev.csv" in card and 'model="bbc"' in card
     assert "base_model" not in card  # a local folder means nothing on the Hub
@@ -220,9 +225,22 @@ def test_a_runs_output_folder_names_no_home_path(home, tiny_model_dir):
     home, files = home
     model = shutil.copytree(tiny_model_dir, home / "models" / "tiny-bert", dirs_exist_ok=True)
     output_dir = home / "runs" / "r1"
-    run_in_process(tiny_args(str(model), files, output_dir, num_train_epochs=1, report_to="tensorboard",
-                             save_strategy="epoch", do_predict="true", test_file=files["validation_file"]))
-    leaks = [str(path.relative_to(output_dir)) for path in output_dir.rglob("*")
-             if path.is_file() and str(home).encode() in path.read_bytes()]
+    run_in_process(
+        tiny_args(
+            str(model),
+            files,
+            output_dir,
+            num_train_epochs=1,
+            report_to="tensorboard",
+            save_strategy="epoch",
+            do_predict="true",
+            test_file=files["validation_file"],
+        )
+    )
+    leaks = [
+        str(path.relative_to(output_dir))
+        for path in output_dir.rglob("*")
+        if path.is_file() and str(home).encode() in path.read_bytes()
+    ]
     assert not leaks, f"files naming {home}: {leaks}"
     assert (output_dir / "report" / "README.md").is_file() and (output_dir / "run_config.json").is_file()

@@ -23,10 +23,16 @@ if TYPE_CHECKING:
     from tuneloop.options import DataArguments, TrainArguments
 
 
-def make_dataloaders(train: Dataset | None, evaluation: Dataset | None, tokenizer, t: TrainArguments,
-                     pad_to_multiple_of: int | None, pin_memory: bool,
-                     length_window: int | None = None,
-                     length_group_batch_size: int | None = None) -> tuple[DataLoader | None, DataLoader | None]:
+def make_dataloaders(
+    train: Dataset | None,
+    evaluation: Dataset | None,
+    tokenizer,
+    t: TrainArguments,
+    pad_to_multiple_of: int | None,
+    pin_memory: bool,
+    length_window: int | None = None,
+    length_group_batch_size: int | None = None,
+) -> tuple[DataLoader | None, DataLoader | None]:
     """Training order: a seeded shuffle, or with `length_window` batches of similar length (see LengthGroupedSampler),
     grouped by `length_group_batch_size` (default: the per-device batch; an elastic resume keeps the run's first), or
     with --max_tokens_per_batch batches cut by a token budget (TokenBudgetBatchSampler)."""
@@ -42,17 +48,26 @@ def make_dataloaders(train: Dataset | None, evaluation: Dataset | None, tokenize
         if length_window or t.max_tokens_per_batch:
             lengths = token_lengths(train)
         if t.max_tokens_per_batch:
-            order = dict(batch_sampler=TokenBudgetBatchSampler(lengths, t.max_tokens_per_batch, data_seed,
-                                                               pad_to_multiple_of))
+            order = dict(
+                batch_sampler=TokenBudgetBatchSampler(lengths, t.max_tokens_per_batch, data_seed, pad_to_multiple_of)
+            )
         elif length_window:
-            order = dict(batch_size=t.per_device_train_batch_size,
-                         sampler=LengthGroupedSampler(lengths, length_group_batch_size or t.per_device_train_batch_size,
-                                                      length_window, data_seed))
+            order = dict(
+                batch_size=t.per_device_train_batch_size,
+                sampler=LengthGroupedSampler(
+                    lengths, length_group_batch_size or t.per_device_train_batch_size, length_window, data_seed
+                ),
+            )
         train_dl = DataLoader(train, generator=torch.Generator().manual_seed(t.seed), **order, **common)
     eval_dl = None
     if evaluation is not None:
-        eval_dl = DataLoader(evaluation, batch_size=t.per_device_eval_batch_size, shuffle=False,
-                             generator=torch.Generator().manual_seed(t.seed), **common)
+        eval_dl = DataLoader(
+            evaluation,
+            batch_size=t.per_device_eval_batch_size,
+            shuffle=False,
+            generator=torch.Generator().manual_seed(t.seed),
+            **common,
+        )
     return train_dl, eval_dl
 
 
@@ -88,10 +103,10 @@ class LengthGroupedSampler(Sampler[int]):
         span = self.window * self.batch_size
         batches = []
         for start in range(0, len(order), span):
-            group = np.asarray(order[start:start + span])
+            group = np.asarray(order[start : start + span])
             # Longest first; a stable sort keeps equal lengths in their random order (as sorted(reverse=True) does).
             group = group[np.argsort(-self.lengths[group], kind="stable")].tolist()
-            batches += [group[i:i + self.batch_size] for i in range(0, len(group), self.batch_size)]
+            batches += [group[i : i + self.batch_size] for i in range(0, len(group), self.batch_size)]
         short = [batches.pop()] if len(batches[-1]) < self.batch_size else []
         shuffled = [batches[b] for b in torch.randperm(len(batches), generator=generator).tolist()]
         for batch in shuffled + short:
@@ -117,8 +132,10 @@ class TokenBudgetBatchSampler(Sampler[list[int]]):
         self.padded = -(-np.asarray(lengths, dtype=np.int64) // multiple) * multiple  # what the collator pads each to
         self.max_tokens, self.seed, self.epoch = max_tokens, seed, 0
         if len(self.padded) and self.padded.max() > max_tokens:
-            raise UserError(f"max_tokens_per_batch {max_tokens} is below the longest text padded to a multiple of "
-                            f"{multiple} ({int(self.padded.max())} tokens): raise --max_tokens_per_batch")
+            raise UserError(
+                f"max_tokens_per_batch {max_tokens} is below the longest text padded to a multiple of "
+                f"{multiple} ({int(self.padded.max())} tokens): raise --max_tokens_per_batch"
+            )
         self.sizes = self._cut(np.sort(self.padded)[::-1])
 
     def _cut(self, padded_longest_first: np.ndarray) -> list[int]:
@@ -149,7 +166,7 @@ class TokenBudgetBatchSampler(Sampler[list[int]]):
         order = torch.randperm(len(self.padded), generator=generator).numpy()
         order = order[np.argsort(-self.padded[order], kind="stable")].tolist()
         ends = np.cumsum(self.sizes).tolist()
-        batches = [order[end - size:end] for size, end in zip(self.sizes, ends)]
+        batches = [order[end - size : end] for size, end in zip(self.sizes, ends)]
         for b in torch.randperm(len(batches), generator=generator).tolist():
             yield batches[b]
 
@@ -157,16 +174,23 @@ class TokenBudgetBatchSampler(Sampler[list[int]]):
 def token_budget_problems(d: DataArguments, t: TrainArguments) -> list[str]:
     """What --max_tokens_per_batch cannot work with."""
     if t.max_tokens_per_batch <= 0:
-        return [] if t.max_tokens_per_batch == 0 else [
-            f"max_tokens_per_batch must be >= 0, 0 is off (got {t.max_tokens_per_batch})"]
+        return (
+            []
+            if t.max_tokens_per_batch == 0
+            else [f"max_tokens_per_batch must be >= 0, 0 is off (got {t.max_tokens_per_batch})"]
+        )
     problems = []
     if d.padding == "max_length":
-        problems.append("max_tokens_per_batch with --padding max_length only counts texts (every text is max_length "
-                        "tokens): use --padding longest, or --per_device_train_batch_size instead of a token budget")
+        problems.append(
+            "max_tokens_per_batch with --padding max_length only counts texts (every text is max_length "
+            "tokens): use --padding longest, or --per_device_train_batch_size instead of a token budget"
+        )
     if t.gradient_accumulation_steps != 1:
-        problems.append("max_tokens_per_batch needs gradient_accumulation_steps 1 (got "
-                        f"{t.gradient_accumulation_steps}): the loss weighting must know each step's sample count "
-                        "before backward; raise --max_tokens_per_batch for larger steps instead")
+        problems.append(
+            "max_tokens_per_batch needs gradient_accumulation_steps 1 (got "
+            f"{t.gradient_accumulation_steps}): the loss weighting must know each step's sample count "
+            "before backward; raise --max_tokens_per_batch for larger steps instead"
+        )
     return problems
 
 

@@ -27,8 +27,8 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType
 
 from tuneloop import runtime
-from tuneloop.options import Config
 from tuneloop.errors import UserError
+from tuneloop.options import Config
 from tuneloop.problem import LOSS_OPTIONS
 
 CHECKPOINTS_DIR = "checkpoints"
@@ -143,8 +143,10 @@ def find_checkpoint(output_dir: str, spec: str, report=print, run_id: str | None
         return None
     if not os.path.isfile(os.path.join(spec, STATE_FILE)):
         reason = "does not exist" if not os.path.exists(spec) else f"is not a complete checkpoint (no {STATE_FILE})"
-        raise UserError(f"resume_from_checkpoint {spec!r} {reason}: pass a folder from "
-                        f"{os.path.join(output_dir, CHECKPOINTS_DIR)} or 'latest'")
+        raise UserError(
+            f"resume_from_checkpoint {spec!r} {reason}: pass a folder from "
+            f"{os.path.join(output_dir, CHECKPOINTS_DIR)} or 'latest'"
+        )
     if problem := torn(spec):
         raise UserError(f"resume_from_checkpoint {spec!r} is torn ({problem}): pass an earlier checkpoint or 'latest'")
     return os.path.normpath(spec)  # `step_N/` would put what is made beside it (.universal-step_N) inside it
@@ -155,16 +157,29 @@ def read_state(path: str) -> TrainerState:
         return TrainerState(**json.load(f))
 
 
-def check_resumable(saved: TrainerState, current: TrainerState, path: str,
-                    keys: tuple[str, ...] = ("num_processes", "per_device_train_batch_size",
-                                             "gradient_accumulation_steps", "seed", "data_seed",
-                                             "max_tokens_per_batch")) -> None:
+def check_resumable(
+    saved: TrainerState,
+    current: TrainerState,
+    path: str,
+    keys: tuple[str, ...] = (
+        "num_processes",
+        "per_device_train_batch_size",
+        "gradient_accumulation_steps",
+        "seed",
+        "data_seed",
+        "max_tokens_per_batch",
+    ),
+) -> None:
     """Refuse to resume into different maths: another world size, batch or accumulation changes the data order."""
-    changed = [f"{k} {getattr(saved, k)} -> {getattr(current, k)}" for k in keys if getattr(saved, k) != getattr(current, k)]
+    changed = [
+        f"{k} {getattr(saved, k)} -> {getattr(current, k)}" for k in keys if getattr(saved, k) != getattr(current, k)
+    ]
     if changed:
-        raise UserError(f"checkpoint {path} was written with different settings ({', '.join(changed)}): resume with "
-                        "the same process count, batch size (or token budget), accumulation and seed, or start a new "
-                        "--output_dir")
+        raise UserError(
+            f"checkpoint {path} was written with different settings ({', '.join(changed)}): resume with "
+            "the same process count, batch size (or token budget), accumulation and seed, or start a new "
+            "--output_dir"
+        )
 
 
 # What a resumed run must keep, besides the layout and seeds (check_resumable): the model, what it trains on, and the
@@ -173,12 +188,31 @@ def check_resumable(saved: TrainerState, current: TrainerState, path: str,
 # engine, and the process count (elastic resume). The optimizer's hyperparameters are in the list because loading
 # its state brings back the saved ones: a changed --learning_rate would be ignored without a word.
 RESUME_SETTINGS = {
-    "model": ("model_name_or_path", "dtype", "attention_dropout", "use_peft", "lora_r", "lora_alpha", "lora_dropout",
-              "lora_target_modules"),
+    "model": (
+        "model_name_or_path",
+        "dtype",
+        "attention_dropout",
+        "use_peft",
+        "lora_r",
+        "lora_alpha",
+        "lora_dropout",
+        "lora_target_modules",
+    ),
     "data": ("max_length", "train_sampling_strategy", "length_grouping_window"),
-    "train": ("learning_rate", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "max_grad_norm",
-              "lr_scheduler_type", "lr_scheduler_kwargs", "warmup_steps", *LOSS_OPTIONS, "metric_for_best_model",
-              "greater_is_better"),
+    "train": (
+        "learning_rate",
+        "weight_decay",
+        "adam_beta1",
+        "adam_beta2",
+        "adam_epsilon",
+        "max_grad_norm",
+        "lr_scheduler_type",
+        "lr_scheduler_kwargs",
+        "warmup_steps",
+        *LOSS_OPTIONS,
+        "metric_for_best_model",
+        "greater_is_better",
+    ),
 }
 
 
@@ -205,23 +239,32 @@ def data_settings(splits, problem_type: str) -> dict:
     digest = hashlib.sha256()
     for batch in splits.train.select_columns(columns).with_format("arrow").iter(batch_size=10_000):
         digest.update(json.dumps(batch.to_pydict(), ensure_ascii=False, default=str).encode())
-    return {"labels": list(splits.label_names), "problem_type": problem_type,
-            "training data": f"{len(splits.train)} examples, sha256 {digest.hexdigest()[:16]}"}
+    return {
+        "labels": list(splits.label_names),
+        "problem_type": problem_type,
+        "training data": f"{len(splits.train)} examples, sha256 {digest.hexdigest()[:16]}",
+    }
 
 
 def check_settings(saved: TrainerState, current: dict, path: str) -> None:
     """Refuse to resume with another value of a recorded setting, naming each (old -> new). A checkpoint written
     before settings were recorded, or a setting it lacks, is not compared."""
+
     def shown(value) -> str:
         text = repr(value) if not isinstance(value, str) else value
         return text if len(text) <= 80 else text[:77] + "..."
 
-    changed = [f"{key} {shown(saved.settings[key])} -> {shown(value)}" for key, value in current.items()
-               if key in saved.settings and saved.settings[key] != value]
+    changed = [
+        f"{key} {shown(saved.settings[key])} -> {shown(value)}"
+        for key, value in current.items()
+        if key in saved.settings and saved.settings[key] != value
+    ]
     if changed:
-        raise UserError(f"checkpoint {path} was written with other settings ({'; '.join(changed)}): resume with the "
-                        "settings it was written with, or start a new run (another --output_dir, or "
-                        "--overwrite_output_dir without --resume_from_checkpoint)")
+        raise UserError(
+            f"checkpoint {path} was written with other settings ({'; '.join(changed)}): resume with the "
+            "settings it was written with, or start a new run (another --output_dir, or "
+            "--overwrite_output_dir without --resume_from_checkpoint)"
+        )
 
 
 def trained_weights_only(accelerator: Accelerator, saving: bool) -> dict:
@@ -241,8 +284,14 @@ def keep_trained_weights(models: list, weights: list[dict], output_dir: str) -> 
             del state_dict[key]
 
 
-def save_checkpoint(accelerator: Accelerator, output_dir: str, state: TrainerState, rank_state: dict,
-                    trained_only: bool = False, keep: int | None = None) -> str:
+def save_checkpoint(
+    accelerator: Accelerator,
+    output_dir: str,
+    state: TrainerState,
+    rank_state: dict,
+    trained_only: bool = False,
+    keep: int | None = None,
+) -> str:
     """Every process writes its part into a temporary folder; the main process renames it once all are done, then
     rotates the checkpoints (`keep`: --save_total_limit).
 
@@ -341,8 +390,11 @@ def writing(path: str, output_dir: str, together: Accelerator | None = None):
                 folder = os.path.dirname(folder)
             left = _size(shutil.disk_usage(folder).free)
             saved = complete_checkpoints(output_dir)
-            then = (f"last good checkpoint: {saved[-1]}: free space there, then resume with --resume_from_checkpoint "
-                    "latest" if saved else "no checkpoint saved: free space there or choose another --output_dir")
+            then = (
+                f"last good checkpoint: {saved[-1]}: free space there, then resume with --resume_from_checkpoint latest"
+                if saved
+                else "no checkpoint saved: free space there or choose another --output_dir"
+            )
             error = UserError(f"could not write {where}: {reason}, {left} left there; {then}")
     if together is not None:
         runtime.agree(together, error, f"writing {path}")
@@ -395,8 +447,10 @@ def write_preempted(accelerator: Accelerator, output_dir: str, checkpoint: str, 
     one rank gone must find it) or, if it could not be written, all stop with that error."""
     with writing(output_dir, output_dir, together=accelerator):
         if accelerator.is_main_process:
-            write_json(os.path.join(output_dir, PREEMPTED_FILE),
-                       {"checkpoint": checkpoint, "step": step, "signal": signal_name})
+            write_json(
+                os.path.join(output_dir, PREEMPTED_FILE),
+                {"checkpoint": checkpoint, "step": step, "signal": signal_name},
+            )
 
 
 def clear_preempted(output_dir: str) -> None:

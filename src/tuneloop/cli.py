@@ -18,18 +18,37 @@ from tuneloop.preemption import REQUEUE_EXIT_CODE, Preempted
 
 COMMANDS = {
     # name: ("module:function", one line of help)
-    "train": ("tuneloop.cli:train_command", "fine-tune a model (what train.py runs); `tuneloop train --help` lists every option"),
-    "evaluate": ("tuneloop.cli:evaluate_command", "score a saved model on labelled data: metrics table, confusion matrix"),
+    "train": (
+        "tuneloop.cli:train_command",
+        "fine-tune a model (what train.py runs); `tuneloop train --help` lists every option",
+    ),
+    "evaluate": (
+        "tuneloop.cli:evaluate_command",
+        "score a saved model on labelled data: metrics table, confusion matrix",
+    ),
     "predict": ("tuneloop.cli:predict_command", "write a saved model's predictions for new data (labels optional)"),
-    "doctor": ("tuneloop.doctor:main", "print the environment, check an accelerate config on this machine, run `accelerate test`"),
+    "doctor": (
+        "tuneloop.doctor:main",
+        "print the environment, check an accelerate config on this machine, run `accelerate test`",
+    ),
 }
 
 # What `evaluate` and `predict` take from the saved run's run_config.json unless given as flags: the weights' dtype,
 # how inputs were tokenized, which examples the training run held out for evaluation, and how it scored them.
 INHERITED = {
     "model": ("dtype",),
-    "data": ("text_column", "text_column_delimiter", "text_pair_column", "label_column", "label_separator", "max_length", "padding",
-             "pad_to_multiple_of", "validation_split_percentage", "max_eval_samples"),
+    "data": (
+        "text_column",
+        "text_column_delimiter",
+        "text_pair_column",
+        "label_column",
+        "label_separator",
+        "max_length",
+        "padding",
+        "pad_to_multiple_of",
+        "validation_split_percentage",
+        "max_eval_samples",
+    ),
     "train": ("seed", "metrics", "metric_average"),
 }
 
@@ -41,8 +60,10 @@ def console(argv: list[str] | None = None) -> int:
         if argv[:1] in (["-h"], ["--help"]):
             print(usage())
             return 0
-        print(usage() if not argv else f"tuneloop: error: unknown command {argv[0]!r}: use one of {', '.join(COMMANDS)}",
-              file=sys.stderr)
+        print(
+            usage() if not argv else f"tuneloop: error: unknown command {argv[0]!r}: use one of {', '.join(COMMANDS)}",
+            file=sys.stderr,
+        )
         return 2
     module, function = COMMANDS[argv[0]][0].split(":")
     return run_command(getattr(importlib.import_module(module), function), argv[1:])
@@ -69,8 +90,10 @@ def run_command(command, argv: list[str] | None) -> int:
         return 2
     except Preempted as stop:
         if main_rank:
-            print(f"tuneloop: {stop}; resume with --resume_from_checkpoint latest (exit {REQUEUE_EXIT_CODE}: requeue)",
-                  file=sys.stderr)
+            print(
+                f"tuneloop: {stop}; resume with --resume_from_checkpoint latest (exit {REQUEUE_EXIT_CODE}: requeue)",
+                file=sys.stderr,
+            )
         return REQUEUE_EXIT_CODE
 
 
@@ -115,13 +138,21 @@ def saved_model_config(argv: list[str] | None, command: str):
     parser = make_parser()
     parser.prog = f"tuneloop {command}"
     parser.description = COMMANDS[command][1] + ". Results go to --output_dir (default: MODEL/" + command + ")."
-    parser.add_argument("--model", required=True, metavar="DIR",
-                        help="The saved model: a tuneloop output_dir, a LoRA adapter folder (output_dir/adapter, or "
-                             "output_dir of a --merge_adapter false run), or any fine-tuned classifier folder or Hub id.")
-    parser.add_argument("--data", required=True, metavar="SOURCE",
-                        help="A .csv/.json/.jsonl/.parquet file, a dataset folder, a Hub dataset id or builtin:bbc_news. "
-                             "evaluate scores its eval split (the split training held out, for the same source); "
-                             "predict runs on the file, or on --test_split of a dataset.")
+    parser.add_argument(
+        "--model",
+        required=True,
+        metavar="DIR",
+        help="The saved model: a tuneloop output_dir, a LoRA adapter folder (output_dir/adapter, or "
+        "output_dir of a --merge_adapter false run), or any fine-tuned classifier folder or Hub id.",
+    )
+    parser.add_argument(
+        "--data",
+        required=True,
+        metavar="SOURCE",
+        help="A .csv/.json/.jsonl/.parquet file, a dataset folder, a Hub dataset id or builtin:bbc_news. "
+        "evaluate scores its eval split (the split training held out, for the same source); "
+        "predict runs on the file, or on --test_split of a dataset.",
+    )
 
     def use_model_and_data(config, extra) -> None:
         config.model.model_name_or_path = extra.model
@@ -144,9 +175,9 @@ def saved_model_config(argv: list[str] | None, command: str):
 
 def inherited_settings(model: str) -> dict:
     """INHERITED from the saved run_config.json of `model` (a tuneloop output_dir or its adapter folder), checked."""
-    from tuneloop.outputs import CONFIG_FILE
     from tuneloop.config import make_parser, option_value
     from tuneloop.lora import is_adapter
+    from tuneloop.outputs import CONFIG_FILE
     from tuneloop.problem import BUILTIN_METRIC_NAMES
 
     path = os.path.join(os.path.expanduser(model), CONFIG_FILE)
@@ -157,8 +188,12 @@ def inherited_settings(model: str) -> dict:
     try:
         with open(path) as f:
             saved = json.load(f)
-        settings = {key: saved[section][key] for section, keys in INHERITED.items() for key in keys
-                    if key in saved.get(section, {})}
+        settings = {
+            key: saved[section][key]
+            for section, keys in INHERITED.items()
+            for key in keys
+            if key in saved.get(section, {})
+        }
     except (ValueError, TypeError, AttributeError) as e:  # not JSON, or not tuneloop's {section: {option: value}}
         raise UserError(f"{path} is not a tuneloop run_config.json ({e}): fix or remove it") from None
     parser, problems = make_parser(), []
@@ -177,10 +212,10 @@ def inherited_settings(model: str) -> dict:
     if dropped := [name for name in saved_metrics if name not in BUILTIN_METRIC_NAMES]:
         settings["metrics"] = [name for name in saved_metrics if name in BUILTIN_METRIC_NAMES] or None
         if main_rank:
-            print(f"tuneloop: metrics {', '.join(dropped)} of {path} not used: not built in, loading them runs their "
-                  f"code; if you trust it: --metrics {' '.join(dropped)} --trust_remote_code")
+            print(
+                f"tuneloop: metrics {', '.join(dropped)} of {path} not used: not built in, loading them runs their "
+                f"code; if you trust it: --metrics {' '.join(dropped)} --trust_remote_code"
+            )
     if main_rank:
         print(f"tuneloop: as trained ({path}): " + ", ".join(f"{k}={v}" for k, v in settings.items()))
     return settings
-
-

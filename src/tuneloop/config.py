@@ -34,11 +34,17 @@ ALIASES = {
     "max_train_steps": ("max_steps", None),
     "num_warmup_steps": ("warmup_steps", None),
     "warmup_ratio": ("warmup_steps", None),
-    "checkpointing_steps": ("save_strategy", lambda every: {"save_strategy": "epoch"} if every == "epoch"
-                            else {"save_strategy": "steps", "save_steps": every}),
+    "checkpointing_steps": (
+        "save_strategy",
+        lambda every: (
+            {"save_strategy": "epoch"} if every == "epoch" else {"save_strategy": "steps", "save_steps": every}
+        ),
+    ),
     "project_name": ("project", None),
-    "group_by_length": ("train_sampling_strategy",
-                        lambda on: {"train_sampling_strategy": "group_by_length" if on else "random"}),
+    "group_by_length": (
+        "train_sampling_strategy",
+        lambda on: {"train_sampling_strategy": "group_by_length" if on else "random"},
+    ),
     "text_column_names": ("text_column", None),
     "label_column_name": ("label_column", None),
     "max_seq_length": ("max_length", None),
@@ -71,8 +77,9 @@ class OptionParser(OneLineArgumentErrors, HfArgumentParser):
     """HfArgumentParser with ALIASES, and one-line errors naming the closest options (never a traceback)."""
 
     def parse_into_dataclasses(self, argv: list[str]) -> tuple:
-        *parsed, unknown = self.parse_args_into_dataclasses(args=argv, return_remaining_strings=True,
-                                                             look_for_args_file=False)
+        *parsed, unknown = self.parse_args_into_dataclasses(
+            args=argv, return_remaining_strings=True, look_for_args_file=False
+        )
         if unknown:
             self.error("unrecognized arguments: " + " ".join(unknown))
         return tuple(parsed)
@@ -81,15 +88,22 @@ class OptionParser(OneLineArgumentErrors, HfArgumentParser):
         by_target = {}
         for alias, (target, _) in ALIASES.items():
             switch = dict(nargs="?", const=True, type=string_to_bool) if alias in SWITCHES else {}
-            self.add_argument(f"--{alias}", dest=alias, action=SetCanonical, default=argparse.SUPPRESS,
-                              help=argparse.SUPPRESS, **switch)
+            self.add_argument(
+                f"--{alias}",
+                dest=alias,
+                action=SetCanonical,
+                default=argparse.SUPPRESS,
+                help=argparse.SUPPRESS,
+                **switch,
+            )
             by_target.setdefault(target, []).append(f"--{alias}")
         for target, aliases in by_target.items():
             if target is not None:
                 action = self._option_string_actions[f"--{target}"]
                 action.help += f" Also accepted as {', '.join(aliases)}."
-        self.description += (f" Accepted for run_classification.py command lines, with no effect: "
-                             f"{', '.join(by_target[None])}.")
+        self.description += (
+            f" Accepted for run_classification.py command lines, with no effect: {', '.join(by_target[None])}."
+        )
 
 
 class SetCanonical(argparse.Action):
@@ -116,8 +130,13 @@ def make_parser() -> OptionParser:
     return parser
 
 
-def parse_args(argv: list[str] | None = None, parser: OptionParser | None = None, inherited: dict | None = None,
-               fixed: dict | None = None, complete=None) -> Config:
+def parse_args(
+    argv: list[str] | None = None,
+    parser: OptionParser | None = None,
+    inherited: dict | None = None,
+    fixed: dict | None = None,
+    complete=None,
+) -> Config:
     """YAML recipe (`--config x.yaml`, or for train.py a leading positional `x.yaml`) first, then command-line flags
     on top, then `validate`: the one parsing path of every command. A command with options of its own
     (cli.saved_model_config) passes its `parser`, the `inherited` settings under the recipe, the `fixed` ones over
@@ -206,8 +225,10 @@ def flag_value(action: argparse.Action, value):
         raise ValueError(f"{value!r} is not {kinds.get(action.type, 'a valid value')}") from None
     if action.choices is not None and converted not in action.choices:
         close = difflib.get_close_matches(text, [str(c) for c in action.choices], n=1)
-        raise ValueError(f"{value!r} is not one of {', '.join(map(str, action.choices))}"
-                         + (f" (did you mean {close[0]!r}?)" if close else ""))
+        raise ValueError(
+            f"{value!r} is not one of {', '.join(map(str, action.choices))}"
+            + (f" (did you mean {close[0]!r}?)" if close else "")
+        )
     return converted
 
 
@@ -230,8 +251,9 @@ def validate(config: Config) -> None:
     problems += batches.token_budget_problems(d, t)
     problems += data_problems(d) + file_problems(d) + eval_set_problems(d)
     problems += optim.scheduler_problems(t) + checkpoint_problems(t)
-    if best_problem := problem.best_metric_problem(t.metric_for_best_model, t.metrics, list(eval_sources(d)),
-                                                   d.problem_type, decided=False):
+    if best_problem := problem.best_metric_problem(
+        t.metric_for_best_model, t.metrics, list(eval_sources(d)), d.problem_type, decided=False
+    ):
         problems.append(best_problem)
     problems += run_problems(d, t)
     if problems:
@@ -247,16 +269,22 @@ def training_problems(m: ModelArguments, t: TrainArguments) -> list[str]:
     """The numbers and switches of training, and what --metrics may run."""
     from tuneloop.problem import untrusted_metrics
 
-    batch_sizes = ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
-                   "logging_steps")
+    batch_sizes = (
+        "per_device_train_batch_size",
+        "per_device_eval_batch_size",
+        "gradient_accumulation_steps",
+        "logging_steps",
+    )
     return failed(
         (t.learning_rate > 0, f"learning_rate must be > 0 (got {t.learning_rate})"),
         *((getattr(t, name) >= 1, f"{name} must be >= 1 (got {getattr(t, name)})") for name in batch_sizes),
         (t.weight_decay >= 0, f"weight_decay must be >= 0 (got {t.weight_decay})"),
         (t.max_grad_norm >= 0, f"max_grad_norm must be >= 0, 0 disables clipping (got {t.max_grad_norm})"),
         (t.max_steps > 0 or t.num_train_epochs > 0, f"num_train_epochs must be > 0 (got {t.num_train_epochs})"),
-        (t.warmup_steps >= 0 and (t.warmup_steps < 1 or t.warmup_steps == int(t.warmup_steps)),
-         f"warmup_steps must be a share of all steps below 1 or a whole number of steps (got {t.warmup_steps})"),
+        (
+            t.warmup_steps >= 0 and (t.warmup_steps < 1 or t.warmup_steps == int(t.warmup_steps)),
+            f"warmup_steps must be a share of all steps below 1 or a whole number of steps (got {t.warmup_steps})",
+        ),
         (t.eval_strategy != "steps" or (t.eval_steps or 0) >= 1, "eval_strategy=steps needs --eval_steps N (N >= 1)"),
         (not t.eval_on_start or t.do_eval and t.do_train, "eval_on_start needs --do_train and --do_eval"),
         (t.do_train or t.do_eval or t.do_predict, "nothing to do: do_train, do_eval and do_predict are all false"),
@@ -270,12 +298,16 @@ def model_problems(m: ModelArguments, d: DataArguments, t: TrainArguments, lora_
     """The model's options (LoRA's checked by lora.py), the trackers and the lengths of the inputs."""
     return failed(
         (d.label_separator != "", "label_separator must not be empty"),
-        (m.attention_dropout is None or 0 <= m.attention_dropout < 1,
-         f"attention_dropout must be in [0, 1) (got {m.attention_dropout})"),
+        (
+            m.attention_dropout is None or 0 <= m.attention_dropout < 1,
+            f"attention_dropout must be in [0, 1) (got {m.attention_dropout})",
+        ),
         *((False, problem) for problem in lora_problems),
         (m.num_labels is None or m.num_labels >= 2, f"num_labels must be >= 2 (got {m.num_labels})"),
-        (set(t.report_to) <= set(REPORT_TO_CHOICES) and ("none" not in t.report_to or len(t.report_to) == 1),
-         f"report_to must be none, or any of wandb, tensorboard, all (got {' '.join(t.report_to)})"),
+        (
+            set(t.report_to) <= set(REPORT_TO_CHOICES) and ("none" not in t.report_to or len(t.report_to) == 1),
+            f"report_to must be none, or any of wandb, tensorboard, all (got {' '.join(t.report_to)})",
+        ),
         (d.length_grouping_window >= 1, f"length_grouping_window must be >= 1 (got {d.length_grouping_window})"),
         (d.max_length >= 8, f"max_length must be >= 8 tokens (got {d.max_length})"),
     )
@@ -285,12 +317,18 @@ def data_problems(d: DataArguments) -> list[str]:
     """Padding, the held-out share and the subset sizes."""
     samples = ("max_train_samples", "max_eval_samples", "max_predict_samples")
     return failed(
-        (d.pad_to_multiple_of is None or d.pad_to_multiple_of >= 1,
-         f"pad_to_multiple_of must be >= 1 (got {d.pad_to_multiple_of})"),
-        (0 < d.validation_split_percentage < 100,
-         f"validation_split_percentage must be between 0 and 100 (got {d.validation_split_percentage})"),
-        *((getattr(d, name) is None or getattr(d, name) >= 1, f"{name} must be >= 1 (got {getattr(d, name)})")
-          for name in samples),
+        (
+            d.pad_to_multiple_of is None or d.pad_to_multiple_of >= 1,
+            f"pad_to_multiple_of must be >= 1 (got {d.pad_to_multiple_of})",
+        ),
+        (
+            0 < d.validation_split_percentage < 100,
+            f"validation_split_percentage must be between 0 and 100 (got {d.validation_split_percentage})",
+        ),
+        *(
+            (getattr(d, name) is None or getattr(d, name) >= 1, f"{name} must be >= 1 (got {getattr(d, name)})")
+            for name in samples
+        ),
     )
 
 
@@ -300,12 +338,19 @@ def eval_set_problems(d: DataArguments) -> list[str]:
     several = eval_names if len(eval_names) > 1 else []  # one eval set is "eval": its name appears nowhere
     bad_names = [n for n in several if not re.fullmatch(r"\w+", n) or n == d.train_split]
     return failed(
-        (not (d.validation_file and d.validation_split),
-         "validation_file and validation_split both name eval sets: give one of them"),
-        (not bad_names, f"eval set name(s) {bad_names} must be letters, digits and _ and not the train split's name: "
-                        "name them, e.g. --validation_file in_domain=a.csv out_of_domain=b.csv"),
-        (len(eval_names) == len(d.validation_file or d.validation_split or []),
-         "two eval sets have the same name: name them, e.g. --validation_file a=x/test.csv b=y/test.csv"),
+        (
+            not (d.validation_file and d.validation_split),
+            "validation_file and validation_split both name eval sets: give one of them",
+        ),
+        (
+            not bad_names,
+            f"eval set name(s) {bad_names} must be letters, digits and _ and not the train split's name: "
+            "name them, e.g. --validation_file in_domain=a.csv out_of_domain=b.csv",
+        ),
+        (
+            len(eval_names) == len(d.validation_file or d.validation_split or []),
+            "two eval sets have the same name: name them, e.g. --validation_file a=x/test.csv b=y/test.csv",
+        ),
     )
 
 
@@ -313,12 +358,18 @@ def checkpoint_problems(t: TrainArguments) -> list[str]:
     """When checkpoints are saved and kept, and early stopping."""
     return failed(
         (t.save_strategy != "steps" or (t.save_steps or 0) >= 1, "save_strategy=steps needs --save_steps N (N >= 1)"),
-        (t.save_steps is None or t.save_strategy != "no",
-         "save_steps is set but save_strategy is 'no': add --save_strategy steps"),
-        (t.save_total_limit is None or t.save_total_limit >= 1,
-         f"save_total_limit must be >= 1 (got {t.save_total_limit})"),
-        (t.early_stopping_patience is None or t.early_stopping_patience >= 1,
-         f"early_stopping_patience must be >= 1 (got {t.early_stopping_patience})"),
+        (
+            t.save_steps is None or t.save_strategy != "no",
+            "save_steps is set but save_strategy is 'no': add --save_strategy steps",
+        ),
+        (
+            t.save_total_limit is None or t.save_total_limit >= 1,
+            f"save_total_limit must be >= 1 (got {t.save_total_limit})",
+        ),
+        (
+            t.early_stopping_patience is None or t.early_stopping_patience >= 1,
+            f"early_stopping_patience must be >= 1 (got {t.early_stopping_patience})",
+        ),
     )
 
 
@@ -327,12 +378,19 @@ def run_problems(d: DataArguments, t: TrainArguments) -> list[str]:
     return failed(
         (t.ddp_timeout >= 1, f"ddp_timeout must be >= 1 second (got {t.ddp_timeout})"),
         (t.max_nonfinite_steps >= 1, f"max_nonfinite_steps must be >= 1 (got {t.max_nonfinite_steps})"),
-        (t.do_eval and t.eval_strategy != "no" or not (t.load_best_model_at_end or t.early_stopping_patience
-                                                       or t.save_strategy == "best"),
-         "load_best_model_at_end, early_stopping_patience and save_strategy=best need evaluations: set --eval_strategy "
-         "epoch or steps"),
-        (d.validation_file is None or d.train_file is not None or not t.do_train,
-         "validation_file needs train_file too (or --do_train false)"),
-        (not t.do_predict or d.test_file is not None or d.train_file is None,
-         "do_predict with local data files needs --test_file too"),
+        (
+            t.do_eval
+            and t.eval_strategy != "no"
+            or not (t.load_best_model_at_end or t.early_stopping_patience or t.save_strategy == "best"),
+            "load_best_model_at_end, early_stopping_patience and save_strategy=best need evaluations: set --eval_strategy "
+            "epoch or steps",
+        ),
+        (
+            d.validation_file is None or d.train_file is not None or not t.do_train,
+            "validation_file needs train_file too (or --do_train false)",
+        ),
+        (
+            not t.do_predict or d.test_file is not None or d.train_file is None,
+            "do_predict with local data files needs --test_file too",
+        ),
     )

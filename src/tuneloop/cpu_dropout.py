@@ -66,7 +66,9 @@ def attention(module, query, key, value, attention_mask, dropout: float = 0.0, s
     """transformers' attention-function signature: (batch, heads, length, head_dim) in, (batch, length, heads,
     head_dim) out."""
     if not (module.training and dropout > 0 and query.device.type == "cpu"):
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
     scaling = query.size(-1) ** -0.5 if scaling is None else scaling
     scores = (query.float() * scaling) @ key.float().transpose(-1, -2)
     if attention_mask is not None and attention_mask.dtype == torch.bool:  # True = attend
@@ -92,8 +94,12 @@ def swap(model: torch.nn.Module) -> list[str]:
     if getattr(model.config, "_attn_implementation", None) == "sdpa":
         model.set_attn_implementation(ATTENTION)
         swapped.append("attention")
-    dropouts = [(parent, name, child.p) for parent in model.modules() for name, child in parent.named_children()
-                if type(child) is torch.nn.Dropout and child.p > 0]
+    dropouts = [
+        (parent, name, child.p)
+        for parent in model.modules()
+        for name, child in parent.named_children()
+        if type(child) is torch.nn.Dropout and child.p > 0
+    ]
     for parent, name, p in dropouts:
         setattr(parent, name, CPUDropout(p))
     return ([f"{len(dropouts)} dropout layers"] if dropouts else []) + swapped

@@ -16,8 +16,8 @@ from datasets import Dataset
 from transformers import PreTrainedTokenizerBase
 
 from tuneloop import problem
-from tuneloop.options import DataArguments
 from tuneloop.errors import UserError
+from tuneloop.options import DataArguments
 from tuneloop.sources import bad_rows, eval_sources, load_files, load_source, row_name
 
 EVAL_SPLIT_NAMES = ("validation", "test")
@@ -43,8 +43,14 @@ class Splits:
     problem_reason: str = ""  # why this problem type: printed at start
 
 
-def load_splits(d: DataArguments, seed: int, num_labels: int | None, need_train: bool,
-                model_classes: list[str] | None = None, model_problem_type: str | None = None) -> Splits:
+def load_splits(
+    d: DataArguments,
+    seed: int,
+    num_labels: int | None,
+    need_train: bool,
+    model_classes: list[str] | None = None,
+    model_problem_type: str | None = None,
+) -> Splits:
     """Train and eval splits with labels as ids. `model_classes`: the classes of an already fine-tuned model being
     evaluated, which the data's labels must be encoded against (its own sorted names could differ, e.g. a subset);
     `model_problem_type` its saved problem type, which --problem_type alone overrides."""
@@ -83,15 +89,29 @@ def load_splits(d: DataArguments, seed: int, num_labels: int | None, need_train:
     required = [text_column, text_pair_column, None if d.label_separator is not None else d.label_column]
     if train is not None:
         train = bad_rows(train, "train", sources.get("train"), required, d.drop_bad_rows, notes)
-    evals = {name: bad_rows(split, shown[name], sources.get(name), required, d.drop_bad_rows, notes)
-             for name, split in evals.items()}
+    evals = {
+        name: bad_rows(split, shown[name], sources.get(name), required, d.drop_bad_rows, notes)
+        for name, split in evals.items()
+    }
     reference = train if train is not None else next(iter(evals.values()))
 
-    kind, reason = problem.decide(d.problem_type, model_problem_type, reference.features[d.label_column],
-                                  lambda: reference.unique(d.label_column), d.label_separator)
+    kind, reason = problem.decide(
+        d.problem_type,
+        model_problem_type,
+        reference.features[d.label_column],
+        lambda: reference.unique(d.label_column),
+        d.label_separator,
+    )
     path = sources.get("train" if train is not None else next(iter(evals)))
-    label_names = model_classes or kind.label_names(reference, _label_source(evals, d.label_column), d.label_column,
-                                                    num_labels, d.label_separator, path, lambda i: row_name(i, path))
+    label_names = model_classes or kind.label_names(
+        reference,
+        _label_source(evals, d.label_column),
+        d.label_column,
+        num_labels,
+        d.label_separator,
+        path,
+        lambda i: row_name(i, path),
+    )
     encode = dict(column=d.label_column, names=label_names, separator=d.label_separator)
     train = kind.encode(train, split_name="train", **encode) if train is not None else None
     evals = {name: kind.encode(split, split_name=shown[name], **encode) for name, split in evals.items()}
@@ -102,16 +122,30 @@ def load_splits(d: DataArguments, seed: int, num_labels: int | None, need_train:
     if d.max_train_samples is not None and train is not None:
         train = train.shuffle(seed=seed).select(range(min(d.max_train_samples, len(train))))
     if d.max_eval_samples is not None:
-        evals = {name: split.shuffle(seed=seed).select(range(min(d.max_eval_samples, len(split))))
-                 for name, split in evals.items()}
+        evals = {
+            name: split.shuffle(seed=seed).select(range(min(d.max_eval_samples, len(split))))
+            for name, split in evals.items()
+        }
     overlap = _texts_in_train(train, evals, text_column, text_pair_column) if train is not None else {}
     for name, count in overlap.items():
         if count:
-            notes.append(f"warning: {count} of {len(evals[name])} texts of the {shown.get(name, 'eval')} set also appear in the "
-                         "training data: its scores overstate how the model does on new texts; deduplicate the files")
-    return Splits(train, next(iter(evals.values())), text_column, text_pair_column, d.label_column, label_names,
-                  eval_sets=evals, notes=notes, texts_in_train=overlap, problem_type=kind.problem_type,
-                  problem_reason=reason)
+            notes.append(
+                f"warning: {count} of {len(evals[name])} texts of the {shown.get(name, 'eval')} set also appear in the "
+                "training data: its scores overstate how the model does on new texts; deduplicate the files"
+            )
+    return Splits(
+        train,
+        next(iter(evals.values())),
+        text_column,
+        text_pair_column,
+        d.label_column,
+        label_names,
+        eval_sets=evals,
+        notes=notes,
+        texts_in_train=overlap,
+        problem_type=kind.problem_type,
+        problem_reason=reason,
+    )
 
 
 def _label_source(evals: dict[str, Dataset], column: str) -> Dataset | None:
@@ -128,6 +162,7 @@ def _texts_in_train(train: Dataset, evals: dict[str, Dataset], text: str, pair: 
     """How many texts (or text pairs) of each eval set are also training texts: Arrow's hash set, not Python's.
     Every column is cast to `large_string` first: files give `large_string` (CSV) or
     `string` (JSON, in-memory data), and Arrow's kernels take no mix of the two, nor a `string` separator."""
+
     def texts(split: Dataset) -> pa.Array:
         arrow = split.with_format("arrow")
         columns = [pc.cast(arrow[column], pa.large_string()) for column in filter(None, (text, pair))]
@@ -138,8 +173,9 @@ def _texts_in_train(train: Dataset, evals: dict[str, Dataset], text: str, pair: 
     return {name: int(pc.sum(pc.is_in(texts(split), value_set=seen)).as_py() or 0) for name, split in evals.items()}
 
 
-def load_test_split(d: DataArguments, label_names: list[str] | None,
-                    problem_type: str = problem.DEFAULT.problem_type) -> Splits:
+def load_test_split(
+    d: DataArguments, label_names: list[str] | None, problem_type: str = problem.DEFAULT.problem_type
+) -> Splits:
     """The split `--do_predict` and `tuneloop predict` run on: `--test_file`, else `--test_split` of the dataset.
 
     Labels are optional. When the label column is there (and not all -1, GLUE's mark for "hidden"), its values must be
@@ -151,8 +187,10 @@ def load_test_split(d: DataArguments, label_names: list[str] | None,
     else:
         raw = load_source(d, _text_column_names(d))
         if d.test_split not in raw:
-            raise UserError(f"split {d.test_split!r} not found (available: {', '.join(raw.keys()) or 'none'}): fix "
-                            "--test_split, or pass --test_file")
+            raise UserError(
+                f"split {d.test_split!r} not found (available: {', '.join(raw.keys()) or 'none'}): fix "
+                "--test_split, or pass --test_file"
+            )
         test = raw[d.test_split]
     if len(test) == 0:
         raise UserError("the test split is empty: check the data source")
@@ -170,8 +208,17 @@ def load_test_split(d: DataArguments, label_names: list[str] | None,
         test = test.remove_columns(label_column)  # present but empty: an unlabelled split
     if label_column in test.column_names and label_names is not None:
         test = problem.of(problem_type).encode(test, label_column, label_names, "test", d.label_separator)
-    return Splits(None, None, text_column, text_pair_column, label_column, label_names, test=test, id_column=id_column,
-                  problem_type=problem_type)
+    return Splits(
+        None,
+        None,
+        text_column,
+        text_pair_column,
+        label_column,
+        label_names,
+        test=test,
+        id_column=id_column,
+        problem_type=problem_type,
+    )
 
 
 # The text columns _text_columns finds without --text_column (run_classification.py's and GLUE's names).
@@ -182,8 +229,11 @@ def _text_column_names(d: DataArguments) -> list[str]:
     """Every column name that may hold text, which sources.load_files reads from CSV as strings: the options' (a
     comma-joined --text_column and its parts), else the names _text_columns looks for."""
     given = [d.text_column, *(d.text_column or "").split(","), d.text_pair_column]
-    return [name for name in given if name] if d.text_column else [*GUESSED_TEXT_COLUMNS,
-                                                                   *filter(None, [d.text_pair_column])]
+    return (
+        [name for name in given if name]
+        if d.text_column
+        else [*GUESSED_TEXT_COLUMNS, *filter(None, [d.text_pair_column])]
+    )
 
 
 def _text_columns(d: DataArguments, columns: list[str]) -> tuple[str, str | None]:
@@ -205,9 +255,16 @@ def _join_text_columns(split: Dataset, name: str, d: DataArguments) -> Dataset:
     if len(parts) < 2 or d.text_column in split.column_names:
         return split
     _check_columns(split, name, [*parts, None])
-    return split.map(lambda batch: {d.text_column: [None if None in texts else d.text_column_delimiter.join(texts)
-                                                    for texts in zip(*(batch[part] for part in parts))]},
-                     batched=True, desc="Joining text columns")
+    return split.map(
+        lambda batch: {
+            d.text_column: [
+                None if None in texts else d.text_column_delimiter.join(texts)
+                for texts in zip(*(batch[part] for part in parts))
+            ]
+        },
+        batched=True,
+        desc="Joining text columns",
+    )
 
 
 def _check_columns(split: Dataset, name: str, wanted: list[str | None]) -> None:
@@ -219,17 +276,23 @@ def _check_columns(split: Dataset, name: str, wanted: list[str | None]) -> None:
         dtype = getattr(split.features[column], "dtype", None)
         if dtype not in ("string", "large_string") and split.with_format("arrow")[column].null_count == len(split):
             # A CSV column with no value in any row is read as numbers (or null), not text.
-            raise UserError(f"text column {column!r} is empty in every row of the {name} split: fill it, or pick the "
-                            "text column with --text_column/--text_pair_column")
+            raise UserError(
+                f"text column {column!r} is empty in every row of the {name} split: fill it, or pick the "
+                "text column with --text_column/--text_pair_column"
+            )
         if dtype not in ("string", "large_string"):
-            raise UserError(f"text column {column!r} holds {dtype or split.features[column]}, not text: pick a text column")
+            raise UserError(
+                f"text column {column!r} holds {dtype or split.features[column]}, not text: pick a text column"
+            )
 
 
 def _hold_out(train: Dataset, column: str, percentage: int, seed: int) -> tuple[Dataset, Dataset]:
     held_out = -(-len(train) * percentage // 100)  # datasets rounds the eval share up
     if held_out >= len(train):
-        raise UserError(f"the train split has {len(train)} row(s): holding out {percentage}% for evaluation leaves "
-                        "none to train on: lower --validation_split_percentage, or pass --validation_file")
+        raise UserError(
+            f"the train split has {len(train)} row(s): holding out {percentage}% for evaluation leaves "
+            "none to train on: lower --validation_split_percentage, or pass --validation_file"
+        )
     try:
         parts = train.train_test_split(test_size=percentage / 100, seed=seed, stratify_by_column=column)
     except ValueError:  # a class too small to stratify: fall back to a plain seeded split

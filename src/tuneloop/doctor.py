@@ -32,10 +32,16 @@ PACKAGES = ("tuneloop", "torch", "transformers", "accelerate", "deepspeed", "dat
 
 def main(argv: list[str] | None = None) -> int:
     parser = OptionParser(prog="tuneloop doctor", description=__doc__.split("\n")[0])
-    parser.add_argument("--config_file", help="accelerate config to check (default: Accelerate's default config, if any)")
-    parser.add_argument("--num_processes", type=int, metavar="N",
-                        help="check, probe and test with N processes in all instead of the config's num_processes, "
-                             "as `accelerate launch --num_processes N` would run")
+    parser.add_argument(
+        "--config_file", help="accelerate config to check (default: Accelerate's default config, if any)"
+    )
+    parser.add_argument(
+        "--num_processes",
+        type=int,
+        metavar="N",
+        help="check, probe and test with N processes in all instead of the config's num_processes, "
+        "as `accelerate launch --num_processes N` would run",
+    )
     parser.add_argument("--skip_accelerate_test", action="store_true", help="do not run `accelerate test`")
     parser.add_argument("--probe", action="store_true", help=argparse.SUPPRESS)  # what each launched process runs
     args = parser.parse_args(argv)
@@ -127,60 +133,85 @@ def check_config(path: str, num_processes: int | None = None):
     if getattr(config, "compute_environment", "LOCAL_MACHINE") not in ("LOCAL_MACHINE", None):
         warnings.append(f"compute_environment {config.compute_environment}: only LOCAL_MACHINE is checked here")
     if wants_gpu and n_gpu == 0 and kind != "FSDP":  # FSDP gets its own explanation below
-        problems.append(f"{kind} with use_cpu: false needs GPUs and this machine has none: on CPU use "
-                        "accelerate_configs/cpu.yaml, cpu_2proc.yaml or deepspeed_zero*_cpu.yaml")
+        problems.append(
+            f"{kind} with use_cpu: false needs GPUs and this machine has none: on CPU use "
+            "accelerate_configs/cpu.yaml, cpu_2proc.yaml or deepspeed_zero*_cpu.yaml"
+        )
     elif wants_gpu and n_proc // machines > n_gpu:
-        problems.append(f"{n_proc // machines} processes per machine but this machine has {n_gpu} GPU(s): set "
-                        f"num_processes to {n_gpu * machines} in the config, or pass --num_processes {n_gpu * machines} "
-                        "to both the doctor and `accelerate launch`")
+        problems.append(
+            f"{n_proc // machines} processes per machine but this machine has {n_gpu} GPU(s): set "
+            f"num_processes to {n_gpu * machines} in the config, or pass --num_processes {n_gpu * machines} "
+            "to both the doctor and `accelerate launch`"
+        )
     if wants_gpu and n_gpu and precision == "bf16" and not gpu_has_bf16():
-        problems.append(f"mixed_precision bf16 but {torch.cuda.get_device_name(0)} has no bf16 units (compute "
-                        "capability below 8.0: torch would only emulate it, slowly): use fp16 (--mixed_precision fp16)")
+        problems.append(
+            f"mixed_precision bf16 but {torch.cuda.get_device_name(0)} has no bf16 units (compute "
+            "capability below 8.0: torch would only emulate it, slowly): use fp16 (--mixed_precision fp16)"
+        )
     if not wants_gpu:
         cores = cpu_cores()
         if n_proc > cores:
             warnings.append(f"{n_proc} CPU processes on {cores} cores: they will compete for cores")
         if precision == "fp16":
             (problems if kind == "DEEPSPEED" else warnings).append(
-                "fp16 on CPU: DeepSpeed cannot train in it and Accelerate runs it in fp32; use bf16")
+                "fp16 on CPU: DeepSpeed cannot train in it and Accelerate runs it in fp32; use bf16"
+            )
         if emulated := emulated_bf16(precision, "cpu"):  # as bf16 on a GPU without bf16 units, above
             problems.append(f"mixed_precision bf16 but {emulated}")
     if kind == "MULTI_CPU":
-        warnings.append("distributed_type MULTI_CPU makes `accelerate launch` start ONE process (it is meant for "
-                        "MPI/oneCCL launches); for N CPU processes use MULTI_GPU with use_cpu: true, like cpu_2proc.yaml")
+        warnings.append(
+            "distributed_type MULTI_CPU makes `accelerate launch` start ONE process (it is meant for "
+            "MPI/oneCCL launches); for N CPU processes use MULTI_GPU with use_cpu: true, like cpu_2proc.yaml"
+        )
     if kind == "FSDP" and n_gpu == 0:
-        problems.append("FSDP needs GPUs: Accelerate switches to FSDP only for GPU process groups, on CPU the run "
-                        "would silently be plain data parallelism (tuneloop refuses it)")
+        problems.append(
+            "FSDP needs GPUs: Accelerate switches to FSDP only for GPU process groups, on CPU the run "
+            "would silently be plain data parallelism (tuneloop refuses it)"
+        )
     wrap = (getattr(config, "fsdp_config", None) or {}).get("fsdp_transformer_layer_cls_to_wrap")
     if kind == "FSDP" and wrap:
-        warnings.append(f"fsdp_transformer_layer_cls_to_wrap {wrap}: every model trained with this config must have "
-                        "that class (leave the key out to wrap each model's own layers, its `_no_split_modules`); "
-                        "the probe's tiny BERT is wrapped by its own layers instead")
+        warnings.append(
+            f"fsdp_transformer_layer_cls_to_wrap {wrap}: every model trained with this config must have "
+            "that class (leave the key out to wrap each model's own layers, its `_no_split_modules`); "
+            "the probe's tiny BERT is wrapped by its own layers instead"
+        )
     if kind == "DEEPSPEED":
         try:
             import deepspeed  # noqa: F401
         except ImportError:
             problems.append("DeepSpeed is not installed: pip install deepspeed")
-        for key, flag in (("gradient_accumulation_steps", "--gradient_accumulation_steps"),
-                          ("gradient_clipping", "--max_grad_norm")):
+        for key, flag in (
+            ("gradient_accumulation_steps", "--gradient_accumulation_steps"),
+            ("gradient_clipping", "--max_grad_norm"),
+        ):
             if key in ds:
-                warnings.append(f"deepspeed_config sets {key}: tuneloop takes it from {flag} and stops if they differ; "
-                                "remove it from the config")
+                warnings.append(
+                    f"deepspeed_config sets {key}: tuneloop takes it from {flag} and stops if they differ; "
+                    "remove it from the config"
+                )
         file = ds.get("deepspeed_config_file")
         if file and not os.path.isfile(file):
             problems.append(f"deepspeed_config_file {file!r} does not exist")
         if int(ds.get("zero_stage", 2) or 2) == 3 and not file and not ds.get("zero3_save_16bit_model", False):
-            problems.append("ZeRO-3 without zero3_save_16bit_model: true cannot save a plain transformers model "
-                            "(tuneloop refuses to train with it)")
+            problems.append(
+                "ZeRO-3 without zero3_save_16bit_model: true cannot save a plain transformers model "
+                "(tuneloop refuses to train with it)"
+            )
         if os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes"):
-            problems.append("ACCELERATE_USE_CPU is set in this environment: Accelerate then ignores DeepSpeed; unset it")
+            problems.append(
+                "ACCELERATE_USE_CPU is set in this environment: Accelerate then ignores DeepSpeed; unset it"
+            )
         if machines > 1 and ds.get("deepspeed_multinode_launcher", "pdsh") != "standard":
-            warnings.append("several machines with DeepSpeed's pdsh launcher (needs ssh between nodes); for one "
-                            "`accelerate launch` per node (SLURM) set deepspeed_multinode_launcher: standard")
+            warnings.append(
+                "several machines with DeepSpeed's pdsh launcher (needs ssh between nodes); for one "
+                "`accelerate launch` per node (SLURM) set deepspeed_multinode_launcher: standard"
+            )
     if machines > 1:
-        warnings.append(f"{machines} machines: each runs its own `accelerate launch` with --machine_rank and "
-                        "--main_process_ip (the SLURM scripts pass them); the probe below runs this machine's share "
-                        "alone, and `accelerate test` (which cannot be told so) is skipped")
+        warnings.append(
+            f"{machines} machines: each runs its own `accelerate launch` with --machine_rank and "
+            "--main_process_ip (the SLURM scripts pass them); the probe below runs this machine's share "
+            "alone, and `accelerate test` (which cannot be told so) is skipped"
+        )
     return config, problems, warnings
 
 
@@ -192,9 +223,11 @@ def kind_of(config) -> str:
 def describe_config(config) -> list[str]:
     if config is None:
         return []
-    lines = [f"distributed_type {kind_of(config)}, num_processes {config.num_processes}, "
-             f"num_machines {config.num_machines}, mixed_precision {config.mixed_precision}, "
-             f"use_cpu {getattr(config, 'use_cpu', False)}"]
+    lines = [
+        f"distributed_type {kind_of(config)}, num_processes {config.num_processes}, "
+        f"num_machines {config.num_machines}, mixed_precision {config.mixed_precision}, "
+        f"use_cpu {getattr(config, 'use_cpu', False)}"
+    ]
     for section in ("deepspeed_config", "fsdp_config"):
         values = getattr(config, section, None)
         if values:
@@ -211,14 +244,29 @@ def run_probe(path: str, config, num_processes: int | None = None) -> bool:
     """Launch the probe with the config (and --num_processes, if given) and report what every process really got."""
     # A multi-machine config would wait for the other machines: run this machine's share as a one-machine launch.
     if config.num_machines > 1:
-        flags = ["--num_machines", "1", "--machine_rank", "0", "--num_processes",
-                 str(config.num_processes // config.num_machines)]
+        flags = [
+            "--num_machines",
+            "1",
+            "--machine_rank",
+            "0",
+            "--num_processes",
+            str(config.num_processes // config.num_machines),
+        ]
     else:
         flags = ["--num_processes", str(num_processes)] if num_processes else []
     print("\nprobe: accelerate launch --config_file", path, *flags, "-m tuneloop.doctor --probe")
     with tempfile.TemporaryDirectory() as workdir:
-        command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", os.path.abspath(path), *flags,
-                   "-m", "tuneloop.doctor", "--probe"]
+        command = [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--config_file",
+            os.path.abspath(path),
+            *flags,
+            "-m",
+            "tuneloop.doctor",
+            "--probe",
+        ]
         result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=launch_env(), cwd=workdir)
     lines = [line for line in result.stdout.splitlines() if line.startswith(PROBE_TAG)]
     if result.returncode != 0 or not lines:
@@ -227,15 +275,19 @@ def run_probe(path: str, config, num_processes: int | None = None) -> bool:
         if not errors:
             print("  " + "\n  ".join(result.stderr.strip().splitlines()[-15:]))
         return False
-    seen = json.loads(lines[-1][len(PROBE_TAG):])
+    seen = json.loads(lines[-1][len(PROBE_TAG) :])
     expected = config.num_processes // config.num_machines
     if seen["num_processes"] != expected:  # e.g. MULTI_CPU, which starts one process whatever num_processes says
-        print(f"  FAILED: the config asks for {expected} processes, the run got {seen['num_processes']} "
-              f"({seen['distributed_type']})")
+        print(
+            f"  FAILED: the config asks for {expected} processes, the run got {seen['num_processes']} "
+            f"({seen['distributed_type']})"
+        )
         return False
-    print(f"  ok: {seen['distributed_type']} x{seen['num_processes']} on {seen['device']}, mixed_precision "
-          f"{seen['mixed_precision']}, ranks {seen['ranks']} answered, {seen['steps']} optimizer steps"
-          + (f"; {seen['engine']}" if seen.get("engine") else ""))
+    print(
+        f"  ok: {seen['distributed_type']} x{seen['num_processes']} on {seen['device']}, mixed_precision "
+        f"{seen['mixed_precision']}, ranks {seen['ranks']} answered, {seen['steps']} optimizer steps"
+        + (f"; {seen['engine']}" if seen.get("engine") else "")
+    )
     return True
 
 
@@ -244,16 +296,24 @@ def probe_model() -> torch.nn.Module:
     layers (its `_no_split_modules`), so the probe needs a model that has some; every engine probes the same one."""
     from transformers import BertConfig, BertForSequenceClassification
 
-    return BertForSequenceClassification(BertConfig(
-        vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-        max_position_embeddings=16, num_labels=2))
+    return BertForSequenceClassification(
+        BertConfig(
+            vocab_size=64,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=16,
+            num_labels=2,
+        )
+    )
 
 
 def probe() -> int:
     """Runs in every launched process: tuneloop's Accelerator, two optimizer steps, a gather of the ranks."""
-    from tuneloop.options import TrainArguments
     from tuneloop.engines import describe_deepspeed
     from tuneloop.errors import UserError
+    from tuneloop.options import TrainArguments
     from tuneloop.runtime import make_accelerator
 
     # A layer class named in an FSDP config is the user's model's (the main process warned about it); the probe's
@@ -286,9 +346,15 @@ def probe() -> int:
         if sorted(ranks) != list(range(accelerator.num_processes)):
             raise RuntimeError(f"gathered ranks {ranks}, expected 0..{accelerator.num_processes - 1}")
         if accelerator.is_main_process:
-            seen = {"distributed_type": accelerator.distributed_type.value, "num_processes": accelerator.num_processes,
-                    "device": accelerator.device.type, "mixed_precision": accelerator.mixed_precision,
-                    "ranks": sorted(ranks), "steps": steps, "engine": describe_deepspeed(accelerator)}
+            seen = {
+                "distributed_type": accelerator.distributed_type.value,
+                "num_processes": accelerator.num_processes,
+                "device": accelerator.device.type,
+                "mixed_precision": accelerator.mixed_precision,
+                "ranks": sorted(ranks),
+                "steps": steps,
+                "engine": describe_deepspeed(accelerator),
+            }
             print(PROBE_TAG + json.dumps(seen), flush=True)
         accelerator.end_training()
     return 0
@@ -305,8 +371,10 @@ def run_accelerate_test(path: str, config, num_processes: int | None = None) -> 
         # Its script builds a plain Accelerator(): with no GPU and no backend given, Accelerate's PartialState treats
         # the run as "no backend == no distributed training" (accelerate/state.py) and counts every DeepSpeed rank as
         # process 0 of 1, so its gather checks fail. The probe above passed the gloo backend, as tuneloop does.
-        print("\naccelerate test: skipped, it cannot run DeepSpeed without a GPU (its script gives no gloo backend, so "
-              "Accelerate counts each rank as process 0 of 1); the probe above checked this config instead")
+        print(
+            "\naccelerate test: skipped, it cannot run DeepSpeed without a GPU (its script gives no gloo backend, so "
+            "Accelerate counts each rank as process 0 of 1); the probe above checked this config instead"
+        )
         return True
     if gpu_count() == 0 and getattr(config, "use_cpu", False) and int(config.num_processes or 1) > 1:
         # Without it, the script's Accelerator() sees no GPU and no cpu=True: each process would test alone.

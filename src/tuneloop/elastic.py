@@ -20,8 +20,9 @@ from accelerate.utils import DistributedType
 from accelerate.utils.constants import RNG_STATE_NAME
 
 from tuneloop import checkpoint, runtime
-from tuneloop.options import TrainArguments
 from tuneloop.errors import UserError
+from tuneloop.options import TrainArguments
+
 
 # With Accelerate's sharding (split_batches=False, even batches) the loader cuts the epoch's one seeded order into
 # batches of the per-device size B and deals batch i to rank i % N; accumulation A then makes optimizer step k consume
@@ -56,8 +57,9 @@ def keep_global_batch(global_batch: int, processes: int, preferred_batch: int) -
     return Layout(processes, batch, share // batch)
 
 
-def resume_state(saved: checkpoint.TrainerState, current: checkpoint.TrainerState, path: str,
-                 elastic: bool) -> checkpoint.TrainerState:
+def resume_state(
+    saved: checkpoint.TrainerState, current: checkpoint.TrainerState, path: str, elastic: bool
+) -> checkpoint.TrainerState:
     """The saved state to continue from, converted to this session's process count when it differs (elastic).
 
     `current` holds this session's layout as configured; the returned state holds the layout it will train with.
@@ -72,35 +74,45 @@ def resume_state(saved: checkpoint.TrainerState, current: checkpoint.TrainerStat
     if saved.max_tokens_per_batch:
         # Token-budget batches hold varying numbers of samples, dealt whole to the ranks in turn: no layout of another
         # process count gives the same samples per step.
-        raise UserError(f"checkpoint {path} was written by {saved.num_processes} processes with "
-                        f"--max_tokens_per_batch {saved.max_tokens_per_batch}, whose batches another process count "
-                        f"cannot keep: resume on {saved.num_processes} processes (or start a new --output_dir)")
+        raise UserError(
+            f"checkpoint {path} was written by {saved.num_processes} processes with "
+            f"--max_tokens_per_batch {saved.max_tokens_per_batch}, whose batches another process count "
+            f"cannot keep: resume on {saved.num_processes} processes (or start a new --output_dir)"
+        )
     before = layout_of(saved)
     global_batch = before.global_batch
     after = keep_global_batch(global_batch, current.num_processes, current.per_device_train_batch_size)
     if after is None:
-        working = [keep_global_batch(global_batch, n, current.per_device_train_batch_size)
-                   for n in range(1, global_batch + 1) if global_batch % n == 0]
-        raise UserError(f"checkpoint {path} was written by {before} (global batch {global_batch}), which "
-                        f"{current.num_processes} processes cannot keep: resume on "
-                        + "; ".join(str(layout) for layout in working[:8])
-                        + " (or start a new --output_dir)")
+        working = [
+            keep_global_batch(global_batch, n, current.per_device_train_batch_size)
+            for n in range(1, global_batch + 1)
+            if global_batch % n == 0
+        ]
+        raise UserError(
+            f"checkpoint {path} was written by {before} (global batch {global_batch}), which "
+            f"{current.num_processes} processes cannot keep: resume on "
+            + "; ".join(str(layout) for layout in working[:8])
+            + " (or start a new --output_dir)"
+        )
     # The position in the epoch, saved in this rank's micro-batches of the old layout, becomes global samples and
     # then micro-batches of the new one (exact at an optimizer step; at the epoch's end it covers the whole epoch).
     samples = saved.batches_in_epoch * before.processes * before.per_device_batch
     per_micro_step = after.processes * after.per_device_batch
-    return checkpoint.TrainerState(**{
-        **asdict(saved),
-        "num_processes": after.processes,
-        "per_device_train_batch_size": after.per_device_batch,
-        "gradient_accumulation_steps": after.accumulation,
-        "batches_in_epoch": -(-samples // per_micro_step),
-        "length_group_batch_size": saved.length_group_batch_size or before.per_device_batch,
-    })
+    return checkpoint.TrainerState(
+        **{
+            **asdict(saved),
+            "num_processes": after.processes,
+            "per_device_train_batch_size": after.per_device_batch,
+            "gradient_accumulation_steps": after.accumulation,
+            "batches_in_epoch": -(-samples // per_micro_step),
+            "length_group_batch_size": saved.length_group_batch_size or before.per_device_batch,
+        }
+    )
 
 
-def load_checkpoint(accelerator: Accelerator, path: str, scheduler=None, micro_step: int = 0,
-                    trained_only: bool = False) -> dict:
+def load_checkpoint(
+    accelerator: Accelerator, path: str, scheduler=None, micro_step: int = 0, trained_only: bool = False
+) -> dict:
     """Restore Accelerate's state (model, optimizer, scheduler, sampler, RNG of this process); return this process's
     loss sums.
 
@@ -161,9 +173,16 @@ def _convert_to_universal(path: str, universal: str) -> None:
 
     tmp = os.path.join(os.path.dirname(universal), ".tmp-" + os.path.basename(universal).lstrip("."))
     model_dir = "pytorch_model"  # Accelerate's DeepSpeed tag for the (first) model
-    command = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
-               os.path.join(path, model_dir), "--output_folder", os.path.join(tmp, model_dir),
-               "--inject_missing_state"]  # what Megatron-DeepSpeed records itself; a transformers model has none
+    command = [
+        sys.executable,
+        "-m",
+        "deepspeed.checkpoint.ds_to_universal",
+        "--input_folder",
+        os.path.join(path, model_dir),
+        "--output_folder",
+        os.path.join(tmp, model_dir),
+        "--inject_missing_state",
+    ]  # what Megatron-DeepSpeed records itself; a transformers model has none
     shutil.rmtree(universal, ignore_errors=True)  # one without its UNIVERSAL_DONE: an older version's, unfinished
     shutil.rmtree(tmp, ignore_errors=True)
     done = subprocess.run(command, capture_output=True, text=True)
@@ -173,14 +192,17 @@ def _convert_to_universal(path: str, universal: str) -> None:
         how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit status {code}"
         how += " (out of memory?)" if code == -signal.SIGKILL else ""
         last = done.stderr.strip().splitlines()[-1:]
-        raise UserError(f"could not convert the DeepSpeed checkpoint {path} for another process count (`"
-                        f"{' '.join(command)}` failed, {how}{': ' + last[0] if last else ''}): resume on "
-                        f"{checkpoint.read_state(path).num_processes} processes")
+        raise UserError(
+            f"could not convert the DeepSpeed checkpoint {path} for another process count (`"
+            f"{' '.join(command)}` failed, {how}{': ' + last[0] if last else ''}): resume on "
+            f"{checkpoint.read_state(path).num_processes} processes"
+        )
     for name in os.listdir(path):  # scheduler, RNG, sampler, loss sums, state: linked
         if name not in (model_dir, "latest", checkpoint.MANIFEST_FILE):
             os.symlink(os.path.abspath(os.path.join(path, name)), os.path.join(tmp, name))
-    checkpoint.write_json(os.path.join(tmp, UNIVERSAL_DONE), {"source": os.path.abspath(path), "command": command},
-                          durable=True)
+    checkpoint.write_json(
+        os.path.join(tmp, UNIVERSAL_DONE), {"source": os.path.abspath(path), "command": command}, durable=True
+    )
     os.rename(tmp, universal)
 
 
@@ -212,8 +234,10 @@ def merged_rank_state(path: str, saved_processes: int, processes: int) -> dict:
     for rank in range(saved_processes):
         with open(os.path.join(path, checkpoint.RANK_STATE_FILE.format(rank=rank))) as f:
             parts.append(json.load(f))
-    shared = {key: sum(p[key] for p in parts) / processes
-              for key in ("window_loss", "window_count", "total_loss", "total_count")}
+    shared = {
+        key: sum(p[key] for p in parts) / processes
+        for key in ("window_loss", "window_count", "total_loss", "total_count")
+    }
     return {**shared, **{key: max(p[key] for p in parts) for key in ("nonfinite_streak", "skipped_steps")}}
 
 
@@ -232,10 +256,15 @@ def _load_rng_states(file: str) -> None:
         states = load(file)  # torch.load(weights_only=True), numpy's array types allowed
     except pickle.UnpicklingError as e:
         found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
-        what = f"it pickles {found[1]}, which only a full unpickling could load" if found \
+        what = (
+            f"it pickles {found[1]}, which only a full unpickling could load"
+            if found
             else " ".join(str(e).split())[:200]
-        raise UserError(f"{file} is not an RNG state file that a weights-only load accepts ({what}): resume only from "
-                        "checkpoints you trust") from None
+        )
+        raise UserError(
+            f"{file} is not an RNG state file that a weights-only load accepts ({what}): resume only from "
+            "checkpoints you trust"
+        ) from None
     random.setstate(states["random_state"])
     np.random.set_state(states["numpy_random_seed"])
     torch.set_rng_state(states["torch_manual_seed"])

@@ -20,8 +20,8 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
 
-from tuneloop.options import TrainArguments
 from tuneloop.errors import UserError
+from tuneloop.options import TrainArguments
 
 
 def requested(name: str) -> bool:
@@ -39,18 +39,26 @@ def reconcile(accelerator: Accelerator, t: TrainArguments) -> None:
     if requested("FSDP") and kind != DistributedType.FSDP:
         # Accelerate switches to FSDP only for GPU-type process groups (accelerate/state.py, AcceleratorState.__init__);
         # on CPU the same launch silently becomes plain data parallelism. torch's fully_shard itself does run on gloo.
-        problems.append(f"the accelerate config asks for FSDP but Accelerate set up {kind.value}: Accelerate enables "
-                        "FSDP only on GPUs; on CPU use accelerate_configs/cpu_2proc.yaml or deepspeed_zero3_cpu.yaml")
+        problems.append(
+            f"the accelerate config asks for FSDP but Accelerate set up {kind.value}: Accelerate enables "
+            "FSDP only on GPUs; on CPU use accelerate_configs/cpu_2proc.yaml or deepspeed_zero3_cpu.yaml"
+        )
     if requested("DEEPSPEED") and kind != DistributedType.DEEPSPEED:
-        problems.append(f"the accelerate config asks for DeepSpeed but Accelerate set up {kind.value}: "
-                        "ACCELERATE_USE_CPU=1 in the environment turns DeepSpeed off; unset it")
+        problems.append(
+            f"the accelerate config asks for DeepSpeed but Accelerate set up {kind.value}: "
+            "ACCELERATE_USE_CPU=1 in the environment turns DeepSpeed off; unset it"
+        )
     if accelerator.gradient_accumulation_steps != t.gradient_accumulation_steps:
-        problems.append(f"the launcher sets gradient accumulation to {accelerator.gradient_accumulation_steps} "
-                        f"(accelerate config or --gradient_accumulation_steps of accelerate launch), the trainer to "
-                        f"{t.gradient_accumulation_steps}: set it only with the trainer's --gradient_accumulation_steps")
+        problems.append(
+            f"the launcher sets gradient accumulation to {accelerator.gradient_accumulation_steps} "
+            f"(accelerate config or --gradient_accumulation_steps of accelerate launch), the trainer to "
+            f"{t.gradient_accumulation_steps}: set it only with the trainer's --gradient_accumulation_steps"
+        )
     if t.mixed_precision not in (None, "auto") and accelerator.mixed_precision != t.mixed_precision:
-        problems.append(f"--mixed_precision {t.mixed_precision} but the engine runs {accelerator.mixed_precision}: "
-                        "remove the precision from the DeepSpeed config file (or set its 'enabled' to \"auto\")")
+        problems.append(
+            f"--mixed_precision {t.mixed_precision} but the engine runs {accelerator.mixed_precision}: "
+            "remove the precision from the DeepSpeed config file (or set its 'enabled' to \"auto\")"
+        )
     if kind == DistributedType.DEEPSPEED:
         problems += fill_deepspeed_config(accelerator, t)
     if problems:
@@ -75,23 +83,31 @@ def fill_deepspeed_config(accelerator: Accelerator, t: TrainArguments) -> list[s
         if current == "auto":
             ds[key] = value
         elif float(current) != float(value):
-            problems.append(f"the DeepSpeed config sets {key}={current} but --{flag} is {value}: "
-                            f"remove {key} from the DeepSpeed config (or set it to \"auto\")")
+            problems.append(
+                f"the DeepSpeed config sets {key}={current} but --{flag} is {value}: "
+                f'remove {key} from the DeepSpeed config (or set it to "auto")'
+            )
     batch = ds.get("train_batch_size", "auto")
     expected = t.global_batch_size(accelerator.num_processes)
     if batch != "auto" and int(batch) != expected:
-        problems.append(f"the DeepSpeed config sets train_batch_size={batch} but the trainer's global batch is "
-                        f"{expected}: set train_batch_size to \"auto\"")
+        problems.append(
+            f"the DeepSpeed config sets train_batch_size={batch} but the trainer's global batch is "
+            f'{expected}: set train_batch_size to "auto"'
+        )
     for section in ("optimizer", "scheduler"):
         if section in ds:
-            problems.append(f"the DeepSpeed config has an {section!r} section, but tuneloop builds AdamW and the "
-                            "learning-rate schedule from its own flags: remove the section")
+            problems.append(
+                f"the DeepSpeed config has an {section!r} section, but tuneloop builds AdamW and the "
+                "learning-rate schedule from its own flags: remove the section"
+            )
     if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
         problems.append("DeepSpeed cannot train in fp16 on CPU: use mixed_precision bf16 or no")
     gather = plugin.get_value("zero_optimization.stage3_gather_16bit_weights_on_model_save", False)
     if t.do_train and plugin.zero_stage == 3 and str(gather).lower() != "true":
-        problems.append("ZeRO-3 can save a plain transformers model only by gathering the shards: set "
-                        "zero3_save_16bit_model: true (stage3_gather_16bit_weights_on_model_save in a DeepSpeed file)")
+        problems.append(
+            "ZeRO-3 can save a plain transformers model only by gathering the shards: set "
+            "zero3_save_16bit_model: true (stage3_gather_16bit_weights_on_model_save in a DeepSpeed file)"
+        )
     return problems
 
 
@@ -101,11 +117,16 @@ def describe_deepspeed(accelerator: Accelerator) -> str:
         return ""
     ds = accelerator.state.deepspeed_plugin.deepspeed_config
     zero = ds.get("zero_optimization", {})
-    offload = [f"{what} to {zero[f'offload_{what}']['device']}" for what in ("optimizer", "param")
-               if zero.get(f"offload_{what}", {}).get("device", "none") not in ("none", None)]
-    return (f"DeepSpeed ZeRO-{zero.get('stage')}: micro batch {ds['train_micro_batch_size_per_gpu']}, "
-            f"accumulation {ds['gradient_accumulation_steps']}, gradient clipping {ds['gradient_clipping']}"
-            + (f", offload {' and '.join(offload)}" if offload else ""))
+    offload = [
+        f"{what} to {zero[f'offload_{what}']['device']}"
+        for what in ("optimizer", "param")
+        if zero.get(f"offload_{what}", {}).get("device", "none") not in ("none", None)
+    ]
+    return (
+        f"DeepSpeed ZeRO-{zero.get('stage')}: micro batch {ds['train_micro_batch_size_per_gpu']}, "
+        f"accumulation {ds['gradient_accumulation_steps']}, gradient clipping {ds['gradient_clipping']}"
+        + (f", offload {' and '.join(offload)}" if offload else "")
+    )
 
 
 def prepare_for_evaluation(accelerator: Accelerator, model, *dataloaders):
@@ -118,9 +139,10 @@ def prepare_for_evaluation(accelerator: Accelerator, model, *dataloaders):
     """
     kind = accelerator.distributed_type
     unsharded = kind == DistributedType.FSDP or (
-        kind == DistributedType.DEEPSPEED and accelerator.state.deepspeed_plugin.zero_stage < 3)
+        kind == DistributedType.DEEPSPEED and accelerator.state.deepspeed_plugin.zero_stage < 3
+    )
     if unsharded:
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision, None)
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision)
         return (model.to(device=accelerator.device, dtype=dtype), *(accelerator.prepare(dl) for dl in dataloaders))
     if kind == DistributedType.DEEPSPEED:
         return accelerator.prepare(model, *dataloaders)

@@ -34,8 +34,11 @@ class OneLineArgumentErrors:
 
     def error(self, message: str) -> NoReturn:
         # HfArgumentParser gives each --option_name a twin --option-name: name the twin only where it was typed.
-        message = re.sub(r"(/|, )--(\w+(?:-\w+)+)",
-                         lambda twin: "" if f"--{twin[2].replace('-', '_')}" in message else twin[0], message)
+        message = re.sub(
+            r"(/|, )--(\w+(?:-\w+)+)",
+            lambda twin: "" if f"--{twin[2].replace('-', '_')}" in message else twin[0],
+            message,
+        )
         unknown = message.removeprefix("unrecognized arguments: ")
         if unknown != message:
             message = self.describe_unknown(unknown.split())
@@ -45,8 +48,12 @@ class OneLineArgumentErrors:
         raise UserError(f"{message}; --help lists every option")
 
     def describe_unknown(self, tokens: list[str]) -> str:
-        known = [name for action in self._actions for name in action.option_strings  # type: ignore[attr-defined]
-                 if name.startswith("--") and "-" not in name[2:] and action.help != argparse.SUPPRESS]
+        known = [
+            name
+            for action in self._actions
+            for name in action.option_strings  # type: ignore[attr-defined]
+            if name.startswith("--") and "-" not in name[2:] and action.help != argparse.SUPPRESS
+        ]
         options = [t.split("=", 1)[0] for t in tokens if t.startswith("--") or t[:1] == "-" and t[1:2].isalpha()]
         if not options:
             return f"unexpected argument {tokens[0]!r}"

@@ -17,9 +17,10 @@ import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
-from tuneloop import checkpoint, elastic, optim, outputs, predict, problem as problems, report, throughput
-from tuneloop.options import Config, TrainArguments
+from tuneloop import checkpoint, elastic, optim, outputs, predict, report, throughput
+from tuneloop import problem as problems
 from tuneloop.errors import UserError
+from tuneloop.options import Config, TrainArguments
 from tuneloop.preemption import Preempted, StopRequest
 from tuneloop.runtime import describe, say
 from tuneloop.setup import Run, setup
@@ -50,8 +51,9 @@ def train(config: Config) -> dict:
         except Preempted as stopped:
             # Every rank waits for the marker (or stops with the main process's failure to write it): a job script
             # that sees one rank gone must find it.
-            checkpoint.write_preempted(accelerator, output_dir, stopped.checkpoint_dir, stopped.step,
-                                       stopped.signal_name)
+            checkpoint.write_preempted(
+                accelerator, output_dir, stopped.checkpoint_dir, stopped.step, stopped.signal_name
+            )
             accelerator.end_training()
             raise
 
@@ -76,15 +78,31 @@ def run_phases(run: Run) -> dict:
     test_results = None
     if t.do_predict:
         with checkpoint.writing(t.output_dir, t.output_dir, together=accelerator):
-            test_results = predict.predict_test_split(accelerator, run.model, run.test_dl, run.test_split,
-                                                      run.problem, run.metric_modules, t, describe(accelerator),
-                                                      config.data.label_separator)
+            test_results = predict.predict_test_split(
+                accelerator,
+                run.model,
+                run.test_dl,
+                run.test_split,
+                run.problem,
+                run.metric_modules,
+                t,
+                describe(accelerator),
+                config.data.label_separator,
+            )
         if t.do_train:
             stop_if_asked(run)
     if t.do_train or t.do_eval:  # the confusion matrix and per-class table are the final model's, from its evaluation
         with checkpoint.writing(t.output_dir, t.output_dir, together=accelerator):
-            report.write_report(accelerator, config, results, run.problem, history, eval_outputs, test_results,
-                                run.training.train_size if run.training else None)
+            report.write_report(
+                accelerator,
+                config,
+                results,
+                run.problem,
+                history,
+                eval_outputs,
+                test_results,
+                run.training.train_size if run.training else None,
+            )
     say(accelerator, report.summary_table({**results, **(test_results or {})}, t.output_dir))
     # Every rank's collectives done, and gloo's worker threads idle, before the process group is torn down: a 2-process
     # predict deadlocked at exit when it went while a worker still held a gathered tensor (the worker waiting for the
@@ -132,9 +150,14 @@ class LossMeter:
         return int(accelerator.gather(self.nonfinite_streak.reshape(1)).max())
 
     def state_dict(self) -> dict:
-        return {"window_loss": self.window.item(), "window_count": self.window_count, "total_loss": self.total.item(),
-                "total_count": self.total_count, "nonfinite_streak": int(self.nonfinite_streak),
-                "skipped_steps": self.skipped_steps}
+        return {
+            "window_loss": self.window.item(),
+            "window_count": self.window_count,
+            "total_loss": self.total.item(),
+            "total_count": self.total_count,
+            "nonfinite_streak": int(self.nonfinite_streak),
+            "skipped_steps": self.skipped_steps,
+        }
 
 
 @dataclass
@@ -163,8 +186,13 @@ def fit(run: Run) -> tuple[dict, predict.Outputs | None]:
     t, plan, accelerator, state = run.config.train, run.training.plan, run.accelerator, run.training.state
     model, optimizer, scheduler = run.model, run.training.optimizer, run.training.scheduler
     # In a log file (CI, SLURM) a bar redrawn every second is noise: redraw every 30 s there.
-    progress = tqdm(total=plan.total_steps, initial=state.step, desc="training", disable=not accelerator.is_local_main_process,
-                    mininterval=1.0 if sys.stderr.isatty() else 30.0)
+    progress = tqdm(
+        total=plan.total_steps,
+        initial=state.step,
+        desc="training",
+        disable=not accelerator.is_local_main_process,
+        mininterval=1.0 if sys.stderr.isatty() else 30.0,
+    )
     # The word embedding's gradient kept between steps, only its used rows zeroed (same maths, no vocabulary-sized fill)
     kept_embedding_grad = None if t.torch_compile else optim.KeptEmbeddingGradient.install(accelerator, model)
     keep_best_in_reach(run)
@@ -172,11 +200,20 @@ def fit(run: Run) -> tuple[dict, predict.Outputs | None]:
         session = run.training.session = Session(
             LossMeter(accelerator.device, run.training.rank_state),
             throughput.SpeedMeter(accelerator.unwrap_model(model), accelerator.device, run.started_at),
-            run.training.stop, progress, time.perf_counter(), state.train_runtime)
+            run.training.stop,
+            progress,
+            time.perf_counter(),
+            state.train_runtime,
+        )
         if t.eval_on_start and state.step == 0:  # a baseline to compare with, not a candidate for the best model
             session.eval_outputs = evaluate_and_log(run, best_candidate=False)
-        ended = "max steps" if state.step >= plan.total_steps else \
-            "early stopping" if state.patience_exhausted(t.early_stopping_patience) else None
+        ended = (
+            "max steps"
+            if state.step >= plan.total_steps
+            else "early stopping"
+            if state.patience_exhausted(t.early_stopping_patience)
+            else None
+        )
         for epoch in range(state.epoch, plan.num_epochs) if not ended else ():
             model.train()
             for batch in epoch_batches(run, epoch):
@@ -185,8 +222,9 @@ def fit(run: Run) -> tuple[dict, predict.Outputs | None]:
                     # The loss is the loop's own (problem.py), the same function evaluation uses.
                     labels = batch.pop("labels")  # (the model would compute its own loss from them, and discard it)
                     loss = run.problem.loss(model(**batch).logits, labels)
-                    accelerator.backward(weighted_for_global_mean(accelerator, loss, len(labels))
-                                         if t.max_tokens_per_batch else loss)
+                    accelerator.backward(
+                        weighted_for_global_mean(accelerator, loss, len(labels)) if t.max_tokens_per_batch else loss
+                    )
                     grad_norm, skipped = optim.clip_and_step(accelerator, model, optimizer, t.max_grad_norm)
                     session.grad_norm = grad_norm if grad_norm is not None else session.grad_norm
                     if not skipped:  # an fp16 overflow updated nothing: the schedule waits with the weights
@@ -255,8 +293,9 @@ def boundary(run: Run, session: Session, epoch_end: bool) -> str | None:
         log_step(run, session)
     evaluated = not last_step and t.do_eval and evaluation_due(t, state.step, epoch_end)
     if evaluated:  # weights whose last step's loss was not finite are never the best: their checkpoint is refused
-        session.eval_outputs = evaluate_and_log(run, epoch=state.epoch if epoch_end else None,
-                                                best_candidate=not check_health(run, session.meter))
+        session.eval_outputs = evaluate_and_log(
+            run, epoch=state.epoch if epoch_end else None, best_candidate=not check_health(run, session.meter)
+        )
     new_best = evaluated and state.best_step == state.step
     signal_name = session.stop.agreed()  # collective: every rank gets the same answer
     stopped_early = evaluated and early_stop(run)
@@ -298,15 +337,19 @@ def finish_training(run: Run, session: Session, stopped_early: bool) -> tuple[di
         refuse_nonfinite_model(run, nonfinite)
     outputs = session.eval_outputs
     if t.do_eval and state.last_eval.get("step") != state.step:  # the final weights, not evaluated yet
-        outputs = evaluate_and_log(run, epoch=state.epoch if state.batches_in_epoch == 0 else None,
-                                   best_candidate=not nonfinite)
+        outputs = evaluate_and_log(
+            run, epoch=state.epoch if state.batches_in_epoch == 0 else None, best_candidate=not nonfinite
+        )
     stop_if_asked(run)  # a stop during the final evaluation
     if best and state.best_step != state.step:
         # Checkpoint the final step before its weights are replaced: a stop from here on resumes into the finish.
         if not this_step_saved(run):
             save_checkpoint(run, session)
-        say(accelerator, f"tuneloop: loading the best model (step {state.best_step}, "
-                         f"{best_metric_key(run)}={state.best_metric:.4f}) from {best}")
+        say(
+            accelerator,
+            f"tuneloop: loading the best model (step {state.best_step}, "
+            f"{best_metric_key(run)}={state.best_metric:.4f}) from {best}",
+        )
         elastic.load_checkpoint(accelerator, best, trained_only=run.config.model.use_peft)
         outputs = evaluate_and_log(run)
         stop_if_asked(run)
@@ -326,7 +369,9 @@ def finish_training(run: Run, session: Session, stopped_early: bool) -> tuple[di
         "global_step": state.step,
         "epochs": run.training.plan.num_epochs,
         "final_learning_rate": final_learning_rate,
-        **({"best_step": state.best_step, f"best_{best_metric_key(run)}": state.best_metric} if state.best_step else {}),
+        **(
+            {"best_step": state.best_step, f"best_{best_metric_key(run)}": state.best_metric} if state.best_step else {}
+        ),
         **({"stopped_early": True} if stopped_early else {}),
         **({"texts_in_train_and_eval": run.training.texts_in_train} if run.training.texts_in_train else {}),
         **({"skipped_steps": meter.skipped_steps} if accelerator.mixed_precision == "fp16" else {}),
@@ -340,8 +385,13 @@ def refuse_nonfinite_model(run: Run, streak: int) -> None:
     """Stop before NaN/inf weights become the model; name the checkpoint to use instead."""
     t, state = run.config.train, run.training.state
     saved = checkpoint.complete_checkpoints(t.output_dir)
-    kept = f"the best checkpoint {state.best_checkpoint} (step {state.best_step})" \
-        if state.best_checkpoint in saved else f"the last good checkpoint {saved[-1]}" if saved else "no checkpoint"
+    kept = (
+        f"the best checkpoint {state.best_checkpoint} (step {state.best_step})"
+        if state.best_checkpoint in saved
+        else f"the last good checkpoint {saved[-1]}"
+        if saved
+        else "no checkpoint"
+    )
     raise TrainingDiverged(
         f"the training loss was NaN/inf in the last {streak} optimizer step(s) (to step {state.step}; fewer than "
         f"--max_nonfinite_steps {t.max_nonfinite_steps}): not saving those weights as the model; kept: {kept}. "
@@ -361,8 +411,11 @@ def keep_best_in_reach(run: Run) -> str | None:
     if here in checkpoint.complete_checkpoints(t.output_dir):
         state.best_checkpoint = here
         return here
-    say(run.accelerator, f"warning: the best checkpoint {state.best_checkpoint} (step {state.best_step}) is gone: "
-                         "the best model is chosen again from the evaluations to come")
+    say(
+        run.accelerator,
+        f"warning: the best checkpoint {state.best_checkpoint} (step {state.best_step}) is gone: "
+        "the best model is chosen again from the evaluations to come",
+    )
     state.best_checkpoint = state.best_step = state.best_metric = None
     return None
 
@@ -432,8 +485,14 @@ def save_checkpoint(run: Run, session: Session) -> str | None:
     state.train_runtime = session.earlier_runtime + time.perf_counter() - session.started
     if state.best_step == state.step:  # the pointer moves with the save (in the state it writes), never without one
         state.best_checkpoint = checkpoint.checkpoint_path(t.output_dir, state.step)
-    path = checkpoint.save_checkpoint(accelerator, t.output_dir, state, session.meter.state_dict(),
-                                      trained_only=run.config.model.use_peft, keep=t.save_total_limit)
+    path = checkpoint.save_checkpoint(
+        accelerator,
+        t.output_dir,
+        state,
+        session.meter.state_dict(),
+        trained_only=run.config.model.use_peft,
+        keep=t.save_total_limit,
+    )
     say(accelerator, f"tuneloop: checkpoint {path}")
     return path
 
@@ -450,8 +509,11 @@ def early_stop(run: Run) -> bool:
     patience, state = run.config.train.early_stopping_patience, run.training.state
     if not state.patience_exhausted(patience):
         return False
-    say(run.accelerator, f"tuneloop: early stopping: no improvement of {best_metric_key(run)} "
-                         f"in {patience} evaluations (best {state.best_metric:.4f} at step {state.best_step})")
+    say(
+        run.accelerator,
+        f"tuneloop: early stopping: no improvement of {best_metric_key(run)} "
+        f"in {patience} evaluations (best {state.best_metric:.4f} at step {state.best_step})",
+    )
     return True
 
 

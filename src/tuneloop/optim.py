@@ -21,12 +21,19 @@ from transformers import get_scheduler
 from tuneloop.options import SCHEDULERS, TrainArguments
 
 # Engines that own the gradients (sharded, or clipped inside the engine): their own clip and step run unchanged.
-ENGINE_OWNED_GRADIENTS = (DistributedType.DEEPSPEED, DistributedType.FSDP, DistributedType.XLA, DistributedType.MEGATRON_LM)
+ENGINE_OWNED_GRADIENTS = (
+    DistributedType.DEEPSPEED,
+    DistributedType.FSDP,
+    DistributedType.XLA,
+    DistributedType.MEGATRON_LM,
+)
 
 # The schedulers that cannot run without --lr_scheduler_kwargs, and what they need (an example for errors and --help).
-SCHEDULER_KWARGS_NEEDED = {"cosine_with_min_lr": {"min_lr_rate": 0.1},
-                           "cosine_warmup_with_min_lr": {"min_lr_rate": 0.1},
-                           "warmup_stable_decay": {"num_decay_steps": 100}}
+SCHEDULER_KWARGS_NEEDED = {
+    "cosine_with_min_lr": {"min_lr_rate": 0.1},
+    "cosine_warmup_with_min_lr": {"min_lr_rate": 0.1},
+    "warmup_stable_decay": {"num_decay_steps": 100},
+}
 # Keys of --lr_scheduler_kwargs that count optimizer steps: scaled with the warmup and total steps (make_scheduler).
 STEP_COUNT_KWARGS = ("num_stable_steps", "num_decay_steps", "timescale")
 
@@ -43,11 +50,14 @@ def make_optimizer(model: torch.nn.Module, t: TrainArguments, device: torch.devi
         {"params": [p for p, m in zip(params, matrix) if not m], "weight_decay": 0.0},
     ]
     fused = device.type in ("cuda", "cpu", "xpu", "mps")  # the single-kernel AdamW; torch has it on these devices
-    return torch.optim.AdamW(groups, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon, fused=fused)
+    return torch.optim.AdamW(
+        groups, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon, fused=fused
+    )
 
 
-def clip_and_step(accelerator: Accelerator, model: torch.nn.Module, optimizer, max_grad_norm: float,
-                  fold_clip: bool = True) -> tuple[torch.Tensor | None, bool]:
+def clip_and_step(
+    accelerator: Accelerator, model: torch.nn.Module, optimizer, max_grad_norm: float, fold_clip: bool = True
+) -> tuple[torch.Tensor | None, bool]:
     """Clip the gradients to `max_grad_norm` (0: no clipping, the norm is still measured) and step the optimizer.
 
     Returns the pre-clip gradient norm (None on an accumulation micro-step, where Accelerate makes the step a no-op)
@@ -67,8 +77,12 @@ def clip_folds_into_step(accelerator: Accelerator, optimizer) -> bool:
     """Fused AdamW, and nothing else scaling or owning the gradients: the fp16 GradScaler passes its own grad_scale
     (it keeps Accelerate's unscale-clip-step path), and DeepSpeed / FSDP clip sharded gradients themselves."""
     inner = getattr(optimizer, "optimizer", optimizer)
-    return (accelerator.scaler is None and accelerator.distributed_type not in ENGINE_OWNED_GRADIENTS
-            and isinstance(inner, torch.optim.Adam | torch.optim.AdamW) and bool(inner.defaults.get("fused")))
+    return (
+        accelerator.scaler is None
+        and accelerator.distributed_type not in ENGINE_OWNED_GRADIENTS
+        and isinstance(inner, torch.optim.Adam | torch.optim.AdamW)
+        and bool(inner.defaults.get("fused"))
+    )
 
 
 def step_with_folded_clip(optimizer, max_grad_norm: float) -> torch.Tensor:
@@ -128,14 +142,18 @@ class KeptEmbeddingGradient:
         self.weight.register_hook(self._note_rows)  # called with each backward's sparse gradient, before accumulation
 
     @classmethod
-    def install(cls, accelerator: Accelerator, model: torch.nn.Module) -> "KeptEmbeddingGradient | None":
+    def install(cls, accelerator: Accelerator, model: torch.nn.Module) -> KeptEmbeddingGradient | None:
         try:
             embedding = accelerator.unwrap_model(model).get_input_embeddings()
         except (AttributeError, NotImplementedError):  # an architecture that does not name its input embedding
             return None
-        if (accelerator.distributed_type == DistributedType.NO and accelerator.device.type == "cpu"
-                and isinstance(embedding, torch.nn.Embedding)
-                and embedding.weight.requires_grad and embedding.max_norm is None):
+        if (
+            accelerator.distributed_type == DistributedType.NO
+            and accelerator.device.type == "cpu"
+            and isinstance(embedding, torch.nn.Embedding)
+            and embedding.weight.requires_grad
+            and embedding.max_norm is None
+        ):
             return cls(embedding)
         return None
 
@@ -157,17 +175,25 @@ class KeptEmbeddingGradient:
         self.weight.grad = self.buffer
 
 
-def make_scheduler(name: str, kwargs: dict | None, optimizer, warmup_steps: int, total_steps: int,
-                   num_processes: int = 1):
+def make_scheduler(
+    name: str, kwargs: dict | None, optimizer, warmup_steps: int, total_steps: int, num_processes: int = 1
+):
     """The learning-rate schedule (`transformers.get_scheduler`), for Accelerate's prepared scheduler.
 
     That one steps once per process per optimizer step (unless split_batches), so every step count is multiplied by
     `num_processes`, as in run_glue_no_trainer.py: warmup, total, and the step counts in `kwargs` (STEP_COUNT_KWARGS).
     """
-    scaled = {key: value * num_processes if key in STEP_COUNT_KWARGS and value is not None else value
-              for key, value in (kwargs or {}).items()}
-    return get_scheduler(name, optimizer, num_warmup_steps=warmup_steps * num_processes,
-                         num_training_steps=total_steps * num_processes, scheduler_specific_kwargs=scaled)
+    scaled = {
+        key: value * num_processes if key in STEP_COUNT_KWARGS and value is not None else value
+        for key, value in (kwargs or {}).items()
+    }
+    return get_scheduler(
+        name,
+        optimizer,
+        num_warmup_steps=warmup_steps * num_processes,
+        num_training_steps=total_steps * num_processes,
+        scheduler_specific_kwargs=scaled,
+    )
 
 
 def scheduler_problems(t: TrainArguments) -> list[str]:
@@ -175,8 +201,9 @@ def scheduler_problems(t: TrainArguments) -> list[str]:
     if t.lr_scheduler_type not in SCHEDULERS:  # a Config built in code (the parser checks flags and recipes)
         return [f"lr_scheduler_type {t.lr_scheduler_type!r} is not one of {', '.join(SCHEDULERS)}"]
     if not isinstance(t.lr_scheduler_kwargs, (dict, type(None))):
-        return [f"lr_scheduler_kwargs must be a JSON object, e.g. '{{\"num_cycles\": 2}}' "
-                f"(got {t.lr_scheduler_kwargs!r})"]
+        return [
+            f"lr_scheduler_kwargs must be a JSON object, e.g. '{{\"num_cycles\": 2}}' (got {t.lr_scheduler_kwargs!r})"
+        ]
     problem = scheduler_problem(t) if t.learning_rate > 0 else None
     return [problem] if problem else []
 
@@ -189,7 +216,8 @@ def scheduler_problem(t: TrainArguments) -> str | None:
         make_scheduler(t.lr_scheduler_type, t.lr_scheduler_kwargs, optimizer, warmup_steps=1, total_steps=100)
     except (TypeError, ValueError) as e:
         needed = SCHEDULER_KWARGS_NEEDED.get(t.lr_scheduler_type)
-        return (f"lr_scheduler_type {t.lr_scheduler_type} cannot run with lr_scheduler_kwargs {t.lr_scheduler_kwargs} "
-                f"({' '.join(str(e).split())})"
-                + (f": e.g. --lr_scheduler_kwargs '{json.dumps(needed)}'" if needed else ""))
+        return (
+            f"lr_scheduler_type {t.lr_scheduler_type} cannot run with lr_scheduler_kwargs {t.lr_scheduler_kwargs} "
+            f"({' '.join(str(e).split())})" + (f": e.g. --lr_scheduler_kwargs '{json.dumps(needed)}'" if needed else "")
+        )
     return None

@@ -40,8 +40,8 @@ import uuid
 from typing import TYPE_CHECKING
 
 from tuneloop import checkpoint, lora
-from tuneloop.options import Config, ModelArguments, TrainArguments
 from tuneloop.errors import UserError, is_main_launched_process
+from tuneloop.options import Config, ModelArguments, TrainArguments
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -57,8 +57,10 @@ READY_DIR = ".new-model"  # the final model complete on disk, its files being mo
 MODEL_MARKERS = ("config.json", lora.ADAPTER_CONFIG)
 # Files of an earlier final model that a new save must not leave behind: weights transformers or PEFT would load
 # instead of (or beside) the new ones, and an adapter config that would make output_dir read as an adapter folder.
-_STALE_MODEL_FILE = re.compile(r"^(model|pytorch_model|adapter_model)(-\d{5}-of-\d{5})?\.(safetensors|bin)$"
-                               r"|^(model\.safetensors|pytorch_model\.bin)\.index\.json$|^adapter_config\.json$")
+_STALE_MODEL_FILE = re.compile(
+    r"^(model|pytorch_model|adapter_model)(-\d{5}-of-\d{5})?\.(safetensors|bin)$"
+    r"|^(model\.safetensors|pytorch_model\.bin)\.index\.json$|^adapter_config\.json$"
+)
 
 
 # ---------------------------------------------------------------------------------------------------------------- lock
@@ -71,26 +73,35 @@ class FolderLock:
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as e:
-            raise UserError(f"output_dir {output_dir!r} is not writable ({e.strerror}): pick another "
-                            "--output_dir") from None
+            raise UserError(
+                f"output_dir {output_dir!r} is not writable ({e.strerror}): pick another --output_dir"
+            ) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = _read_holder(fd)
             os.close(fd)
-            raise UserError(f"output_dir {output_dir!r} is in use by another run ({holder}): wait for it to end or "
-                            "stop it, or choose another --output_dir") from None
+            raise UserError(
+                f"output_dir {output_dir!r} is in use by another run ({holder}): wait for it to end or "
+                "stop it, or choose another --output_dir"
+            ) from None
         except OSError as e:  # a file system without flock (Lustre mounted without -o flock, some NFS set-ups)
             os.close(fd)
             if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
                 raise
-            print(f"tuneloop: warning: output_dir {output_dir!r} cannot be locked on this file system "
-                  f"({e.strerror}): nothing stops a second run from writing into it", file=sys.stderr)
+            print(
+                f"tuneloop: warning: output_dir {output_dir!r} cannot be locked on this file system "
+                f"({e.strerror}): nothing stops a second run from writing into it",
+                file=sys.stderr,
+            )
             return
         self.fd = fd
-        holder = {"pid": os.getpid(), "host": socket.gethostname(),
-                  "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
-                  "command": shlex.join([os.path.basename(sys.argv[0]), *sys.argv[1:]])[:300]}
+        holder = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+            "command": shlex.join([os.path.basename(sys.argv[0]), *sys.argv[1:]])[:300],
+        }
         os.ftruncate(fd, 0)
         os.pwrite(fd, (json.dumps(holder) + "\n").encode(), 0)
 
@@ -103,7 +114,7 @@ class FolderLock:
 def _read_holder(fd: int) -> str:
     try:
         holder = json.loads(os.pread(fd, 4096, 0) or b"{}")
-        return (f"pid {holder['pid']} on {holder['host']}, started {holder['started']}: {holder['command']}")
+        return f"pid {holder['pid']} on {holder['host']}, started {holder['started']}: {holder['command']}"
     except (ValueError, KeyError, TypeError, OSError):
         return "a process that has not written its name yet"
 
@@ -138,16 +149,22 @@ def check_not_the_model(m: ModelArguments, t: TrainArguments) -> None:
     if os.path.isdir(model):
         inside = os.path.realpath(model) == out or os.path.realpath(model).startswith(out + os.sep)
         if inside and t.do_train:
-            raise UserError(f"output_dir {t.output_dir!r} is (or holds) the model being trained from "
-                            f"({m.model_name_or_path!r}): the final save would overwrite it; choose another "
-                            "--output_dir")
+            raise UserError(
+                f"output_dir {t.output_dir!r} is (or holds) the model being trained from "
+                f"({m.model_name_or_path!r}): the final save would overwrite it; choose another "
+                "--output_dir"
+            )
         if inside:
-            raise UserError(f"output_dir {t.output_dir!r} is (or holds) the model being evaluated "
-                            f"({m.model_name_or_path!r}): its results would overwrite the model's own files; choose "
-                            "another --output_dir (tuneloop evaluate/predict default to MODEL/evaluate, MODEL/predict)")
+            raise UserError(
+                f"output_dir {t.output_dir!r} is (or holds) the model being evaluated "
+                f"({m.model_name_or_path!r}): its results would overwrite the model's own files; choose "
+                "another --output_dir (tuneloop evaluate/predict default to MODEL/evaluate, MODEL/predict)"
+            )
     if not t.do_train and has_model(t.output_dir):
-        raise UserError(f"output_dir {t.output_dir!r} holds a saved model: results written there would overwrite its "
-                        "run_config.json, results and report; choose another --output_dir")
+        raise UserError(
+            f"output_dir {t.output_dir!r} holds a saved model: results written there would overwrite its "
+            "run_config.json, results and report; choose another --output_dir"
+        )
 
 
 def has_model(output_dir: str) -> bool:
@@ -161,8 +178,9 @@ def check_writable(output_dir: str) -> None:
         with tempfile.NamedTemporaryFile(dir=output_dir, prefix=".write-probe-"):
             pass
     except OSError as e:
-        raise UserError(f"output_dir {output_dir!r} is not writable ({e.strerror}): pick another "
-                        "--output_dir") from None
+        raise UserError(
+            f"output_dir {output_dir!r} is not writable ({e.strerror}): pick another --output_dir"
+        ) from None
 
 
 def check_free_space(output_dir: str, model, checkpointing: bool, free_bytes: int | None = None) -> None:
@@ -174,8 +192,10 @@ def check_free_space(output_dir: str, model, checkpointing: bool, free_bytes: in
     needed = sum(size for size, _ in sizes) + (3 * sum(size for size, grad in sizes if grad) if checkpointing else 0)
     free = shutil.disk_usage(output_dir).free if free_bytes is None else free_bytes
     if free < needed:
-        raise UserError(f"output_dir {output_dir!r} has {free / 2**20:.0f} MiB free, a run of this model needs about "
-                        f"{needed / 2**20:.0f} MiB: free space or choose another --output_dir")
+        raise UserError(
+            f"output_dir {output_dir!r} has {free / 2**20:.0f} MiB free, a run of this model needs about "
+            f"{needed / 2**20:.0f} MiB: free space or choose another --output_dir"
+        )
 
 
 def move_aside(output_dir: str, lock: FolderLock) -> FolderLock:
@@ -184,8 +204,10 @@ def move_aside(output_dir: str, lock: FolderLock) -> FolderLock:
     folder = os.path.normpath(os.path.abspath(os.path.expanduser(output_dir)))
     cwd, real = os.path.realpath(os.getcwd()), os.path.realpath(folder)
     if cwd == real or cwd.startswith(real + os.sep):
-        raise UserError(f"--overwrite_output_dir cannot move {output_dir!r} aside: the run is started from inside it; "
-                        "start it from elsewhere, or choose another --output_dir")
+        raise UserError(
+            f"--overwrite_output_dir cannot move {output_dir!r} aside: the run is started from inside it; "
+            "start it from elsewhere, or choose another --output_dir"
+        )
     stamp = time.strftime("%Y%m%d-%H%M%S")
     target = f"{folder}.old-{stamp}"
     for n in range(1, 100):
@@ -196,8 +218,10 @@ def move_aside(output_dir: str, lock: FolderLock) -> FolderLock:
         os.rename(folder, target)
         os.makedirs(folder)
     except OSError as e:
-        raise UserError(f"--overwrite_output_dir could not move {output_dir!r} aside to {target!r} ({e.strerror}): "
-                        "move or remove it yourself, or choose another --output_dir") from None
+        raise UserError(
+            f"--overwrite_output_dir could not move {output_dir!r} aside to {target!r} ({e.strerror}): "
+            "move or remove it yourself, or choose another --output_dir"
+        ) from None
     new_lock = FolderLock(output_dir)
     lock.release()
     print(f"tuneloop: --overwrite_output_dir: moved the earlier run in {output_dir!r} to {target!r}", flush=True)
@@ -217,8 +241,10 @@ def folder_run_id(output_dir: str) -> str | None:
     except FileNotFoundError:
         return None
     except (OSError, ValueError, KeyError, TypeError):
-        raise UserError(f"{os.path.join(output_dir, RUN_FILE)} is unreadable: delete it to let "
-                        "--resume_from_checkpoint latest take the newest checkpoint") from None
+        raise UserError(
+            f"{os.path.join(output_dir, RUN_FILE)} is unreadable: delete it to let "
+            "--resume_from_checkpoint latest take the newest checkpoint"
+        ) from None
 
 
 def record_run(output_dir: str, run_id: str) -> None:
@@ -252,8 +278,11 @@ def earlier_work(output_dir: str, run_id: str | None = None) -> list[str]:
     runs = checkpoints_by_run(output_dir)
     if owner is None and len(runs) == 1:
         owner = next(iter(runs))  # a folder of an earlier tuneloop: its model is its checkpoints' run's
-    work = [f"{len(paths)} checkpoint{'s' if len(paths) > 1 else ''} of run {other} up to "
-            f"{os.path.basename(paths[-1])}" for other, paths in runs.items() if other != run_id]
+    work = [
+        f"{len(paths)} checkpoint{'s' if len(paths) > 1 else ''} of run {other} up to {os.path.basename(paths[-1])}"
+        for other, paths in runs.items()
+        if other != run_id
+    ]
     if has_model(output_dir) and (owner is None or owner != run_id):
         work.append("a final model")
     return work
@@ -273,8 +302,10 @@ def choose_run(t: TrainArguments, report) -> tuple[str | None, str]:
             runs = checkpoints_by_run(output_dir)
             if len(runs) > 1:
                 newest = ", ".join(f"run {r}: {paths[-1]}" for r, paths in runs.items())
-                raise UserError(f"output_dir {output_dir!r} holds checkpoints of {len(runs)} runs and no {RUN_FILE} "
-                                f"saying which is its own ({newest}): pass one with --resume_from_checkpoint PATH")
+                raise UserError(
+                    f"output_dir {output_dir!r} holds checkpoints of {len(runs)} runs and no {RUN_FILE} "
+                    f"saying which is its own ({newest}): pass one with --resume_from_checkpoint PATH"
+                )
             run_id = next(iter(runs), None)
         path = checkpoint.find_checkpoint(output_dir, spec, report, run_id=run_id) if run_id else None
         run_id = run_id or new_run_id()
@@ -294,12 +325,16 @@ def refuse_earlier_work(output_dir: str, run_id: str, resuming: bool) -> None:
         return
     aside = f"{os.path.normpath(output_dir)}.old-<time>"
     if resuming:
-        raise UserError(f"output_dir {output_dir!r} holds work of another run than the one resumed "
-                        f"({'; '.join(work)}): move it away, or start over with --overwrite_output_dir (without "
-                        f"--resume_from_checkpoint: moves the folder to {aside}), or choose another --output_dir")
-    raise UserError(f"output_dir {output_dir!r} holds another run's work ({'; '.join(work)}): continue it with "
-                    f"--resume_from_checkpoint latest, or start over with --overwrite_output_dir (moves the folder to "
-                    f"{aside}, nothing is deleted), or choose another --output_dir")
+        raise UserError(
+            f"output_dir {output_dir!r} holds work of another run than the one resumed "
+            f"({'; '.join(work)}): move it away, or start over with --overwrite_output_dir (without "
+            f"--resume_from_checkpoint: moves the folder to {aside}), or choose another --output_dir"
+        )
+    raise UserError(
+        f"output_dir {output_dir!r} holds another run's work ({'; '.join(work)}): continue it with "
+        f"--resume_from_checkpoint latest, or start over with --overwrite_output_dir (moves the folder to "
+        f"{aside}, nothing is deleted), or choose another --output_dir"
+    )
 
 
 # -------------------------------------------------------------------------------------------------------- final model
@@ -315,16 +350,25 @@ def save_final_model(accelerator, model, tokenizer, output_dir: str, merge_adapt
     accelerator.wait_for_everyone()
     if lora.is_peft(accelerator.unwrap_model(model)):
         with checkpoint.writing(output_dir, output_dir, together=accelerator):
-            lora.save(accelerator, model, tokenizer, staging, merge_adapter,
-                      lambda path, _: checkpoint.writing(path, output_dir))
+            lora.save(
+                accelerator,
+                model,
+                tokenizer,
+                staging,
+                merge_adapter,
+                lambda path, _: checkpoint.writing(path, output_dir),
+            )
     else:
         state_dict = accelerator.get_state_dict(model)  # collective: gathers shards to the main process
         # Under --torch_compile the compiled blocks' keys read `layer.0._orig_mod.…`: plain transformers would load none.
         state_dict = state_dict and {key.replace("_orig_mod.", ""): value for key, value in state_dict.items()}
         with checkpoint.writing(output_dir, output_dir, together=accelerator):
             accelerator.unwrap_model(model, keep_torch_compile=False).save_pretrained(
-                staging, is_main_process=accelerator.is_main_process, save_function=accelerator.save,
-                state_dict=state_dict)
+                staging,
+                is_main_process=accelerator.is_main_process,
+                save_function=accelerator.save,
+                state_dict=state_dict,
+            )
             if accelerator.is_main_process:
                 tokenizer.save_pretrained(staging)
     # Every process is done with the staging folder (the agreement above) before the main process renames it.

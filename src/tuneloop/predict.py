@@ -81,17 +81,30 @@ def score(outputs: Outputs, problem: Problem, metric_modules: dict, average: str
     """The metrics of a labelled split, computed once on everything gathered, as `{prefix}_accuracy`, ... . The loss is
     the training loss's function (class weights, smoothing) on the whole split; multi-label adds the threshold used."""
     predictions, labels, probabilities = problem.metric_inputs(outputs.logits, outputs.labels)
-    scores = metrics.compute_metrics(metric_modules, predictions, labels, average, probabilities=probabilities,
-                                     threshold=problem.threshold)
+    scores = metrics.compute_metrics(
+        metric_modules, predictions, labels, average, probabilities=probabilities, threshold=problem.threshold
+    )
     loss = problem.loss(torch.from_numpy(outputs.logits), torch.from_numpy(outputs.labels)).item()
     extra = problem.extra_results(prefix)
-    return {**{f"{prefix}_{k}": v for k, v in scores.items()}, f"{prefix}_loss": loss, **extra,
-            f"{prefix}_samples": len(outputs.labels)}
+    return {
+        **{f"{prefix}_{k}": v for k, v in scores.items()},
+        f"{prefix}_loss": loss,
+        **extra,
+        f"{prefix}_samples": len(outputs.labels),
+    }
 
 
-def predict_test_split(accelerator: Accelerator, model: torch.nn.Module, dataloader, split: data.Splits,
-                       problem: Problem, metric_modules: dict, t: TrainArguments, run_facts: dict,
-                       label_separator: str | None = None) -> dict:
+def predict_test_split(
+    accelerator: Accelerator,
+    model: torch.nn.Module,
+    dataloader,
+    split: data.Splits,
+    problem: Problem,
+    metric_modules: dict,
+    t: TrainArguments,
+    run_facts: dict,
+    label_separator: str | None = None,
+) -> dict:
     """Predict on `--test_file` / `--test_split`: write the predictions file, and the test metrics if it has labels.
 
     `dataloader`: the prepared loader of the tokenized test split, each example carrying its position (INDEX_COLUMN).
@@ -100,15 +113,19 @@ def predict_test_split(accelerator: Accelerator, model: torch.nn.Module, dataloa
     """
     outputs = gather(accelerator, model, dataloader)
     labelled = outputs.labels is not None
-    results = score(outputs, problem, metric_modules, t.metric_average, "test") if labelled \
+    results = (
+        score(outputs, problem, metric_modules, t.metric_average, "test")
+        if labelled
         else {"test_samples": len(outputs.logits)}
+    )
     results |= run_facts
     if accelerator.is_main_process:
         # Each file is written beside its final name and renamed: a kill mid-write leaves the previous one whole.
         path = os.path.join(t.output_dir, f"predictions.{t.predictions_format}")
         with replacing(path) as partial:
-            write_predictions(partial, prediction_rows(split, outputs, problem), t.predictions_format,
-                              label_separator or ",")
+            write_predictions(
+                partial, prediction_rows(split, outputs, problem), t.predictions_format, label_separator or ","
+            )
         with replacing(os.path.join(t.output_dir, RESULTS_FILE)) as partial, open(partial, "w") as f:
             json.dump(results, f, indent=2)
             f.write("\n")
@@ -155,6 +172,7 @@ def write_predictions(path: str, rows: list[dict], fmt: str, label_separator: st
             for row in rows:
                 f.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
         return
+
     # CSV has no nested values: one prob_<class> column per class, label lists joined by the label separator, one
     # <column>_<target> column per regression target.
     def flat(row: dict) -> dict:

@@ -57,7 +57,7 @@ class StopRequest:
         if num_processes > 1 and device is not None and device.type != "cpu" and self._group is None:
             self._group = dist.new_group(backend="gloo")  # collective: every rank creates it in the same order
 
-    def __enter__(self) -> "StopRequest":
+    def __enter__(self) -> StopRequest:
         for sig in STOP_SIGNALS:
             self._previous[sig] = signal.signal(sig, self._handle)
         return self

@@ -23,8 +23,9 @@ module and the doctor's probe must not load the data stack.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 import torch
@@ -80,8 +81,10 @@ class Problem:
         if t.loss and t.loss not in cls.losses:
             if reason is None:
                 return f"loss {t.loss} does not apply to problem_type {cls.problem_type}: use {' or '.join(cls.losses)}"
-            return (f"--loss {t.loss} does not apply to {cls.problem_type} ({reason}): use {' or '.join(cls.losses)}, "
-                    "or pass --problem_type")
+            return (
+                f"--loss {t.loss} does not apply to {cls.problem_type} ({reason}): use {' or '.join(cls.losses)}, "
+                "or pass --problem_type"
+            )
         return None
 
     def average_problem(self, average: str) -> str | None:
@@ -91,8 +94,16 @@ class Problem:
     # ------------------------------------------------------------ labels (datasets.Dataset columns)
 
     @classmethod
-    def label_names(cls, reference: Dataset, evaluation: Dataset | None, column: str, num_labels: int | None,
-                    separator: str | None, path: str | None, row_name: Callable[[int], str]) -> list[str]:
+    def label_names(
+        cls,
+        reference: Dataset,
+        evaluation: Dataset | None,
+        column: str,
+        num_labels: int | None,
+        separator: str | None,
+        path: str | None,
+        row_name: Callable[[int], str],
+    ) -> list[str]:
         """Class names, labels or targets, in id order. `evaluation`: the eval sets' labels (they must be covered);
         `path`: the file `reference` came from and `row_name(i)` its i-th row as a person counts it, for messages."""
         raise NotImplementedError
@@ -173,8 +184,9 @@ class SingleLabel(Problem):
         feature = reference.features[column]
         # whole floats: an integer column with gaps, as pandas writes it
         whole_floats = getattr(feature, "dtype", "").startswith("float")
-        plain_ids = not isinstance(feature, ClassLabel) and (getattr(feature, "dtype", "").startswith(("int", "uint"))
-                                                             or whole_floats)
+        plain_ids = not isinstance(feature, ClassLabel) and (
+            getattr(feature, "dtype", "").startswith(("int", "uint")) or whole_floats
+        )
         if isinstance(feature, ClassLabel):
             names = list(feature.names)
         elif getattr(feature, "dtype", None) in ("string", "large_string"):
@@ -188,15 +200,16 @@ class SingleLabel(Problem):
             top = int(max(v for v in reference.unique(column) if v is not None))
             if num_labels is None:
                 _check_class_ids(reference, evaluation, column, top, path, row_name)
-            names = [str(i) for i in range((num_labels or top + 1))]
+            names = [str(i) for i in range(num_labels or top + 1)]
         else:
             raise UserError(
                 f"label column {column!r} holds {feature}, not class ids or names: fix --label_column, or pass "
                 "--problem_type"
             )
         if num_labels is not None and num_labels != len(names) and not plain_ids:
-            raise UserError(f"--num_labels {num_labels} but the data has {len(names)} classes {names[:10]}: drop "
-                            "--num_labels")
+            raise UserError(
+                f"--num_labels {num_labels} but the data has {len(names)} classes {names[:10]}: drop --num_labels"
+            )
         if len(names) < 2:
             raise UserError(f"label column {column!r} has {len(names)} class(es); classification needs at least 2")
         return names
@@ -213,14 +226,17 @@ class SingleLabel(Problem):
             ids = {name: i for i, name in enumerate(names)}
             unknown = sorted({v for v in split.unique(column) if v not in ids}, key=str)
             if unknown:  # only possible for a split scored by an already trained model
-                raise UserError(f"labels {unknown[:5]} in the {split_name} split are not classes of the model "
-                                f"({', '.join(names[:10])}): fix the data or --label_column")
+                raise UserError(
+                    f"labels {unknown[:5]} in the {split_name} split are not classes of the model "
+                    f"({', '.join(names[:10])}): fix the data or --label_column"
+                )
             return split.map(lambda batch: {column: [ids[v] for v in batch[column]]}, batched=True, features=typed)
         bad = sorted({v for v in split.unique(column) if v is None or not 0 <= v < len(names)}, key=str)
         if bad:
             fix = "; or pass --num_labels above the largest label" if any(v is not None and v > 0 for v in bad) else ""
-            raise UserError(f"labels {bad[:5]} in the {split_name} split are outside 0..{len(names) - 1}: fix the "
-                            f"data{fix}")
+            raise UserError(
+                f"labels {bad[:5]} in the {split_name} split are outside 0..{len(names) - 1}: fix the data{fix}"
+            )
         return split if feature == typed[column] else split.cast(typed)
 
     def loss(self, logits, labels):
@@ -247,8 +263,9 @@ class SingleLabel(Problem):
     def add_predictions(self, rows, logits, labels):
         """`label`, `predicted_label`, `probabilities` {class: p}."""
         names = self.names
-        for i, (row, predicted, probabilities) in enumerate(zip(rows, self.predictions(logits),
-                                                                self.probabilities(logits).tolist())):
+        for i, (row, predicted, probabilities) in enumerate(
+            zip(rows, self.predictions(logits), self.probabilities(logits).tolist())
+        ):
             if labels is not None:
                 row["label"] = names[labels[i]]
             row["predicted_label"] = names[predicted]
@@ -279,13 +296,16 @@ class MultiLabel(Problem):
     @classmethod
     def label_names(cls, reference, evaluation, column, num_labels, separator, path, row_name):
         """Every label seen in either split, sorted (ids in numeric order)."""
-        names = sorted(_multi_label_values(reference, column, separator)
-                       | (_multi_label_values(evaluation, column, separator) if evaluation is not None else set()))
+        names = sorted(
+            _multi_label_values(reference, column, separator)
+            | (_multi_label_values(evaluation, column, separator) if evaluation is not None else set())
+        )
         if all(name.isdigit() for name in names):  # label ids: in numeric order
             names.sort(key=int)
         if num_labels is not None and num_labels != len(names):
-            raise UserError(f"--num_labels {num_labels} but the data has {len(names)} labels {names[:10]}: drop "
-                            "--num_labels")
+            raise UserError(
+                f"--num_labels {num_labels} but the data has {len(names)} labels {names[:10]}: drop --num_labels"
+            )
         if len(names) < 2:
             raise UserError(f"label column {column!r} has {len(names)} label(s); multi-label needs at least 2")
         return names
@@ -298,8 +318,10 @@ class MultiLabel(Problem):
         ids = {name: i for i, name in enumerate(names)}
         unknown = sorted(_multi_label_values(split, column, separator) - set(ids))
         if unknown:
-            raise UserError(f"labels {unknown[:5]} in the {split_name} split are not labels of the model "
-                            f"({', '.join(names[:10])}): fix the data or --label_column")
+            raise UserError(
+                f"labels {unknown[:5]} in the {split_name} split are not labels of the model "
+                f"({', '.join(names[:10])}): fix the data or --label_column"
+            )
 
         def multi_hot(batch):
             rows = []
@@ -364,9 +386,11 @@ class MultiLabel(Problem):
             row["probabilities"] = {name: round(value, 6) for name, value in zip(names, p)}
 
     def card_task(self):
-        return (f"multi-label text classification: {len(self.names)} labels ({', '.join(self.names)}), each predicted "
-                f"when its probability reaches {self.threshold:.4g}"
-                + (" (chosen to maximise micro-F1 on the evaluation set)." if self.tune_threshold else "."))
+        return (
+            f"multi-label text classification: {len(self.names)} labels ({', '.join(self.names)}), each predicted "
+            f"when its probability reaches {self.threshold:.4g}"
+            + (" (chosen to maximise micro-F1 on the evaluation set)." if self.tune_threshold else ".")
+        )
 
 
 class Regression(Problem):
@@ -383,8 +407,10 @@ class Regression(Problem):
         if t.class_weights or t.label_smoothing_factor:
             if reason is None:
                 return "class_weights and label_smoothing_factor are for classification, the problem_type is regression"
-            return ("--class_weights and --label_smoothing_factor are for classification; the problem is regression "
-                    f"({reason}): drop them, or pass --problem_type")
+            return (
+                "--class_weights and --label_smoothing_factor are for classification; the problem is regression "
+                f"({reason}): drop them, or pass --problem_type"
+            )
         return super().options_problem(t, reason)
 
     @classmethod
@@ -400,22 +426,28 @@ class Regression(Problem):
 
         width = _regression_width(split, column)
         if (width or 1) != len(names):
-            raise UserError(f"the {split_name} split has {width or 1} regression target(s), the model {len(names)} "
-                            f"({', '.join(names)}): fix the data or --label_column")
+            raise UserError(
+                f"the {split_name} split has {width or 1} regression target(s), the model {len(names)} "
+                f"({', '.join(names)}): fix the data or --label_column"
+            )
         values = split[column]
         missing = next((i for i, v in enumerate(values) if v is None or (width and any(x is None for x in v))), None)
         if missing is not None:
-            raise UserError(f"label column {column!r} is empty in row {missing} of the {split_name} split: drop or "
-                            "fill that row")
+            raise UserError(
+                f"label column {column!r} is empty in row {missing} of the {split_name} split: drop or fill that row"
+            )
         typed = split.features.copy()
-        typed[column] = datasets.Value("float32") if width is None else datasets.List(datasets.Value("float32"),
-                                                                                      length=width)
+        typed[column] = (
+            datasets.Value("float32") if width is None else datasets.List(datasets.Value("float32"), length=width)
+        )
         try:
             return split.cast(typed)
         except (TypeError, ValueError) as e:
-            raise UserError(f"label column {column!r} of the {split_name} split is not numeric "
-                            f"({' '.join(str(e).split())[:200]}): regression needs numbers; fix --label_column or "
-                            "--problem_type") from None
+            raise UserError(
+                f"label column {column!r} of the {split_name} split is not numeric "
+                f"({' '.join(str(e).split())[:200]}): regression needs numbers; fix --label_column or "
+                "--problem_type"
+            ) from None
 
     def loss(self, logits, labels):
         """Mean squared error over every target."""
@@ -462,8 +494,9 @@ def of(problem_type: str) -> type[Problem]:
     return TYPES[problem_type]
 
 
-def decide(given: str | None, saved: str | None, feature=None, values=None,
-           separator: str | None = None) -> tuple[type[Problem], str]:
+def decide(
+    given: str | None, saved: str | None, feature=None, values=None, separator: str | None = None
+) -> tuple[type[Problem], str]:
     """(problem type, why): --problem_type, else the saved model's, else from the label column's datasets `feature`
     (`values` is called for the column's distinct values only when the feature alone cannot tell: a float column of
     whole numbers stays classification); with no labels to read, single-label."""
@@ -484,15 +517,20 @@ def decide(given: str | None, saved: str | None, feature=None, values=None,
     if dtype in ("float32", "float64", "float16"):
         distinct = [v for v in values() if v is not None and v == v]  # v == v drops NaN
         if distinct and all(float(v).is_integer() for v in distinct):
-            return SingleLabel, "the float label column holds whole numbers only (class ids; pass --problem_type " \
-                                "regression to fit them as values)"
+            return (
+                SingleLabel,
+                "the float label column holds whole numbers only (class ids; pass --problem_type "
+                "regression to fit them as values)",
+            )
         return Regression, "the label column holds floats"
     return SingleLabel, "the label column holds one class per row" + (
-        " (ids)" if dtype and dtype.startswith(("int", "uint")) else "")
+        " (ids)" if dtype and dtype.startswith(("int", "uint")) else ""
+    )
 
 
-def make_problem(d: DataArguments, t: TrainArguments, eval_names: list[str], splits, model_config,
-                 names: list[str]) -> tuple[Problem, list[str]]:
+def make_problem(
+    d: DataArguments, t: TrainArguments, eval_names: list[str], splits, model_config, names: list[str]
+) -> tuple[Problem, list[str]]:
     """The run's problem: its type (decided by data.load_splits from the labels, or else here from --problem_type or
     the saved model), the loss and its weights, the multi-label threshold; and the lines that say which and why.
     Checks what could not be checked before the labels were read. `eval_names`: the eval sets --validation_file or
@@ -505,24 +543,35 @@ def make_problem(d: DataArguments, t: TrainArguments, eval_names: list[str], spl
         raise UserError(problem)
     if problem := best_metric_problem(t.metric_for_best_model, t.metrics, eval_names, kind.problem_type):
         raise UserError(problem)
-    train_labels = np.asarray(list(splits.train[splits.label_column])) \
-        if splits is not None and splits.train is not None and t.class_weights == "auto" else None
+    train_labels = (
+        np.asarray(list(splits.train[splits.label_column]))
+        if splits is not None and splits.train is not None and t.class_weights == "auto"
+        else None
+    )
     weights = class_weights(t.class_weights, kind.problem_type, train_labels, names)
     saved_threshold = getattr(model_config, "multi_label_threshold", None) if not t.do_train else None
     threshold = t.multi_label_threshold
-    problem = kind(names, reason, weights, t.label_smoothing_factor,
-                   threshold=float(threshold) if threshold not in (None, "auto") else saved_threshold or 0.5,
-                   tune_threshold=threshold == "auto" and kind.has_threshold, loss_name=t.loss,
-                   focal_gamma=t.focal_gamma)
+    problem = kind(
+        names,
+        reason,
+        weights,
+        t.label_smoothing_factor,
+        threshold=float(threshold) if threshold not in (None, "auto") else saved_threshold or 0.5,
+        tune_threshold=threshold == "auto" and kind.has_threshold,
+        loss_name=t.loss,
+        focal_gamma=t.focal_gamma,
+    )
     lines = []
     if problem.tune_threshold and not t.do_eval:
         lines.append("warning: --multi_label_threshold auto is chosen on the eval set, and --do_eval is off: using 0.5")
         problem.tune_threshold = False
     lines.append(f"tuneloop: problem type {kind.problem_type} ({reason}); {len(names)} {kind.units}" + problem.note())
     if weights is not None:
-        how = 'auto: inverse frequency of the training labels' if t.class_weights == 'auto' else 'given'
-        lines.append(f"tuneloop: {kind.weights_kind} ({how}): "
-                     + ", ".join(f"{name}={w:.4g}" for name, w in zip(names, weights.tolist())))
+        how = "auto: inverse frequency of the training labels" if t.class_weights == "auto" else "given"
+        lines.append(
+            f"tuneloop: {kind.weights_kind} ({how}): "
+            + ", ".join(f"{name}={w:.4g}" for name, w in zip(names, weights.tolist()))
+        )
     return problem, lines
 
 
@@ -540,9 +589,11 @@ def untrusted_metrics(names: list[str] | None, trust_remote_code: bool) -> str |
     outside = [name for name in names or () if name not in BUILTIN_METRIC_NAMES]
     if not outside or trust_remote_code:
         return None
-    return (f"metrics {', '.join(outside)}: not built in, and 🤗 Evaluate runs a metric's code (a local .py file or a "
-            f"Hub module) to load it; add --trust_remote_code if you trust that code, or use built-in metrics "
-            f"({', '.join(BUILTIN_METRIC_NAMES)})")
+    return (
+        f"metrics {', '.join(outside)}: not built in, and 🤗 Evaluate runs a metric's code (a local .py file or a "
+        f"Hub module) to load it; add --trust_remote_code if you trust that code, or use built-in metrics "
+        f"({', '.join(BUILTIN_METRIC_NAMES)})"
+    )
 
 
 def split_best_metric(name: str | None, eval_names: list[str]) -> tuple[str | None, str]:
@@ -560,8 +611,9 @@ def best_metric_key(name: str, eval_names: list[str]) -> str:
     return f"eval_{metric}" if len(eval_names) <= 1 else f"eval_{named or eval_names[0]}_{metric}"
 
 
-def best_metric_problem(name: str | None, metrics: list[str] | None, eval_names: list[str],
-                        problem_type: str | None, decided: bool = True) -> str | None:
+def best_metric_problem(
+    name: str | None, metrics: list[str] | None, eval_names: list[str], problem_type: str | None, decided: bool = True
+) -> str | None:
     """What is wrong with --metric_for_best_model, or None: it must be the loss or a computed metric. Before the
     labels are read (`decided` False) an unknown problem type may compute any type's default metrics."""
     _, metric = split_best_metric(name, eval_names)
@@ -572,11 +624,14 @@ def best_metric_problem(name: str | None, metrics: list[str] | None, eval_names:
     if not metric or metric == "loss" or metric in computed:
         return None
     if decided:
-        return (f"metric_for_best_model {name!r} is not computed for {problem_type}: use loss or one of "
-                f"{', '.join(computed)}")
+        return (
+            f"metric_for_best_model {name!r} is not computed for {problem_type}: use loss or one of "
+            f"{', '.join(computed)}"
+        )
     several = eval_names if len(eval_names) > 1 else []
-    return (f"metric_for_best_model {name!r} is not computed: use loss or one of --metrics {computed}"
-            + (f", as eval_<set>_<metric> for one of the eval sets {several} (default: the first)" if several else ""))
+    return f"metric_for_best_model {name!r} is not computed: use loss or one of --metrics {computed}" + (
+        f", as eval_<set>_<metric> for one of the eval sets {several} (default: the first)" if several else ""
+    )
 
 
 def threshold_problem(value: str | None) -> str | None:
@@ -605,8 +660,10 @@ def option_problems(t: TrainArguments) -> list[str]:
     if t.focal_gamma < 0:
         problems.append(f"focal_gamma must be >= 0, 0 is cross-entropy (got {t.focal_gamma})")
     if t.loss == "focal" and t.label_smoothing_factor:
-        problems.append("loss focal with label_smoothing_factor: focal loss already discounts confident predictions; "
-                        "give one of them")
+        problems.append(
+            "loss focal with label_smoothing_factor: focal loss already discounts confident predictions; "
+            "give one of them"
+        )
     return problems
 
 
@@ -620,8 +677,9 @@ def parse_class_weights(option: str | None) -> str | list[float] | None:
     return weights
 
 
-def class_weights(option: str | None, problem_type: str, train_labels: np.ndarray | None,
-                  names: list[str]) -> torch.Tensor | None:
+def class_weights(
+    option: str | None, problem_type: str, train_labels: np.ndarray | None, names: list[str]
+) -> torch.Tensor | None:
     """The per-class loss weights (single-label) or per-label positive weights (multi-label), or None; auto: the
     type's `auto_weights` of the training labels, a class with no training example counting as one."""
     weights = parse_class_weights(option)
@@ -632,11 +690,15 @@ def class_weights(option: str | None, problem_type: str, train_labels: np.ndarra
         raise UserError(f"--class_weights is for classification; the problem is {problem_type}: drop it")
     if weights == "auto":
         if train_labels is None:
-            raise UserError("--class_weights auto counts the training labels: it needs --do_train (or give the weights)")
+            raise UserError(
+                "--class_weights auto counts the training labels: it needs --do_train (or give the weights)"
+            )
         weights = kind.auto_weights(train_labels, names)
     if len(weights) != len(names):
-        raise UserError(f"--class_weights has {len(weights)} weights for {len(names)} classes ({', '.join(names[:10])}): "
-                        "give one per class, in this order, or auto")
+        raise UserError(
+            f"--class_weights has {len(weights)} weights for {len(names)} classes ({', '.join(names[:10])}): "
+            "give one per class, in this order, or auto"
+        )
     return torch.tensor(np.asarray(weights), dtype=torch.float32)
 
 
@@ -660,8 +722,15 @@ def best_threshold(probabilities: np.ndarray, labels: np.ndarray) -> float:
 
 # ---------------------------------------------------------------- reading label columns
 
-def _check_class_ids(reference: Dataset, evaluation: Dataset | None, column: str, top: int, path: str | None,
-                     row_name: Callable[[int], str]) -> None:
+
+def _check_class_ids(
+    reference: Dataset,
+    evaluation: Dataset | None,
+    column: str,
+    top: int,
+    path: str | None,
+    row_name: Callable[[int], str],
+) -> None:
     """Integer labels are class ids 0..N-1, and without --num_labels N is the largest id + 1: so every id up to the
     largest must occur in the data (train and eval together), or one stray value (a 10**9 typed into a 0..4 column)
     would build a head of a billion classes and stall casting the column."""
@@ -671,16 +740,19 @@ def _check_class_ids(reference: Dataset, evaluation: Dataset | None, column: str
     values = set(reference.unique(column))
     if evaluation is not None and evaluation is not reference:
         values |= set(evaluation.unique(column))  # ints, whole floats (a column with an empty cell), or not ids
-    present = {int(v) for v in values if isinstance(v, (int, float)) and not isinstance(v, bool) and v == v
-               and 0 <= v <= top}
+    present = {
+        int(v) for v in values if isinstance(v, (int, float)) and not isinstance(v, bool) and v == v and 0 <= v <= top
+    }
     if len(present) == top + 1:
         return
     missing = next(i for i in range(top + 1) if i not in present)  # at most len(present) + 1 steps
     labels = reference.with_format("arrow")[column]
     row = row_name(pc.index(labels, pa.scalar(top).cast(labels.type)).as_py())
-    raise UserError(f"label {top} at {row} of {repr(path) if path else 'the training data'} makes {top + 1} classes, "
-                    f"but only {len(present)} of the ids 0..{top} occur (the first missing is {missing}): fix the "
-                    f"data, or pass --num_labels {top + 1} if the model really has {top + 1} classes")
+    raise UserError(
+        f"label {top} at {row} of {repr(path) if path else 'the training data'} makes {top + 1} classes, "
+        f"but only {len(present)} of the ids 0..{top} occur (the first missing is {missing}): fix the "
+        f"data, or pass --num_labels {top + 1} if the model really has {top + 1} classes"
+    )
 
 
 def _multi_label_values(split: Dataset, column: str, separator: str | None) -> set[str]:
@@ -688,8 +760,9 @@ def _multi_label_values(split: Dataset, column: str, separator: str | None) -> s
     values = set()
     for row in split.unique(column) if separator else split[column]:
         if row is None and separator is None:
-            raise UserError(f"label column {column!r} has empty values: drop or fill those rows (an empty list means "
-                            "no label)")
+            raise UserError(
+                f"label column {column!r} has empty values: drop or fill those rows (an empty list means no label)"
+            )
         values.update(_split_labels(row, separator))
     return values
 
@@ -711,6 +784,8 @@ def _regression_width(split: Dataset, column: str) -> int | None:
         return None
     widths = {len(row) for row in split[column] if row is not None}
     if len(widths) != 1:
-        raise UserError(f"label column {column!r} has lists of {sorted(widths)[:5]} values: every row needs the same "
-                        "number of regression targets")
+        raise UserError(
+            f"label column {column!r} has lists of {sorted(widths)[:5]} values: every row needs the same "
+            "number of regression targets"
+        )
     return widths.pop()

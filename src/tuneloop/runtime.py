@@ -15,8 +15,8 @@ from accelerate.utils import TorchDynamoPlugin
 from tqdm.auto import tqdm
 
 from tuneloop import engines, tracking
-from tuneloop.options import DataArguments, TrainArguments
 from tuneloop.errors import RankFailed
+from tuneloop.options import DataArguments, TrainArguments
 
 COMPILE_LENGTH_BUCKET = 64  # tokens; batch lengths are rounded up to this under --torch_compile
 
@@ -52,8 +52,10 @@ def emulated_bf16(mixed_precision: str, device_type: str, flags: set[str] | None
     (`--mixed_precision auto` never picks bf16 there; this is bf16 asked for by flag, recipe or accelerate config.)"""
     if mixed_precision != "bf16" or device_type != "cpu" or cpu_has_bf16_units(cpu_flags() if flags is None else flags):
         return None
-    return (f"bf16 on this CPU is emulated (no {' or '.join(CPU_BF16_UNITS)} in its flags): measured "
-            f"{EMULATED_BF16_MEASURED}; --mixed_precision no (or auto) trains in fp32")
+    return (
+        f"bf16 on this CPU is emulated (no {' or '.join(CPU_BF16_UNITS)} in its flags): measured "
+        f"{EMULATED_BF16_MEASURED}; --mixed_precision no (or auto) trains in fp32"
+    )
 
 
 def make_accelerator(t: TrainArguments) -> Accelerator:
@@ -64,19 +66,25 @@ def make_accelerator(t: TrainArguments) -> Accelerator:
     deepspeed = engines.requested("DEEPSPEED")
     accelerator = Accelerator(
         cpu=no_gpu and not deepspeed,
-        mixed_precision=("bf16" if fast_bf16_available() else "no") if t.mixed_precision == "auto" else t.mixed_precision,
+        mixed_precision=("bf16" if fast_bf16_available() else "no")
+        if t.mixed_precision == "auto"
+        else t.mixed_precision,
         # Regional compilation compiles one transformer block and reuses it for the others: a fraction of the compile
         # time of the whole model. Static shapes, because the lengths come in few buckets (see `pad_to_multiple_of`).
         dynamo_plugin=TorchDynamoPlugin(backend="inductor", use_regional_compilation=True, dynamic=False)
-        if t.torch_compile else None,
+        if t.torch_compile
+        else None,
         gradient_accumulation_steps=t.gradient_accumulation_steps,
         log_with=tracking.log_with(t),
         project_dir=t.output_dir,
         dataloader_config=dataloader_configuration(t.data_seed),
         # The timeout covers the longest wait of one rank for another: rank 0 tokenizing a large dataset while the
         # others wait in main_process_first, or a slow node joining (torch's NCCL default is 10 minutes).
-        kwargs_handlers=[InitProcessGroupKwargs(backend="gloo" if no_gpu and deepspeed else None,
-                                                timeout=datetime.timedelta(seconds=t.ddp_timeout))],
+        kwargs_handlers=[
+            InitProcessGroupKwargs(
+                backend="gloo" if no_gpu and deepspeed else None, timeout=datetime.timedelta(seconds=t.ddp_timeout)
+            )
+        ],
     )
     engines.reconcile(accelerator, t)  # the engine asked for is the one running, and agrees with the trainer's flags
     return accelerator
@@ -93,7 +101,9 @@ def dataloader_configuration(data_seed: int | None = None) -> DataLoaderConfigur
     # --data_seed, or with None the global seed set from --seed.
     # On CUDA the batches come from pinned memory; non_blocking lets their copy to the GPU overlap the step before
     # (built before the Accelerator knows its device, hence the availability check).
-    return DataLoaderConfiguration(use_seedable_sampler=True, data_seed=data_seed, non_blocking=torch.cuda.is_available())
+    return DataLoaderConfiguration(
+        use_seedable_sampler=True, data_seed=data_seed, non_blocking=torch.cuda.is_available()
+    )
 
 
 def cpu_cores() -> int:
@@ -114,8 +124,11 @@ def use_all_cpu_cores(accelerator: Accelerator) -> None:
     threads = cpu_cores() // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # this process's share of the cores
     if threads > torch.get_num_threads():
         torch.set_num_threads(threads)
-        say(accelerator, f"tuneloop: {threads} CPU threads per process (accelerate launch passed OMP_NUM_THREADS=1; "
-                         "set --num_cpu_threads_per_process to choose)")
+        say(
+            accelerator,
+            f"tuneloop: {threads} CPU threads per process (accelerate launch passed OMP_NUM_THREADS=1; "
+            "set --num_cpu_threads_per_process to choose)",
+        )
 
 
 def set_up_kernels(t: TrainArguments, device: torch.device) -> None:

@@ -19,11 +19,32 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from transformers.utils import logging as hf_logging
 
-from tuneloop import (batches, checkpoint, cpu_speedups, data, elastic, engines, lora, metrics, model as models, optim,
-                      outputs, predict, problem as problems, runtime, sources, throughput, tracking)
+from tuneloop import (
+    batches,
+    checkpoint,
+    cpu_speedups,
+    data,
+    elastic,
+    engines,
+    lora,
+    metrics,
+    optim,
+    outputs,
+    predict,
+    runtime,
+    sources,
+    throughput,
+    tracking,
+)
+from tuneloop import (
+    model as models,
+)
+from tuneloop import (
+    problem as problems,
+)
+from tuneloop.errors import UserError
 from tuneloop.optim import make_scheduler
 from tuneloop.options import Config, TrainArguments
-from tuneloop.errors import UserError
 from tuneloop.preemption import StopRequest
 from tuneloop.runtime import say
 
@@ -99,12 +120,14 @@ def setup(config: Config) -> Run:
     # The data: splits, the problem they pose, tokenized sets, dataloaders.
     splits, test_split, class_names, problem = load_data(accelerator, config, model_config, resume_from, state)
     tokenizer = models.load_tokenizer(m, d.max_length)
-    train_set, eval_sets, test_set, metric_modules = tokenize(accelerator, config, splits, test_split, tokenizer,
-                                                              problem)
+    train_set, eval_sets, test_set, metric_modules = tokenize(
+        accelerator, config, splits, test_split, tokenizer, problem
+    )
     samples = batches.SampleIdLog(t.output_dir, accelerator.process_index)
     train_set = samples.tag(train_set) if train_set is not None else None
-    train_dl, eval_dls, test_dl = make_dataloaders(accelerator, config, tokenizer, train_set, eval_sets, test_set,
-                                                   state)
+    train_dl, eval_dls, test_dl = make_dataloaders(
+        accelerator, config, tokenizer, train_set, eval_sets, test_set, state
+    )
 
     # The model and the engine.
     model = load_model(accelerator, config, class_names, tokenizer, problem)
@@ -117,13 +140,35 @@ def setup(config: Config) -> Run:
         say_what_trains(accelerator, config, splits, class_names, problem, plan, state, resume_from)
         # Measured before training (a one-second matmul probe on CPU, cached), so it never eats into the timed loop.
         peak_tflops = throughput.peak_tflops(accelerator.device, accelerator.mixed_precision, t.peak_tflops)
-        training = Training(train_dl, optimizer, scheduler, plan, state, rank_state, len(splits.train),
-                            splits.texts_in_train, peak_tflops, samples)
+        training = Training(
+            train_dl,
+            optimizer,
+            scheduler,
+            plan,
+            state,
+            rank_state,
+            len(splits.train),
+            splits.texts_in_train,
+            peak_tflops,
+            samples,
+        )
     else:  # only evaluating and/or predicting: no optimizer, schedule or checkpoint
         model, *prepared = engines.prepare_for_evaluation(accelerator, model, *eval_dls.values())
         eval_dls = dict(zip(eval_dls, prepared))
-    return Run(config, accelerator, model, tokenizer, class_names, metric_modules, problem, eval_dls, test_dl,
-               test_split, started_at, training)
+    return Run(
+        config,
+        accelerator,
+        model,
+        tokenizer,
+        class_names,
+        metric_modules,
+        problem,
+        eval_dls,
+        test_dl,
+        test_split,
+        started_at,
+        training,
+    )
 
 
 def resume_plan(config: Config) -> tuple[Config, str | None, checkpoint.TrainerState, list[str]]:
@@ -133,11 +178,15 @@ def resume_plan(config: Config) -> tuple[Config, str | None, checkpoint.TrainerS
 
     Every process reads the same files here; nothing is written until the Accelerator exists."""
     t = config.train
-    state = checkpoint.TrainerState(num_processes=runtime.launched_processes(), seed=t.seed, data_seed=t.data_seed,
-                                    per_device_train_batch_size=t.per_device_train_batch_size,
-                                    gradient_accumulation_steps=t.gradient_accumulation_steps,
-                                    length_group_batch_size=t.per_device_train_batch_size,
-                                    max_tokens_per_batch=t.max_tokens_per_batch)
+    state = checkpoint.TrainerState(
+        num_processes=runtime.launched_processes(),
+        seed=t.seed,
+        data_seed=t.data_seed,
+        per_device_train_batch_size=t.per_device_train_batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        length_group_batch_size=t.per_device_train_batch_size,
+        max_tokens_per_batch=t.max_tokens_per_batch,
+    )
     notes = []
     if not t.do_train:
         return config, None, state, notes
@@ -146,30 +195,42 @@ def resume_plan(config: Config) -> tuple[Config, str | None, checkpoint.TrainerS
     state.settings = checkpoint.resume_settings(config)
     if path is None:
         if t.resume_from_checkpoint:
-            notes.append(f"tuneloop: no checkpoint of this run in "
-                         f"{os.path.join(t.output_dir, checkpoint.CHECKPOINTS_DIR)}: starting from scratch")
+            notes.append(
+                f"tuneloop: no checkpoint of this run in "
+                f"{os.path.join(t.output_dir, checkpoint.CHECKPOINTS_DIR)}: starting from scratch"
+            )
         return config, None, state, notes
     saved = checkpoint.read_state(path)
     resumed = elastic.resume_state(saved, state, path, t.elastic_resume)
     checkpoint.check_settings(saved, state.settings, path)
     resumed.settings = state.settings
     if resumed.num_processes != saved.num_processes:
-        notes.append(f"tuneloop: elastic resume: {elastic.layout_of(saved)} -> {elastic.layout_of(resumed)} "
-                     f"(global batch {elastic.layout_of(resumed).global_batch} kept), "
-                     f"step {resumed.step}, epoch {resumed.epoch} at micro-batch {resumed.batches_in_epoch}")
-        config = dataclasses.replace(config, train=dataclasses.replace(
-            t, per_device_train_batch_size=resumed.per_device_train_batch_size,
-            gradient_accumulation_steps=resumed.gradient_accumulation_steps))
+        notes.append(
+            f"tuneloop: elastic resume: {elastic.layout_of(saved)} -> {elastic.layout_of(resumed)} "
+            f"(global batch {elastic.layout_of(resumed).global_batch} kept), "
+            f"step {resumed.step}, epoch {resumed.epoch} at micro-batch {resumed.batches_in_epoch}"
+        )
+        config = dataclasses.replace(
+            config,
+            train=dataclasses.replace(
+                t,
+                per_device_train_batch_size=resumed.per_device_train_batch_size,
+                gradient_accumulation_steps=resumed.gradient_accumulation_steps,
+            ),
+        )
     return config, path, resumed, notes
 
 
-def start_accelerator(t: TrainArguments, state: checkpoint.TrainerState, notes: list[str],
-                      resuming: bool) -> Accelerator:
+def start_accelerator(
+    t: TrainArguments, state: checkpoint.TrainerState, notes: list[str], resuming: bool
+) -> Accelerator:
     """The Accelerator, the CPU threads and kernels, the seed; prints the resume plan's notes."""
     accelerator = runtime.make_accelerator(t)
     if resuming and accelerator.num_processes != state.num_processes:  # the layout was chosen for WORLD_SIZE
-        raise RuntimeError(f"the launcher announced {state.num_processes} processes (WORLD_SIZE), the Accelerator has "
-                           f"{accelerator.num_processes}")
+        raise RuntimeError(
+            f"the launcher announced {state.num_processes} processes (WORLD_SIZE), the Accelerator has "
+            f"{accelerator.num_processes}"
+        )
     for line in notes:
         say(accelerator, line)
     runtime.use_all_cpu_cores(accelerator)
@@ -216,17 +277,24 @@ def check_model_config(accelerator: Accelerator, config: Config):
 
 # ---- The data ----
 
-def load_data(accelerator: Accelerator, config: Config, model_config, resume_from: str | None,
-              state: checkpoint.TrainerState) -> tuple[data.Splits | None, data.Splits | None, list[str],
-                                                        problems.Problem]:
+
+def load_data(
+    accelerator: Accelerator, config: Config, model_config, resume_from: str | None, state: checkpoint.TrainerState
+) -> tuple[data.Splits | None, data.Splits | None, list[str], problems.Problem]:
     """The train/eval splits (when training or evaluating), the test split (when predicting), the class names and the
     problem they pose. A training job records its data settings in the state, checked against the checkpoint's."""
     m, d, t = config.model, config.data, config.train
     splits = None
     if t.do_train or t.do_eval:
         trained_classes = None if t.do_train else models.trained_label_names(model_config)  # a fine-tuned model's
-        splits = data.load_splits(d, t.seed, m.num_labels, need_train=t.do_train, model_classes=trained_classes,
-                                  model_problem_type=None if t.do_train else model_config.problem_type)
+        splits = data.load_splits(
+            d,
+            t.seed,
+            m.num_labels,
+            need_train=t.do_train,
+            model_classes=trained_classes,
+            model_problem_type=None if t.do_train else model_config.problem_type,
+        )
     class_names = splits.label_names if splits else models.class_names(model_config)
     problem, lines = problems.make_problem(d, t, list(sources.eval_sources(d)), splits, model_config, class_names)
     for line in lines:
@@ -242,36 +310,60 @@ def load_data(accelerator: Accelerator, config: Config, model_config, resume_fro
     return splits, test_split, class_names, problem
 
 
-def tokenize(accelerator: Accelerator, config: Config, splits: data.Splits | None, test_split: data.Splits | None,
-             tokenizer, problem: problems.Problem) -> tuple:
+def tokenize(
+    accelerator: Accelerator,
+    config: Config,
+    splits: data.Splits | None,
+    test_split: data.Splits | None,
+    tokenizer,
+    problem: problems.Problem,
+) -> tuple:
     """The tokenized train set (when training), eval sets and test set, and the metric modules; the main process
     first, so the others read its cache."""
     m, d, t = config.model, config.data, config.train
     with accelerator.main_process_first():
         train_set = data.tokenize(splits.train, splits, tokenizer, d) if t.do_train else None
-        eval_sets = {name: data.tokenize(split, splits, tokenizer, d) for name, split in splits.eval_sets.items()} \
-            if splits else {}
+        eval_sets = (
+            {name: data.tokenize(split, splits, tokenizer, d) for name, split in splits.eval_sets.items()}
+            if splits
+            else {}
+        )
         test_set = data.tokenize(test_split.test, test_split, tokenizer, d) if test_split else None
-        metric_modules = metrics.load_metrics(problems.metric_names(problem.problem_type, t.metrics),
-                                              trust_remote_code=m.trust_remote_code)
+        metric_modules = metrics.load_metrics(
+            problems.metric_names(problem.problem_type, t.metrics), trust_remote_code=m.trust_remote_code
+        )
     return train_set, eval_sets, test_set, metric_modules
 
 
-def make_dataloaders(accelerator: Accelerator, config: Config, tokenizer, train_set, eval_sets: dict, test_set,
-                     state: checkpoint.TrainerState) -> tuple[object, dict, object]:
+def make_dataloaders(
+    accelerator: Accelerator,
+    config: Config,
+    tokenizer,
+    train_set,
+    eval_sets: dict,
+    test_set,
+    state: checkpoint.TrainerState,
+) -> tuple[object, dict, object]:
     """The train loader (None unless training), the eval loaders by metric prefix, and the test loader, prepared now
     (it never trains): each test example carries its position, to check that every one comes back once, in order."""
     d, t = config.data, config.train
     pad_to_multiple_of = runtime.pad_to_multiple_of(d, t, accelerator.mixed_precision, accelerator.device)
     pin_memory = accelerator.device.type == "cuda"
     train_dl, _ = batches.make_dataloaders(
-        train_set, None, tokenizer, t, pad_to_multiple_of, pin_memory,
+        train_set,
+        None,
+        tokenizer,
+        t,
+        pad_to_multiple_of,
+        pin_memory,
         length_window=d.length_grouping_window if d.train_sampling_strategy == "group_by_length" else None,
         length_group_batch_size=state.length_group_batch_size,
     )
     prefixes = {name: "eval" if len(eval_sets) == 1 else f"eval_{name}" for name in eval_sets}
-    eval_dls = {prefixes[name]: batches.make_dataloaders(None, split, tokenizer, t, pad_to_multiple_of, pin_memory)[1]
-                for name, split in eval_sets.items()}
+    eval_dls = {
+        prefixes[name]: batches.make_dataloaders(None, split, tokenizer, t, pad_to_multiple_of, pin_memory)[1]
+        for name, split in eval_sets.items()
+    }
     test_dl = None
     if test_set is not None:
         test_set = test_set.add_column(predict.INDEX_COLUMN, list(range(len(test_set))))
@@ -282,8 +374,10 @@ def make_dataloaders(accelerator: Accelerator, config: Config, tokenizer, train_
 
 # ---- The model and the engine ----
 
-def load_model(accelerator: Accelerator, config: Config, class_names: list[str], tokenizer,
-               problem: problems.Problem) -> torch.nn.Module:
+
+def load_model(
+    accelerator: Accelerator, config: Config, class_names: list[str], tokenizer, problem: problems.Problem
+) -> torch.nn.Module:
     """The weights, with what training adds (activation checkpointing, the LoRA adapter) and the CPU speed-ups; then
     the check that the output folder's disk can hold what this run will write."""
     m, t = config.model, config.train
@@ -312,10 +406,17 @@ def prepare(accelerator: Accelerator, config: Config, model: torch.nn.Module, tr
     # the factor num_processes, as in transformers' run_glue_no_trainer.py.
     plan = make_plan(math.ceil(len(train_dl) / accelerator.num_processes), t)
     optimizer = optim.make_optimizer(model, t, accelerator.device)
-    scheduler = make_scheduler(t.lr_scheduler_type, t.lr_scheduler_kwargs, optimizer, plan.warmup_steps,
-                               plan.total_steps, accelerator.num_processes)
+    scheduler = make_scheduler(
+        t.lr_scheduler_type,
+        t.lr_scheduler_kwargs,
+        optimizer,
+        plan.warmup_steps,
+        plan.total_steps,
+        accelerator.num_processes,
+    )
     model, optimizer, train_dl, scheduler, *prepared = accelerator.prepare(
-        model, optimizer, train_dl, scheduler, *eval_dls.values())
+        model, optimizer, train_dl, scheduler, *eval_dls.values()
+    )
     if math.ceil(len(train_dl) / t.gradient_accumulation_steps) != plan.steps_per_epoch:
         raise RuntimeError(f"prepared dataloader has {len(train_dl)} batches, planned for {plan.steps_per_epoch} steps")
     if m.use_peft:  # checkpoints hold what trains (adapter, head) and its optimizer state, not the frozen base
@@ -323,8 +424,14 @@ def prepare(accelerator: Accelerator, config: Config, model: torch.nn.Module, tr
     return model, train_dl, optimizer, scheduler, dict(zip(eval_dls, prepared)), plan
 
 
-def resume(accelerator: Accelerator, config: Config, state: checkpoint.TrainerState, resume_from: str | None,
-           train_dl, scheduler) -> dict | None:
+def resume(
+    accelerator: Accelerator,
+    config: Config,
+    state: checkpoint.TrainerState,
+    resume_from: str | None,
+    train_dl,
+    scheduler,
+) -> dict | None:
     """Load the checkpoint into what `prepare` returned; returns this process's running sums (None for a new run)."""
     if not resume_from:
         return None
@@ -333,9 +440,16 @@ def resume(accelerator: Accelerator, config: Config, state: checkpoint.TrainerSt
     return elastic.load_checkpoint(accelerator, resume_from, scheduler, micro_step, trained_only=config.model.use_peft)
 
 
-def say_what_trains(accelerator: Accelerator, config: Config, splits: data.Splits, class_names: list[str],
-                    problem: problems.Problem, plan: Plan, state: checkpoint.TrainerState,
-                    resume_from: str | None) -> None:
+def say_what_trains(
+    accelerator: Accelerator,
+    config: Config,
+    splits: data.Splits,
+    class_names: list[str],
+    problem: problems.Problem,
+    plan: Plan,
+    state: checkpoint.TrainerState,
+    resume_from: str | None,
+) -> None:
     """One line: engine, precision, data, classes, batch, steps, and where a resumed run continues."""
     t = config.train
     say(

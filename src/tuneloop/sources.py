@@ -85,18 +85,26 @@ def file_problems(d: DataArguments) -> list[str]:
         if path is None:
             continue
         _, compression = split_extensions(path)
-        need(file_builder(path) is not None, f"{name} {path!r} must end in one of {', '.join(FILE_BUILDERS)}"
-             + (f" (compressed: {', '.join(COMPRESSIONS)}; parquet files compress themselves)" if compression else ""))
+        need(
+            file_builder(path) is not None,
+            f"{name} {path!r} must end in one of {', '.join(FILE_BUILDERS)}"
+            + (f" (compressed: {', '.join(COMPRESSIONS)}; parquet files compress themselves)" if compression else ""),
+        )
         need(os.path.isfile(path), f"{name} {path!r} does not exist: check the path")
-        need(compression != ".zst" or importlib.util.find_spec("zstandard") is not None,
-             f"{name} {path!r} is zstd-compressed: pip install zstandard")
-    need(d.csv_delimiter is None or len(d.csv_delimiter) == 1,
-         f"csv_delimiter must be one character, e.g. ';' or '\\t' (got {d.csv_delimiter!r})")
+        need(
+            compression != ".zst" or importlib.util.find_spec("zstandard") is not None,
+            f"{name} {path!r} is zstd-compressed: pip install zstandard",
+        )
+    need(
+        d.csv_delimiter is None or len(d.csv_delimiter) == 1,
+        f"csv_delimiter must be one character, e.g. ';' or '\\t' (got {d.csv_delimiter!r})",
+    )
     try:
         codecs.lookup(d.file_encoding)
     except LookupError:
-        problems.append(f"file_encoding {d.file_encoding!r} is not an encoding Python knows: e.g. utf-8, latin-1, "
-                        "cp1252")
+        problems.append(
+            f"file_encoding {d.file_encoding!r} is not an encoding Python knows: e.g. utf-8, latin-1, cp1252"
+        )
     return problems
 
 
@@ -166,8 +174,10 @@ def load_files(data_files: dict[str, str], d: DataArguments, text_columns: list[
     for name, path in data_files.items():  # datasets' own message for this is "Instruction ... corresponds to no data"
         builder, options = file_builder(path), {}
         if builder == "csv":
-            options = dict(encoding=d.file_encoding,
-                           delimiter=d.csv_delimiter or ("\t" if split_extensions(path)[0] == ".tsv" else ","))
+            options = dict(
+                encoding=d.file_encoding,
+                delimiter=d.csv_delimiter or ("\t" if split_extensions(path)[0] == ".tsv" else ","),
+            )
         if _has_no_rows(path, options.get("delimiter")):
             raise UserError(f"the {name} split is empty: {path!r} has no rows")
         if builder == "csv":
@@ -185,9 +195,10 @@ def load_files(data_files: dict[str, str], d: DataArguments, text_columns: list[
         except Exception as e:
             if encoding_problem := _undecodable(path, d.file_encoding):
                 raise UserError(encoding_problem) from None
-            raise UserError(f"could not read data file {path!r}: {type(e).__name__}: {_reason(e)} (check that it is "
-                            f"a valid {builder} file" + (", and --csv_delimiter" if builder == "csv" else "")
-                            + ")") from None
+            raise UserError(
+                f"could not read data file {path!r}: {type(e).__name__}: {_reason(e)} (check that it is "
+                f"a valid {builder} file" + (", and --csv_delimiter" if builder == "csv" else "") + ")"
+            ) from None
     return DatasetDict(loaded)
 
 
@@ -214,8 +225,10 @@ def _check_header(path: str, encoding: str, delimiter: str) -> None:
     header = [name.removeprefix("\ufeff") for name in header]
     repeated = next((name for i, name in enumerate(header) if name in header[:i]), None)
     if repeated is not None:
-        raise UserError(f"data file {path!r} names column {repeated!r} {header.count(repeated)} times in its header: "
-                        "rename the columns so that each name is used once")
+        raise UserError(
+            f"data file {path!r} names column {repeated!r} {header.count(repeated)} times in its header: "
+            "rename the columns so that each name is used once"
+        )
 
 
 def _undecodable(path: str, encoding: str, chunk_bytes: int = 1 << 20) -> str | None:
@@ -235,13 +248,18 @@ def _undecodable(path: str, encoding: str, chunk_bytes: int = 1 << 20) -> str | 
             except UnicodeDecodeError as e:
                 data = pending + chunk  # what the decoder saw; e.start counts from its first byte
                 at = offset - len(pending) + e.start
-                line = lines - pending.count(b"\n") + data[:e.start].count(b"\n") + 1
+                line = lines - pending.count(b"\n") + data[: e.start].count(b"\n") + 1
                 where = "of the decompressed data " if split_extensions(path)[1] else ""
                 utf8 = encoding.replace("-", "").lower() in ("utf8", "utf8sig")
-                fix = ("--file_encoding latin-1 (or cp1252, or the file's own encoding)" if utf8
-                       else "the file's own --file_encoding")
-                return (f"data file {path!r} is not {encoding}: byte 0x{data[e.start]:02x} at offset {at} {where}(line "
-                        f"{line}) cannot be decoded: pass {fix}, or re-save the file as UTF-8")
+                fix = (
+                    "--file_encoding latin-1 (or cp1252, or the file's own encoding)"
+                    if utf8
+                    else "the file's own --file_encoding"
+                )
+                return (
+                    f"data file {path!r} is not {encoding}: byte 0x{data[e.start]:02x} at offset {at} {where}(line "
+                    f"{line}) cannot be decoded: pass {fix}, or re-save the file as UTF-8"
+                )
             if not chunk:
                 return None
             offset += len(chunk)
@@ -266,16 +284,19 @@ def _user_facing(load, what: str):
     except UserError:
         raise
     except Exception as e:  # datasets raises many types here (FileNotFoundError, DatasetNotFoundError, ValueError...)
-        raise UserError(f"could not load {what}: {type(e).__name__}: {_reason(e)} (check the name or path; Hub "
-                        "datasets need network access)") from None
+        raise UserError(
+            f"could not load {what}: {type(e).__name__}: {_reason(e)} (check the name or path; Hub "
+            "datasets need network access)"
+        ) from None
 
 
 def _reason(e: Exception) -> str:
     return " ".join(str(e).split())[:300]
 
 
-def bad_rows(split: Dataset, name: str, path: str | None, columns: list[str | None], drop: bool,
-             notes: list[str]) -> Dataset:
+def bad_rows(
+    split: Dataset, name: str, path: str | None, columns: list[str | None], drop: bool, notes: list[str]
+) -> Dataset:
     """Rows with an empty text or a missing label: dropped with a note (--drop_bad_rows), or refused naming the first.
     Found with Arrow compute on the column buffers, so a million rows cost no Python objects."""
     import numpy as np
@@ -301,18 +322,25 @@ def bad_rows(split: Dataset, name: str, path: str | None, columns: list[str | No
     first = row_name(int(np.flatnonzero(bad)[0]), path)
     what = f"empty text ({', '.join(filter(None, texts))})" + (f" or missing label ({label})" if label else "")
     if not drop:
-        raise UserError(f"{where} has {count} row(s) with an {what}, the first at {first}: fill or remove them, or "
-                        "pass --drop_bad_rows to drop them")
+        raise UserError(
+            f"{where} has {count} row(s) with an {what}, the first at {first}: fill or remove them, or "
+            "pass --drop_bad_rows to drop them"
+        )
     if count == len(split):  # nothing left to train on or score: say so here, not as a library's ValueError later
         source = f" ({path!r})" if path else ""
-        raise UserError(f"--drop_bad_rows dropped all {count} rows of the {name} split{source}: every row has an "
-                        f"{what}: check --text_column/--label_column, or fill the file")
-    notes.append(f"tuneloop: dropped {count} of {len(split)} rows of {where} with an {what} (--drop_bad_rows); the "
-                 f"first was {first}")
+        raise UserError(
+            f"--drop_bad_rows dropped all {count} rows of the {name} split{source}: every row has an "
+            f"{what}: check --text_column/--label_column, or fill the file"
+        )
+    notes.append(
+        f"tuneloop: dropped {count} of {len(split)} rows of {where} with an {what} (--drop_bad_rows); the "
+        f"first was {first}"
+    )
     return split.select(np.flatnonzero(~bad))
 
 
 def row_name(index: int, path: str | None) -> str:
     """Row `index` (0-based) as a person counts it in the file: 1-based, the header line of a CSV not counted."""
-    return f"row {index + 1}" + (" (1-based, not counting the header line)" if path and file_builder(path) == "csv"
-                                 else " (1-based)")
+    return f"row {index + 1}" + (
+        " (1-based, not counting the header line)" if path and file_builder(path) == "csv" else " (1-based)"
+    )

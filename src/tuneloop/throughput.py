@@ -81,8 +81,9 @@ def non_embedding_parameters(model: torch.nn.Module) -> int:
     return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if id(p) not in embedding)
 
 
-def training_flops(non_embedding_params: int, num_layers: int, hidden_size: int,
-                   tokens: int, squared_lengths: int) -> float:
+def training_flops(
+    non_embedding_params: int, num_layers: int, hidden_size: int, tokens: int, squared_lengths: int
+) -> float:
     """FLOPs of a forward and backward pass over sequences with these real tokens (sum of lengths and of squares)."""
     return 6.0 * non_embedding_params * tokens + 12.0 * num_layers * hidden_size * squared_lengths
 
@@ -140,8 +141,12 @@ def peak_tflops(device: torch.device, mixed_precision: str, override: float | No
     if override:
         return override
     if device.type == "cuda":
-        return gpu_peak_tflops(torch.cuda.get_device_name(device), torch.cuda.get_device_capability(device),
-                               mixed_precision, torch.backends.cuda.matmul.allow_tf32)
+        return gpu_peak_tflops(
+            torch.cuda.get_device_name(device),
+            torch.cuda.get_device_capability(device),
+            mixed_precision,
+            torch.backends.cuda.matmul.allow_tf32,
+        )
     if device.type == "cpu":
         # fp16 on CPU runs in fp32 (Accelerate), so only bf16 changes the peak.
         return cpu_peak_tflops(torch.bfloat16 if mixed_precision == "bf16" else torch.float32)
@@ -185,8 +190,11 @@ class SpeedMeter:
 
     def summary(self, accelerator, peak: float | None, seconds: float) -> dict:
         """Whole-run figures: counts summed over processes, rates over `seconds` of this session's training loop."""
-        counts = torch.tensor([self.real_tokens.item(), self.squared_lengths.item(), self.padded_tokens, self.samples],
-                              dtype=torch.float64, device=accelerator.device)
+        counts = torch.tensor(
+            [self.real_tokens.item(), self.squared_lengths.item(), self.padded_tokens, self.samples],
+            dtype=torch.float64,
+            device=accelerator.device,
+        )
         real, squared, padded, samples = accelerator.reduce(counts, "sum").tolist()
         memory = accelerator.gather(torch.tensor([peak_memory_gib(accelerator.device)], device=accelerator.device))
         flops = training_flops(self.params, self.layers, self.hidden, int(real), int(squared))

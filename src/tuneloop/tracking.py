@@ -10,8 +10,8 @@ import os
 
 from accelerate import Accelerator
 
-from tuneloop.options import Config, TrainArguments
 from tuneloop.errors import UserError
+from tuneloop.options import Config, TrainArguments
 
 TRACKERS = {"none": [], "wandb": ["wandb"], "tensorboard": ["tensorboard"], "all": ["wandb", "tensorboard"]}
 
@@ -35,8 +35,10 @@ def start(accelerator: Accelerator, config: Config, run_id: str) -> None:
         )
     except Exception as e:
         if "wandb" in type(e).__module__ or "api_key" in str(e).lower():
-            raise UserError(f"wandb could not start ({' '.join(str(e).split())[:200]}): run `wandb login`, or set "
-                            "WANDB_MODE=offline for a local run") from None
+            raise UserError(
+                f"wandb could not start ({' '.join(str(e).split())[:200]}): run `wandb login`, or set "
+                "WANDB_MODE=offline for a local run"
+            ) from None
         raise
 
 

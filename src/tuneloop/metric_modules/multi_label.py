@@ -22,15 +22,23 @@ class MultiLabel(evaluate.Metric):
             description=f"{self.config_name} for multi-label classification (scikit-learn).",
             citation="",
             inputs_description="predictions: probabilities per label; references: 0/1 per label",
-            features=datasets.Features({"predictions": datasets.List(datasets.Value("float32")),
-                                        "references": datasets.List(datasets.Value("int64"))}),
+            features=datasets.Features(
+                {
+                    "predictions": datasets.List(datasets.Value("float32")),
+                    "references": datasets.List(datasets.Value("int64")),
+                }
+            ),
         )
 
     def _compute(self, predictions, references, threshold=0.5):
         probabilities, truth = np.asarray(predictions, dtype=np.float32), np.asarray(references)
         if self.config_name == "mean_average_precision":
             present = truth.sum(axis=0) > 0  # a label with no positive example has no average precision
-            value = average_precision_score(truth[:, present], probabilities[:, present], average="macro") if present.any() else 0.0
+            value = (
+                average_precision_score(truth[:, present], probabilities[:, present], average="macro")
+                if present.any()
+                else 0.0
+            )
             return {self.config_name: float(value)}
         predicted = (probabilities >= threshold).astype(np.int64)
         if self.config_name == "subset_accuracy":  # every label of the example right

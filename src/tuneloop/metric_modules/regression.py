@@ -21,8 +21,12 @@ class Regression(evaluate.Metric):
             description=f"{self.config_name} for regression (scikit-learn, SciPy).",
             citation="",
             inputs_description="predictions and references: the target values of each example",
-            features=datasets.Features({"predictions": datasets.List(datasets.Value("float32")),
-                                        "references": datasets.List(datasets.Value("float32"))}),
+            features=datasets.Features(
+                {
+                    "predictions": datasets.List(datasets.Value("float32")),
+                    "references": datasets.List(datasets.Value("float32")),
+                }
+            ),
         )
 
     def _compute(self, predictions, references):
@@ -33,6 +37,8 @@ class Regression(evaluate.Metric):
             return {"mae": float(mean_absolute_error(truth, predicted))}
         correlate = pearsonr if self.config_name == "pearson" else spearmanr
         # A constant column (a model that predicts one value) has no correlation: scipy says nan, we say 0.
-        values = [correlate(truth[:, i], predicted[:, i])[0] if np.ptp(predicted[:, i]) and np.ptp(truth[:, i]) else 0.0
-                  for i in range(truth.shape[1])]
+        values = [
+            correlate(truth[:, i], predicted[:, i])[0] if np.ptp(predicted[:, i]) and np.ptp(truth[:, i]) else 0.0
+            for i in range(truth.shape[1])
+        ]
         return {self.config_name: float(np.mean(values))}
