@@ -64,7 +64,8 @@ SHARED_GROUPS = {
 
 @pytest.hookimpl(tryfirst=True)  # before pytest's own -m filtering
 def pytest_collection_modifyitems(config, items):
-    """`unit`: every test with none of HEAVY_MARKERS, so `pytest -m unit` runs in seconds and needs no marking by hand."""
+    """`unit`: every test with none of HEAVY_MARKERS, so `pytest -m unit` runs in seconds and needs no marking by
+    hand."""
     for item in items:
         if config.pluginmanager.hasplugin("xdist"):
             item.add_marker(pytest.mark.xdist_group(SHARED_GROUPS.get(item.path.name, item.path.name)))
@@ -352,7 +353,8 @@ SLURM_CLUSTER_SCRIPT = ROOT / "slurm" / "local_cluster.sh"
 
 @pytest.fixture(scope="session")
 def slurm_conf():
-    """A 2-node cluster for the whole session, shared by test_slurm.py and test_elastic.py (about 2 s to start; apt-get installs SLURM first if it is missing)."""
+    """A 2-node cluster for the whole session, shared by test_slurm.py and test_elastic.py (about 2 s to start;
+    apt-get installs SLURM first if it is missing)."""
     if os.geteuid() != 0:
         pytest.skip("the local SLURM cluster runs slurmd as root (and may need apt-get): run the tests as root")
     # Not under pytest's tmp_path: munged wants every folder above its socket searchable by all, and pytest's are 700.

@@ -74,7 +74,7 @@ def interrupt(args: list[str], output_dir: Path, sig: signal.Signals, num_proces
         _, stderr = proc.communicate(timeout=120)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
-        raise AssertionError("the interrupted run hung instead of saving and exiting")
+        raise AssertionError("the interrupted run hung instead of saving and exiting") from None
     return proc.returncode, stderr
 
 
@@ -89,8 +89,9 @@ def per_step_losses(output_dir) -> dict[int, float]:
 
 @pytest.mark.multiprocess
 def test_sigterm_then_resume_replays_the_uninterrupted_run_bitwise(dropout_model_dir, toy_files, tmp_path):
-    """A real `python train.py` stopped by SIGTERM mid-run and resumed equals the run never stopped, bit for bit: every
-    logged loss, the weights, the final metrics. Guards anything a checkpoint forgets (RNG, data position, loss sums)."""
+    """A real `python train.py` stopped by SIGTERM mid-run and resumed equals the run never stopped, bit for bit:
+    every logged loss, the weights, the final metrics. Guards anything a checkpoint forgets (RNG, data position, loss
+    sums)."""
     common = dict(logging_steps=1, save_strategy="steps", save_steps=10, num_train_epochs=6, eval_strategy="epoch")
     reference = tmp_path / "reference"
     # The uninterrupted run goes alongside the one to interrupt: one process each, no port to share, one core each.
@@ -519,9 +520,11 @@ def test_every_file_is_on_disk_before_the_rename(tmp_path, monkeypatch):
 def test_write_failures_become_one_line(error, reason, tmp_path):
     """Each failure as torch.save, safetensors and plain file writes report a full disk (seen on a full tmpfs); any
     other error passes through untouched."""
-    with pytest.raises(UserError if reason else type(error)) as raised:
-        with checkpoint.writing(str(tmp_path / "x"), str(tmp_path)):
-            raise error
+    with (
+        pytest.raises(UserError if reason else type(error)) as raised,
+        checkpoint.writing(str(tmp_path / "x"), str(tmp_path)),
+    ):
+        raise error
     if reason:
         assert reason in str(raised.value) and re.search(
             r"\d [KMG]iB left there; no checkpoint saved", str(raised.value)
@@ -656,7 +659,9 @@ def test_a_write_failing_on_one_rank_stops_every_rank_with_one_line(failing, ran
             os.kill(int(pid), signal.SIGKILL)
         os.killpg(proc.pid, signal.SIGKILL)
         proc.communicate()
-        raise AssertionError(f"rank {1 - rank} kept waiting for rank {rank}, whose write failed: hung for 180 s")
+        raise AssertionError(
+            f"rank {1 - rank} kept waiting for rank {rank}, whose write failed: hung for 180 s"
+        ) from None
     took = time.monotonic() - started
     assert proc.returncode != 0
     errors = re.findall(r"tuneloop: error: (.*)", stderr)  # (rank 1's may follow rank 0's progress bar)

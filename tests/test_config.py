@@ -232,7 +232,7 @@ def test_every_offered_scheduler_builds_and_follows_optimizer_steps_on_any_proce
     for name in offered:
         kwargs = extra.get(name, SCHEDULER_KWARGS_NEEDED.get(name))
 
-        def learning_rates(processes: int) -> list[float]:
+        def learning_rates(processes: int, name=name, kwargs=kwargs) -> list[float]:
             optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1e-3)
             scheduler = make_scheduler(
                 name, kwargs, optimizer, warmup_steps=10, total_steps=100, num_processes=processes

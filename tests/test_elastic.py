@@ -338,8 +338,9 @@ def test_deepspeed_zero2_two_processes_resume_on_one(tiny_model_dir, toy_files, 
     (DeepSpeed leaves the frozen base out); the same checkpoint resumed on 1 process goes through DeepSpeed's universal
     checkpoint (converted at resume) and must end as the 2-process run did: every step's loss and the weights. (LoRA's
     dropout is off: each process count draws its own dropout masks.) Also the LoRA + activation checkpointing run under
-    ZeRO-2 that issue 16 asks for (tests/test_peft.py holds ZeRO-3 to DDP). Guards optimizer shards of the old rank count loaded as they are, and a conversion that loses
-    state (its first version, without the micro-step fix, already differed at the first step after resuming)."""
+    ZeRO-2 that issue 16 asks for (tests/test_peft.py holds ZeRO-3 to DDP). Guards optimizer shards of the old rank
+    count loaded as they are, and a conversion that loses state (its first version, without the micro-step fix,
+    already differed at the first step after resuming)."""
     reference = tmp_path / "reference"
     args = dict(
         **{**RUN, "max_steps": 10},
@@ -440,7 +441,9 @@ set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_di
 expected_model, expected_optimizer = torch.load(sys.argv[2], weights_only=False)
 got_model, got_optimizer = get_state_dict(model, optimizer)
 assert all(torch.equal(got_model[k], v) for k, v in expected_model.items())
-assert all(torch.equal(got_optimizer["state"][k][n], t) for k, s in expected_optimizer["state"].items() for n, t in s.items())
+assert all(
+    torch.equal(got_optimizer["state"][k][n], t) for k, s in expected_optimizer["state"].items() for n, t in s.items()
+)
 print("resharded", len(expected_model), "tensors and", len(expected_optimizer["state"]), "optimizer states")
 """
 

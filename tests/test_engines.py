@@ -122,7 +122,8 @@ def test_deepspeed_trains_exactly_like_ddp(engine, engine_run, toy_files):
 @pytest.mark.engines
 @pytest.mark.parametrize("engine", ["zero2", "zero3"])
 def test_deepspeed_checkpoint_resumes_into_the_same_run(engine, engine_run, tiny_model_dir, toy_files, tmp_path):
-    """`save_state` under DeepSpeed writes every rank's ZeRO shards; resuming at step 12 ends where the first run did."""
+    """`save_state` under DeepSpeed writes every rank's ZeRO shards; resuming at step 12 ends where the first run
+    did."""
     first = engine_run(engine)
     saved = first / "checkpoints" / "step_0000012"
     manifest = read_json(saved / "manifest.json")  # both ranks' shards, by their size: what `latest` verifies
@@ -483,7 +484,7 @@ def assert_doctor_passed(result: subprocess.CompletedProcess, config: str, seen:
     else:
         assert "passed (attempt" in result.stdout
         if "attempt 1 FAILED" in result.stdout:  # Accelerate's CPU test is flaky: passed on retry, reported, not hidden
-            warnings.warn(f"accelerate test with {config} failed once, passed on retry:\n{result.stdout}")
+            warnings.warn(f"accelerate test with {config} failed once, passed on retry:\n{result.stdout}", stacklevel=2)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only verdict")

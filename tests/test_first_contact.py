@@ -28,7 +28,8 @@ def make(*args: str, cwd: Path = ROOT, env: dict | None = None) -> subprocess.Co
 
 
 def test_readme_opens_with_the_two_commands_ci_runs():
-    """Guards against README and .ci/run drifting apart: CI would stop at once, or run something else than documented."""
+    """Guards against README and .ci/run drifting apart: CI would stop at once, or run something else than
+    documented."""
     ci_script = (ROOT / ".ci" / "run").read_text()
     awk_program = re.search(r"awk '([^']+)' README\.md", ci_script).group(1)
     extracted = subprocess.run(["awk", awk_program, "README.md"], cwd=ROOT, capture_output=True, text=True, check=True)

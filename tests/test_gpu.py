@@ -1,4 +1,5 @@
-"""The GPU check on a real GPU: benchmarks/gpu_check.py in its GPU mode (needs CUDA; skipped without it, so CI skips it).
+"""The GPU check on a real GPU: benchmarks/gpu_check.py in its GPU mode (needs CUDA; skipped without it, so CI skips
+it).
 
 Every row must pass, except ZeRO-3 where deepspeed is not installed (skipped, saying so). The rows' figures stay in
 the output file for RESULTS.md.

@@ -72,7 +72,7 @@ RUNS = {
 GENERATION_ORDER = ["run", "source", "labels", "shape", "after"]
 
 
-def meaningful(values: list, order: list[str] = list(PARAMETERS)) -> bool:
+def meaningful(values: list, order: tuple[str, ...] | list[str] = tuple(PARAMETERS)) -> bool:
     named = dict(zip(order, values))
     return not (named.get("source") in NO_LISTS and named.get("labels") == "lists")
 

@@ -153,7 +153,8 @@ def test_the_head_is_trained_in_full_and_gets_no_lora(architecture, heads):
 
 @pytest.fixture(scope="module")
 def lora_run(tiny_model_dir, toy_files, tmp_path_factory) -> Path:
-    """LoRA + activation checkpointing on the toy task in this process: 40 steps (30 per epoch), a checkpoint at step 20."""
+    """LoRA + activation checkpointing on the toy task in this process: 40 steps (30 per epoch), a checkpoint at step
+    20."""
     out = tmp_path_factory.mktemp("lora")
     run_in_process(
         tiny_args(

@@ -228,7 +228,8 @@ def test_weighted_smoothed_loss_equals_a_hand_computation():
     for row, y in zip(logits.tolist(), labels.tolist()):
         log_p = [x - math.log(sum(math.exp(v) for v in row)) for x in row]
         w = [4 / 6, 4 / 3, 4 / 3]
-        # torch's (and the usual) smoothing: (1 - eps) x the weighted NLL + eps x the mean over classes of w_c x -log p_c
+        # torch's (and the usual) smoothing: (1 - eps) x the weighted NLL
+        # + eps x the mean over classes of w_c x -log p_c
         total += (1 - eps) * -w[y] * log_p[y] + eps * sum(-w[c] * log_p[c] for c in range(3)) / 3
         weight_sum += w[y]
     expected = total / weight_sum
@@ -398,7 +399,8 @@ def test_class_weights_train_and_score_with_the_same_loss(tiny_model_dir, tmp_pa
 @pytest.mark.parametrize("run", ["multi_label_run", "regression_run"])
 def test_evaluation_on_two_processes_equals_one(run, request, tmp_path):
     """`tuneloop evaluate` of the saved model on 2 real processes (45 examples: Accelerate repeats some to even the
-    last batches) gives the 1-process figures of the training run's final evaluation. (Single-label: test_predict.py.)"""
+    last batches) gives the 1-process figures of the training run's final evaluation. (Single-label:
+    test_predict.py.)"""
     output_dir, at_training, files, _ = request.getfixturevalue(run)
     launch(
         [

@@ -112,7 +112,8 @@ def train_command(argv: list[str] | None) -> int:
 
 
 def evaluate_command(argv: list[str] | None) -> int:
-    """An evaluation-only run of the saved model (`do_train` false): the same set-up, scoring and report as training's."""
+    """An evaluation-only run of the saved model (`do_train` false): the same set-up, scoring and report as
+    training's."""
     config = saved_model_config(argv, "evaluate")
     from tuneloop.loop import train
 

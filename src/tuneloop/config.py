@@ -382,8 +382,8 @@ def run_problems(d: DataArguments, t: TrainArguments) -> list[str]:
             t.do_eval
             and t.eval_strategy != "no"
             or not (t.load_best_model_at_end or t.early_stopping_patience or t.save_strategy == "best"),
-            "load_best_model_at_end, early_stopping_patience and save_strategy=best need evaluations: set --eval_strategy "
-            "epoch or steps",
+            "load_best_model_at_end, early_stopping_patience and save_strategy=best need evaluations: "
+            "set --eval_strategy epoch or steps",
         ),
         (
             d.validation_file is None or d.train_file is not None or not t.do_train,

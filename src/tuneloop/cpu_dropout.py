@@ -8,8 +8,8 @@ backward, allocator set up): SDPA 532 ms, this module's attention 322 ms, the sa
   core: 1.8 ns per element, a third of the cost.
 - With attention dropout > 0, SDPA leaves its fused CPU kernel for the math path: it upcasts to fp32, rescales the
   batch x heads x L x L probabilities, and runs a "safe" softmax (isneginf, all, where: three more passes over them).
-  `attention` below does the same fp32 maths with the dropout's 1 / (1 - p) applied to the values, which are L / head_dim
-  times smaller, and no extra passes. Everywhere else (eval, no dropout, GPU) it is transformers' own SDPA.
+  `attention` below does the same fp32 maths with the dropout's 1 / (1 - p) applied to the values, which are
+  L / head_dim times smaller, and no extra passes. Everywhere else (eval, no dropout, GPU) it is transformers' own SDPA.
 The random stream differs from torch's dropout (it is seeded from torch's global generator, so runs stay reproducible
 and resume exactly); the distribution of every mask does not.
 

@@ -128,8 +128,8 @@ class KeptEmbeddingGradient:
     the embedding hands autograd its sparse gradient (`sparse=True`) and autograd adds it into this kept dense buffer
     (AccumulateGrad: dense += sparse touches only those rows); after the optimizer step the rows used are set back to
     zero. The optimizer still sees a dense gradient with the same values, so the maths is unchanged; only the fill is
-    gone. Single process on a CPU only: under DDP the reducer decides at wrap time whether a gradient is sparse, and on a
-    GPU the fill is a few microseconds (and this path is unmeasured there).
+    gone. Single process on a CPU only: under DDP the reducer decides at wrap time whether a gradient is sparse, and on
+    a GPU the fill is a few microseconds (and this path is unmeasured there).
     """
 
     def __init__(self, embedding: torch.nn.Embedding):

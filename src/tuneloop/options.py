@@ -597,7 +597,8 @@ class TrainArguments:
                 pass
 
     def get_warmup_steps(self, total_steps: int) -> int:
-        """--warmup_steps as TrainingArguments reads it: from 1 up a count of optimizer steps, below 1 a share of all."""
+        """--warmup_steps as TrainingArguments reads it: from 1 up a count of optimizer steps, below 1 a share of
+        all."""
         return int(self.warmup_steps) if self.warmup_steps >= 1 else math.ceil(self.warmup_steps * total_steps)
 
     @staticmethod

@@ -360,7 +360,8 @@ def save_final_model(accelerator, model, tokenizer, output_dir: str, merge_adapt
             )
     else:
         state_dict = accelerator.get_state_dict(model)  # collective: gathers shards to the main process
-        # Under --torch_compile the compiled blocks' keys read `layer.0._orig_mod.…`: plain transformers would load none.
+        # Under --torch_compile the compiled blocks' keys read `layer.0._orig_mod.…`: plain transformers would load
+        # none.
         state_dict = state_dict and {key.replace("_orig_mod.", ""): value for key, value in state_dict.items()}
         with checkpoint.writing(output_dir, output_dir, together=accelerator):
             accelerator.unwrap_model(model, keep_torch_compile=False).save_pretrained(

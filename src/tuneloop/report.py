@@ -55,9 +55,10 @@ def write_report(
 ) -> str | None:
     """Write `output_dir/report/` on the main process and return its path (None elsewhere).
 
-    `problem`: the problem type and the model's classes (or targets) in id order. `history` is the training history (None for an evaluation without
-    training: no curves, no model card); `eval_outputs` the gathered eval-set outputs behind the confusion matrix and
-    the per-class table; `train_size` the number of training examples, for the model card.
+    `problem`: the problem type and the model's classes (or targets) in id order. `history` is the training history
+    (None for an evaluation without training: no curves, no model card); `eval_outputs` the gathered eval-set outputs
+    behind the confusion matrix and the per-class table; `train_size` the number of training examples, for the model
+    card.
     """
     if not accelerator.is_main_process:
         return None
