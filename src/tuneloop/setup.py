@@ -135,23 +135,10 @@ def setup(config: Config) -> Run:
         say(accelerator, line)
     training = None
     if t.do_train:
-        model, train_dl, optimizer, scheduler, eval_dls, plan = prepare(accelerator, config, model, train_dl, eval_dls)
-        rank_state = resume(accelerator, config, state, resume_from, train_dl, scheduler)
-        say_what_trains(accelerator, config, splits, class_names, problem, plan, state, resume_from)
-        # Measured before training (a one-second matmul probe on CPU, cached), so it never eats into the timed loop.
-        peak_tflops = throughput.peak_tflops(accelerator.device, accelerator.mixed_precision, t.peak_tflops)
-        training = Training(
-            train_dl,
-            optimizer,
-            scheduler,
-            plan,
-            state,
-            rank_state,
-            len(splits.train),
-            splits.texts_in_train,
-            peak_tflops,
-            samples,
+        model, eval_dls, training = start_training(
+            accelerator, config, model, train_dl, eval_dls, splits, state, resume_from, samples
         )
+        say_what_trains(accelerator, config, splits, class_names, problem, training.plan, state, resume_from)
     else:  # only evaluating and/or predicting: no optimizer, schedule or checkpoint
         model, *prepared = engines.prepare_for_evaluation(accelerator, model, *eval_dls.values())
         eval_dls = dict(zip(eval_dls, prepared))
@@ -395,6 +382,38 @@ def load_model(
         if accelerator.is_main_process:
             outputs.check_free_space(t.output_dir, model, checkpointing=t.do_train)
     return model
+
+
+def start_training(
+    accelerator: Accelerator,
+    config: Config,
+    model: torch.nn.Module,
+    train_dl,
+    eval_dls: dict,
+    splits: data.Splits,
+    state: checkpoint.TrainerState,
+    resume_from: str | None,
+    samples: batches.SampleIdLog,
+) -> tuple[torch.nn.Module, dict, Training]:
+    """`prepare` once, load the checkpoint (if resuming) into what it returned, and build the Run's training part.
+    Returns the prepared model and eval loaders too."""
+    model, train_dl, optimizer, scheduler, eval_dls, plan = prepare(accelerator, config, model, train_dl, eval_dls)
+    rank_state = resume(accelerator, config, state, resume_from, train_dl, scheduler)
+    # Measured before training (a one-second matmul probe on CPU, cached), so it never eats into the timed loop.
+    peak_tflops = throughput.peak_tflops(accelerator.device, accelerator.mixed_precision, config.train.peak_tflops)
+    training = Training(
+        train_dl,
+        optimizer,
+        scheduler,
+        plan,
+        state,
+        rank_state,
+        len(splits.train),
+        splits.texts_in_train,
+        peak_tflops,
+        samples,
+    )
+    return model, eval_dls, training
 
 
 def prepare(accelerator: Accelerator, config: Config, model: torch.nn.Module, train_dl, eval_dls: dict) -> tuple:
