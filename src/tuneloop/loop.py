@@ -252,17 +252,10 @@ def fit(run: Run) -> tuple[dict, predict.Outputs | None]:
 
 
 def weighted_for_global_mean(accelerator: Accelerator, loss: torch.Tensor, count: int) -> torch.Tensor:
-    """This rank's mean loss over `count` samples, weighted so that the gradient DDP/DeepSpeed average over ranks is the
-    mean over all samples of the step (all ranks), not the mean of the ranks' means.
-
-    Token-budget batches differ in size from rank to rank; the averaged gradient is sum_r(w_r * g_r) / N, and with
-    w_r = n_r * N / sum(n) it is sum_r(n_r * g_r) / sum(n): every sample weighs the same. One scalar all-reduce per
-    micro-step (none on one process, where the weight is 1). problem.loss is a mean over samples (multi-label and
-    regression: over samples x outputs, the same number of outputs on every rank), so this is exactly the one-process
-    mean of the union. With --class_weights a rank's cross-entropy is a class-weighted mean (divided by its samples'
-    weight sum, not its count): weighting by counts keeps the per-sample mean semantics across ranks (each sample's
-    share is its rank's), which equals the one-process weighted mean only when the ranks' mean weights are equal.
-    """
+    """This rank's mean loss weighted by its share of the step's samples, so that the gradient DDP/DeepSpeed average
+    over ranks is the mean over all samples (token-budget batches differ in size between ranks): with w_r = n_r * N /
+    sum(n), sum_r(w_r * g_r) / N = sum_r(n_r * g_r) / sum(n). One scalar all-reduce per micro-step. (With
+    --class_weights it keeps each rank's class-weighted mean, equal to one process's only when ranks' weights match.)"""
     if accelerator.num_processes == 1:
         return loss
     total = accelerator.reduce(torch.tensor(float(count), device=loss.device), "sum")
