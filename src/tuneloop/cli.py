@@ -80,19 +80,24 @@ def main(argv: list[str] | None = None) -> int:
     return run_command(train_command, argv)
 
 
+def say_line(line: str) -> None:
+    """One line on stderr in one write: launched workers run unbuffered (`python -u`), where print's text and its
+    newline are two writes, and another rank's line could land between them."""
+    sys.stderr.write(line + "\n")
+
+
 def run_command(command, argv: list[str] | None) -> int:
     main_rank = is_main_launched_process()  # every rank reaches the same end; one message is enough
     try:
         return command(argv) or 0
     except UserError as e:
         if main_rank or getattr(e, "failed_alone", False):  # (runtime.agree: a rank that failed alone says why)
-            print(f"tuneloop: error: {e}", file=sys.stderr)
+            say_line(f"tuneloop: error: {e}")
         return 2
     except Preempted as stop:
         if main_rank:
-            print(
-                f"tuneloop: {stop}; resume with --resume_from_checkpoint latest (exit {REQUEUE_EXIT_CODE}: requeue)",
-                file=sys.stderr,
+            say_line(
+                f"tuneloop: {stop}; resume with --resume_from_checkpoint latest (exit {REQUEUE_EXIT_CODE}: requeue)"
             )
         return REQUEUE_EXIT_CODE
 

@@ -320,7 +320,12 @@ def bad_rows(
         return split
     where = f"{path!r}" if path else f"the {name} split"
     first = row_name(int(np.flatnonzero(bad)[0]), path)
-    what = f"empty text ({', '.join(filter(None, texts))})" + (f" or missing label ({label})" if label else "")
+
+    def shown(column: str) -> str:  # a name with a newline or a control character, quoted: the error stays one line
+        return column if column.isprintable() else repr(column)
+
+    texts_shown = ", ".join(shown(column) for column in texts if column)
+    what = f"empty text ({texts_shown})" + (f" or missing label ({shown(label)})" if label else "")
     if not drop:
         raise UserError(
             f"{where} has {count} row(s) with an {what}, the first at {first}: fill or remove them, or "
