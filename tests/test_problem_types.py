@@ -354,6 +354,18 @@ def test_regression_learns_and_predicts_values(regression_run):
 # ---------------------------------------------------------------- single-label with class weights, trained
 
 
+def saved_model_outputs(model_dir, validation_file: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The saved model's logits on the validation file, loaded as plain transformers would, and its class ids."""
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    validation = pd.read_csv(validation_file)
+    with torch.no_grad():
+        logits = model(
+            **tokenizer(list(validation["text"]), truncation=True, max_length=32, padding=True, return_tensors="pt")
+        ).logits
+    return logits, torch.tensor([TOPICS.index(name) for name in validation["label"]])
+
+
 @pytest.mark.trains
 def test_class_weights_train_and_score_with_the_same_loss(tiny_model_dir, tmp_path, capsys):
     """Imbalanced data (music is a fifth of the others) with --class_weights auto and smoothing: the weights are
@@ -377,14 +389,7 @@ def test_class_weights_train_and_score_with_the_same_loss(tiny_model_dir, tmp_pa
     assert weights == pytest.approx(expected, rel=1e-3)
     assert results["eval_accuracy"] >= 0.7  # chance: 1/3
 
-    model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "run").eval()
-    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "run")
-    validation = pd.read_csv(files["validation_file"])
-    with torch.no_grad():
-        logits = model(
-            **tokenizer(list(validation["text"]), truncation=True, max_length=32, padding=True, return_tensors="pt")
-        ).logits
-    labels = torch.tensor([TOPICS.index(name) for name in validation["label"]])
+    logits, labels = saved_model_outputs(tmp_path / "run", files["validation_file"])
     weighted = F.cross_entropy(
         logits, labels, weight=torch.tensor([expected[t] for t in TOPICS], dtype=torch.float32), label_smoothing=0.1
     )
@@ -528,14 +533,7 @@ def test_focal_loss_trains_and_scores_with_the_same_loss(tiny_model_dir, tmp_pat
     assert results["eval_accuracy"] >= 0.7  # chance: 1/3
     assert read_json(tmp_path / "run" / "run_config.json")["train"]["loss"] == "focal"
 
-    model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "run").eval()
-    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "run")
-    validation = pd.read_csv(files["validation_file"])
-    with torch.no_grad():
-        logits = model(
-            **tokenizer(list(validation["text"]), truncation=True, max_length=32, padding=True, return_tensors="pt")
-        ).logits
-    labels = torch.tensor([TOPICS.index(name) for name in validation["label"]])
+    logits, labels = saved_model_outputs(tmp_path / "run", files["validation_file"])
     counts = pd.Series([r["label"] for r in rows]).value_counts()
     weights = torch.tensor([len(rows) / (3 * counts[t]) for t in TOPICS], dtype=torch.float32)
     cross_entropy = F.cross_entropy(logits, labels, reduction="none")
