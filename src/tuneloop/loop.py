@@ -54,7 +54,7 @@ def train(config: Config) -> dict:
             checkpoint.write_preempted(
                 accelerator, output_dir, stopped.checkpoint_dir, stopped.step, stopped.signal_name
             )
-            accelerator.end_training()
+            end_together(accelerator)
             raise
 
 
@@ -104,12 +104,18 @@ def run_phases(run: Run) -> dict:
                 run.training.train_size if run.training else None,
             )
     say(accelerator, report.summary_table({**results, **(test_results or {})}, t.output_dir))
-    # Every rank's collectives done, and gloo's worker threads idle, before the process group is torn down: a 2-process
-    # predict deadlocked at exit when it went while a worker still held a gathered tensor (the worker waiting for the
-    # GIL, the main thread joining the worker in ~ProcessGroupGloo).
+    end_together(accelerator)
+    return results
+
+
+def end_together(accelerator: Accelerator) -> None:
+    """The last collective of every job that ends on all ranks (finished or stopped by a signal). Every rank's
+    collectives done, and gloo's worker threads idle, before the process group is torn down: a 2-process predict
+    deadlocked at exit when it went while a worker still held a gathered tensor (the worker waiting for the GIL, the
+    main thread joining the worker in ~ProcessGroupGloo), and a 2-process run stopped by SIGUSR1 aborted at exit on
+    rank 1 ("terminate called without an active exception") when only the finished path waited."""
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    return results
 
 
 class LossMeter:
