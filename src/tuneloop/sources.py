@@ -123,14 +123,30 @@ def load_source(d: DataArguments, text_columns: list[str]) -> DatasetDict:
         return DatasetDict(train=load_bbc_news())
     if d.dataset_name == BUILTIN_HEADLINES:  # short texts (median 9 tokens): the regime of tweets and reviews
         return DatasetDict(train=load_bbc_news().map(lambda row: {"text": row["text"].split("\n", 1)[0]}))
-    if os.path.isdir(d.dataset_name) and any(
-        os.path.exists(os.path.join(d.dataset_name, marker)) for marker in ("dataset_dict.json", "state.json")
-    ):
+    if is_saved_dataset(d.dataset_name):
         loaded = _user_facing(lambda: datasets.load_from_disk(d.dataset_name), f"dataset folder {d.dataset_name!r}")
         return loaded if isinstance(loaded, DatasetDict) else DatasetDict(train=loaded)
     return _user_facing(
         lambda: datasets.load_dataset(d.dataset_name, d.dataset_config_name),
         f"dataset {d.dataset_name!r}" + (f" (config {d.dataset_config_name!r})" if d.dataset_config_name else ""),
+    )
+
+
+def load_split(d: DataArguments, split: str) -> Dataset:
+    """One split of --dataset_name, loaded (the eval set of a streamed training run)."""
+    import datasets
+
+    config = f" (config {d.dataset_config_name!r})" if d.dataset_config_name else ""
+    return _user_facing(
+        lambda: datasets.load_dataset(d.dataset_name, d.dataset_config_name, split=split),
+        f"split {split!r} of dataset {d.dataset_name!r}{config}",
+    )
+
+
+def is_saved_dataset(path: str) -> bool:
+    """A folder written by `save_to_disk` (read with `load_from_disk`), not a folder of data files."""
+    return os.path.isdir(path) and any(
+        os.path.exists(os.path.join(path, marker)) for marker in ("dataset_dict.json", "state.json")
     )
 
 
@@ -230,7 +246,9 @@ def stream_file_problems(name: str, source: str | list[str]) -> list[str]:
     reading it."""
     files = stream_files(source)
     if not files:
-        return [f"{name} {source!r} matches no data file ({', '.join(FILE_BUILDERS)}, compressed or not): check the path"]
+        return [
+            f"{name} {source!r} matches no data file ({', '.join(FILE_BUILDERS)}, compressed or not): check the path"
+        ]
     problems = [f"{name} {path!r} does not exist: check the path" for path in files if not os.path.isfile(path)][:1]
     unknown = [path for path in files if file_builder(path) is None]
     if unknown:
@@ -339,10 +357,17 @@ def _reason(e: Exception) -> str:
 
 
 def bad_rows(
-    split: Dataset, name: str, path: str | None, columns: list[str | None], drop: bool, notes: list[str]
+    split: Dataset,
+    name: str,
+    path: str | None,
+    columns: list[str | None],
+    drop: bool,
+    notes: list[str],
+    part: bool = False,
 ) -> Dataset:
     """Rows with an empty text or a missing label: dropped with a note (--drop_bad_rows), or refused naming the first.
-    Found with Arrow compute on the column buffers, so a million rows cost no Python objects."""
+    Found with Arrow compute on the column buffers, so a million rows cost no Python objects. `part`: `split` is a
+    chunk of a stream, which may lose every row (the rest of the stream has others)."""
     import numpy as np
     import pyarrow as pa
     import pyarrow.compute as pc
@@ -375,7 +400,7 @@ def bad_rows(
             f"{where} has {count} row(s) with an {what}, the first at {first}: fill or remove them, or "
             "pass --drop_bad_rows to drop them"
         )
-    if count == len(split):  # nothing left to train on or score: say so here, not as a library's ValueError later
+    if count == len(split) and not part:  # nothing left to train on or score: say so here, not as a ValueError later
         source = f" ({path!r})" if path else ""
         raise UserError(
             f"--drop_bad_rows dropped all {count} rows of the {name} split{source}: every row has an "
