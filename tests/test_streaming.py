@@ -279,7 +279,7 @@ def test_deepspeed_zero2_reads_the_stream_as_ddp_does(tiny_model_dir, shards, to
     """The data path does not depend on the engine: under DeepSpeed ZeRO-2 on 2 processes each step uses the rows the
     oracle gives, and the model learns. Guards DeepSpeed's prepare taking over (or wanting) the stream's loader."""
     out = tmp_path / "zero2"
-    args = stream_args(tiny_model_dir, shards, toy_files, out, max_steps=12, save_strategy="no")
+    args = stream_args(tiny_model_dir, shards, toy_files, out, max_steps=12)
     launch(args, 2, config="deepspeed_zero2_cpu.yaml", env=LOG_SAMPLES, timeout=600)
     results = read_json(out / "all_results.json")
     assert (results["distributed_type"], results["num_processes"], results["global_step"]) == ("DEEPSPEED", 2, 12)

@@ -83,9 +83,13 @@ def _file_rows(files: list[str], first_ids: list[int], builder: str, options: di
 
     for path, first in zip(files, first_ids):
         part = datasets.load_dataset(builder, data_files=[path], split="train", streaming=True, **options)
-        for number, row in enumerate(part):
-            row[ROW_ID] = first + number
-            yield row
+        number = first
+        # Read in batches, the rows cut out here: datasets' row-by-row iteration formats each row (5x slower here).
+        for batch in part.iter(batch_size=1000):
+            columns = list(batch)
+            for values in zip(*batch.values()):
+                yield {**dict(zip(columns, values)), ROW_ID: number}
+                number += 1
 
 
 def _is_local_files(source: str) -> bool:
