@@ -311,3 +311,33 @@ def test_each_problem_type_is_encoded_as_it_streams(labels, names, encoded, tiny
     )
     assert splits.label_names == names
     assert [row["labels"] for row in stream.Examples(splits.stream.rows, prepare)] == encoded
+
+
+def test_bad_rows_are_refused_or_dropped_and_the_position_counts_them(tiny_model_dir, tmp_path):
+    """An empty text stops the run naming the stream (or, with --drop_bad_rows, is dropped), and each example's
+    position counts the raw rows read, dropped ones too: a resume skips raw rows. Guards a position counted in kept
+    examples, which would resume a stream with dropped rows at the wrong row."""
+    from types import SimpleNamespace
+
+    from transformers import AutoTokenizer
+
+    from tuneloop import problem
+
+    rows = [
+        {"text": "goal team", "label": "sports"},
+        {"text": " ", "label": "music"},
+        {"text": "song", "label": "music"},
+    ]
+    write_rows(tmp_path / "s" / "a.jsonl", rows)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+
+    def examples(d: DataArguments) -> list[dict]:
+        splits = stream.load_splits(SimpleNamespace(process_index=0, num_processes=1), d, 0, None, ["music", "sports"])
+        return list(
+            stream.Examples(splits.stream.rows, stream._preparer(splits, tokenizer, d, problem.of(splits.problem_type)))
+        )
+
+    d = DataArguments(train_file=str(tmp_path / "s"), streaming=True, drop_bad_rows=True)
+    assert [(row[stream.POSITION], row["labels"]) for row in examples(d)] == [(1, 1), (3, 0)]
+    with pytest.raises(UserError, match=r"training stream .* has 1 row\(s\) with an empty text"):
+        examples(DataArguments(**{**d.__dict__, "drop_bad_rows": False, "shuffle_buffer_size": 1}))
