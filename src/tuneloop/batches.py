@@ -36,7 +36,7 @@ def make_dataloaders(
     """Training order: a seeded shuffle, or with `length_window` batches of similar length (see LengthGroupedSampler),
     grouped by `length_group_batch_size` (default: the per-device batch; an elastic resume keeps the run's first), or
     with --max_tokens_per_batch batches cut by a token budget (TokenBudgetBatchSampler)."""
-    collate = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=pad_to_multiple_of)
+    collate = collator(tokenizer, pad_to_multiple_of)
     common = dict(collate_fn=collate, num_workers=t.dataloader_num_workers, pin_memory=pin_memory)
     # Each loader draws its per-epoch worker seed from its own generator: with none, every `iter()` takes a number
     # from the global RNG, so where an epoch starts (or an evaluation runs) would shift dropout, and a resumed run
@@ -69,6 +69,11 @@ def make_dataloaders(
             **common,
         )
     return train_dl, eval_dl
+
+
+def collator(tokenizer, pad_to_multiple_of: int | None) -> DataCollatorWithPadding:
+    """The padding collator of every loader: each batch padded to its longest text (rounded up to the multiple)."""
+    return DataCollatorWithPadding(tokenizer, pad_to_multiple_of=pad_to_multiple_of)
 
 
 def token_lengths(tokenized: Dataset) -> np.ndarray:
@@ -195,9 +200,9 @@ def token_budget_problems(d: DataArguments, t: TrainArguments) -> list[str]:
 
 
 class SampleIdLog:
-    """A debugging record of which training examples (row numbers of the train split) each optimizer step used: with
-    TUNELOOP_LOG_SAMPLE_IDS=1 every process appends a line {"step", "ids"} per micro-batch to
-    output_dir/sample_ids/rank_<r>.jsonl. The elastic-resume tests compare it across process counts. Off (the
+    """A debugging record of which training examples (row numbers of the train split; a stream's row ids) each
+    optimizer step used: with TUNELOOP_LOG_SAMPLE_IDS=1 every process appends a line {"step", "ids"} per micro-batch
+    to output_dir/sample_ids/rank_<r>.jsonl. The elastic-resume and streaming tests compare it between runs. Off (the
     default), it adds no column and writes nothing."""
 
     COLUMN = "sample_id"
@@ -206,8 +211,14 @@ class SampleIdLog:
         on = os.environ.get("TUNELOOP_LOG_SAMPLE_IDS") == "1"
         self.path = os.path.join(output_dir, "sample_ids", f"rank_{rank}.jsonl") if on else None
 
-    def tag(self, train: Dataset) -> Dataset:
-        return train.add_column(self.COLUMN, list(range(len(train)))) if self.path else train
+    def tag(self, train):
+        """The training examples, each with its id when the log is on: a loaded split's row numbers, a stream's row
+        ids (stream.Examples.tag_samples)."""
+        if not self.path:
+            return train
+        if hasattr(train, "tag_samples"):
+            return train.tag_samples(self.COLUMN)
+        return train.add_column(self.COLUMN, list(range(len(train))))
 
     def record(self, step: int, batch: dict) -> None:
         """Take the ids out of `batch` (they are no model input) and log them as used by optimizer step `step`."""

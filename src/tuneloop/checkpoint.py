@@ -33,7 +33,7 @@ from tuneloop.problem import LOSS_OPTIONS
 
 CHECKPOINTS_DIR = "checkpoints"
 STATE_FILE = "trainer_state.json"  # written last, by the main process: a checkpoint without it is incomplete
-RANK_STATE_FILE = "loop_state_{rank}.json"  # each process's own running sums
+RANK_STATE_FILE = "loop_state_{rank}.json"  # each process's own running sums (and its place in a training stream)
 PREEMPTED_FILE = "preempted.json"
 MANIFEST_FILE = "manifest.json"  # every other file of the checkpoint and its size, written just before the rename
 # elastic.py's DeepSpeed universal conversions, beside the checkpoints: `latest` never sees one, rotation deletes
@@ -198,7 +198,8 @@ RESUME_SETTINGS = {
         "lora_dropout",
         "lora_target_modules",
     ),
-    "data": ("max_length", "train_sampling_strategy", "length_grouping_window"),
+    # (a stream's order also follows its shuffle buffer)
+    "data": ("max_length", "train_sampling_strategy", "length_grouping_window", "streaming", "shuffle_buffer_size"),
     "train": (
         "learning_rate",
         "weight_decay",
@@ -239,10 +240,14 @@ def data_settings(splits, problem_type: str) -> dict:
     digest = hashlib.sha256()
     for batch in splits.train.select_columns(columns).with_format("arrow").iter(batch_size=10_000):
         digest.update(json.dumps(batch.to_pydict(), ensure_ascii=False, default=str).encode())
+    # A stream's training split is a peek at its first rows (stream.load_splits): those are what is hashed.
+    examples = (
+        f"{len(splits.train)} examples" if splits.stream is None else f"a stream, its first {len(splits.train)} rows"
+    )
     return {
         "labels": list(splits.label_names),
         "problem_type": problem_type,
-        "training data": f"{len(splits.train)} examples, sha256 {digest.hexdigest()[:16]}",
+        "training data": f"{examples}, sha256 {digest.hexdigest()[:16]}",
     }
 
 

@@ -241,14 +241,20 @@ def project_problem(project: str) -> str | None:
 
 def validate(config: Config) -> None:
     """Check every option that can be checked without loading anything; report all problems in one line."""
-    from tuneloop import batches, lora, optim, problem  # the features' own checks: torch, which --help never needs
+    from tuneloop import (  # the features' own checks: torch, which --help never needs
+        batches,
+        lora,
+        optim,
+        problem,
+        stream,
+    )
 
     m, d, t = config.model, config.data, config.train
     problems = training_problems(m, t) + problem.option_problems(t)
     if d.problem_type and (type_problem := problem.of(d.problem_type).options_problem(t, reason=None)):
         problems.append(type_problem)
     problems += model_problems(m, d, t, lora.lora_problems(m))
-    problems += batches.token_budget_problems(d, t)
+    problems += batches.token_budget_problems(d, t) + stream.stream_problems(d, t)
     problems += data_problems(d) + file_problems(d) + eval_set_problems(d)
     problems += optim.scheduler_problems(t) + checkpoint_problems(t)
     if best_problem := problem.best_metric_problem(

@@ -41,6 +41,8 @@ class Splits:
     texts_in_train: dict[str, int] = field(default_factory=dict)  # per eval set: texts also in the training data
     problem_type: str = problem.DEFAULT.problem_type
     problem_reason: str = ""  # why this problem type: printed at start
+    # --streaming: the training stream (stream.TrainingStream); `train` is then a peek at its first rows
+    stream: object = None
 
 
 def load_splits(
@@ -50,11 +52,18 @@ def load_splits(
     need_train: bool,
     model_classes: list[str] | None = None,
     model_problem_type: str | None = None,
+    raw: datasets.DatasetDict | None = None,
+    label_reference: Dataset | None = None,
+    streamed: bool = False,
 ) -> Splits:
     """Train and eval splits with labels as ids. `model_classes`: the classes of an already fine-tuned model being
     evaluated, which the data's labels must be encoded against (its own sorted names could differ, e.g. a subset);
-    `model_problem_type` its saved problem type, which --problem_type alone overrides."""
-    raw = load_source(d, _text_column_names(d))
+    `model_problem_type` its saved problem type, which --problem_type alone overrides.
+
+    A streamed run (stream.load_splits) passes the splits read (`raw`), its training split being a peek at the
+    stream's first rows (`streamed`: nothing is held out of it, subset or compared with the eval sets), and the
+    labels its counting pass collected (`label_reference`), from which the classes are read instead."""
+    raw = raw if raw is not None else load_source(d, text_column_names(d))
     available = ", ".join(raw.keys()) or "none"
     train_name = d.train_split if d.train_split in raw else None
     # The eval sets, {name: split}: the ones named by --validation_file / --validation_split, else the dataset's own.
@@ -76,8 +85,8 @@ def load_splits(
         if split is not None and len(split) == 0:
             raise UserError(f"the {name} split is empty: check the data source")
     shown = {name: name if len(evals) > 1 else "eval" for name in evals}  # a single eval set is "the eval split"
-    train = _join_text_columns(train, "train", d) if train is not None else None
-    evals = {name: _join_text_columns(split, shown[name], d) for name, split in evals.items()}
+    train = join_text_columns(train, "train", d) if train is not None else None
+    evals = {name: join_text_columns(split, shown[name], d) for name, split in evals.items()}
     reference = train if train is not None else next(iter(evals.values()))
     text_column, text_pair_column = _text_columns(d, reference.column_names)
     columns = [text_column, text_pair_column, d.label_column]
@@ -104,7 +113,7 @@ def load_splits(
     )
     path = sources.get("train" if train is not None else next(iter(evals)))
     label_names = model_classes or kind.label_names(
-        reference,
+        label_reference if label_reference is not None else reference,
         _label_source(evals, d.label_column),
         d.label_column,
         num_labels,
@@ -115,18 +124,18 @@ def load_splits(
     encode = dict(column=d.label_column, names=label_names, separator=d.label_separator)
     train = kind.encode(train, split_name="train", **encode) if train is not None else None
     evals = {name: kind.encode(split, split_name=shown[name], **encode) for name, split in evals.items()}
-    if not evals:
+    if not evals and not streamed:
         train, evals["validation"] = _hold_out(train, d.label_column, d.validation_split_percentage, seed)
 
     # The tutorial's subsetting: shuffle with the seed, keep the first N.
-    if d.max_train_samples is not None and train is not None:
+    if d.max_train_samples is not None and train is not None and not streamed:
         train = train.shuffle(seed=seed).select(range(min(d.max_train_samples, len(train))))
     if d.max_eval_samples is not None:
         evals = {
             name: split.shuffle(seed=seed).select(range(min(d.max_eval_samples, len(split))))
             for name, split in evals.items()
         }
-    overlap = _texts_in_train(train, evals, text_column, text_pair_column) if train is not None else {}
+    overlap = _texts_in_train(train, evals, text_column, text_pair_column) if train is not None and not streamed else {}
     for name, count in overlap.items():
         if count:
             notes.append(
@@ -135,7 +144,7 @@ def load_splits(
             )
     return Splits(
         train,
-        next(iter(evals.values())),
+        next(iter(evals.values()), None),
         text_column,
         text_pair_column,
         d.label_column,
@@ -183,9 +192,9 @@ def load_test_split(
     With `label_names` None (before training has decided the classes) only the source and the columns are checked.
     """
     if d.test_file:
-        test = load_files({"test": d.test_file}, d, _text_column_names(d))["test"]
+        test = load_files({"test": d.test_file}, d, text_column_names(d))["test"]
     else:
-        raw = load_source(d, _text_column_names(d))
+        raw = load_source(d, text_column_names(d))
         if d.test_split not in raw:
             raise UserError(
                 f"split {d.test_split!r} not found (available: {', '.join(raw.keys()) or 'none'}): fix "
@@ -196,7 +205,7 @@ def load_test_split(
         raise UserError("the test split is empty: check the data source")
     if d.max_predict_samples is not None:  # run_classification.py's: the first N, in order
         test = test.select(range(min(d.max_predict_samples, len(test))))
-    test = _join_text_columns(test, "test", d)
+    test = join_text_columns(test, "test", d)
     text_column, text_pair_column = _text_columns(d, test.column_names)
     _check_columns(test, "test", [text_column, text_pair_column, None])
     id_column = d.id_column or next((c for c in ("id", "idx") if c in test.column_names), None)
@@ -225,7 +234,7 @@ def load_test_split(
 GUESSED_TEXT_COLUMNS = ("text", "sentence1", "sentence2", "sentence")
 
 
-def _text_column_names(d: DataArguments) -> list[str]:
+def text_column_names(d: DataArguments) -> list[str]:
     """Every column name that may hold text, which sources.load_files reads from CSV as strings: the options' (a
     comma-joined --text_column and its parts), else the names _text_columns looks for."""
     given = [d.text_column, *(d.text_column or "").split(","), d.text_pair_column]
@@ -248,7 +257,7 @@ def _text_columns(d: DataArguments, columns: list[str]) -> tuple[str, str | None
     raise UserError(f"no text column found among {columns}: pass --text_column NAME (and --text_pair_column for pairs)")
 
 
-def _join_text_columns(split: Dataset, name: str, d: DataArguments) -> Dataset:
+def join_text_columns(split: Dataset, name: str, d: DataArguments) -> Dataset:
     """A comma-joined --text_column ('title,body', run_classification.py's --text_column_names): those columns joined
     with --text_column_delimiter into one text column of that name, which predictions files then show as it was read."""
     parts = (d.text_column or "").split(",")
@@ -300,9 +309,10 @@ def _hold_out(train: Dataset, column: str, percentage: int, seed: int) -> tuple[
     return parts["train"], parts["test"]
 
 
-def tokenize(split: Dataset, splits: Splits, tokenizer: PreTrainedTokenizerBase, d: DataArguments) -> Dataset:
-    """Tokenize once (datasets caches the result for file-backed data); keep only model inputs and `labels`."""
-    text, pair = splits.text_column, splits.text_pair_column
+def text_encoder(text: str, pair: str | None, tokenizer: PreTrainedTokenizerBase, d: DataArguments):
+    """The function that tokenizes a batch of rows ({column: values}): the text (and pair) columns, truncated to
+    --max_length, padded to it with --padding max_length. A loaded split is mapped with it; a stream calls it on
+    each chunk."""
     # Only what tokenizing reads goes into the closure: datasets keys its cache on the function's hash, and with all of
     # `d` in it any unrelated data option (--length_grouping_window, --drop_bad_rows...) tokenized everything again.
     max_length, pad_to_max = d.max_length, d.padding == "max_length"
@@ -319,8 +329,13 @@ def tokenize(split: Dataset, splits: Splits, tokenizer: PreTrainedTokenizerBase,
             padding="max_length" if pad_to_max else False,
         )
 
+    return encode
+
+
+def tokenize(split: Dataset, splits: Splits, tokenizer: PreTrainedTokenizerBase, d: DataArguments) -> Dataset:
+    """Tokenize once (datasets caches the result for file-backed data); keep only model inputs and `labels`."""
     encoded = split.map(
-        encode,
+        text_encoder(splits.text_column, splits.text_pair_column, tokenizer, d),
         batched=True,
         num_proc=d.preprocessing_num_workers,
         remove_columns=[c for c in split.column_names if c != splits.label_column],

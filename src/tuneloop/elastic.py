@@ -70,6 +70,15 @@ def resume_state(
     if saved.num_processes == current.num_processes or not elastic:
         checkpoint.check_resumable(saved, current, path)
         return saved
+    if saved.settings.get("streaming"):
+        # Each rank saved its place in its own part of the stream (stream.StreamLoader.position); another process
+        # count splits the stream into other parts (other shards or every other row), and with dropped bad rows or
+        # shards of unequal sizes no place in them continues the same order of samples.
+        raise UserError(
+            f"checkpoint {path} was written by {saved.num_processes} processes each reading its own part of a "
+            f"training stream, which {current.num_processes} processes cannot continue exactly: resume on "
+            f"{saved.num_processes} processes (or start a new --output_dir)"
+        )
     checkpoint.check_resumable(saved, current, path, keys=("seed", "data_seed", "max_tokens_per_batch"))
     if saved.max_tokens_per_batch:
         # Token-budget batches hold varying numbers of samples, dealt whole to the ranks in turn: no layout of another

@@ -17,7 +17,7 @@ import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
-from tuneloop import checkpoint, elastic, optim, outputs, predict, report, throughput
+from tuneloop import checkpoint, elastic, optim, outputs, predict, report, stream, throughput
 from tuneloop import problem as problems
 from tuneloop.errors import UserError
 from tuneloop.options import Config, TrainArguments
@@ -220,7 +220,7 @@ def fit(run: Run) -> tuple[dict, predict.Outputs | None]:
             if state.patience_exhausted(t.early_stopping_patience)
             else None
         )
-        for epoch in range(state.epoch, plan.num_epochs) if not ended else ():
+        for epoch in range(state.epoch, plan.epochs_to_run) if not ended else ():
             model.train()
             for batch in epoch_batches(run, epoch):
                 run.training.samples.record(state.step + 1, batch)
@@ -250,7 +250,7 @@ def fit(run: Run) -> tuple[dict, predict.Outputs | None]:
                         break
             if ended == "early stopping":
                 break
-            if state.batches_in_epoch >= len(run.training.train_dl):  # this epoch's data is used up
+            if run.training.epoch_used_up():
                 state.epoch, state.batches_in_epoch = epoch + 1, 0
             if ended or (ended := boundary(run, session, epoch_end=True)):
                 break
@@ -272,8 +272,8 @@ def epoch_batches(run: Run, epoch: int):
     """This epoch's batches in their seeded order; resuming mid-epoch, the same order minus what was trained on."""
     training = run.training
     training.train_dl.set_epoch(epoch)
-    if not training.state.batches_in_epoch:
-        return training.train_dl
+    if not training.state.batches_in_epoch or isinstance(training.train_dl, stream.StreamLoader):
+        return training.train_dl  # (a stream skips to its checkpoint's position itself: StreamLoader.resume_at)
     batches = run.accelerator.skip_first_batches(training.train_dl, training.state.batches_in_epoch)
     batches.set_epoch(epoch)  # a new loader would otherwise replay epoch 0's order
     return batches
@@ -359,6 +359,8 @@ def finish_training(run: Run, session: Session, stopped_early: bool) -> tuple[di
 
     speed_figures = session.speed.summary(accelerator, run.training.peak_tflops, runtime_seconds)
     accelerator.log({f"speed/{k}": v for k, v in speed_figures.items() if v is not None}, step=state.step)
+    plan = run.training.plan  # (a stream's epochs end where its ranks' parts do: the epochs begun)
+    epochs = plan.num_epochs if plan.epoch_limit is None else state.epoch + bool(state.batches_in_epoch)
     meter = session.meter
     final = {
         **{k: v for k, v in state.last_eval.items() if k != "step"},
@@ -366,7 +368,7 @@ def finish_training(run: Run, session: Session, stopped_early: bool) -> tuple[di
         "train_runtime": round(session.earlier_runtime + runtime_seconds, 2),  # all sessions of this run
         **speed_figures,  # this session's own throughput
         "global_step": state.step,
-        "epochs": run.training.plan.num_epochs,
+        "epochs": epochs,
         "final_learning_rate": final_learning_rate,
         **(
             {"best_step": state.best_step, f"best_{best_metric_key(run)}": state.best_metric} if state.best_step else {}
@@ -449,7 +451,8 @@ def log_step(run: Run, session: Session) -> None:
     logs = {
         "train/loss": meter.take_window(accelerator),
         "train/learning_rate": run.training.scheduler.get_last_lr()[0],
-        "train/epoch": state.step / run.training.plan.steps_per_epoch,
+        # a stream of unknown length: the epochs begun
+        "train/epoch": state.step / per_epoch if (per_epoch := run.training.plan.steps_per_epoch) else state.epoch,
     }
     if session.grad_norm is not None:
         logs["train/grad_norm"] = float(session.grad_norm)
@@ -488,7 +491,7 @@ def save_checkpoint(run: Run, session: Session) -> str | None:
         accelerator,
         t.output_dir,
         state,
-        session.meter.state_dict(),
+        session.meter.state_dict() | stream.position(run.training.train_dl),  # this rank's sums and stream position
         trained_only=run.config.model.use_peft,
         keep=t.save_total_limit,
     )

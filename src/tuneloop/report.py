@@ -358,7 +358,7 @@ def model_card(
         "## Data",
         "",
         f"- source: {data}" + (f" (config {d.dataset_config_name})" if d.dataset_config_name else ""),
-        f"- {train_size} training examples, "
+        f"- {train_size if train_size is not None else 'a stream of'} training examples, "
         + ", ".join(
             f"{v} {k.removeprefix('eval').removesuffix('_samples').strip('_') or 'evaluation'} examples"
             for k, v in results.items()

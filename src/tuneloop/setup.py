@@ -33,6 +33,7 @@ from tuneloop import (
     predict,
     runtime,
     sources,
+    stream,
     throughput,
     tracking,
 )
@@ -53,10 +54,17 @@ from tuneloop.runtime import say
 class Plan:
     """Step counts derived once from the prepared dataloader (per process), never written back into the config."""
 
-    steps_per_epoch: int
+    steps_per_epoch: int  # a stream's: estimated from its row count; 0 when unknown (--max_steps alone)
     total_steps: int
-    num_epochs: int
+    num_epochs: int | None  # None: unknown (a stream of unknown length)
     warmup_steps: int
+    # The epochs the loop may begin: num_epochs, or for a stream as many as the steps need (its epochs may be shorter
+    # than estimated: StreamLoader ends each one at the first step some rank cannot fill)
+    epoch_limit: int | None = None
+
+    @property
+    def epochs_to_run(self) -> int:
+        return self.epoch_limit or self.num_epochs
 
 
 def make_plan(num_batches: int, t: TrainArguments) -> Plan:
@@ -64,6 +72,22 @@ def make_plan(num_batches: int, t: TrainArguments) -> Plan:
     total_steps = t.max_steps if t.max_steps > 0 else math.ceil(t.num_train_epochs * steps_per_epoch)
     warmup_steps = t.get_warmup_steps(total_steps)
     return Plan(steps_per_epoch, total_steps, math.ceil(total_steps / steps_per_epoch), warmup_steps)
+
+
+def make_stream_plan(rows: int | None, t: TrainArguments, processes: int) -> Plan:
+    """A training stream's plan: --max_steps, else --num_train_epochs of the steps its `rows` make (--train_rows or
+    --count_rows) when each process takes full steps of an equal share. The loop runs epochs until the steps are done.
+    """
+    rows_per_step = t.per_device_train_batch_size * t.gradient_accumulation_steps  # on each process
+    steps_per_epoch = rows // processes // rows_per_step if rows else 0
+    total_steps = t.max_steps if t.max_steps > 0 else math.ceil(t.num_train_epochs * steps_per_epoch)
+    if total_steps == 0:
+        raise UserError(
+            f"the training stream's {rows} rows make no optimizer step: each of {processes} process(es) needs "
+            f"{rows_per_step} rows (--per_device_train_batch_size x --gradient_accumulation_steps) for one"
+        )
+    num_epochs = math.ceil(total_steps / steps_per_epoch) if steps_per_epoch else None
+    return Plan(steps_per_epoch, total_steps, num_epochs, t.get_warmup_steps(total_steps), epoch_limit=total_steps)
 
 
 @dataclass
@@ -76,12 +100,19 @@ class Training:
     plan: Plan
     state: checkpoint.TrainerState  # the run's progress, continued from the checkpoint when resuming
     rank_state: dict | None  # this process's running sums, when resuming
-    train_size: int
+    train_size: int | None  # training examples (a stream's row count; None when unknown)
     texts_in_train: dict | None  # per eval set: how many of its texts are training texts too
     peak_tflops: float | None  # the device's peak for the precision in use, for MFU
     samples: batches.SampleIdLog  # which examples each step used (a debugging aid, off by default)
     stop: StopRequest | None = None  # the job's stop signals, connected by `loop.train`
     session: object = None  # the loop's `Session` (live counters), once `fit` has begun
+
+    def epoch_used_up(self) -> bool:
+        """Whether this epoch's data is used up: a stream says so (its ranks agreed that it ended), a loaded split's
+        loader by its length."""
+        if isinstance(self.train_dl, stream.StreamLoader):
+            return self.train_dl.ended
+        return self.state.batches_in_epoch >= len(self.train_dl)
 
 
 @dataclass
@@ -272,7 +303,9 @@ def load_data(
     problem they pose. A training job records its data settings in the state, checked against the checkpoint's."""
     m, d, t = config.model, config.data, config.train
     splits = None
-    if t.do_train or t.do_eval:
+    if d.streaming and t.do_train:  # a fine-tuned model trained further keeps its classes
+        splits = stream.load_splits(accelerator, d, t.seed, m.num_labels, models.trained_label_names(model_config))
+    elif t.do_train or t.do_eval:
         trained_classes = None if t.do_train else models.trained_label_names(model_config)  # a fine-tuned model's
         splits = data.load_splits(
             d,
@@ -309,7 +342,11 @@ def tokenize(
     first, so the others read its cache."""
     m, d, t = config.model, config.data, config.train
     with accelerator.main_process_first():
-        train_set = data.tokenize(splits.train, splits, tokenizer, d) if t.do_train else None
+        train_set = None
+        if t.do_train and splits.stream is not None:  # tokenized as it is read
+            train_set = stream.train_examples(accelerator, splits, tokenizer, d, t, problems.of(problem.problem_type))
+        elif t.do_train:
+            train_set = data.tokenize(splits.train, splits, tokenizer, d)
         eval_sets = (
             {name: data.tokenize(split, splits, tokenizer, d) for name, split in splits.eval_sets.items()}
             if splits
@@ -336,8 +373,9 @@ def make_dataloaders(
     d, t = config.data, config.train
     pad_to_multiple_of = runtime.pad_to_multiple_of(d, t, accelerator.mixed_precision, accelerator.device)
     pin_memory = accelerator.device.type == "cuda"
+    streamed = isinstance(train_set, stream.Examples)
     train_dl, _ = batches.make_dataloaders(
-        train_set,
+        None if streamed else train_set,
         None,
         tokenizer,
         t,
@@ -346,6 +384,14 @@ def make_dataloaders(
         length_window=d.length_grouping_window if d.train_sampling_strategy == "group_by_length" else None,
         length_group_batch_size=state.length_group_batch_size,
     )
+    if streamed:
+        train_dl = stream.StreamLoader(
+            train_set,
+            batches.collator(tokenizer, pad_to_multiple_of),
+            t.per_device_train_batch_size,
+            t.gradient_accumulation_steps,
+            accelerator,
+        )
     prefixes = {name: "eval" if len(eval_sets) == 1 else f"eval_{name}" for name in eval_sets}
     eval_dls = {
         prefixes[name]: batches.make_dataloaders(None, split, tokenizer, t, pad_to_multiple_of, pin_memory)[1]
@@ -397,7 +443,10 @@ def start_training(
 ) -> tuple[torch.nn.Module, dict, Training]:
     """`prepare` once, load the checkpoint (if resuming) into what it returned, and build the Run's training part.
     Returns the prepared model and eval loaders too."""
-    model, train_dl, optimizer, scheduler, eval_dls, plan = prepare(accelerator, config, model, train_dl, eval_dls)
+    rows = splits.stream.count if splits.stream is not None else None
+    model, train_dl, optimizer, scheduler, eval_dls, plan = prepare(
+        accelerator, config, model, train_dl, eval_dls, rows
+    )
     rank_state = resume(accelerator, config, state, resume_from, train_dl, scheduler)
     # Measured before training (a one-second matmul probe on CPU, cached), so it never eats into the timed loop.
     peak_tflops = throughput.peak_tflops(accelerator.device, accelerator.mixed_precision, config.train.peak_tflops)
@@ -408,7 +457,7 @@ def start_training(
         plan,
         state,
         rank_state,
-        len(splits.train),
+        splits.stream.count if splits.stream is not None else len(splits.train),
         splits.texts_in_train,
         peak_tflops,
         samples,
@@ -416,14 +465,20 @@ def start_training(
     return model, eval_dls, training
 
 
-def prepare(accelerator: Accelerator, config: Config, model: torch.nn.Module, train_dl, eval_dls: dict) -> tuple:
+def prepare(
+    accelerator: Accelerator, config: Config, model: torch.nn.Module, train_dl, eval_dls: dict, rows: int | None = None
+) -> tuple:
     """The plan, optimizer and schedule, then `accelerator.prepare` once. Returns the prepared model, train loader,
-    optimizer, scheduler and eval loaders, and the plan."""
+    optimizer, scheduler and eval loaders, and the plan. `rows`: a training stream's row count, when known."""
     m, t = config.model, config.train
+    streamed = isinstance(train_dl, stream.StreamLoader)
     # Accelerate shards batches across processes (even_batches: every rank gets ceil(n / world) of them). The schedule
     # is sized in this rank's optimizer steps; the prepared scheduler steps once per process per optimizer step, hence
     # the factor num_processes, as in transformers' run_glue_no_trainer.py.
-    plan = make_plan(math.ceil(len(train_dl) / accelerator.num_processes), t)
+    if streamed:
+        plan = make_stream_plan(rows, t, accelerator.num_processes)
+    else:
+        plan = make_plan(math.ceil(len(train_dl) / accelerator.num_processes), t)
     optimizer = optim.make_optimizer(model, t, accelerator.device)
     scheduler = make_scheduler(
         t.lr_scheduler_type,
@@ -433,11 +488,16 @@ def prepare(accelerator: Accelerator, config: Config, model: torch.nn.Module, tr
         plan.total_steps,
         accelerator.num_processes,
     )
-    model, optimizer, train_dl, scheduler, *prepared = accelerator.prepare(
-        model, optimizer, train_dl, scheduler, *eval_dls.values()
-    )
-    if math.ceil(len(train_dl) / t.gradient_accumulation_steps) != plan.steps_per_epoch:
-        raise RuntimeError(f"prepared dataloader has {len(train_dl)} batches, planned for {plan.steps_per_epoch} steps")
+    if streamed:  # each rank reads its own part of the stream, its batches not dealt by Accelerate: stream.StreamLoader
+        model, optimizer, scheduler, *prepared = accelerator.prepare(model, optimizer, scheduler, *eval_dls.values())
+    else:
+        model, optimizer, train_dl, scheduler, *prepared = accelerator.prepare(
+            model, optimizer, train_dl, scheduler, *eval_dls.values()
+        )
+        if math.ceil(len(train_dl) / t.gradient_accumulation_steps) != plan.steps_per_epoch:
+            raise RuntimeError(
+                f"prepared dataloader has {len(train_dl)} batches, planned for {plan.steps_per_epoch} steps"
+            )
     if m.use_peft:  # checkpoints hold what trains (adapter, head) and its optimizer state, not the frozen base
         accelerator.register_save_state_pre_hook(checkpoint.keep_trained_weights)
     return model, train_dl, optimizer, scheduler, dict(zip(eval_dls, prepared)), plan
@@ -454,6 +514,10 @@ def resume(
     """Load the checkpoint into what `prepare` returned; returns this process's running sums (None for a new run)."""
     if not resume_from:
         return None
+    if isinstance(train_dl, stream.StreamLoader):  # same process count only (elastic.resume_state)
+        rank_state = elastic.load_checkpoint(accelerator, resume_from, scheduler, trained_only=config.model.use_peft)
+        train_dl.resume_at(rank_state)  # this rank's position in its part of the stream
+        return rank_state
     # Accelerate counts micro-steps from the start of each epoch, and from 0 at its end
     micro_step = state.batches_in_epoch if state.batches_in_epoch < len(train_dl) else 0
     return elastic.load_checkpoint(accelerator, resume_from, scheduler, micro_step, trained_only=config.model.use_peft)
@@ -471,12 +535,17 @@ def say_what_trains(
 ) -> None:
     """One line: engine, precision, data, classes, batch, steps, and where a resumed run continues."""
     t = config.train
+    if splits.stream is None:
+        train = f"{len(splits.train)} train"
+    else:
+        train = f"a training stream of {splits.stream.count or 'unknown'} rows"
+    steps_per_epoch = plan.steps_per_epoch or "unknown"
     say(
         accelerator,
         f"tuneloop: {accelerator.distributed_type.value} x{accelerator.num_processes} on {accelerator.device}, "
-        f"mixed_precision={accelerator.mixed_precision}, {len(splits.train)} train / "
+        f"mixed_precision={accelerator.mixed_precision}, {train} / "
         f"{' + '.join(str(len(split)) for split in splits.eval_sets.values())} eval examples, "
         f"{len(class_names)} {problem.units}, {t.describe_batch(accelerator.num_processes)}, "
-        f"{plan.total_steps} steps ({plan.steps_per_epoch}/epoch, {plan.warmup_steps} warmup)"
+        f"{plan.total_steps} steps ({steps_per_epoch}/epoch, {plan.warmup_steps} warmup)"
         + (f", resuming at step {state.step} from {resume_from}" if resume_from else ""),
     )

@@ -1,0 +1,487 @@
+"""Streamed data (--streaming): data larger than memory, read while training runs. The one home of streams: opening
+one from local shard files or a dataset name, each row's id, the split between ranks, the labels and the count of a
+training stream, each rank's training batches (shuffled, tokenized on the fly, a step at a time, agreed between the
+ranks), its position for an exact resume, and what streaming refuses.
+
+A stream is a 🤗 Datasets `IterableDataset` of raw rows, each with a stable integer `row_id`: file number x 2**32 +
+row number in that file, so ids sort in the source's file order (and for a single file equal the row's position).
+Every file is one shard: datasets shuffles the shards' order with the seed each epoch and, between ranks,
+`split_dataset_by_node` gives each rank whole shards when their count divides by the world size, else every
+world-th row.
+
+`datasets` and data.py are imported inside the functions: config's validation imports this module for
+`stream_problems`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from tuneloop import problem, sources
+from tuneloop.errors import UserError
+
+if TYPE_CHECKING:
+    import datasets
+
+    from tuneloop import data
+    from tuneloop.options import DataArguments, TrainArguments
+
+ROW_ID = "row_id"
+# Row ids: file number in the high bits, row number in that file in the low ones.
+ROWS_PER_FILE = 1 << 32
+
+
+def open_stream(source: str | list[str], d: DataArguments, split: str = "train") -> datasets.IterableDataset:
+    """The raw rows of `source`, in file order, each with its `row_id`: no shuffle, no split between ranks.
+
+    `source`: a data file, a folder of them, a glob, a list of files (sources.py's file types, compressed or not, one
+    format), or a dataset name (a Hub id or a local dataset folder made of data files), of which `split` is read.
+    Files are read with --file_encoding and --csv_delimiter as loaded files are (sources.read_options)."""
+    import datasets
+
+    if isinstance(source, str) and not _is_local_files(source):
+        files, builder, options = _dataset_files(source, d, split)
+    else:
+        files = sources.stream_files(source)
+        if problems := sources.stream_file_problems("data", source):
+            raise UserError(problems[0])
+        from tuneloop.data import text_column_names
+
+        builder, options = sources.read_options(files[0], d, text_column_names(d))
+    # The columns' types where the files say them (Parquet, a Hub dataset's own: a ClassLabel keeps its names); JSON
+    # and CSV rows are typed as they are read, as a loaded file's are.
+    features = datasets.load_dataset(builder, data_files=[files[0]], split="train", streaming=True, **options).features
+    if features is not None:
+        features = datasets.Features({**features, ROW_ID: datasets.Value("int64")})
+    return datasets.IterableDataset.from_generator(
+        _file_rows,
+        features=features,
+        gen_kwargs=dict(
+            files=list(files),
+            first_ids=[number * ROWS_PER_FILE for number in range(len(files))],
+            builder=builder,
+            options=options,
+        ),
+    )
+
+
+def for_rank(stream: datasets.IterableDataset, rank: int, world: int) -> datasets.IterableDataset:
+    """This rank's part of `stream`, in order: whole shards (files) when their count divides by `world`, else every
+    world-th row (datasets' `split_dataset_by_node`, strategy "auto")."""
+    from datasets.distributed import split_dataset_by_node
+
+    return stream if world == 1 else split_dataset_by_node(stream, rank=rank, world_size=world)
+
+
+def _file_rows(files: list[str], first_ids: list[int], builder: str, options: dict):
+    """The rows of `files` (this shard's), each with its row id. Each file is read by datasets' own builder for its
+    type, streamed: the same reader, options and decompression as a loaded file."""
+    import datasets
+
+    for path, first in zip(files, first_ids):
+        part = datasets.load_dataset(builder, data_files=[path], split="train", streaming=True, **options)
+        number = first
+        # Read in batches, the rows cut out here: datasets' row-by-row iteration formats each row (5x slower here).
+        for batch in part.iter(batch_size=1000):
+            columns = list(batch)
+            for values in zip(*batch.values()):
+                yield {**dict(zip(columns, values)), ROW_ID: number}
+                number += 1
+
+
+def _is_local_files(source: str) -> bool:
+    """A file, a glob, or a folder of plain data files (not a dataset folder saved by `save_to_disk`)."""
+    import os
+
+    if os.path.isfile(source) or any(char in source for char in "*?["):
+        return True
+    return os.path.isdir(source) and not sources.is_saved_dataset(source)
+
+
+def _dataset_files(name: str, d: DataArguments, split: str) -> tuple[list[str], str, dict]:
+    """A dataset name's data files of `split`, with the builder that reads them (parquet, json, csv...)."""
+    import datasets
+
+    try:
+        builder = datasets.load_dataset_builder(name, d.dataset_config_name)
+    except Exception as e:  # datasets raises many types here (FileNotFoundError, DatasetNotFoundError...)
+        raise UserError(
+            f"could not open dataset {name!r} to stream it: {type(e).__name__}: {' '.join(str(e).split())[:300]} "
+            "(check the name or path; Hub datasets need network access)"
+        ) from None
+    files = (builder.config.data_files or {}).get(split)
+    if not files:
+        raise UserError(
+            f"dataset {name!r} has no data files for split {split!r} to stream (available: "
+            f"{', '.join(builder.config.data_files or {}) or 'none'}): streaming reads datasets made of data files; "
+            "fix --train_split, or load it without --streaming"
+        )
+    return list(files), builder.name, {}
+
+
+# ---- A training stream: its splits, labels and count ----
+
+# Distinct labels the counting pass keeps, beyond which the column is taken for values (regression), not classes.
+MAX_DISTINCT_LABELS = 100_000
+
+
+def load_splits(
+    accelerator, d: DataArguments, seed: int, num_labels: int | None, model_classes: list[str] | None
+) -> data.Splits:
+    """The splits of a streamed training run: the training stream; a peek at its first --shuffle_buffer_size rows,
+    which stands in for the training split where data.load_splits checks the columns, decides the problem type and
+    reads the classes; the counting pass (--count_rows: the rows and every label); and the eval sets, loaded in memory
+    (--validation_file or --validation_split). The classes: the model's own when it is fine-tuned already, else every
+    label the counting pass saw, else the peek's (said in one line)."""
+    import datasets
+    from datasets import DatasetDict
+
+    from tuneloop import data
+
+    stream = open_stream(d.train_file or d.dataset_name, d, d.train_split)
+    peek = list(stream.take(d.shuffle_buffer_size))
+    if not peek:
+        raise UserError(f"the training stream {d.train_file or d.dataset_name!r} has no rows: check the data source")
+    peek = datasets.Dataset.from_list(peek, features=stream.features).remove_columns(ROW_ID)
+    notes, label_reference, rows = [], None, d.train_rows
+    if d.count_rows and d.label_column in peek.column_names:
+        rows, labels, seconds = count_rows(accelerator, stream, d)
+        label_reference = _label_dataset(labels, peek, d.label_column)
+        notes.append(
+            f"tuneloop: --count_rows read the training stream in {seconds:.1f} s: {rows} rows "
+            f"({rows / max(seconds, 1e-9):.0f} rows/s), "
+            + (f"{len(labels)} distinct labels" if labels is not None else "labels taken for values")
+        )
+    if d.validation_file:
+        evals = sources.load_files(sources.eval_sources(d), d, data.text_column_names(d))
+    else:  # --validation_split of the dataset, loaded (stream_problems asks for one of the two when evaluating)
+        evals = {
+            split: sources.load_split(d, split)
+            for split in (sources.eval_sources(d).values() if d.validation_split else ())
+        }
+    splits = data.load_splits(
+        d,
+        seed,
+        num_labels,
+        need_train=True,
+        model_classes=model_classes,
+        raw=DatasetDict({d.train_split: peek, **evals}),
+        label_reference=label_reference,
+        streamed=True,
+    )
+    kind = problem.of(splits.problem_type)
+    labels_from_peek = not model_classes and label_reference is None and kind.weights_kind is not None
+    if labels_from_peek:  # (a classification: regression has no classes to miss)
+        notes.append(
+            f"tuneloop: the {kind.units} are those of the training stream's first {len(peek)} rows "
+            "(--count_rows reads every row first)"
+        )
+    splits.notes[:0] = notes
+    splits.stream = TrainingStream(stream, rows, len(peek) if labels_from_peek else None)
+    return splits
+
+
+@dataclass
+class TrainingStream:
+    """What load_splits found out about the training stream."""
+
+    rows: datasets.IterableDataset  # raw rows, each with its ROW_ID, in file order
+    count: int | None  # its row count (--train_rows, --count_rows), None when unknown
+    peeked: int | None  # the classes were read from this many first rows (None: from the model or every row)
+
+
+def count_rows(accelerator, stream: datasets.IterableDataset, d: DataArguments) -> tuple[int, list | None, float]:
+    """--count_rows: every rank reads its part of the stream's label column once. Returns the stream's row count,
+    its distinct labels (None past MAX_DISTINCT_LABELS: values, not classes) and the seconds it took."""
+    import time
+
+    from accelerate.utils import gather_object
+
+    started = time.perf_counter()
+    rows, labels = 0, set()
+    part = for_rank(stream, accelerator.process_index, accelerator.num_processes)
+    for batch in part.select_columns([d.label_column]).iter(batch_size=1000):
+        values = batch[d.label_column]
+        rows += len(values)
+        if labels is not None:
+            labels.update(tuple(value) if isinstance(value, list) else value for value in values)
+            labels = labels if len(labels) <= MAX_DISTINCT_LABELS else None
+    parts = gather_object([(rows, labels)]) if accelerator.num_processes > 1 else [(rows, labels)]
+    total = sum(count for count, _ in parts)
+    seen = None if any(found is None for _, found in parts) else set().union(*(found for _, found in parts))
+    if seen is not None and d.drop_bad_rows:
+        seen.discard(None)  # the rows that have it are dropped as they are read
+    found = None if seen is None else [list(value) if isinstance(value, tuple) else value for value in seen]
+    return total, found, time.perf_counter() - started
+
+
+def _label_dataset(labels: list | None, peek: datasets.Dataset, column: str) -> datasets.Dataset | None:
+    """The distinct labels as a one-column dataset typed as the peek's label column, for problem.py's label_names."""
+    import datasets
+
+    if labels is None:
+        return None
+    try:
+        return datasets.Dataset.from_dict({column: labels}, features=datasets.Features({column: peek.features[column]}))
+    except (TypeError, ValueError, OverflowError):  # labels of another type than the peek's: as they come
+        return datasets.Dataset.from_dict({column: labels})
+
+
+# ---- Each rank's training batches ----
+
+POSITION = "stream_position"  # on each example: the raw rows of this epoch's stream read up to and including it
+CHUNK_ROWS = 1000  # rows prepared (joined, checked, encoded, tokenized) at a time: datasets' batched-map size
+
+
+def train_examples(accelerator, splits: data.Splits, tokenizer, d: DataArguments, t: TrainArguments, kind) -> Examples:
+    """This rank's training examples: its part (for_rank) of the stream shuffled with the data seed in a buffer of
+    --shuffle_buffer_size rows (the shards' order and the buffer's draws change with the epoch), prepared a chunk of
+    rows at a time as data.py prepares a loaded split."""
+    seed = t.seed if t.data_seed is None else t.data_seed
+    shuffled = splits.stream.rows.shuffle(seed=seed, buffer_size=d.shuffle_buffer_size)
+    rows = for_rank(shuffled, accelerator.process_index, accelerator.num_processes)
+    return Examples(rows, _preparer(splits, tokenizer, d, kind))
+
+
+def _preparer(splits: data.Splits, tokenizer, d: DataArguments, kind):
+    """The function that prepares a chunk of raw rows as data.py prepares a loaded training split: text columns
+    joined, bad rows refused or dropped (sources.bad_rows), labels encoded by the problem type (problem.py), texts
+    tokenized (data.text_encoder). Returns each kept row's offset in the chunk and its example."""
+    import datasets
+    from datasets.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    from tuneloop import data
+
+    text, pair, label = splits.text_column, splits.text_pair_column, splits.label_column
+    required = [text, pair, None if d.label_separator is not None else label]
+    encode_texts = data.text_encoder(text, pair, tokenizer, d)
+    features = splits.stream.rows.features  # the files' types, where they say them (open_stream)
+    offset_column = "__tuneloop_offset__"
+
+    def prepare(chunk: dict) -> list[tuple[int, dict]]:
+        quiet = are_progress_bars_disabled()
+        disable_progress_bars()  # a chunk is no job to show a bar for
+        try:
+            rows = datasets.Dataset.from_dict(chunk, features=features).remove_columns(ROW_ID)
+            rows = rows.add_column(offset_column, list(range(len(rows))))
+            where = f"training stream (the chunk from row_id {chunk[ROW_ID][0]})"
+            rows = data.join_text_columns(rows, where, d)
+            rows = sources.bad_rows(rows, where, None, required, d.drop_bad_rows, [], part=True)
+            try:
+                rows = kind.encode(rows, label, splits.label_names, where, d.label_separator)
+            except UserError as e:
+                if splits.stream.peeked is None:
+                    raise
+                raise UserError(
+                    f"{e} (the classes were read from the stream's first {splits.stream.peeked} rows: pass "
+                    "--count_rows to read every label before training)"
+                ) from None
+        finally:
+            if not quiet:
+                enable_progress_bars()
+        if not len(rows):  # every row of the chunk dropped (--drop_bad_rows)
+            return []
+        encoded = encode_texts({text: list(rows[text]), **({pair: list(rows[pair])} if pair else {})})
+        labels, offsets = list(rows[label]), list(rows[offset_column])
+        names = list(encoded.keys())
+        return [
+            (offsets[i], {**{name: encoded[name][i] for name in names}, "labels": labels[i]}) for i in range(len(rows))
+        ]
+
+    return prepare
+
+
+class Examples(torch.utils.data.IterableDataset):
+    """This rank's training examples for one epoch (set by the loader: `epoch`, and `start`, the raw rows of that
+    epoch's stream to skip when resuming). The rows skipped are read and shuffled as before, so the ones after them
+    come in the same order as in the uninterrupted run, but not prepared: a resume replays reading, not tokenizing."""
+
+    def __init__(self, rows: datasets.IterableDataset, prepare):
+        self.rows, self.prepare = rows, prepare
+        self.epoch, self.start = 0, 0
+        self.sample_column = None  # batches.SampleIdLog's column, given each row's id when the log is on
+
+    def tag_samples(self, column: str) -> Examples:
+        self.sample_column = column
+        return self
+
+    def __iter__(self):
+        self.rows.set_epoch(self.epoch)
+        read = 0
+        for chunk in self.rows.iter(batch_size=CHUNK_ROWS):
+            size = len(chunk[ROW_ID])
+            skip = min(max(self.start - read, 0), size)
+            read += size
+            if skip == size:
+                continue
+            if skip:
+                chunk = {column: values[skip:] for column, values in chunk.items()}
+            for offset, example in self.prepare(chunk):
+                example[POSITION] = read - size + skip + offset + 1
+                if self.sample_column:
+                    example[self.sample_column] = chunk[ROW_ID][offset]
+                yield example
+
+
+class StreamLoader:
+    """This rank's training batches, a step at a time.
+
+    A plain DataLoader cuts the Examples into full batches (drop_last); before each optimizer step the ranks agree,
+    in one all-reduce, that every one of them has its `accumulation` batches. When one has not (its part of the stream
+    ended first), the epoch ends there on every rank: no rank waits in a gradient all-reduce the others never join,
+    and each step is the mean over full batches on every rank. What that leaves out each epoch: every rank's rows
+    after the epoch's last full step (the README's "Streaming data larger than memory").
+
+    Accelerate does not prepare this loader. Its prepare_data_loader would, for an IterableDataset, dispatch batches
+    (rank 0 reads the whole stream and sends each rank its part) or shard it again (IterableDatasetShard: every rank
+    reads everything, keeps its slice), where each rank here reads only its own part (for_rank); and its
+    DataLoaderShard looks one batch ahead to flag the end of the data to GradientState, which would make
+    `accumulate` step the optimizer early on a step's earlier micro-batches, which this loader holds before they
+    train. Without a prepared loader GradientState never sees an end of data, and `accumulate` syncs every
+    `accumulation` micro-batches, which full steps keep aligned. Batches go to the device here (send_to_device).
+    """
+
+    def __init__(self, examples: Examples, collate, batch_size: int, accumulation: int, accelerator):
+        from torch.utils.data import DataLoader
+
+        self.examples, self.batch_size, self.accumulation = examples, batch_size, accumulation
+        self.loader = DataLoader(examples, batch_size=batch_size, collate_fn=collate, drop_last=True)
+        self.device, self.processes = accelerator.device, accelerator.num_processes
+        self.epoch, self.rows, self.ended = 0, 0, False
+        self._resume_at = None  # (epoch, rows) from a checkpoint, for the first epoch that is that one
+        self._group = None
+        if self.processes > 1 and self.device.type != "cpu":
+            import torch.distributed as dist
+
+            # The agreement is a CPU all-reduce over gloo, as preemption.StopRequest's: on a GPU it does not wait for
+            # the queued kernels. Collective: every rank builds its loader at the same point of the set-up.
+            self._group = dist.new_group(backend="gloo")
+
+    def set_epoch(self, epoch: int) -> None:
+        start = self._resume_at[1] if self._resume_at and self._resume_at[0] == epoch else 0
+        self._resume_at = None
+        self.epoch, self.rows, self.ended = epoch, start, False
+        self.examples.epoch, self.examples.start = epoch, start
+
+    def position(self) -> dict:
+        """This rank's place in the stream, for its checkpoint: the epoch and the raw rows of its part of that epoch's
+        stream that the steps so far have read."""
+        # Not datasets' own IterableDataset.state_dict: with a shuffle buffer it records the shards' positions but not
+        # the buffer's rows, which BufferShuffledExamplesIterable.load_state_dict refills from the shards ("The shuffle
+        # buffer will be refilled before starting to yield new examples"), so the rows after a resume differ from the
+        # uninterrupted run's. Nor `.skip(n)`: it fixes the shards' order (DataSourcesShufflingDisallowed), which the
+        # later epochs would then not reshuffle. Rebuilding the epoch's stream and skipping its first rows is exact by
+        # construction (Examples).
+        return {"stream_epoch": self.epoch, "stream_rows": self.rows}
+
+    def resume_at(self, saved: dict) -> None:
+        """Continue from a checkpoint's `position()` (this rank's): its epoch's stream starts after those rows."""
+        if "stream_rows" in saved:
+            self._resume_at = (saved["stream_epoch"], saved["stream_rows"])
+
+    def __iter__(self):
+        import itertools
+
+        from accelerate.utils import send_to_device
+
+        resumed_at, steps = self.rows, 0
+        batches = iter(self.loader)
+        while True:
+            step = list(itertools.islice(batches, self.accumulation))
+            if not self._all_ranks(len(step) == self.accumulation):
+                break
+            steps += 1
+            for batch in step:
+                self.rows = int(batch.pop(POSITION)[-1])
+                yield send_to_device(batch, self.device)
+        self.ended = True
+        if not steps and not resumed_at:
+            raise UserError(
+                f"a process's part of the training stream holds fewer rows than one optimizer step takes "
+                f"({self.accumulation} batch(es) of {self.batch_size}): lower --per_device_train_batch_size or "
+                "--gradient_accumulation_steps, or stream more rows"
+            )
+
+    def _all_ranks(self, ok: bool) -> bool:
+        """Whether `ok` holds on every rank: the same answer on each."""
+        if self.processes == 1:
+            return ok
+        import torch.distributed as dist
+
+        flag = torch.tensor([int(ok)], dtype=torch.int32)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self._group)
+        return bool(flag.item())
+
+
+def position(loader) -> dict:
+    """A training loader's position for this rank's checkpoint: a stream's (StreamLoader.position); nothing for a
+    loaded split, whose position is the state's batches_in_epoch."""
+    return loader.position() if isinstance(loader, StreamLoader) else {}
+
+
+def stream_problems(d: DataArguments, t: TrainArguments) -> list[str]:
+    """What --streaming cannot work with, each with its fix; nothing when it is off."""
+    from tuneloop.options import BUILTIN_DATASET, BUILTIN_HEADLINES
+
+    if not d.streaming:
+        given = [name for name in ("train_rows", "count_rows") if getattr(d, name)]
+        return [f"{' and '.join(given)} size(s) a training stream: add --streaming, or drop it"] if given else []
+    problems = []
+
+    def need(ok: bool, problem: str) -> None:
+        if not ok:
+            problems.append(problem)
+
+    need(d.shuffle_buffer_size >= 1, f"shuffle_buffer_size must be >= 1 (got {d.shuffle_buffer_size})")
+    need(d.train_rows is None or d.train_rows >= 1, f"train_rows must be >= 1 (got {d.train_rows})")
+    if not t.do_train:  # (evaluation and predictions of a streamed set are predict.py's)
+        return problems
+    need(
+        d.train_file is not None or d.dataset_name not in (BUILTIN_DATASET, BUILTIN_HEADLINES),
+        f"streaming reads data files, and {d.dataset_name} is built in and loaded in memory: drop --streaming, "
+        "or pass --train_file",
+    )
+    need(
+        d.train_file is not None or d.dataset_name is None or not sources.is_saved_dataset(d.dataset_name),
+        f"dataset folder {d.dataset_name!r} was written by save_to_disk, which streaming does not read: drop "
+        "--streaming, or write it as data files (Dataset.to_parquet) and pass them as --train_file",
+    )
+    need(
+        t.max_steps > 0 or d.train_rows is not None or d.count_rows,
+        "streaming training needs the schedule's length: pass --max_steps N, or --train_rows N (the stream's row "
+        "count), or --count_rows (one pass over the stream before training)",
+    )
+    need(
+        not t.max_tokens_per_batch,
+        "max_tokens_per_batch cuts batches from every text's length, known only for loaded data: drop --streaming "
+        "or --max_tokens_per_batch",
+    )
+    need(
+        d.train_sampling_strategy != "group_by_length",
+        "train_sampling_strategy group_by_length sorts the whole training set by length, which a stream does not "
+        "hold: drop --streaming or use --train_sampling_strategy random",
+    )
+    need(
+        d.max_train_samples is None,
+        "max_train_samples draws a random subset of the whole training set, which a stream does not hold: use "
+        "--max_steps to train on fewer rows",
+    )
+    need(
+        not t.do_eval or bool(d.validation_file or d.validation_split),
+        "streaming cannot hold out --validation_split_percentage of a stream it does not hold: pass "
+        "--validation_file (or --validation_split), or --do_eval false",
+    )
+    need(
+        t.dataloader_num_workers == 0,
+        f"dataloader_num_workers {t.dataloader_num_workers} with --streaming: each worker would read its own part "
+        "of the stream and an exact resume could not find its position: use --dataloader_num_workers 0",
+    )
+    need(
+        t.class_weights != "auto",
+        "class_weights auto counts every training label, which a stream does not hold: give the weights "
+        "(--class_weights w1,w2,...)",
+    )
+    return problems
