@@ -54,7 +54,7 @@ def load_splits(
     """Train and eval splits with labels as ids. `model_classes`: the classes of an already fine-tuned model being
     evaluated, which the data's labels must be encoded against (its own sorted names could differ, e.g. a subset);
     `model_problem_type` its saved problem type, which --problem_type alone overrides."""
-    raw = load_source(d, _text_column_names(d))
+    raw = load_source(d, text_column_names(d))
     available = ", ".join(raw.keys()) or "none"
     train_name = d.train_split if d.train_split in raw else None
     # The eval sets, {name: split}: the ones named by --validation_file / --validation_split, else the dataset's own.
@@ -183,9 +183,9 @@ def load_test_split(
     With `label_names` None (before training has decided the classes) only the source and the columns are checked.
     """
     if d.test_file:
-        test = load_files({"test": d.test_file}, d, _text_column_names(d))["test"]
+        test = load_files({"test": d.test_file}, d, text_column_names(d))["test"]
     else:
-        raw = load_source(d, _text_column_names(d))
+        raw = load_source(d, text_column_names(d))
         if d.test_split not in raw:
             raise UserError(
                 f"split {d.test_split!r} not found (available: {', '.join(raw.keys()) or 'none'}): fix "
@@ -225,7 +225,7 @@ def load_test_split(
 GUESSED_TEXT_COLUMNS = ("text", "sentence1", "sentence2", "sentence")
 
 
-def _text_column_names(d: DataArguments) -> list[str]:
+def text_column_names(d: DataArguments) -> list[str]:
     """Every column name that may hold text, which sources.load_files reads from CSV as strings: the options' (a
     comma-joined --text_column and its parts), else the names _text_columns looks for."""
     given = [d.text_column, *(d.text_column or "").split(","), d.text_pair_column]

@@ -275,6 +275,38 @@ class DataArguments:
             "mixes less)."
         },
     )
+    # Streaming (stream.py): data larger than memory, read as it trains.
+    streaming: bool = field(
+        default=False,
+        metadata={
+            "help": "Stream the training data instead of loading it (run_*.py's name): --train_file may then be a "
+            "folder, a glob ('shards/*.jsonl.gz') or a file, or --dataset_name a dataset of data files; rows are "
+            "read, shuffled in a seeded buffer and tokenized as training goes, each process reading its own "
+            "part. Needs --max_steps, --train_rows or --count_rows to size the schedule. Resumes exactly on the "
+            "same process count."
+        },
+    )
+    shuffle_buffer_size: int = field(
+        default=10_000,
+        metadata={
+            "help": "With --streaming: rows in each process's shuffle buffer (seeded; another order every epoch). "
+            "Larger mixes better and holds more rows in memory."
+        },
+    )
+    train_rows: int | None = field(
+        default=None,
+        metadata={
+            "help": "With --streaming: the training stream's row count, when you know it: sizes the schedule "
+            "(steps per epoch) without a counting pass."
+        },
+    )
+    count_rows: bool = field(
+        default=False,
+        metadata={
+            "help": "With --streaming: read the training stream once before training to count its rows (sizes the "
+            "schedule) and collect every label; prints what it cost."
+        },
+    )
     preprocessing_num_workers: int | None = field(default=None, metadata={"help": "Processes for tokenization."})
     overwrite_cache: bool = field(default=False, metadata={"help": "Re-tokenize even if a cached result exists."})
 

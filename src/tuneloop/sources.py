@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import codecs
 import csv
+import glob
 import importlib
 import importlib.util
 import io
@@ -79,7 +80,9 @@ def file_problems(d: DataArguments) -> list[str]:
         if not ok:
             problems.append(problem)
 
-    files = [("train_file", d.train_file), ("test_file", d.test_file)]
+    files = [("train_file", None if d.streaming else d.train_file), ("test_file", d.test_file)]
+    if d.streaming and d.train_file:  # a folder, a glob or a file (stream.py)
+        problems += stream_file_problems("train_file", d.train_file)
     files += [("validation_file", path) for path in (eval_sources(d).values() if d.validation_file else ())]
     for name, path in files:
         if path is None:
@@ -172,24 +175,11 @@ def load_files(data_files: dict[str, str], d: DataArguments, text_columns: list[
 
     loaded = {}
     for name, path in data_files.items():  # datasets' own message for this is "Instruction ... corresponds to no data"
-        builder, options = file_builder(path), {}
-        if builder == "csv":
-            options = dict(
-                encoding=d.file_encoding,
-                delimiter=d.csv_delimiter or ("\t" if split_extensions(path)[0] == ".tsv" else ","),
-            )
+        builder, options = read_options(path, d, text_columns)
         if _has_no_rows(path, options.get("delimiter")):
             raise UserError(f"the {name} split is empty: {path!r} has no rows")
         if builder == "csv":
-            _check_header(path, **options)
-            # Only an empty cell is a missing value: pandas' default list would also read the texts and labels "NA",
-            # "None", "null", "nan", "N/A"... as missing, and so drop or refuse rows that have them.
-            options |= dict(keep_default_na=False, na_values=[""])
-            # Text columns stay text: pandas would read a column of "1"/"0.5" or "true"/"False" texts as numbers or
-            # booleans and the run stop with "holds bool, not text". (Labels keep pandas' types: ids are numbers.)
-            options["converters"] = {column: str for column in text_columns}
-        elif builder == "json":
-            options = dict(encoding=d.file_encoding)
+            _check_header(path, encoding=options["encoding"], delimiter=options["delimiter"])
         try:
             loaded[name] = datasets.load_dataset(builder, data_files={name: path}, **options)[name]
         except Exception as e:
@@ -200,6 +190,60 @@ def load_files(data_files: dict[str, str], d: DataArguments, text_columns: list[
                 f"a valid {builder} file" + (", and --csv_delimiter" if builder == "csv" else "") + ")"
             ) from None
     return DatasetDict(loaded)
+
+
+def read_options(path: str, d: DataArguments, text_columns: list[str]) -> tuple[str, dict]:
+    """The `datasets` builder of a data file and the options it reads the file with (loaded or streamed alike)."""
+    builder, options = file_builder(path), {}
+    if builder == "csv":
+        options = dict(
+            encoding=d.file_encoding,
+            delimiter=d.csv_delimiter or ("\t" if split_extensions(path)[0] == ".tsv" else ","),
+            # Only an empty cell is a missing value: pandas' default list would also read the texts and labels "NA",
+            # "None", "null", "nan", "N/A"... as missing, and so drop or refuse rows that have them.
+            keep_default_na=False,
+            na_values=[""],
+            # Text columns stay text: pandas would read a column of "1"/"0.5" or "true"/"False" texts as numbers or
+            # booleans and the run stop with "holds bool, not text". (Labels keep pandas' types: ids are numbers.)
+            converters={column: str for column in text_columns},
+        )
+    elif builder == "json":
+        options = dict(encoding=d.file_encoding)
+    return builder, options
+
+
+def stream_files(source: str | list[str]) -> list[str]:
+    """The data files a stream reads, in their order: a list of files as given; a folder's files of the FILE_BUILDERS
+    types (recursively, sorted by path); a glob's matches (sorted); or one file. Empty when nothing matches."""
+    if isinstance(source, (list, tuple)):
+        return list(source)
+    if os.path.isdir(source):
+        found = (os.path.join(root, name) for root, _, names in os.walk(source) for name in names)
+        return sorted(path for path in found if file_builder(path))
+    if any(char in source for char in "*?["):
+        return sorted(path for path in glob.glob(source, recursive=True) if os.path.isfile(path))
+    return [source]
+
+
+def stream_file_problems(name: str, source: str | list[str]) -> list[str]:
+    """What config's validation reports about a streamed source (a folder, a glob, a file or a list of files), before
+    reading it."""
+    files = stream_files(source)
+    if not files:
+        return [f"{name} {source!r} matches no data file ({', '.join(FILE_BUILDERS)}, compressed or not): check the path"]
+    problems = [f"{name} {path!r} does not exist: check the path" for path in files if not os.path.isfile(path)][:1]
+    unknown = [path for path in files if file_builder(path) is None]
+    if unknown:
+        problems.append(f"{name} file {unknown[0]!r} must end in one of {', '.join(FILE_BUILDERS)}")
+    formats = sorted({file_builder(path) for path in files} - {None})
+    if len(formats) > 1:
+        problems.append(
+            f"{name} {source!r} mixes formats ({', '.join(formats)}): a stream reads one format; convert the files "
+            "or point at one kind (a glob such as 'shards/*.parquet')"
+        )
+    if any(split_extensions(path)[1] == ".zst" for path in files) and importlib.util.find_spec("zstandard") is None:
+        problems.append(f"{name} {source!r} has zstd-compressed files: pip install zstandard")
+    return problems
 
 
 def _has_no_rows(path: str, delimiter: str | None = None) -> bool:
