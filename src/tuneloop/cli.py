@@ -157,12 +157,15 @@ def saved_model_config(argv: list[str] | None, command: str):
         metavar="SOURCE",
         help="A .csv/.json/.jsonl/.parquet file, a dataset folder, a Hub dataset id or builtin:bbc_news. "
         "evaluate scores its eval split (the split training held out, for the same source); "
-        "predict runs on the file, or on --test_split of a dataset.",
+        "predict runs on the file, or on --test_split of a dataset. With --streaming also a folder or a glob of "
+        "data files ('shards/*.jsonl.gz'), read as it is scored: evaluate scores all of it (or the "
+        "dataset's --validation_split), predict writes one row per input row, in order.",
     )
 
     def use_model_and_data(config, extra) -> None:
         config.model.model_name_or_path = extra.model
-        if file_builder(extra.data):
+        # With --streaming a folder or a glob of data files is opened as a dataset name is (stream.open_stream).
+        if file_builder(extra.data) and (os.path.isfile(extra.data) or not config.data.streaming):
             if command == "evaluate":
                 config.data.validation_file = [extra.data]
             else:
@@ -174,7 +177,10 @@ def saved_model_config(argv: list[str] | None, command: str):
                 raise UserError(f"--model {extra.model!r} is not a local folder: pass --output_dir for the results")
             config.train.output_dir = os.path.join(extra.model, command)
 
-    inherited = inherited_settings(parser.parse_known_args(argv)[0].model)
+    known = parser.parse_known_args(argv)[0]
+    inherited = inherited_settings(known.model)
+    if known.streaming:  # a stream has no seeded subset (predict.open_streamed_set): the saved run's does not apply
+        inherited.pop("max_eval_samples", None)
     fixed = dict(do_train=False, do_eval=command == "evaluate", do_predict=command == "predict", output_dir=None)
     return parse_args(argv, parser, inherited, fixed, use_model_and_data)
 

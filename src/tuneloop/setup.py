@@ -45,7 +45,7 @@ from tuneloop import (
 )
 from tuneloop.errors import UserError
 from tuneloop.optim import make_scheduler
-from tuneloop.options import Config, TrainArguments
+from tuneloop.options import Config, DataArguments, TrainArguments
 from tuneloop.preemption import StopRequest
 from tuneloop.runtime import say
 
@@ -305,7 +305,7 @@ def load_data(
     splits = None
     if d.streaming and t.do_train:  # a fine-tuned model trained further keeps its classes
         splits = stream.load_splits(accelerator, d, t.seed, m.num_labels, models.trained_label_names(model_config))
-    elif t.do_train or t.do_eval:
+    elif t.do_train or (t.do_eval and not d.streaming):  # a streamed eval set is opened by `tokenize`, read as scored
         trained_classes = None if t.do_train else models.trained_label_names(model_config)  # a fine-tuned model's
         splits = data.load_splits(
             d,
@@ -324,7 +324,10 @@ def load_data(
         if resume_from:
             checkpoint.check_settings(checkpoint.read_state(resume_from), trained_on, resume_from)
         state.settings = {**state.settings, **trained_on}
-    test_split = data.load_test_split(d, class_names, problem.problem_type) if t.do_predict else None
+    # A streamed test set is opened by `tokenize` and read as it is predicted on.
+    test_split = (
+        data.load_test_split(d, class_names, problem.problem_type) if t.do_predict and not d.streaming else None
+    )
     if average_problem := problem.average_problem(t.metric_average):
         raise UserError(average_problem)
     return splits, test_split, class_names, problem
@@ -347,16 +350,52 @@ def tokenize(
             train_set = stream.train_examples(accelerator, splits, tokenizer, d, t, problems.of(problem.problem_type))
         elif t.do_train:
             train_set = data.tokenize(splits.train, splits, tokenizer, d)
-        eval_sets = (
-            {name: data.tokenize(split, splits, tokenizer, d) for name, split in splits.eval_sets.items()}
-            if splits
-            else {}
-        )
-        test_set = data.tokenize(test_split.test, test_split, tokenizer, d) if test_split else None
+        # Only evaluating (`tuneloop evaluate --streaming`): this rank's part of each streamed eval set, checked on
+        # its first row, tokenized as it is read. A training stream's eval sets are loaded (stream.load_splits):
+        # they name the classes with the stream's first rows.
+        if d.streaming and not t.do_train:
+            eval_sets = streamed_eval_sets(accelerator, d, problem) if t.do_eval else {}
+        else:
+            eval_sets = (
+                {name: data.tokenize(split, splits, tokenizer, d) for name, split in splits.eval_sets.items()}
+                if splits
+                else {}
+            )
+        if d.streaming:  # a streamed test set: this rank's part, read as it is predicted on
+            test_set = (
+                predict.open_streamed_set(
+                    d.test_file or d.dataset_name, d.test_split, "test", d, problem, accelerator, scored=False
+                )
+                if t.do_predict
+                else None
+            )
+        else:
+            test_set = data.tokenize(test_split.test, test_split, tokenizer, d) if test_split else None
         metric_modules = metrics.load_metrics(
             problems.metric_names(problem.problem_type, t.metrics), trust_remote_code=m.trust_remote_code
         )
     return train_set, eval_sets, test_set, metric_modules
+
+
+def streamed_eval_sets(accelerator: Accelerator, d: DataArguments, problem: problems.Problem) -> dict:
+    """With --streaming: this rank's part of each eval set, by name: the files of --validation_file (a file, a folder
+    or a glob each), else the --validation_split splits of --dataset_name, else its "validation" split. A stream has
+    no held-out share: training on files names its eval set."""
+    named = sources.eval_sources(d)
+    if not named and d.train_file:
+        raise UserError(
+            "--streaming takes no held-out share of the training files for evaluation: name the eval set with "
+            "--validation_file, or pass --do_eval false"
+        )
+    if d.validation_file:
+        wanted = {name: (path, "validation") for name, path in named.items()}
+    else:
+        wanted = {name: (d.dataset_name, split) for name, split in (named or {"validation": "validation"}).items()}
+    shown = {name: name if len(wanted) > 1 else "eval" for name in wanted}  # a single eval set is "the eval set"
+    return {
+        name: predict.open_streamed_set(source, split, shown[name], d, problem, accelerator, scored=True)
+        for name, (source, split) in wanted.items()
+    }
 
 
 def make_dataloaders(
@@ -369,7 +408,8 @@ def make_dataloaders(
     state: checkpoint.TrainerState,
 ) -> tuple[object, dict, object]:
     """The train loader (None unless training), the eval loaders by metric prefix, and the test loader, prepared now
-    (it never trains): each test example carries its position, to check that every one comes back once, in order."""
+    (it never trains): each test example carries its position, to check that every one comes back once, in order.
+    A streamed eval or test set is this rank's part already: batched here, never prepared (predict.StreamedSet)."""
     d, t = config.data, config.train
     pad_to_multiple_of = runtime.pad_to_multiple_of(d, t, accelerator.mixed_precision, accelerator.device)
     pin_memory = accelerator.device.type == "cuda"
@@ -394,11 +434,15 @@ def make_dataloaders(
         )
     prefixes = {name: "eval" if len(eval_sets) == 1 else f"eval_{name}" for name in eval_sets}
     eval_dls = {
-        prefixes[name]: batches.make_dataloaders(None, split, tokenizer, t, pad_to_multiple_of, pin_memory)[1]
+        prefixes[name]: split.batched(tokenizer, t.per_device_eval_batch_size, pad_to_multiple_of)
+        if isinstance(split, predict.StreamedSet)  # a rank's part of a stream, batched as it is read
+        else batches.make_dataloaders(None, split, tokenizer, t, pad_to_multiple_of, pin_memory)[1]
         for name, split in eval_sets.items()
     }
     test_dl = None
-    if test_set is not None:
+    if isinstance(test_set, predict.StreamedSet):
+        test_dl = test_set.batched(tokenizer, t.per_device_eval_batch_size, pad_to_multiple_of)
+    elif test_set is not None:
         test_set = test_set.add_column(predict.INDEX_COLUMN, list(range(len(test_set))))
         _, test_dl = batches.make_dataloaders(None, test_set, tokenizer, t, pad_to_multiple_of, pin_memory)
         test_dl = accelerator.prepare_data_loader(test_dl)
