@@ -164,6 +164,17 @@ def tiny_model_dir(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
+def dropout_model_dir(tiny_model_dir, tmp_path_factory) -> str:
+    """The tiny BERT with dropout on: an exact resume must also restore the RNG that draws the dropout masks."""
+    out = tmp_path_factory.mktemp("tiny-bert-dropout")
+    shutil.copytree(tiny_model_dir, out, dirs_exist_ok=True)
+    config = json.loads((out / "config.json").read_text())
+    config.update(hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
+    (out / "config.json").write_text(json.dumps(config))
+    return str(out)
+
+
+@pytest.fixture(scope="session")
 def toy_files(tmp_path_factory) -> dict[str, str]:
     """Train (240 rows) and validation (45 rows: not divisible by 2 processes x any batch size used) CSV files."""
     out = tmp_path_factory.mktemp("toy-data")

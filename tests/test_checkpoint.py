@@ -22,17 +22,6 @@ from tuneloop.errors import UserError
 from tuneloop.preemption import REQUEUE_EXIT_CODE
 
 
-@pytest.fixture(scope="module")
-def dropout_model_dir(tiny_model_dir, tmp_path_factory) -> str:
-    """The tiny BERT with dropout on: an exact resume must also restore the RNG that draws the dropout masks."""
-    out = tmp_path_factory.mktemp("tiny-bert-dropout")
-    shutil.copytree(tiny_model_dir, out, dirs_exist_ok=True)
-    config = json.loads((out / "config.json").read_text())
-    config.update(hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
-    (out / "config.json").write_text(json.dumps(config))
-    return str(out)
-
-
 def weights(output_dir) -> dict[str, torch.Tensor]:
     return load_file(str(Path(output_dir) / "model.safetensors"))
 

@@ -98,12 +98,13 @@ def loss_fell(output_dir: Path) -> bool:
 
 
 @pytest.fixture(scope="module")
-def one_process(tiny_model_dir, shards, toy_files, tmp_path_factory) -> Path:
-    """One process, --count_rows (200 rows: 25 steps an epoch, 4 epochs), never stopped."""
+def one_process(dropout_model_dir, shards, toy_files, tmp_path_factory) -> Path:
+    """One process, --count_rows (200 rows: 25 steps an epoch, 4 epochs), never stopped; dropout on, so that a
+    resume must also draw the same dropout masks."""
     out = tmp_path_factory.mktemp("stream-1")
     with pytest.MonkeyPatch.context() as patch, one_thread():
         patch.setenv(*next(iter(LOG_SAMPLES.items())))
-        run_in_process(stream_args(tiny_model_dir, shards, toy_files, out, count_rows="true", num_train_epochs=4))
+        run_in_process(stream_args(dropout_model_dir, shards, toy_files, out, count_rows="true", num_train_epochs=4))
     return out
 
 
@@ -121,14 +122,14 @@ def test_one_process_streams_a_shard_folder(one_process, shards):
 
 @pytest.mark.multiprocess
 def test_sigkill_then_resume_from_the_last_checkpoint_is_exact(
-    one_process, tiny_model_dir, shards, toy_files, tmp_path
+    one_process, dropout_model_dir, shards, toy_files, tmp_path
 ):
     """SIGKILL after the first checkpoint (mid-epoch); the rerun resumes from it and uses exactly the rows the
     uninterrupted run used at every later step, ending with its weights. Guards a position counted in batches after
     dropped rows, a replay that tokenizes or shuffles differently, a buffer refilled from the shards (datasets' own
-    state_dict)."""
+    state_dict), a loader that draws its seed from the global RNG (the resumed run's dropout masks shift)."""
     out = tmp_path / "run"
-    args = stream_args(tiny_model_dir, shards, toy_files, out, count_rows="true", num_train_epochs=4)
+    args = stream_args(dropout_model_dir, shards, toy_files, out, count_rows="true", num_train_epochs=4)
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv(*next(iter(LOG_SAMPLES.items())))
         code, stderr = interrupt(args, out, signal.SIGKILL, 1)

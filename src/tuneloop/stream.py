@@ -348,7 +348,12 @@ class StreamLoader:
         from torch.utils.data import DataLoader
 
         self.examples, self.batch_size, self.accumulation = examples, batch_size, accumulation
-        self.loader = DataLoader(examples, batch_size=batch_size, collate_fn=collate, drop_last=True)
+        # Its own generator, as batches.make_dataloaders' loaders have: without one, each `iter()` draws a seed from
+        # the global RNG, which a resume restores, so the resumed run's dropout masks would shift by that draw.
+        generator = torch.Generator().manual_seed(0)
+        self.loader = DataLoader(
+            examples, batch_size=batch_size, collate_fn=collate, drop_last=True, generator=generator
+        )
         self.device, self.processes = accelerator.device, accelerator.num_processes
         self.epoch, self.rows, self.ended = 0, 0, False
         self._resume_at = None  # (epoch, rows) from a checkpoint, for the first epoch that is that one
