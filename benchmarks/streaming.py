@@ -3,7 +3,7 @@ map-style tuneloop and transformers' Trainer given the same kind of IterableData
 repeats or skips; streamed prediction against Trainer.predict on a map-style set.
 
     PYTHONPATH=src .venv/bin/python benchmarks/streaming.py --model /tmp/tiny-minilm   # all parts, about 15 minutes
-        [--rows 1000000 10000000] [--steps 500] [--workers 0] [--peer_workers N] [--runs 1]
+        [--rows 1000000 10000000] [--steps 1000] [--workers 0] [--peer_workers N] [--runs 1]
         [--parts train map resume predict]
         [--predict_rows 1000000] [--work /tmp/tuneloop-streaming]
 
@@ -162,7 +162,8 @@ def monitored(
     start = time.perf_counter()
     with open(out_path, "w") as out:
         process = subprocess.Popen(command, env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
-        main_peak, worker_peak, tree_pss, steps, progress, signalled = 0, 0, 0, 0, [], None
+        # A resumed run appends to the log of the run it continues: its progress counts from what is there.
+        main_peak, worker_peak, tree_pss, steps, progress, signalled = 0, 0, 0, logged_steps(ids), [], None
         while process.poll() is None:
             try:
                 main_peak = max(main_peak, _status(process.pid, "VmHWM"))
@@ -188,8 +189,7 @@ def monitored(
     output = out_path.read_text()
     if process.returncode not in expect:
         raise SystemExit(f"{' '.join(command)} exited {process.returncode}, not {expect}:\n{output[-4000:]}")
-    now = logged_steps(ids)
-    if now != steps:
+    if (now := logged_steps(ids)) != steps:
         progress.append((seconds, now))
     return {
         "wall_s": round(seconds, 1),
@@ -251,6 +251,9 @@ def environment(work: Path) -> dict:
         "HF_DATASETS_CACHE": str(work / "datasets-cache"),
         "TUNELOOP_LOG_SAMPLE_IDS": "1",
         "WANDB_MODE": "disabled",
+        # One thread per process, both trainers: on this shared 2-core host two OpenMP threads under load made the
+        # tiny model's step 15-60x slower and erratic (7 ms with one thread, 100-400 ms with two at load 5).
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
     }
 
 
@@ -594,7 +597,7 @@ def predict_rows(a) -> list[dict]:
     biggest = shard_folder(a.work, max(a.rows))
     if not (model / "model.safetensors").exists():
         run_tuneloop("tuneloop model for predict", biggest, model, a, 20)
-    env = environment(a.work)
+    env = {**environment(a.work), "PYTHONPATH": a.predict_src or environment(a.work)["PYTHONPATH"]}
     for n in a.predict_rows:
         source, out = first_rows(a.work, biggest, n), a.work / f"predict-{n}"
         shutil.rmtree(out, ignore_errors=True)
@@ -720,7 +723,7 @@ def tables(a, train: list[dict], resumes: list[dict], predicts: list[dict]) -> s
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rows", type=int, nargs="+", default=[1_000_000, 10_000_000])
-    p.add_argument("--steps", type=int, default=500, help="optimizer steps of every training run")
+    p.add_argument("--steps", type=int, default=1000, help="optimizer steps of every training run")
     p.add_argument("--workers", type=int, default=0, help="dataloader workers of tuneloop's streamed runs")
     p.add_argument(
         "--peer_workers", type=int, help="dataloader workers of Trainer's streamed runs (default: --workers)"
@@ -728,6 +731,10 @@ def main() -> None:
     p.add_argument("--runs", type=int, default=1, help="runs of the train part, alternating the order")
     p.add_argument("--parts", nargs="+", default=["train", "map", "resume", "predict"])
     p.add_argument("--predict_rows", type=int, nargs="+", default=[1_000_000])
+    p.add_argument(
+        "--predict_src",
+        help="PYTHONPATH of the `tuneloop predict --streaming` runs, where another branch has it (default: PYTHONPATH)",
+    )
     p.add_argument("--model", default="/tmp/tiny-minilm", help="benchmarks/make_tiny_model.py's output")
     p.add_argument("--work", type=Path, default=Path("/tmp/tuneloop-streaming"))
     # What the script passes to itself to run the Trainer peer in a process of its own.
