@@ -426,6 +426,7 @@ dcp.save({"model": model_state, "optim": optimizer_state}, checkpoint_id=sys.arg
 full = get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 if dist.get_rank() == 0:
     torch.save(full, sys.argv[2])
+dist.barrier()  # both ranks done before the group goes (else gloo's teardown can abort a rank: runtime.end_together)
 dist.destroy_process_group()
 """
 FSDP_LOAD = """

@@ -314,7 +314,7 @@ def probe() -> int:
     from tuneloop.engines import describe_deepspeed
     from tuneloop.errors import UserError
     from tuneloop.options import TrainArguments
-    from tuneloop.runtime import make_accelerator
+    from tuneloop.runtime import end_together, make_accelerator
 
     # A layer class named in an FSDP config is the user's model's (the main process warned about it); the probe's
     # BERT is wrapped by its own layers. Accelerate reads the name from here when it builds its FSDP plugin.
@@ -356,7 +356,7 @@ def probe() -> int:
                 "engine": describe_deepspeed(accelerator),
             }
             print(PROBE_TAG + json.dumps(seen), flush=True)
-        accelerator.end_training()
+        end_together(accelerator)
     return 0
 
 

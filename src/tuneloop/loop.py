@@ -22,7 +22,7 @@ from tuneloop import problem as problems
 from tuneloop.errors import UserError
 from tuneloop.options import Config, TrainArguments
 from tuneloop.preemption import Preempted, StopRequest
-from tuneloop.runtime import describe, say
+from tuneloop.runtime import describe, end_together, say
 from tuneloop.setup import Run, setup
 
 
@@ -106,16 +106,6 @@ def run_phases(run: Run) -> dict:
     say(accelerator, report.summary_table({**results, **(test_results or {})}, t.output_dir))
     end_together(accelerator)
     return results
-
-
-def end_together(accelerator: Accelerator) -> None:
-    """The last collective of every job that ends on all ranks (finished or stopped by a signal). Every rank's
-    collectives done, and gloo's worker threads idle, before the process group is torn down: a 2-process predict
-    deadlocked at exit when it went while a worker still held a gathered tensor (the worker waiting for the GIL, the
-    main thread joining the worker in ~ProcessGroupGloo), and a 2-process run stopped by SIGUSR1 aborted at exit on
-    rank 1 ("terminate called without an active exception") when only the finished path waited."""
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
 
 
 class LossMeter:

@@ -182,3 +182,14 @@ def say(accelerator: Accelerator, message: str) -> None:
     """Print once (main process), above the progress bar rather than through it."""
     if accelerator.is_main_process:
         tqdm.write(message)
+
+
+def end_together(accelerator: Accelerator) -> None:
+    """The last collective of every job that ends on all ranks (finished or stopped by a signal). Every rank's
+    collectives done, and gloo's worker threads idle, before the process group is torn down: a 2-process predict
+    deadlocked at exit when it went while a worker still held a gathered tensor (the worker waiting for the GIL, the
+    main thread joining the worker in ~ProcessGroupGloo), and a 2-process run stopped by SIGUSR1 aborted at exit on
+    rank 1 ("terminate called without an active exception") when only the finished path waited. The doctor's probe
+    ends the same way."""
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
