@@ -1,7 +1,5 @@
 """`python -m tuneloop COMMAND ...`, which is also how `accelerate launch -m tuneloop evaluate ...` runs a command."""
 
-import sys
+from tuneloop.cli import console, exit_process
 
-from tuneloop.cli import console
-
-sys.exit(console())
+exit_process(console())

@@ -409,6 +409,6 @@ class OptionParser(OneLineArgumentErrors, argparse.ArgumentParser):
 
 
 if __name__ == "__main__":
-    from tuneloop.cli import run_command
+    from tuneloop.cli import exit_process, run_command
 
-    sys.exit(run_command(main, None))
+    exit_process(run_command(main, None))
