@@ -43,19 +43,16 @@ class StopRequest:
         self.signum = 0
         self._received_at = 0.0
         self._previous = {}
-        self._world, self._group = 1, None
+        self._vote = None  # runtime.CpuVote over the processes, once `connect` knows them
         self.connect(num_processes, device)
 
     def connect(self, num_processes: int, device: torch.device | None) -> None:
-        """Agree over `num_processes` from now on (on `device`, None: the CPU). Collective when it creates a group:
-        every rank calls it."""
-        import torch.distributed as dist
+        """Agree over `num_processes` from now on (on `device`, None: the CPU). Collective on GPU ranks (it creates a
+        gloo group): every rank calls it, once the process group is up."""
+        if num_processes > 1:
+            from tuneloop.runtime import CpuVote
 
-        self._world = num_processes
-        # The agreement is a CPU all-reduce over gloo, so on GPUs it does not wait for queued kernels: only the
-        # ranks themselves are synchronised, and they already meet in every gradient all-reduce.
-        if num_processes > 1 and device is not None and device.type != "cpu" and self._group is None:
-            self._group = dist.new_group(backend="gloo")  # collective: every rank creates it in the same order
+            self._vote = CpuVote(num_processes, device)
 
     def __enter__(self) -> StopRequest:
         for sig in STOP_SIGNALS:
@@ -79,12 +76,5 @@ class StopRequest:
 
     def agreed(self) -> str | None:
         """Name of the signal any process received, the same answer on every process; None when none did."""
-        signum = self.signum
-        if self._world > 1:
-            import torch
-            import torch.distributed as dist
-
-            flag = torch.tensor([signum], dtype=torch.int32)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group)
-            signum = int(flag.item())
+        signum = self._vote.reduce(self.signum, "MAX") if self._vote else self.signum
         return signal.Signals(signum).name if signum else None

@@ -193,3 +193,26 @@ def end_together(accelerator: Accelerator) -> None:
     ends the same way."""
     accelerator.wait_for_everyone()
     accelerator.end_training()
+
+
+class CpuVote:
+    """One integer from every rank, reduced (MAX or MIN) the same on each, in a CPU all-reduce over gloo: on GPUs it
+    does not wait for the queued kernels, only the ranks meet (they already meet in every gradient all-reduce). GPU
+    ranks get their own gloo group: building one is collective, every rank at the same point of the run."""
+
+    def __init__(self, num_processes: int, device: torch.device | None):
+        import torch.distributed as dist
+
+        self.processes, self.group = num_processes, None
+        if num_processes > 1 and device is not None and device.type != "cpu":
+            self.group = dist.new_group(backend="gloo")
+
+    def reduce(self, value: int, op: str) -> int:
+        """`value` reduced over the ranks with `op` ("MAX" or "MIN")."""
+        if self.processes == 1:
+            return value
+        import torch.distributed as dist
+
+        flag = torch.tensor([value], dtype=torch.int32)
+        dist.all_reduce(flag, op=getattr(dist.ReduceOp, op), group=self.group)
+        return int(flag.item())

@@ -357,13 +357,9 @@ class StreamLoader:
         self.device, self.processes = accelerator.device, accelerator.num_processes
         self.epoch, self.rows, self.ended = 0, 0, False
         self._resume_at = None  # (epoch, rows) from a checkpoint, for the first epoch that is that one
-        self._group = None
-        if self.processes > 1 and self.device.type != "cpu":
-            import torch.distributed as dist
+        from tuneloop.runtime import CpuVote
 
-            # The agreement is a CPU all-reduce over gloo, as preemption.StopRequest's: on a GPU it does not wait for
-            # the queued kernels. Collective: every rank builds its loader at the same point of the set-up.
-            self._group = dist.new_group(backend="gloo")
+        self._vote = CpuVote(self.processes, self.device)  # collective: every rank builds its loader in set-up
 
     def set_epoch(self, epoch: int) -> None:
         start = self._resume_at[1] if self._resume_at and self._resume_at[0] == epoch else 0
@@ -412,13 +408,7 @@ class StreamLoader:
 
     def _all_ranks(self, ok: bool) -> bool:
         """Whether `ok` holds on every rank: the same answer on each."""
-        if self.processes == 1:
-            return ok
-        import torch.distributed as dist
-
-        flag = torch.tensor([int(ok)], dtype=torch.int32)
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self._group)
-        return bool(flag.item())
+        return bool(self._vote.reduce(int(ok), "MIN"))
 
 
 def position(loader) -> dict:
