@@ -29,6 +29,11 @@ os.environ.setdefault(
     "TORCH_EXTENSIONS_DIR",
     str(Path.home() / ".cache" / "torch_extensions" / f"tuneloop-{hashlib.sha1(sys.prefix.encode()).hexdigest()[:8]}"),
 )
+# The build runs the first `ninja` on PATH, and two differ here: the system's 1.11 and the venv's 1.13 (deepspeed's
+# dependency), whose build logs each reads as another command, so every switch rebuilt the op (70-90 s on both cores,
+# twice a suite run). The doctor puts this interpreter's scripts first for its launches (doctor.launch_env); so do all
+# tests, as an activated venv does: one ninja throughout.
+os.environ["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
