@@ -142,6 +142,25 @@ def test_streamed_sets_refuse_what_they_cannot_do_in_one_line(classifier, test_s
         assert "Traceback" not in err and not (out / "predictions.jsonl").exists()
 
 
+def test_a_streamed_training_run_takes_a_folder_or_glob_as_its_test_file(tiny_model_dir, test_shards, tmp_path):
+    """With --streaming the test set is streamed (--do_predict), so --test_file may be a folder or a glob of data
+    files, as --train_file may; a path that matches no file is still refused in one line. Guards the file check that
+    took every --test_file for one file and refused the folder a streamed prediction reads."""
+    from conftest import tiny_args
+    from tuneloop.config import parse_args
+    from tuneloop.errors import UserError
+
+    def args(test_file: str) -> list[str]:
+        files = {"train_file": test_shards["folder"], "validation_file": test_shards["whole"], "test_file": test_file}
+        return tiny_args(tiny_model_dir, files, tmp_path / "run", streaming="true", max_steps=4, do_predict="true")
+
+    for test_file in (test_shards["folder"], test_shards["folder"] + "/*.jsonl", test_shards["whole"]):
+        assert parse_args(args(test_file)).data.test_file == test_file
+    with pytest.raises(UserError, match="invalid configuration") as refused:
+        parse_args(args(str(tmp_path / "nothing" / "*.jsonl")))
+    assert "test_file" in str(refused.value) and "matches no data file" in str(refused.value)
+
+
 @pytest.mark.parametrize("problem_type", ["multi_label_classification", "regression"])
 def test_streamed_evaluation_of_the_other_problem_types_equals_loaded(tiny_model_dir, tmp_path, problem_type):
     """Multi-label (label lists: 0/1 vectors gathered) and regression (float values): the streamed set's labels are

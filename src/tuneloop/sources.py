@@ -80,9 +80,12 @@ def file_problems(d: DataArguments) -> list[str]:
         if not ok:
             problems.append(problem)
 
-    files = [("train_file", None if d.streaming else d.train_file), ("test_file", d.test_file)]
-    if d.streaming and d.train_file:  # a folder, a glob or a file (stream.py)
-        problems += stream_file_problems("train_file", d.train_file)
+    # Streamed, the training and test sets may be a folder, a glob or a file (stream.py; the test set is streamed
+    # whenever --streaming is on, predict.open_streamed_set); eval sets are streamed only without training (--data).
+    files = [("train_file", d.train_file), ("test_file", d.test_file)]
+    if d.streaming:
+        problems += [problem for name, path in files if path for problem in stream_file_problems(name, path)]
+        files = []
     files += [("validation_file", path) for path in (eval_sources(d).values() if d.validation_file else ())]
     for name, path in files:
         if path is None:
