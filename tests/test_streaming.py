@@ -224,6 +224,19 @@ def test_each_file_is_read_in_small_pieces_with_the_streams_types(tmp_path, monk
     assert 0 < sum(parsed) <= 4 * (stream.READ_JSON_BYTES + 1000), parsed  # one piece (and a line) per file
 
 
+def test_a_file_that_does_not_fit_the_first_files_types_is_refused_naming_it(tmp_path):
+    """Every file of a stream is read with its first file's columns and types: a later file whose label would not
+    convert (1.5 into the first file's integers) stops the stream in one line naming the file, the types and the fix.
+    Guards a value silently cut to the first file's type (the stream used to give label 1 for 1.5)."""
+    write_rows(tmp_path / "a.jsonl", [{"text": "goal team", "label": 1}, {"text": "song", "label": 2}])
+    write_rows(tmp_path / "b.jsonl", [{"text": "chip robot", "label": 1.5}])
+    rows = stream.open_stream(str(tmp_path), DataArguments())
+    said = r"data file '.*b\.jsonl' .*first file's columns and types \(text string, label int64\): fix or convert it"
+    with pytest.raises(UserError, match=said) as refused:
+        list(rows)
+    assert "\n" not in str(refused.value)
+
+
 @pytest.mark.parametrize(
     ("options", "said"),
     [

@@ -94,16 +94,32 @@ def _file_rows(files: list[str], first_ids: list[int], builder: str, options: di
     """The rows of `files` (this shard's), each with its row id. Each file is read by datasets' own builder for its
     type, streamed: the same reader, options and decompression as a loaded file, in small pieces (_piece_options)."""
     import datasets
+    import pyarrow
+    from datasets.table import CastError
 
     for path, first in zip(files, first_ids):
-        part = datasets.load_dataset(builder, data_files=[path], split="train", streaming=True, **options)
         number = first
-        # Read in batches, the rows cut out here: datasets' row-by-row iteration formats each row (5x slower here).
-        for batch in part.iter(batch_size=1000):
-            columns = list(batch)
-            for values in zip(*batch.values()):
-                yield {**dict(zip(columns, values)), ROW_ID: number}
-                number += 1
+        try:
+            part = datasets.load_dataset(builder, data_files=[path], split="train", streaming=True, **options)
+            # Read in batches, the rows cut out here: datasets' row-by-row iteration formats each row (5x slower).
+            for batch in part.iter(batch_size=1000):
+                columns = list(batch)
+                for values in zip(*batch.values()):
+                    yield {**dict(zip(columns, values)), ROW_ID: number}
+                    number += 1
+        except (pyarrow.ArrowException, CastError) as e:
+            raise UserError(_unreadable(path, options.get("features"), e)) from None
+
+
+def _unreadable(path: str, features: datasets.Features | None, e: Exception) -> str:
+    """One line: a stream's file that its reader refused (a JSON line that does not parse, or a file whose columns or
+    types are not those of the stream's first file), and the fix."""
+    reason = " ".join(str(e).split())[:300]
+    kinds = (f"{name} {getattr(kind, 'dtype', type(kind).__name__)}" for name, kind in (features or {}).items())
+    rule = (
+        f"; a stream reads every file with its first file's columns and types ({', '.join(kinds)})" if features else ""
+    )
+    return f"could not read data file {path!r} of the stream: {type(e).__name__}: {reason}{rule}: fix or convert it"
 
 
 def _is_local_files(source: str) -> bool:
