@@ -5,7 +5,7 @@ repeats or skips; streamed prediction against Trainer.predict on a map-style set
     PYTHONPATH=src .venv/bin/python benchmarks/streaming.py --model /tmp/tiny-minilm   # all parts, about 15 minutes
         [--rows 1000000 10000000] [--steps 1000] [--workers 0] [--peer_workers N] [--runs 1]
         [--parts train map resume predict]
-        [--predict_rows 1000000] [--work /tmp/tuneloop-streaming]
+        [--predict_rows 1000000] [--work /tmp/tuneloop-streaming] [--baseline_src OTHER/src]
 
 The tuneloop measured is the one on PYTHONPATH (run from another branch's src/ to measure it). The model is
 benchmarks/make_tiny_model.py's 2-layer BERT by default: a step costs almost nothing, so the data pipeline (reading,
@@ -323,13 +323,17 @@ def transcript(a, name: str) -> Path:
     return a.work / "transcripts" / (name.replace(" ", "_").replace(",", "").replace("/", "-") + ".txt")
 
 
-def run_tuneloop(name, source, out, a, steps, streaming=True, stop_at_step=0, resume=False, expect=(0,)) -> dict:
-    """One `train.py` run into `out` (emptied first unless resuming); its monitored figures and its own."""
+def run_tuneloop(
+    name, source, out, a, steps, streaming=True, stop_at_step=0, resume=False, expect=(0,), src=None
+) -> dict:
+    """One `train.py` run into `out` (emptied first unless resuming); its monitored figures and its own. `src`: the
+    PYTHONPATH of the tuneloop run (default: this process's)."""
     if not resume:
         shutil.rmtree(out, ignore_errors=True)
     extra = ("--resume_from_checkpoint", "latest") if resume else ()
     command = tuneloop_train(source, out, a, steps, streaming, *extra)
-    r = monitored(command, environment(a.work), tuneloop_ids(out), transcript(a, name), stop_at_step, expect)
+    env = {**environment(a.work), **({"PYTHONPATH": src} if src else {})}
+    r = monitored(command, env, tuneloop_ids(out), transcript(a, name), stop_at_step, expect)
     results = out / "all_results.json"
     own = json.loads(results.read_text()) if results.exists() and r["exit"] == 0 else {}
     r.update(
@@ -684,13 +688,14 @@ def tables(a, train: list[dict], resumes: list[dict], predicts: list[dict]) -> s
                     f"- {rows:,} rows: tuneloop streaming / map-style samples/s "
                     f"{ratio(stream['steady_samples_per_s'], mapped['steady_samples_per_s'])} (target >= 0.95)"
                 )
-        small, large = by.get(f"tuneloop streaming {min(a.rows):,}"), by.get(f"tuneloop streaming {max(a.rows):,}")
-        if small and large and small is not large:
-            lines.append(
-                f"- tuneloop streaming peak RSS main {max(a.rows):,} / {min(a.rows):,} rows: "
-                f"{ratio(large['main_peak_rss_gib'], small['main_peak_rss_gib'])}; tree PSS "
-                f"{ratio(large['tree_peak_pss_gib'], small['tree_peak_pss_gib'])} (target within 10%)"
-            )
+        for who in ("tuneloop", "tuneloop (baseline)", "Trainer"):
+            small, large = by.get(f"{who} streaming {min(a.rows):,}"), by.get(f"{who} streaming {max(a.rows):,}")
+            if small and large and small is not large:
+                lines.append(
+                    f"- {who} streaming peak RSS main {max(a.rows):,} / {min(a.rows):,} rows: "
+                    f"{ratio(large['main_peak_rss_gib'], small['main_peak_rss_gib'])}; tree PSS "
+                    f"{ratio(large['tree_peak_pss_gib'], small['tree_peak_pss_gib'])} (target within 10%)"
+                )
     if resumes:
         lines += [
             "",
@@ -735,6 +740,11 @@ def main() -> None:
         "--predict_src",
         help="PYTHONPATH of the `tuneloop predict --streaming` runs, where another branch has it (default: PYTHONPATH)",
     )
+    p.add_argument(
+        "--baseline_src",
+        help="also run the train part's tuneloop from this PYTHONPATH (another commit's src/), named 'tuneloop "
+        "(baseline)': a change measured before and after in one invocation",
+    )
     p.add_argument("--model", default="/tmp/tiny-minilm", help="benchmarks/make_tiny_model.py's output")
     p.add_argument("--work", type=Path, default=Path("/tmp/tuneloop-streaming"))
     # What the script passes to itself to run the Trainer peer in a process of its own.
@@ -761,13 +771,16 @@ def main() -> None:
 
     def streamed(rows: int, who: str) -> dict:
         name = f"{who} streaming {rows:,}"
+        if who == "tuneloop (baseline)":
+            return run_tuneloop(name, folders[rows], a.work / "runs" / "tuneloop", a, a.steps, src=a.baseline_src)
         if who == "tuneloop":
             return run_tuneloop(name, folders[rows], a.work / "runs" / "tuneloop", a, a.steps)
         return run_peer(name, folders[rows], a.work / "runs" / "trainer", a, a.steps)
 
     if "train" in a.parts:
         for run in range(a.runs):  # alternating orders, so that a drift of this shared machine hits both alike
-            order = ("tuneloop", "Trainer") if run % 2 == 0 else ("Trainer", "tuneloop")
+            order = ("tuneloop", *["tuneloop (baseline)"] * bool(a.baseline_src), "Trainer")
+            order = order if run % 2 == 0 else order[::-1]
             for rows in a.rows if run % 2 == 0 else reversed(a.rows):
                 train += [streamed(rows, who) for who in order]
     if "map" in a.parts:

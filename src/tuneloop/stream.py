@@ -54,18 +54,32 @@ def open_stream(source: str | list[str], d: DataArguments, split: str = "train")
     # The columns' types where the files say them (Parquet, a Hub dataset's own: a ClassLabel keeps its names); JSON
     # and CSV rows are typed as they are read, as a loaded file's are.
     features = datasets.load_dataset(builder, data_files=[files[0]], split="train", streaming=True, **options).features
-    if features is not None:
-        features = datasets.Features({**features, ROW_ID: datasets.Value("int64")})
     return datasets.IterableDataset.from_generator(
         _file_rows,
-        features=features,
+        features=None if features is None else datasets.Features({**features, ROW_ID: datasets.Value("int64")}),
         gen_kwargs=dict(
             files=list(files),
             first_ids=[number * ROWS_PER_FILE for number in range(len(files))],
             builder=builder,
-            options=options,
+            options={**options, **_piece_options(builder, features)},
         ),
     )
+
+
+# What a file's reader holds at a time. datasets' shuffle reads up to 10 shards at once (IterableDataset.shuffle's
+# max_buffer_input_shards, one thread each), so each reader's piece is paid up to 10 times: with datasets' own pieces
+# (10 MB of JSON lines; a Parquet row group, often the whole file) the peak memory grew with the shard count.
+READ_JSON_BYTES = 1 << 20
+READ_PARQUET_ROWS = 10_000  # (CSV: datasets reads 10,000 rows at a time already)
+
+
+def _piece_options(builder: str, features: datasets.Features | None) -> dict:
+    """The options that read each file of a stream in small pieces. A JSON file is also read with the stream's types
+    (its first file's, read once by open_stream): without them datasets parses each file's first 10 MB again to infer
+    its own (0.5 s a file here, 10 files at once when the shuffle starts)."""
+    if builder == "json":
+        return {"chunksize": READ_JSON_BYTES, **({"features": features} if features is not None else {})}
+    return {"batch_size": READ_PARQUET_ROWS} if builder == "parquet" else {}
 
 
 def for_rank(stream: datasets.IterableDataset, rank: int, world: int) -> datasets.IterableDataset:
@@ -78,18 +92,34 @@ def for_rank(stream: datasets.IterableDataset, rank: int, world: int) -> dataset
 
 def _file_rows(files: list[str], first_ids: list[int], builder: str, options: dict):
     """The rows of `files` (this shard's), each with its row id. Each file is read by datasets' own builder for its
-    type, streamed: the same reader, options and decompression as a loaded file."""
+    type, streamed: the same reader, options and decompression as a loaded file, in small pieces (_piece_options)."""
     import datasets
+    import pyarrow
+    from datasets.table import CastError
 
     for path, first in zip(files, first_ids):
-        part = datasets.load_dataset(builder, data_files=[path], split="train", streaming=True, **options)
         number = first
-        # Read in batches, the rows cut out here: datasets' row-by-row iteration formats each row (5x slower here).
-        for batch in part.iter(batch_size=1000):
-            columns = list(batch)
-            for values in zip(*batch.values()):
-                yield {**dict(zip(columns, values)), ROW_ID: number}
-                number += 1
+        try:
+            part = datasets.load_dataset(builder, data_files=[path], split="train", streaming=True, **options)
+            # Read in batches, the rows cut out here: datasets' row-by-row iteration formats each row (5x slower).
+            for batch in part.iter(batch_size=1000):
+                columns = list(batch)
+                for values in zip(*batch.values()):
+                    yield {**dict(zip(columns, values)), ROW_ID: number}
+                    number += 1
+        except (pyarrow.ArrowException, CastError) as e:
+            raise UserError(_unreadable(path, options.get("features"), e)) from None
+
+
+def _unreadable(path: str, features: datasets.Features | None, e: Exception) -> str:
+    """One line: a stream's file that its reader refused (a JSON line that does not parse, or a file whose columns or
+    types are not those of the stream's first file), and the fix."""
+    reason = " ".join(str(e).split())[:300]
+    kinds = (f"{name} {getattr(kind, 'dtype', type(kind).__name__)}" for name, kind in (features or {}).items())
+    rule = (
+        f"; a stream reads every file with its first file's columns and types ({', '.join(kinds)})" if features else ""
+    )
+    return f"could not read data file {path!r} of the stream: {type(e).__name__}: {reason}{rule}: fix or convert it"
 
 
 def _is_local_files(source: str) -> bool:
