@@ -510,10 +510,10 @@ def _from_worker(error: UserError) -> UserError:
     the worker's traceback as its message ("Caught UserError in DataLoader worker process 0.\\nOriginal Traceback
     ...\\ntuneloop.errors.UserError: <the line>", torch's ExceptionWrapper.reraise); raised here, it is the line."""
     text = str(error)
-    if not text.startswith("Caught UserError in DataLoader worker"):
+    if not (text.startswith("Caught ") and " in DataLoader worker process " in text.split("\n", 1)[0]):
         return error
     last = text.rstrip().rsplit("\n", 1)[-1]
-    return UserError(last.split(": ", 1)[1] if ": " in last else last)
+    return type(error)(last.split(": ", 1)[1] if ": " in last else last)
 
 
 def saved_rows(saved: dict) -> list[int]:
