@@ -3,7 +3,7 @@ map-style tuneloop and transformers' Trainer given the same kind of IterableData
 repeats or skips; streamed prediction against Trainer.predict on a map-style set.
 
     PYTHONPATH=src .venv/bin/python benchmarks/streaming.py --model /tmp/tiny-minilm   # all parts, about 15 minutes
-        [--rows 1000000 10000000] [--steps 1000] [--workers 0] [--peer_workers N] [--runs 1]
+        [--rows 1000000 10000000] [--steps 1000] [--workers 0 [2 ...]] [--peer_workers N] [--runs 1]
         [--parts train map resume predict]
         [--predict_rows 1000000] [--work /tmp/tuneloop-streaming] [--baseline_src OTHER/src]
 
@@ -257,7 +257,7 @@ def environment(work: Path) -> dict:
     }
 
 
-def tuneloop_train(source: Path, out: Path, a, steps: int, streaming: bool, *extra: str) -> list[str]:
+def tuneloop_train(source: Path, out: Path, a, steps: int, streaming: bool, *extra: str, workers: int = 0) -> list[str]:
     data = (
         ["--train_file", str(source), "--streaming", "true", "--shuffle_buffer_size", str(BUFFER)]
         if streaming
@@ -281,7 +281,7 @@ def tuneloop_train(source: Path, out: Path, a, steps: int, streaming: bool, *ext
         "--mixed_precision",
         "no",
         "--dataloader_num_workers",
-        str(a.workers if streaming else 0),
+        str(workers if streaming else 0),
         "--do_eval",
         "false",
         "--eval_strategy",
@@ -296,7 +296,7 @@ def tuneloop_train(source: Path, out: Path, a, steps: int, streaming: bool, *ext
     ]
 
 
-def peer_train_command(source: Path, out: Path, a, steps: int, *extra: str) -> list[str]:
+def peer_train_command(source: Path, out: Path, a, steps: int, *extra: str, workers: int = 0) -> list[str]:
     return [
         sys.executable,
         str(Path(__file__).resolve()),
@@ -309,7 +309,7 @@ def peer_train_command(source: Path, out: Path, a, steps: int, *extra: str) -> l
         "--steps",
         str(steps),
         "--workers",
-        str(a.workers if a.peer_workers is None else a.peer_workers),
+        str(workers if a.peer_workers is None else a.peer_workers),
         *extra,
     ]
 
@@ -324,14 +324,15 @@ def transcript(a, name: str) -> Path:
 
 
 def run_tuneloop(
-    name, source, out, a, steps, streaming=True, stop_at_step=0, resume=False, expect=(0,), src=None
+    name, source, out, a, steps, streaming=True, stop_at_step=0, resume=False, expect=(0,), workers=None, src=None
 ) -> dict:
     """One `train.py` run into `out` (emptied first unless resuming); its monitored figures and its own. `src`: the
     PYTHONPATH of the tuneloop run (default: this process's)."""
     if not resume:
         shutil.rmtree(out, ignore_errors=True)
     extra = ("--resume_from_checkpoint", "latest") if resume else ()
-    command = tuneloop_train(source, out, a, steps, streaming, *extra)
+    workers = a.workers[0] if workers is None else workers
+    command = tuneloop_train(source, out, a, steps, streaming, *extra, workers=workers)
     env = {**environment(a.work), **({"PYTHONPATH": src} if src else {})}
     r = monitored(command, env, tuneloop_ids(out), transcript(a, name), stop_at_step, expect)
     results = out / "all_results.json"
@@ -345,14 +346,15 @@ def run_tuneloop(
     return report(r)
 
 
-def run_peer(name, source, out, a, steps, stop_at_step=0, resume=False, save=False) -> dict:
+def run_peer(name, source, out, a, steps, stop_at_step=0, resume=False, save=False, workers=None) -> dict:
     """One Trainer run into `out` (emptied first unless resuming); with `save`, a checkpoint every PEER_SAVE_STEPS
     steps. A SIGTERM ends it where it is (Trainer installs no handler unless enable_jit_checkpoint): exit -15."""
     if not resume:
         shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
     saving = ["--save_steps", str(PEER_SAVE_STEPS)] if save else []
-    command = peer_train_command(source, out, a, steps, *saving, *["--resume"] * resume)
+    workers = a.workers[0] if workers is None else workers
+    command = peer_train_command(source, out, a, steps, *saving, *["--resume"] * resume, workers=workers)
     expect = (-signal.SIGTERM,) if stop_at_step else (0,)
     r = monitored(command, environment(a.work), out / LOG, transcript(a, name), stop_at_step, expect)
     own = next((line for line in json_lines(r["output"]) if "time_to_first_step" in line), {})
@@ -364,6 +366,11 @@ def run_peer(name, source, out, a, steps, stop_at_step=0, resume=False, save=Fal
         global_step=own.get("global_step"),
     )
     return report(r)
+
+
+def streamed_name(who: str, rows: int, workers: int, a) -> str:
+    """A streamed run's name: with several worker counts measured, the count is part of it."""
+    return f"{who} streaming {rows:,}" + (f", {workers} workers" if len(a.workers) > 1 else "")
 
 
 def report(r: dict) -> dict:
@@ -429,7 +436,7 @@ def peer_train(a) -> None:
         max_steps=a.steps,
         seed=SEED,
         use_cpu=True,
-        dataloader_num_workers=a.workers,
+        dataloader_num_workers=a.workers[0],
         remove_unused_columns=False,  # keep row_id: training_step takes it out
         save_strategy="steps" if a.save_steps else "no",
         save_steps=a.save_steps or 500,
@@ -650,8 +657,9 @@ def host_lines(a) -> list[str]:
         f"Host `{platform.node()}`: {os.cpu_count()} cores, {model}; CPU flags {shown}. {versions}. "
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.",
         f"tuneloop measured: {where} (`{commit}`); model {a.model}; batch {BATCH}, max_length {MAX_LENGTH}, fp32, "
-        f"dataloader workers of the streams: tuneloop {a.workers}, Trainer "
-        f"{a.workers if a.peer_workers is None else a.peer_workers}; shuffle buffer {BUFFER:,}.",
+        f"dataloader workers of the streams: tuneloop {' / '.join(map(str, a.workers))}, Trainer "
+        f"{' / '.join(map(str, a.workers)) if a.peer_workers is None else a.peer_workers} (the run's name says "
+        f"which); shuffle buffer {BUFFER:,}.",
     ]
 
 
@@ -676,20 +684,24 @@ def tables(a, train: list[dict], resumes: list[dict], predicts: list[dict]) -> s
         by = {r["name"]: r for r in train}
         lines.append("")
         for rows in a.rows:
-            stream, peer = by.get(f"tuneloop streaming {rows:,}"), by.get(f"Trainer streaming {rows:,}")
             mapped = by.get(f"tuneloop map-style {rows:,}")
-            if stream and peer:
-                lines.append(
-                    f"- {rows:,} rows: tuneloop streaming / Trainer streaming samples/s "
-                    f"{ratio(stream['steady_samples_per_s'], peer['steady_samples_per_s'])}"
-                )
-            if stream and mapped:
-                lines.append(
-                    f"- {rows:,} rows: tuneloop streaming / map-style samples/s "
-                    f"{ratio(stream['steady_samples_per_s'], mapped['steady_samples_per_s'])} (target >= 0.95)"
-                )
+            for w in a.workers:
+                stream = by.get(streamed_name("tuneloop", rows, w, a))
+                peer = by.get(streamed_name("Trainer", rows, w, a))
+                if stream and peer:
+                    lines.append(
+                        f"- {rows:,} rows, {w} workers: tuneloop streaming / Trainer streaming samples/s "
+                        f"{ratio(stream['steady_samples_per_s'], peer['steady_samples_per_s'])}"
+                    )
+                if stream and mapped:
+                    lines.append(
+                        f"- {rows:,} rows, {w} workers: tuneloop streaming / map-style samples/s "
+                        f"{ratio(stream['steady_samples_per_s'], mapped['steady_samples_per_s'])} (target >= 0.95)"
+                    )
+        w = a.workers[0]
         for who in ("tuneloop", "tuneloop (baseline)", "Trainer"):
-            small, large = by.get(f"{who} streaming {min(a.rows):,}"), by.get(f"{who} streaming {max(a.rows):,}")
+            small = by.get(streamed_name(who, min(a.rows), w, a))
+            large = by.get(streamed_name(who, max(a.rows), w, a))
             if small and large and small is not large:
                 lines.append(
                     f"- {who} streaming peak RSS main {max(a.rows):,} / {min(a.rows):,} rows: "
@@ -729,7 +741,13 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rows", type=int, nargs="+", default=[1_000_000, 10_000_000])
     p.add_argument("--steps", type=int, default=1000, help="optimizer steps of every training run")
-    p.add_argument("--workers", type=int, default=0, help="dataloader workers of tuneloop's streamed runs")
+    p.add_argument(
+        "--workers",
+        type=int,
+        nargs="+",
+        default=[0],
+        help="dataloader workers of the streamed runs: each count in turn",
+    )
     p.add_argument(
         "--peer_workers", type=int, help="dataloader workers of Trainer's streamed runs (default: --workers)"
     )
@@ -769,20 +787,22 @@ def main() -> None:
     folders = {rows: shard_folder(a.work, rows) for rows in a.rows}
     train, resumes, predicts = [], [], []
 
-    def streamed(rows: int, who: str) -> dict:
-        name = f"{who} streaming {rows:,}"
+    def streamed(rows: int, who: str, workers: int) -> dict:
+        name = streamed_name(who, rows, workers, a)
         if who == "tuneloop (baseline)":
-            return run_tuneloop(name, folders[rows], a.work / "runs" / "tuneloop", a, a.steps, src=a.baseline_src)
+            folder = a.work / "runs" / "tuneloop"
+            return run_tuneloop(name, folders[rows], folder, a, a.steps, workers=workers, src=a.baseline_src)
         if who == "tuneloop":
-            return run_tuneloop(name, folders[rows], a.work / "runs" / "tuneloop", a, a.steps)
-        return run_peer(name, folders[rows], a.work / "runs" / "trainer", a, a.steps)
+            return run_tuneloop(name, folders[rows], a.work / "runs" / "tuneloop", a, a.steps, workers=workers)
+        return run_peer(name, folders[rows], a.work / "runs" / "trainer", a, a.steps, workers=workers)
 
     if "train" in a.parts:
         for run in range(a.runs):  # alternating orders, so that a drift of this shared machine hits both alike
             order = ("tuneloop", *["tuneloop (baseline)"] * bool(a.baseline_src), "Trainer")
             order = order if run % 2 == 0 else order[::-1]
             for rows in a.rows if run % 2 == 0 else reversed(a.rows):
-                train += [streamed(rows, who) for who in order]
+                for workers in a.workers if run % 2 == 0 else reversed(a.workers):
+                    train += [streamed(rows, who, workers) for who in order]
     if "map" in a.parts:
         rows = min(a.rows)
         name = f"tuneloop map-style {rows:,}"

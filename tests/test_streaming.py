@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import gzip
 import json
+import re
 import shutil
 import signal
 from pathlib import Path
@@ -59,22 +60,42 @@ def stream_args(model_dir: str, shards: Path, toy_files: dict, output_dir, **ove
     return tiny_args(model_dir, files, output_dir, **{**RUN, **overrides})
 
 
-def expected_steps(shards: Path, processes: int, steps: int) -> dict[int, list[int]]:
+def expected_steps(shards: Path, processes: int, steps: int, workers: int = 0) -> dict[int, list[int]]:
     """Step -> the row ids it must use, from datasets' own seeded shuffle and split of the stream (the oracle): each
-    epoch, rank r's part in order, cut into batches; the epoch ends at the last step every rank can fill."""
+    epoch, rank r's part in order, cut into batches; the epoch ends at the last step every rank can fill. With
+    dataloader workers, rank r's worker k reads part r x workers + k of the stream split over processes x workers
+    (whole shards: this folder's count divides by it) and cuts its own batches; the rank takes them from its
+    workers in turn, and its data ends at the first turn a worker cannot fill."""
     rows = stream.open_stream(str(shards), DataArguments())
     shuffled = rows.shuffle(seed=0, buffer_size=RUN["shuffle_buffer_size"])
-    parts_of = [stream.for_rank(shuffled, rank, processes) for rank in range(processes)]
+    readers = max(workers, 1)
+    parts_of = [
+        [stream.for_rank(shuffled, rank * readers + k, processes * readers) for k in range(readers)]
+        for rank in range(processes)
+    ]
     expected, epoch = {}, 0
     while len(expected) < steps:
-        parts = []
-        for part in parts_of:
-            part.set_epoch(epoch)
-            parts.append([row[stream.ROW_ID] for row in part])
-        for k in range(min(len(part) for part in parts) // BATCH):
-            expected[len(expected) + 1] = [i for part in parts for i in part[k * BATCH : (k + 1) * BATCH]]
+        batches = []  # each rank's batches of the epoch, in turn
+        for parts in parts_of:
+            ids = []
+            for part in parts:
+                part.set_epoch(epoch)
+                ids.append([row[stream.ROW_ID] for row in part])
+            batches.append(in_turn(ids))
+        for k in range(min(len(rank) for rank in batches)):
+            expected[len(expected) + 1] = [i for rank in batches for i in rank[k]]
         epoch += 1
     return {step: ids for step, ids in expected.items() if step <= steps}
+
+
+def in_turn(parts: list[list[int]]) -> list[list[int]]:
+    """The batches of `parts` (each cut into full batches) taken from each part in turn, up to the first turn whose
+    part has no full batch left."""
+    taken = []
+    while len(part := parts[len(taken) % len(parts)]) >= (len(taken) // len(parts) + 1) * BATCH:
+        first = len(taken) // len(parts) * BATCH
+        taken.append(part[first : first + BATCH])
+    return taken
 
 
 @contextlib.contextmanager
@@ -188,6 +209,56 @@ def test_sigterm_to_one_rank_then_resume_is_exact(two_processes, tiny_model_dir,
     assert relative_error(weights(two_processes), weights(out)) <= 1e-6
 
 
+# ---- 2 processes with 2 dataloader workers each: a SIGTERM and a resume ----
+
+WORKERS = 2
+
+
+@pytest.fixture(scope="module")
+def two_processes_with_workers(tiny_model_dir, shards, toy_files, tmp_path_factory) -> Path:
+    """Two processes with 2 dataloader workers each, 16 steps: each worker reads one of the 4 unequal shards, so an
+    epoch ends after 4 to 5 steps, when the 20-row shard's worker has no batch left."""
+    out = tmp_path_factory.mktemp("stream-2-workers")
+    args = stream_args(tiny_model_dir, shards, toy_files, out, max_steps=16, dataloader_num_workers=WORKERS)
+    launch(args, 2, env=LOG_SAMPLES, timeout=240)
+    return out
+
+
+@pytest.mark.multiprocess
+def test_workers_take_turns_and_end_each_epoch_together(two_processes_with_workers, shards):
+    """Each rank's 2 workers read their own shards and the rank takes their batches in turn; when one worker's part
+    has no full batch left, every rank ends the epoch there (no hang: the launch's timeout), and each step uses
+    exactly the rows the oracle gives. Guards datasets splitting the stream again between workers (a worker would
+    read half its part), an epoch that goes on with the other worker alone (an order no resume rebuilds), a worker
+    that reads the whole rank's part (rows twice)."""
+    results = read_json(two_processes_with_workers / "all_results.json")
+    assert (results["num_processes"], results["global_step"]) == (2, 16)
+    assert samples_per_step(two_processes_with_workers) == expected_steps(shards, 2, 16, WORKERS)
+
+
+@pytest.mark.multiprocess
+def test_sigterm_then_resume_with_workers_is_exact(
+    two_processes_with_workers, tiny_model_dir, shards, toy_files, tmp_path
+):
+    """SIGTERM to rank 1 mid-run with 2 workers per rank: the checkpoint holds each worker's part's rows read and whose
+    turn is next, and the resumed run uses the same rows at every step as the run never stopped, ending with its
+    weights. Guards a resume whose worker 0 reads the part that was not next, or a part restarted from its rank's
+    count of rows."""
+    out = tmp_path / "run"
+    args = stream_args(tiny_model_dir, shards, toy_files, out, max_steps=16, dataloader_num_workers=WORKERS)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(*next(iter(LOG_SAMPLES.items())))
+        code, stderr = interrupt(args, out, signal.SIGTERM, 2)
+    assert code != 0 and f"exitcode  : {REQUEUE_EXIT_CODE}" in stderr, stderr[-3000:]
+    saved = Path(read_json(out / "preempted.json")["checkpoint"])
+    ranks = [read_json(saved / f"loop_state_{r}.json") for r in (0, 1)]
+    assert all(len(rank["stream_rows"]) == WORKERS and "stream_next_part" in rank for rank in ranks)
+
+    launch([*args, "--resume_from_checkpoint", "latest"], 2, env=LOG_SAMPLES, timeout=240)
+    assert samples_per_step(out) == samples_per_step(two_processes_with_workers)
+    assert relative_error(weights(two_processes_with_workers), weights(out)) <= 1e-6
+
+
 # ---- What the stream is, and what --streaming refuses (no training) ----
 
 
@@ -245,7 +316,6 @@ def test_a_file_that_does_not_fit_the_first_files_types_is_refused_naming_it(tmp
         ({"max_steps": 5, "train_sampling_strategy": "group_by_length"}, "group_by_length sorts the whole"),
         ({"max_steps": 5, "max_train_samples": 10}, "max_train_samples draws a random subset"),
         ({"max_steps": 5, "validation_file": None}, "cannot hold out --validation_split_percentage"),
-        ({"max_steps": 5, "dataloader_num_workers": 2}, "use --dataloader_num_workers 0"),
         ({"max_steps": 5, "class_weights": "auto"}, "class_weights auto counts every training label"),
         ({"max_steps": 5, "shuffle_buffer_size": 0}, "shuffle_buffer_size must be >= 1"),
         ({"max_steps": 5, "train_file": "nowhere/*.jsonl"}, "matches no data file"),
@@ -378,3 +448,126 @@ def test_bad_rows_are_refused_or_dropped_and_the_position_counts_them(tiny_model
     assert [(row[stream.POSITION], row["labels"]) for row in examples(d)] == [(1, 1), (3, 0)]
     with pytest.raises(UserError, match=r"training stream .* has 1 row\(s\) with an empty text"):
         examples(DataArguments(**{**d.__dict__, "drop_bad_rows": False, "shuffle_buffer_size": 1}))
+
+
+# ---- Dataloader workers in this process: their turns, a resume between them, their errors ----
+
+
+def worker_loader(train_file: str, tokenizer_dir: str, workers: int, **options) -> stream.StreamLoader:
+    """One process's StreamLoader over `train_file` with `workers` dataloader workers, each batch tagged with its
+    rows' ids (as the sample-id log tags them)."""
+    from types import SimpleNamespace
+
+    from transformers import AutoTokenizer
+
+    from tuneloop import batches, problem
+
+    options = {"shuffle_buffer_size": RUN["shuffle_buffer_size"], **options}
+    d = DataArguments(train_file=train_file, streaming=True, **options)
+    t = SimpleNamespace(seed=0, data_seed=None, dataloader_num_workers=workers)
+    one_process = SimpleNamespace(process_index=0, num_processes=1, device=torch.device("cpu"))
+    splits = stream.load_splits(one_process, d, 0, None, None)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    examples = stream.train_examples(one_process, splits, tokenizer, d, t, problem.of(splits.problem_type))
+    collate = batches.collator(tokenizer, None)
+    return stream.StreamLoader(examples.tag_samples("id"), collate, BATCH, 1, one_process, workers)
+
+
+def epoch_batches(loader: stream.StreamLoader, epoch: int, stop_after: int = 0) -> tuple[list[list[int]], dict]:
+    """The ids of each batch `loader` gives in `epoch` (up to `stop_after` batches), and its position then."""
+    loader.set_epoch(epoch)
+    got = []
+    for batch in loader:
+        got.append(batch["id"].tolist())
+        if len(got) == stop_after:
+            break
+    return got, loader.position()
+
+
+@pytest.mark.parametrize("split", ["by shards", "by rows"])
+def test_workers_take_turns_and_a_resume_gives_the_next_turn_to_worker_0(split, shards, tiny_model_dir, tmp_path):
+    """Two workers in one process: worker k reads part k (its shards when 4 shards divide between them; else every
+    other row of the one file, which each worker reads whole), the loader takes their batches in turn and ends the
+    epoch at the first turn a part cannot fill; a loader resumed from the position after 5 batches (part 1's turn
+    next) gives exactly the batches that followed. Guards a resume that restarts the turns at part 0, a position
+    counted in the other part's rows, rows of another worker's share prepared twice or never."""
+    if split == "by rows":  # one file: one shard, which 2 workers cannot share out whole
+        source = tmp_path / "one.jsonl"
+        source.write_text("".join(line for path in sorted(shards.iterdir()) for line in _lines(path)))
+    else:
+        source = shards
+    shuffled = stream.open_stream(str(source), DataArguments()).shuffle(seed=0, buffer_size=RUN["shuffle_buffer_size"])
+    shuffled.set_epoch(1)
+    if split == "by rows":
+        ids = [row[stream.ROW_ID] for row in shuffled]
+        parts = [ids[0::2], ids[1::2]]
+    else:
+        parts = []
+        for k in range(2):
+            part = stream.for_rank(shuffled, k, 2)
+            part.set_epoch(1)
+            parts.append([row[stream.ROW_ID] for row in part])
+    expected = in_turn(parts)
+
+    whole, _ = epoch_batches(worker_loader(str(source), tiny_model_dir, 2), epoch=1)
+    assert whole == expected and len(whole) >= 8
+    first, position = epoch_batches(worker_loader(str(source), tiny_model_dir, 2), epoch=1, stop_after=5)
+    assert position["stream_next_part"] == 1 and len(position["stream_rows"]) == 2
+    resumed = worker_loader(str(source), tiny_model_dir, 2)
+    resumed.resume_at(json.loads(json.dumps(position)))  # as a checkpoint gives it back
+    rest, _ = epoch_batches(resumed, epoch=1)
+    assert first + rest == expected and resumed.ended
+
+
+def _lines(path: Path) -> list[str]:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt") as f:
+        return f.readlines()
+
+
+def test_a_bad_row_met_in_a_worker_is_one_line(tiny_model_dir, tmp_path):
+    """A row with an empty text, read in a dataloader worker, stops the run with the same one line as without
+    workers, not the worker's traceback (torch re-raises a worker's error with it). Guards a user shown a traceback
+    from inside the DataLoader for a problem in their data."""
+    rows = [{"text": "goal team", "label": "sports"}, {"text": "song", "label": "music"}] * 10
+    write_rows(tmp_path / "s" / "a.jsonl", [*rows, {"text": " ", "label": "music"}])  # after the 4 rows peeked
+    loader = worker_loader(str(tmp_path / "s"), tiny_model_dir, 1, shuffle_buffer_size=4)
+    with pytest.raises(UserError, match=r"training stream .* has 1 row\(s\) with an empty text") as refused:
+        epoch_batches(loader, epoch=0)
+    assert "\n" not in str(refused.value) and "Traceback" not in str(refused.value)
+
+
+@pytest.mark.parametrize(("saved_rows", "workers", "said"), [([40, 32], 0, "2"), (64, 2, "0 (or 1)"), (64, 1, None)])
+def test_a_stream_resumes_only_with_its_worker_count(
+    saved_rows, workers, said, shards, tiny_model_dir, toy_files, tmp_path, monkeypatch
+):
+    """Each worker's place is in its own part of the stream: a checkpoint of 2 workers' parts resumes only with 2,
+    one of a single part with 0 or 1 (they read the same part in the same order); another count is refused before
+    anything loads, naming the one that works. Guards a resume that would silently skip or repeat rows."""
+    out = tmp_path / "run"
+    saved = saved_state_only(
+        out,
+        step=6,
+        batches_in_epoch=6,
+        num_processes=1,
+        per_device_train_batch_size=BATCH,
+        settings={"streaming": True},
+    )
+    (saved / "loop_state_0.json").write_text(json.dumps({"stream_epoch": 0, "stream_rows": saved_rows}))
+    args = stream_args(
+        tiny_model_dir,
+        shards,
+        toy_files,
+        out,
+        max_steps=24,
+        resume_from_checkpoint="latest",
+        dataloader_num_workers=workers,
+    )
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    if said is None:
+        assert resume_plan(parse_args(args))[1] == str(saved)
+        return
+    with pytest.raises(
+        UserError, match=re.escape(f"cannot continue exactly: resume with --dataloader_num_workers {said} ")
+    ):
+        resume_plan(parse_args(args))

@@ -221,6 +221,8 @@ def resume_plan(config: Config) -> tuple[Config, str | None, checkpoint.TrainerS
     saved = checkpoint.read_state(path)
     resumed = elastic.resume_state(saved, state, path, t.elastic_resume)
     checkpoint.check_settings(saved, state.settings, path)
+    if config.data.streaming:  # each dataloader worker's place in the stream is its own
+        stream.check_resume_workers(path, t.dataloader_num_workers)
     resumed.settings = state.settings
     if resumed.num_processes != saved.num_processes:
         notes.append(
@@ -431,6 +433,7 @@ def make_dataloaders(
             t.per_device_train_batch_size,
             t.gradient_accumulation_steps,
             accelerator,
+            t.dataloader_num_workers,
         )
     prefixes = {name: "eval" if len(eval_sets) == 1 else f"eval_{name}" for name in eval_sets}
     eval_dls = {

@@ -262,18 +262,44 @@ def _label_dataset(labels: list | None, peek: datasets.Dataset, column: str) -> 
 
 # ---- Each rank's training batches ----
 
-POSITION = "stream_position"  # on each example: the raw rows of this epoch's stream read up to and including it
+POSITION = "stream_position"  # on each example: the raw rows of its reader's stream read up to and including it
+PART = "stream_part"  # on each example: the number of the reader's part it comes from (Examples.parts)
 CHUNK_ROWS = 1000  # rows prepared (joined, checked, encoded, tokenized) at a time: datasets' batched-map size
 
 
 def train_examples(accelerator, splits: data.Splits, tokenizer, d: DataArguments, t: TrainArguments, kind) -> Examples:
     """This rank's training examples: its part (for_rank) of the stream shuffled with the data seed in a buffer of
     --shuffle_buffer_size rows (the shards' order and the buffer's draws change with the epoch), prepared a chunk of
-    rows at a time as data.py prepares a loaded split."""
+    rows at a time as data.py prepares a loaded split; with dataloader workers, in one part per worker (reader_parts).
+    """
     seed = t.seed if t.data_seed is None else t.data_seed
     shuffled = splits.stream.rows.shuffle(seed=seed, buffer_size=d.shuffle_buffer_size)
-    rows = for_rank(shuffled, accelerator.process_index, accelerator.num_processes)
-    return Examples(rows, _preparer(splits, tokenizer, d, kind))
+    parts = reader_parts(shuffled, accelerator.process_index, accelerator.num_processes, t.dataloader_num_workers)
+    return Examples(parts, _preparer(splits, tokenizer, d, kind))
+
+
+@dataclass
+class Part:
+    """What one reader (the training process, or one dataloader worker) reads of a rank's stream: the rows of `rows`
+    whose index in it is `offset` modulo `every`. Its position is counted in rows of `rows` read."""
+
+    rows: datasets.IterableDataset
+    every: int = 1
+    offset: int = 0
+
+
+def reader_parts(shuffled: datasets.IterableDataset, rank: int, world: int, workers: int) -> list[Part]:
+    """The parts of rank `rank`'s stream that its readers read: the rank's whole part with no worker or one; else one
+    part per worker: whole shards when the shard count divides by world x workers (split_dataset_by_node over that
+    many nodes: each worker reads only its shards, with its own shuffle buffer), else every workers-th row of the
+    rank's part (each worker reads and shuffles the rank's whole part, and prepares only its rows: the reading is
+    done `workers` times over, the tokenizing once)."""
+    if workers <= 1:
+        return [Part(for_rank(shuffled, rank, world))]
+    if shuffled.num_shards % (world * workers) == 0:
+        return [Part(for_rank(shuffled, rank * workers + k, world * workers)) for k in range(workers)]
+    rows = for_rank(shuffled, rank, world)
+    return [Part(rows, workers, k) for k in range(workers)]
 
 
 def _preparer(splits: data.Splits, tokenizer, d: DataArguments, kind):
@@ -325,13 +351,20 @@ def _preparer(splits: data.Splits, tokenizer, d: DataArguments, kind):
 
 
 class Examples(torch.utils.data.IterableDataset):
-    """This rank's training examples for one epoch (set by the loader: `epoch`, and `start`, the raw rows of that
-    epoch's stream to skip when resuming). The rows skipped are read and shuffled as before, so the ones after them
-    come in the same order as in the uninterrupted run, but not prepared: a resume replays reading, not tokenizing."""
+    """This rank's training examples for one epoch, read from its `parts` (one, or one per dataloader worker). Set by
+    the loader before each iteration: `epoch`; `starts`, each part's raw rows of that epoch's stream to skip when
+    resuming; `first_part`, the part that dataloader worker 0 reads (worker k reads part first_part + k, modulo). The
+    rows skipped are read and shuffled as before, so the ones after them come in the same order as in the
+    uninterrupted run, but not prepared: a resume replays reading, not tokenizing. Each example carries its part's
+    number (PART) and its position in that part (POSITION).
 
-    def __init__(self, rows: datasets.IterableDataset, prepare):
-        self.rows, self.prepare = rows, prepare
-        self.epoch, self.start = 0, 0
+    The rows are iterated with datasets' `.iter()`, which never splits a stream between dataloader workers (its
+    `__iter__` does, in a worker: `_iter_pytorch`): each worker reads exactly the part given here."""
+
+    def __init__(self, rows: datasets.IterableDataset | list[Part], prepare):
+        self.parts = rows if isinstance(rows, list) else [Part(rows)]
+        self.prepare = prepare
+        self.epoch, self.starts, self.first_part = 0, [0] * len(self.parts), 0
         self.sample_column = None  # batches.SampleIdLog's column, given each row's id when the log is on
 
     def tag_samples(self, column: str) -> Examples:
@@ -339,21 +372,41 @@ class Examples(torch.utils.data.IterableDataset):
         return self
 
     def __iter__(self):
-        self.rows.set_epoch(self.epoch)
+        worker = torch.utils.data.get_worker_info()
+        number = (self.first_part + (worker.id if worker else 0)) % len(self.parts)
+        part, start = self.parts[number], self.starts[number]
+        part.rows.set_epoch(self.epoch)
         read = 0
-        for chunk in self.rows.iter(batch_size=CHUNK_ROWS):
-            size = len(chunk[ROW_ID])
-            skip = min(max(self.start - read, 0), size)
+        for chunk in part.rows.iter(batch_size=CHUNK_ROWS):
+            first, size = read, len(chunk[ROW_ID])
             read += size
-            if skip == size:
+            # This part's rows of the chunk (index = offset modulo every) at or after `start`, as offsets in it.
+            begin = max(start, first)
+            begin += (part.offset - begin) % part.every
+            kept = range(begin - first, size, part.every)
+            if not kept:
                 continue
-            if skip:
-                chunk = {column: values[skip:] for column, values in chunk.items()}
+            if len(kept) < size:
+                chunk = {column: [values[i] for i in kept] for column, values in chunk.items()}
             for offset, example in self.prepare(chunk):
-                example[POSITION] = read - size + skip + offset + 1
+                example[POSITION] = first + kept[offset] + 1
+                example[PART] = number
                 if self.sample_column:
                     example[self.sample_column] = chunk[ROW_ID][offset]
                 yield example
+
+
+def _leave_stop_signals_to_the_trainer(worker_id: int) -> None:
+    """A dataloader worker's start: SIGINT and SIGUSR1 (a terminal's Ctrl-C, SLURM's warning: both sent to every
+    process of the job) are ignored, so the training process finishes its step and saves while its workers still
+    serve it. SIGTERM keeps its default, ending the worker: it is how multiprocessing ends a worker that is left at
+    exit (a worker that ignored it would hang the exit), and the forked worker would otherwise keep the training
+    process's handler (preemption.StopRequest)."""
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    for sig in (signal.SIGINT, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 class StreamLoader:
@@ -365,6 +418,14 @@ class StreamLoader:
     and each step is the mean over full batches on every rank. What that leaves out each epoch: every rank's rows
     after the epoch's last full step (the README's "Streaming data larger than memory").
 
+    With `workers` dataloader workers, worker k reads part k of the rank's stream (reader_parts) and cuts its own
+    batches; the DataLoader takes them from the workers in turn (batch i from worker i mod workers: torch's
+    `_try_put_index` cycles over the workers, from worker 0 at every iterator). When a worker's part has no full batch
+    left, the DataLoader skips its turns and goes on with the others, an order no resume could rebuild: so the rank's
+    data ends at the first batch that is not from the part whose turn it is (`_in_turn`), and the ranks' agreement
+    ends the epoch there. The position is then each part's rows read and the part whose turn is next; a resume gives
+    that part to worker 0 (Examples.first_part), the next to worker 1, and so on.
+
     Accelerate does not prepare this loader. Its prepare_data_loader would, for an IterableDataset, dispatch batches
     (rank 0 reads the whole stream and sends each rank its part) or shard it again (IterableDatasetShard: every rank
     reads everything, keeps its slice), where each rank here reads only its own part (for_rank); and its
@@ -374,71 +435,148 @@ class StreamLoader:
     `accumulation` micro-batches, which full steps keep aligned. Batches go to the device here (send_to_device).
     """
 
-    def __init__(self, examples: Examples, collate, batch_size: int, accumulation: int, accelerator):
+    def __init__(self, examples: Examples, collate, batch_size: int, accumulation: int, accelerator, workers: int = 0):
         from torch.utils.data import DataLoader
 
         self.examples, self.batch_size, self.accumulation = examples, batch_size, accumulation
+        self.parts = len(examples.parts)
         # Its own generator, as batches.make_dataloaders' loaders have: without one, each `iter()` draws a seed from
         # the global RNG, which a resume restores, so the resumed run's dropout masks would shift by that draw.
+        # (The workers' seeds come from it too; what a worker draws stays in the worker.)
         generator = torch.Generator().manual_seed(0)
         self.loader = DataLoader(
-            examples, batch_size=batch_size, collate_fn=collate, drop_last=True, generator=generator
+            examples,
+            batch_size=batch_size,
+            collate_fn=collate,
+            drop_last=True,
+            generator=generator,
+            num_workers=workers,
+            worker_init_fn=_leave_stop_signals_to_the_trainer if workers else None,
         )
         self.device, self.processes = accelerator.device, accelerator.num_processes
-        self.epoch, self.rows, self.ended = 0, 0, False
-        self._resume_at = None  # (epoch, rows) from a checkpoint, for the first epoch that is that one
+        self.epoch, self.rows, self.next_part, self.ended = 0, [0] * self.parts, 0, False
+        self._resume_at = None  # this rank's position() from a checkpoint, for the first epoch that is its epoch
         from tuneloop.runtime import CpuVote
 
         self._vote = CpuVote(self.processes, self.device)  # collective: every rank builds its loader in set-up
 
     def set_epoch(self, epoch: int) -> None:
-        start = self._resume_at[1] if self._resume_at and self._resume_at[0] == epoch else 0
+        saved = self._resume_at if self._resume_at and self._resume_at["stream_epoch"] == epoch else None
         self._resume_at = None
-        self.epoch, self.rows, self.ended = epoch, start, False
-        self.examples.epoch, self.examples.start = epoch, start
+        self.rows = saved_rows(saved) if saved else [0] * self.parts
+        self.next_part = saved.get("stream_next_part", 0) if saved else 0
+        self.epoch, self.ended = epoch, False
+        self.examples.epoch, self.examples.starts, self.examples.first_part = epoch, list(self.rows), self.next_part
 
     def position(self) -> dict:
         """This rank's place in the stream, for its checkpoint: the epoch and the raw rows of its part of that epoch's
-        stream that the steps so far have read."""
+        stream that the steps so far have read; with several readers (workers) each part's, and the part whose turn
+        is next."""
         # Not datasets' own IterableDataset.state_dict: with a shuffle buffer it records the shards' positions but not
         # the buffer's rows, which BufferShuffledExamplesIterable.load_state_dict refills from the shards ("The shuffle
         # buffer will be refilled before starting to yield new examples"), so the rows after a resume differ from the
         # uninterrupted run's. Nor `.skip(n)`: it fixes the shards' order (DataSourcesShufflingDisallowed), which the
         # later epochs would then not reshuffle. Rebuilding the epoch's stream and skipping its first rows is exact by
         # construction (Examples).
-        return {"stream_epoch": self.epoch, "stream_rows": self.rows}
+        if self.parts == 1:
+            return {"stream_epoch": self.epoch, "stream_rows": self.rows[0]}
+        return {"stream_epoch": self.epoch, "stream_rows": list(self.rows), "stream_next_part": self.next_part}
 
     def resume_at(self, saved: dict) -> None:
-        """Continue from a checkpoint's `position()` (this rank's): its epoch's stream starts after those rows."""
+        """Continue from a checkpoint's `position()` (this rank's): its epoch's stream starts after those rows. Its
+        count of parts is this loader's (check_resume_workers refused another before anything loaded)."""
         if "stream_rows" in saved:
-            self._resume_at = (saved["stream_epoch"], saved["stream_rows"])
+            self._resume_at = saved
 
     def __iter__(self):
         import itertools
 
         from accelerate.utils import send_to_device
 
-        resumed_at, steps = self.rows, 0
-        batches = iter(self.loader)
+        resumed_at, steps = any(self.rows), 0
+        batches = self._in_turn(iter(self.loader))
         while True:
             step = list(itertools.islice(batches, self.accumulation))
             if not self._all_ranks(len(step) == self.accumulation):
                 break
             steps += 1
             for batch in step:
-                self.rows = int(batch.pop(POSITION)[-1])
+                part = int(batch.pop(PART)[0])
+                self.rows[part] = int(batch.pop(POSITION)[-1])
+                self.next_part = (part + 1) % self.parts
                 yield send_to_device(batch, self.device)
         self.ended = True
         if not steps and not resumed_at:
             raise UserError(
                 f"a process's part of the training stream holds fewer rows than one optimizer step takes "
-                f"({self.accumulation} batch(es) of {self.batch_size}): lower --per_device_train_batch_size or "
-                "--gradient_accumulation_steps, or stream more rows"
+                f"({self.accumulation} batch(es) of {self.batch_size}"
+                + (f", each cut from one worker's part of {self.parts}" if self.parts > 1 else "")
+                + "): lower --per_device_train_batch_size or --gradient_accumulation_steps, or stream more rows"
             )
+
+    def _in_turn(self, batches):
+        """The loader's batches while each comes from the part whose turn it is (from `next_part` on, each part in
+        turn): a batch from another part means a worker's part ended, and the DataLoader skipped its turn."""
+        expected = self.next_part
+        while True:
+            try:
+                batch = next(batches)
+            except StopIteration:
+                return
+            except UserError as e:  # a bad row or an unknown label, met in a worker
+                raise _from_worker(e) from None
+            if int(batch[PART][0]) != expected:
+                return
+            yield batch
+            expected = (expected + 1) % self.parts
 
     def _all_ranks(self, ok: bool) -> bool:
         """Whether `ok` holds on every rank: the same answer on each."""
         return bool(self._vote.reduce(int(ok), "MIN"))
+
+
+def _from_worker(error: UserError) -> UserError:
+    """A UserError raised in a dataloader worker, as its one line. torch re-raises it in the training process with
+    the worker's traceback as its message ("Caught UserError in DataLoader worker process 0.\\nOriginal Traceback
+    ...\\ntuneloop.errors.UserError: <the line>", torch's ExceptionWrapper.reraise); raised here, it is the line."""
+    text = str(error)
+    if not (text.startswith("Caught ") and " in DataLoader worker process " in text.split("\n", 1)[0]):
+        return error
+    last = text.rstrip().rsplit("\n", 1)[-1]
+    return type(error)(last.split(": ", 1)[1] if ": " in last else last)
+
+
+def saved_rows(saved: dict) -> list[int]:
+    """A checkpoint's rows read, one count per part: `stream_rows` is a count with one reader, a list with several."""
+    rows = saved["stream_rows"]
+    return [int(count) for count in rows] if isinstance(rows, list) else [int(rows)]
+
+
+def check_resume_workers(path: str, workers: int) -> None:
+    """Refuse, before anything loads, to resume a training stream with another number of readers than its checkpoint
+    was written with: each worker's part of the stream, and where each stopped, are that count's (reader_parts).
+    No worker and one worker read the same single part, in the same order."""
+    import json
+    import os
+
+    from tuneloop.checkpoint import RANK_STATE_FILE
+
+    try:
+        with open(os.path.join(path, RANK_STATE_FILE.format(rank=0))) as f:
+            saved = json.load(f)
+    except (OSError, ValueError):
+        return  # (no position to continue from: the loader starts the epoch, as before)
+    if "stream_rows" not in saved:
+        return
+    parts = len(saved_rows(saved))
+    if parts != max(workers, 1):
+        written = f"{parts} dataloader workers" if parts > 1 else "no dataloader worker (or one)"
+        counts = f"--dataloader_num_workers {parts}" if parts > 1 else "--dataloader_num_workers 0 (or 1)"
+        raise UserError(
+            f"checkpoint {path} was written with {written} reading each process's part of the training stream, each "
+            f"stopped at its own place, which --dataloader_num_workers {workers} cannot continue exactly: resume "
+            f"with {counts} (or start a new --output_dir)"
+        )
 
 
 def position(loader) -> dict:
@@ -498,11 +636,6 @@ def stream_problems(d: DataArguments, t: TrainArguments) -> list[str]:
         not t.do_eval or bool(d.validation_file or d.validation_split),
         "streaming cannot hold out --validation_split_percentage of a stream it does not hold: pass "
         "--validation_file (or --validation_split), or --do_eval false",
-    )
-    need(
-        t.dataloader_num_workers == 0,
-        f"dataloader_num_workers {t.dataloader_num_workers} with --streaming: each worker would read its own part "
-        "of the stream and an exact resume could not find its position: use --dataloader_num_workers 0",
     )
     need(
         t.class_weights != "auto",
