@@ -37,3 +37,38 @@ def test_load_metrics_runs_no_code_it_was_not_allowed_to(tmp_path):
     with pytest.raises(UserError, match=rf"metrics {script}: not built in.*--trust_remote_code"):
         load_metrics(["accuracy", str(script)])
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("kind", ["single_label_classification", "multi_label_classification", "regression"])
+def test_running_metrics_of_chunks_equal_the_whole_set_metrics(kind):
+    """metrics.Running (predict --streaming's test metrics, a chunk at a time) gives what compute_metrics gives on the
+    whole set, for every built-in metric, every --metric_average, and chunk sizes that do and do not divide the rows;
+    and keeps rows only for the metrics with no running form. Guards a count formed wrong (a label's false negatives
+    as false positives), a weighted-row encoding sklearn reads differently, and a chunk dropped or counted twice."""
+    from tuneloop import problem as problems
+    from tuneloop.metrics import RUNNING, Running
+
+    rng = np.random.default_rng(3)
+    rows, outputs = 503, 4
+    problem = problems.of(kind)(names=[f"c{i}" for i in range(outputs)], threshold=0.4)
+    logits = rng.normal(size=(rows, outputs)).astype(np.float32)
+    if kind == "regression":
+        problem.names, logits = ["y"], logits[:, :1]
+        labels = rng.normal(size=rows).astype(np.float32)
+    elif kind == "multi_label_classification":
+        labels = (rng.random((rows, outputs)) < 0.3).astype(np.float32)
+        labels[:, 3] = 0  # a label never true: macro-F1 counts it as 0 when predicted, as sklearn does
+    else:
+        labels = rng.integers(0, outputs - 1, rows)  # a class never true (but predicted): zero_division paths
+    modules = load_metrics(list(problem.builtin_metrics))
+    averages = ["macro", "micro", "weighted"] if kind == "single_label_classification" else ["macro"]
+    for average in averages:
+        predictions, references, probabilities = problem.metric_inputs(logits, labels)
+        whole = compute_metrics(modules, predictions, references, average, probabilities, problem.threshold)
+        for size in (1, 64, 500, rows):
+            running = Running(modules, average, problem.threshold)
+            for start in range(0, rows, size):
+                running.add(*problem.metric_inputs(logits[start : start + size], labels[start : start + size]))
+            assert running.compute() == pytest.approx(whole, rel=1e-12, abs=1e-12), (average, size)
+            assert running.kept_names == [name for name in modules if name not in RUNNING]
+            assert bool(running.kept) == bool(running.kept_names)

@@ -478,6 +478,35 @@ def test_focal_loss_equals_the_papers_formula():
         assert focal == pytest.approx(expected, rel=1e-5)
 
 
+def test_loss_sums_of_chunks_give_the_whole_set_loss():
+    """Problem.loss_sums (predict --streaming's test loss, a chunk at a time): the chunks' summed terms over their
+    summed weights equal `loss` on the whole set, for each type with class weights or pos_weight, label smoothing
+    and focal loss, at chunk sizes that do and do not divide the rows. Guards a plain mean where the loss is a
+    weighted one (a weighted chunked mean is not the mean of chunk means) and a weight, smoothing or focal factor
+    the running form forgets."""
+    generator = torch.Generator().manual_seed(1)
+    rows, names = 97, ["a", "b", "c", "d"]
+    logits = torch.randn(rows, 4, generator=generator) * 3
+    cases = []
+    for weights in (None, torch.tensor([0.5, 2.0, 1.0, 3.0])):
+        for options in ({}, {"label_smoothing": 0.1}, {"loss_name": "focal"}):
+            cases.append(
+                (SingleLabel(names, weights=weights, **options), torch.randint(0, 4, (rows,), generator=generator))
+            )
+            targets = (torch.rand(rows, 4, generator=generator) < 0.3).float()
+            cases.append((MultiLabel(names, weights=weights, **options), targets))
+    cases.append((Regression(["x", "y"]), torch.randn(rows, 2, generator=generator)))
+    for problem, labels in cases:
+        whole = problem.loss(logits[:, : 2 if isinstance(problem, Regression) else 4], labels).item()
+        for size in (1, 10, rows):
+            total = weight = 0.0
+            for start in range(0, rows, size):
+                chunk = logits[start : start + size, : 2 if isinstance(problem, Regression) else 4]
+                chunk_total, chunk_weight = problem.loss_sums(chunk, labels[start : start + size])
+                total, weight = total + chunk_total, weight + chunk_weight
+            assert total / weight == pytest.approx(whole, rel=1e-5), (problem, size)
+
+
 def test_focal_loss_is_refused_where_it_does_not_apply(tmp_path):
     """Regression (given, or read from float labels) and focal with label smoothing are one line each; a negative
     gamma too. Guards focal loss silently falling back to MSE, and a combination whose maths is not defined here."""

@@ -107,7 +107,10 @@ def test_streamed_predictions_on_2_processes_are_the_loaded_ones_in_input_order(
     )
     assert (facts["num_processes"], facts["distributed_type"]) == (2, "MULTI_CPU")
     assert facts["test_samples"] == 45 and facts["test_accuracy"] == reference["test_accuracy"]
-    assert facts["test_loss"] == pytest.approx(reference["test_loss"], rel=1e-5)
+    scores = {key for key in reference if key.startswith("test_")}  # loss, accuracy, f1, precision, recall
+    assert scores == {key for key in facts if key.startswith("test_")} and len(scores) >= 6
+    for key in scores:  # scored chunk by chunk from counts and sums (predict.ChunkedScore): the loaded set's results
+        assert facts[key] == pytest.approx(reference[key], rel=1e-5), key
     assert not (tmp_path / "two" / ".predictions-parts").exists()
 
     # The same on 1 process, as CSV (the writer streams rows): the columns and values of the loaded JSON lines.
@@ -189,3 +192,50 @@ def test_streamed_evaluation_of_the_other_problem_types_equals_loaded(tiny_model
     assert scores == {key for key in streamed if key.startswith("eval_")} and len(scores) >= 5
     for key in scores:
         assert streamed[key] == pytest.approx(loaded[key], rel=1e-5, abs=1e-7), key
+
+    # predict --streaming scores its test set a chunk at a time (loss sums, label counts, error sums; mean average
+    # precision, pearson and spearman from the rows they keep): the loaded prediction's results.
+    predict = ["predict", "--model", str(tmp_path / "model"), "--data", path, *COMMON]
+    assert console([*predict, "--output_dir", str(tmp_path / "predicted")]) == 0
+    assert console([*predict, "--streaming", "--output_dir", str(tmp_path / "predicted_streamed")]) == 0
+    loaded, streamed = (
+        read_json(tmp_path / name / "predict_results.json") for name in ("predicted", "predicted_streamed")
+    )
+    scores = {key for key in loaded if key.startswith("test_")}
+    assert scores == {key for key in streamed if key.startswith("test_")} and len(scores) >= 6
+    for key in scores:
+        assert streamed[key] == pytest.approx(loaded[key], rel=1e-5, abs=1e-7), key
+
+
+def test_a_labelled_stream_is_scored_a_chunk_at_a_time_keeping_no_rows(monkeypatch):
+    """predict.ChunkedScore, given rows one at a time as the merge of the parts passes them: it holds at most one
+    chunk of rows, keeps none past it when every metric has a running form (the built-in single-label and the
+    multi-label metrics at the threshold), keeps rows only for a metric with none (mean_average_precision), and its
+    results are `score`'s on the whole set. Guards the defect measured at 10M rows: every row's logits and label
+    kept to the end, memory growing with the rows."""
+    import torch
+
+    from tuneloop import metrics, predict
+    from tuneloop.problem import MultiLabel, SingleLabel
+
+    monkeypatch.setattr(predict, "CHUNK_ROWS", 16)
+    rng = np.random.default_rng(5)
+    rows = 200
+    logits = rng.normal(size=(rows, 3)).astype(np.float32)
+    cases = [
+        (SingleLabel(CLASSES, weights=torch.tensor([1.0, 2.0, 0.5])), rng.integers(0, 3, rows), SingleLabel),
+        (MultiLabel(CLASSES, threshold=0.4), (rng.random((rows, 3)) < 0.4).astype(np.float32), MultiLabel),
+    ]
+    for problem, labels, kind in cases:
+        for names in (kind.builtin_metrics[:3], kind.builtin_metrics):
+            modules = metrics.load_metrics(list(names))
+            scorer = predict.ChunkedScore(problem, modules, "macro")
+            for row_logits, label in zip(logits.tolist(), labels.tolist()):
+                scorer.add(row_logits, label)
+                assert len(scorer.logits) < 16
+            keeps = "mean_average_precision" in names
+            assert bool(scorer.metrics.kept) == keeps and scorer.metrics.kept_names == (
+                ["mean_average_precision"] if keeps else []
+            )
+            whole = predict.score(predict.Outputs(logits, labels), problem, modules, "macro", "test")
+            assert scorer.results("test") == pytest.approx(whole, rel=1e-6), names

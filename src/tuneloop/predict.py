@@ -220,7 +220,7 @@ def write_predictions(path: str, rows: Iterable[dict], fmt: str, label_separator
 PADDING, FAILED = -1, -2
 # While `predict --streaming` runs: each rank's part of the predictions, merged into the predictions file at the end.
 PARTS_DIR = ".predictions-parts"
-# Rows of labelled predictions whose logits and labels are turned into one numpy chunk at a time, for the metrics.
+# Rows of labelled predictions scored as one numpy chunk at a time (ChunkedScore).
 CHUNK_ROWS = 65536
 
 
@@ -489,8 +489,10 @@ def predict_stream(
     Each rank writes its part of the predictions, in its order (its rows' ids increase), to
     output_dir/.predictions-parts/rank_<r>.jsonl as it goes; then the main process merges the parts by row id
     (heapq.merge reads one line of each at a time) into the predictions file, written beside its final name and
-    renamed (`replacing`). Labelled rows also keep their logits and label for the test metrics, which need them all
-    at once: rows x (classes + label) numbers on the main process, not the texts.
+    renamed (`replacing`). Labelled rows are scored a chunk at a time as the merge passes them (ChunkedScore): the
+    loss and the built-in metrics from running sums and counts, so the main process's memory does not grow with the
+    rows; only a metric with no running form (mean_average_precision, pearson, spearman, a metric by name) keeps
+    every row's inputs (rows x classes numbers, not the texts).
 
     A crash or kill mid-prediction leaves the parts folder and no new predictions file (an earlier one stays whole):
     the rerun starts over, clearing the parts first. A part is tied to the process count, and reading a stream to a
@@ -572,26 +574,25 @@ def part_lines(batch: StreamBatch, logits: np.ndarray, rows: StreamedSet, proble
 
 
 def merge_parts(paths: list[str], problem: Problem, metric_modules: dict, t: TrainArguments, separator: str) -> dict:
-    """The main process: the ranks' parts merged by row id into the predictions file; the test results."""
-    kept = {"logits": Chunks(np.float32), "labels": Chunks(None)}
+    """The main process: the ranks' parts merged by row id into the predictions file; the test results, scored a
+    chunk at a time as the rows pass (ChunkedScore)."""
+    scorer = ChunkedScore(problem, metric_modules, t.metric_average)
     count = 0
 
     def rows():
         nonlocal count
         for index, (_, row, *scored) in enumerate(merged(paths)):
             if scored:
-                kept["logits"].add(scored[0])
-                kept["labels"].add(scored[1])
+                scorer.add(*scored)
             count = index + 1
             yield {"index": index, **row}
 
     path = os.path.join(t.output_dir, f"predictions.{t.predictions_format}")
     with checkpoint.writing(path, t.output_dir), replacing(path) as partial:  # a disk error: one line
         write_predictions(partial, rows(), t.predictions_format, separator)
-    if not kept["labels"].count:
+    if not scorer.count:
         return {"test_samples": count}
-    outputs = Outputs(kept["logits"].array(), kept["labels"].array())
-    return score(outputs, problem, metric_modules, t.metric_average, "test")
+    return scorer.results("test")
 
 
 def merged(paths: list[str]):
@@ -608,25 +609,42 @@ def merged(paths: list[str]):
             yield item
 
 
-class Chunks:
-    """Numbers appended one row at a time, held as numpy chunks of CHUNK_ROWS rows (not as Python objects)."""
+class ChunkedScore:
+    """The results `score` gives, for labelled rows given one at a time: every CHUNK_ROWS rows become one numpy chunk
+    whose loss sums (Problem.loss_sums) and metric statistics (metrics.Running) are added up, and the chunk is
+    dropped. Held: one chunk, and what metrics.Running keeps (counts and sums; every row's inputs only for a metric
+    with no running form: mean_average_precision, pearson, spearman, a metric by name)."""
 
-    def __init__(self, dtype):
-        self.dtype, self.chunks, self.pending, self.count = dtype, [], [], 0
+    def __init__(self, problem: Problem, metric_modules: dict, average: str):
+        self.problem = problem
+        self.metrics = metrics.Running(metric_modules, average, problem.threshold)
+        self.logits, self.labels = [], []  # the current chunk's rows
+        self.loss_sum = self.loss_weight = 0.0
+        self.count = 0
 
-    def add(self, value) -> None:
-        self.pending.append(value)
+    def add(self, logits: list, label) -> None:
+        self.logits.append(logits)
+        self.labels.append(label)
         self.count += 1
-        if len(self.pending) == CHUNK_ROWS:
+        if len(self.logits) == CHUNK_ROWS:
             self._flush()
 
     def _flush(self) -> None:
-        chunk = np.asarray(self.pending, dtype=self.dtype)
+        if not self.logits:
+            return
+        logits, labels = np.asarray(self.logits, dtype=np.float32), np.asarray(self.labels)
         # floats as the loss and the metrics get a loaded set's labels: float32 (integers stay int64 class ids)
-        self.chunks.append(chunk.astype(np.float32) if chunk.dtype == np.float64 else chunk)
-        self.pending = []
+        labels = labels.astype(np.float32) if labels.dtype == np.float64 else labels
+        loss_sum, weight = self.problem.loss_sums(torch.from_numpy(logits), torch.from_numpy(labels))
+        self.loss_sum, self.loss_weight = self.loss_sum + loss_sum, self.loss_weight + weight
+        self.metrics.add(*self.problem.metric_inputs(logits, labels))
+        self.logits, self.labels = [], []
 
-    def array(self) -> np.ndarray:
-        if self.pending:
-            self._flush()
-        return np.concatenate(self.chunks)
+    def results(self, prefix: str) -> dict:
+        self._flush()
+        return {
+            **{f"{prefix}_{k}": v for k, v in self.metrics.compute().items()},
+            f"{prefix}_loss": self.loss_sum / self.loss_weight,
+            **self.problem.extra_results(prefix),
+            f"{prefix}_samples": self.count,
+        }

@@ -119,6 +119,13 @@ class Problem:
         """The one loss of training and evaluation, in fp32 whatever precision the logits came in."""
         raise NotImplementedError
 
+    def loss_sums(self, logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
+        """`loss` in running form, for a set scored a chunk at a time (a streamed prediction's test loss): (the sum of
+        the chunk's weighted terms, the sum of their weights), in float64. `loss` of the whole set is the sum of every
+        chunk's first number over the sum of their second ones, as `loss` itself reduces (tests/test_problem_types.py
+        checks this for each type and option)."""
+        raise NotImplementedError
+
     def probabilities(self, logits: np.ndarray) -> np.ndarray | None:
         """From logits as gathered (numpy): softmax or sigmoid; None for regression."""
         return None
@@ -253,6 +260,23 @@ class SingleLabel(Problem):
             return focal.mean()
         return (weights[labels] * focal).sum() / weights[labels].sum()
 
+    def loss_sums(self, logits, labels):
+        """torch's weighted mean: each row's (smoothed, weighted) cross-entropy or focal term summed, over the sum of
+        the rows' class weights (the row count without weights)."""
+        logits, labels = logits.float(), labels.long()
+        weights = None if self.weights is None else self.weights.to(logits.device)
+        row_weights = torch.ones(len(labels), dtype=torch.float64) if weights is None else weights[labels].double()
+        if self.loss_name != "focal":
+            terms = F.cross_entropy(
+                logits, labels, weight=weights, label_smoothing=self.label_smoothing, reduction="none"
+            )
+        else:
+            cross_entropy = F.cross_entropy(logits, labels, reduction="none")
+            terms = (1 - torch.exp(-cross_entropy)) ** self.focal_gamma * cross_entropy
+            if weights is not None:
+                terms = weights[labels] * terms
+        return terms.double().sum().item(), row_weights.sum().item()
+
     def probabilities(self, logits):
         return torch.softmax(torch.from_numpy(logits).float(), dim=-1).numpy()
 
@@ -348,6 +372,18 @@ class MultiLabel(Problem):
         p = torch.sigmoid(logits)
         p_true = p * targets + (1 - p) * (1 - targets)
         return (cross_entropy * (1 - p_true) ** self.focal_gamma).mean()
+
+    def loss_sums(self, logits, labels):
+        """The mean over every (example, label): the terms' sum and their count."""
+        logits = logits.float()
+        weights = None if self.weights is None else self.weights.to(logits.device)
+        targets = labels.float() * (1 - self.label_smoothing) + 0.5 * self.label_smoothing
+        terms = F.binary_cross_entropy_with_logits(logits, targets, pos_weight=weights, reduction="none")
+        if self.loss_name == "focal":
+            p = torch.sigmoid(logits)
+            p_true = p * targets + (1 - p) * (1 - targets)
+            terms = terms * (1 - p_true) ** self.focal_gamma
+        return terms.double().sum().item(), float(terms.numel())
 
     def probabilities(self, logits):
         return torch.sigmoid(torch.from_numpy(logits).float()).numpy()
@@ -453,6 +489,12 @@ class Regression(Problem):
         """Mean squared error over every target."""
         logits = logits.float()
         return F.mse_loss(logits, labels.float().view(logits.shape))
+
+    def loss_sums(self, logits, labels):
+        """The mean over every target of every example: the squared errors' sum and their count."""
+        logits = logits.float()
+        terms = F.mse_loss(logits, labels.float().view(logits.shape), reduction="none")
+        return terms.double().sum().item(), float(terms.numel())
 
     def predictions(self, logits):
         """The values, one column per target."""

@@ -22,9 +22,12 @@ class Classification(evaluate.Metric):
             features=datasets.Features({"predictions": datasets.Value("int64"), "references": datasets.Value("int64")}),
         )
 
-    def _compute(self, predictions, references, average="macro", labels=None):
+    def _compute(self, predictions, references, average="macro", labels=None, sample_weight=None):
+        # sample_weight: each (prediction, reference) pair's count, when tuneloop scores a confusion matrix
         if self.config_name == "accuracy":
-            return {"accuracy": float(accuracy_score(references, predictions))}
+            return {"accuracy": float(accuracy_score(references, predictions, sample_weight=sample_weight))}
         scorer = SCORERS[self.config_name]
-        value = scorer(references, predictions, average=average, labels=labels, zero_division=0)
+        value = scorer(
+            references, predictions, average=average, labels=labels, zero_division=0, sample_weight=sample_weight
+        )
         return {self.config_name: float(value)}

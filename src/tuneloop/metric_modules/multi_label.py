@@ -30,7 +30,8 @@ class MultiLabel(evaluate.Metric):
             ),
         )
 
-    def _compute(self, predictions, references, threshold=0.5):
+    def _compute(self, predictions, references, threshold=0.5, sample_weight=None):
+        # sample_weight: each row's count, when tuneloop scores per-label counts as weighted rows (metrics.Running)
         probabilities, truth = np.asarray(predictions, dtype=np.float32), np.asarray(references)
         if self.config_name == "mean_average_precision":
             present = truth.sum(axis=0) > 0  # a label with no positive example has no average precision
@@ -42,6 +43,7 @@ class MultiLabel(evaluate.Metric):
             return {self.config_name: float(value)}
         predicted = (probabilities >= threshold).astype(np.int64)
         if self.config_name == "subset_accuracy":  # every label of the example right
-            return {self.config_name: float(accuracy_score(truth, predicted))}
+            return {self.config_name: float(accuracy_score(truth, predicted, sample_weight=sample_weight))}
         average = self.config_name.removesuffix("_f1")
-        return {self.config_name: float(f1_score(truth, predicted, average=average, zero_division=0))}
+        value = f1_score(truth, predicted, average=average, zero_division=0, sample_weight=sample_weight)
+        return {self.config_name: float(value)}
