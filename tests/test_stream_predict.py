@@ -107,8 +107,8 @@ def test_streamed_predictions_on_2_processes_are_the_loaded_ones_in_input_order(
     )
     assert (facts["num_processes"], facts["distributed_type"]) == (2, "MULTI_CPU")
     assert facts["test_samples"] == 45 and facts["test_accuracy"] == reference["test_accuracy"]
-    scores = {key for key in reference if key.startswith("test_")}  # loss, accuracy, f1, precision, recall
-    assert scores == {key for key in facts if key.startswith("test_")} and len(scores) >= 6
+    scores = {key for key in reference if key.startswith("test_")}  # loss, accuracy, f1, samples
+    assert scores == {key for key in facts if key.startswith("test_")} and len(scores) >= 4
     for key in scores:  # scored chunk by chunk from counts and sums (predict.ChunkedScore): the loaded set's results
         assert facts[key] == pytest.approx(reference[key], rel=1e-5), key
     assert not (tmp_path / "two" / ".predictions-parts").exists()
