@@ -93,12 +93,16 @@ def score(outputs: Outputs, problem: Problem, metric_modules: dict, average: str
         metric_modules, predictions, labels, average, probabilities=probabilities, threshold=problem.threshold
     )
     loss = problem.loss(torch.from_numpy(outputs.logits), torch.from_numpy(outputs.labels)).item()
-    extra = problem.extra_results(prefix)
+    return results_of(problem, prefix, scores, loss, len(outputs.labels))
+
+
+def results_of(problem: Problem, prefix: str, scores: dict, loss: float, samples: int) -> dict:
+    """A labelled split's results as `score` and ChunkedScore write them: metrics, loss, the type's extras, count."""
     return {
         **{f"{prefix}_{k}": v for k, v in scores.items()},
         f"{prefix}_loss": loss,
-        **extra,
-        f"{prefix}_samples": len(outputs.labels),
+        **problem.extra_results(prefix),
+        f"{prefix}_samples": samples,
     }
 
 
@@ -642,9 +646,4 @@ class ChunkedScore:
 
     def results(self, prefix: str) -> dict:
         self._flush()
-        return {
-            **{f"{prefix}_{k}": v for k, v in self.metrics.compute().items()},
-            f"{prefix}_loss": self.loss_sum / self.loss_weight,
-            **self.problem.extra_results(prefix),
-            f"{prefix}_samples": self.count,
-        }
+        return results_of(self.problem, prefix, self.metrics.compute(), self.loss_sum / self.loss_weight, self.count)
